@@ -1,0 +1,506 @@
+//! `understudy.toml`: raw structs that mirror the file, validated into [`Config`].
+//!
+//! Raw structs deny unknown keys so that a typo is an error, not a silent
+//! default. Every error names the key and, where the file has one, the line.
+
+mod template;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+use understudy_types::Price;
+
+pub use template::TEMPLATE;
+
+/// The file name `understudy` looks for when no `--config` is given.
+pub const DEFAULT_CONFIG_FILE: &str = "understudy.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{location}: `{key}`: {message}")]
+    Invalid { location: String, key: String, message: String },
+}
+
+/// A validated configuration. Paths in it are absolute.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub store: StoreConfig,
+    pub server: ServerConfig,
+    pub providers: BTreeMap<String, ProviderConfig>,
+    pub models: BTreeMap<String, ModelConfig>,
+    pub tasks: BTreeMap<String, TaskConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// A `sqlite://` URL with an absolute path, or a `postgres://` URL.
+    pub url: String,
+    /// Records waiting to be written; a full queue makes handlers wait.
+    pub queue_capacity: usize,
+    /// Records written in one transaction.
+    pub batch_size: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub enum ProviderConfig {
+    OpenAi(OpenAiProviderConfig),
+    Replay(ReplayProviderConfig),
+}
+
+impl ProviderConfig {
+    pub fn provider_type(&self) -> &'static str {
+        match self {
+            ProviderConfig::OpenAi(_) => "openai",
+            ProviderConfig::Replay(_) => "replay",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OpenAiProviderConfig {
+    /// Base URL up to and including `/v1`, without a trailing slash.
+    pub base_url: String,
+    /// The environment variable that holds the API key; never the key itself.
+    pub api_key_env: Option<String>,
+    pub timeout: Duration,
+    pub max_retries: u32,
+    pub retry_backoff: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplayProviderConfig {
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub provider: String,
+    /// The model's name at its provider.
+    pub name: String,
+    pub price: Price,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// The lead serves every call.
+    Lead,
+}
+
+#[derive(Debug, Clone)]
+pub struct TaskConfig {
+    pub lead: String,
+    pub understudy: Option<String>,
+    pub policy: Policy,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let base_dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .filter(|dir| !dir.as_os_str().is_empty())
+            .unwrap_or_else(|| PathBuf::from("."));
+        let base_dir = std::path::absolute(&base_dir).unwrap_or(base_dir);
+        Config::parse(&text, &path.display().to_string(), &base_dir)
+    }
+
+    /// Parses config text; relative paths resolve against `base_dir`.
+    pub fn parse(text: &str, path_label: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|error| ConfigError::Parse {
+            path: path_label.to_string(),
+            message: describe_toml_error(text, &error),
+        })?;
+        Validator { text, path_label, base_dir }.validate(raw)
+    }
+
+    /// The model a `model` field names: a model key, or `task:NAME` for a task's lead.
+    pub fn resolve_model<'a>(&'a self, requested: &str) -> Option<ResolvedModel<'a>> {
+        if let Some(task_name) = requested.strip_prefix("task:") {
+            let (task_name, task) = self.tasks.get_key_value(task_name)?;
+            let (model_name, model) = self.models.get_key_value(task.lead.as_str())?;
+            return Some(ResolvedModel { task: Some(task_name), model_name, model });
+        }
+        let (model_name, model) = self.models.get_key_value(requested)?;
+        Some(ResolvedModel { task: None, model_name, model })
+    }
+}
+
+/// What a request's `model` field resolved to.
+#[derive(Debug, Clone, Copy)]
+pub struct ResolvedModel<'a> {
+    pub task: Option<&'a str>,
+    pub model_name: &'a str,
+    pub model: &'a ModelConfig,
+}
+
+fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim_end_matches('\n').to_string();
+    match error.span() {
+        Some(span) => {
+            let (line, column) = line_and_column(text, span.start);
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
+    }
+}
+
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |idx| idx + 1) + 1;
+    (line, column)
+}
+
+/// The line of `table.key` in TOML text, for keys whose value carries no span
+/// (those inside tagged tables). A key that is absent has no line.
+fn find_key_line(text: &str, dotted_key: &str) -> Option<usize> {
+    let (table, key) = dotted_key.rsplit_once('.')?;
+    let mut in_table = false;
+    for (line_idx, line) in text.lines().enumerate() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('[') {
+            in_table = trimmed.trim_start_matches('[').trim_end_matches(']').trim() == table;
+            continue;
+        }
+        let key_part = trimmed.split('=').next().unwrap_or("").trim();
+        if in_table && key_part == key {
+            return Some(line_idx + 1);
+        }
+    }
+    None
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    providers: BTreeMap<String, RawProvider>,
+    #[serde(default)]
+    models: BTreeMap<String, RawModel>,
+    #[serde(default)]
+    tasks: BTreeMap<String, RawTask>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    #[serde(default = "default_store_url")]
+    url: Spanned<String>,
+    #[serde(default = "default_queue_capacity")]
+    queue_capacity: usize,
+    #[serde(default = "default_batch_size")]
+    batch_size: usize,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        RawStore {
+            url: default_store_url(),
+            queue_capacity: default_queue_capacity(),
+            batch_size: default_batch_size(),
+        }
+    }
+}
+
+fn default_store_url() -> Spanned<String> {
+    Spanned::new(0..0, "sqlite://understudy.db".to_string())
+}
+fn default_queue_capacity() -> usize {
+    16_384
+}
+fn default_batch_size() -> usize {
+    512
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    #[serde(default = "default_listen")]
+    listen: Spanned<String>,
+    #[serde(default = "default_max_body_bytes")]
+    max_body_bytes: usize,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer { listen: default_listen(), max_body_bytes: default_max_body_bytes() }
+    }
+}
+
+fn default_listen() -> Spanned<String> {
+    Spanned::new(0..0, "127.0.0.1:8080".to_string())
+}
+fn default_max_body_bytes() -> usize {
+    4 * 1024 * 1024
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", deny_unknown_fields)]
+enum RawProvider {
+    #[serde(rename = "openai")]
+    OpenAi {
+        base_url: String,
+        api_key_env: Option<String>,
+        #[serde(default = "default_timeout_secs")]
+        timeout_secs: f64,
+        #[serde(default = "default_max_retries")]
+        max_retries: u32,
+        #[serde(default = "default_retry_backoff_ms")]
+        retry_backoff_ms: u64,
+    },
+    #[serde(rename = "replay")]
+    Replay { file: String },
+}
+
+fn default_timeout_secs() -> f64 {
+    60.0
+}
+fn default_max_retries() -> u32 {
+    2
+}
+fn default_retry_backoff_ms() -> u64 {
+    200
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    provider: Spanned<String>,
+    name: Option<String>,
+    #[serde(default)]
+    input_per_million: f64,
+    #[serde(default)]
+    output_per_million: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTask {
+    lead: Spanned<String>,
+    understudy: Option<Spanned<String>>,
+    #[serde(default = "default_policy")]
+    policy: Spanned<String>,
+}
+
+fn default_policy() -> Spanned<String> {
+    Spanned::new(0..0, "lead".to_string())
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    path_label: &'a str,
+    base_dir: &'a Path,
+}
+
+impl Validator<'_> {
+    fn invalid<T>(&self, key: String, span_start: usize, message: String) -> Result<T, ConfigError> {
+        let line = if span_start == 0 {
+            find_key_line(self.text, &key)
+        } else {
+            Some(line_and_column(self.text, span_start).0)
+        };
+        let location = match line {
+            Some(line) => format!("{}:{line}", self.path_label),
+            None => self.path_label.to_string(),
+        };
+        Err(ConfigError::Invalid { location, key, message })
+    }
+
+    fn resolve_path(&self, path: &str) -> PathBuf {
+        let path = Path::new(path);
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+
+    fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let store = self.validate_store(raw.store)?;
+        let listen = raw.server.listen.get_ref().parse::<SocketAddr>().or_else(|error| {
+            self.invalid(
+                "server.listen".into(),
+                raw.server.listen.span().start,
+                format!("`{}` is not a socket address: {error}", raw.server.listen.get_ref()),
+            )
+        })?;
+        let server = ServerConfig { listen, max_body_bytes: raw.server.max_body_bytes };
+
+        let mut providers = BTreeMap::new();
+        for (name, raw_provider) in raw.providers {
+            let provider = match raw_provider {
+                RawProvider::OpenAi {
+                    base_url,
+                    api_key_env,
+                    timeout_secs,
+                    max_retries,
+                    retry_backoff_ms,
+                } => {
+                    if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+                        return self.invalid(
+                            format!("providers.{name}.base_url"),
+                            0,
+                            format!("`{base_url}` must start with http:// or https://"),
+                        );
+                    }
+                    if !(timeout_secs.is_finite() && timeout_secs > 0.0) {
+                        return self.invalid(
+                            format!("providers.{name}.timeout_secs"),
+                            0,
+                            "must be a positive number of seconds".into(),
+                        );
+                    }
+                    ProviderConfig::OpenAi(OpenAiProviderConfig {
+                        base_url: base_url.trim_end_matches('/').to_string(),
+                        api_key_env,
+                        timeout: Duration::from_secs_f64(timeout_secs),
+                        max_retries,
+                        retry_backoff: Duration::from_millis(retry_backoff_ms),
+                    })
+                }
+                RawProvider::Replay { file } => {
+                    ProviderConfig::Replay(ReplayProviderConfig { file: self.resolve_path(&file) })
+                }
+            };
+            providers.insert(name, provider);
+        }
+
+        let mut models = BTreeMap::new();
+        for (name, raw_model) in raw.models {
+            if !providers.contains_key(raw_model.provider.get_ref()) {
+                return self.invalid(
+                    format!("models.{name}.provider"),
+                    raw_model.provider.span().start,
+                    format!(
+                        "no provider named `{}` (known: {})",
+                        raw_model.provider.get_ref(),
+                        known(providers.keys())
+                    ),
+                );
+            }
+            for (field, value) in [
+                ("input_per_million", raw_model.input_per_million),
+                ("output_per_million", raw_model.output_per_million),
+            ] {
+                if !(value.is_finite() && value >= 0.0) {
+                    return self.invalid(
+                        format!("models.{name}.{field}"),
+                        0,
+                        "a price must be a number of at least 0".into(),
+                    );
+                }
+            }
+            let model = ModelConfig {
+                provider: raw_model.provider.into_inner(),
+                name: raw_model.name.unwrap_or_else(|| name.clone()),
+                price: Price {
+                    input_per_million: raw_model.input_per_million,
+                    output_per_million: raw_model.output_per_million,
+                },
+            };
+            models.insert(name, model);
+        }
+
+        let mut tasks = BTreeMap::new();
+        for (name, raw_task) in raw.tasks {
+            self.check_model_ref(&models, &format!("tasks.{name}.lead"), &raw_task.lead)?;
+            if let Some(understudy) = &raw_task.understudy {
+                self.check_model_ref(&models, &format!("tasks.{name}.understudy"), understudy)?;
+            }
+            let policy = match raw_task.policy.get_ref().as_str() {
+                "lead" => Policy::Lead,
+                other => {
+                    return self.invalid(
+                        format!("tasks.{name}.policy"),
+                        raw_task.policy.span().start,
+                        format!("unknown policy `{other}` (known: lead)"),
+                    )
+                }
+            };
+            tasks.insert(
+                name,
+                TaskConfig {
+                    lead: raw_task.lead.into_inner(),
+                    understudy: raw_task.understudy.map(Spanned::into_inner),
+                    policy,
+                },
+            );
+        }
+
+        Ok(Config { store, server, providers, models, tasks })
+    }
+
+    fn validate_store(&self, raw: RawStore) -> Result<StoreConfig, ConfigError> {
+        let url = raw.url.get_ref();
+        let url = if let Some(path) = url.strip_prefix("sqlite://").or(url.strip_prefix("sqlite:")) {
+            let (path, query) = path.split_once('?').unwrap_or((path, ""));
+            if path.is_empty() {
+                return self.invalid("store.url".into(), raw.url.span().start, "the sqlite URL names no file".into());
+            }
+            let path = if path == ":memory:" { PathBuf::from(path) } else { self.resolve_path(path) };
+            let query = if query.is_empty() { String::new() } else { format!("?{query}") };
+            format!("sqlite://{}{query}", path.display())
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            url.clone()
+        } else {
+            return self.invalid(
+                "store.url".into(),
+                raw.url.span().start,
+                format!("`{url}` is neither a sqlite:// nor a postgres:// URL"),
+            );
+        };
+        if raw.queue_capacity == 0 || raw.batch_size == 0 {
+            return self.invalid("store".into(), 0, "queue_capacity and batch_size must be at least 1".into());
+        }
+        Ok(StoreConfig { url, queue_capacity: raw.queue_capacity, batch_size: raw.batch_size })
+    }
+
+    fn check_model_ref(
+        &self,
+        models: &BTreeMap<String, ModelConfig>,
+        key: &str,
+        value: &Spanned<String>,
+    ) -> Result<(), ConfigError> {
+        if models.contains_key(value.get_ref()) {
+            return Ok(());
+        }
+        self.invalid(
+            key.to_string(),
+            value.span().start,
+            format!("no model named `{}` (known: {})", value.get_ref(), known(models.keys())),
+        )
+    }
+}
+
+fn known<'a>(names: impl Iterator<Item = &'a String>) -> String {
+    let names: Vec<&str> = names.map(String::as_str).collect();
+    if names.is_empty() {
+        "none".to_string()
+    } else {
+        names.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests;

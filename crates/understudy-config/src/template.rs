@@ -1,0 +1,91 @@
+//! The commented `understudy.toml` that `understudy init` writes.
+
+/// Prices are list prices per 1M tokens in US dollars, as published by each
+/// provider on the date in the text. Check them before trusting a ledger.
+pub const TEMPLATE: &str = r#"# understudy.toml: written by `understudy init`. Every key is documented here.
+#
+# Apps point their OpenAI base URL at the gateway (http://127.0.0.1:8080/v1)
+# and name either a model below ("gpt-4o-mini") or a task ("task:triage").
+
+[store]
+# Where every call is recorded. SQLite (a file, relative to this config) is the
+# embedded default; a postgres:// URL lets several gateways share one store.
+url = "sqlite://understudy.db"          # or postgres://user:pass@host/db
+# Records wait in a bounded queue and are written in batches, off the response
+# path. When the queue is full, requests wait: no record is ever dropped.
+queue_capacity = 16384
+batch_size = 512
+
+[server]
+listen = "127.0.0.1:8080"
+max_body_bytes = 4194304                # larger request bodies get HTTP 413
+
+# ---------------------------------------------------------------- providers --
+# An OpenAI-compatible upstream: OpenAI itself, or anything that speaks its API.
+[providers.cloud]
+type = "openai"
+base_url = "https://api.openai.com/v1"
+api_key_env = "OPENAI_API_KEY"          # the variable's name, never the key
+timeout_secs = 60                       # past this, the client gets HTTP 504
+max_retries = 2                         # on 5xx or a refused connection, then 502
+retry_backoff_ms = 200                  # doubled on each retry
+
+# A replay provider answers from recorded calls (the `understudy import` JSONL
+# format), matching requests by their messages after whitespace normalization.
+# [providers.recorded]
+# type = "replay"
+# file = "calls.jsonl"
+
+# ------------------------------------------------------------------- models --
+# `name` is the model's name at the provider; prices are US dollars per 1M
+# tokens. Defaults are list prices taken on 2025-06-01: check them.
+[models.gpt-4o-mini]
+provider = "cloud"
+name = "gpt-4o-mini"
+input_per_million = 0.15
+output_per_million = 0.60
+
+[models.gpt-4o]
+provider = "cloud"
+name = "gpt-4o"
+input_per_million = 2.50
+output_per_million = 10.00
+
+[models.gpt-4_1]
+provider = "cloud"
+name = "gpt-4.1"
+input_per_million = 2.00
+output_per_million = 8.00
+
+[models.gpt-4_1-mini]
+provider = "cloud"
+name = "gpt-4.1-mini"
+input_per_million = 0.40
+output_per_million = 1.60
+
+[models.gpt-4_1-nano]
+provider = "cloud"
+name = "gpt-4.1-nano"
+input_per_million = 0.10
+output_per_million = 0.40
+
+[models.o4-mini]
+provider = "cloud"
+name = "o4-mini"
+input_per_million = 1.10
+output_per_million = 4.40
+
+[models.text-embedding-3-small]
+provider = "cloud"
+name = "text-embedding-3-small"
+input_per_million = 0.02
+output_per_million = 0.0
+
+# -------------------------------------------------------------------- tasks --
+# A task is a named job. Clients call it as model "task:NAME". `lead` is the
+# model that answers today; `understudy` is the small model learning the part.
+# policy: "lead" (the lead serves every call).
+[tasks.triage]
+lead = "gpt-4o-mini"
+policy = "lead"
+"#;

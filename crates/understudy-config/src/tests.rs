@@ -1,0 +1,91 @@
+use super::*;
+
+const CONTRACT: &str = r#"
+[store]
+url = "sqlite://understudy.db"          # or postgres://user:pass@host/db
+
+[providers.cloud]
+type = "openai"                          # any OpenAI-compatible upstream
+base_url = "http://127.0.0.1:9000/v1"
+api_key_env = "OPENAI_API_KEY"
+
+[providers.recorded]
+type = "replay"
+file = "calls.jsonl"                     # the import format below
+
+[models.gpt-4o-mini]
+provider = "cloud"
+name = "gpt-4o-mini"
+input_per_million = 0.15                 # money per 1M tokens
+output_per_million = 0.60
+
+[tasks.triage]
+lead = "gpt-4o-mini"
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, "understudy.toml", Path::new("/srv/app"))
+}
+
+#[test]
+fn the_issue_contract_parses() {
+    let config = parse(CONTRACT).expect("contract parses");
+    assert_eq!(config.store.url, "sqlite:///srv/app/understudy.db");
+    let ProviderConfig::OpenAi(cloud) = &config.providers["cloud"] else { panic!("cloud is openai") };
+    assert_eq!(cloud.base_url, "http://127.0.0.1:9000/v1");
+    assert_eq!(cloud.api_key_env.as_deref(), Some("OPENAI_API_KEY"));
+    let ProviderConfig::Replay(recorded) = &config.providers["recorded"] else { panic!("replay") };
+    assert_eq!(recorded.file, PathBuf::from("/srv/app/calls.jsonl"));
+    assert_eq!(config.models["gpt-4o-mini"].price.output_per_million, 0.60);
+    assert_eq!(config.tasks["triage"].policy, Policy::Lead);
+    let resolved = config.resolve_model("task:triage").expect("task resolves");
+    assert_eq!((resolved.task, resolved.model_name), (Some("triage"), "gpt-4o-mini"));
+    assert!(config.resolve_model("task:nope").is_none());
+    assert!(config.resolve_model("gpt-4o").is_none());
+}
+
+#[test]
+fn the_init_template_parses() {
+    let config = parse(TEMPLATE).expect("template parses");
+    assert!(config.models.len() >= 5);
+    assert_eq!(config.server.listen.to_string(), "127.0.0.1:8080");
+}
+
+#[test]
+fn an_unknown_key_names_the_key_and_line() {
+    let text = CONTRACT.replace("lead = \"gpt-4o-mini\"", "lead = \"gpt-4o-mini\"\nleed = 1");
+    let error = parse(&text).expect_err("unknown key").to_string();
+    assert!(error.contains("leed"), "{error}");
+    assert!(error.contains("line 22"), "{error}");
+}
+
+#[test]
+fn a_dangling_model_reference_names_the_key_and_line() {
+    let text = CONTRACT.replace("lead = \"gpt-4o-mini\"", "lead = \"gpt-5\"");
+    let error = parse(&text).expect_err("dangling").to_string();
+    assert_eq!(
+        error,
+        "understudy.toml:21: `tasks.triage.lead`: no model named `gpt-5` (known: gpt-4o-mini)"
+    );
+}
+
+#[test]
+fn an_unknown_provider_type_is_an_error() {
+    let text = CONTRACT.replace("type = \"replay\"", "type = \"carrier-pigeon\"");
+    let error = parse(&text).expect_err("bad type").to_string();
+    assert!(error.contains("carrier-pigeon"), "{error}");
+}
+
+#[test]
+fn a_bad_base_url_names_its_line() {
+    let text = CONTRACT.replace("http://127.0.0.1:9000/v1", "127.0.0.1:9000/v1");
+    let error = parse(&text).expect_err("bad url").to_string();
+    assert!(error.starts_with("understudy.toml:7: `providers.cloud.base_url`"), "{error}");
+}
+
+#[test]
+fn a_bad_store_url_is_an_error() {
+    let text = CONTRACT.replace("sqlite://understudy.db", "mysql://x");
+    let error = parse(&text).expect_err("bad store").to_string();
+    assert!(error.contains("store.url") && error.contains(":3:"), "{error}");
+}

@@ -1,0 +1,300 @@
+//! Queries over the `calls` table.
+
+use sqlx::any::AnyRow;
+use sqlx::{Any, Row};
+use time::OffsetDateTime;
+use understudy_types::{CallRecord, Endpoint, Money, Usage, UsageSource, Uuid};
+
+use crate::{Store, StoreError};
+
+const CALL_COLUMNS: &str = "id, created_at, task, model, provider, endpoint, stream, request, response, \
+     prompt_tokens, completion_tokens, usage_source, latency_ms, ttft_ms, status, error, cost";
+const N_CALL_COLUMNS: usize = 17;
+/// Rows per INSERT statement; keeps bind parameters under SQLite's limit.
+const ROWS_PER_INSERT: usize = 256;
+
+/// Which calls a query covers. Empty fields match everything.
+#[derive(Debug, Clone, Default)]
+pub struct CallFilter {
+    pub task: Option<String>,
+    pub model: Option<String>,
+    /// Inclusive lower bound on `created_at`.
+    pub since: Option<OffsetDateTime>,
+    /// Exclusive upper bound on `created_at`.
+    pub until: Option<OffsetDateTime>,
+    pub status: Option<StatusFilter>,
+    pub limit: Option<u64>,
+    pub order: CallOrder,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusFilter {
+    /// HTTP 2xx without an error.
+    Ok,
+    /// Anything else.
+    Error,
+    /// One HTTP status code.
+    Code(u16),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CallOrder {
+    #[default]
+    OldestFirst,
+    NewestFirst,
+}
+
+/// Calls, tokens and money for one task, model and UTC day.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CostRow {
+    pub task: Option<String>,
+    pub model: String,
+    /// Midnight UTC of the day.
+    pub day: OffsetDateTime,
+    pub n_calls: u64,
+    pub n_errors: u64,
+    pub usage: Usage,
+    pub cost: Money,
+}
+
+/// How a cost report groups its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CostGroup {
+    #[default]
+    TaskModelDay,
+}
+
+const MS_PER_DAY: i64 = 86_400_000;
+
+/// Bind values collected while a WHERE clause is built.
+enum Bind {
+    Text(String),
+    Int(i64),
+}
+
+struct WhereClause {
+    sql: String,
+    binds: Vec<Bind>,
+}
+
+impl WhereClause {
+    fn new(filter: &CallFilter) -> WhereClause {
+        let mut clause = WhereClause { sql: String::new(), binds: Vec::new() };
+        if let Some(task) = &filter.task {
+            clause.push("task = ", Bind::Text(task.clone()));
+        }
+        if let Some(model) = &filter.model {
+            clause.push("model = ", Bind::Text(model.clone()));
+        }
+        if let Some(since) = filter.since {
+            clause.push("created_at >= ", Bind::Int(unix_ms(since)));
+        }
+        if let Some(until) = filter.until {
+            clause.push("created_at < ", Bind::Int(unix_ms(until)));
+        }
+        match filter.status {
+            None => {}
+            Some(StatusFilter::Ok) => clause.push_raw("status >= 200 AND status < 300 AND error IS NULL"),
+            Some(StatusFilter::Error) => {
+                clause.push_raw("(status < 200 OR status >= 300 OR error IS NOT NULL)")
+            }
+            Some(StatusFilter::Code(code)) => clause.push("status = ", Bind::Int(i64::from(code))),
+        }
+        clause
+    }
+
+    fn push_raw(&mut self, condition: &str) {
+        self.sql.push_str(if self.sql.is_empty() { " WHERE " } else { " AND " });
+        self.sql.push_str(condition);
+    }
+
+    fn push(&mut self, condition: &str, bind: Bind) {
+        self.binds.push(bind);
+        let placeholder = format!("{condition}${}", self.binds.len());
+        self.push_raw(&placeholder);
+    }
+
+    fn bind_all<'q>(
+        self,
+        mut query: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
+    ) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>> {
+        for bind in self.binds {
+            query = match bind {
+                Bind::Text(text) => query.bind(text),
+                Bind::Int(int) => query.bind(int),
+            };
+        }
+        query
+    }
+}
+
+impl Store {
+    /// Writes calls in one transaction: all of them, or none.
+    pub async fn insert_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError> {
+        if calls.is_empty() {
+            return Ok(());
+        }
+        let mut transaction = self.pool.begin().await?;
+        for chunk in calls.chunks(ROWS_PER_INSERT) {
+            let sql = insert_sql(chunk.len());
+            let mut query = sqlx::query(&sql);
+            for call in chunk {
+                query = query
+                    .bind(call.id.to_string())
+                    .bind(unix_ms(call.created_at))
+                    .bind(call.task.clone())
+                    .bind(call.model.clone())
+                    .bind(call.provider.clone())
+                    .bind(call.endpoint.as_str())
+                    .bind(i64::from(call.stream))
+                    .bind(call.request.clone())
+                    .bind(call.response.clone())
+                    .bind(saturating_i64(call.usage.prompt_tokens))
+                    .bind(saturating_i64(call.usage.completion_tokens))
+                    .bind(call.usage_source.as_str())
+                    .bind(call.latency_ms)
+                    .bind(call.ttft_ms)
+                    .bind(i64::from(call.status))
+                    .bind(call.error.clone())
+                    .bind(call.cost.dollars());
+            }
+            query.execute(&mut *transaction).await?;
+        }
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    /// Calls matching `filter`, in the filter's order.
+    pub async fn list_calls(&self, filter: &CallFilter) -> Result<Vec<CallRecord>, StoreError> {
+        let clause = WhereClause::new(filter);
+        let order = match filter.order {
+            CallOrder::OldestFirst => "ASC",
+            CallOrder::NewestFirst => "DESC",
+        };
+        let mut sql = format!(
+            "SELECT {CALL_COLUMNS} FROM calls{} ORDER BY created_at {order}, id {order}",
+            clause.sql
+        );
+        if let Some(limit) = filter.limit {
+            sql.push_str(&format!(" LIMIT {limit}"));
+        }
+        let rows = clause.bind_all(sqlx::query(&sql)).fetch_all(&self.pool).await?;
+        rows.iter().map(call_from_row).collect()
+    }
+
+    /// One call by id, or by a unique prefix of its id.
+    pub async fn get_call(&self, id_or_prefix: &str) -> Result<Vec<CallRecord>, StoreError> {
+        let pattern = format!("{}%", id_or_prefix.replace(['%', '_'], ""));
+        let sql = format!("SELECT {CALL_COLUMNS} FROM calls WHERE id LIKE $1 ORDER BY id LIMIT 2");
+        let rows = sqlx::query(&sql).bind(pattern).fetch_all(&self.pool).await?;
+        rows.iter().map(call_from_row).collect()
+    }
+
+    pub async fn count_calls(&self, filter: &CallFilter) -> Result<u64, StoreError> {
+        let clause = WhereClause::new(filter);
+        let sql = format!("SELECT COUNT(*) FROM calls{}", clause.sql);
+        let row = clause.bind_all(sqlx::query(&sql)).fetch_one(&self.pool).await?;
+        Ok(row.try_get::<i64, _>(0)?.max(0) as u64)
+    }
+
+    /// Calls, tokens and money per task, model and UTC day.
+    pub async fn cost_report(&self, filter: &CallFilter) -> Result<Vec<CostRow>, StoreError> {
+        let clause = WhereClause::new(filter);
+        let sql = format!(
+            "SELECT task, model, created_at / {MS_PER_DAY} AS day, COUNT(*), \
+             CAST(SUM(CASE WHEN status >= 200 AND status < 300 AND error IS NULL THEN 0 ELSE 1 END) AS BIGINT), \
+             CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT), \
+             CAST(SUM(cost) AS DOUBLE PRECISION) \
+             FROM calls{} GROUP BY task, model, created_at / {MS_PER_DAY} \
+             ORDER BY day, task, model",
+            clause.sql
+        );
+        let rows = clause.bind_all(sqlx::query(&sql)).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| {
+                let day: i64 = row.try_get(2)?;
+                Ok(CostRow {
+                    task: row.try_get(0)?,
+                    model: row.try_get(1)?,
+                    day: from_unix_ms(day * MS_PER_DAY),
+                    n_calls: nonnegative(row.try_get(3)?),
+                    n_errors: nonnegative(row.try_get(4)?),
+                    usage: Usage {
+                        prompt_tokens: nonnegative(row.try_get(5)?),
+                        completion_tokens: nonnegative(row.try_get(6)?),
+                    },
+                    cost: Money(row.try_get(7)?),
+                })
+            })
+            .collect()
+    }
+}
+
+fn insert_sql(n_rows: usize) -> String {
+    let mut sql = format!("INSERT INTO calls ({CALL_COLUMNS}) VALUES ");
+    for row_idx in 0..n_rows {
+        if row_idx > 0 {
+            sql.push(',');
+        }
+        sql.push('(');
+        for column_idx in 0..N_CALL_COLUMNS {
+            if column_idx > 0 {
+                sql.push(',');
+            }
+            sql.push_str(&format!("${}", row_idx * N_CALL_COLUMNS + column_idx + 1));
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+fn call_from_row(row: &AnyRow) -> Result<CallRecord, StoreError> {
+    let id_text: String = row.try_get("id")?;
+    let corrupt = |message: String| StoreError::CorruptRow { id: id_text.clone(), message };
+    let id = Uuid::parse_str(&id_text).map_err(|error| corrupt(format!("bad id: {error}")))?;
+    let endpoint_text: String = row.try_get("endpoint")?;
+    let endpoint = Endpoint::parse(&endpoint_text)
+        .ok_or_else(|| corrupt(format!("unknown endpoint `{endpoint_text}`")))?;
+    let usage_source_text: String = row.try_get("usage_source")?;
+    let usage_source = UsageSource::parse(&usage_source_text)
+        .ok_or_else(|| corrupt(format!("unknown usage source `{usage_source_text}`")))?;
+    let status: i64 = row.try_get("status")?;
+    Ok(CallRecord {
+        id,
+        created_at: from_unix_ms(row.try_get("created_at")?),
+        task: row.try_get("task")?,
+        model: row.try_get("model")?,
+        provider: row.try_get("provider")?,
+        endpoint,
+        stream: row.try_get::<i64, _>("stream")? != 0,
+        request: row.try_get("request")?,
+        response: row.try_get("response")?,
+        usage: Usage {
+            prompt_tokens: nonnegative(row.try_get("prompt_tokens")?),
+            completion_tokens: nonnegative(row.try_get("completion_tokens")?),
+        },
+        usage_source,
+        latency_ms: row.try_get("latency_ms")?,
+        ttft_ms: row.try_get("ttft_ms")?,
+        status: u16::try_from(status).map_err(|_| corrupt(format!("bad status {status}")))?,
+        error: row.try_get("error")?,
+        cost: Money(row.try_get("cost")?),
+    })
+}
+
+pub(crate) fn unix_ms(at: OffsetDateTime) -> i64 {
+    (at.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+pub(crate) fn from_unix_ms(ms: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+fn saturating_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn nonnegative(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}

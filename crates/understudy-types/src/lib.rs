@@ -1,0 +1,176 @@
+//! Domain types shared by every stage of Understudy.
+//!
+//! These carry no wire format: the gateway owns OpenAI JSON, the store owns
+//! SQL rows, and the config crate owns TOML. This crate does no IO.
+
+use std::fmt;
+
+pub use time::OffsetDateTime;
+pub use uuid::Uuid;
+
+/// Token counts of one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl Usage {
+    pub fn total_tokens(&self) -> u64 {
+        self.prompt_tokens + self.completion_tokens
+    }
+}
+
+/// Where a call's token counts came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageSource {
+    /// The provider reported `usage` itself.
+    Provider,
+    /// The provider gave none, so the gateway counted the tokens.
+    Counted,
+}
+
+impl UsageSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageSource::Provider => "provider",
+            UsageSource::Counted => "counted",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<UsageSource> {
+        match text {
+            "provider" => Some(UsageSource::Provider),
+            "counted" => Some(UsageSource::Counted),
+            _ => None,
+        }
+    }
+}
+
+/// An amount of money in US dollars.
+///
+/// Prices are published per million tokens with a few decimals, and one call
+/// costs fractions of a cent, so an `f64` keeps every figure we show exact to
+/// far more places than a report prints.
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Default)]
+pub struct Money(pub f64);
+
+impl Money {
+    pub fn dollars(self) -> f64 {
+        self.0
+    }
+}
+
+impl std::ops::Add for Money {
+    type Output = Money;
+    fn add(self, other: Money) -> Money {
+        Money(self.0 + other.0)
+    }
+}
+
+impl std::iter::Sum for Money {
+    fn sum<I: Iterator<Item = Money>>(iter: I) -> Money {
+        Money(iter.map(|money| money.0).sum())
+    }
+}
+
+impl fmt::Display for Money {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "${:.6}", self.0)
+    }
+}
+
+/// A model's price per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Price {
+    pub input_per_million: f64,
+    pub output_per_million: f64,
+}
+
+impl Price {
+    pub fn cost(&self, usage: Usage) -> Money {
+        Money(
+            (usage.prompt_tokens as f64 * self.input_per_million
+                + usage.completion_tokens as f64 * self.output_per_million)
+                / 1_000_000.0,
+        )
+    }
+}
+
+/// The API surface a call went through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    ChatCompletions,
+    Embeddings,
+}
+
+impl Endpoint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Endpoint> {
+        match text {
+            "chat" => Some(Endpoint::ChatCompletions),
+            "embeddings" => Some(Endpoint::Embeddings),
+            _ => None,
+        }
+    }
+}
+
+/// One recorded call: what was asked, what came back, and what it cost.
+///
+/// `request` and `response` hold the JSON bodies as text, exactly as they
+/// crossed the wire (a streamed response is assembled into one body).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallRecord {
+    pub id: Uuid,
+    pub created_at: OffsetDateTime,
+    pub task: Option<String>,
+    pub model: String,
+    pub provider: String,
+    pub endpoint: Endpoint,
+    pub stream: bool,
+    pub request: String,
+    pub response: Option<String>,
+    pub usage: Usage,
+    pub usage_source: UsageSource,
+    pub latency_ms: f64,
+    pub ttft_ms: Option<f64>,
+    pub status: u16,
+    pub error: Option<String>,
+    pub cost: Money,
+}
+
+impl CallRecord {
+    /// A record id that sorts by creation time (UUIDv7).
+    pub fn new_id() -> Uuid {
+        Uuid::now_v7()
+    }
+
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status) && self.error.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn price_cost_is_per_million_tokens() {
+        let price = Price { input_per_million: 0.15, output_per_million: 0.60 };
+        let cost = price.cost(Usage { prompt_tokens: 1_000_000, completion_tokens: 500_000 });
+        assert!((cost.dollars() - 0.45).abs() < 1e-12);
+    }
+
+    #[test]
+    fn ids_sort_by_time() {
+        let first = CallRecord::new_id();
+        let second = CallRecord::new_id();
+        assert!(first < second);
+    }
+}
