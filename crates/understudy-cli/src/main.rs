@@ -1,1 +1,48 @@
-fn main() {}
+//! `understudy`: the one binary. `main` parses flags, runs, and maps errors
+//! to an exit code; the commands live in their own modules.
+
+mod calls;
+mod cli;
+mod import;
+mod init;
+mod output;
+mod report;
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    init_tracing(args.verbose);
+    match run(args) {
+        Ok(code) => code,
+        Err(error) => {
+            if output::is_broken_pipe(&error) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: cli::Cli) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let config_path = args.config;
+    match args.command {
+        cli::Command::Init(command) => init::run(&config_path, command).map(|()| ExitCode::SUCCESS),
+        cli::Command::Serve(command) => runtime.block_on(serve::run(&config_path, command)).map(|()| ExitCode::SUCCESS),
+        cli::Command::Import(command) => runtime.block_on(import::run(&config_path, command)),
+        cli::Command::Calls(command) => runtime.block_on(calls::run(&config_path, command)).map(|()| ExitCode::SUCCESS),
+        cli::Command::Report(command) => runtime.block_on(report::run(&config_path, command)).map(|()| ExitCode::SUCCESS),
+    }
+}
+
+fn init_tracing(verbose: bool) {
+    let default = if verbose { "info,understudy=debug" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("UNDERSTUDY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}

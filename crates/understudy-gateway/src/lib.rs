@@ -1,1 +1,125 @@
+//! The gateway: an OpenAI-compatible HTTP front door that records every call.
+//!
+//! A request comes in on a socket, is checked against the OpenAI schema, has
+//! its `model` resolved (a model, or `task:NAME` for a task's lead), goes to
+//! the provider, and its answer goes back to the client. The finished
+//! [`CallRecord`](understudy_types::CallRecord) is handed to the recorder's
+//! bounded queue; the store writes it later, off the response path.
 
+mod assemble;
+mod chat;
+mod draft;
+mod embeddings;
+mod error;
+mod request;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use bytes::Bytes;
+use serde_json::json;
+use understudy_config::Config;
+use understudy_providers::{AnyProvider, ProviderError};
+use understudy_store::Recorder;
+
+pub use error::GatewayError;
+
+/// Everything a handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    providers: HashMap<String, Arc<AnyProvider>>,
+    recorder: Recorder,
+    models_body: Bytes,
+}
+
+impl AppState {
+    /// Builds every configured provider; a provider that cannot start (a
+    /// missing replay file, say) fails here, naming the file.
+    pub fn new(config: Config, recorder: Recorder) -> Result<AppState, ProviderError> {
+        let mut providers = HashMap::new();
+        for (name, provider_config) in &config.providers {
+            providers.insert(name.clone(), Arc::new(AnyProvider::from_config(name, provider_config)?));
+        }
+        let models_body = models_list(&config);
+        Ok(AppState { inner: Arc::new(Inner { config, providers, recorder, models_body }) })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub fn recorder(&self) -> &Recorder {
+        &self.inner.recorder
+    }
+
+    fn provider(&self, name: &str) -> Result<&Arc<AnyProvider>, GatewayError> {
+        self.inner.providers.get(name).ok_or_else(|| {
+            GatewayError::Provider(ProviderError::Setup {
+                provider: name.to_string(),
+                message: "provider is not configured".to_string(),
+            })
+        })
+    }
+}
+
+/// The gateway's routes.
+pub fn app(state: AppState) -> Router {
+    let max_body_bytes = state.config().server.max_body_bytes;
+    Router::new()
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/v1/models", get(list_models))
+        .route("/healthz", get(healthz))
+        .fallback(route_not_found)
+        .method_not_allowed_fallback(route_not_found)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+/// Serves `app(state)` on `listener` until `shutdown` resolves, then lets
+/// requests in flight finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
+}
+
+fn models_list(config: &Config) -> Bytes {
+    let mut data = Vec::new();
+    for (name, model) in &config.models {
+        data.push(json!({"id": name, "object": "model", "created": 0, "owned_by": model.provider}));
+    }
+    for (name, task) in &config.tasks {
+        data.push(json!({
+            "id": format!("task:{name}"), "object": "model", "created": 0,
+            "owned_by": "understudy", "lead": task.lead, "understudy": task.understudy,
+        }));
+    }
+    Bytes::from(json!({"object": "list", "data": data}).to_string())
+}
+
+async fn list_models(State(state): State<AppState>) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], state.inner.models_body.clone()).into_response()
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    let body = json!({"status": "ok", "records_pending": state.recorder().pending()});
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+async fn route_not_found(request: Request) -> GatewayError {
+    GatewayError::RouteNotFound { method: request.method().to_string(), path: request.uri().path().to_string() }
+}

@@ -1,1 +1,136 @@
+//! Providers: where a model's answers come from.
+//!
+//! Each provider lives in one file, names its `PROVIDER_TYPE` and implements
+//! [`Provider`]. [`AnyProvider`] dispatches over them, built from the
+//! serde-tagged `ProviderConfig` enum of the config crate. Providers make no
+//! routing decisions: they answer the request they are given.
 
+pub mod openai;
+pub mod replay;
+pub mod tokens;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use serde_json::{Map, Value};
+use understudy_config::ProviderConfig;
+use understudy_types::Usage;
+
+pub use openai::OpenAiProvider;
+pub use replay::ReplayProvider;
+
+/// A chat completion request, as an OpenAI JSON object whose `model` field
+/// already holds the provider's own model name. Fields the gateway does not
+/// read are kept as they are, so they reach the upstream untouched.
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    pub body: Map<String, Value>,
+}
+
+/// An embeddings request, in the same shape as [`ChatRequest`].
+#[derive(Debug, Clone)]
+pub struct EmbeddingRequest {
+    pub body: Map<String, Value>,
+}
+
+/// A complete (non-streamed) answer: the JSON body as the provider sent it.
+#[derive(Debug, Clone)]
+pub struct ProviderResponse {
+    pub body: Bytes,
+    /// The provider's own `usage`, when it reported one.
+    pub usage: Option<Usage>,
+}
+
+/// The `data:` payloads of a streamed answer, each one chunk of JSON text.
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<String, ProviderError>> + Send>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("provider `{provider}` did not answer within {timeout:?}")]
+    Timeout { provider: String, timeout: Duration },
+    #[error("provider `{provider}` is unavailable after {attempts} attempts: {last_error}")]
+    Unavailable { provider: String, attempts: u32, last_error: String },
+    /// The upstream rejected the request (4xx); its body is passed on as is.
+    #[error("provider `{provider}` answered HTTP {status}")]
+    Rejected { provider: String, status: u16, body: Bytes },
+    #[error("provider `{provider}` sent a malformed answer: {message}")]
+    BadResponse { provider: String, message: String },
+    #[error("replay provider `{provider}` has no recording matching these messages ({n_recordings} recordings loaded from {file})")]
+    ReplayNoMatch { provider: String, n_recordings: usize, file: String },
+    #[error("provider `{provider}` ({provider_type}) does not serve {what}")]
+    Unsupported { provider: String, provider_type: &'static str, what: &'static str },
+    #[error("cannot start provider `{provider}`: {message}")]
+    Setup { provider: String, message: String },
+}
+
+/// What every provider can be asked.
+pub trait Provider {
+    const PROVIDER_TYPE: &'static str;
+
+    fn infer(&self, request: ChatRequest) -> impl Future<Output = Result<ProviderResponse, ProviderError>> + Send;
+
+    fn infer_stream(&self, request: ChatRequest) -> impl Future<Output = Result<ChunkStream, ProviderError>> + Send;
+
+    fn embed(
+        &self,
+        request: EmbeddingRequest,
+    ) -> impl Future<Output = Result<ProviderResponse, ProviderError>> + Send;
+}
+
+/// A configured provider of any type.
+#[derive(Debug)]
+pub enum AnyProvider {
+    OpenAi(OpenAiProvider),
+    Replay(ReplayProvider),
+}
+
+impl AnyProvider {
+    /// Builds a provider from its config. Files it needs are read now, so a
+    /// missing or broken file fails start-up rather than the first request.
+    pub fn from_config(name: &str, config: &ProviderConfig) -> Result<AnyProvider, ProviderError> {
+        Ok(match config {
+            ProviderConfig::OpenAi(config) => AnyProvider::OpenAi(OpenAiProvider::new(name, config)?),
+            ProviderConfig::Replay(config) => AnyProvider::Replay(ReplayProvider::load(name, config)?),
+        })
+    }
+
+    pub fn provider_type(&self) -> &'static str {
+        match self {
+            AnyProvider::OpenAi(_) => OpenAiProvider::PROVIDER_TYPE,
+            AnyProvider::Replay(_) => ReplayProvider::PROVIDER_TYPE,
+        }
+    }
+
+    pub async fn infer(&self, request: ChatRequest) -> Result<ProviderResponse, ProviderError> {
+        match self {
+            AnyProvider::OpenAi(provider) => provider.infer(request).await,
+            AnyProvider::Replay(provider) => provider.infer(request).await,
+        }
+    }
+
+    pub async fn infer_stream(&self, request: ChatRequest) -> Result<ChunkStream, ProviderError> {
+        match self {
+            AnyProvider::OpenAi(provider) => provider.infer_stream(request).await,
+            AnyProvider::Replay(provider) => provider.infer_stream(request).await,
+        }
+    }
+
+    pub async fn embed(&self, request: EmbeddingRequest) -> Result<ProviderResponse, ProviderError> {
+        match self {
+            AnyProvider::OpenAi(provider) => provider.embed(request).await,
+            AnyProvider::Replay(provider) => provider.embed(request).await,
+        }
+    }
+}
+
+/// Reads `usage` out of an OpenAI response or chunk, if it has one.
+pub fn usage_of(body: &Value) -> Option<Usage> {
+    let usage = body.get("usage")?;
+    Some(Usage {
+        prompt_tokens: usage.get("prompt_tokens")?.as_u64()?,
+        completion_tokens: usage.get("completion_tokens").and_then(Value::as_u64).unwrap_or(0),
+    })
+}

@@ -64,8 +64,8 @@ impl Recorder {
         }
     }
 
-    pub fn stats(&self) -> &RecorderStats {
-        &self.stats
+    pub fn stats(&self) -> Arc<RecorderStats> {
+        self.stats.clone()
     }
 
     /// Records waiting to be written.

@@ -1,0 +1,66 @@
+//! `understudy report costs`.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde_json::json;
+use understudy_types::Money;
+
+use crate::cli::ReportCommand;
+use crate::output::{call_filter, format_day, load_config, open_store, table};
+
+pub async fn run(config_path: &Path, command: ReportCommand) -> anyhow::Result<()> {
+    let config = load_config(config_path)?;
+    let store = open_store(&config).await?;
+    let ReportCommand::Costs { filter, json } = command;
+    let rows = store.cost_report(&call_filter(&filter)?).await?;
+    let mut stdout = std::io::stdout().lock();
+    if json {
+        let rows: Vec<_> = rows
+            .iter()
+            .map(|row| {
+                json!({
+                    "day": format_day(row.day),
+                    "task": row.task,
+                    "model": row.model,
+                    "calls": row.n_calls,
+                    "errors": row.n_errors,
+                    "prompt_tokens": row.usage.prompt_tokens,
+                    "completion_tokens": row.usage.completion_tokens,
+                    "cost": row.cost.dollars(),
+                })
+            })
+            .collect();
+        writeln!(stdout, "{}", serde_json::to_string_pretty(&rows)?)?;
+        return Ok(());
+    }
+    let mut table_rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| {
+            vec![
+                format_day(row.day),
+                row.task.clone().unwrap_or_else(|| "-".into()),
+                row.model.clone(),
+                row.n_calls.to_string(),
+                row.n_errors.to_string(),
+                row.usage.prompt_tokens.to_string(),
+                row.usage.completion_tokens.to_string(),
+                format!("${:.4}", row.cost.dollars()),
+            ]
+        })
+        .collect();
+    let total_cost: Money = rows.iter().map(|row| row.cost).sum();
+    table_rows.push(vec![
+        "total".into(),
+        String::new(),
+        String::new(),
+        rows.iter().map(|row| row.n_calls).sum::<u64>().to_string(),
+        rows.iter().map(|row| row.n_errors).sum::<u64>().to_string(),
+        rows.iter().map(|row| row.usage.prompt_tokens).sum::<u64>().to_string(),
+        rows.iter().map(|row| row.usage.completion_tokens).sum::<u64>().to_string(),
+        format!("${:.4}", total_cost.dollars()),
+    ]);
+    let header = ["day (UTC)", "task", "model", "calls", "errors", "prompt tok", "completion tok", "cost"];
+    write!(stdout, "{}", table(&header, &table_rows))?;
+    Ok(())
+}

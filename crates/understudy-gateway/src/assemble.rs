@@ -1,0 +1,188 @@
+//! Assembles the chunks of a streamed chat completion into the one
+//! `chat.completion` object a non-streamed call would have returned, so that
+//! a streamed call's record looks like any other.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Map, Value};
+use understudy_types::Usage;
+
+#[derive(Default)]
+pub(crate) struct StreamAssembler {
+    id: Option<Value>,
+    model: Option<Value>,
+    created: Option<Value>,
+    system_fingerprint: Option<Value>,
+    choices: BTreeMap<u64, ChoiceParts>,
+    usage: Option<Value>,
+}
+
+#[derive(Default)]
+struct ChoiceParts {
+    role: Option<String>,
+    content: Option<String>,
+    refusal: Option<String>,
+    tool_calls: BTreeMap<u64, ToolCallParts>,
+    logprobs: Vec<Value>,
+    finish_reason: Option<Value>,
+}
+
+#[derive(Default)]
+struct ToolCallParts {
+    id: Option<Value>,
+    kind: Option<Value>,
+    name: String,
+    arguments: String,
+}
+
+impl StreamAssembler {
+    /// Adds one chunk. Returns true when the chunk carried answer text or a
+    /// tool call, which is when the first token has arrived.
+    pub fn push(&mut self, chunk: &Value) -> bool {
+        for (field, slot) in [
+            ("id", &mut self.id),
+            ("model", &mut self.model),
+            ("created", &mut self.created),
+            ("system_fingerprint", &mut self.system_fingerprint),
+        ] {
+            if let Some(value) = chunk.get(field).filter(|value| !value.is_null()) {
+                slot.get_or_insert_with(|| value.clone());
+            }
+        }
+        if let Some(usage) = chunk.get("usage").filter(|usage| !usage.is_null()) {
+            self.usage = Some(usage.clone());
+        }
+        let mut has_token = false;
+        for choice in chunk.get("choices").and_then(Value::as_array).into_iter().flatten() {
+            let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
+            let parts = self.choices.entry(index).or_default();
+            if let Some(reason) = choice.get("finish_reason").filter(|reason| !reason.is_null()) {
+                parts.finish_reason = Some(reason.clone());
+            }
+            if let Some(content) = choice.pointer("/logprobs/content").and_then(Value::as_array) {
+                parts.logprobs.extend(content.iter().cloned());
+            }
+            let Some(delta) = choice.get("delta") else { continue };
+            if let Some(role) = delta.get("role").and_then(Value::as_str) {
+                parts.role = Some(role.to_string());
+            }
+            if let Some(text) = delta.get("content").and_then(Value::as_str) {
+                parts.content.get_or_insert_with(String::new).push_str(text);
+                has_token |= !text.is_empty();
+            }
+            if let Some(text) = delta.get("refusal").and_then(Value::as_str) {
+                parts.refusal.get_or_insert_with(String::new).push_str(text);
+                has_token |= !text.is_empty();
+            }
+            for call in delta.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
+                has_token = true;
+                let call_index = call.get("index").and_then(Value::as_u64).unwrap_or(0);
+                let call_parts = parts.tool_calls.entry(call_index).or_default();
+                if let Some(id) = call.get("id").filter(|id| !id.is_null()) {
+                    call_parts.id = Some(id.clone());
+                }
+                if let Some(kind) = call.get("type").filter(|kind| !kind.is_null()) {
+                    call_parts.kind = Some(kind.clone());
+                }
+                if let Some(name) = call.pointer("/function/name").and_then(Value::as_str) {
+                    call_parts.name.push_str(name);
+                }
+                if let Some(arguments) = call.pointer("/function/arguments").and_then(Value::as_str) {
+                    call_parts.arguments.push_str(arguments);
+                }
+            }
+        }
+        has_token
+    }
+
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage.as_ref().and_then(|usage| understudy_providers::usage_of(&json!({"usage": usage})))
+    }
+
+    /// The first choice's message, for counting tokens when no usage came.
+    pub fn first_message(&self) -> Value {
+        self.choices.values().next().map(message_of).unwrap_or(Value::Null)
+    }
+
+    pub fn finish(&self) -> Value {
+        let choices: Vec<Value> = self
+            .choices
+            .iter()
+            .map(|(index, parts)| {
+                let mut choice = json!({
+                    "index": index,
+                    "message": message_of(parts),
+                    "finish_reason": parts.finish_reason.clone().unwrap_or(Value::Null),
+                });
+                if !parts.logprobs.is_empty() {
+                    choice["logprobs"] = json!({"content": parts.logprobs});
+                }
+                choice
+            })
+            .collect();
+        let mut completion = Map::new();
+        completion.insert("id".into(), self.id.clone().unwrap_or(Value::Null));
+        completion.insert("object".into(), Value::String("chat.completion".into()));
+        completion.insert("created".into(), self.created.clone().unwrap_or(Value::Null));
+        completion.insert("model".into(), self.model.clone().unwrap_or(Value::Null));
+        if let Some(fingerprint) = &self.system_fingerprint {
+            completion.insert("system_fingerprint".into(), fingerprint.clone());
+        }
+        completion.insert("choices".into(), Value::Array(choices));
+        if let Some(usage) = &self.usage {
+            completion.insert("usage".into(), usage.clone());
+        }
+        Value::Object(completion)
+    }
+}
+
+fn message_of(parts: &ChoiceParts) -> Value {
+    let mut message = Map::new();
+    message.insert("role".into(), Value::String(parts.role.clone().unwrap_or_else(|| "assistant".into())));
+    message.insert("content".into(), parts.content.clone().map_or(Value::Null, Value::String));
+    if let Some(refusal) = &parts.refusal {
+        message.insert("refusal".into(), Value::String(refusal.clone()));
+    }
+    if !parts.tool_calls.is_empty() {
+        let calls: Vec<Value> = parts
+            .tool_calls
+            .values()
+            .map(|call| {
+                json!({
+                    "id": call.id.clone().unwrap_or(Value::Null),
+                    "type": call.kind.clone().unwrap_or_else(|| Value::String("function".into())),
+                    "function": {"name": call.name, "arguments": call.arguments},
+                })
+            })
+            .collect();
+        message.insert("tool_calls".into(), Value::Array(calls));
+    }
+    Value::Object(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_and_tool_call_deltas_are_joined() {
+        let mut assembler = StreamAssembler::default();
+        let chunks = [
+            json!({"id":"c1","model":"m","created":7,"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}),
+            json!({"id":"c1","choices":[{"index":0,"delta":{"content":"Hel"}}]}),
+            json!({"id":"c1","choices":[{"index":0,"delta":{"content":"lo"}}]}),
+            json!({"id":"c1","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"t1","type":"function","function":{"name":"get","arguments":"{\"a\""}}]}}]}),
+            json!({"id":"c1","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":":1}"}}]}}]}),
+            json!({"id":"c1","choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}),
+            json!({"id":"c1","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":3,"total_tokens":8}}),
+        ];
+        let first_tokens: Vec<bool> = chunks.iter().map(|chunk| assembler.push(chunk)).collect();
+        assert_eq!(first_tokens, [false, true, true, true, true, false, false]);
+        let completion = assembler.finish();
+        assert_eq!(completion["choices"][0]["message"]["content"], "Hello");
+        assert_eq!(completion["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"], "{\"a\":1}");
+        assert_eq!(completion["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(completion["usage"]["total_tokens"], 8);
+        assert_eq!(assembler.usage(), Some(Usage { prompt_tokens: 5, completion_tokens: 3 }));
+    }
+}

@@ -1,0 +1,80 @@
+//! `POST /v1/embeddings`, passed through to the model's provider.
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde_json::Value;
+use understudy_providers::{tokens, EmbeddingRequest};
+use understudy_types::{Endpoint, Usage, UsageSource};
+
+use crate::draft::{CallDraft, Outcome};
+use crate::request::{parse_body, resolve_model};
+use crate::{AppState, GatewayError};
+
+pub(crate) async fn embeddings(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let mut draft = CallDraft::start(Endpoint::Embeddings);
+    match embed(&state, body, &mut draft).await {
+        Ok((body, outcome)) => {
+            state.record(draft.finish(outcome)).await;
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
+        Err(error) => {
+            state.record(draft.fail(&error)).await;
+            error.into_response()
+        }
+    }
+}
+
+async fn embed(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+    draft: &mut CallDraft,
+) -> Result<(Bytes, Outcome), GatewayError> {
+    let mut body = parse_body(state, body, draft)?;
+    let model = resolve_model(state, &mut body, draft)?.clone();
+    let input = match body.get("input") {
+        Some(input @ (Value::String(_) | Value::Array(_))) => input.clone(),
+        Some(_) => return Err(GatewayError::invalid("`input` must be a string or an array.", "input")),
+        None => return Err(GatewayError::invalid("Missing required parameter: `input`.", "input")),
+    };
+    let provider = state.provider(&model.provider)?.clone();
+    let response = provider.embed(EmbeddingRequest { body }).await?;
+    let (usage, usage_source) = match response.usage {
+        Some(usage) => (usage, UsageSource::Provider),
+        None => (Usage { prompt_tokens: tokens::count_embedding_input(&input), completion_tokens: 0 }, UsageSource::Counted),
+    };
+    let outcome = Outcome {
+        status: 200,
+        response: Some(summarize_embeddings(&response.body)),
+        usage,
+        usage_source,
+        cost: model.price.cost(usage),
+        ttft_ms: Some(draft.elapsed_ms()),
+        error: None,
+    };
+    Ok((response.body, outcome))
+}
+
+/// The response as recorded: vectors are replaced by their length, because a
+/// record keeps what the call was and cost, not a copy of every vector.
+fn summarize_embeddings(body: &[u8]) -> String {
+    let Ok(mut response) = serde_json::from_slice::<Value>(body) else {
+        return String::from_utf8_lossy(body).into_owned();
+    };
+    if let Some(items) = response.get_mut("data").and_then(Value::as_array_mut) {
+        for item in items {
+            if let Some(object) = item.as_object_mut() {
+                let n_dims = match object.remove("embedding") {
+                    Some(Value::Array(vector)) => vector.len(),
+                    // Base64-encoded float32 vectors: four bytes a dimension.
+                    Some(Value::String(encoded)) => encoded.len() * 3 / 4 / 4,
+                    _ => 0,
+                };
+                object.insert("embedding_dims".into(), Value::from(n_dims));
+            }
+        }
+    }
+    response.to_string()
+}

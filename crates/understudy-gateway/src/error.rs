@@ -1,0 +1,119 @@
+//! The one place where errors become HTTP responses, in OpenAI's error shape:
+//! `{"error":{"message","type","param","code"}}`.
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde_json::json;
+use understudy_providers::ProviderError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("We could not parse the JSON body of your request: {0}")]
+    InvalidJson(String),
+    #[error("{message}")]
+    InvalidRequest { message: String, param: Option<String> },
+    #[error("The model `{0}` does not exist. Name a model from /v1/models, or a task as `task:NAME`.")]
+    ModelNotFound(String),
+    #[error("The request body is larger than the limit of {limit} bytes.")]
+    PayloadTooLarge { limit: usize },
+    #[error("No route for {method} {path}.")]
+    RouteNotFound { method: String, path: String },
+    #[error("{0}")]
+    Provider(#[from] ProviderError),
+}
+
+impl GatewayError {
+    pub fn invalid(message: impl Into<String>, param: impl Into<String>) -> GatewayError {
+        GatewayError::InvalidRequest { message: message.into(), param: Some(param.into()) }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::InvalidJson(_) | GatewayError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            GatewayError::ModelNotFound(_) | GatewayError::RouteNotFound { .. } => StatusCode::NOT_FOUND,
+            GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::Provider(error) => match error {
+                ProviderError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+                ProviderError::Unavailable { .. } | ProviderError::BadResponse { .. } => StatusCode::BAD_GATEWAY,
+                ProviderError::Rejected { status, .. } => {
+                    StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
+                }
+                ProviderError::ReplayNoMatch { .. } | ProviderError::Unsupported { .. } => StatusCode::BAD_REQUEST,
+                ProviderError::Setup { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+        }
+    }
+
+    fn error_type(&self) -> &'static str {
+        match self {
+            GatewayError::InvalidJson(_)
+            | GatewayError::InvalidRequest { .. }
+            | GatewayError::ModelNotFound(_)
+            | GatewayError::PayloadTooLarge { .. }
+            | GatewayError::RouteNotFound { .. } => "invalid_request_error",
+            GatewayError::Provider(ProviderError::ReplayNoMatch { .. } | ProviderError::Unsupported { .. }) => {
+                "invalid_request_error"
+            }
+            GatewayError::Provider(ProviderError::Setup { .. }) => "server_error",
+            GatewayError::Provider(_) => "upstream_error",
+        }
+    }
+
+    fn code(&self) -> Option<&'static str> {
+        Some(match self {
+            GatewayError::InvalidJson(_) => "invalid_json",
+            GatewayError::InvalidRequest { .. } => return None,
+            GatewayError::ModelNotFound(_) => "model_not_found",
+            GatewayError::PayloadTooLarge { .. } => "request_too_large",
+            GatewayError::RouteNotFound { .. } => "unknown_url",
+            GatewayError::Provider(error) => match error {
+                ProviderError::Timeout { .. } => "upstream_timeout",
+                ProviderError::Unavailable { .. } => "upstream_unavailable",
+                ProviderError::Rejected { .. } => "upstream_rejected",
+                ProviderError::BadResponse { .. } => "upstream_bad_response",
+                ProviderError::ReplayNoMatch { .. } => "replay_no_match",
+                ProviderError::Unsupported { .. } => "unsupported_endpoint",
+                ProviderError::Setup { .. } => "provider_setup",
+            },
+        })
+    }
+
+    fn param(&self) -> Option<&str> {
+        match self {
+            GatewayError::InvalidRequest { param, .. } => param.as_deref(),
+            GatewayError::ModelNotFound(_) => Some("model"),
+            GatewayError::Provider(ProviderError::ReplayNoMatch { .. }) => Some("messages"),
+            _ => None,
+        }
+    }
+
+    /// The JSON error body a client receives.
+    pub fn body(&self) -> Bytes {
+        // An upstream's own 4xx answer is passed on unchanged when it is
+        // already an OpenAI-style error.
+        if let GatewayError::Provider(ProviderError::Rejected { body, .. }) = self {
+            let is_openai_error = serde_json::from_slice::<serde_json::Value>(body)
+                .map(|value| value.get("error").is_some_and(serde_json::Value::is_object))
+                .unwrap_or(false);
+            if is_openai_error {
+                return body.clone();
+            }
+        }
+        let body = json!({
+            "error": {
+                "message": self.to_string(),
+                "type": self.error_type(),
+                "param": self.param(),
+                "code": self.code(),
+            }
+        });
+        Bytes::from(body.to_string())
+    }
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        (self.status(), [(header::CONTENT_TYPE, "application/json")], self.body()).into_response()
+    }
+}

@@ -1,0 +1,216 @@
+//! Any OpenAI-compatible upstream: OpenAI itself, vLLM, llama.cpp's server,
+//! or a stub on loopback.
+//!
+//! Requests go out as JSON with the caller's fields intact. A 5xx answer or a
+//! refused connection is retried with exponential backoff; a 4xx answer is the
+//! upstream's verdict on the request and is passed back unchanged.
+
+use std::fmt;
+use std::time::Duration;
+
+use bytes::Bytes;
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use understudy_config::OpenAiProviderConfig;
+
+use crate::{ChatRequest, ChunkStream, EmbeddingRequest, Provider, ProviderError, ProviderResponse};
+
+/// An API key that never prints.
+#[derive(Clone)]
+struct ApiKey(String);
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(***)")
+    }
+}
+
+#[derive(Debug)]
+pub struct OpenAiProvider {
+    name: String,
+    client: reqwest::Client,
+    chat_url: String,
+    embeddings_url: String,
+    api_key: Option<ApiKey>,
+    timeout: Duration,
+    max_retries: u32,
+    retry_backoff: Duration,
+}
+
+impl OpenAiProvider {
+    pub fn new(name: &str, config: &OpenAiProviderConfig) -> Result<OpenAiProvider, ProviderError> {
+        let api_key = match &config.api_key_env {
+            None => None,
+            Some(variable) => match std::env::var(variable) {
+                Ok(key) if !key.is_empty() => Some(ApiKey(key)),
+                _ => {
+                    tracing::warn!(provider = name, variable, "API key variable is not set; sending no key");
+                    None
+                }
+            },
+        };
+        let client = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(1024)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .connect_timeout(config.timeout.min(Duration::from_secs(10)))
+            .build()
+            .map_err(|error| ProviderError::Setup { provider: name.to_string(), message: error.to_string() })?;
+        Ok(OpenAiProvider {
+            name: name.to_string(),
+            client,
+            chat_url: format!("{}/chat/completions", config.base_url),
+            embeddings_url: format!("{}/embeddings", config.base_url),
+            api_key,
+            timeout: config.timeout,
+            max_retries: config.max_retries,
+            retry_backoff: config.retry_backoff,
+        })
+    }
+
+    fn timeout_error(&self) -> ProviderError {
+        ProviderError::Timeout { provider: self.name.clone(), timeout: self.timeout }
+    }
+
+    /// Sends `body` until an answer other than 5xx arrives, or retries run out.
+    /// Returns the response with its headers read and its body not yet read.
+    async fn send_with_retries(&self, url: &str, body: Bytes) -> Result<reqwest::Response, ProviderError> {
+        let mut last_error = String::new();
+        let n_attempts = self.max_retries + 1;
+        for attempt_idx in 0..n_attempts {
+            if attempt_idx > 0 {
+                let backoff = self.retry_backoff * 2u32.saturating_pow(attempt_idx - 1);
+                tokio::time::sleep(backoff).await;
+            }
+            let mut request = self
+                .client
+                .post(url)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.clone());
+            if let Some(key) = &self.api_key {
+                request = request.bearer_auth(&key.0);
+            }
+            match tokio::time::timeout(self.timeout, request.send()).await {
+                Err(_elapsed) => return Err(self.timeout_error()),
+                Ok(Ok(response)) if response.status().is_server_error() => {
+                    let status = response.status();
+                    let text = response.text().await.unwrap_or_default();
+                    last_error = format!("HTTP {status}: {}", truncate(&text, 300));
+                }
+                Ok(Ok(response)) => return Ok(response),
+                Ok(Err(error)) if error.is_timeout() => return Err(self.timeout_error()),
+                // Without the URL: it may carry credentials in some setups.
+                Ok(Err(error)) => last_error = describe_request_error(&error),
+            }
+            tracing::warn!(provider = %self.name, attempt = attempt_idx + 1, error = %last_error, "upstream attempt failed");
+        }
+        Err(ProviderError::Unavailable { provider: self.name.clone(), attempts: n_attempts, last_error })
+    }
+
+    /// A complete JSON answer: retries, then reads the body within the timeout.
+    async fn complete(&self, url: &str, body: Bytes) -> Result<ProviderResponse, ProviderError> {
+        let read = async {
+            let response = self.send_with_retries(url, body).await?;
+            let status = response.status();
+            let body = response.bytes().await.map_err(|error| ProviderError::Unavailable {
+                provider: self.name.clone(),
+                attempts: 1,
+                last_error: format!("reading the answer failed: {}", describe_request_error(&error)),
+            })?;
+            Ok::<_, ProviderError>((status, body))
+        };
+        let (status, body) = tokio::time::timeout(self.timeout, read).await.map_err(|_| self.timeout_error())??;
+        if !status.is_success() {
+            return Err(ProviderError::Rejected { provider: self.name.clone(), status: status.as_u16(), body });
+        }
+        let parsed: Value = serde_json::from_slice(&body).map_err(|error| ProviderError::BadResponse {
+            provider: self.name.clone(),
+            message: format!("the answer is not JSON: {error}"),
+        })?;
+        Ok(ProviderResponse { usage: crate::usage_of(&parsed), body })
+    }
+}
+
+impl Provider for OpenAiProvider {
+    const PROVIDER_TYPE: &'static str = "openai";
+
+    async fn infer(&self, request: ChatRequest) -> Result<ProviderResponse, ProviderError> {
+        let body = encode(&Value::Object(request.body))?;
+        self.complete(&self.chat_url, body).await
+    }
+
+    async fn infer_stream(&self, request: ChatRequest) -> Result<ChunkStream, ProviderError> {
+        let mut body = request.body;
+        // Ask for usage even when the client did not, so that the record has
+        // the upstream's own counts; the gateway hides that chunk if unasked.
+        let stream_options = body.entry("stream_options").or_insert_with(|| json!({}));
+        if let Value::Object(options) = stream_options {
+            options.insert("include_usage".into(), Value::Bool(true));
+        }
+        let response = self.send_with_retries(&self.chat_url, encode(&Value::Object(body))?).await?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.bytes().await.unwrap_or_default();
+            return Err(ProviderError::Rejected { provider: self.name.clone(), status: status.as_u16(), body });
+        }
+        let provider = self.name.clone();
+        let idle_timeout = self.timeout;
+        let events = response.bytes_stream().eventsource();
+        let chunks = futures::stream::unfold(Some(Box::pin(events)), move |events| {
+            let provider = provider.clone();
+            async move {
+                let mut events = events?;
+                match tokio::time::timeout(idle_timeout, events.next()).await {
+                    Err(_elapsed) => Some((Err(ProviderError::Timeout { provider, timeout: idle_timeout }), None)),
+                    Ok(None) => None,
+                    Ok(Some(Ok(event))) if event.data.trim() == "[DONE]" => None,
+                    Ok(Some(Ok(event))) => Some((Ok(event.data), Some(events))),
+                    Ok(Some(Err(error))) => Some((
+                        Err(ProviderError::BadResponse { provider, message: format!("stream broke: {error}") }),
+                        None,
+                    )),
+                }
+            }
+        })
+        // Keep-alive comments and empty events carry no chunk.
+        .filter(|item| futures::future::ready(!matches!(item, Ok(data) if data.trim().is_empty())));
+        Ok(Box::pin(chunks))
+    }
+
+    async fn embed(&self, request: EmbeddingRequest) -> Result<ProviderResponse, ProviderError> {
+        let body = encode(&Value::Object(request.body))?;
+        self.complete(&self.embeddings_url, body).await
+    }
+}
+
+fn encode(body: &Value) -> Result<Bytes, ProviderError> {
+    serde_json::to_vec(body)
+        .map(Bytes::from)
+        .map_err(|error| ProviderError::Setup { provider: String::new(), message: error.to_string() })
+}
+
+fn describe_request_error(error: &reqwest::Error) -> String {
+    let kind = if error.is_connect() {
+        "connection failed"
+    } else if error.is_body() || error.is_decode() {
+        "body failed"
+    } else {
+        "request failed"
+    };
+    let mut message = kind.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+fn truncate(text: &str, max_chars: usize) -> String {
+    match text.char_indices().nth(max_chars) {
+        Some((byte_idx, _)) => format!("{}…", &text[..byte_idx]),
+        None => text.to_string(),
+    }
+}
