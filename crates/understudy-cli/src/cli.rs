@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "understudy", version, about = "Record your LLM calls, train a small understudy, and hand it the stage.")]
+#[command(
+    name = "understudy",
+    version,
+    about = "Record your LLM calls, train a small understudy, and hand it the stage."
+)]
 pub struct Cli {
     /// The config file.
     #[arg(long, global = true, env = "UNDERSTUDY_CONFIG", default_value = understudy_config::DEFAULT_CONFIG_FILE)]
@@ -118,4 +122,3 @@ pub enum ReportCommand {
         json: bool,
     },
 }
-

@@ -56,11 +56,26 @@ pub async fn run(config_path: &Path, command: ReportCommand) -> anyhow::Result<(
         String::new(),
         rows.iter().map(|row| row.n_calls).sum::<u64>().to_string(),
         rows.iter().map(|row| row.n_errors).sum::<u64>().to_string(),
-        rows.iter().map(|row| row.usage.prompt_tokens).sum::<u64>().to_string(),
-        rows.iter().map(|row| row.usage.completion_tokens).sum::<u64>().to_string(),
+        rows.iter()
+            .map(|row| row.usage.prompt_tokens)
+            .sum::<u64>()
+            .to_string(),
+        rows.iter()
+            .map(|row| row.usage.completion_tokens)
+            .sum::<u64>()
+            .to_string(),
         format!("${:.4}", total_cost.dollars()),
     ]);
-    let header = ["day (UTC)", "task", "model", "calls", "errors", "prompt tok", "completion tok", "cost"];
+    let header = [
+        "day (UTC)",
+        "task",
+        "model",
+        "calls",
+        "errors",
+        "prompt tok",
+        "completion tok",
+        "cost",
+    ];
     write!(stdout, "{}", table(&header, &table_rows))?;
     Ok(())
 }

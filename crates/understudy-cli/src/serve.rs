@@ -15,11 +15,16 @@ pub async fn run(config_path: &Path, command: ServeCommand) -> anyhow::Result<()
     let store = open_store(&config).await?;
     let (recorder, recorder_handle) = Recorder::start(
         store.clone(),
-        RecorderConfig { queue_capacity: config.store.queue_capacity, batch_size: config.store.batch_size },
+        RecorderConfig {
+            queue_capacity: config.store.queue_capacity,
+            batch_size: config.store.batch_size,
+        },
     );
     let listen = command.listen.unwrap_or(config.server.listen);
     let state = AppState::new(config, recorder.clone())?;
-    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
     let local_addr = listener.local_addr()?;
     eprintln!("understudy gateway listening on http://{local_addr}/v1");
     understudy_gateway::serve(listener, state, shutdown_signal()).await?;
@@ -31,7 +36,10 @@ pub async fn run(config_path: &Path, command: ServeCommand) -> anyhow::Result<()
     eprintln!("shutting down: writing {pending} queued records");
     recorder_handle.shutdown().await;
     store.close().await;
-    eprintln!("done: {} of {queued} records of this run are written", stats.written.load(Ordering::Relaxed));
+    eprintln!(
+        "done: {} of {queued} records of this run are written",
+        stats.written.load(Ordering::Relaxed)
+    );
     Ok(())
 }
 

@@ -1,0 +1,237 @@
+//! A gateway on a real socket, in front of the stub upstream, over a real store.
+
+#![allow(dead_code)]
+
+pub mod stub;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::oneshot;
+use understudy_config::Config;
+use understudy_gateway::AppState;
+use understudy_store::{CallFilter, Recorder, RecorderConfig, RecorderHandle, Store};
+use understudy_types::CallRecord;
+
+pub const TEST_KEY_VAR: &str = "UNDERSTUDY_TEST_UPSTREAM_KEY";
+pub const TEST_KEY: &str = "sk-test-never-log-me-4f1d";
+
+pub const REPLAY_LINES: &str = r#"{"messages":[{"role":"system","content":"Label the question."},{"role":"user","content":"Who wrote   Hamlet?"},{"role":"assistant","content":"HUM"}],"usage":{"prompt_tokens":9,"completion_tokens":1}}
+{"messages":[{"role":"system","content":"Label the question."},{"role":"user","content":"How far is the Moon?"},{"role":"assistant","content":"NUM"}]}
+"#;
+
+pub struct Harness {
+    pub base_url: String,
+    pub stub: stub::Stub,
+    pub store: Store,
+    pub dir: tempfile::TempDir,
+    pub client: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+    recorder_handle: Option<RecorderHandle>,
+}
+
+/// A loopback port with nothing listening on it.
+async fn closed_port() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+pub fn config_text(store_url: &str, stub_url: &str, dead_port: u16) -> String {
+    format!(
+        r#"
+[store]
+url = "{store_url}"
+queue_capacity = 64
+batch_size = 16
+
+[server]
+max_body_bytes = 65536
+
+[providers.cloud]
+type = "openai"
+base_url = "{stub_url}"
+api_key_env = "{TEST_KEY_VAR}"
+timeout_secs = 0.5
+max_retries = 2
+retry_backoff_ms = 10
+
+[providers.dead]
+type = "openai"
+base_url = "http://127.0.0.1:{dead_port}/v1"
+max_retries = 1
+retry_backoff_ms = 10
+
+[providers.recorded]
+type = "replay"
+file = "calls.jsonl"
+
+[models.gpt-4o-mini]
+provider = "cloud"
+name = "ok"
+input_per_million = 0.15
+output_per_million = 0.60
+
+[models.no-usage]
+provider = "cloud"
+input_per_million = 1.0
+output_per_million = 2.0
+
+[models.flaky]
+provider = "cloud"
+
+[models.down]
+provider = "cloud"
+
+[models.slow]
+provider = "cloud"
+
+[models.reject]
+provider = "cloud"
+
+[models.ghost]
+provider = "dead"
+
+[models.replayed]
+provider = "recorded"
+input_per_million = 1.0
+output_per_million = 1.0
+
+[models.embedder]
+provider = "cloud"
+name = "text-embedding-3-small"
+input_per_million = 0.02
+
+[tasks.triage]
+lead = "gpt-4o-mini"
+
+[tasks.trec]
+lead = "replayed"
+"#
+    )
+}
+
+impl Harness {
+    /// A gateway over a fresh SQLite file.
+    pub async fn start() -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("gateway.db").display());
+        Harness::start_with(dir, &url).await
+    }
+
+    /// A gateway over the given store URL.
+    pub async fn start_with(dir: tempfile::TempDir, store_url: &str) -> Harness {
+        std::env::set_var(TEST_KEY_VAR, TEST_KEY);
+        let stub = stub::Stub {
+            keep_log: true,
+            ..Default::default()
+        };
+        let stub_url = stub.clone().start().await;
+        std::fs::write(dir.path().join("calls.jsonl"), REPLAY_LINES).expect("write replay file");
+        let text = config_text(store_url, &stub_url, closed_port().await);
+        let config_path: PathBuf = dir.path().join("understudy.toml");
+        std::fs::write(&config_path, &text).expect("write config");
+        let config = Config::load(&config_path).expect("config loads");
+        let store = Store::connect(&config.store.url)
+            .await
+            .expect("store opens");
+        let (recorder, recorder_handle) = Recorder::start(
+            store.clone(),
+            RecorderConfig {
+                queue_capacity: config.store.queue_capacity,
+                batch_size: config.store.batch_size,
+            },
+        );
+        let state = AppState::new(config, recorder).expect("state");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind gateway");
+        let addr = listener.local_addr().expect("gateway addr");
+        let (shutdown, shutdown_rx) = oneshot::channel();
+        let server = tokio::spawn(async move {
+            let signal = async move {
+                let _ = shutdown_rx.await;
+            };
+            understudy_gateway::serve(listener, state, signal)
+                .await
+                .expect("serve");
+        });
+        Harness {
+            base_url: format!("http://{addr}/v1"),
+            stub,
+            store,
+            dir,
+            client: reqwest::Client::new(),
+            shutdown: Some(shutdown),
+            server: Some(server),
+            recorder_handle: Some(recorder_handle),
+        }
+    }
+
+    pub async fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.base_url))
+            .header("content-type", "application/json")
+            .header("authorization", "Bearer client-key-not-upstream")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("request reaches the gateway");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.post(path, &body.to_string()).await
+    }
+
+    /// Raw SSE text of a streamed call.
+    pub async fn post_stream(&self, body: &Value) -> (u16, String) {
+        let response = self
+            .client
+            .post(format!("{}/chat/completions", self.base_url))
+            .json(body)
+            .send()
+            .await
+            .expect("request reaches the gateway");
+        let status = response.status().as_u16();
+        (status, response.text().await.expect("body"))
+    }
+
+    /// Stops the gateway and waits until every record is written, then
+    /// returns all calls, oldest first.
+    pub async fn finish(mut self) -> (Vec<CallRecord>, Harness) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(server) = self.server.take() {
+            tokio::time::timeout(Duration::from_secs(30), server)
+                .await
+                .expect("server stops")
+                .expect("server task");
+        }
+        if let Some(handle) = self.recorder_handle.take() {
+            tokio::time::timeout(Duration::from_secs(30), handle.shutdown())
+                .await
+                .expect("recorder drains");
+        }
+        let calls = self
+            .store
+            .list_calls(&CallFilter::default())
+            .await
+            .expect("list calls");
+        (calls, self)
+    }
+}
+
+pub fn chat_body(model: &str, content: &str) -> Value {
+    serde_json::json!({"model": model, "messages": [{"role": "user", "content": content}]})
+}

@@ -1,0 +1,199 @@
+//! A stub OpenAI-compatible upstream on loopback, for tests and benchmarks.
+//!
+//! Its behaviour is chosen by the request's model name:
+//! - `ok` (or anything else): a completion with `usage`;
+//! - `no-usage`: a completion without `usage`;
+//! - `flaky`: HTTP 500 for the first request of each prompt text, then `ok`;
+//! - `down`: HTTP 503 always;
+//! - `slow`: waits 2 s before answering;
+//! - `reject`: HTTP 400 with an OpenAI error body.
+//! With `"stream": true` it answers in SSE chunks, with a usage chunk when
+//! `stream_options.include_usage` is set.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use serde_json::{json, Value};
+
+#[derive(Default)]
+pub struct StubLog {
+    /// Every request body received, in order.
+    pub requests: Vec<Value>,
+    /// Every Authorization header received, in order.
+    pub authorizations: Vec<Option<String>>,
+    flaky_seen: HashMap<String, u32>,
+}
+
+#[derive(Clone, Default)]
+pub struct Stub {
+    pub log: Arc<Mutex<StubLog>>,
+    /// When false, the stub skips logging (for benchmarks).
+    pub keep_log: bool,
+}
+
+pub const ANSWER: &str = "Paris is the capital of France.";
+
+impl Stub {
+    pub fn router(self) -> Router {
+        Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route("/v1/embeddings", post(embeddings))
+            .with_state(self)
+    }
+
+    /// Serves on an ephemeral loopback port; returns the base URL (with /v1).
+    pub async fn start(self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind stub");
+        let addr: SocketAddr = listener.local_addr().expect("stub addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, self.router()).await;
+        });
+        format!("http://{addr}/v1")
+    }
+
+    pub fn requests(&self) -> Vec<Value> {
+        self.log.lock().expect("stub log").requests.clone()
+    }
+
+    pub fn authorizations(&self) -> Vec<Option<String>> {
+        self.log.lock().expect("stub log").authorizations.clone()
+    }
+}
+
+fn json_response(status: StatusCode, body: Value) -> Response {
+    (
+        status,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn chat(State(stub): State<Stub>, headers: HeaderMap, body: Bytes) -> Response {
+    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let model = request
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("ok")
+        .to_string();
+    let prompt = request
+        .pointer("/messages/0/content")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let mut first_flaky_attempt = false;
+    if stub.keep_log {
+        let mut log = stub.log.lock().expect("stub log");
+        log.requests.push(request.clone());
+        log.authorizations.push(
+            headers
+                .get("authorization")
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_string),
+        );
+        if model == "flaky" {
+            let seen = log.flaky_seen.entry(prompt.clone()).or_insert(0);
+            *seen += 1;
+            first_flaky_attempt = *seen == 1;
+        }
+    }
+    match model.as_str() {
+        "down" => {
+            return json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": {"message": "overloaded"}}),
+            )
+        }
+        "flaky" if first_flaky_attempt => {
+            return json_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"error": {"message": "try again"}}),
+            )
+        }
+        "slow" => tokio::time::sleep(Duration::from_secs(2)).await,
+        "reject" => {
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                json!({"error": {"message": "Invalid value for temperature", "type": "invalid_request_error", "param": "temperature", "code": null}}),
+            )
+        }
+        _ => {}
+    }
+    let usage = json!({"prompt_tokens": 21, "completion_tokens": 7, "total_tokens": 28});
+    if request.get("stream").and_then(Value::as_bool) == Some(true) {
+        let include_usage = request
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            == Some(true);
+        let chunk = |delta: Value, finish: Value| {
+            json!({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        };
+        let mut events = vec![chunk(
+            json!({"role": "assistant", "content": ""}),
+            Value::Null,
+        )];
+        for word in ANSWER.split_inclusive(' ') {
+            events.push(chunk(json!({"content": word}), Value::Null));
+        }
+        events.push(chunk(json!({}), json!("stop")));
+        if include_usage && model != "no-usage" {
+            events.push(json!({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": 1_700_000_000,
+                               "model": model, "choices": [], "usage": usage}));
+        }
+        let mut body = String::new();
+        for event in events {
+            body.push_str(&format!("data: {event}\n\n"));
+        }
+        body.push_str("data: [DONE]\n\n");
+        return (
+            StatusCode::OK,
+            [("content-type", "text/event-stream")],
+            body,
+        )
+            .into_response();
+    }
+    let mut completion = json!({
+        "id": "chatcmpl-stub", "object": "chat.completion", "created": 1_700_000_000, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": ANSWER}, "finish_reason": "stop"}],
+    });
+    if model != "no-usage" {
+        completion["usage"] = usage;
+    }
+    json_response(StatusCode::OK, completion)
+}
+
+async fn embeddings(State(stub): State<Stub>, body: Bytes) -> Response {
+    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if stub.keep_log {
+        stub.log
+            .lock()
+            .expect("stub log")
+            .requests
+            .push(request.clone());
+    }
+    let n_inputs = match request.get("input") {
+        Some(Value::Array(items)) => items.len(),
+        _ => 1,
+    };
+    let data: Vec<Value> = (0..n_inputs)
+        .map(|idx| json!({"object": "embedding", "index": idx, "embedding": [0.1, 0.2, 0.3, 0.4]}))
+        .collect();
+    json_response(
+        StatusCode::OK,
+        json!({"object": "list", "data": data, "model": request.get("model"),
+               "usage": {"prompt_tokens": 4 * n_inputs, "total_tokens": 4 * n_inputs}}),
+    )
+}
