@@ -286,8 +286,18 @@ pub fn check_message(message: &Value) -> Result<(), String> {
     }
 }
 
+/// RFC 3339 in UTC, with milliseconds when there are any (the store keeps
+/// milliseconds), so that a time survives export and import unchanged.
 pub fn format_time(at: OffsetDateTime) -> String {
-    at.format(&Rfc3339)
+    let at = at.to_offset(time::UtcOffset::UTC);
+    let format = if at.millisecond() == 0 {
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z")
+    } else {
+        time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+        )
+    };
+    at.format(&format)
         .unwrap_or_else(|_| at.unix_timestamp().to_string())
 }
 

@@ -1,0 +1,373 @@
+//! The `understudy` binary, driven as a user would drive it.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::{json, Value};
+
+const SECRET: &str = "sk-cli-test-secret-9c2e";
+
+struct Workdir {
+    dir: tempfile::TempDir,
+}
+
+impl Workdir {
+    fn new(extra_config: &str) -> Workdir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let config = format!(
+            r#"
+[store]
+url = "sqlite://calls.db"
+
+[providers.cloud]
+type = "openai"
+base_url = "http://127.0.0.1:{closed_port}/v1"
+api_key_env = "CLI_TEST_KEY"
+max_retries = 1
+retry_backoff_ms = 5
+
+[providers.recorded]
+type = "replay"
+file = "recorded.jsonl"
+
+[models.gpt-4o-mini]
+provider = "cloud"
+input_per_million = 0.15
+output_per_million = 0.60
+
+[models.replayed]
+provider = "recorded"
+input_per_million = 1.0
+output_per_million = 2.0
+
+[tasks.triage]
+lead = "gpt-4o-mini"
+
+[tasks.trec]
+lead = "replayed"
+{extra_config}"#
+        );
+        std::fs::write(dir.path().join("understudy.toml"), config).expect("config");
+        std::fs::write(dir.path().join("recorded.jsonl"), "").expect("replay file");
+        Workdir { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_understudy"));
+        command
+            .current_dir(self.dir.path())
+            .env_remove("UNDERSTUDY_CONFIG")
+            .env("CLI_TEST_KEY", SECRET);
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().expect("run understudy")
+    }
+
+    fn run_ok(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        assert!(
+            output.status.success(),
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("utf-8")
+    }
+}
+
+fn lines_file(path: &Path, lines: &[Value]) {
+    let text: String = lines.iter().map(|line| format!("{line}\n")).collect();
+    std::fs::write(path, text).expect("write jsonl");
+}
+
+fn example(question: &str, label: &str, created_at: &str) -> Value {
+    json!({
+        "messages": [
+            {"role": "system", "content": "Answer with one label."},
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": label},
+        ],
+        "model": "gpt-4o-mini",
+        "created_at": created_at,
+        "usage": {"prompt_tokens": 20, "completion_tokens": 2, "total_tokens": 22},
+    })
+}
+
+#[test]
+fn init_writes_a_config_that_loads_and_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let binary = env!("CARGO_BIN_EXE_understudy");
+    let init = Command::new(binary)
+        .arg("init")
+        .current_dir(dir.path())
+        .env_remove("UNDERSTUDY_CONFIG")
+        .output()
+        .expect("init");
+    assert!(init.status.success());
+    let costs = Command::new(binary)
+        .args(["report", "costs", "--json"])
+        .current_dir(dir.path())
+        .env_remove("UNDERSTUDY_CONFIG")
+        .output()
+        .expect("report");
+    assert!(
+        costs.status.success(),
+        "{}",
+        String::from_utf8_lossy(&costs.stderr)
+    );
+    let again = Command::new(binary)
+        .arg("init")
+        .current_dir(dir.path())
+        .env_remove("UNDERSTUDY_CONFIG")
+        .output()
+        .expect("init");
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists already"));
+}
+
+#[test]
+fn a_config_error_names_the_key_and_line_and_exits_non_zero() {
+    let workdir = Workdir::new("[tasks.broken]\nlead = \"nope\"\n");
+    let output = workdir.run(&["calls", "list"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("understudy.toml:32: `tasks.broken.lead`: no model named `nope`"),
+        "{stderr}"
+    );
+    // UNDERSTUDY_CONFIG is honoured.
+    let output = workdir
+        .command()
+        .env("UNDERSTUDY_CONFIG", "missing.toml")
+        .args(["calls", "list"])
+        .output()
+        .expect("run");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no config file at missing.toml"));
+}
+
+#[test]
+fn import_then_export_round_trips_losslessly() {
+    let workdir = Workdir::new("");
+    let lines = vec![
+        example("Who wrote Hamlet?", "HUM", "2026-10-01T09:00:00.250Z"),
+        example("How far is the Moon?", "NUM", "2026-10-02T09:00:00Z"),
+        example("What is a quark?", "DESC", "2026-10-03T09:00:00Z"),
+    ];
+    lines_file(&workdir.path("in.jsonl"), &lines);
+    let stdout = workdir.run_ok(&["import", "--task", "trec", "in.jsonl"]);
+    assert!(stdout.contains("imported 3 calls"), "{stdout}");
+    let exported = workdir.run_ok(&["calls", "export", "--task", "trec"]);
+    let expected: String = lines.iter().map(|line| format!("{line}\n")).collect();
+    assert_eq!(exported, expected);
+
+    // And once more through a second store: the export is itself importable.
+    std::fs::write(workdir.path("again.jsonl"), &exported).expect("write");
+    std::fs::remove_file(workdir.path("calls.db")).expect("fresh store");
+    workdir.run_ok(&["import", "--task", "trec", "again.jsonl"]);
+    assert_eq!(
+        workdir.run_ok(&["calls", "export", "--task", "trec"]),
+        expected
+    );
+
+    // Filters: time range and model.
+    let window = workdir.run_ok(&[
+        "calls",
+        "export",
+        "--since",
+        "2026-10-02",
+        "--until",
+        "2026-10-03",
+    ]);
+    assert_eq!(window, format!("{}\n", lines[1]));
+    let costs: Value =
+        serde_json::from_str(&workdir.run_ok(&["report", "costs", "--json", "--task", "trec"]))
+            .expect("json");
+    let rows = costs.as_array().expect("rows");
+    assert_eq!(rows.len(), 3, "one row per day");
+    let total: f64 = rows
+        .iter()
+        .map(|row| row["cost"].as_f64().unwrap_or(0.0))
+        .sum();
+    assert!(
+        (total - 3.0 * (20.0 * 0.15 + 2.0 * 0.60) / 1e6).abs() < 1e-15,
+        "{costs}"
+    );
+}
+
+#[test]
+fn import_lists_bad_lines_and_strict_imports_nothing() {
+    let workdir = Workdir::new("");
+    let good = example("Who wrote Hamlet?", "HUM", "2026-10-01T09:00:00Z").to_string();
+    let text = format!(
+        "{good}\n{{broken json\n{}\n\n{}\n",
+        json!({"messages": [{"role": "user", "content": "no answer"}]}),
+        example("How far is the Moon?", "NUM", "2026-10-02T09:00:00Z"),
+    );
+    std::fs::write(workdir.path("mixed.jsonl"), text).expect("write");
+
+    let strict = workdir.run(&["import", "--strict", "--task", "trec", "mixed.jsonl"]);
+    assert!(!strict.status.success());
+    let stderr = String::from_utf8_lossy(&strict.stderr);
+    assert!(stderr.contains("mixed.jsonl:2: not valid JSON"), "{stderr}");
+    assert!(
+        stderr.contains("mixed.jsonl:3: the last message must be the assistant's answer"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("nothing was imported"), "{stderr}");
+    assert_eq!(workdir.run_ok(&["calls", "export"]), "");
+
+    let lenient = workdir.run(&["import", "--task", "trec", "mixed.jsonl"]);
+    assert!(!lenient.status.success(), "bad lines make a non-zero exit");
+    assert!(String::from_utf8_lossy(&lenient.stdout).contains("imported 2 calls"));
+    assert_eq!(workdir.run_ok(&["calls", "export"]).lines().count(), 2);
+}
+
+#[test]
+fn import_without_a_model_uses_the_task_lead_and_counts_tokens() {
+    let workdir = Workdir::new("");
+    let line = json!({"messages": [{"role": "user", "content": "Hello, world!"}, {"role": "assistant", "content": "Hi"}]});
+    lines_file(&workdir.path("plain.jsonl"), &[line]);
+    workdir.run_ok(&["import", "--task", "triage", "plain.jsonl"]);
+    let listed = workdir.run_ok(&["calls", "list", "--json"]);
+    let call: Value = serde_json::from_str(listed.trim()).expect("json line");
+    assert_eq!(call["model"], "gpt-4o-mini");
+    assert_eq!(call["usage_source"], "counted");
+    assert_eq!(call["prompt_tokens"], 11);
+    let shown: Value = serde_json::from_str(&workdir.run_ok(&[
+        "calls",
+        "show",
+        call["id"].as_str().expect("id"),
+        "--json",
+    ]))
+    .expect("json");
+    assert_eq!(shown["response"]["choices"][0]["message"]["content"], "Hi");
+
+    let unknown = workdir.run(&["import", "--task", "unconfigured", "plain.jsonl"]);
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("names no model"));
+    let missing = workdir.run(&["calls", "show", "00000000-dead"]);
+    assert!(!missing.status.success());
+}
+
+/// Starts `understudy serve` on an ephemeral port; returns the child and its base URL.
+fn serve(workdir: &Workdir) -> (std::process::Child, String, std::thread::JoinHandle<String>) {
+    let mut child = workdir
+        .command()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("UNDERSTUDY_LOG", "debug")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut reader = BufReader::new(stderr);
+    let mut first_lines = String::new();
+    let base_url = loop {
+        let mut line = String::new();
+        assert!(
+            reader.read_line(&mut line).expect("read") > 0,
+            "serve exited early: {first_lines}"
+        );
+        first_lines.push_str(&line);
+        if let Some(url) = line.trim().strip_prefix("understudy gateway listening on ") {
+            break url.to_string();
+        }
+    };
+    let rest = std::thread::spawn(move || {
+        let mut text = first_lines;
+        for line in reader.lines().map_while(Result::ok) {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+    (child, base_url, rest)
+}
+
+#[test]
+fn sigterm_flushes_every_queued_record_and_the_key_stays_out_of_logs() {
+    let workdir = Workdir::new("");
+    let recorded: Vec<Value> = (0..50)
+        .map(|idx| example(&format!("Question {idx}?"), "NUM", "2026-10-01T00:00:00Z"))
+        .collect();
+    lines_file(&workdir.path("recorded.jsonl"), &recorded);
+    let (child, base_url, stderr) = serve(&workdir);
+
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let statuses = runtime.block_on(async {
+        let client = reqwest::Client::new();
+        let mut requests = Vec::new();
+        for idx in 0..200 {
+            let client = client.clone();
+            let url = format!("{base_url}/chat/completions");
+            let model = if idx % 10 == 0 {
+                "task:triage"
+            } else {
+                "task:trec"
+            };
+            let body = json!({"model": model, "messages": [
+                {"role": "system", "content": "Answer with one label."},
+                {"role": "user", "content": format!("Question {}?", idx % 50)},
+            ]});
+            requests.push(tokio::spawn(async move {
+                client
+                    .post(url)
+                    .json(&body)
+                    .send()
+                    .await
+                    .map(|response| response.status().as_u16())
+                    .unwrap_or(0)
+            }));
+        }
+        let mut statuses = Vec::new();
+        for request in requests {
+            statuses.push(request.await.unwrap_or(0));
+        }
+        statuses
+    });
+    assert_eq!(
+        statuses.iter().filter(|status| **status == 200).count(),
+        180
+    );
+    assert_eq!(
+        statuses.iter().filter(|status| **status == 502).count(),
+        20,
+        "the dead lead answers 502"
+    );
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let mut child = child;
+    let exit = child.wait().expect("wait");
+    assert!(exit.success(), "serve exits cleanly on SIGTERM");
+    let log = stderr.join().expect("stderr thread");
+    assert!(log.contains("records of this run are written"), "{log}");
+    assert!(!log.contains(SECRET), "the API key leaked into the log");
+
+    let listed = workdir.run_ok(&["calls", "list", "--json", "--limit", "1000"]);
+    assert_eq!(
+        listed.lines().count(),
+        200,
+        "every call was recorded before exit"
+    );
+    let errors = workdir.run_ok(&[
+        "calls", "list", "--json", "--status", "error", "--limit", "1000",
+    ]);
+    assert_eq!(errors.lines().count(), 20);
+    let db = std::fs::read(workdir.path("calls.db")).expect("db");
+    assert!(!db
+        .windows(SECRET.len())
+        .any(|window| window == SECRET.as_bytes()));
+}
