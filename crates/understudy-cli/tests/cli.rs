@@ -371,3 +371,68 @@ fn sigterm_flushes_every_queued_record_and_the_key_stays_out_of_logs() {
         .windows(SECRET.len())
         .any(|window| window == SECRET.as_bytes()));
 }
+
+#[test]
+fn the_official_openai_python_client_works() {
+    // Gated: scripts/test.sh installs the `openai` package and sets this.
+    let Some(python) = std::env::var_os("UNDERSTUDY_PYTHON") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must set UNDERSTUDY_PYTHON (scripts/test.sh does)"
+        );
+        eprintln!("skipped: set UNDERSTUDY_PYTHON to a Python with the openai package");
+        return;
+    };
+    let workdir = Workdir::new("");
+    lines_file(
+        &workdir.path("recorded.jsonl"),
+        &[example("Question 1?", "NUM", "2026-10-01T00:00:00Z")],
+    );
+    let (child, base_url, stderr) = serve(&workdir);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_compat.py");
+    let output = Command::new(python)
+        .arg(script)
+        .arg(&base_url)
+        .output()
+        .expect("run python");
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let mut child = child;
+    child.wait().expect("wait");
+    let _ = stderr.join();
+    assert!(
+        output.status.success(),
+        "openai client failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout).lines().count(), 4);
+
+    let listed = workdir.run_ok(&["calls", "list", "--json"]);
+    let calls: Vec<Value> = listed
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("json"))
+        .collect();
+    let summary: Vec<(String, u64, bool, u64)> = calls
+        .iter()
+        .rev()
+        .map(|call| {
+            (
+                call["model"].as_str().unwrap_or("").to_string(),
+                call["status"].as_u64().unwrap_or(0),
+                call["stream"].as_bool().unwrap_or(false),
+                call["prompt_tokens"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("replayed".to_string(), 200, false, 20),
+            ("replayed".to_string(), 200, true, 20),
+            ("task:missing".to_string(), 404, false, 0),
+            ("replayed".to_string(), 400, false, 0),
+        ]
+    );
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need, then runs them all.
+#   - a PostgreSQL server on 127.0.0.1:5432 (scripts/ensure-postgres.sh)
+#   - the official `openai` Python package in a venv, for the client
+#     compatibility test (UNDERSTUDY_PYTHON points at its interpreter)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cache="${UNDERSTUDY_CACHE:-$HOME/.cache/understudy}"
+mkdir -p "$cache"
+
+bash scripts/ensure-postgres.sh
+
+venv="$cache/venv"
+if ! "$venv/bin/python" -c 'import openai' >/dev/null 2>&1; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'openai>=1.40,<4'
+fi
+export UNDERSTUDY_PYTHON="$venv/bin/python"
+export UNDERSTUDY_TEST_POSTGRES_URL="${UNDERSTUDY_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}"
+export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-$(nproc)}"
+
+cargo test --workspace --locked "$@"
