@@ -17,11 +17,7 @@ pub async fn run(config_path: &Path, command: CallsCommand) -> anyhow::Result<()
     let store = open_store(&config).await?;
     let mut stdout = std::io::stdout().lock();
     match command {
-        CallsCommand::List {
-            filter,
-            limit,
-            json,
-        } => {
+        CallsCommand::List { filter, limit, json } => {
             let mut filter = call_filter(&filter)?;
             filter.limit = Some(limit);
             filter.order = CallOrder::NewestFirst;
@@ -47,17 +43,7 @@ pub async fn run(config_path: &Path, command: CallsCommand) -> anyhow::Result<()
                         ]
                     })
                     .collect();
-                let header = [
-                    "id",
-                    "created (UTC)",
-                    "task",
-                    "model",
-                    "status",
-                    "in",
-                    "out",
-                    "ms",
-                    "cost",
-                ];
+                let header = ["id", "created (UTC)", "task", "model", "status", "in", "out", "ms", "cost"];
                 write!(stdout, "{}", table(&header, &rows))?;
             }
         }
@@ -92,8 +78,7 @@ pub async fn run(config_path: &Path, command: CallsCommand) -> anyhow::Result<()
             }
             match output {
                 Some(path) => {
-                    std::fs::write(&path, lines)
-                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    std::fs::write(&path, lines).with_context(|| format!("cannot write {}", path.display()))?;
                     eprintln!("exported {n_exported} calls to {}", path.display());
                 }
                 None => stdout.write_all(lines.as_bytes())?,
@@ -105,9 +90,7 @@ pub async fn run(config_path: &Path, command: CallsCommand) -> anyhow::Result<()
 }
 
 fn call_json(call: &CallRecord, with_bodies: bool) -> Value {
-    let parse = |text: &str| {
-        serde_json::from_str::<Value>(text).unwrap_or_else(|_| Value::String(text.to_string()))
-    };
+    let parse = |text: &str| serde_json::from_str::<Value>(text).unwrap_or_else(|_| Value::String(text.to_string()));
     let mut value = json!({
         "id": call.id.to_string(),
         "created_at": rfc3339(call.created_at),

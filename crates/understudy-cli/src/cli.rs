@@ -36,6 +36,30 @@ pub enum Command {
     /// Reports over recorded calls.
     #[command(subcommand)]
     Report(ReportCommand),
+    /// The demo: real traffic from the TREC question set through a replay lead.
+    Quickstart(QuickstartCommand),
+}
+
+#[derive(Args)]
+pub struct QuickstartCommand {
+    /// Where the demo keeps its config, store and data.
+    #[arg(long, default_value = "understudy-quickstart")]
+    pub dir: PathBuf,
+    /// Where the TREC file is kept (default: DIR/data).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// The replay lead's price per 1M input tokens, standing in for a cloud model.
+    #[arg(long, default_value_t = 2.50)]
+    pub lead_input_price: f64,
+    /// The replay lead's price per 1M output tokens.
+    #[arg(long, default_value_t = 10.00)]
+    pub lead_output_price: f64,
+    /// The share of questions, oldest first, sent as traffic.
+    #[arg(long, default_value_t = 0.8)]
+    pub traffic_share: f64,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
 }
 
 #[derive(Args)]

@@ -14,8 +14,7 @@ use crate::output::{load_config, open_store};
 
 pub async fn run(config_path: &Path, command: ImportCommand) -> anyhow::Result<ExitCode> {
     let config = load_config(config_path)?;
-    let file = std::fs::File::open(&command.file)
-        .with_context(|| format!("cannot open {}", command.file.display()))?;
+    let file = std::fs::File::open(&command.file).with_context(|| format!("cannot open {}", command.file.display()))?;
     let read = read_examples(std::io::BufReader::new(file))
         .with_context(|| format!("cannot read {}", command.file.display()))?;
     let file_label = command.file.display().to_string();
@@ -23,17 +22,11 @@ pub async fn run(config_path: &Path, command: ImportCommand) -> anyhow::Result<E
         eprintln!("{file_label}:{line_no}: {error}");
     }
     if command.strict && !read.bad_lines.is_empty() {
-        anyhow::bail!(
-            "{} malformed lines in {file_label}; nothing was imported (--strict)",
-            read.bad_lines.len()
-        );
+        anyhow::bail!("{} malformed lines in {file_label}; nothing was imported (--strict)", read.bad_lines.len());
     }
     let default_model = match &command.model {
         Some(model) => Some(model.clone()),
-        None => config
-            .tasks
-            .get(&command.task)
-            .map(|task| task.lead.clone()),
+        None => config.tasks.get(&command.task).map(|task| task.lead.clone()),
     };
     // Lines without a time keep their order: each is one millisecond after the last.
     let import_started = OffsetDateTime::now_utc();
@@ -50,16 +43,13 @@ pub async fn run(config_path: &Path, command: ImportCommand) -> anyhow::Result<E
             None => (
                 Usage {
                     prompt_tokens: tokens::count_messages(&example.prompt),
-                    completion_tokens: tokens::count_answer(&serde_json::Value::Object(
-                        example.answer.clone(),
-                    )),
+                    completion_tokens: tokens::count_answer(&serde_json::Value::Object(example.answer.clone())),
                 },
                 UsageSource::Counted,
             ),
         };
-        let created_at = example
-            .created_at
-            .unwrap_or_else(|| import_started + time::Duration::milliseconds(example_idx as i64));
+        let created_at =
+            example.created_at.unwrap_or_else(|| import_started + time::Duration::milliseconds(example_idx as i64));
         calls.push(example.to_call(ImportContext {
             task: Some(command.task.clone()),
             cost: cost_of(&config, &model, usage),
@@ -71,23 +61,13 @@ pub async fn run(config_path: &Path, command: ImportCommand) -> anyhow::Result<E
     }
     let store = open_store(&config).await?;
     // One transaction: a failure part-way leaves nothing half-imported.
-    store
-        .insert_calls(&calls)
-        .await
-        .context("import failed; nothing was imported")?;
+    store.insert_calls(&calls).await.context("import failed; nothing was imported")?;
     store.close().await;
-    println!(
-        "imported {} calls into task `{}` from {file_label}",
-        calls.len(),
-        command.task
-    );
+    println!("imported {} calls into task `{}` from {file_label}", calls.len(), command.task);
     if read.bad_lines.is_empty() {
         Ok(ExitCode::SUCCESS)
     } else {
-        eprintln!(
-            "skipped {} malformed lines (listed above); the good lines were imported",
-            read.bad_lines.len()
-        );
+        eprintln!("skipped {} malformed lines (listed above); the good lines were imported", read.bad_lines.len());
         Ok(ExitCode::FAILURE)
     }
 }

@@ -6,10 +6,7 @@ use crate::cli::InitCommand;
 
 pub fn run(config_path: &Path, command: InitCommand) -> anyhow::Result<()> {
     if config_path.exists() && !command.force {
-        anyhow::bail!(
-            "{} exists already (pass --force to overwrite it)",
-            config_path.display()
-        );
+        anyhow::bail!("{} exists already (pass --force to overwrite it)", config_path.display());
     }
     std::fs::write(config_path, understudy_config::TEMPLATE)
         .map_err(|error| anyhow::anyhow!("cannot write {}: {error}", config_path.display()))?;

@@ -3,9 +3,11 @@
 
 mod calls;
 mod cli;
+mod fetch;
 mod import;
 mod init;
 mod output;
+mod quickstart;
 mod report;
 mod serve;
 
@@ -29,35 +31,23 @@ fn main() -> ExitCode {
 }
 
 fn run(args: cli::Cli) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let config_path = args.config;
     match args.command {
         cli::Command::Init(command) => init::run(&config_path, command).map(|()| ExitCode::SUCCESS),
-        cli::Command::Serve(command) => runtime
-            .block_on(serve::run(&config_path, command))
-            .map(|()| ExitCode::SUCCESS),
+        cli::Command::Serve(command) => runtime.block_on(serve::run(&config_path, command)).map(|()| ExitCode::SUCCESS),
         cli::Command::Import(command) => runtime.block_on(import::run(&config_path, command)),
-        cli::Command::Calls(command) => runtime
-            .block_on(calls::run(&config_path, command))
-            .map(|()| ExitCode::SUCCESS),
-        cli::Command::Report(command) => runtime
-            .block_on(report::run(&config_path, command))
-            .map(|()| ExitCode::SUCCESS),
+        cli::Command::Calls(command) => runtime.block_on(calls::run(&config_path, command)).map(|()| ExitCode::SUCCESS),
+        cli::Command::Report(command) => {
+            runtime.block_on(report::run(&config_path, command)).map(|()| ExitCode::SUCCESS)
+        }
+        cli::Command::Quickstart(command) => runtime.block_on(quickstart::run(command)).map(|()| ExitCode::SUCCESS),
     }
 }
 
 fn init_tracing(verbose: bool) {
-    let default = if verbose {
-        "info,understudy=debug"
-    } else {
-        "warn"
-    };
+    let default = if verbose { "info,understudy=debug" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("UNDERSTUDY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }

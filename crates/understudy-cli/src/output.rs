@@ -13,10 +13,7 @@ use crate::cli::FilterArgs;
 
 pub fn load_config(path: &Path) -> anyhow::Result<Config> {
     if !path.exists() {
-        anyhow::bail!(
-            "no config file at {} (run `understudy init` to write one, or pass --config)",
-            path.display()
-        );
+        anyhow::bail!("no config file at {} (run `understudy init` to write one, or pass --config)", path.display());
     }
     Ok(Config::load(path)?)
 }
@@ -39,38 +36,26 @@ pub fn call_filter(args: &FilterArgs) -> anyhow::Result<CallFilter> {
         None => None,
         Some("ok") => Some(StatusFilter::Ok),
         Some("error") => Some(StatusFilter::Error),
-        Some(code) => Some(StatusFilter::Code(code.parse().with_context(|| {
-            format!("--status `{code}` is not ok, error or an HTTP status code")
-        })?)),
+        Some(code) => Some(StatusFilter::Code(
+            code.parse().with_context(|| format!("--status `{code}` is not ok, error or an HTTP status code"))?,
+        )),
     };
     Ok(CallFilter {
         task: args.task.clone(),
         model: args.model.clone(),
-        since: args
-            .since
-            .as_deref()
-            .map(|text| parse_time(text, "since"))
-            .transpose()?,
-        until: args
-            .until
-            .as_deref()
-            .map(|text| parse_time(text, "until"))
-            .transpose()?,
+        since: args.since.as_deref().map(|text| parse_time(text, "since")).transpose()?,
+        until: args.until.as_deref().map(|text| parse_time(text, "until")).transpose()?,
         status,
         ..CallFilter::default()
     })
 }
 
 pub fn format_time(at: OffsetDateTime) -> String {
-    at.format(format_description!(
-        "[year]-[month]-[day] [hour]:[minute]:[second]"
-    ))
-    .unwrap_or_default()
+    at.format(format_description!("[year]-[month]-[day] [hour]:[minute]:[second]")).unwrap_or_default()
 }
 
 pub fn format_day(at: OffsetDateTime) -> String {
-    at.format(format_description!("[year]-[month]-[day]"))
-        .unwrap_or_default()
+    at.format(format_description!("[year]-[month]-[day]")).unwrap_or_default()
 }
 
 /// Renders rows as a plain-text table with aligned columns; numbers align right.
@@ -87,10 +72,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
             .enumerate()
             .map(|(column_idx, cell)| {
                 let width = widths[column_idx];
-                let is_number = cell
-                    .chars()
-                    .next()
-                    .is_some_and(|first| first.is_ascii_digit() || first == '$');
+                let is_number = cell.chars().next().is_some_and(|first| first.is_ascii_digit() || first == '$');
                 if is_number {
                     format!("{cell:>width$}")
                 } else {
@@ -109,8 +91,6 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 
 pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
-        cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        cause.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
 }

@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::Path;
 
 use serde_json::json;
+use understudy_store::{CallFilter, Store};
 use understudy_types::Money;
 
 use crate::cli::ReportCommand;
@@ -13,7 +14,12 @@ pub async fn run(config_path: &Path, command: ReportCommand) -> anyhow::Result<(
     let config = load_config(config_path)?;
     let store = open_store(&config).await?;
     let ReportCommand::Costs { filter, json } = command;
-    let rows = store.cost_report(&call_filter(&filter)?).await?;
+    print_costs(&store, &call_filter(&filter)?, json).await
+}
+
+/// Prints the cost report for `filter`, as a table or as JSON.
+pub async fn print_costs(store: &Store, filter: &CallFilter, json: bool) -> anyhow::Result<()> {
+    let rows = store.cost_report(filter).await?;
     let mut stdout = std::io::stdout().lock();
     if json {
         let rows: Vec<_> = rows
@@ -56,26 +62,11 @@ pub async fn run(config_path: &Path, command: ReportCommand) -> anyhow::Result<(
         String::new(),
         rows.iter().map(|row| row.n_calls).sum::<u64>().to_string(),
         rows.iter().map(|row| row.n_errors).sum::<u64>().to_string(),
-        rows.iter()
-            .map(|row| row.usage.prompt_tokens)
-            .sum::<u64>()
-            .to_string(),
-        rows.iter()
-            .map(|row| row.usage.completion_tokens)
-            .sum::<u64>()
-            .to_string(),
+        rows.iter().map(|row| row.usage.prompt_tokens).sum::<u64>().to_string(),
+        rows.iter().map(|row| row.usage.completion_tokens).sum::<u64>().to_string(),
         format!("${:.4}", total_cost.dollars()),
     ]);
-    let header = [
-        "day (UTC)",
-        "task",
-        "model",
-        "calls",
-        "errors",
-        "prompt tok",
-        "completion tok",
-        "cost",
-    ];
+    let header = ["day (UTC)", "task", "model", "calls", "errors", "prompt tok", "completion tok", "cost"];
     write!(stdout, "{}", table(&header, &table_rows))?;
     Ok(())
 }

@@ -1,46 +1,71 @@
 //! `understudy serve`: the gateway until SIGTERM or Ctrl-C, then a flush.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use anyhow::Context;
+use tokio::sync::oneshot;
+use understudy_config::Config;
 use understudy_gateway::AppState;
-use understudy_store::{Recorder, RecorderConfig};
+use understudy_store::{Recorder, RecorderConfig, RecorderHandle, RecorderStats, Store};
 
 use crate::cli::ServeCommand;
 use crate::output::{load_config, open_store};
 
 pub async fn run(config_path: &Path, command: ServeCommand) -> anyhow::Result<()> {
     let config = load_config(config_path)?;
-    let store = open_store(&config).await?;
-    let (recorder, recorder_handle) = Recorder::start(
-        store.clone(),
-        RecorderConfig {
-            queue_capacity: config.store.queue_capacity,
-            batch_size: config.store.batch_size,
-        },
-    );
     let listen = command.listen.unwrap_or(config.server.listen);
-    let state = AppState::new(config, recorder.clone())?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    let local_addr = listener.local_addr()?;
-    eprintln!("understudy gateway listening on http://{local_addr}/v1");
-    understudy_gateway::serve(listener, state, shutdown_signal()).await?;
+    let gateway = RunningGateway::start(config, listen).await?;
+    eprintln!("understudy gateway listening on http://{}/v1", gateway.addr);
+    shutdown_signal().await;
+    eprintln!("signal received: finishing requests in flight");
+    gateway.stop().await
+}
 
-    let stats = recorder.stats();
-    drop(recorder);
-    let queued = stats.queued.load(Ordering::Relaxed);
-    let pending = queued.saturating_sub(stats.written.load(Ordering::Relaxed));
-    eprintln!("shutting down: writing {pending} queued records");
-    recorder_handle.shutdown().await;
-    store.close().await;
-    eprintln!(
-        "done: {} of {queued} records of this run are written",
-        stats.written.load(Ordering::Relaxed)
-    );
-    Ok(())
+/// A gateway serving in this process, with its store and recorder.
+pub struct RunningGateway {
+    pub addr: SocketAddr,
+    pub store: Store,
+    stop: oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    recorder_handle: RecorderHandle,
+    stats: std::sync::Arc<RecorderStats>,
+}
+
+impl RunningGateway {
+    pub async fn start(config: Config, listen: SocketAddr) -> anyhow::Result<RunningGateway> {
+        let store = open_store(&config).await?;
+        let (recorder, recorder_handle) = Recorder::start(
+            store.clone(),
+            RecorderConfig { queue_capacity: config.store.queue_capacity, batch_size: config.store.batch_size },
+        );
+        let stats = recorder.stats();
+        let state = AppState::new(config, recorder)?;
+        let listener =
+            tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(understudy_gateway::serve(listener, state, async move {
+            let _ = stopped.await;
+        }));
+        Ok(RunningGateway { addr, store, stop, server, recorder_handle, stats })
+    }
+
+    /// Stops accepting, lets requests in flight finish, then writes every
+    /// queued record before returning.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.server.await.context("gateway task failed")??;
+        let queued = self.stats.queued.load(Ordering::Relaxed);
+        let pending = queued.saturating_sub(self.stats.written.load(Ordering::Relaxed));
+        eprintln!("shutting down: writing {pending} queued records");
+        self.recorder_handle.shutdown().await;
+        self.store.close().await;
+        let written = self.stats.written.load(Ordering::Relaxed);
+        eprintln!("done: {written} of {queued} records of this run are written");
+        Ok(())
+    }
 }
 
 async fn shutdown_signal() {
@@ -65,5 +90,4 @@ async fn shutdown_signal() {
         () = ctrl_c => {}
         () = terminate => {}
     }
-    eprintln!("signal received: finishing requests in flight");
 }

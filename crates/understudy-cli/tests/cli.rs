@@ -15,11 +15,7 @@ struct Workdir {
 impl Workdir {
     fn new(extra_config: &str) -> Workdir {
         let dir = tempfile::tempdir().expect("tempdir");
-        let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
+        let closed_port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
         let config = format!(
             r#"
 [store]
@@ -64,10 +60,7 @@ lead = "replayed"
 
     fn command(&self) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_understudy"));
-        command
-            .current_dir(self.dir.path())
-            .env_remove("UNDERSTUDY_CONFIG")
-            .env("CLI_TEST_KEY", SECRET);
+        command.current_dir(self.dir.path()).env_remove("UNDERSTUDY_CONFIG").env("CLI_TEST_KEY", SECRET);
         command
     }
 
@@ -77,11 +70,7 @@ lead = "replayed"
 
     fn run_ok(&self, args: &[&str]) -> String {
         let output = self.run(args);
-        assert!(
-            output.status.success(),
-            "{args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        assert!(output.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
         String::from_utf8(output.stdout).expect("utf-8")
     }
 }
@@ -121,11 +110,7 @@ fn init_writes_a_config_that_loads_and_refuses_to_overwrite() {
         .env_remove("UNDERSTUDY_CONFIG")
         .output()
         .expect("report");
-    assert!(
-        costs.status.success(),
-        "{}",
-        String::from_utf8_lossy(&costs.stderr)
-    );
+    assert!(costs.status.success(), "{}", String::from_utf8_lossy(&costs.stderr));
     let again = Command::new(binary)
         .arg("init")
         .current_dir(dir.path())
@@ -142,17 +127,10 @@ fn a_config_error_names_the_key_and_line_and_exits_non_zero() {
     let output = workdir.run(&["calls", "list"]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("understudy.toml:32: `tasks.broken.lead`: no model named `nope`"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("understudy.toml:32: `tasks.broken.lead`: no model named `nope`"), "{stderr}");
     // UNDERSTUDY_CONFIG is honoured.
-    let output = workdir
-        .command()
-        .env("UNDERSTUDY_CONFIG", "missing.toml")
-        .args(["calls", "list"])
-        .output()
-        .expect("run");
+    let output =
+        workdir.command().env("UNDERSTUDY_CONFIG", "missing.toml").args(["calls", "list"]).output().expect("run");
     assert!(String::from_utf8_lossy(&output.stderr).contains("no config file at missing.toml"));
 }
 
@@ -175,34 +153,17 @@ fn import_then_export_round_trips_losslessly() {
     std::fs::write(workdir.path("again.jsonl"), &exported).expect("write");
     std::fs::remove_file(workdir.path("calls.db")).expect("fresh store");
     workdir.run_ok(&["import", "--task", "trec", "again.jsonl"]);
-    assert_eq!(
-        workdir.run_ok(&["calls", "export", "--task", "trec"]),
-        expected
-    );
+    assert_eq!(workdir.run_ok(&["calls", "export", "--task", "trec"]), expected);
 
     // Filters: time range and model.
-    let window = workdir.run_ok(&[
-        "calls",
-        "export",
-        "--since",
-        "2026-10-02",
-        "--until",
-        "2026-10-03",
-    ]);
+    let window = workdir.run_ok(&["calls", "export", "--since", "2026-10-02", "--until", "2026-10-03"]);
     assert_eq!(window, format!("{}\n", lines[1]));
     let costs: Value =
-        serde_json::from_str(&workdir.run_ok(&["report", "costs", "--json", "--task", "trec"]))
-            .expect("json");
+        serde_json::from_str(&workdir.run_ok(&["report", "costs", "--json", "--task", "trec"])).expect("json");
     let rows = costs.as_array().expect("rows");
     assert_eq!(rows.len(), 3, "one row per day");
-    let total: f64 = rows
-        .iter()
-        .map(|row| row["cost"].as_f64().unwrap_or(0.0))
-        .sum();
-    assert!(
-        (total - 3.0 * (20.0 * 0.15 + 2.0 * 0.60) / 1e6).abs() < 1e-15,
-        "{costs}"
-    );
+    let total: f64 = rows.iter().map(|row| row["cost"].as_f64().unwrap_or(0.0)).sum();
+    assert!((total - 3.0 * (20.0 * 0.15 + 2.0 * 0.60) / 1e6).abs() < 1e-15, "{costs}");
 }
 
 #[test]
@@ -220,10 +181,7 @@ fn import_lists_bad_lines_and_strict_imports_nothing() {
     assert!(!strict.status.success());
     let stderr = String::from_utf8_lossy(&strict.stderr);
     assert!(stderr.contains("mixed.jsonl:2: not valid JSON"), "{stderr}");
-    assert!(
-        stderr.contains("mixed.jsonl:3: the last message must be the assistant's answer"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("mixed.jsonl:3: the last message must be the assistant's answer"), "{stderr}");
     assert!(stderr.contains("nothing was imported"), "{stderr}");
     assert_eq!(workdir.run_ok(&["calls", "export"]), "");
 
@@ -236,7 +194,8 @@ fn import_lists_bad_lines_and_strict_imports_nothing() {
 #[test]
 fn import_without_a_model_uses_the_task_lead_and_counts_tokens() {
     let workdir = Workdir::new("");
-    let line = json!({"messages": [{"role": "user", "content": "Hello, world!"}, {"role": "assistant", "content": "Hi"}]});
+    let line =
+        json!({"messages": [{"role": "user", "content": "Hello, world!"}, {"role": "assistant", "content": "Hi"}]});
     lines_file(&workdir.path("plain.jsonl"), &[line]);
     workdir.run_ok(&["import", "--task", "triage", "plain.jsonl"]);
     let listed = workdir.run_ok(&["calls", "list", "--json"]);
@@ -244,13 +203,9 @@ fn import_without_a_model_uses_the_task_lead_and_counts_tokens() {
     assert_eq!(call["model"], "gpt-4o-mini");
     assert_eq!(call["usage_source"], "counted");
     assert_eq!(call["prompt_tokens"], 11);
-    let shown: Value = serde_json::from_str(&workdir.run_ok(&[
-        "calls",
-        "show",
-        call["id"].as_str().expect("id"),
-        "--json",
-    ]))
-    .expect("json");
+    let shown: Value =
+        serde_json::from_str(&workdir.run_ok(&["calls", "show", call["id"].as_str().expect("id"), "--json"]))
+            .expect("json");
     assert_eq!(shown["response"]["choices"][0]["message"]["content"], "Hi");
 
     let unknown = workdir.run(&["import", "--task", "unconfigured", "plain.jsonl"]);
@@ -273,10 +228,7 @@ fn serve(workdir: &Workdir) -> (std::process::Child, String, std::thread::JoinHa
     let mut first_lines = String::new();
     let base_url = loop {
         let mut line = String::new();
-        assert!(
-            reader.read_line(&mut line).expect("read") > 0,
-            "serve exited early: {first_lines}"
-        );
+        assert!(reader.read_line(&mut line).expect("read") > 0, "serve exited early: {first_lines}");
         first_lines.push_str(&line);
         if let Some(url) = line.trim().strip_prefix("understudy gateway listening on ") {
             break url.to_string();
@@ -296,9 +248,8 @@ fn serve(workdir: &Workdir) -> (std::process::Child, String, std::thread::JoinHa
 #[test]
 fn sigterm_flushes_every_queued_record_and_the_key_stays_out_of_logs() {
     let workdir = Workdir::new("");
-    let recorded: Vec<Value> = (0..50)
-        .map(|idx| example(&format!("Question {idx}?"), "NUM", "2026-10-01T00:00:00Z"))
-        .collect();
+    let recorded: Vec<Value> =
+        (0..50).map(|idx| example(&format!("Question {idx}?"), "NUM", "2026-10-01T00:00:00Z")).collect();
     lines_file(&workdir.path("recorded.jsonl"), &recorded);
     let (child, base_url, stderr) = serve(&workdir);
 
@@ -309,23 +260,13 @@ fn sigterm_flushes_every_queued_record_and_the_key_stays_out_of_logs() {
         for idx in 0..200 {
             let client = client.clone();
             let url = format!("{base_url}/chat/completions");
-            let model = if idx % 10 == 0 {
-                "task:triage"
-            } else {
-                "task:trec"
-            };
+            let model = if idx % 10 == 0 { "task:triage" } else { "task:trec" };
             let body = json!({"model": model, "messages": [
                 {"role": "system", "content": "Answer with one label."},
                 {"role": "user", "content": format!("Question {}?", idx % 50)},
             ]});
             requests.push(tokio::spawn(async move {
-                client
-                    .post(url)
-                    .json(&body)
-                    .send()
-                    .await
-                    .map(|response| response.status().as_u16())
-                    .unwrap_or(0)
+                client.post(url).json(&body).send().await.map(|response| response.status().as_u16()).unwrap_or(0)
             }));
         }
         let mut statuses = Vec::new();
@@ -334,20 +275,10 @@ fn sigterm_flushes_every_queued_record_and_the_key_stays_out_of_logs() {
         }
         statuses
     });
-    assert_eq!(
-        statuses.iter().filter(|status| **status == 200).count(),
-        180
-    );
-    assert_eq!(
-        statuses.iter().filter(|status| **status == 502).count(),
-        20,
-        "the dead lead answers 502"
-    );
+    assert_eq!(statuses.iter().filter(|status| **status == 200).count(), 180);
+    assert_eq!(statuses.iter().filter(|status| **status == 502).count(), 20, "the dead lead answers 502");
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
     assert!(status.success());
     let mut child = child;
     let exit = child.wait().expect("wait");
@@ -357,47 +288,27 @@ fn sigterm_flushes_every_queued_record_and_the_key_stays_out_of_logs() {
     assert!(!log.contains(SECRET), "the API key leaked into the log");
 
     let listed = workdir.run_ok(&["calls", "list", "--json", "--limit", "1000"]);
-    assert_eq!(
-        listed.lines().count(),
-        200,
-        "every call was recorded before exit"
-    );
-    let errors = workdir.run_ok(&[
-        "calls", "list", "--json", "--status", "error", "--limit", "1000",
-    ]);
+    assert_eq!(listed.lines().count(), 200, "every call was recorded before exit");
+    let errors = workdir.run_ok(&["calls", "list", "--json", "--status", "error", "--limit", "1000"]);
     assert_eq!(errors.lines().count(), 20);
     let db = std::fs::read(workdir.path("calls.db")).expect("db");
-    assert!(!db
-        .windows(SECRET.len())
-        .any(|window| window == SECRET.as_bytes()));
+    assert!(!db.windows(SECRET.len()).any(|window| window == SECRET.as_bytes()));
 }
 
 #[test]
 fn the_official_openai_python_client_works() {
     // Gated: scripts/test.sh installs the `openai` package and sets this.
     let Some(python) = std::env::var_os("UNDERSTUDY_PYTHON") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must set UNDERSTUDY_PYTHON (scripts/test.sh does)"
-        );
+        assert!(std::env::var_os("CI").is_none(), "CI must set UNDERSTUDY_PYTHON (scripts/test.sh does)");
         eprintln!("skipped: set UNDERSTUDY_PYTHON to a Python with the openai package");
         return;
     };
     let workdir = Workdir::new("");
-    lines_file(
-        &workdir.path("recorded.jsonl"),
-        &[example("Question 1?", "NUM", "2026-10-01T00:00:00Z")],
-    );
+    lines_file(&workdir.path("recorded.jsonl"), &[example("Question 1?", "NUM", "2026-10-01T00:00:00Z")]);
     let (child, base_url, stderr) = serve(&workdir);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_compat.py");
-    let output = Command::new(python)
-        .arg(script)
-        .arg(&base_url)
-        .output()
-        .expect("run python");
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    let output = Command::new(python).arg(script).arg(&base_url).output().expect("run python");
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let mut child = child;
     child.wait().expect("wait");
     let _ = stderr.join();
@@ -410,10 +321,7 @@ fn the_official_openai_python_client_works() {
     assert_eq!(String::from_utf8_lossy(&output.stdout).lines().count(), 4);
 
     let listed = workdir.run_ok(&["calls", "list", "--json"]);
-    let calls: Vec<Value> = listed
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("json"))
-        .collect();
+    let calls: Vec<Value> = listed.lines().map(|line| serde_json::from_str(line).expect("json")).collect();
     let summary: Vec<(String, u64, bool, u64)> = calls
         .iter()
         .rev()

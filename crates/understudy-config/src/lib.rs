@@ -22,18 +22,11 @@ pub const DEFAULT_CONFIG_FILE: &str = "understudy.toml";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Parse { path: String, message: String },
     #[error("{location}: `{key}`: {message}")]
-    Invalid {
-        location: String,
-        key: String,
-        message: String,
-    },
+    Invalid { location: String, key: String, message: String },
 }
 
 /// A validated configuration. Paths in it are absolute.
@@ -117,10 +110,8 @@ pub struct TaskConfig {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         let base_dir = path
             .parent()
             .map(Path::to_path_buf)
@@ -136,12 +127,7 @@ impl Config {
             path: path_label.to_string(),
             message: describe_toml_error(text, &error),
         })?;
-        Validator {
-            text,
-            path_label,
-            base_dir,
-        }
-        .validate(raw)
+        Validator { text, path_label, base_dir }.validate(raw)
     }
 
     /// The model a `model` field names: a model key, or `task:NAME` for a task's lead.
@@ -149,18 +135,10 @@ impl Config {
         if let Some(task_name) = requested.strip_prefix("task:") {
             let (task_name, task) = self.tasks.get_key_value(task_name)?;
             let (model_name, model) = self.models.get_key_value(task.lead.as_str())?;
-            return Some(ResolvedModel {
-                task: Some(task_name),
-                model_name,
-                model,
-            });
+            return Some(ResolvedModel { task: Some(task_name), model_name, model });
         }
         let (model_name, model) = self.models.get_key_value(requested)?;
-        Some(ResolvedModel {
-            task: None,
-            model_name,
-            model,
-        })
+        Some(ResolvedModel { task: None, model_name, model })
     }
 }
 
@@ -266,10 +244,7 @@ struct RawServer {
 
 impl Default for RawServer {
     fn default() -> Self {
-        RawServer {
-            listen: default_listen(),
-            max_body_bytes: default_max_body_bytes(),
-        }
+        RawServer { listen: default_listen(), max_body_bytes: default_max_body_bytes() }
     }
 }
 
@@ -339,12 +314,7 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    fn invalid<T>(
-        &self,
-        key: String,
-        span_start: usize,
-        message: String,
-    ) -> Result<T, ConfigError> {
+    fn invalid<T>(&self, key: String, span_start: usize, message: String) -> Result<T, ConfigError> {
         let line = if span_start == 0 {
             find_key_line(self.text, &key)
         } else {
@@ -354,11 +324,7 @@ impl Validator<'_> {
             Some(line) => format!("{}:{line}", self.path_label),
             None => self.path_label.to_string(),
         };
-        Err(ConfigError::Invalid {
-            location,
-            key,
-            message,
-        })
+        Err(ConfigError::Invalid { location, key, message })
     }
 
     fn resolve_path(&self, path: &str) -> PathBuf {
@@ -372,36 +338,19 @@ impl Validator<'_> {
 
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let store = self.validate_store(raw.store)?;
-        let listen = raw
-            .server
-            .listen
-            .get_ref()
-            .parse::<SocketAddr>()
-            .or_else(|error| {
-                self.invalid(
-                    "server.listen".into(),
-                    raw.server.listen.span().start,
-                    format!(
-                        "`{}` is not a socket address: {error}",
-                        raw.server.listen.get_ref()
-                    ),
-                )
-            })?;
-        let server = ServerConfig {
-            listen,
-            max_body_bytes: raw.server.max_body_bytes,
-        };
+        let listen = raw.server.listen.get_ref().parse::<SocketAddr>().or_else(|error| {
+            self.invalid(
+                "server.listen".into(),
+                raw.server.listen.span().start,
+                format!("`{}` is not a socket address: {error}", raw.server.listen.get_ref()),
+            )
+        })?;
+        let server = ServerConfig { listen, max_body_bytes: raw.server.max_body_bytes };
 
         let mut providers = BTreeMap::new();
         for (name, raw_provider) in raw.providers {
             let provider = match raw_provider {
-                RawProvider::OpenAi {
-                    base_url,
-                    api_key_env,
-                    timeout_secs,
-                    max_retries,
-                    retry_backoff_ms,
-                } => {
+                RawProvider::OpenAi { base_url, api_key_env, timeout_secs, max_retries, retry_backoff_ms } => {
                     if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
                         return self.invalid(
                             format!("providers.{name}.base_url"),
@@ -424,9 +373,9 @@ impl Validator<'_> {
                         retry_backoff: Duration::from_millis(retry_backoff_ms),
                     })
                 }
-                RawProvider::Replay { file } => ProviderConfig::Replay(ReplayProviderConfig {
-                    file: self.resolve_path(&file),
-                }),
+                RawProvider::Replay { file } => {
+                    ProviderConfig::Replay(ReplayProviderConfig { file: self.resolve_path(&file) })
+                }
             };
             providers.insert(name, provider);
         }
@@ -493,39 +442,18 @@ impl Validator<'_> {
             );
         }
 
-        Ok(Config {
-            store,
-            server,
-            providers,
-            models,
-            tasks,
-        })
+        Ok(Config { store, server, providers, models, tasks })
     }
 
     fn validate_store(&self, raw: RawStore) -> Result<StoreConfig, ConfigError> {
         let url = raw.url.get_ref();
-        let url = if let Some(path) = url
-            .strip_prefix("sqlite://")
-            .or(url.strip_prefix("sqlite:"))
-        {
+        let url = if let Some(path) = url.strip_prefix("sqlite://").or(url.strip_prefix("sqlite:")) {
             let (path, query) = path.split_once('?').unwrap_or((path, ""));
             if path.is_empty() {
-                return self.invalid(
-                    "store.url".into(),
-                    raw.url.span().start,
-                    "the sqlite URL names no file".into(),
-                );
+                return self.invalid("store.url".into(), raw.url.span().start, "the sqlite URL names no file".into());
             }
-            let path = if path == ":memory:" {
-                PathBuf::from(path)
-            } else {
-                self.resolve_path(path)
-            };
-            let query = if query.is_empty() {
-                String::new()
-            } else {
-                format!("?{query}")
-            };
+            let path = if path == ":memory:" { PathBuf::from(path) } else { self.resolve_path(path) };
+            let query = if query.is_empty() { String::new() } else { format!("?{query}") };
             format!("sqlite://{}{query}", path.display())
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             url.clone()
@@ -537,17 +465,9 @@ impl Validator<'_> {
             );
         };
         if raw.queue_capacity == 0 || raw.batch_size == 0 {
-            return self.invalid(
-                "store".into(),
-                0,
-                "queue_capacity and batch_size must be at least 1".into(),
-            );
+            return self.invalid("store".into(), 0, "queue_capacity and batch_size must be at least 1".into());
         }
-        Ok(StoreConfig {
-            url,
-            queue_capacity: raw.queue_capacity,
-            batch_size: raw.batch_size,
-        })
+        Ok(StoreConfig { url, queue_capacity: raw.queue_capacity, batch_size: raw.batch_size })
     }
 
     fn check_model_ref(
@@ -562,11 +482,7 @@ impl Validator<'_> {
         self.invalid(
             key.to_string(),
             value.span().start,
-            format!(
-                "no model named `{}` (known: {})",
-                value.get_ref(),
-                known(models.keys())
-            ),
+            format!("no model named `{}` (known: {})", value.get_ref(), known(models.keys())),
         )
     }
 }

@@ -31,22 +31,15 @@ fn parse(text: &str) -> Result<Config, ConfigError> {
 fn the_issue_contract_parses() {
     let config = parse(CONTRACT).expect("contract parses");
     assert_eq!(config.store.url, "sqlite:///srv/app/understudy.db");
-    let ProviderConfig::OpenAi(cloud) = &config.providers["cloud"] else {
-        panic!("cloud is openai")
-    };
+    let ProviderConfig::OpenAi(cloud) = &config.providers["cloud"] else { panic!("cloud is openai") };
     assert_eq!(cloud.base_url, "http://127.0.0.1:9000/v1");
     assert_eq!(cloud.api_key_env.as_deref(), Some("OPENAI_API_KEY"));
-    let ProviderConfig::Replay(recorded) = &config.providers["recorded"] else {
-        panic!("replay")
-    };
+    let ProviderConfig::Replay(recorded) = &config.providers["recorded"] else { panic!("replay") };
     assert_eq!(recorded.file, PathBuf::from("/srv/app/calls.jsonl"));
     assert_eq!(config.models["gpt-4o-mini"].price.output_per_million, 0.60);
     assert_eq!(config.tasks["triage"].policy, Policy::Lead);
     let resolved = config.resolve_model("task:triage").expect("task resolves");
-    assert_eq!(
-        (resolved.task, resolved.model_name),
-        (Some("triage"), "gpt-4o-mini")
-    );
+    assert_eq!((resolved.task, resolved.model_name), (Some("triage"), "gpt-4o-mini"));
     assert!(config.resolve_model("task:nope").is_none());
     assert!(config.resolve_model("gpt-4o").is_none());
 }
@@ -70,10 +63,7 @@ fn an_unknown_key_names_the_key_and_line() {
 fn a_dangling_model_reference_names_the_key_and_line() {
     let text = CONTRACT.replace("lead = \"gpt-4o-mini\"", "lead = \"gpt-5\"");
     let error = parse(&text).expect_err("dangling").to_string();
-    assert_eq!(
-        error,
-        "understudy.toml:21: `tasks.triage.lead`: no model named `gpt-5` (known: gpt-4o-mini)"
-    );
+    assert_eq!(error, "understudy.toml:21: `tasks.triage.lead`: no model named `gpt-5` (known: gpt-4o-mini)");
 }
 
 #[test]
@@ -87,18 +77,12 @@ fn an_unknown_provider_type_is_an_error() {
 fn a_bad_base_url_names_its_line() {
     let text = CONTRACT.replace("http://127.0.0.1:9000/v1", "127.0.0.1:9000/v1");
     let error = parse(&text).expect_err("bad url").to_string();
-    assert!(
-        error.starts_with("understudy.toml:7: `providers.cloud.base_url`"),
-        "{error}"
-    );
+    assert!(error.starts_with("understudy.toml:7: `providers.cloud.base_url`"), "{error}");
 }
 
 #[test]
 fn a_bad_store_url_is_an_error() {
     let text = CONTRACT.replace("sqlite://understudy.db", "mysql://x");
     let error = parse(&text).expect_err("bad store").to_string();
-    assert!(
-        error.contains("store.url") && error.contains(":3:"),
-        "{error}"
-    );
+    assert!(error.contains("store.url") && error.contains(":3:"), "{error}");
 }

@@ -11,14 +11,7 @@ use time::OffsetDateTime;
 use understudy_types::{CallRecord, Endpoint, Money, Usage, UsageSource};
 
 /// Roles the OpenAI chat API accepts in `messages`.
-pub const KNOWN_ROLES: &[&str] = &[
-    "system",
-    "developer",
-    "user",
-    "assistant",
-    "tool",
-    "function",
-];
+pub const KNOWN_ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool", "function"];
 
 /// The provider name recorded for imported calls.
 pub const IMPORT_PROVIDER: &str = "import";
@@ -58,8 +51,7 @@ pub struct ImportContext {
 impl ChatExample {
     /// Parses one JSONL line.
     pub fn parse(line: &str) -> Result<ChatExample, LineError> {
-        let value: Value =
-            serde_json::from_str(line).map_err(|error| LineError::Json(error.to_string()))?;
+        let value: Value = serde_json::from_str(line).map_err(|error| LineError::Json(error.to_string()))?;
         let Value::Object(mut object) = value else {
             return Err(schema("a line must be a JSON object"));
         };
@@ -67,22 +59,15 @@ impl ChatExample {
             return Err(schema("`messages` must be an array"));
         };
         for (message_idx, message) in messages.iter().enumerate() {
-            check_message(message).map_err(|message_error| {
-                schema(&format!("messages[{message_idx}]: {message_error}"))
-            })?;
+            check_message(message)
+                .map_err(|message_error| schema(&format!("messages[{message_idx}]: {message_error}")))?;
         }
         let answer = match messages.pop() {
-            Some(Value::Object(answer))
-                if answer.get("role").and_then(Value::as_str) == Some("assistant") =>
-            {
-                answer
-            }
+            Some(Value::Object(answer)) if answer.get("role").and_then(Value::as_str) == Some("assistant") => answer,
             _ => return Err(schema("the last message must be the assistant's answer")),
         };
         if messages.is_empty() {
-            return Err(schema(
-                "`messages` needs at least one message before the answer",
-            ));
+            return Err(schema("`messages` needs at least one message before the answer"));
         }
         let model = match object.remove("model") {
             None | Some(Value::Null) => None,
@@ -104,14 +89,7 @@ impl ChatExample {
         if let Some(key) = object.keys().next() {
             return Err(schema(&format!("unknown key `{key}`")));
         }
-        Ok(ChatExample {
-            prompt: messages,
-            answer,
-            tools,
-            model,
-            created_at,
-            usage,
-        })
+        Ok(ChatExample { prompt: messages, answer, tools, model, created_at, usage })
     }
 
     /// Renders the example as one JSONL line (no trailing newline).
@@ -149,11 +127,7 @@ impl ChatExample {
             request.insert("tools".into(), tools.clone());
         }
         let id = CallRecord::new_id();
-        let finish_reason = if self.answer.contains_key("tool_calls") {
-            "tool_calls"
-        } else {
-            "stop"
-        };
+        let finish_reason = if self.answer.contains_key("tool_calls") { "tool_calls" } else { "stop" };
         let response = json!({
             "id": format!("import-{}", id.simple()),
             "object": "chat.completion",
@@ -236,11 +210,9 @@ pub fn read_examples(reader: impl std::io::BufRead) -> std::io::Result<ReadExamp
 pub fn message_text(message: &Value) -> String {
     match message.get("content") {
         Some(Value::String(text)) => text.clone(),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .filter_map(|part| part.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join("\n"),
+        Some(Value::Array(parts)) => {
+            parts.iter().filter_map(|part| part.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join("\n")
+        }
         _ => String::new(),
     }
 }
@@ -273,10 +245,7 @@ pub fn check_message(message: &Value) -> Result<(), String> {
         None => return Err("`role` is missing".into()),
     };
     if !KNOWN_ROLES.contains(&role) {
-        return Err(format!(
-            "unknown role `{role}` (known: {})",
-            KNOWN_ROLES.join(", ")
-        ));
+        return Err(format!("unknown role `{role}` (known: {})", KNOWN_ROLES.join(", ")));
     }
     match object.get("content") {
         Some(Value::String(_)) | Some(Value::Array(_)) => Ok(()),
@@ -293,12 +262,9 @@ pub fn format_time(at: OffsetDateTime) -> String {
     let format = if at.millisecond() == 0 {
         time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z")
     } else {
-        time::macros::format_description!(
-            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-        )
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z")
     };
-    at.format(&format)
-        .unwrap_or_else(|_| at.unix_timestamp().to_string())
+    at.format(&format).unwrap_or_else(|_| at.unix_timestamp().to_string())
 }
 
 fn parse_time(value: &Value) -> Result<OffsetDateTime, LineError> {
@@ -306,16 +272,11 @@ fn parse_time(value: &Value) -> Result<OffsetDateTime, LineError> {
         Value::String(text) => OffsetDateTime::parse(text, &Rfc3339)
             .map_err(|error| schema(&format!("`created_at` `{text}` is not RFC 3339: {error}"))),
         Value::Number(number) => {
-            let seconds = number
-                .as_f64()
-                .ok_or_else(|| schema("`created_at` is not a number"))?;
-            OffsetDateTime::from_unix_timestamp_nanos((seconds * 1e9) as i128).map_err(|error| {
-                schema(&format!("`created_at` {seconds} is out of range: {error}"))
-            })
+            let seconds = number.as_f64().ok_or_else(|| schema("`created_at` is not a number"))?;
+            OffsetDateTime::from_unix_timestamp_nanos((seconds * 1e9) as i128)
+                .map_err(|error| schema(&format!("`created_at` {seconds} is out of range: {error}")))
         }
-        _ => Err(schema(
-            "`created_at` must be an RFC 3339 string or unix seconds",
-        )),
+        _ => Err(schema("`created_at` must be an RFC 3339 string or unix seconds")),
     }
 }
 
@@ -326,10 +287,7 @@ fn parse_usage(value: &Value) -> Result<Usage, LineError> {
             .and_then(Value::as_u64)
             .ok_or_else(|| schema(&format!("`usage.{name}` must be a non-negative integer")))
     };
-    Ok(Usage {
-        prompt_tokens: field("prompt_tokens")?,
-        completion_tokens: field("completion_tokens")?,
-    })
+    Ok(Usage { prompt_tokens: field("prompt_tokens")?, completion_tokens: field("completion_tokens")? })
 }
 
 pub fn usage_json(usage: Usage) -> Value {
@@ -355,13 +313,7 @@ mod tests {
         let example = ChatExample::parse(LINE).expect("parses");
         assert_eq!(example.prompt.len(), 2);
         assert_eq!(example.answer_text(), "HUM");
-        assert_eq!(
-            example.usage,
-            Some(Usage {
-                prompt_tokens: 12,
-                completion_tokens: 1
-            })
-        );
+        assert_eq!(example.usage, Some(Usage { prompt_tokens: 12, completion_tokens: 1 }));
         assert_eq!(example.to_line(), LINE);
     }
 
@@ -384,27 +336,18 @@ mod tests {
     fn unix_seconds_are_accepted() {
         let line = r#"{"messages":[{"role":"user","content":"q"},{"role":"assistant","content":"a"}],"created_at":1700000000}"#;
         let example = ChatExample::parse(line).expect("parses");
-        assert_eq!(
-            example.created_at.map(|at| at.unix_timestamp()),
-            Some(1_700_000_000)
-        );
+        assert_eq!(example.created_at.map(|at| at.unix_timestamp()), Some(1_700_000_000));
     }
 
     #[test]
     fn schema_errors_name_the_field() {
         let cases = [
-            (
-                r#"{"messages":[{"role":"user","content":"q"}]}"#,
-                "the last message must be the assistant's answer",
-            ),
+            (r#"{"messages":[{"role":"user","content":"q"}]}"#, "the last message must be the assistant's answer"),
             (
                 r#"{"messages":[{"role":"robot","content":"q"},{"role":"assistant","content":"a"}]}"#,
                 "messages[0]: unknown role `robot`",
             ),
-            (
-                r#"{"messages":[{"role":"assistant","content":"a"}]}"#,
-                "at least one message before the answer",
-            ),
+            (r#"{"messages":[{"role":"assistant","content":"a"}]}"#, "at least one message before the answer"),
             (
                 r#"{"messages":[{"role":"user","content":"q"},{"role":"assistant","content":"a"}],"usage":{"prompt_tokens":-1}}"#,
                 "usage.prompt_tokens",
@@ -419,10 +362,7 @@ mod tests {
             let error = ChatExample::parse(line).expect_err(line).to_string();
             assert!(error.contains(expected), "{line}: {error}");
         }
-        assert!(matches!(
-            ChatExample::parse("{nope"),
-            Err(LineError::Json(_))
-        ));
+        assert!(matches!(ChatExample::parse("{nope"), Err(LineError::Json(_))));
     }
 
     #[test]
@@ -430,8 +370,7 @@ mod tests {
         let first = serde_json::json!([{"role":"user","content":"Who  wrote\nHamlet? "}]);
         let second = serde_json::json!([{"role":"user","content":" Who wrote Hamlet?"}]);
         let third = serde_json::json!([{"role":"system","content":"Who wrote Hamlet?"}]);
-        let key =
-            |value: &Value| prompt_key(value.as_array().map(Vec::as_slice).unwrap_or_default());
+        let key = |value: &Value| prompt_key(value.as_array().map(Vec::as_slice).unwrap_or_default());
         assert_eq!(key(&first), key(&second));
         assert_ne!(key(&first), key(&third));
     }

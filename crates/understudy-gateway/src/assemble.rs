@@ -53,24 +53,13 @@ impl StreamAssembler {
             self.usage = Some(usage.clone());
         }
         let mut has_token = false;
-        for choice in chunk
-            .get("choices")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for choice in chunk.get("choices").and_then(Value::as_array).into_iter().flatten() {
             let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
             let parts = self.choices.entry(index).or_default();
-            if let Some(reason) = choice
-                .get("finish_reason")
-                .filter(|reason| !reason.is_null())
-            {
+            if let Some(reason) = choice.get("finish_reason").filter(|reason| !reason.is_null()) {
                 parts.finish_reason = Some(reason.clone());
             }
-            if let Some(content) = choice
-                .pointer("/logprobs/content")
-                .and_then(Value::as_array)
-            {
+            if let Some(content) = choice.pointer("/logprobs/content").and_then(Value::as_array) {
                 parts.logprobs.extend(content.iter().cloned());
             }
             let Some(delta) = choice.get("delta") else {
@@ -87,12 +76,7 @@ impl StreamAssembler {
                 parts.refusal.get_or_insert_with(String::new).push_str(text);
                 has_token |= !text.is_empty();
             }
-            for call in delta
-                .get("tool_calls")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
+            for call in delta.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
                 has_token = true;
                 let call_index = call.get("index").and_then(Value::as_u64).unwrap_or(0);
                 let call_parts = parts.tool_calls.entry(call_index).or_default();
@@ -105,8 +89,7 @@ impl StreamAssembler {
                 if let Some(name) = call.pointer("/function/name").and_then(Value::as_str) {
                     call_parts.name.push_str(name);
                 }
-                if let Some(arguments) = call.pointer("/function/arguments").and_then(Value::as_str)
-                {
+                if let Some(arguments) = call.pointer("/function/arguments").and_then(Value::as_str) {
                     call_parts.arguments.push_str(arguments);
                 }
             }
@@ -115,18 +98,12 @@ impl StreamAssembler {
     }
 
     pub fn usage(&self) -> Option<Usage> {
-        self.usage
-            .as_ref()
-            .and_then(|usage| understudy_providers::usage_of(&json!({"usage": usage})))
+        self.usage.as_ref().and_then(|usage| understudy_providers::usage_of(&json!({"usage": usage})))
     }
 
     /// The first choice's message, for counting tokens when no usage came.
     pub fn first_message(&self) -> Value {
-        self.choices
-            .values()
-            .next()
-            .map(message_of)
-            .unwrap_or(Value::Null)
+        self.choices.values().next().map(message_of).unwrap_or(Value::Null)
     }
 
     pub fn finish(&self) -> Value {
@@ -148,10 +125,7 @@ impl StreamAssembler {
         let mut completion = Map::new();
         completion.insert("id".into(), self.id.clone().unwrap_or(Value::Null));
         completion.insert("object".into(), Value::String("chat.completion".into()));
-        completion.insert(
-            "created".into(),
-            self.created.clone().unwrap_or(Value::Null),
-        );
+        completion.insert("created".into(), self.created.clone().unwrap_or(Value::Null));
         completion.insert("model".into(), self.model.clone().unwrap_or(Value::Null));
         if let Some(fingerprint) = &self.system_fingerprint {
             completion.insert("system_fingerprint".into(), fingerprint.clone());
@@ -166,14 +140,8 @@ impl StreamAssembler {
 
 fn message_of(parts: &ChoiceParts) -> Value {
     let mut message = Map::new();
-    message.insert(
-        "role".into(),
-        Value::String(parts.role.clone().unwrap_or_else(|| "assistant".into())),
-    );
-    message.insert(
-        "content".into(),
-        parts.content.clone().map_or(Value::Null, Value::String),
-    );
+    message.insert("role".into(), Value::String(parts.role.clone().unwrap_or_else(|| "assistant".into())));
+    message.insert("content".into(), parts.content.clone().map_or(Value::Null, Value::String));
     if let Some(refusal) = &parts.refusal {
         message.insert("refusal".into(), Value::String(refusal.clone()));
     }
@@ -214,18 +182,9 @@ mod tests {
         assert_eq!(first_tokens, [false, true, true, true, true, false, false]);
         let completion = assembler.finish();
         assert_eq!(completion["choices"][0]["message"]["content"], "Hello");
-        assert_eq!(
-            completion["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"],
-            "{\"a\":1}"
-        );
+        assert_eq!(completion["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"], "{\"a\":1}");
         assert_eq!(completion["choices"][0]["finish_reason"], "tool_calls");
         assert_eq!(completion["usage"]["total_tokens"], 8);
-        assert_eq!(
-            assembler.usage(),
-            Some(Usage {
-                prompt_tokens: 5,
-                completion_tokens: 3
-            })
-        );
+        assert_eq!(assembler.usage(), Some(Usage { prompt_tokens: 5, completion_tokens: 3 }));
     }
 }

@@ -21,10 +21,7 @@ use crate::draft::{CallDraft, Outcome};
 use crate::request::{check_chat, parse_body, resolve_model};
 use crate::{AppState, GatewayError};
 
-pub(crate) async fn chat_completions(
-    State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+pub(crate) async fn chat_completions(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
     let mut draft = CallDraft::start(Endpoint::ChatCompletions);
     match prepare(&state, body, &mut draft) {
         Err(error) => fail(&state, draft, error).await,
@@ -52,11 +49,7 @@ fn prepare(
     let model = resolve_model(state, &mut body, draft)?.clone();
     let flags = check_chat(&body)?;
     let provider = state.provider(&model.provider)?.clone();
-    let messages = body
-        .get("messages")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+    let messages = body.get("messages").and_then(Value::as_array).cloned().unwrap_or_default();
     Ok(Prepared {
         request: ChatRequest { body },
         messages,
@@ -117,11 +110,7 @@ async fn complete(state: AppState, draft: CallDraft, prepared: Prepared) -> Resp
 }
 
 async fn stream(state: AppState, draft: CallDraft, prepared: Prepared) -> Response {
-    let chunks = match prepared
-        .provider
-        .infer_stream(prepared.request.clone())
-        .await
-    {
+    let chunks = match prepared.provider.infer_stream(prepared.request.clone()).await {
         Ok(chunks) => chunks,
         Err(error) => return fail(&state, draft, error.into()).await,
     };
@@ -130,17 +119,9 @@ async fn stream(state: AppState, draft: CallDraft, prepared: Prepared) -> Respon
     let (sender, mut receiver) = mpsc::channel::<Bytes>(32);
     tokio::spawn(relay(state, draft, prepared, chunks, sender));
     let body = futures::stream::poll_fn(move |context| {
-        receiver
-            .poll_recv(context)
-            .map(|bytes| bytes.map(Ok::<_, Infallible>))
+        receiver.poll_recv(context).map(|bytes| bytes.map(Ok::<_, Infallible>))
     });
-    (
-        [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        Body::from_stream(body),
-    )
+    ([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], Body::from_stream(body))
         .into_response()
 }
 
@@ -165,9 +146,7 @@ async fn relay(
             Err(provider_error) => {
                 let gateway_error = GatewayError::from(provider_error);
                 // The status line is gone already; the error goes in-band.
-                let _ = sender
-                    .send(sse_event(&String::from_utf8_lossy(&gateway_error.body())))
-                    .await;
+                let _ = sender.send(sse_event(&String::from_utf8_lossy(&gateway_error.body()))).await;
                 error = Some(gateway_error.to_string());
                 break;
             }
@@ -175,19 +154,14 @@ async fn relay(
         let chunk: Value = match serde_json::from_str(&data) {
             Ok(chunk) => chunk,
             Err(parse_error) => {
-                error = Some(format!(
-                    "upstream sent a chunk that is not JSON: {parse_error}"
-                ));
+                error = Some(format!("upstream sent a chunk that is not JSON: {parse_error}"));
                 break;
             }
         };
         if assembler.push(&chunk) && ttft_ms.is_none() {
             ttft_ms = Some(draft.elapsed_ms());
         }
-        let usage_only = chunk
-            .get("choices")
-            .and_then(Value::as_array)
-            .is_some_and(Vec::is_empty)
+        let usage_only = chunk.get("choices").and_then(Value::as_array).is_some_and(Vec::is_empty)
             && chunk.get("usage").is_some_and(|usage| !usage.is_null());
         if usage_only && !prepared.include_usage {
             continue;
@@ -204,9 +178,7 @@ async fn relay(
     if client_gone {
         error = Some("client disconnected before the stream ended".to_string());
     }
-    let (usage, usage_source) = usage_or_counted(assembler.usage(), &prepared.messages, || {
-        assembler.first_message()
-    });
+    let (usage, usage_source) = usage_or_counted(assembler.usage(), &prepared.messages, || assembler.first_message());
     let completion = assembler.finish();
     let status = if client_gone {
         499

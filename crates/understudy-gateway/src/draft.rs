@@ -86,8 +86,7 @@ impl CallDraft {
 /// The current time, truncated to the millisecond the store keeps.
 fn now_ms() -> OffsetDateTime {
     let now = OffsetDateTime::now_utc();
-    now.replace_nanosecond(now.nanosecond() / 1_000_000 * 1_000_000)
-        .unwrap_or(now)
+    now.replace_nanosecond(now.nanosecond() / 1_000_000 * 1_000_000).unwrap_or(now)
 }
 
 impl AppState {

@@ -13,10 +13,7 @@ use crate::draft::{CallDraft, Outcome};
 use crate::request::{parse_body, resolve_model};
 use crate::{AppState, GatewayError};
 
-pub(crate) async fn embeddings(
-    State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+pub(crate) async fn embeddings(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
     let mut draft = CallDraft::start(Endpoint::Embeddings);
     match embed(&state, body, &mut draft).await {
         Ok((body, outcome)) => {
@@ -39,30 +36,16 @@ async fn embed(
     let model = resolve_model(state, &mut body, draft)?.clone();
     let input = match body.get("input") {
         Some(input @ (Value::String(_) | Value::Array(_))) => input.clone(),
-        Some(_) => {
-            return Err(GatewayError::invalid(
-                "`input` must be a string or an array.",
-                "input",
-            ))
-        }
-        None => {
-            return Err(GatewayError::invalid(
-                "Missing required parameter: `input`.",
-                "input",
-            ))
-        }
+        Some(_) => return Err(GatewayError::invalid("`input` must be a string or an array.", "input")),
+        None => return Err(GatewayError::invalid("Missing required parameter: `input`.", "input")),
     };
     let provider = state.provider(&model.provider)?.clone();
     let response = provider.embed(EmbeddingRequest { body }).await?;
     let (usage, usage_source) = match response.usage {
         Some(usage) => (usage, UsageSource::Provider),
-        None => (
-            Usage {
-                prompt_tokens: tokens::count_embedding_input(&input),
-                completion_tokens: 0,
-            },
-            UsageSource::Counted,
-        ),
+        None => {
+            (Usage { prompt_tokens: tokens::count_embedding_input(&input), completion_tokens: 0 }, UsageSource::Counted)
+        }
     };
     let outcome = Outcome {
         status: 200,

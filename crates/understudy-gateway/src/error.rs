@@ -12,13 +12,8 @@ pub enum GatewayError {
     #[error("We could not parse the JSON body of your request: {0}")]
     InvalidJson(String),
     #[error("{message}")]
-    InvalidRequest {
-        message: String,
-        param: Option<String>,
-    },
-    #[error(
-        "The model `{0}` does not exist. Name a model from /v1/models, or a task as `task:NAME`."
-    )]
+    InvalidRequest { message: String, param: Option<String> },
+    #[error("The model `{0}` does not exist. Name a model from /v1/models, or a task as `task:NAME`.")]
     ModelNotFound(String),
     #[error("The request body is larger than the limit of {limit} bytes.")]
     PayloadTooLarge { limit: usize },
@@ -30,32 +25,21 @@ pub enum GatewayError {
 
 impl GatewayError {
     pub fn invalid(message: impl Into<String>, param: impl Into<String>) -> GatewayError {
-        GatewayError::InvalidRequest {
-            message: message.into(),
-            param: Some(param.into()),
-        }
+        GatewayError::InvalidRequest { message: message.into(), param: Some(param.into()) }
     }
 
     pub fn status(&self) -> StatusCode {
         match self {
-            GatewayError::InvalidJson(_) | GatewayError::InvalidRequest { .. } => {
-                StatusCode::BAD_REQUEST
-            }
-            GatewayError::ModelNotFound(_) | GatewayError::RouteNotFound { .. } => {
-                StatusCode::NOT_FOUND
-            }
+            GatewayError::InvalidJson(_) | GatewayError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            GatewayError::ModelNotFound(_) | GatewayError::RouteNotFound { .. } => StatusCode::NOT_FOUND,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::Provider(error) => match error {
                 ProviderError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-                ProviderError::Unavailable { .. } | ProviderError::BadResponse { .. } => {
-                    StatusCode::BAD_GATEWAY
-                }
+                ProviderError::Unavailable { .. } | ProviderError::BadResponse { .. } => StatusCode::BAD_GATEWAY,
                 ProviderError::Rejected { status, .. } => {
                     StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
                 }
-                ProviderError::ReplayNoMatch { .. } | ProviderError::Unsupported { .. } => {
-                    StatusCode::BAD_REQUEST
-                }
+                ProviderError::ReplayNoMatch { .. } | ProviderError::Unsupported { .. } => StatusCode::BAD_REQUEST,
                 ProviderError::Setup { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             },
         }
@@ -68,9 +52,9 @@ impl GatewayError {
             | GatewayError::ModelNotFound(_)
             | GatewayError::PayloadTooLarge { .. }
             | GatewayError::RouteNotFound { .. } => "invalid_request_error",
-            GatewayError::Provider(
-                ProviderError::ReplayNoMatch { .. } | ProviderError::Unsupported { .. },
-            ) => "invalid_request_error",
+            GatewayError::Provider(ProviderError::ReplayNoMatch { .. } | ProviderError::Unsupported { .. }) => {
+                "invalid_request_error"
+            }
             GatewayError::Provider(ProviderError::Setup { .. }) => "server_error",
             GatewayError::Provider(_) => "upstream_error",
         }
@@ -130,11 +114,6 @@ impl GatewayError {
 
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
-        (
-            self.status(),
-            [(header::CONTENT_TYPE, "application/json")],
-            self.body(),
-        )
-            .into_response()
+        (self.status(), [(header::CONTENT_TYPE, "application/json")], self.body()).into_response()
     }
 }

@@ -49,20 +49,10 @@ impl AppState {
     pub fn new(config: Config, recorder: Recorder) -> Result<AppState, ProviderError> {
         let mut providers = HashMap::new();
         for (name, provider_config) in &config.providers {
-            providers.insert(
-                name.clone(),
-                Arc::new(AnyProvider::from_config(name, provider_config)?),
-            );
+            providers.insert(name.clone(), Arc::new(AnyProvider::from_config(name, provider_config)?));
         }
         let models_body = models_list(&config);
-        Ok(AppState {
-            inner: Arc::new(Inner {
-                config,
-                providers,
-                recorder,
-                models_body,
-            }),
-        })
+        Ok(AppState { inner: Arc::new(Inner { config, providers, recorder, models_body }) })
     }
 
     pub fn config(&self) -> &Config {
@@ -104,9 +94,7 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
 }
 
 fn models_list(config: &Config) -> Bytes {
@@ -124,26 +112,14 @@ fn models_list(config: &Config) -> Bytes {
 }
 
 async fn list_models(State(state): State<AppState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        state.inner.models_body.clone(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/json")], state.inner.models_body.clone()).into_response()
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {
     let body = json!({"status": "ok", "records_pending": state.recorder().pending()});
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response()
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 
 async fn route_not_found(request: Request) -> GatewayError {
-    GatewayError::RouteNotFound {
-        method: request.method().to_string(),
-        path: request.uri().path().to_string(),
-    }
+    GatewayError::RouteNotFound { method: request.method().to_string(), path: request.uri().path().to_string() }
 }

@@ -28,38 +28,21 @@ async fn a_task_call_reaches_the_lead_and_is_recorded_with_its_cost() {
     expected["model"] = json!("ok");
     assert_eq!(upstream, vec![expected]);
     // The upstream gets the configured key, never the client's.
-    assert_eq!(
-        harness.stub.authorizations(),
-        vec![Some(format!("Bearer {TEST_KEY}"))]
-    );
+    assert_eq!(harness.stub.authorizations(), vec![Some(format!("Bearer {TEST_KEY}"))]);
 
     let (calls, _harness) = harness.finish().await;
     assert_eq!(calls.len(), 1);
     let call = &calls[0];
     assert_eq!(call.task.as_deref(), Some("triage"));
-    assert_eq!(
-        (call.model.as_str(), call.provider.as_str()),
-        ("gpt-4o-mini", "cloud")
-    );
+    assert_eq!((call.model.as_str(), call.provider.as_str()), ("gpt-4o-mini", "cloud"));
     assert_eq!(call.endpoint, Endpoint::ChatCompletions);
     assert_eq!((call.status, call.error.as_deref()), (200, None));
-    assert_eq!(
-        (call.usage.prompt_tokens, call.usage.completion_tokens),
-        (21, 7)
-    );
+    assert_eq!((call.usage.prompt_tokens, call.usage.completion_tokens), (21, 7));
     assert_eq!(call.usage_source, UsageSource::Provider);
     let expected_cost = (21.0 * 0.15 + 7.0 * 0.60) / 1e6;
-    assert!(
-        (call.cost.dollars() - expected_cost).abs() < 1e-15,
-        "{:?}",
-        call.cost
-    );
-    assert_eq!(
-        serde_json::from_str::<Value>(&call.request).expect("request json"),
-        request
-    );
-    let response: Value =
-        serde_json::from_str(call.response.as_deref().expect("response")).expect("json");
+    assert!((call.cost.dollars() - expected_cost).abs() < 1e-15, "{:?}", call.cost);
+    assert_eq!(serde_json::from_str::<Value>(&call.request).expect("request json"), request);
+    let response: Value = serde_json::from_str(call.response.as_deref().expect("response")).expect("json");
     assert_eq!(response, body);
     assert!(call.latency_ms > 0.0 && call.ttft_ms.is_some());
     assert_eq!(call.id.get_version_num(), 7);
@@ -73,37 +56,22 @@ async fn a_streamed_call_is_relayed_and_recorded_assembled() {
     request["stream_options"] = json!({"include_usage": true});
     let (status, sse) = harness.post_stream(&request).await;
     assert_eq!(status, 200);
-    let events: Vec<&str> = sse
-        .split("\n\n")
-        .filter(|event| !event.is_empty())
-        .collect();
+    let events: Vec<&str> = sse.split("\n\n").filter(|event| !event.is_empty()).collect();
     assert_eq!(events.last(), Some(&"data: [DONE]"));
     let chunks: Vec<Value> = events[..events.len() - 1]
         .iter()
         .map(|event| serde_json::from_str(event.trim_start_matches("data: ")).expect("chunk json"))
         .collect();
-    let text: String = chunks
-        .iter()
-        .filter_map(|chunk| chunk.pointer("/choices/0/delta/content")?.as_str())
-        .collect();
+    let text: String = chunks.iter().filter_map(|chunk| chunk.pointer("/choices/0/delta/content")?.as_str()).collect();
     assert_eq!(text, ANSWER);
-    assert_eq!(
-        chunks
-            .last()
-            .map(|chunk| chunk["usage"]["total_tokens"].clone()),
-        Some(json!(28))
-    );
+    assert_eq!(chunks.last().map(|chunk| chunk["usage"]["total_tokens"].clone()), Some(json!(28)));
 
     let (calls, _harness) = harness.finish().await;
     let call = &calls[0];
     assert!(call.stream);
     assert_eq!(call.status, 200);
-    assert_eq!(
-        (call.usage.prompt_tokens, call.usage.completion_tokens),
-        (21, 7)
-    );
-    let response: Value =
-        serde_json::from_str(call.response.as_deref().expect("response")).expect("json");
+    assert_eq!((call.usage.prompt_tokens, call.usage.completion_tokens), (21, 7));
+    let response: Value = serde_json::from_str(call.response.as_deref().expect("response")).expect("json");
     assert_eq!(response["object"], "chat.completion");
     assert_eq!(response["choices"][0]["message"]["content"], ANSWER);
     assert_eq!(response["choices"][0]["finish_reason"], "stop");
@@ -116,38 +84,24 @@ async fn usage_the_client_did_not_ask_for_is_recorded_but_not_sent() {
     let mut request = chat_body("gpt-4o-mini", "Capital of France?");
     request["stream"] = json!(true);
     let (_status, sse) = harness.post_stream(&request).await;
-    assert!(
-        !sse.contains("\"usage\":{"),
-        "unasked usage chunk leaked: {sse}"
-    );
+    assert!(!sse.contains("\"usage\":{"), "unasked usage chunk leaked: {sse}");
     // The gateway asked the upstream for usage on the client's behalf.
-    assert_eq!(
-        harness.stub.requests()[0]["stream_options"]["include_usage"],
-        json!(true)
-    );
+    assert_eq!(harness.stub.requests()[0]["stream_options"]["include_usage"], json!(true));
     let (calls, _harness) = harness.finish().await;
-    assert_eq!(
-        (calls[0].usage.prompt_tokens, calls[0].usage_source),
-        (21, UsageSource::Provider)
-    );
+    assert_eq!((calls[0].usage.prompt_tokens, calls[0].usage_source), (21, UsageSource::Provider));
 }
 
 #[tokio::test]
 async fn tokens_are_counted_when_the_upstream_reports_no_usage() {
     let harness = Harness::start().await;
-    let (status, body) = harness
-        .post_json("/chat/completions", &chat_body("no-usage", "Hello, world!"))
-        .await;
+    let (status, body) = harness.post_json("/chat/completions", &chat_body("no-usage", "Hello, world!")).await;
     assert_eq!(status, 200, "{body}");
     let (calls, _harness) = harness.finish().await;
     let call = &calls[0];
     assert_eq!(call.usage_source, UsageSource::Counted);
     // o200k_base: 3 + 3 + "user" (1) + "Hello, world!" (4) prompt tokens.
     assert_eq!(call.usage.prompt_tokens, 11);
-    assert_eq!(
-        call.usage.completion_tokens, 7,
-        "'{ANSWER}' is 7 tokens in o200k_base"
-    );
+    assert_eq!(call.usage.completion_tokens, 7, "'{ANSWER}' is 7 tokens in o200k_base");
     assert!((call.cost.dollars() - (11.0 + 14.0) / 1e6).abs() < 1e-15);
 }
 
@@ -175,36 +129,19 @@ async fn bad_requests_get_openai_errors_and_are_recorded() {
         let (status, error) = harness.post("/chat/completions", body).await;
         assert_eq!(status, *expected_status, "{body:.80}: {error}");
         let error = &error["error"];
-        assert!(
-            error["message"]
-                .as_str()
-                .is_some_and(|message| !message.is_empty()),
-            "{error}"
-        );
+        assert!(error["message"].as_str().is_some_and(|message| !message.is_empty()), "{error}");
         assert_eq!(error["type"], "invalid_request_error");
         assert_eq!(error["param"].as_str(), *expected_param, "{error}");
         if let Some(code) = expected_code {
             assert_eq!(error["code"].as_str(), Some(*code), "{error}");
         }
     }
-    assert!(
-        harness.stub.requests().is_empty(),
-        "nothing bad reaches the upstream"
-    );
+    assert!(harness.stub.requests().is_empty(), "nothing bad reaches the upstream");
     let (calls, _harness) = harness.finish().await;
-    assert_eq!(
-        calls.len(),
-        cases.len(),
-        "every failed call is recorded too"
-    );
+    assert_eq!(calls.len(), cases.len(), "every failed call is recorded too");
     let statuses: Vec<u16> = calls.iter().map(|call| call.status).collect();
-    assert_eq!(
-        statuses,
-        cases.iter().map(|case| case.1).collect::<Vec<_>>()
-    );
-    assert!(calls
-        .iter()
-        .all(|call| call.error.is_some() && call.cost.dollars() == 0.0));
+    assert_eq!(statuses, cases.iter().map(|case| case.1).collect::<Vec<_>>());
+    assert!(calls.iter().all(|call| call.error.is_some() && call.cost.dollars() == 0.0));
 }
 
 #[tokio::test]
@@ -213,21 +150,14 @@ async fn unknown_routes_get_openai_404s() {
     let (status, body) = harness.post("/completions", "{}").await;
     assert_eq!(status, 404);
     assert_eq!(body["error"]["code"], "unknown_url");
-    let response = harness
-        .client
-        .get(format!("{}/chat/completions", harness.base_url))
-        .send()
-        .await
-        .expect("get");
+    let response = harness.client.get(format!("{}/chat/completions", harness.base_url)).send().await.expect("get");
     assert_eq!(response.status().as_u16(), 404);
 }
 
 #[tokio::test]
 async fn upstream_5xx_is_retried_until_it_answers() {
     let harness = Harness::start().await;
-    let (status, body) = harness
-        .post_json("/chat/completions", &chat_body("flaky", "retry me"))
-        .await;
+    let (status, body) = harness.post_json("/chat/completions", &chat_body("flaky", "retry me")).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(harness.stub.requests().len(), 2, "one failure, one retry");
     let (calls, _harness) = harness.finish().await;
@@ -237,18 +167,10 @@ async fn upstream_5xx_is_retried_until_it_answers() {
 #[tokio::test]
 async fn an_upstream_that_stays_down_gets_a_502_after_retries() {
     let harness = Harness::start().await;
-    let (status, body) = harness
-        .post_json("/chat/completions", &chat_body("down", "hello"))
-        .await;
+    let (status, body) = harness.post_json("/chat/completions", &chat_body("down", "hello")).await;
     assert_eq!(status, 502, "{body}");
     assert_eq!(body["error"]["code"], "upstream_unavailable");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("3 attempts"),
-        "{body}"
-    );
+    assert!(body["error"]["message"].as_str().unwrap_or("").contains("3 attempts"), "{body}");
     assert_eq!(harness.stub.requests().len(), 3, "max_retries = 2");
     let (calls, _harness) = harness.finish().await;
     assert_eq!(calls[0].status, 502);
@@ -258,17 +180,9 @@ async fn an_upstream_that_stays_down_gets_a_502_after_retries() {
 #[tokio::test]
 async fn a_refused_connection_gets_a_502() {
     let harness = Harness::start().await;
-    let (status, body) = harness
-        .post_json("/chat/completions", &chat_body("ghost", "hello"))
-        .await;
+    let (status, body) = harness.post_json("/chat/completions", &chat_body("ghost", "hello")).await;
     assert_eq!(status, 502, "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("connection"),
-        "{body}"
-    );
+    assert!(body["error"]["message"].as_str().unwrap_or("").contains("connection"), "{body}");
     let (calls, _harness) = harness.finish().await;
     assert_eq!((calls[0].status, calls[0].provider.as_str()), (502, "dead"));
 }
@@ -276,9 +190,7 @@ async fn a_refused_connection_gets_a_502() {
 #[tokio::test]
 async fn an_upstream_timeout_gets_a_504() {
     let harness = Harness::start().await;
-    let (status, body) = harness
-        .post_json("/chat/completions", &chat_body("slow", "hello"))
-        .await;
+    let (status, body) = harness.post_json("/chat/completions", &chat_body("slow", "hello")).await;
     assert_eq!(status, 504, "{body}");
     assert_eq!(body["error"]["code"], "upstream_timeout");
     let (calls, _harness) = harness.finish().await;
@@ -288,9 +200,7 @@ async fn an_upstream_timeout_gets_a_504() {
 #[tokio::test]
 async fn an_upstream_4xx_is_passed_on_unchanged() {
     let harness = Harness::start().await;
-    let (status, body) = harness
-        .post_json("/chat/completions", &chat_body("reject", "hello"))
-        .await;
+    let (status, body) = harness.post_json("/chat/completions", &chat_body("reject", "hello")).await;
     assert_eq!(status, 400);
     assert_eq!(body["error"]["message"], "Invalid value for temperature");
     assert_eq!(body["error"]["param"], "temperature");
@@ -318,42 +228,19 @@ async fn replay_answers_recorded_calls_up_to_whitespace() {
     streamed["stream_options"] = json!({"include_usage": true});
     let (status, sse) = harness.post_stream(&streamed).await;
     assert_eq!(status, 200);
-    assert!(
-        sse.contains("\"content\":\"NUM\"") && sse.ends_with("data: [DONE]\n\n"),
-        "{sse}"
-    );
+    assert!(sse.contains("\"content\":\"NUM\"") && sse.ends_with("data: [DONE]\n\n"), "{sse}");
 
-    let missing =
-        json!({"model": "task:trec", "messages": [{"role": "user", "content": "Never recorded"}]});
+    let missing = json!({"model": "task:trec", "messages": [{"role": "user", "content": "Never recorded"}]});
     let (status, body) = harness.post_json("/chat/completions", &missing).await;
     assert_eq!(status, 400);
     assert_eq!(body["error"]["code"], "replay_no_match");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("no recording matching"),
-        "{body}"
-    );
+    assert!(body["error"]["message"].as_str().unwrap_or("").contains("no recording matching"), "{body}");
 
     let (calls, _harness) = harness.finish().await;
     assert_eq!(calls.len(), 3);
-    assert_eq!(
-        (calls[0].provider.as_str(), calls[0].model.as_str()),
-        ("recorded", "replayed")
-    );
-    assert_eq!(
-        calls[1]
-            .response
-            .as_deref()
-            .map(|text| text.contains("NUM")),
-        Some(true)
-    );
-    assert_eq!(
-        calls[1].usage_source,
-        UsageSource::Provider,
-        "replay reports usage itself"
-    );
+    assert_eq!((calls[0].provider.as_str(), calls[0].model.as_str()), ("recorded", "replayed"));
+    assert_eq!(calls[1].response.as_deref().map(|text| text.contains("NUM")), Some(true));
+    assert_eq!(calls[1].usage_source, UsageSource::Provider, "replay reports usage itself");
     assert_eq!(calls[2].status, 400);
 }
 
@@ -369,60 +256,32 @@ async fn models_and_health_are_served() {
         .json()
         .await
         .expect("json");
-    let ids: Vec<&str> = models["data"]
-        .as_array()
-        .expect("data")
-        .iter()
-        .filter_map(|model| model["id"].as_str())
-        .collect();
-    assert!(
-        ids.contains(&"gpt-4o-mini") && ids.contains(&"task:triage") && ids.contains(&"task:trec"),
-        "{ids:?}"
-    );
-    let health = harness
-        .client
-        .get(harness.base_url.replace("/v1", "/healthz"))
-        .send()
-        .await
-        .expect("get");
+    let ids: Vec<&str> =
+        models["data"].as_array().expect("data").iter().filter_map(|model| model["id"].as_str()).collect();
+    assert!(ids.contains(&"gpt-4o-mini") && ids.contains(&"task:triage") && ids.contains(&"task:trec"), "{ids:?}");
+    let health = harness.client.get(harness.base_url.replace("/v1", "/healthz")).send().await.expect("get");
     assert_eq!(health.status().as_u16(), 200);
 }
 
 #[tokio::test]
 async fn embeddings_pass_through_and_are_recorded() {
     let harness = Harness::start().await;
-    let (status, body) = harness
-        .post_json(
-            "/embeddings",
-            &json!({"model": "embedder", "input": ["one", "two"], "dimensions": 4}),
-        )
-        .await;
+    let (status, body) =
+        harness.post_json("/embeddings", &json!({"model": "embedder", "input": ["one", "two"], "dimensions": 4})).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["data"][1]["embedding"], json!([0.1, 0.2, 0.3, 0.4]));
     assert_eq!(
         harness.stub.requests()[0],
         json!({"model": "text-embedding-3-small", "input": ["one", "two"], "dimensions": 4})
     );
-    let (status, body) = harness
-        .post_json("/embeddings", &json!({"model": "embedder"}))
-        .await;
-    assert_eq!(
-        (status, body["error"]["param"].as_str()),
-        (400, Some("input"))
-    );
+    let (status, body) = harness.post_json("/embeddings", &json!({"model": "embedder"})).await;
+    assert_eq!((status, body["error"]["param"].as_str()), (400, Some("input")));
     let (calls, _harness) = harness.finish().await;
     let call = &calls[0];
-    assert_eq!(
-        (call.endpoint, call.usage.prompt_tokens),
-        (Endpoint::Embeddings, 8)
-    );
+    assert_eq!((call.endpoint, call.usage.prompt_tokens), (Endpoint::Embeddings, 8));
     assert!((call.cost.dollars() - 8.0 * 0.02 / 1e6).abs() < 1e-18);
-    let recorded: Value =
-        serde_json::from_str(call.response.as_deref().expect("response")).expect("json");
-    assert_eq!(
-        recorded["data"][0]["embedding_dims"], 4,
-        "vectors are summarized, not stored"
-    );
+    let recorded: Value = serde_json::from_str(call.response.as_deref().expect("response")).expect("json");
+    assert_eq!(recorded["data"][0]["embedding_dims"], 4, "vectors are summarized, not stored");
     assert_eq!(calls[1].status, 400);
 }
 
@@ -430,9 +289,7 @@ async fn embeddings_pass_through_and_are_recorded() {
 async fn the_upstream_key_is_never_recorded() {
     let harness = Harness::start().await;
     for model in ["gpt-4o-mini", "down", "reject", "slow"] {
-        harness
-            .post_json("/chat/completions", &chat_body(model, "hello"))
-            .await;
+        harness.post_json("/chat/completions", &chat_body(model, "hello")).await;
     }
     let (calls, harness) = harness.finish().await;
     assert_eq!(calls.len(), 4);
@@ -440,9 +297,7 @@ async fn the_upstream_key_is_never_recorded() {
     for entry in std::fs::read_dir(harness.dir.path()).expect("dir") {
         let path = entry.expect("entry").path();
         let bytes = std::fs::read(&path).expect("read");
-        let leaked = bytes
-            .windows(TEST_KEY.len())
-            .any(|window| window == TEST_KEY.as_bytes());
+        let leaked = bytes.windows(TEST_KEY.len()).any(|window| window == TEST_KEY.as_bytes());
         assert!(!leaked, "the API key leaked into {}", path.display());
     }
 }
@@ -468,22 +323,17 @@ async fn a_client_that_leaves_mid_stream_is_still_recorded() {
 
 #[tokio::test]
 async fn the_gateway_records_into_postgres_too() {
-    let database = understudy_store::testing::TestDatabase::create()
-        .await
-        .expect("postgres must be reachable (see .ci/run)");
+    let database =
+        understudy_store::testing::TestDatabase::create().await.expect("postgres must be reachable (see .ci/run)");
     let harness = Harness::start_with(tempfile::tempdir().expect("tempdir"), &database.url).await;
-    let (status, _body) = harness
-        .post_json("/chat/completions", &chat_body("task:triage", "hello"))
-        .await;
+    let (status, _body) = harness.post_json("/chat/completions", &chat_body("task:triage", "hello")).await;
     assert_eq!(status, 200);
     let mut streamed = chat_body("task:triage", "hello again");
     streamed["stream"] = json!(true);
     harness.post_stream(&streamed).await;
     let (calls, harness) = harness.finish().await;
     assert_eq!(calls.len(), 2);
-    assert!(calls
-        .iter()
-        .all(|call| call.status == 200 && call.usage.prompt_tokens == 21));
+    assert!(calls.iter().all(|call| call.status == 200 && call.usage.prompt_tokens == 21));
     harness.store.close().await;
     database.drop_database().await.expect("drop");
 }

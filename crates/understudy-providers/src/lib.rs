@@ -52,32 +52,16 @@ pub enum ProviderError {
     #[error("provider `{provider}` did not answer within {timeout:?}")]
     Timeout { provider: String, timeout: Duration },
     #[error("provider `{provider}` is unavailable after {attempts} attempts: {last_error}")]
-    Unavailable {
-        provider: String,
-        attempts: u32,
-        last_error: String,
-    },
+    Unavailable { provider: String, attempts: u32, last_error: String },
     /// The upstream rejected the request (4xx); its body is passed on as is.
     #[error("provider `{provider}` answered HTTP {status}")]
-    Rejected {
-        provider: String,
-        status: u16,
-        body: Bytes,
-    },
+    Rejected { provider: String, status: u16, body: Bytes },
     #[error("provider `{provider}` sent a malformed answer: {message}")]
     BadResponse { provider: String, message: String },
     #[error("replay provider `{provider}` has no recording matching these messages ({n_recordings} recordings loaded from {file})")]
-    ReplayNoMatch {
-        provider: String,
-        n_recordings: usize,
-        file: String,
-    },
+    ReplayNoMatch { provider: String, n_recordings: usize, file: String },
     #[error("provider `{provider}` ({provider_type}) does not serve {what}")]
-    Unsupported {
-        provider: String,
-        provider_type: &'static str,
-        what: &'static str,
-    },
+    Unsupported { provider: String, provider_type: &'static str, what: &'static str },
     #[error("cannot start provider `{provider}`: {message}")]
     Setup { provider: String, message: String },
 }
@@ -86,20 +70,11 @@ pub enum ProviderError {
 pub trait Provider {
     const PROVIDER_TYPE: &'static str;
 
-    fn infer(
-        &self,
-        request: ChatRequest,
-    ) -> impl Future<Output = Result<ProviderResponse, ProviderError>> + Send;
+    fn infer(&self, request: ChatRequest) -> impl Future<Output = Result<ProviderResponse, ProviderError>> + Send;
 
-    fn infer_stream(
-        &self,
-        request: ChatRequest,
-    ) -> impl Future<Output = Result<ChunkStream, ProviderError>> + Send;
+    fn infer_stream(&self, request: ChatRequest) -> impl Future<Output = Result<ChunkStream, ProviderError>> + Send;
 
-    fn embed(
-        &self,
-        request: EmbeddingRequest,
-    ) -> impl Future<Output = Result<ProviderResponse, ProviderError>> + Send;
+    fn embed(&self, request: EmbeddingRequest) -> impl Future<Output = Result<ProviderResponse, ProviderError>> + Send;
 }
 
 /// A configured provider of any type.
@@ -114,12 +89,8 @@ impl AnyProvider {
     /// missing or broken file fails start-up rather than the first request.
     pub fn from_config(name: &str, config: &ProviderConfig) -> Result<AnyProvider, ProviderError> {
         Ok(match config {
-            ProviderConfig::OpenAi(config) => {
-                AnyProvider::OpenAi(OpenAiProvider::new(name, config)?)
-            }
-            ProviderConfig::Replay(config) => {
-                AnyProvider::Replay(ReplayProvider::load(name, config)?)
-            }
+            ProviderConfig::OpenAi(config) => AnyProvider::OpenAi(OpenAiProvider::new(name, config)?),
+            ProviderConfig::Replay(config) => AnyProvider::Replay(ReplayProvider::load(name, config)?),
         })
     }
 
@@ -144,10 +115,7 @@ impl AnyProvider {
         }
     }
 
-    pub async fn embed(
-        &self,
-        request: EmbeddingRequest,
-    ) -> Result<ProviderResponse, ProviderError> {
+    pub async fn embed(&self, request: EmbeddingRequest) -> Result<ProviderResponse, ProviderError> {
         match self {
             AnyProvider::OpenAi(provider) => provider.embed(request).await,
             AnyProvider::Replay(provider) => provider.embed(request).await,
@@ -160,9 +128,6 @@ pub fn usage_of(body: &Value) -> Option<Usage> {
     let usage = body.get("usage")?;
     Some(Usage {
         prompt_tokens: usage.get("prompt_tokens")?.as_u64()?,
-        completion_tokens: usage
-            .get("completion_tokens")
-            .and_then(Value::as_u64)
-            .unwrap_or(0),
+        completion_tokens: usage.get("completion_tokens").and_then(Value::as_u64).unwrap_or(0),
     })
 }

@@ -14,9 +14,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use understudy_config::OpenAiProviderConfig;
 
-use crate::{
-    ChatRequest, ChunkStream, EmbeddingRequest, Provider, ProviderError, ProviderResponse,
-};
+use crate::{ChatRequest, ChunkStream, EmbeddingRequest, Provider, ProviderError, ProviderResponse};
 
 /// An API key that never prints.
 #[derive(Clone)]
@@ -47,11 +45,7 @@ impl OpenAiProvider {
             Some(variable) => match std::env::var(variable) {
                 Ok(key) if !key.is_empty() => Some(ApiKey(key)),
                 _ => {
-                    tracing::warn!(
-                        provider = name,
-                        variable,
-                        "API key variable is not set; sending no key"
-                    );
+                    tracing::warn!(provider = name, variable, "API key variable is not set; sending no key");
                     None
                 }
             },
@@ -62,10 +56,7 @@ impl OpenAiProvider {
             .pool_idle_timeout(Duration::from_secs(90))
             .connect_timeout(config.timeout.min(Duration::from_secs(10)))
             .build()
-            .map_err(|error| ProviderError::Setup {
-                provider: name.to_string(),
-                message: error.to_string(),
-            })?;
+            .map_err(|error| ProviderError::Setup { provider: name.to_string(), message: error.to_string() })?;
         Ok(OpenAiProvider {
             name: name.to_string(),
             client,
@@ -79,19 +70,12 @@ impl OpenAiProvider {
     }
 
     fn timeout_error(&self) -> ProviderError {
-        ProviderError::Timeout {
-            provider: self.name.clone(),
-            timeout: self.timeout,
-        }
+        ProviderError::Timeout { provider: self.name.clone(), timeout: self.timeout }
     }
 
     /// Sends `body` until an answer other than 5xx arrives, or retries run out.
     /// Returns the response with its headers read and its body not yet read.
-    async fn send_with_retries(
-        &self,
-        url: &str,
-        body: Bytes,
-    ) -> Result<reqwest::Response, ProviderError> {
+    async fn send_with_retries(&self, url: &str, body: Bytes) -> Result<reqwest::Response, ProviderError> {
         let mut last_error = String::new();
         let n_attempts = self.max_retries + 1;
         for attempt_idx in 0..n_attempts {
@@ -99,11 +83,8 @@ impl OpenAiProvider {
                 let backoff = self.retry_backoff * 2u32.saturating_pow(attempt_idx - 1);
                 tokio::time::sleep(backoff).await;
             }
-            let mut request = self
-                .client
-                .post(url)
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body.clone());
+            let mut request =
+                self.client.post(url).header(reqwest::header::CONTENT_TYPE, "application/json").body(body.clone());
             if let Some(key) = &self.api_key {
                 request = request.bearer_auth(&key.0);
             }
@@ -121,11 +102,7 @@ impl OpenAiProvider {
             }
             tracing::warn!(provider = %self.name, attempt = attempt_idx + 1, error = %last_error, "upstream attempt failed");
         }
-        Err(ProviderError::Unavailable {
-            provider: self.name.clone(),
-            attempts: n_attempts,
-            last_error,
-        })
+        Err(ProviderError::Unavailable { provider: self.name.clone(), attempts: n_attempts, last_error })
     }
 
     /// A complete JSON answer: retries, then reads the body within the timeout.
@@ -133,38 +110,22 @@ impl OpenAiProvider {
         let read = async {
             let response = self.send_with_retries(url, body).await?;
             let status = response.status();
-            let body = response
-                .bytes()
-                .await
-                .map_err(|error| ProviderError::Unavailable {
-                    provider: self.name.clone(),
-                    attempts: 1,
-                    last_error: format!(
-                        "reading the answer failed: {}",
-                        describe_request_error(&error)
-                    ),
-                })?;
+            let body = response.bytes().await.map_err(|error| ProviderError::Unavailable {
+                provider: self.name.clone(),
+                attempts: 1,
+                last_error: format!("reading the answer failed: {}", describe_request_error(&error)),
+            })?;
             Ok::<_, ProviderError>((status, body))
         };
-        let (status, body) = tokio::time::timeout(self.timeout, read)
-            .await
-            .map_err(|_| self.timeout_error())??;
+        let (status, body) = tokio::time::timeout(self.timeout, read).await.map_err(|_| self.timeout_error())??;
         if !status.is_success() {
-            return Err(ProviderError::Rejected {
-                provider: self.name.clone(),
-                status: status.as_u16(),
-                body,
-            });
+            return Err(ProviderError::Rejected { provider: self.name.clone(), status: status.as_u16(), body });
         }
-        let parsed: Value =
-            serde_json::from_slice(&body).map_err(|error| ProviderError::BadResponse {
-                provider: self.name.clone(),
-                message: format!("the answer is not JSON: {error}"),
-            })?;
-        Ok(ProviderResponse {
-            usage: crate::usage_of(&parsed),
-            body,
-        })
+        let parsed: Value = serde_json::from_slice(&body).map_err(|error| ProviderError::BadResponse {
+            provider: self.name.clone(),
+            message: format!("the answer is not JSON: {error}"),
+        })?;
+        Ok(ProviderResponse { usage: crate::usage_of(&parsed), body })
     }
 }
 
@@ -184,17 +145,11 @@ impl Provider for OpenAiProvider {
         if let Value::Object(options) = stream_options {
             options.insert("include_usage".into(), Value::Bool(true));
         }
-        let response = self
-            .send_with_retries(&self.chat_url, encode(&Value::Object(body))?)
-            .await?;
+        let response = self.send_with_retries(&self.chat_url, encode(&Value::Object(body))?).await?;
         let status = response.status();
         if !status.is_success() {
             let body = response.bytes().await.unwrap_or_default();
-            return Err(ProviderError::Rejected {
-                provider: self.name.clone(),
-                status: status.as_u16(),
-                body,
-            });
+            return Err(ProviderError::Rejected { provider: self.name.clone(), status: status.as_u16(), body });
         }
         let provider = self.name.clone();
         let idle_timeout = self.timeout;
@@ -204,21 +159,12 @@ impl Provider for OpenAiProvider {
             async move {
                 let mut events = events?;
                 match tokio::time::timeout(idle_timeout, events.next()).await {
-                    Err(_elapsed) => Some((
-                        Err(ProviderError::Timeout {
-                            provider,
-                            timeout: idle_timeout,
-                        }),
-                        None,
-                    )),
+                    Err(_elapsed) => Some((Err(ProviderError::Timeout { provider, timeout: idle_timeout }), None)),
                     Ok(None) => None,
                     Ok(Some(Ok(event))) if event.data.trim() == "[DONE]" => None,
                     Ok(Some(Ok(event))) => Some((Ok(event.data), Some(events))),
                     Ok(Some(Err(error))) => Some((
-                        Err(ProviderError::BadResponse {
-                            provider,
-                            message: format!("stream broke: {error}"),
-                        }),
+                        Err(ProviderError::BadResponse { provider, message: format!("stream broke: {error}") }),
                         None,
                     )),
                 }
@@ -238,10 +184,7 @@ impl Provider for OpenAiProvider {
 fn encode(body: &Value) -> Result<Bytes, ProviderError> {
     serde_json::to_vec(body)
         .map(Bytes::from)
-        .map_err(|error| ProviderError::Setup {
-            provider: String::new(),
-            message: error.to_string(),
-        })
+        .map_err(|error| ProviderError::Setup { provider: String::new(), message: error.to_string() })
 }
 
 fn describe_request_error(error: &reqwest::Error) -> String {

@@ -15,9 +15,7 @@ use understudy_config::ReplayProviderConfig;
 use understudy_datasets::jsonl::{prompt_key, usage_json, ChatExample};
 use understudy_types::Usage;
 
-use crate::{
-    tokens, ChatRequest, ChunkStream, EmbeddingRequest, Provider, ProviderError, ProviderResponse,
-};
+use crate::{tokens, ChatRequest, ChunkStream, EmbeddingRequest, Provider, ProviderError, ProviderResponse};
 
 #[derive(Debug)]
 pub struct ReplayProvider {
@@ -36,48 +34,23 @@ struct Recording {
 impl ReplayProvider {
     /// Loads every recording; a missing file or a malformed line is an error
     /// that names the file and the line.
-    pub fn load(
-        name: &str,
-        config: &ReplayProviderConfig,
-    ) -> Result<ReplayProvider, ProviderError> {
-        let setup_error = |message: String| ProviderError::Setup {
-            provider: name.to_string(),
-            message,
-        };
-        let file = std::fs::File::open(&config.file).map_err(|error| {
-            setup_error(format!("cannot open {}: {error}", config.file.display()))
-        })?;
+    pub fn load(name: &str, config: &ReplayProviderConfig) -> Result<ReplayProvider, ProviderError> {
+        let setup_error = |message: String| ProviderError::Setup { provider: name.to_string(), message };
+        let file = std::fs::File::open(&config.file)
+            .map_err(|error| setup_error(format!("cannot open {}: {error}", config.file.display())))?;
         let mut answers = HashMap::new();
         let mut n_recordings = 0;
         for (line_idx, line) in std::io::BufReader::new(file).lines().enumerate() {
-            let line = line.map_err(|error| {
-                setup_error(format!("cannot read {}: {error}", config.file.display()))
-            })?;
+            let line = line.map_err(|error| setup_error(format!("cannot read {}: {error}", config.file.display())))?;
             if line.trim().is_empty() {
                 continue;
             }
-            let example = ChatExample::parse(&line).map_err(|error| {
-                setup_error(format!(
-                    "{}:{}: {error}",
-                    config.file.display(),
-                    line_idx + 1
-                ))
-            })?;
+            let example = ChatExample::parse(&line)
+                .map_err(|error| setup_error(format!("{}:{}: {error}", config.file.display(), line_idx + 1)))?;
             n_recordings += 1;
-            answers.insert(
-                prompt_key(&example.prompt),
-                Recording {
-                    answer: example.answer,
-                    usage: example.usage,
-                },
-            );
+            answers.insert(prompt_key(&example.prompt), Recording { answer: example.answer, usage: example.usage });
         }
-        Ok(ReplayProvider {
-            name: name.to_string(),
-            file: config.file.clone(),
-            answers,
-            n_recordings,
-        })
+        Ok(ReplayProvider { name: name.to_string(), file: config.file.clone(), answers, n_recordings })
     }
 
     pub fn n_recordings(&self) -> usize {
@@ -85,12 +58,7 @@ impl ReplayProvider {
     }
 
     fn find(&self, request: &ChatRequest) -> Result<(&Recording, Vec<Value>), ProviderError> {
-        let messages = request
-            .body
-            .get("messages")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
+        let messages = request.body.get("messages").and_then(Value::as_array).cloned().unwrap_or_default();
         match self.answers.get(&prompt_key(&messages)) {
             Some(recording) => Ok((recording, messages)),
             None => Err(ProviderError::ReplayNoMatch {
@@ -144,10 +112,7 @@ impl Provider for ReplayProvider {
             }],
             "usage": usage_json(usage),
         });
-        Ok(ProviderResponse {
-            body: Bytes::from(body.to_string()),
-            usage: Some(usage),
-        })
+        Ok(ProviderResponse { body: Bytes::from(body.to_string()), usage: Some(usage) })
     }
 
     async fn infer_stream(&self, request: ChatRequest) -> Result<ChunkStream, ProviderError> {
@@ -166,10 +131,7 @@ impl Provider for ReplayProvider {
         let mut delta = recording.answer.clone();
         delta.insert("role".into(), Value::String("assistant".into()));
         let chunks = vec![
-            chunk(
-                json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}]),
-                Value::Null,
-            ),
+            chunk(json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}]), Value::Null),
             chunk(
                 json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_reason(&recording.answer)}]),
                 Value::Null,

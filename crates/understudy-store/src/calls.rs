@@ -7,8 +7,7 @@ use understudy_types::{CallRecord, Endpoint, Money, Usage, UsageSource, Uuid};
 
 use crate::{Store, StoreError};
 
-const CALL_COLUMNS: &str =
-    "id, created_at, task, model, provider, endpoint, stream, request, response, \
+const CALL_COLUMNS: &str = "id, created_at, task, model, provider, endpoint, stream, request, response, \
      prompt_tokens, completion_tokens, usage_source, latency_ms, ttft_ms, status, error, cost";
 const N_CALL_COLUMNS: usize = 17;
 /// Rows per INSERT statement; keeps bind parameters under SQLite's limit.
@@ -80,10 +79,7 @@ struct WhereClause {
 
 impl WhereClause {
     fn new(filter: &CallFilter) -> WhereClause {
-        let mut clause = WhereClause {
-            sql: String::new(),
-            binds: Vec::new(),
-        };
+        let mut clause = WhereClause { sql: String::new(), binds: Vec::new() };
         if let Some(task) = &filter.task {
             clause.push("task = ", Bind::Text(task.clone()));
         }
@@ -98,23 +94,15 @@ impl WhereClause {
         }
         match filter.status {
             None => {}
-            Some(StatusFilter::Ok) => {
-                clause.push_raw("status >= 200 AND status < 300 AND error IS NULL")
-            }
-            Some(StatusFilter::Error) => {
-                clause.push_raw("(status < 200 OR status >= 300 OR error IS NOT NULL)")
-            }
+            Some(StatusFilter::Ok) => clause.push_raw("status >= 200 AND status < 300 AND error IS NULL"),
+            Some(StatusFilter::Error) => clause.push_raw("(status < 200 OR status >= 300 OR error IS NOT NULL)"),
             Some(StatusFilter::Code(code)) => clause.push("status = ", Bind::Int(i64::from(code))),
         }
         clause
     }
 
     fn push_raw(&mut self, condition: &str) {
-        self.sql.push_str(if self.sql.is_empty() {
-            " WHERE "
-        } else {
-            " AND "
-        });
+        self.sql.push_str(if self.sql.is_empty() { " WHERE " } else { " AND " });
         self.sql.push_str(condition);
     }
 
@@ -181,17 +169,11 @@ impl Store {
             CallOrder::OldestFirst => "ASC",
             CallOrder::NewestFirst => "DESC",
         };
-        let mut sql = format!(
-            "SELECT {CALL_COLUMNS} FROM calls{} ORDER BY created_at {order}, id {order}",
-            clause.sql
-        );
+        let mut sql = format!("SELECT {CALL_COLUMNS} FROM calls{} ORDER BY created_at {order}, id {order}", clause.sql);
         if let Some(limit) = filter.limit {
             sql.push_str(&format!(" LIMIT {limit}"));
         }
-        let rows = clause
-            .bind_all(sqlx::query(&sql))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = clause.bind_all(sqlx::query(&sql)).fetch_all(&self.pool).await?;
         rows.iter().map(call_from_row).collect()
     }
 
@@ -199,20 +181,14 @@ impl Store {
     pub async fn get_call(&self, id_or_prefix: &str) -> Result<Vec<CallRecord>, StoreError> {
         let pattern = format!("{}%", id_or_prefix.replace(['%', '_'], ""));
         let sql = format!("SELECT {CALL_COLUMNS} FROM calls WHERE id LIKE $1 ORDER BY id LIMIT 2");
-        let rows = sqlx::query(&sql)
-            .bind(pattern)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(&sql).bind(pattern).fetch_all(&self.pool).await?;
         rows.iter().map(call_from_row).collect()
     }
 
     pub async fn count_calls(&self, filter: &CallFilter) -> Result<u64, StoreError> {
         let clause = WhereClause::new(filter);
         let sql = format!("SELECT COUNT(*) FROM calls{}", clause.sql);
-        let row = clause
-            .bind_all(sqlx::query(&sql))
-            .fetch_one(&self.pool)
-            .await?;
+        let row = clause.bind_all(sqlx::query(&sql)).fetch_one(&self.pool).await?;
         Ok(row.try_get::<i64, _>(0)?.max(0) as u64)
     }
 
@@ -228,10 +204,7 @@ impl Store {
              ORDER BY day, task, model",
             clause.sql
         );
-        let rows = clause
-            .bind_all(sqlx::query(&sql))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = clause.bind_all(sqlx::query(&sql)).fetch_all(&self.pool).await?;
         rows.iter()
             .map(|row| {
                 let day: i64 = row.try_get(2)?;
@@ -272,14 +245,11 @@ fn insert_sql(n_rows: usize) -> String {
 
 fn call_from_row(row: &AnyRow) -> Result<CallRecord, StoreError> {
     let id_text: String = row.try_get("id")?;
-    let corrupt = |message: String| StoreError::CorruptRow {
-        id: id_text.clone(),
-        message,
-    };
+    let corrupt = |message: String| StoreError::CorruptRow { id: id_text.clone(), message };
     let id = Uuid::parse_str(&id_text).map_err(|error| corrupt(format!("bad id: {error}")))?;
     let endpoint_text: String = row.try_get("endpoint")?;
-    let endpoint = Endpoint::parse(&endpoint_text)
-        .ok_or_else(|| corrupt(format!("unknown endpoint `{endpoint_text}`")))?;
+    let endpoint =
+        Endpoint::parse(&endpoint_text).ok_or_else(|| corrupt(format!("unknown endpoint `{endpoint_text}`")))?;
     let usage_source_text: String = row.try_get("usage_source")?;
     let usage_source = UsageSource::parse(&usage_source_text)
         .ok_or_else(|| corrupt(format!("unknown usage source `{usage_source_text}`")))?;
@@ -312,8 +282,7 @@ pub(crate) fn unix_ms(at: OffsetDateTime) -> i64 {
 }
 
 pub(crate) fn from_unix_ms(ms: i64) -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
 fn saturating_i64(value: u64) -> i64 {

@@ -25,10 +25,7 @@ pub enum StoreError {
     #[error("cannot open store {url}: {source}")]
     Connect { url: String, source: sqlx::Error },
     #[error("cannot apply migrations to store {url}: {source}")]
-    Migrate {
-        url: String,
-        source: sqlx::migrate::MigrateError,
-    },
+    Migrate { url: String, source: sqlx::migrate::MigrateError },
     #[error("store query failed: {0}")]
     Query(#[from] sqlx::Error),
     #[error("store row {id} is corrupt: {message}")]
@@ -52,10 +49,7 @@ impl Store {
     /// Opens (creating if needed) the store at `url` and applies migrations.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
         sqlx::any::install_default_drivers();
-        let connect_error = |source| StoreError::Connect {
-            url: redact_url(url),
-            source,
-        };
+        let connect_error = |source| StoreError::Connect { url: redact_url(url), source };
         let (backend, url_with_options) = if url.starts_with("sqlite:") {
             // `mode=rwc` creates the file on first use.
             let url_with_options = if url.contains("mode=") || url.contains(":memory:") {
@@ -72,33 +66,20 @@ impl Store {
         let options = AnyConnectOptions::from_str(&url_with_options).map_err(connect_error)?;
         let pool_options = match backend {
             // One writer is all SQLite allows; readers share the WAL.
-            Backend::Sqlite => {
-                AnyPoolOptions::new()
-                    .max_connections(4)
-                    .after_connect(|conn, _meta| {
-                        Box::pin(async move {
-                            conn.execute("PRAGMA journal_mode = WAL").await?;
-                            conn.execute("PRAGMA synchronous = NORMAL").await?;
-                            conn.execute("PRAGMA busy_timeout = 10000").await?;
-                            conn.execute("PRAGMA foreign_keys = ON").await?;
-                            Ok(())
-                        })
-                    })
-            }
+            Backend::Sqlite => AnyPoolOptions::new().max_connections(4).after_connect(|conn, _meta| {
+                Box::pin(async move {
+                    conn.execute("PRAGMA journal_mode = WAL").await?;
+                    conn.execute("PRAGMA synchronous = NORMAL").await?;
+                    conn.execute("PRAGMA busy_timeout = 10000").await?;
+                    conn.execute("PRAGMA foreign_keys = ON").await?;
+                    Ok(())
+                })
+            }),
             Backend::Postgres => AnyPoolOptions::new().max_connections(8),
         };
-        let pool = pool_options
-            .acquire_timeout(Duration::from_secs(30))
-            .connect_with(options)
-            .await
-            .map_err(connect_error)?;
-        MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|source| StoreError::Migrate {
-                url: redact_url(url),
-                source,
-            })?;
+        let pool =
+            pool_options.acquire_timeout(Duration::from_secs(30)).connect_with(options).await.map_err(connect_error)?;
+        MIGRATOR.run(&pool).await.map_err(|source| StoreError::Migrate { url: redact_url(url), source })?;
         Ok(Store { pool, backend })
     }
 
@@ -130,10 +111,7 @@ pub fn redact_url(url: &str) -> String {
 mod tests {
     #[test]
     fn redact_url_hides_passwords() {
-        assert_eq!(
-            super::redact_url("postgres://u:secret@h/db"),
-            "postgres://u:***@h/db"
-        );
+        assert_eq!(super::redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
         assert_eq!(super::redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(super::redact_url("sqlite:///x.db"), "sqlite:///x.db");
     }

@@ -46,12 +46,7 @@ impl Recorder {
     pub fn start(store: Store, config: RecorderConfig) -> (Recorder, RecorderHandle) {
         let (sender, receiver) = mpsc::channel(config.queue_capacity.max(1));
         let stats = Arc::new(RecorderStats::default());
-        let writer = tokio::spawn(write_batches(
-            store,
-            receiver,
-            config.batch_size.max(1),
-            stats.clone(),
-        ));
+        let writer = tokio::spawn(write_batches(store, receiver, config.batch_size.max(1), stats.clone()));
         (Recorder { sender, stats }, RecorderHandle { writer })
     }
 
@@ -104,9 +99,7 @@ async fn write_batches(
         loop {
             match store.insert_calls(&batch).await {
                 Ok(()) => {
-                    stats
-                        .written
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    stats.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
                     break;
                 }
                 Err(error) => {

@@ -9,8 +9,7 @@ pub const DEFAULT_TEST_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/
 
 /// The admin URL tests create databases through.
 pub fn admin_url() -> String {
-    std::env::var("UNDERSTUDY_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| DEFAULT_TEST_POSTGRES_URL.to_string())
+    std::env::var("UNDERSTUDY_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_TEST_POSTGRES_URL.to_string())
 }
 
 /// A database that exists for one test and is dropped by [`TestDatabase::drop_database`].
@@ -26,24 +25,15 @@ impl TestDatabase {
         let admin_url = admin_url();
         let name = format!("understudy_test_{}", uuid::Uuid::now_v7().simple());
         let mut admin = PgConnection::connect(&admin_url).await?;
-        admin
-            .execute(format!("CREATE DATABASE {name}").as_str())
-            .await?;
+        admin.execute(format!("CREATE DATABASE {name}").as_str()).await?;
         admin.close().await?;
-        let base = admin_url
-            .rsplit_once('/')
-            .map_or(admin_url.as_str(), |(base, _db)| base);
-        Ok(TestDatabase {
-            url: format!("{base}/{name}"),
-            name,
-        })
+        let base = admin_url.rsplit_once('/').map_or(admin_url.as_str(), |(base, _db)| base);
+        Ok(TestDatabase { url: format!("{base}/{name}"), name })
     }
 
     pub async fn drop_database(self) -> Result<(), sqlx::Error> {
         let mut admin = PgConnection::connect(&admin_url()).await?;
-        admin
-            .execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name).as_str())
-            .await?;
+        admin.execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name).as_str()).await?;
         admin.close().await
     }
 }

@@ -162,14 +162,8 @@ mod tests {
 
     #[test]
     fn price_cost_is_per_million_tokens() {
-        let price = Price {
-            input_per_million: 0.15,
-            output_per_million: 0.60,
-        };
-        let cost = price.cost(Usage {
-            prompt_tokens: 1_000_000,
-            completion_tokens: 500_000,
-        });
+        let price = Price { input_per_million: 0.15, output_per_million: 0.60 };
+        let cost = price.cost(Usage { prompt_tokens: 1_000_000, completion_tokens: 500_000 });
         assert!((cost.dollars() - 0.45).abs() < 1e-12);
     }
 

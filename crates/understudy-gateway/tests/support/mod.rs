@@ -34,9 +34,7 @@ pub struct Harness {
 
 /// A loopback port with nothing listening on it.
 async fn closed_port() -> u16 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     listener.local_addr().expect("addr").port()
 }
 
@@ -125,39 +123,27 @@ impl Harness {
     /// A gateway over the given store URL.
     pub async fn start_with(dir: tempfile::TempDir, store_url: &str) -> Harness {
         std::env::set_var(TEST_KEY_VAR, TEST_KEY);
-        let stub = stub::Stub {
-            keep_log: true,
-            ..Default::default()
-        };
+        let stub = stub::Stub { keep_log: true, ..Default::default() };
         let stub_url = stub.clone().start().await;
         std::fs::write(dir.path().join("calls.jsonl"), REPLAY_LINES).expect("write replay file");
         let text = config_text(store_url, &stub_url, closed_port().await);
         let config_path: PathBuf = dir.path().join("understudy.toml");
         std::fs::write(&config_path, &text).expect("write config");
         let config = Config::load(&config_path).expect("config loads");
-        let store = Store::connect(&config.store.url)
-            .await
-            .expect("store opens");
+        let store = Store::connect(&config.store.url).await.expect("store opens");
         let (recorder, recorder_handle) = Recorder::start(
             store.clone(),
-            RecorderConfig {
-                queue_capacity: config.store.queue_capacity,
-                batch_size: config.store.batch_size,
-            },
+            RecorderConfig { queue_capacity: config.store.queue_capacity, batch_size: config.store.batch_size },
         );
         let state = AppState::new(config, recorder).expect("state");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind gateway");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gateway");
         let addr = listener.local_addr().expect("gateway addr");
         let (shutdown, shutdown_rx) = oneshot::channel();
         let server = tokio::spawn(async move {
             let signal = async move {
                 let _ = shutdown_rx.await;
             };
-            understudy_gateway::serve(listener, state, signal)
-                .await
-                .expect("serve");
+            understudy_gateway::serve(listener, state, signal).await.expect("serve");
         });
         Harness {
             base_url: format!("http://{addr}/v1"),
@@ -183,10 +169,7 @@ impl Harness {
             .expect("request reaches the gateway");
         let status = response.status().as_u16();
         let text = response.text().await.expect("body");
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
     pub async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
@@ -213,21 +196,12 @@ impl Harness {
             let _ = shutdown.send(());
         }
         if let Some(server) = self.server.take() {
-            tokio::time::timeout(Duration::from_secs(30), server)
-                .await
-                .expect("server stops")
-                .expect("server task");
+            tokio::time::timeout(Duration::from_secs(30), server).await.expect("server stops").expect("server task");
         }
         if let Some(handle) = self.recorder_handle.take() {
-            tokio::time::timeout(Duration::from_secs(30), handle.shutdown())
-                .await
-                .expect("recorder drains");
+            tokio::time::timeout(Duration::from_secs(30), handle.shutdown()).await.expect("recorder drains");
         }
-        let calls = self
-            .store
-            .list_calls(&CallFilter::default())
-            .await
-            .expect("list calls");
+        let calls = self.store.list_calls(&CallFilter::default()).await.expect("list calls");
         (calls, self)
     }
 }

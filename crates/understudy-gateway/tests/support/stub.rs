@@ -53,9 +53,7 @@ impl Stub {
 
     /// Serves on an ephemeral loopback port; returns the base URL (with /v1).
     pub async fn start(self) -> String {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind stub");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind stub");
         let addr: SocketAddr = listener.local_addr().expect("stub addr");
         tokio::spawn(async move {
             let _ = axum::serve(listener, self.router()).await;
@@ -73,36 +71,18 @@ impl Stub {
 }
 
 fn json_response(status: StatusCode, body: Value) -> Response {
-    (
-        status,
-        [("content-type", "application/json")],
-        body.to_string(),
-    )
-        .into_response()
+    (status, [("content-type", "application/json")], body.to_string()).into_response()
 }
 
 async fn chat(State(stub): State<Stub>, headers: HeaderMap, body: Bytes) -> Response {
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let model = request
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("ok")
-        .to_string();
-    let prompt = request
-        .pointer("/messages/0/content")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
+    let model = request.get("model").and_then(Value::as_str).unwrap_or("ok").to_string();
+    let prompt = request.pointer("/messages/0/content").and_then(Value::as_str).unwrap_or("").to_string();
     let mut first_flaky_attempt = false;
     if stub.keep_log {
         let mut log = stub.log.lock().expect("stub log");
         log.requests.push(request.clone());
-        log.authorizations.push(
-            headers
-                .get("authorization")
-                .and_then(|value| value.to_str().ok())
-                .map(str::to_string),
-        );
+        log.authorizations.push(headers.get("authorization").and_then(|value| value.to_str().ok()).map(str::to_string));
         if model == "flaky" {
             let seen = log.flaky_seen.entry(prompt.clone()).or_insert(0);
             *seen += 1;
@@ -110,17 +90,9 @@ async fn chat(State(stub): State<Stub>, headers: HeaderMap, body: Bytes) -> Resp
         }
     }
     match model.as_str() {
-        "down" => {
-            return json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                json!({"error": {"message": "overloaded"}}),
-            )
-        }
+        "down" => return json_response(StatusCode::SERVICE_UNAVAILABLE, json!({"error": {"message": "overloaded"}})),
         "flaky" if first_flaky_attempt => {
-            return json_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                json!({"error": {"message": "try again"}}),
-            )
+            return json_response(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": {"message": "try again"}}))
         }
         "slow" => tokio::time::sleep(Duration::from_secs(2)).await,
         "reject" => {
@@ -133,18 +105,12 @@ async fn chat(State(stub): State<Stub>, headers: HeaderMap, body: Bytes) -> Resp
     }
     let usage = json!({"prompt_tokens": 21, "completion_tokens": 7, "total_tokens": 28});
     if request.get("stream").and_then(Value::as_bool) == Some(true) {
-        let include_usage = request
-            .pointer("/stream_options/include_usage")
-            .and_then(Value::as_bool)
-            == Some(true);
+        let include_usage = request.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true);
         let chunk = |delta: Value, finish: Value| {
             json!({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model,
                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
         };
-        let mut events = vec![chunk(
-            json!({"role": "assistant", "content": ""}),
-            Value::Null,
-        )];
+        let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
         for word in ANSWER.split_inclusive(' ') {
             events.push(chunk(json!({"content": word}), Value::Null));
         }
@@ -158,12 +124,7 @@ async fn chat(State(stub): State<Stub>, headers: HeaderMap, body: Bytes) -> Resp
             body.push_str(&format!("data: {event}\n\n"));
         }
         body.push_str("data: [DONE]\n\n");
-        return (
-            StatusCode::OK,
-            [("content-type", "text/event-stream")],
-            body,
-        )
-            .into_response();
+        return (StatusCode::OK, [("content-type", "text/event-stream")], body).into_response();
     }
     let mut completion = json!({
         "id": "chatcmpl-stub", "object": "chat.completion", "created": 1_700_000_000, "model": model,
@@ -178,11 +139,7 @@ async fn chat(State(stub): State<Stub>, headers: HeaderMap, body: Bytes) -> Resp
 async fn embeddings(State(stub): State<Stub>, body: Bytes) -> Response {
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     if stub.keep_log {
-        stub.log
-            .lock()
-            .expect("stub log")
-            .requests
-            .push(request.clone());
+        stub.log.lock().expect("stub log").requests.push(request.clone());
     }
     let n_inputs = match request.get("input") {
         Some(Value::Array(items)) => items.len(),
