@@ -17,6 +17,7 @@ if ! "$venv/bin/python" -c 'import openai' >/dev/null 2>&1; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check 'openai>=1.40,<4'
 fi
 export UNDERSTUDY_PYTHON="$venv/bin/python"
+export UNDERSTUDY_SLOW_TESTS_CACHE="$cache"
 export UNDERSTUDY_TEST_POSTGRES_URL="${UNDERSTUDY_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}"
 export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-$(nproc)}"
 

@@ -344,3 +344,41 @@ fn the_official_openai_python_client_works() {
         ]
     );
 }
+
+#[test]
+fn quickstart_sends_real_traffic_through_a_replay_lead() {
+    // Gated: it downloads the TREC set from PyPI once (scripts/test.sh sets it).
+    let Some(cache) = std::env::var_os("UNDERSTUDY_SLOW_TESTS_CACHE") else {
+        assert!(std::env::var_os("CI").is_none(), "CI must set UNDERSTUDY_SLOW_TESTS_CACHE (scripts/test.sh does)");
+        eprintln!("skipped: set UNDERSTUDY_SLOW_TESTS_CACHE to a folder for downloaded data");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = Path::new(&cache).join("data");
+    let output = Command::new(env!("CARGO_BIN_EXE_understudy"))
+        .args(["quickstart", "--traffic-share", "0.1", "--dir", "qs", "--data-dir"])
+        .arg(&data_dir)
+        .current_dir(dir.path())
+        .env_remove("UNDERSTUDY_CONFIG")
+        .output()
+        .expect("run quickstart");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("5381 unique questions, labels: ABBR DESC ENTY HUM LOC NUM"), "{stdout}");
+    assert!(stdout.contains("538 calls recorded"), "{stdout}");
+    assert!(stdout.contains("the lead answered 538 of them with the recorded label"), "{stdout}");
+
+    // The demo's store is an ordinary one: the export holds what was sent.
+    let config = dir.path().join("qs/understudy.toml");
+    let export = Command::new(env!("CARGO_BIN_EXE_understudy"))
+        .arg("--config")
+        .arg(&config)
+        .args(["calls", "export", "--task", "trec"])
+        .output()
+        .expect("export");
+    let lines: Vec<Value> =
+        String::from_utf8_lossy(&export.stdout).lines().map(|line| serde_json::from_str(line).expect("json")).collect();
+    assert_eq!(lines.len(), 538);
+    let labels = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"];
+    assert!(lines.iter().all(|line| labels.contains(&line["messages"][2]["content"].as_str().unwrap_or(""))));
+}
