@@ -123,6 +123,17 @@ impl AnyProvider {
     }
 }
 
+/// Reads `usage` out of a JSON response body without building the rest of it.
+/// Errors only if the body is not a JSON object.
+pub fn usage_of_body(body: &[u8]) -> Result<Option<Usage>, serde_json::Error> {
+    #[derive(serde::Deserialize)]
+    struct UsageOnly {
+        usage: Option<Value>,
+    }
+    let parsed: UsageOnly = serde_json::from_slice(body)?;
+    Ok(parsed.usage.and_then(|usage| usage_of(&serde_json::json!({ "usage": usage }))))
+}
+
 /// Reads `usage` out of an OpenAI response or chunk, if it has one.
 pub fn usage_of(body: &Value) -> Option<Usage> {
     let usage = body.get("usage")?;

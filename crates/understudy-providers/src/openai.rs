@@ -30,8 +30,8 @@ impl fmt::Debug for ApiKey {
 pub struct OpenAiProvider {
     name: String,
     client: reqwest::Client,
-    chat_url: String,
-    embeddings_url: String,
+    chat_url: reqwest::Url,
+    embeddings_url: reqwest::Url,
     api_key: Option<ApiKey>,
     timeout: Duration,
     max_retries: u32,
@@ -60,8 +60,8 @@ impl OpenAiProvider {
         Ok(OpenAiProvider {
             name: name.to_string(),
             client,
-            chat_url: format!("{}/chat/completions", config.base_url),
-            embeddings_url: format!("{}/embeddings", config.base_url),
+            chat_url: parse_url(name, &format!("{}/chat/completions", config.base_url))?,
+            embeddings_url: parse_url(name, &format!("{}/embeddings", config.base_url))?,
             api_key,
             timeout: config.timeout,
             max_retries: config.max_retries,
@@ -75,7 +75,7 @@ impl OpenAiProvider {
 
     /// Sends `body` until an answer other than 5xx arrives, or retries run out.
     /// Returns the response with its headers read and its body not yet read.
-    async fn send_with_retries(&self, url: &str, body: Bytes) -> Result<reqwest::Response, ProviderError> {
+    async fn send_with_retries(&self, url: &reqwest::Url, body: Bytes) -> Result<reqwest::Response, ProviderError> {
         let mut last_error = String::new();
         let n_attempts = self.max_retries + 1;
         for attempt_idx in 0..n_attempts {
@@ -83,8 +83,11 @@ impl OpenAiProvider {
                 let backoff = self.retry_backoff * 2u32.saturating_pow(attempt_idx - 1);
                 tokio::time::sleep(backoff).await;
             }
-            let mut request =
-                self.client.post(url).header(reqwest::header::CONTENT_TYPE, "application/json").body(body.clone());
+            let mut request = self
+                .client
+                .post(url.clone())
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.clone());
             if let Some(key) = &self.api_key {
                 request = request.bearer_auth(&key.0);
             }
@@ -106,7 +109,7 @@ impl OpenAiProvider {
     }
 
     /// A complete JSON answer: retries, then reads the body within the timeout.
-    async fn complete(&self, url: &str, body: Bytes) -> Result<ProviderResponse, ProviderError> {
+    async fn complete(&self, url: &reqwest::Url, body: Bytes) -> Result<ProviderResponse, ProviderError> {
         let read = async {
             let response = self.send_with_retries(url, body).await?;
             let status = response.status();
@@ -121,11 +124,11 @@ impl OpenAiProvider {
         if !status.is_success() {
             return Err(ProviderError::Rejected { provider: self.name.clone(), status: status.as_u16(), body });
         }
-        let parsed: Value = serde_json::from_slice(&body).map_err(|error| ProviderError::BadResponse {
+        let usage = crate::usage_of_body(&body).map_err(|error| ProviderError::BadResponse {
             provider: self.name.clone(),
             message: format!("the answer is not JSON: {error}"),
         })?;
-        Ok(ProviderResponse { usage: crate::usage_of(&parsed), body })
+        Ok(ProviderResponse { usage, body })
     }
 }
 
@@ -179,6 +182,13 @@ impl Provider for OpenAiProvider {
         let body = encode(&Value::Object(request.body))?;
         self.complete(&self.embeddings_url, body).await
     }
+}
+
+fn parse_url(provider: &str, url: &str) -> Result<reqwest::Url, ProviderError> {
+    reqwest::Url::parse(url).map_err(|error| ProviderError::Setup {
+        provider: provider.to_string(),
+        message: format!("`{url}` is not a valid URL: {error}"),
+    })
 }
 
 fn encode(body: &Value) -> Result<Bytes, ProviderError> {

@@ -5,13 +5,13 @@ use sqlx::{Any, Row};
 use time::OffsetDateTime;
 use understudy_types::{CallRecord, Endpoint, Money, Usage, UsageSource, Uuid};
 
-use crate::{Store, StoreError};
+use crate::{Backend, Store, StoreError};
 
 const CALL_COLUMNS: &str = "id, created_at, task, model, provider, endpoint, stream, request, response, \
      prompt_tokens, completion_tokens, usage_source, latency_ms, ttft_ms, status, error, cost";
 const N_CALL_COLUMNS: usize = 17;
 /// Rows per INSERT statement; keeps bind parameters under SQLite's limit.
-const ROWS_PER_INSERT: usize = 256;
+const ROWS_PER_INSERT: usize = 128;
 
 /// Which calls a query covers. Empty fields match everything.
 #[derive(Debug, Clone, Default)]
@@ -75,11 +75,12 @@ enum Bind {
 struct WhereClause {
     sql: String,
     binds: Vec<Bind>,
+    backend: Backend,
 }
 
 impl WhereClause {
-    fn new(filter: &CallFilter) -> WhereClause {
-        let mut clause = WhereClause { sql: String::new(), binds: Vec::new() };
+    fn new(filter: &CallFilter, backend: Backend) -> WhereClause {
+        let mut clause = WhereClause { sql: String::new(), binds: Vec::new(), backend };
         if let Some(task) = &filter.task {
             clause.push("task = ", Bind::Text(task.clone()));
         }
@@ -108,7 +109,7 @@ impl WhereClause {
 
     fn push(&mut self, condition: &str, bind: Bind) {
         self.binds.push(bind);
-        let placeholder = format!("{condition}${}", self.binds.len());
+        let placeholder = format!("{condition}{}", placeholder(self.backend, self.binds.len()));
         self.push_raw(&placeholder);
     }
 
@@ -134,7 +135,7 @@ impl Store {
         }
         let mut transaction = self.pool.begin().await?;
         for chunk in calls.chunks(ROWS_PER_INSERT) {
-            let sql = insert_sql(chunk.len());
+            let sql = insert_sql(chunk.len(), self.backend);
             let mut query = sqlx::query(&sql);
             for call in chunk {
                 query = query
@@ -164,7 +165,7 @@ impl Store {
 
     /// Calls matching `filter`, in the filter's order.
     pub async fn list_calls(&self, filter: &CallFilter) -> Result<Vec<CallRecord>, StoreError> {
-        let clause = WhereClause::new(filter);
+        let clause = WhereClause::new(filter, self.backend);
         let order = match filter.order {
             CallOrder::OldestFirst => "ASC",
             CallOrder::NewestFirst => "DESC",
@@ -180,13 +181,16 @@ impl Store {
     /// One call by id, or by a unique prefix of its id.
     pub async fn get_call(&self, id_or_prefix: &str) -> Result<Vec<CallRecord>, StoreError> {
         let pattern = format!("{}%", id_or_prefix.replace(['%', '_'], ""));
-        let sql = format!("SELECT {CALL_COLUMNS} FROM calls WHERE id LIKE $1 ORDER BY id LIMIT 2");
+        let sql = format!(
+            "SELECT {CALL_COLUMNS} FROM calls WHERE id LIKE {} ORDER BY id LIMIT 2",
+            placeholder(self.backend, 1)
+        );
         let rows = sqlx::query(&sql).bind(pattern).fetch_all(&self.pool).await?;
         rows.iter().map(call_from_row).collect()
     }
 
     pub async fn count_calls(&self, filter: &CallFilter) -> Result<u64, StoreError> {
-        let clause = WhereClause::new(filter);
+        let clause = WhereClause::new(filter, self.backend);
         let sql = format!("SELECT COUNT(*) FROM calls{}", clause.sql);
         let row = clause.bind_all(sqlx::query(&sql)).fetch_one(&self.pool).await?;
         Ok(row.try_get::<i64, _>(0)?.max(0) as u64)
@@ -194,7 +198,7 @@ impl Store {
 
     /// Calls, tokens and money per task, model and UTC day.
     pub async fn cost_report(&self, filter: &CallFilter) -> Result<Vec<CostRow>, StoreError> {
-        let clause = WhereClause::new(filter);
+        let clause = WhereClause::new(filter, self.backend);
         let sql = format!(
             "SELECT task, model, created_at / {MS_PER_DAY} AS day, COUNT(*), \
              CAST(SUM(CASE WHEN status >= 200 AND status < 300 AND error IS NULL THEN 0 ELSE 1 END) AS BIGINT), \
@@ -225,7 +229,17 @@ impl Store {
     }
 }
 
-fn insert_sql(n_rows: usize) -> String {
+/// The `idx`th (1-based) bind placeholder. Postgres needs `$N`. SQLite takes
+/// `$N` too, but sqlx then looks each name up in a list, which makes binding a
+/// many-row INSERT quadratic; positional `?` binds in constant time.
+fn placeholder(backend: Backend, idx: usize) -> String {
+    match backend {
+        Backend::Sqlite => "?".to_string(),
+        Backend::Postgres => format!("${idx}"),
+    }
+}
+
+fn insert_sql(n_rows: usize, backend: Backend) -> String {
     let mut sql = format!("INSERT INTO calls ({CALL_COLUMNS}) VALUES ");
     for row_idx in 0..n_rows {
         if row_idx > 0 {
@@ -236,7 +250,7 @@ fn insert_sql(n_rows: usize) -> String {
             if column_idx > 0 {
                 sql.push(',');
             }
-            sql.push_str(&format!("${}", row_idx * N_CALL_COLUMNS + column_idx + 1));
+            sql.push_str(&placeholder(backend, row_idx * N_CALL_COLUMNS + column_idx + 1));
         }
         sql.push(')');
     }

@@ -2,8 +2,9 @@
 //!
 //! One schema, one set of queries, two backends: SQLite (a file in WAL mode,
 //! the embedded default) and Postgres (for several gateways sharing a store).
-//! Both go through sqlx's `Any` driver, so every query here is written once in
-//! portable SQL with `$N` placeholders, which both engines accept.
+//! Both go through sqlx's `Any` driver, so every query is written once in
+//! portable SQL; only the bind placeholders differ (`?` on SQLite, `$N` on
+//! Postgres).
 
 mod calls;
 mod recorder;

@@ -16,6 +16,9 @@ use understudy_types::CallRecord;
 
 use crate::Store;
 
+/// How long the writer waits to fill a batch once it holds a record.
+const LINGER: Duration = Duration::from_millis(20);
+
 #[derive(Debug, Clone, Copy)]
 pub struct RecorderConfig {
     pub queue_capacity: usize,
@@ -94,6 +97,16 @@ async fn write_batches(
     loop {
         if receiver.recv_many(&mut batch, batch_size).await == 0 {
             break;
+        }
+        // Linger a little for more records: one commit per few hundred
+        // records costs far less than one per record under load.
+        let deadline = tokio::time::Instant::now() + LINGER;
+        while batch.len() < batch_size {
+            let room = batch_size - batch.len();
+            match tokio::time::timeout_at(deadline, receiver.recv_many(&mut batch, room)).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
         }
         let mut backoff = Duration::from_millis(50);
         loop {
