@@ -36,8 +36,54 @@ pub enum Command {
     /// Reports over recorded calls.
     #[command(subcommand)]
     Report(ReportCommand),
+    /// Build, import, export and inspect dataset versions of a task's calls.
+    #[command(subcommand)]
+    Dataset(DatasetCommand),
+    /// Fine-tune an understudy on a task's dataset.
+    Train(TrainCommand),
     /// The demo: real traffic from the TREC question set through a replay lead.
     Quickstart(QuickstartCommand),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TrainMethod {
+    /// A classifier for label tasks, LoRA for generation tasks.
+    Auto,
+    /// An encoder with a classification head (label tasks).
+    Classifier,
+    /// LoRA on a causal LM.
+    Lora,
+}
+
+#[derive(Args)]
+pub struct TrainCommand {
+    #[arg(long)]
+    pub task: String,
+    /// The dataset version (default: the task's newest).
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// The base model: an HF folder (default: models/all-MiniLM-L6-v2).
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = TrainMethod::Auto)]
+    pub method: TrainMethod,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+    /// Fine-tune only the top N encoder layers (default: all of them).
+    #[arg(long)]
+    pub train_top_layers: Option<usize>,
+    /// Where the trained model goes (default: understudies/TASK/DATASET-classifier next to the datasets).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Continue an interrupted run from its checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -142,6 +188,83 @@ pub enum ReportCommand {
     Costs {
         #[command(flatten)]
         filter: FilterArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// How a dataset version is made; shared by `dataset build` and `dataset import`.
+#[derive(Args, Clone)]
+pub struct DatasetBuildArgs {
+    /// Rows created at or after this time (RFC 3339, or YYYY-MM-DD in UTC).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Rows created before this time (RFC 3339, or YYYY-MM-DD in UTC).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Drop rows whose prompt text has fewer characters.
+    #[arg(long)]
+    pub min_chars: Option<usize>,
+    /// Drop rows whose prompt text has more characters.
+    #[arg(long)]
+    pub max_chars: Option<usize>,
+    /// Jaccard similarity (of word shingles) from which prompts are near-duplicates; 1 turns this off.
+    #[arg(long, default_value_t = 0.9)]
+    pub near_dup_threshold: f64,
+    /// Replace e-mail addresses, phone numbers and secrets with <EMAIL>, <PHONE>, <SECRET>.
+    #[arg(long)]
+    pub scrub: bool,
+    /// The share of rows, newest first, that becomes the test split.
+    #[arg(long, default_value_t = 0.2)]
+    pub test_share: f64,
+    /// The share of rows just before the test split that becomes the validation split.
+    #[arg(long, default_value_t = 0.1)]
+    pub validation_share: f64,
+    /// Print the manifest as JSON instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum DatasetCommand {
+    /// Make a dataset version from a task's successful calls.
+    Build {
+        #[arg(long)]
+        task: String,
+        #[command(flatten)]
+        options: DatasetBuildArgs,
+    },
+    /// Make a dataset version from OpenAI fine-tuning JSONL (rows without `created_at` keep file order).
+    Import {
+        #[arg(long)]
+        task: String,
+        /// The JSONL file.
+        file: PathBuf,
+        #[command(flatten)]
+        options: DatasetBuildArgs,
+    },
+    /// Write a version's rows as OpenAI fine-tuning JSONL.
+    Export {
+        /// The dataset id, or a unique prefix of it.
+        id: String,
+        /// Write here instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        #[arg(long, default_value = "all", value_parser = ["train", "validation", "test", "all"])]
+        split: String,
+    },
+    /// Registered dataset versions, newest first.
+    List {
+        #[arg(long)]
+        task: Option<String>,
+        /// One JSON object a line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One version's manifest: counts, labels, filters, parameters.
+    Show {
+        /// The dataset id, or a unique prefix of it.
+        id: String,
         #[arg(long)]
         json: bool,
     },

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
-use understudy_types::Price;
+use understudy_types::{Price, TaskKind};
 
 pub use template::TEMPLATE;
 
@@ -47,6 +47,9 @@ pub struct StoreConfig {
     pub queue_capacity: usize,
     /// Records written in one transaction.
     pub batch_size: usize,
+    /// Where dataset versions keep their files (default: `datasets/` next to
+    /// the config file).
+    pub datasets_dir: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -105,6 +108,8 @@ pub struct TaskConfig {
     pub lead: String,
     pub understudy: Option<String>,
     pub policy: Policy,
+    /// Overrides the kind that dataset building detects from the answers.
+    pub kind: Option<TaskKind>,
 }
 
 impl Config {
@@ -211,6 +216,7 @@ struct RawStore {
     queue_capacity: usize,
     #[serde(default = "default_batch_size")]
     batch_size: usize,
+    datasets_dir: Option<String>,
 }
 
 impl Default for RawStore {
@@ -219,6 +225,7 @@ impl Default for RawStore {
             url: default_store_url(),
             queue_capacity: default_queue_capacity(),
             batch_size: default_batch_size(),
+            datasets_dir: None,
         }
     }
 }
@@ -301,6 +308,7 @@ struct RawTask {
     understudy: Option<Spanned<String>>,
     #[serde(default = "default_policy")]
     policy: Spanned<String>,
+    kind: Option<Spanned<String>>,
 }
 
 fn default_policy() -> Spanned<String> {
@@ -432,12 +440,26 @@ impl Validator<'_> {
                     )
                 }
             };
+            let kind = match &raw_task.kind {
+                None => None,
+                Some(kind) => match TaskKind::parse(kind.get_ref()) {
+                    Some(kind) => Some(kind),
+                    None => {
+                        return self.invalid(
+                            format!("tasks.{name}.kind"),
+                            kind.span().start,
+                            format!("unknown kind `{}` (known: label, generation)", kind.get_ref()),
+                        )
+                    }
+                },
+            };
             tasks.insert(
                 name,
                 TaskConfig {
                     lead: raw_task.lead.into_inner(),
                     understudy: raw_task.understudy.map(Spanned::into_inner),
                     policy,
+                    kind,
                 },
             );
         }
@@ -467,7 +489,8 @@ impl Validator<'_> {
         if raw.queue_capacity == 0 || raw.batch_size == 0 {
             return self.invalid("store".into(), 0, "queue_capacity and batch_size must be at least 1".into());
         }
-        Ok(StoreConfig { url, queue_capacity: raw.queue_capacity, batch_size: raw.batch_size })
+        let datasets_dir = self.resolve_path(raw.datasets_dir.as_deref().unwrap_or("datasets"));
+        Ok(StoreConfig { url, queue_capacity: raw.queue_capacity, batch_size: raw.batch_size, datasets_dir })
     }
 
     fn check_model_ref(

@@ -15,6 +15,8 @@ url = "sqlite://understudy.db"          # or postgres://user:pass@host/db
 # path. When the queue is full, requests wait: no record is ever dropped.
 queue_capacity = 16384
 batch_size = 512
+# `understudy dataset build` writes each dataset version's files here.
+# datasets_dir = "datasets"            # relative to this config
 
 [server]
 listen = "127.0.0.1:8080"
@@ -88,4 +90,5 @@ output_per_million = 0.0
 [tasks.triage]
 lead = "gpt-4o-mini"
 policy = "lead"
+# kind = "label"                        # or "generation"; detected from the answers if unset
 "#;

@@ -86,3 +86,23 @@ fn a_bad_store_url_is_an_error() {
     let error = parse(&text).expect_err("bad store").to_string();
     assert!(error.contains("store.url") && error.contains(":3:"), "{error}");
 }
+
+#[test]
+fn datasets_dir_defaults_next_to_the_config_and_resolves_relative_paths() {
+    let config = parse(CONTRACT).expect("contract parses");
+    assert_eq!(config.store.datasets_dir, PathBuf::from("/srv/app/datasets"));
+    let text = CONTRACT.replace("[store]\n", "[store]\ndatasets_dir = \"data/versions\"\n");
+    let config = parse(&text).expect("datasets_dir parses");
+    assert_eq!(config.store.datasets_dir, PathBuf::from("/srv/app/data/versions"));
+}
+
+#[test]
+fn a_task_kind_overrides_detection_and_a_bad_one_names_the_key_and_line() {
+    let config = parse(CONTRACT).expect("contract parses");
+    assert_eq!(config.tasks["triage"].kind, None);
+    let text = CONTRACT.replace("lead = \"gpt-4o-mini\"", "lead = \"gpt-4o-mini\"\nkind = \"label\"");
+    assert_eq!(parse(&text).expect("kind parses").tasks["triage"].kind, Some(TaskKind::Label));
+    let text = CONTRACT.replace("lead = \"gpt-4o-mini\"", "lead = \"gpt-4o-mini\"\nkind = \"poetry\"");
+    let error = parse(&text).expect_err("bad kind").to_string();
+    assert_eq!(error, "understudy.toml:22: `tasks.triage.kind`: unknown kind `poetry` (known: label, generation)");
+}

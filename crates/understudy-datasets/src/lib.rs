@@ -1,4 +1,11 @@
-//! From recorded calls to datasets. For now: the OpenAI chat fine-tuning JSONL
-//! format that `understudy import`, `calls export` and the replay provider share.
+//! Recorded calls as datasets: the JSONL format shared with import and
+//! export, and the dataset build (filters, scrubbing, de-duplication, kind
+//! detection, time split) with its files.
 
+pub mod build;
+pub mod dedup;
+pub mod files;
 pub mod jsonl;
+pub mod kind;
+pub mod scrub;
+pub mod split;

@@ -2,6 +2,8 @@
 //!
 //! Run: `cargo run --release -p understudy-gateway --example stub_upstream -- 127.0.0.1:9000`
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
+
 #[path = "../tests/support/stub.rs"]
 mod stub;
 

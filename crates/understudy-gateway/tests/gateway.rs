@@ -1,5 +1,7 @@
 //! The gateway over real sockets: a stub upstream on loopback, a real store.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
+
 mod support;
 
 use serde_json::{json, Value};

@@ -2,6 +2,8 @@
 //!
 //! Run: `cargo run --release -p understudy-store --example write_rate -- [sqlite|postgres] [N_RECORDS]`
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
+
 use std::time::Instant;
 
 use understudy_store::Store;

@@ -232,7 +232,7 @@ impl Store {
 /// The `idx`th (1-based) bind placeholder. Postgres needs `$N`. SQLite takes
 /// `$N` too, but sqlx then looks each name up in a list, which makes binding a
 /// many-row INSERT quadratic; positional `?` binds in constant time.
-fn placeholder(backend: Backend, idx: usize) -> String {
+pub(crate) fn placeholder(backend: Backend, idx: usize) -> String {
     match backend {
         Backend::Sqlite => "?".to_string(),
         Backend::Postgres => format!("${idx}"),

@@ -7,6 +7,8 @@
 //! Postgres).
 
 mod calls;
+mod datasets;
+mod models;
 mod recorder;
 pub mod testing;
 
@@ -17,6 +19,8 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
 pub use calls::{CallFilter, CallOrder, CostGroup, CostRow, StatusFilter};
+pub use datasets::DatasetRecord;
+pub use models::ModelVersionRecord;
 pub use recorder::{Recorder, RecorderConfig, RecorderHandle, RecorderStats};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

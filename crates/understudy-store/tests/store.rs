@@ -1,11 +1,13 @@
 //! The store's suite, run against a real SQLite file and a real Postgres.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
+
 use std::future::Future;
 
 use time::macros::datetime;
 use understudy_store::testing::TestDatabase;
-use understudy_store::{CallFilter, CallOrder, Recorder, RecorderConfig, StatusFilter, Store};
-use understudy_types::{CallRecord, Endpoint, Money, OffsetDateTime, Usage, UsageSource};
+use understudy_store::{CallFilter, CallOrder, DatasetRecord, Recorder, RecorderConfig, StatusFilter, Store};
+use understudy_types::{CallRecord, Endpoint, Money, OffsetDateTime, TaskKind, Usage, UsageSource};
 
 /// Runs `check` once on a fresh SQLite file and once on a fresh Postgres database.
 async fn on_both_backends<F, Fut>(check: F)
@@ -154,6 +156,78 @@ async fn the_recorder_writes_everything_before_shutdown_returns() {
         drop(recorder);
         handle.shutdown().await;
         assert_eq!(store.count_calls(&CallFilter::default()).await.expect("count"), 1000);
+    })
+    .await;
+}
+
+fn dataset(id: &str, task: &str, at: OffsetDateTime) -> DatasetRecord {
+    DatasetRecord {
+        id: id.to_string(),
+        task: task.to_string(),
+        created_at: at,
+        kind: TaskKind::Label,
+        labels: vec!["HUM".to_string(), "NUM".to_string()],
+        n_train: 7,
+        n_validation: 1,
+        n_test: 2,
+        parameters: r#"{"test_share":0.2}"#.to_string(),
+        path: "/data/datasets/x".to_string(),
+    }
+}
+
+#[tokio::test]
+async fn datasets_register_once_and_list_newest_first() {
+    on_both_backends(|store| async move {
+        let older = dataset("ds-aaaa00000001", "trec", datetime!(2026-11-01 10:00:00.5 UTC));
+        let mut newer = dataset("ds-bbbb00000002", "trec", datetime!(2026-11-02 10:00 UTC));
+        newer.kind = TaskKind::Generation;
+        newer.labels = Vec::new();
+        let other = dataset("ds-cccc00000003", "triage", datetime!(2026-11-03 10:00 UTC));
+        assert!(store.register_dataset(&older).await.expect("register"));
+        assert!(store.register_dataset(&newer).await.expect("register"));
+        assert!(store.register_dataset(&other).await.expect("register"));
+
+        // The same id again is not a second registration, and the first one stays.
+        let mut again = older.clone();
+        again.created_at = datetime!(2026-12-01 00:00 UTC);
+        assert!(!store.register_dataset(&again).await.expect("register again"));
+        assert_eq!(store.get_dataset(&older.id).await.expect("get"), vec![older.clone()]);
+
+        assert_eq!(store.get_dataset("ds-bbbb").await.expect("prefix"), vec![newer.clone()]);
+        assert_eq!(store.get_dataset("ds-").await.expect("ambiguous").len(), 2);
+        assert!(store.get_dataset("ds-ffff").await.expect("missing").is_empty());
+
+        let trec = store.list_datasets(Some("trec")).await.expect("list");
+        assert_eq!(trec, vec![newer.clone(), older.clone()]);
+        assert_eq!(store.list_datasets(None).await.expect("list all").len(), 3);
+        assert!(store.list_datasets(Some("nope")).await.expect("list none").is_empty());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn model_versions_register_and_list_newest_first() {
+    on_both_backends(|store| async move {
+        let version = |id: &str, at: OffsetDateTime| understudy_store::ModelVersionRecord {
+            id: id.to_string(),
+            task: "trec".into(),
+            dataset_id: "ds-0123456789ab".into(),
+            method: "classifier".into(),
+            base_model: "models/all-MiniLM-L6-v2".into(),
+            path: format!("understudies/{id}"),
+            created_at: at,
+            wall_seconds: 321.5,
+            metrics: r#"{"validation_accuracy":0.93}"#.into(),
+        };
+        let older = version("mv-older", datetime!(2026-11-01 10:00 UTC));
+        let newer = version("mv-newer", datetime!(2026-11-02 10:00 UTC));
+        store.register_model_version(&older).await.expect("register");
+        store.register_model_version(&newer).await.expect("register");
+        assert!(store.register_model_version(&newer).await.is_err(), "ids are unique");
+        let listed = store.list_model_versions("trec").await.expect("list");
+        assert_eq!(listed, vec![newer.clone(), older]);
+        assert_eq!(store.get_model_version("mv-ne").await.expect("get"), vec![newer]);
+        assert!(store.list_model_versions("other").await.expect("list").is_empty());
     })
     .await;
 }

@@ -121,6 +121,32 @@ impl Endpoint {
     }
 }
 
+/// What a task's answers look like, which decides how an understudy learns it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskKind {
+    /// The answers take a small set of values (a classifier can learn it).
+    Label,
+    /// Anything else: the understudy has to write the answer.
+    Generation,
+}
+
+impl TaskKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::Label => "label",
+            TaskKind::Generation => "generation",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<TaskKind> {
+        match text {
+            "label" => Some(TaskKind::Label),
+            "generation" => Some(TaskKind::Generation),
+            _ => None,
+        }
+    }
+}
+
 /// One recorded call: what was asked, what came back, and what it cost.
 ///
 /// `request` and `response` hold the JSON bodies as text, exactly as they

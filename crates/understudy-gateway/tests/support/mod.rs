@@ -1,5 +1,6 @@
 //! A gateway on a real socket, in front of the stub upstream, over a real store.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
 #![allow(dead_code)]
 
 pub mod stub;

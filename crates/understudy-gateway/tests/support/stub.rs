@@ -7,9 +7,11 @@
 //! - `down`: HTTP 503 always;
 //! - `slow`: waits 2 s before answering;
 //! - `reject`: HTTP 400 with an OpenAI error body.
+//!
 //! With `"stream": true` it answers in SSE chunks, with a usage chunk when
 //! `stream_options.include_usage` is set.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
 #![allow(dead_code)]
 
 use std::collections::HashMap;

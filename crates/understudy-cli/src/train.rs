@@ -1,0 +1,164 @@
+//! `understudy train`: fine-tunes an understudy on a task's dataset and
+//! registers the result as a model version.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde_json::json;
+use understudy_config::Config;
+use understudy_datasets::files::read_split;
+use understudy_datasets::jsonl::ChatExample;
+use understudy_datasets::kind::normalize_label;
+use understudy_store::{DatasetRecord, ModelVersionRecord};
+use understudy_trainer::{prompt_text, train_classifier, ClassifierTrainConfig, LabeledText};
+use understudy_types::{OffsetDateTime, TaskKind};
+
+use crate::cli::{TrainCommand, TrainMethod};
+use crate::dataset::find_dataset;
+use crate::output::{load_config, open_store};
+
+/// Where `scripts/fetch-models.sh` puts MiniLM, relative to the config's folder.
+const DEFAULT_ENCODER: &str = "models/all-MiniLM-L6-v2";
+
+pub async fn run(config_path: &Path, command: TrainCommand) -> anyhow::Result<()> {
+    let config = load_config(config_path)?;
+    let store = open_store(&config).await?;
+    let dataset = match &command.dataset {
+        Some(id) => find_dataset(&store, id).await?,
+        None => store.list_datasets(Some(&command.task)).await?.into_iter().next().with_context(|| {
+            format!(
+                "task `{}` has no dataset yet; run `understudy dataset build --task {}`",
+                command.task, command.task
+            )
+        })?,
+    };
+    anyhow::ensure!(
+        dataset.task == command.task,
+        "dataset {} belongs to task `{}`, not `{}`",
+        dataset.id,
+        dataset.task,
+        command.task
+    );
+    let method = match (command.method, dataset.kind) {
+        (TrainMethod::Auto | TrainMethod::Classifier, TaskKind::Label) => TrainMethod::Classifier,
+        (TrainMethod::Classifier, TaskKind::Generation) => anyhow::bail!(
+            "a classifier needs a label task, and dataset {} is a generation task (set `kind = \"label\"` \
+             in [tasks.{}] if its answers are labels)",
+            dataset.id,
+            dataset.task
+        ),
+        (TrainMethod::Auto | TrainMethod::Lora, _) => anyhow::bail!(
+            "LoRA fine-tuning of causal LMs is not in this build yet; dataset {} ({} task) can only be \
+             trained with --method classifier when it is a label task",
+            dataset.id,
+            dataset.kind.as_str()
+        ),
+    };
+    debug_assert!(matches!(method, TrainMethod::Classifier));
+    let base = resolve_base(config_path, command.base.as_deref())?;
+    let (train, validation) = read_labelled(&dataset)?;
+    let output_dir = match &command.output {
+        Some(dir) => dir.clone(),
+        None => understudies_dir(&config).join(&dataset.task).join(format!("{}-classifier", dataset.id)),
+    };
+
+    let mut train_config = ClassifierTrainConfig::new(&base, &output_dir);
+    train_config.resume = command.resume;
+    if let Some(epochs) = command.epochs {
+        train_config.epochs = epochs;
+    }
+    if let Some(batch_size) = command.batch_size {
+        train_config.batch_size = batch_size;
+    }
+    if let Some(learning_rate) = command.learning_rate {
+        train_config.learning_rate = learning_rate;
+    }
+    train_config.train_top_layers = command.train_top_layers;
+    eprintln!(
+        "training a classifier for task `{}` on dataset {} ({} train, {} validation rows) from {}",
+        dataset.task,
+        dataset.id,
+        train.len(),
+        validation.len(),
+        base.display()
+    );
+    let report = tokio::task::spawn_blocking(move || train_classifier(&train_config, &train, &validation))
+        .await
+        .context("the training task failed")??;
+    if report.interrupted {
+        anyhow::bail!("training stopped before the end; resume it with --resume");
+    }
+    let metrics = json!({
+        "best_epoch": report.best_epoch,
+        "best_validation_accuracy": report.best_validation_accuracy,
+        "epochs": report.epochs,
+        "steps": report.steps,
+        "stopped_early": report.stopped_early,
+        "labels": report.labels,
+    });
+    let version = ModelVersionRecord {
+        id: format!("mv-{}", &understudy_types::Uuid::now_v7().simple().to_string()[..16]),
+        task: dataset.task.clone(),
+        dataset_id: dataset.id.clone(),
+        method: "classifier".into(),
+        base_model: base.display().to_string(),
+        path: std::path::absolute(&report.output_dir)?.display().to_string(),
+        created_at: OffsetDateTime::now_utc(),
+        wall_seconds: report.wall_seconds,
+        metrics: metrics.to_string(),
+    };
+    store.register_model_version(&version).await?;
+    store.close().await;
+    if command.json {
+        println!("{}", json!({"model_version": version.id, "path": version.path, "metrics": metrics}));
+    } else {
+        println!("model version {} for task `{}`", version.id, version.task);
+        println!(
+            "    best epoch {:?}, validation accuracy {:.4}",
+            report.best_epoch,
+            report.best_validation_accuracy.unwrap_or(0.0)
+        );
+        println!("    {} steps in {:.0}s; saved in {}", report.steps, report.wall_seconds, version.path);
+    }
+    Ok(())
+}
+
+/// Labelled rows of the train and validation splits: the classifier reads the
+/// prompt's user text and learns the lead's normalized answer.
+fn read_labelled(dataset: &DatasetRecord) -> anyhow::Result<(Vec<LabeledText>, Vec<LabeledText>)> {
+    let dir = Path::new(&dataset.path);
+    let read = |split: &str| -> anyhow::Result<Vec<LabeledText>> {
+        let text = read_split(dir, split)?;
+        text.lines()
+            .filter(|line| !line.trim().is_empty())
+            .enumerate()
+            .map(|(line_idx, line)| {
+                let example = ChatExample::parse(line)
+                    .map_err(|error| anyhow::anyhow!("{}/{split}.jsonl:{}: {error}", dir.display(), line_idx + 1))?;
+                Ok(LabeledText { text: prompt_text(&example.prompt), label: normalize_label(&example.answer_text()) })
+            })
+            .collect()
+    };
+    Ok((read("train")?, read("validation")?))
+}
+
+fn resolve_base(config_path: &Path, base: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let candidates: Vec<PathBuf> = match base {
+        Some(base) => vec![base.to_path_buf()],
+        None => {
+            let config_dir = config_path.parent().filter(|dir| !dir.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            vec![config_dir.join(DEFAULT_ENCODER), PathBuf::from(DEFAULT_ENCODER)]
+        }
+    };
+    candidates.iter().find(|candidate| candidate.join("config.json").exists()).cloned().with_context(|| {
+        format!(
+            "no base model at {} (run scripts/fetch-models.sh, or pass --base with an HF folder)",
+            candidates.iter().map(|candidate| candidate.display().to_string()).collect::<Vec<_>>().join(" or ")
+        )
+    })
+}
+
+/// Trained understudies live next to the datasets.
+fn understudies_dir(config: &Config) -> PathBuf {
+    config.store.datasets_dir.parent().map_or_else(|| PathBuf::from("understudies"), |dir| dir.join("understudies"))
+}

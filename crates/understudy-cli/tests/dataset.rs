@@ -1,0 +1,239 @@
+//! `understudy dataset`, driven as a user would drive it: calls imported into
+//! a SQLite store, dataset versions built, exported, re-imported and listed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::{json, Value};
+
+/// A folder with a config (SQLite store, one replay model, two tasks).
+struct DatasetWorkdir {
+    dir: tempfile::TempDir,
+}
+
+impl DatasetWorkdir {
+    fn new(extra_config: &str) -> DatasetWorkdir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = format!(
+            r#"
+[store]
+url = "sqlite://calls.db"
+{extra_config}
+
+[providers.recorded]
+type = "replay"
+file = "recorded.jsonl"
+
+[models.replayed]
+provider = "recorded"
+
+[tasks.trec]
+lead = "replayed"
+
+[tasks.summaries]
+lead = "replayed"
+kind = "generation"
+"#
+        );
+        std::fs::write(dir.path().join("understudy.toml"), config).expect("config");
+        std::fs::write(dir.path().join("recorded.jsonl"), "").expect("replay file");
+        DatasetWorkdir { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_understudy"))
+            .current_dir(self.dir.path())
+            .env_remove("UNDERSTUDY_CONFIG")
+            .args(args)
+            .output()
+            .expect("run understudy")
+    }
+
+    fn run_ok(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        assert!(output.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).expect("utf-8")
+    }
+
+    /// Runs a command that must fail, and returns its standard error.
+    fn run_err(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        assert!(!output.status.success(), "{args:?} succeeded: {}", String::from_utf8_lossy(&output.stdout));
+        String::from_utf8(output.stderr).expect("utf-8")
+    }
+
+    fn write_lines(&self, name: &str, lines: &[Value]) {
+        let text: String = lines.iter().map(|line| format!("{line}\n")).collect();
+        std::fs::write(self.path(name), text).expect("write jsonl");
+    }
+}
+
+fn example(question: &str, label: &str, minute: usize) -> Value {
+    json!({
+        "messages": [
+            {"role": "system", "content": "Answer with one label."},
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": label},
+        ],
+        "model": "replayed",
+        "created_at": format!("2026-10-01T{:02}:{:02}:00Z", minute / 60, minute % 60),
+    })
+}
+
+const LONG_QUESTION: &str = "My order arrived yesterday but the box was crushed and two of the six glasses inside \
+    were broken, the others look fine. I would like a replacement for the broken ones rather than a refund, and \
+    I can send photos of the damage if that helps. What should I do next?";
+
+/// 40 distinct labelled questions, one a minute, then an exact duplicate, a
+/// near-duplicate pair and a question with an e-mail address in it.
+fn calls() -> Vec<Value> {
+    let subjects =
+        ["Hamlet", "the Moon", "a quark", "Everest", "the Nile", "Mozart", "a lighthouse", "Saturn", "Lisbon", "zinc"];
+    let forms = [("Who discovered", "HUM"), ("How far away is", "NUM"), ("What is", "DESC"), ("Where is", "LOC")];
+    let mut lines = Vec::new();
+    for (form, label) in forms {
+        for subject in subjects {
+            lines.push(example(&format!("{form} {subject}?"), label, lines.len()));
+        }
+    }
+    lines.push(example("Who  discovered Hamlet?", "HUM", 40));
+    lines.push(example(LONG_QUESTION, "DESC", 41));
+    lines.push(example(&LONG_QUESTION.replace("yesterday", "on Monday"), "DESC", 42));
+    lines.push(example("Where does jane.doe@example.com live?", "LOC", 43));
+    lines
+}
+
+fn created_at(line: &str) -> String {
+    let value: Value = serde_json::from_str(line).expect("json line");
+    value["created_at"].as_str().expect("created_at").to_string()
+}
+
+#[test]
+fn build_export_reimport_list_and_show() {
+    let workdir = DatasetWorkdir::new("");
+    workdir.write_lines("calls.jsonl", &calls());
+    workdir.run_ok(&["import", "--task", "trec", "calls.jsonl"]);
+
+    let built = workdir.run_ok(&["dataset", "build", "--task", "trec", "--scrub"]);
+    assert!(built.contains("(new)"), "{built}");
+    assert!(built.contains("trec, label task (detected)"), "{built}");
+    // 44 calls less one exact and one near-duplicate: 42 rows.
+    assert!(built.contains("rows: 30 train, 4 validation, 8 test"), "{built}");
+    assert!(built.contains("1 exact duplicates, 1 near-duplicates"), "{built}");
+    assert!(built.contains("scrubbed: 1 rows (1 e-mail addresses"), "{built}");
+    assert!(built.contains("prompt overlap: train/test 0"), "{built}");
+    assert!(built.contains("labels (4)"), "{built}");
+    let id = built.lines().next().and_then(|line| line.split_whitespace().nth(1)).expect("id").to_string();
+    assert!(id.starts_with("ds-") && id.len() == 15, "{id}");
+    for file in ["train.jsonl", "validation.jsonl", "test.jsonl", "manifest.json"] {
+        assert!(workdir.path("datasets").join(&id).join(file).is_file(), "{file} is written next to the config");
+    }
+
+    // The same calls and parameters: the same id, registered once.
+    let again = workdir.run_ok(&["dataset", "build", "--task", "trec", "--scrub"]);
+    assert!(again.starts_with(&format!("dataset {id} (already registered")), "{again}");
+    assert_eq!(workdir.run_ok(&["dataset", "list", "--json"]).lines().count(), 1);
+
+    // Other parameters: another version.
+    let other: Value = serde_json::from_str(&workdir.run_ok(&[
+        "dataset",
+        "build",
+        "--task",
+        "trec",
+        "--scrub",
+        "--test-share",
+        "0.3",
+        "--json",
+    ]))
+    .expect("manifest json");
+    let other_id = other["id"].as_str().expect("id").to_string();
+    assert_ne!(other_id, id);
+    assert_eq!(other["counts"], json!({"train": 25, "validation": 4, "test": 13}));
+    assert_eq!(other["parameters"]["test_share"], json!(0.3));
+    assert_eq!(other["labels"], json!(["DESC", "LOC", "HUM", "NUM"]));
+    let listed = workdir.run_ok(&["dataset", "list", "--task", "trec"]);
+    assert_eq!(listed.lines().count(), 3, "a header and two versions: {listed}");
+    assert!(listed.lines().nth(1).is_some_and(|line| line.starts_with(&other_id)), "newest first: {listed}");
+    assert_eq!(workdir.run_ok(&["dataset", "list", "--task", "summaries"]).lines().count(), 1);
+
+    // Export: splits in time order, scrubbed, in the import format.
+    workdir.run_ok(&["dataset", "export", &id, "--split", "test", "-o", "test.jsonl"]);
+    let test = std::fs::read_to_string(workdir.path("test.jsonl")).expect("test split");
+    let train = workdir.run_ok(&["dataset", "export", &id, "--split", "train"]);
+    assert_eq!((train.lines().count(), test.lines().count()), (30, 8));
+    let newest_train = train.lines().map(created_at).max().expect("train rows");
+    let oldest_test = test.lines().map(created_at).min().expect("test rows");
+    assert!(newest_train < oldest_test, "{newest_train} vs {oldest_test}");
+    let all = workdir.run_ok(&["dataset", "export", &id[..8]]);
+    assert_eq!(all.lines().count(), 42);
+    assert!(all.contains("Where does <EMAIL> live?") && !all.contains("jane.doe"), "{all}");
+    assert!(all.contains("arrived on Monday") && !all.contains("arrived yesterday"), "the newer near-duplicate stays");
+
+    // The export comes back in as a dataset of the same rows.
+    std::fs::write(workdir.path("all.jsonl"), &all).expect("write");
+    let imported: Value =
+        serde_json::from_str(&workdir.run_ok(&["dataset", "import", "--task", "trec", "all.jsonl", "--json"]))
+            .expect("manifest json");
+    assert_eq!(imported["counts"], json!({"train": 30, "validation": 4, "test": 8}));
+    assert_eq!(imported["parameters"]["source"], "import");
+    let imported_id = imported["id"].as_str().expect("id");
+    let reexported = workdir.run_ok(&["dataset", "export", imported_id]);
+    assert_eq!(reexported, all, "a round trip through import keeps every row and its split");
+
+    let shown: Value = serde_json::from_str(&workdir.run_ok(&["dataset", "show", &id, "--json"])).expect("json");
+    assert_eq!(shown["id"], id.as_str());
+    assert_eq!(shown["filters"]["near_duplicates"], 1);
+    assert_eq!(shown["overlap"]["train_test"], 0);
+    assert!(shown["path"].as_str().is_some_and(|path| path.ends_with(&id)));
+    let shown_text = workdir.run_ok(&["dataset", "show", &id]);
+    assert!(shown_text.contains("HUM") && shown_text.contains("files: "), "{shown_text}");
+}
+
+#[test]
+fn the_config_sets_the_kind_and_the_datasets_folder() {
+    let workdir = DatasetWorkdir::new("datasets_dir = \"versions\"");
+    workdir.write_lines("calls.jsonl", &calls());
+    workdir.run_ok(&["import", "--task", "summaries", "calls.jsonl"]);
+    let built = workdir.run_ok(&["dataset", "build", "--task", "summaries", "--near-dup-threshold", "1"]);
+    assert!(built.contains("summaries, generation task (set in the config)"), "{built}");
+    assert!(built.contains("0 near-duplicates"), "{built}");
+    assert!(!built.contains("labels ("), "{built}");
+    let id = built.lines().next().and_then(|line| line.split_whitespace().nth(1)).expect("id");
+    assert!(workdir.path("versions").join(id).join("manifest.json").is_file());
+}
+
+#[test]
+fn bad_input_is_a_clear_error_and_a_non_zero_exit() {
+    let workdir = DatasetWorkdir::new("");
+    let stderr = workdir.run_err(&["dataset", "build", "--task", "ghost"]);
+    assert!(stderr.contains("task `ghost` has no successful chat calls in the store, and it is not in the config"));
+    let stderr = workdir.run_err(&["dataset", "show", "ds-000000000000"]);
+    assert!(stderr.contains("no dataset with id `ds-000000000000`"), "{stderr}");
+    let stderr = workdir.run_err(&["dataset", "export", "ds-000000000000"]);
+    assert!(stderr.contains("no dataset with id"), "{stderr}");
+
+    workdir.write_lines("calls.jsonl", &calls());
+    workdir.run_ok(&["import", "--task", "trec", "calls.jsonl"]);
+    let stderr = workdir.run_err(&["dataset", "build", "--task", "trec", "--min-chars", "100000"]);
+    assert!(stderr.contains("no rows are left for task `trec`") && stderr.contains("44 by prompt length"), "{stderr}");
+    let stderr = workdir.run_err(&["dataset", "build", "--task", "trec", "--since", "2030-01-01"]);
+    assert!(stderr.contains("44 outside the time range"), "{stderr}");
+    let stderr =
+        workdir.run_err(&["dataset", "build", "--task", "trec", "--test-share", "0.7", "--validation-share", "0.5"]);
+    assert!(stderr.contains("add up to") && stderr.contains("less than 1"), "{stderr}");
+    let stderr = workdir.run_err(&["dataset", "build", "--task", "trec", "--near-dup-threshold", "1.5"]);
+    assert!(stderr.contains("--near-dup-threshold 1.5"), "{stderr}");
+    let stderr = workdir.run_err(&["dataset", "export", "ds-", "--split", "dev"]);
+    assert!(stderr.contains("dev"), "{stderr}");
+
+    std::fs::write(workdir.path("broken.jsonl"), format!("{}\n{{not json\n", calls()[0])).expect("write");
+    let stderr = workdir.run_err(&["dataset", "import", "--task", "trec", "broken.jsonl"]);
+    assert!(stderr.contains("broken.jsonl:2: not valid JSON") && stderr.contains("no dataset was made"), "{stderr}");
+    assert_eq!(workdir.run_ok(&["dataset", "list", "--json"]), "", "nothing was registered");
+}

@@ -1,0 +1,11 @@
+//! candle model files for Understudy, and loading them from HF directories.
+//!
+//! Each model file has the same shape: a `//!` header, a `Config` mirroring
+//! HF `config.json`, private blocks, and a public `Model` with `new(cfg, vb)`
+//! and `forward`. Model code meant for training uses only ops that have a
+//! backward pass in candle (candle-nn's fused norms and softmax have none).
+
+pub mod bert;
+pub mod hf;
+
+pub use hf::{HfDir, LoadError};

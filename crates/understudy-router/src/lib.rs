@@ -1,0 +1,190 @@
+//! Routing policies as pure functions: which model serves a task's call, and
+//! when the lead takes over. No IO: the gateway supplies the random draw, the
+//! understudy's outcome and its confidence, and acts on the decision.
+
+/// A task's routing policy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Policy {
+    /// The lead serves every call.
+    Lead,
+    /// The lead serves; the understudy answers in the background to be scored.
+    Shadow,
+    /// The understudy serves this share of calls (0..=100 per cent).
+    Canary { percent: f64 },
+    /// The understudy serves when its confidence is at least the threshold.
+    Cascade { threshold: f64 },
+    /// The understudy serves every call.
+    Understudy,
+}
+
+impl Policy {
+    /// Parses `lead`, `shadow`, `canary:PCT`, `cascade`, `cascade:THRESHOLD` or
+    /// `understudy`. A bare `cascade` takes `calibrated` (the threshold chosen
+    /// on validation data), and fails without one.
+    pub fn parse(text: &str, calibrated: Option<f64>) -> Result<Policy, String> {
+        let (name, argument) = match text.split_once(':') {
+            Some((name, argument)) => (name, Some(argument)),
+            None => (text, None),
+        };
+        let number = |what: &str| -> Result<f64, String> {
+            let argument = argument.ok_or_else(|| format!("`{name}` needs {what}, as `{name}:VALUE`"))?;
+            argument.parse::<f64>().map_err(|_| format!("`{argument}` is not a number"))
+        };
+        match (name, argument) {
+            ("lead", None) => Ok(Policy::Lead),
+            ("shadow", None) => Ok(Policy::Shadow),
+            ("understudy", None) => Ok(Policy::Understudy),
+            ("canary", _) => {
+                let percent = number("a percentage")?;
+                if !(0.0..=100.0).contains(&percent) {
+                    return Err(format!("a canary share must be between 0 and 100, not {percent}"));
+                }
+                Ok(Policy::Canary { percent })
+            }
+            ("cascade", None) => calibrated
+                .map(|threshold| Policy::Cascade { threshold })
+                .ok_or_else(|| "`cascade` needs a calibrated threshold (run eval) or `cascade:THRESHOLD`".to_string()),
+            ("cascade", Some(_)) => {
+                let threshold = number("a threshold")?;
+                if !(0.0..=1.0).contains(&threshold) {
+                    return Err(format!("a cascade threshold must be between 0 and 1, not {threshold}"));
+                }
+                Ok(Policy::Cascade { threshold })
+            }
+            _ => Err(format!(
+                "unknown policy `{text}` (known: lead, shadow, canary:PCT, cascade[:THRESHOLD], understudy)"
+            )),
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Policy::Lead => "lead".into(),
+            Policy::Shadow => "shadow".into(),
+            Policy::Canary { percent } => format!("canary:{percent}"),
+            Policy::Cascade { threshold } => format!("cascade:{threshold}"),
+            Policy::Understudy => "understudy".into(),
+        }
+    }
+}
+
+/// What to do first with a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstStep {
+    /// Ask the lead; the understudy is not involved.
+    Lead,
+    /// Ask the lead and serve its answer; also ask the understudy, off the response path.
+    LeadWithShadow,
+    /// Ask the understudy; `judge` says whether its answer may be served.
+    Understudy,
+}
+
+/// The first step for a call. `draw` is a uniform number in [0, 1) for this call.
+pub fn first_step(policy: Policy, draw: f64) -> FirstStep {
+    match policy {
+        Policy::Lead => FirstStep::Lead,
+        Policy::Shadow => FirstStep::LeadWithShadow,
+        Policy::Canary { percent } if draw * 100.0 < percent => FirstStep::Understudy,
+        Policy::Canary { .. } => FirstStep::Lead,
+        Policy::Cascade { .. } | Policy::Understudy => FirstStep::Understudy,
+    }
+}
+
+/// How the understudy's attempt went.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Attempt {
+    Answered { confidence: Option<f64>, valid: bool },
+    Failed,
+    TimedOut,
+}
+
+/// Who serves after the understudy's attempt, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    ServeUnderstudy,
+    FallBack(FallbackReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FallbackReason {
+    UnderstudyError,
+    UnderstudyTimeout,
+    InvalidAnswer,
+    LowConfidence,
+}
+
+impl FallbackReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FallbackReason::UnderstudyError => "understudy_error",
+            FallbackReason::UnderstudyTimeout => "understudy_timeout",
+            FallbackReason::InvalidAnswer => "invalid_answer",
+            FallbackReason::LowConfidence => "low_confidence",
+        }
+    }
+}
+
+/// Whether the understudy's answer is served. In every policy an error, a
+/// timeout or an invalid answer falls back to the lead; a cascade also falls
+/// back below its threshold (and when no confidence came with the answer).
+pub fn judge(policy: Policy, attempt: Attempt) -> Verdict {
+    match attempt {
+        Attempt::Failed => Verdict::FallBack(FallbackReason::UnderstudyError),
+        Attempt::TimedOut => Verdict::FallBack(FallbackReason::UnderstudyTimeout),
+        Attempt::Answered { valid: false, .. } => Verdict::FallBack(FallbackReason::InvalidAnswer),
+        Attempt::Answered { confidence, valid: true } => match policy {
+            Policy::Cascade { threshold } if confidence.is_none_or(|confidence| confidence < threshold) => {
+                Verdict::FallBack(FallbackReason::LowConfidence)
+            }
+            _ => Verdict::ServeUnderstudy,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policies_parse_and_print() {
+        assert_eq!(Policy::parse("lead", None), Ok(Policy::Lead));
+        assert_eq!(Policy::parse("canary:12.5", None), Ok(Policy::Canary { percent: 12.5 }));
+        assert_eq!(Policy::parse("cascade", Some(0.8)), Ok(Policy::Cascade { threshold: 0.8 }));
+        assert_eq!(Policy::parse("cascade:0.7", Some(0.8)), Ok(Policy::Cascade { threshold: 0.7 }));
+        assert!(Policy::parse("cascade", None).is_err());
+        assert!(Policy::parse("canary:120", None).is_err());
+        assert!(Policy::parse("canary", None).is_err());
+        assert!(Policy::parse("yolo", None).unwrap_err().contains("unknown policy"));
+        assert_eq!(Policy::Canary { percent: 10.0 }.name(), "canary:10");
+    }
+
+    #[test]
+    fn canary_sends_its_share_to_the_understudy() {
+        let policy = Policy::Canary { percent: 30.0 };
+        let n_understudy =
+            (0..1000).filter(|idx| first_step(policy, f64::from(*idx) / 1000.0) == FirstStep::Understudy).count();
+        assert_eq!(n_understudy, 300);
+        assert_eq!(first_step(Policy::Shadow, 0.0), FirstStep::LeadWithShadow);
+        assert_eq!(first_step(Policy::Lead, 0.0), FirstStep::Lead);
+    }
+
+    #[test]
+    fn every_policy_falls_back_on_failure() {
+        for policy in [Policy::Canary { percent: 100.0 }, Policy::Cascade { threshold: 0.5 }, Policy::Understudy] {
+            assert_eq!(judge(policy, Attempt::Failed), Verdict::FallBack(FallbackReason::UnderstudyError));
+            assert_eq!(judge(policy, Attempt::TimedOut), Verdict::FallBack(FallbackReason::UnderstudyTimeout));
+            let invalid = Attempt::Answered { confidence: Some(0.99), valid: false };
+            assert_eq!(judge(policy, invalid), Verdict::FallBack(FallbackReason::InvalidAnswer));
+        }
+    }
+
+    #[test]
+    fn cascade_serves_at_or_above_its_threshold() {
+        let policy = Policy::Cascade { threshold: 0.8 };
+        let answered = |confidence| Attempt::Answered { confidence, valid: true };
+        assert_eq!(judge(policy, answered(Some(0.8))), Verdict::ServeUnderstudy);
+        assert_eq!(judge(policy, answered(Some(0.79))), Verdict::FallBack(FallbackReason::LowConfidence));
+        assert_eq!(judge(policy, answered(None)), Verdict::FallBack(FallbackReason::LowConfidence));
+        assert_eq!(judge(Policy::Understudy, answered(None)), Verdict::ServeUnderstudy);
+    }
+}

@@ -1,0 +1,101 @@
+//! Training checkpoints: trainable weights, optimizer moments and the loop's
+//! position, in `output_dir/checkpoint/`, written atomically (a temporary
+//! directory renamed into place) so that a run killed at any moment leaves
+//! either the previous checkpoint or the new one.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::train::EpochMetrics;
+use crate::TrainError;
+
+const DIR: &str = "checkpoint";
+const STATE: &str = "state.json";
+const WEIGHTS: &str = "weights.safetensors";
+const OPTIMIZER: &str = "optimizer.safetensors";
+
+/// Where the training loop stands.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct LoopState {
+    /// The epoch to run next (0-based).
+    pub epoch: usize,
+    /// Optimizer steps already done within `epoch`.
+    pub step_in_epoch: usize,
+    pub global_step: usize,
+    pub seed: u64,
+    pub labels: Vec<String>,
+    pub history: Vec<EpochMetrics>,
+    /// 1-based epoch whose weights are in the output directory.
+    pub best_epoch: Option<usize>,
+    pub epochs_without_improvement: usize,
+    pub stopped_early: bool,
+    /// Wall time spent before this process (resumed runs add up).
+    pub elapsed_seconds: f64,
+    /// Sum of the step losses so far in `epoch`.
+    pub epoch_loss_sum: f64,
+}
+
+pub(crate) struct Checkpoint {
+    pub state: LoopState,
+    pub weights: HashMap<String, Tensor>,
+    pub optimizer: HashMap<String, Tensor>,
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io { path: path.to_path_buf(), source }
+}
+
+pub(crate) fn save(
+    output_dir: &Path,
+    state: &LoopState,
+    weights: &HashMap<String, Tensor>,
+    optimizer: &HashMap<String, Tensor>,
+) -> Result<(), TrainError> {
+    let final_dir = output_dir.join(DIR);
+    let tmp = output_dir.join(format!("{DIR}.tmp"));
+    let old = output_dir.join(format!("{DIR}.old"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io_error(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io_error(&tmp))?;
+    let state_json = serde_json::to_vec_pretty(state).map_err(|error| TrainError::Checkpoint(error.to_string()))?;
+    std::fs::write(tmp.join(STATE), state_json).map_err(io_error(&tmp))?;
+    candle_core::safetensors::save(weights, tmp.join(WEIGHTS))?;
+    candle_core::safetensors::save(optimizer, tmp.join(OPTIMIZER))?;
+    if final_dir.exists() {
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(io_error(&old))?;
+        }
+        std::fs::rename(&final_dir, &old).map_err(io_error(&final_dir))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(io_error(&tmp))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(io_error(&old))?;
+    }
+    Ok(())
+}
+
+/// The latest complete checkpoint in `output_dir`, if any.
+pub(crate) fn load(output_dir: &Path) -> Result<Option<Checkpoint>, TrainError> {
+    let candidates: [PathBuf; 2] = [output_dir.join(DIR), output_dir.join(format!("{DIR}.old"))];
+    let Some(dir) = candidates.iter().find(|dir| dir.join(STATE).is_file()) else {
+        return Ok(None);
+    };
+    let state_path = dir.join(STATE);
+    let text = std::fs::read_to_string(&state_path).map_err(io_error(&state_path))?;
+    let state: LoopState = serde_json::from_str(&text)
+        .map_err(|error| TrainError::Checkpoint(format!("{}: {error}", state_path.display())))?;
+    let weights = candle_core::safetensors::load(dir.join(WEIGHTS), &Device::Cpu)?;
+    let optimizer = candle_core::safetensors::load(dir.join(OPTIMIZER), &Device::Cpu)?;
+    Ok(Some(Checkpoint { state, weights, optimizer }))
+}
+
+/// Writes `tensors` to `path` through a temporary file and a rename.
+pub(crate) fn save_tensors_atomically(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<(), TrainError> {
+    let tmp = path.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(tensors, &tmp)?;
+    std::fs::rename(&tmp, path).map_err(io_error(path))
+}

@@ -1,0 +1,45 @@
+//! Training understudy models on CPU with candle.
+//!
+//! Today: encoder classifiers. [`train_classifier`] fine-tunes a pre-trained
+//! BERT encoder (all of it, or its top N layers) with a linear head over a
+//! label set, keeps the best epoch, checkpoints so that a killed run resumes,
+//! and writes a self-contained directory that [`ClassifierModel::load`] reads.
+//! [`prompt_text`] turns a recorded chat prompt into the classifier's input.
+
+mod checkpoint;
+mod classifier;
+mod data;
+mod optim;
+mod text;
+mod train;
+
+/// Tiny random models for this crate's tests and its dependents' tests.
+#[doc(hidden)]
+pub mod testing;
+
+use std::path::PathBuf;
+
+pub use classifier::{ClassifierModel, Prediction};
+pub use text::prompt_text;
+pub use train::{train_classifier, ClassifierTrainConfig, EpochMetrics, LabeledText, TrainReport};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The training data cannot train a classifier; the message says why.
+    #[error("bad training data: {0}")]
+    Data(String),
+    #[error("bad training config: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Load(#[from] understudy_models::LoadError),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("model: {0}")]
+    Model(String),
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+}
