@@ -41,8 +41,33 @@ pub enum Command {
     Dataset(DatasetCommand),
     /// Fine-tune an understudy on a task's dataset.
     Train(TrainCommand),
+    /// Compare model versions with the lead on the task's newest test split.
+    Eval(EvalCommand),
     /// The demo: real traffic from the TREC question set through a replay lead.
     Quickstart(QuickstartCommand),
+}
+
+#[derive(Args)]
+pub struct EvalCommand {
+    #[arg(long)]
+    pub task: String,
+    /// A model version to evaluate; repeat for several (default: the task's newest).
+    #[arg(long)]
+    pub model: Vec<String>,
+    /// The dataset version (default: the task's newest).
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// The cascade's target agreement with the lead, for choosing its threshold.
+    #[arg(long, default_value_t = 0.98)]
+    pub target_agreement: f64,
+    /// What an hour of the machine serving the understudy costs, in dollars.
+    #[arg(long, default_value_t = 0.10)]
+    pub machine_price_per_hour: f64,
+    /// Seed of the bootstrap resampling.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -106,6 +131,15 @@ pub struct QuickstartCommand {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
+    /// Where the base models are kept (default: DIR/models).
+    #[arg(long)]
+    pub models_dir: Option<PathBuf>,
+    /// Training epochs of the understudy.
+    #[arg(long, default_value_t = 2)]
+    pub epochs: usize,
+    /// The cascade's target agreement with the lead.
+    #[arg(long, default_value_t = 0.98)]
+    pub target_agreement: f64,
 }
 
 #[derive(Args)]

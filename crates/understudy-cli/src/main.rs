@@ -4,6 +4,7 @@
 mod calls;
 mod cli;
 mod dataset;
+mod eval;
 mod fetch;
 mod import;
 mod init;
@@ -50,21 +51,32 @@ fn main() -> ExitCode {
 
 fn run(args: cli::Cli) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let config_path = args.config;
-    match args.command {
-        cli::Command::Init(command) => init::run(&config_path, command).map(|()| ExitCode::SUCCESS),
-        cli::Command::Serve(command) => runtime.block_on(serve::run(&config_path, command)).map(|()| ExitCode::SUCCESS),
-        cli::Command::Import(command) => runtime.block_on(import::run(&config_path, command)),
-        cli::Command::Calls(command) => runtime.block_on(calls::run(&config_path, command)).map(|()| ExitCode::SUCCESS),
-        cli::Command::Report(command) => {
-            runtime.block_on(report::run(&config_path, command)).map(|()| ExitCode::SUCCESS)
-        }
-        cli::Command::Dataset(command) => {
-            runtime.block_on(dataset::run(&config_path, command)).map(|()| ExitCode::SUCCESS)
-        }
-        cli::Command::Train(command) => runtime.block_on(train::run(&config_path, command)).map(|()| ExitCode::SUCCESS),
-        cli::Command::Quickstart(command) => runtime.block_on(quickstart::run(command)).map(|()| ExitCode::SUCCESS),
+    runtime.block_on(dispatch(args.config, args.command))
+}
+
+/// Runs one command. `quickstart` drives the other commands through here,
+/// exactly as a user's command line would.
+async fn dispatch(config_path: std::path::PathBuf, command: cli::Command) -> anyhow::Result<ExitCode> {
+    let done = |()| ExitCode::SUCCESS;
+    match command {
+        cli::Command::Init(command) => init::run(&config_path, command).map(done),
+        cli::Command::Serve(command) => serve::run(&config_path, command).await.map(done),
+        cli::Command::Import(command) => import::run(&config_path, command).await,
+        cli::Command::Calls(command) => calls::run(&config_path, command).await.map(done),
+        cli::Command::Report(command) => report::run(&config_path, command).await.map(done),
+        cli::Command::Dataset(command) => dataset::run(&config_path, command).await.map(done),
+        cli::Command::Train(command) => train::run(&config_path, command).await.map(done),
+        cli::Command::Eval(command) => eval::run(&config_path, command).await.map(done),
+        cli::Command::Quickstart(command) => Box::pin(quickstart::run(command)).await.map(done),
     }
+}
+
+/// Parses `args` (without the program name) as a command line and runs it.
+pub(crate) async fn run_command_line(args: &[String]) -> anyhow::Result<()> {
+    let cli = cli::Cli::try_parse_from(std::iter::once("understudy".to_string()).chain(args.iter().cloned()))?;
+    let code = Box::pin(dispatch(cli.config, cli.command)).await?;
+    anyhow::ensure!(code == ExitCode::SUCCESS, "`understudy {}` failed", args.join(" "));
+    Ok(())
 }
 
 fn init_tracing(verbose: bool) {

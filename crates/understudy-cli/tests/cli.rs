@@ -357,9 +357,12 @@ fn quickstart_sends_real_traffic_through_a_replay_lead() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let data_dir = Path::new(&cache).join("data");
+    let models_dir = Path::new(&cache).join("models");
     let output = Command::new(env!("CARGO_BIN_EXE_understudy"))
-        .args(["quickstart", "--traffic-share", "0.1", "--dir", "qs", "--data-dir"])
+        .args(["quickstart", "--traffic-share", "0.1", "--epochs", "1", "--dir", "qs", "--data-dir"])
         .arg(&data_dir)
+        .arg("--models-dir")
+        .arg(&models_dir)
         .current_dir(dir.path())
         .env_remove("UNDERSTUDY_CONFIG")
         .output()
@@ -369,6 +372,10 @@ fn quickstart_sends_real_traffic_through_a_replay_lead() {
     assert!(stdout.contains("5381 unique questions, labels: ABBR DESC ENTY HUM LOC NUM"), "{stdout}");
     assert!(stdout.contains("538 calls recorded"), "{stdout}");
     assert!(stdout.contains("the lead answered 538 of them with the recorded label"), "{stdout}");
+    // Steps 4 to 6 ran the dataset, train and eval commands on that traffic.
+    assert!(stdout.contains("$ understudy dataset build --task trec"), "{stdout}");
+    assert!(stdout.contains("model version mv-"), "{stdout}");
+    assert!(stdout.contains("accuracy [95% CI]") && stdout.contains("cascade"), "{stdout}");
 
     // The demo's store is an ordinary one: the export holds what was sent.
     let config = dir.path().join("qs/understudy.toml");

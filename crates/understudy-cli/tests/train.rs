@@ -73,6 +73,8 @@ fn a_label_task_trains_into_a_registered_model_version() {
     let missing = run(path, &["train", "--task", "questions", "--base", "tiny-bert"]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("has no dataset yet"));
+    let no_model = run(path, &["eval", "--task", "questions"]);
+    assert!(!no_model.status.success());
 
     run_ok(path, &["import", "--task", "questions", "calls.jsonl"]);
     run_ok(path, &["dataset", "build", "--task", "questions", "--near-dup-threshold", "1.0"]);
@@ -84,6 +86,27 @@ fn a_label_task_trains_into_a_registered_model_version() {
     assert!(model_dir.join("labels.json").exists() && model_dir.join("manifest.json").exists());
     assert_eq!(trained["metrics"]["labels"], json!(["HUM", "LOC", "NUM"]));
     assert!(trained["metrics"]["best_validation_accuracy"].as_f64().is_some());
+
+    // Eval scores it against the lead on the test split and calibrates a cascade.
+    let evaluated = run_ok(path, &["eval", "--task", "questions", "--json", "--target-agreement", "0.5"]);
+    let evaluated: Value = serde_json::from_str(&evaluated).expect("json");
+    let scored = &evaluated["models"][0];
+    assert_eq!(scored["model_version"], version);
+    let accuracy = scored["accuracy"]["value"].as_f64().expect("accuracy");
+    let ci = scored["accuracy"]["ci95"].as_array().expect("ci");
+    assert!(ci[0].as_f64().unwrap() <= accuracy && accuracy <= ci[1].as_f64().unwrap(), "{scored}");
+    assert!(evaluated["n_test"].as_u64().unwrap() > 0);
+    let n_test: u64 = scored["confusion"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| row.as_array().unwrap())
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(n_test, evaluated["n_test"].as_u64().unwrap(), "the confusion matrix covers every test call");
+    assert!(model_dir.join("calibration.json").exists());
+    let table = run_ok(path, &["eval", "--task", "questions"]);
+    assert!(table.contains("accuracy [95% CI]") && table.contains("confusion"), "{table}");
 
     // The trained folder loads and predicts one of the task's labels.
     let model = understudy_trainer::ClassifierModel::load(&model_dir).expect("load");
