@@ -247,6 +247,18 @@ fn summary(manifest: &Manifest) -> String {
     text
 }
 
+/// The dataset a command on `task` works on: the one named, or the task's newest.
+pub(crate) async fn task_dataset(store: &Store, task: &str, id: Option<&str>) -> anyhow::Result<DatasetRecord> {
+    let dataset = match id {
+        Some(id) => find_dataset(store, id).await?,
+        None => store.list_datasets(Some(task)).await?.into_iter().next().with_context(|| {
+            format!("task `{task}` has no dataset yet; run `understudy dataset build --task {task}`")
+        })?,
+    };
+    anyhow::ensure!(dataset.task == task, "dataset {} belongs to task `{}`, not `{task}`", dataset.id, dataset.task);
+    Ok(dataset)
+}
+
 pub(crate) async fn find_dataset(store: &Store, id: &str) -> anyhow::Result<DatasetRecord> {
     let mut found = store.get_dataset(id).await?;
     match found.len() {

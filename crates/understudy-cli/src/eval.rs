@@ -24,7 +24,7 @@ use understudy_trainer::{prompt_text, ClassifierModel};
 use understudy_types::TaskKind;
 
 use crate::cli::EvalCommand;
-use crate::dataset::find_dataset;
+use crate::dataset::task_dataset;
 use crate::output::{load_config, open_store, table};
 
 /// The file in a model version's folder that keeps its calibrated threshold.
@@ -33,15 +33,7 @@ pub const CALIBRATION_FILE: &str = "calibration.json";
 pub async fn run(config_path: &Path, command: EvalCommand) -> anyhow::Result<()> {
     let config = load_config(config_path)?;
     let store = open_store(&config).await?;
-    let dataset = match &command.dataset {
-        Some(id) => find_dataset(&store, id).await?,
-        None => store.list_datasets(Some(&command.task)).await?.into_iter().next().with_context(|| {
-            format!(
-                "task `{}` has no dataset yet; run `understudy dataset build --task {}`",
-                command.task, command.task
-            )
-        })?,
-    };
+    let dataset = task_dataset(&store, &command.task, command.dataset.as_deref()).await?;
     anyhow::ensure!(
         dataset.kind == TaskKind::Label,
         "dataset {} is a generation task; this build evaluates label tasks (classifiers) only",

@@ -14,7 +14,7 @@ use understudy_trainer::{prompt_text, train_classifier, ClassifierTrainConfig, L
 use understudy_types::{OffsetDateTime, TaskKind};
 
 use crate::cli::{TrainCommand, TrainMethod};
-use crate::dataset::find_dataset;
+use crate::dataset::task_dataset;
 use crate::output::{load_config, open_store};
 
 /// Where `scripts/fetch-models.sh` puts MiniLM, relative to the config's folder.
@@ -23,22 +23,7 @@ const DEFAULT_ENCODER: &str = "models/all-MiniLM-L6-v2";
 pub async fn run(config_path: &Path, command: TrainCommand) -> anyhow::Result<()> {
     let config = load_config(config_path)?;
     let store = open_store(&config).await?;
-    let dataset = match &command.dataset {
-        Some(id) => find_dataset(&store, id).await?,
-        None => store.list_datasets(Some(&command.task)).await?.into_iter().next().with_context(|| {
-            format!(
-                "task `{}` has no dataset yet; run `understudy dataset build --task {}`",
-                command.task, command.task
-            )
-        })?,
-    };
-    anyhow::ensure!(
-        dataset.task == command.task,
-        "dataset {} belongs to task `{}`, not `{}`",
-        dataset.id,
-        dataset.task,
-        command.task
-    );
+    let dataset = task_dataset(&store, &command.task, command.dataset.as_deref()).await?;
     let method = match (command.method, dataset.kind) {
         (TrainMethod::Auto | TrainMethod::Classifier, TaskKind::Label) => TrainMethod::Classifier,
         (TrainMethod::Classifier, TaskKind::Generation) => anyhow::bail!(
