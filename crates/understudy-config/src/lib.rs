@@ -62,6 +62,7 @@ pub struct ServerConfig {
 pub enum ProviderConfig {
     OpenAi(OpenAiProviderConfig),
     Replay(ReplayProviderConfig),
+    Local(LocalProviderConfig),
 }
 
 impl ProviderConfig {
@@ -69,6 +70,7 @@ impl ProviderConfig {
         match self {
             ProviderConfig::OpenAi(_) => "openai",
             ProviderConfig::Replay(_) => "replay",
+            ProviderConfig::Local(_) => "local",
         }
     }
 }
@@ -89,12 +91,25 @@ pub struct ReplayProviderConfig {
     pub file: PathBuf,
 }
 
+/// Models that run in this process, on this machine's CPU.
+#[derive(Debug, Clone)]
+pub struct LocalProviderConfig {
+    /// What an hour of this machine costs; a local call costs its measured
+    /// compute time at this rate.
+    pub machine_price_per_hour: f64,
+}
+
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
     pub provider: String,
     /// The model's name at its provider.
     pub name: String,
     pub price: Price,
+    /// For a local model: a GGUF file, an HF or classifier directory (absolute),
+    /// or `hf:org/name`.
+    pub path: Option<String>,
+    /// For a local causal LM: a PEFT LoRA adapter directory applied at load.
+    pub adapter: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,6 +293,16 @@ enum RawProvider {
     },
     #[serde(rename = "replay")]
     Replay { file: String },
+    #[serde(rename = "local")]
+    Local {
+        #[serde(default = "default_machine_price_per_hour")]
+        machine_price_per_hour: f64,
+    },
+}
+
+/// A 2-core cloud VM, roughly, in 2026.
+fn default_machine_price_per_hour() -> f64 {
+    0.10
 }
 
 fn default_timeout_secs() -> f64 {
@@ -299,6 +324,8 @@ struct RawModel {
     input_per_million: f64,
     #[serde(default)]
     output_per_million: f64,
+    path: Option<String>,
+    adapter: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -384,6 +411,16 @@ impl Validator<'_> {
                 RawProvider::Replay { file } => {
                     ProviderConfig::Replay(ReplayProviderConfig { file: self.resolve_path(&file) })
                 }
+                RawProvider::Local { machine_price_per_hour } => {
+                    if !(machine_price_per_hour.is_finite() && machine_price_per_hour >= 0.0) {
+                        return self.invalid(
+                            format!("providers.{name}.machine_price_per_hour"),
+                            0,
+                            "a price must be a number of at least 0".into(),
+                        );
+                    }
+                    ProviderConfig::Local(LocalProviderConfig { machine_price_per_hour })
+                }
             };
             providers.insert(name, provider);
         }
@@ -413,6 +450,37 @@ impl Validator<'_> {
                     );
                 }
             }
+            let is_local = matches!(providers.get(raw_model.provider.get_ref()), Some(ProviderConfig::Local(_)));
+            let path = match (&raw_model.path, is_local) {
+                (Some(path), true) if path.starts_with("hf:") => Some(path.clone()),
+                (Some(path), true) => Some(self.resolve_path(path).display().to_string()),
+                (None, true) => {
+                    return self.invalid(
+                        format!("models.{name}.path"),
+                        0,
+                        "a model of a local provider needs `path` (a GGUF file, a model directory or hf:org/name)"
+                            .into(),
+                    )
+                }
+                (None, false) => None,
+                (Some(_), false) => {
+                    return self.invalid(
+                        format!("models.{name}.path"),
+                        0,
+                        format!(
+                            "`path` is only for models of a local provider; `{}` is not one",
+                            raw_model.provider.get_ref()
+                        ),
+                    )
+                }
+            };
+            if raw_model.adapter.is_some() && !is_local {
+                return self.invalid(
+                    format!("models.{name}.adapter"),
+                    0,
+                    "`adapter` is only for models of a local provider".into(),
+                );
+            }
             let model = ModelConfig {
                 provider: raw_model.provider.into_inner(),
                 name: raw_model.name.unwrap_or_else(|| name.clone()),
@@ -420,6 +488,8 @@ impl Validator<'_> {
                     input_per_million: raw_model.input_per_million,
                     output_per_million: raw_model.output_per_million,
                 },
+                path,
+                adapter: raw_model.adapter.as_deref().map(|adapter| self.resolve_path(adapter)),
             };
             models.insert(name, model);
         }

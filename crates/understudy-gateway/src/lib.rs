@@ -25,7 +25,7 @@ use axum::Router;
 use bytes::Bytes;
 use serde_json::json;
 use understudy_config::Config;
-use understudy_providers::{AnyProvider, ProviderError};
+use understudy_providers::{AnyProvider, LocalLoader, ProviderError};
 use understudy_store::Recorder;
 
 pub use error::GatewayError;
@@ -47,9 +47,20 @@ impl AppState {
     /// Builds every configured provider; a provider that cannot start (a
     /// missing replay file, say) fails here, naming the file.
     pub fn new(config: Config, recorder: Recorder) -> Result<AppState, ProviderError> {
+        AppState::with_local_models(config, recorder, None)
+    }
+
+    /// Like [`AppState::new`], with a loader for the models of `local`
+    /// providers (the binary supplies one; this crate links no ML stack).
+    pub fn with_local_models(
+        config: Config,
+        recorder: Recorder,
+        loader: Option<Arc<dyn LocalLoader>>,
+    ) -> Result<AppState, ProviderError> {
         let mut providers = HashMap::new();
         for (name, provider_config) in &config.providers {
-            providers.insert(name.clone(), Arc::new(AnyProvider::from_config(name, provider_config)?));
+            let provider = AnyProvider::from_config(name, provider_config, &config.models, loader.as_deref())?;
+            providers.insert(name.clone(), Arc::new(provider));
         }
         let models_body = models_list(&config);
         Ok(AppState { inner: Arc::new(Inner { config, providers, recorder, models_body }) })

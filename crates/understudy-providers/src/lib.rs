@@ -5,6 +5,7 @@
 //! serde-tagged `ProviderConfig` enum of the config crate. Providers make no
 //! routing decisions: they answer the request they are given.
 
+pub mod local;
 pub mod openai;
 pub mod replay;
 pub mod tokens;
@@ -16,9 +17,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::Stream;
 use serde_json::{Map, Value};
-use understudy_config::ProviderConfig;
+use understudy_config::{ModelConfig, ProviderConfig};
 use understudy_types::Usage;
 
+pub use local::{confidence_of, LocalLoader, LocalModel, LocalModelSpec, LocalProvider};
 pub use openai::OpenAiProvider;
 pub use replay::ReplayProvider;
 
@@ -82,15 +84,23 @@ pub trait Provider {
 pub enum AnyProvider {
     OpenAi(OpenAiProvider),
     Replay(ReplayProvider),
+    Local(LocalProvider),
 }
 
 impl AnyProvider {
     /// Builds a provider from its config. Files it needs are read now, so a
     /// missing or broken file fails start-up rather than the first request.
-    pub fn from_config(name: &str, config: &ProviderConfig) -> Result<AnyProvider, ProviderError> {
+    /// A local provider loads its models from `models` through `loader`.
+    pub fn from_config<'a>(
+        name: &str,
+        config: &ProviderConfig,
+        models: impl IntoIterator<Item = (&'a String, &'a ModelConfig)>,
+        loader: Option<&dyn LocalLoader>,
+    ) -> Result<AnyProvider, ProviderError> {
         Ok(match config {
             ProviderConfig::OpenAi(config) => AnyProvider::OpenAi(OpenAiProvider::new(name, config)?),
             ProviderConfig::Replay(config) => AnyProvider::Replay(ReplayProvider::load(name, config)?),
+            ProviderConfig::Local(config) => AnyProvider::Local(LocalProvider::new(name, config, models, loader)?),
         })
     }
 
@@ -98,6 +108,7 @@ impl AnyProvider {
         match self {
             AnyProvider::OpenAi(_) => OpenAiProvider::PROVIDER_TYPE,
             AnyProvider::Replay(_) => ReplayProvider::PROVIDER_TYPE,
+            AnyProvider::Local(_) => LocalProvider::PROVIDER_TYPE,
         }
     }
 
@@ -105,6 +116,7 @@ impl AnyProvider {
         match self {
             AnyProvider::OpenAi(provider) => provider.infer(request).await,
             AnyProvider::Replay(provider) => provider.infer(request).await,
+            AnyProvider::Local(provider) => provider.infer(request).await,
         }
     }
 
@@ -112,6 +124,7 @@ impl AnyProvider {
         match self {
             AnyProvider::OpenAi(provider) => provider.infer_stream(request).await,
             AnyProvider::Replay(provider) => provider.infer_stream(request).await,
+            AnyProvider::Local(provider) => provider.infer_stream(request).await,
         }
     }
 
@@ -119,6 +132,7 @@ impl AnyProvider {
         match self {
             AnyProvider::OpenAi(provider) => provider.embed(request).await,
             AnyProvider::Replay(provider) => provider.embed(request).await,
+            AnyProvider::Local(provider) => provider.embed(request).await,
         }
     }
 }
