@@ -112,19 +112,22 @@ pub struct ModelConfig {
     pub adapter: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Policy {
-    /// The lead serves every call.
-    Lead,
-}
+pub use understudy_router::Policy;
 
 #[derive(Debug, Clone)]
 pub struct TaskConfig {
     pub lead: String,
     pub understudy: Option<String>,
+    /// The policy the task starts with; `understudy promote` overrides it
+    /// through the store.
     pub policy: Policy,
     /// Overrides the kind that dataset building detects from the answers.
     pub kind: Option<TaskKind>,
+    /// The answers a label task allows: an understudy answer outside them is
+    /// invalid, and the lead serves the call instead.
+    pub labels: Option<Vec<String>>,
+    /// How long the understudy may take before the lead serves instead.
+    pub understudy_timeout: Duration,
 }
 
 impl Config {
@@ -336,6 +339,13 @@ struct RawTask {
     #[serde(default = "default_policy")]
     policy: Spanned<String>,
     kind: Option<Spanned<String>>,
+    labels: Option<Vec<String>>,
+    #[serde(default = "default_understudy_timeout_ms")]
+    understudy_timeout_ms: u64,
+}
+
+fn default_understudy_timeout_ms() -> u64 {
+    5_000
 }
 
 fn default_policy() -> Spanned<String> {
@@ -500,16 +510,19 @@ impl Validator<'_> {
             if let Some(understudy) = &raw_task.understudy {
                 self.check_model_ref(&models, &format!("tasks.{name}.understudy"), understudy)?;
             }
-            let policy = match raw_task.policy.get_ref().as_str() {
-                "lead" => Policy::Lead,
-                other => {
-                    return self.invalid(
-                        format!("tasks.{name}.policy"),
-                        raw_task.policy.span().start,
-                        format!("unknown policy `{other}` (known: lead)"),
-                    )
+            let policy = match Policy::parse(raw_task.policy.get_ref(), None) {
+                Ok(policy) => policy,
+                Err(message) => {
+                    return self.invalid(format!("tasks.{name}.policy"), raw_task.policy.span().start, message)
                 }
             };
+            if policy != Policy::Lead && raw_task.understudy.is_none() {
+                return self.invalid(
+                    format!("tasks.{name}.policy"),
+                    raw_task.policy.span().start,
+                    format!("policy `{}` needs an `understudy` for the task", raw_task.policy.get_ref()),
+                );
+            }
             let kind = match &raw_task.kind {
                 None => None,
                 Some(kind) => match TaskKind::parse(kind.get_ref()) {
@@ -530,6 +543,8 @@ impl Validator<'_> {
                     understudy: raw_task.understudy.map(Spanned::into_inner),
                     policy,
                     kind,
+                    labels: raw_task.labels,
+                    understudy_timeout: Duration::from_millis(raw_task.understudy_timeout_ms.max(1)),
                 },
             );
         }

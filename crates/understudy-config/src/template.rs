@@ -86,9 +86,33 @@ output_per_million = 0.0
 # -------------------------------------------------------------------- tasks --
 # A task is a named job. Clients call it as model "task:NAME". `lead` is the
 # model that answers today; `understudy` is the small model learning the part.
-# policy: "lead" (the lead serves every call).
+# policy: "lead" (the lead serves every call), "shadow" (the lead serves, the
+# understudy answers in the background and agreement is recorded),
+# "canary:PCT" (the understudy serves PCT % of calls), "cascade:THRESHOLD" (the
+# understudy serves when its confidence is at least THRESHOLD), "understudy".
+# `understudy promote --task NAME --policy P` changes it in a running gateway;
+# an understudy that errs, times out or answers outside `labels` always falls
+# back to the lead.
 [tasks.triage]
 lead = "gpt-4o-mini"
 policy = "lead"
+# understudy = "triage-minilm"          # a model below; `promote --model` can name a trained version instead
 # kind = "label"                        # or "generation"; detected from the answers if unset
+# labels = ["bug", "billing", "other"]  # the answers a label task allows
+# understudy_timeout_ms = 5000
+
+# ---------------------------------------------------------- local models --
+# Models that run on this machine. A local call costs its measured compute
+# time at `machine_price_per_hour`.
+# [providers.local]
+# type = "local"
+# machine_price_per_hour = 0.10
+#
+# [models.triage-minilm]
+# provider = "local"
+# path = "understudies/triage/ds-.../classifier"   # a trained classifier, a GGUF file or an HF directory
+# [models.smollm2]
+# provider = "local"
+# path = "models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+# adapter = "understudies/triage/ds-.../lora"       # optional PEFT LoRA adapter
 "#;

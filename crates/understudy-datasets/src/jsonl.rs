@@ -153,6 +153,7 @@ impl ChatExample {
             status: 200,
             error: None,
             cost: context.cost,
+            routing: None,
         }
     }
 

@@ -9,25 +9,188 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use futures::StreamExt;
 use serde_json::Value;
 use tokio::sync::mpsc;
-use understudy_config::ModelConfig;
+use understudy_config::{ModelConfig, Policy};
 use understudy_providers::{tokens, AnyProvider, ChatRequest, ChunkStream, ProviderResponse};
-use understudy_types::{Endpoint, Usage, UsageSource};
+use understudy_router::{first_step, judge, FirstStep, Verdict};
+use understudy_types::{CallRecord, Endpoint, Routing, ServedBy, Usage, UsageSource};
 
 use crate::assemble::StreamAssembler;
 use crate::draft::{CallDraft, Outcome};
 use crate::request::{check_chat, parse_body, resolve_model};
+use crate::routing::{lead_cost_of, normalize_answer, AttemptOutcome, Understudy, UnderstudyAttempt};
 use crate::{AppState, GatewayError};
+
+/// The understudy's answer to a call the lead serves, still coming (shadow)
+/// or already in (a fallback); recorded beside the lead's.
+type PendingAttempt = BoxFuture<'static, Option<UnderstudyAttempt>>;
 
 pub(crate) async fn chat_completions(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
     let mut draft = CallDraft::start(Endpoint::ChatCompletions);
-    match prepare(&state, body, &mut draft) {
-        Err(error) => fail(&state, draft, error).await,
-        Ok(prepared) if prepared.stream => stream(state, draft, prepared).await,
-        Ok(prepared) => complete(state, draft, prepared).await,
+    let prepared = match prepare(&state, body, &mut draft) {
+        Err(error) => return fail(&state, draft, error).await,
+        Ok(prepared) => prepared,
+    };
+    let Some(task_name) = draft.task.clone() else {
+        return serve_lead(state, draft, prepared, None).await;
+    };
+    let (Some(route), Some(task)) = (state.route(&task_name), state.config().tasks.get(&task_name)) else {
+        return serve_lead(state, draft, prepared, None).await;
+    };
+    let mut routing = Routing { policy: route.policy.name(), ..Routing::default() };
+    let understudy = match (&route.understudy, route.policy) {
+        (Some(understudy), policy) if policy != Policy::Lead => understudy.clone(),
+        _ => {
+            draft.routing = Some(routing);
+            return serve_lead(state, draft, prepared, None).await;
+        }
+    };
+    routing.understudy_model = Some(understudy.name.clone());
+    let timeout = task.understudy_timeout;
+    let labels = task.labels.clone();
+    match first_step(route.policy, rand::random::<f64>()) {
+        FirstStep::Lead => {
+            draft.routing = Some(routing);
+            serve_lead(state, draft, prepared, None).await
+        }
+        FirstStep::LeadWithShadow => {
+            let request = prepared.request.clone();
+            let shadow = tokio::spawn(async move { understudy.attempt(request, timeout, labels.as_deref()).await });
+            draft.routing = Some(routing);
+            serve_lead(state, draft, prepared, Some(Box::pin(async move { shadow.await.ok() }))).await
+        }
+        FirstStep::Understudy => {
+            let attempt = understudy.attempt(prepared.request.clone(), timeout, labels.as_deref()).await;
+            match judge(route.policy, attempt.router_attempt()) {
+                Verdict::ServeUnderstudy => {
+                    serve_understudy(state, draft, prepared, routing, &understudy, attempt).await
+                }
+                Verdict::FallBack(reason) => {
+                    if let AttemptOutcome::Failed(error) = &attempt.outcome {
+                        tracing::warn!(task = %task_name, understudy = %understudy.name, %error, "understudy failed; the lead serves");
+                    }
+                    routing.fallback_reason = Some(reason.as_str().to_string());
+                    draft.routing = Some(routing);
+                    serve_lead(state, draft, prepared, Some(Box::pin(futures::future::ready(Some(attempt))))).await
+                }
+            }
+        }
     }
+}
+
+async fn serve_lead(
+    state: AppState,
+    draft: CallDraft,
+    prepared: Prepared,
+    pending: Option<PendingAttempt>,
+) -> Response {
+    if prepared.stream {
+        stream(state, draft, prepared, pending).await
+    } else {
+        complete(state, draft, prepared, pending).await
+    }
+}
+
+/// Serves the understudy's answer, in the shape the client asked for.
+async fn serve_understudy(
+    state: AppState,
+    mut draft: CallDraft,
+    prepared: Prepared,
+    mut routing: Routing,
+    understudy: &Understudy,
+    attempt: UnderstudyAttempt,
+) -> Response {
+    let AttemptOutcome::Answered { body, content, confidence, .. } = attempt.outcome else {
+        // `judge` serves only answers; anything else is the lead's.
+        return serve_lead(state, draft, prepared, None).await;
+    };
+    routing.served_by = ServedBy::Understudy;
+    routing.understudy_confidence = confidence;
+    routing.understudy_latency_ms = Some(attempt.latency_ms);
+    routing.understudy_cost = attempt.cost;
+    routing.lead_cost_avoided = lead_cost_of(prepared.model.price, &prepared.messages, &content);
+    routing.understudy_answer = Some(content.clone());
+    draft.model = understudy.name.clone();
+    draft.provider = understudy.provider_name.clone();
+    draft.routing = Some(routing);
+    let usage = Usage {
+        prompt_tokens: tokens::count_messages(&prepared.messages),
+        completion_tokens: tokens::count_answer(&serde_json::json!({"role": "assistant", "content": content})),
+    };
+    let ttft_ms = Some(draft.elapsed_ms());
+    let record = draft.finish(Outcome {
+        status: StatusCode::OK.as_u16(),
+        response: Some(String::from_utf8_lossy(&body).into_owned()),
+        usage,
+        usage_source: UsageSource::Counted,
+        cost: attempt.cost,
+        ttft_ms,
+        error: None,
+    });
+    state.record(record).await;
+    if !prepared.stream {
+        return ([(header::CONTENT_TYPE, "application/json")], body).into_response();
+    }
+    let chunks = match understudy_providers::local::chunks_of_completion(&body) {
+        Ok(chunks) => chunks,
+        Err(error) => return GatewayError::from(error).into_response(),
+    };
+    let mut events = Vec::with_capacity(chunks.len() + 1);
+    for chunk in chunks {
+        let usage_only = serde_json::from_str::<Value>(&chunk)
+            .ok()
+            .and_then(|chunk| chunk.get("choices").and_then(Value::as_array).map(Vec::is_empty))
+            .unwrap_or(false);
+        if usage_only && !prepared.include_usage {
+            continue;
+        }
+        events.push(Ok::<_, Infallible>(sse_event(&chunk)));
+    }
+    events.push(Ok(sse_event("[DONE]")));
+    (
+        [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")],
+        Body::from_stream(futures::stream::iter(events)),
+    )
+        .into_response()
+}
+
+/// Records a lead-served call once the understudy's answer (if one is
+/// pending) is in, with the agreement of the two.
+async fn record_with_understudy(
+    state: &AppState,
+    mut record: CallRecord,
+    pending: Option<PendingAttempt>,
+    lead_answer: Option<String>,
+) {
+    if let Some(pending) = pending {
+        let attempt = pending.await;
+        if let (Some(routing), Some(attempt)) = (record.routing.as_mut(), attempt) {
+            routing.understudy_answer = attempt.content().map(str::to_string);
+            routing.understudy_confidence = attempt.confidence();
+            routing.understudy_latency_ms = Some(attempt.latency_ms);
+            routing.understudy_cost = attempt.cost;
+            routing.agreement = match (attempt.content(), lead_answer.as_deref()) {
+                (Some(understudy), Some(lead)) if record.status == 200 && record.error.is_none() => {
+                    Some(normalize_answer(understudy) == normalize_answer(lead))
+                }
+                _ => None,
+            };
+            if routing.fallback_reason.is_none() {
+                if let AttemptOutcome::Failed(error) = &attempt.outcome {
+                    tracing::warn!(understudy = %attempt.model, %error, "shadow understudy failed");
+                }
+            }
+            record.cost = record.cost + attempt.cost;
+        }
+    }
+    state.record(record).await;
+}
+
+fn answer_text(completion: &Value) -> Option<String> {
+    completion.pointer("/choices/0/message/content").and_then(Value::as_str).map(str::to_string)
 }
 
 struct Prepared {
@@ -84,7 +247,7 @@ fn usage_or_counted(
     }
 }
 
-async fn complete(state: AppState, draft: CallDraft, prepared: Prepared) -> Response {
+async fn complete(state: AppState, draft: CallDraft, prepared: Prepared, pending: Option<PendingAttempt>) -> Response {
     let ProviderResponse { body, usage } = match prepared.provider.infer(prepared.request).await {
         Ok(response) => response,
         Err(error) => return fail(&state, draft, error.into()).await,
@@ -105,11 +268,21 @@ async fn complete(state: AppState, draft: CallDraft, prepared: Prepared) -> Resp
         ttft_ms,
         error: None,
     });
-    state.record(record).await;
+    match pending {
+        None => state.record(record).await,
+        Some(pending) => {
+            // The client has its answer now; the record waits for the understudy's.
+            let lead_answer = serde_json::from_slice::<Value>(&body).ok().as_ref().and_then(answer_text);
+            let background = state.clone();
+            background.spawn_background(async move {
+                record_with_understudy(&state, record, Some(pending), lead_answer).await
+            });
+        }
+    }
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-async fn stream(state: AppState, draft: CallDraft, prepared: Prepared) -> Response {
+async fn stream(state: AppState, draft: CallDraft, prepared: Prepared, pending: Option<PendingAttempt>) -> Response {
     let chunks = match prepared.provider.infer_stream(prepared.request.clone()).await {
         Ok(chunks) => chunks,
         Err(error) => return fail(&state, draft, error.into()).await,
@@ -117,7 +290,7 @@ async fn stream(state: AppState, draft: CallDraft, prepared: Prepared) -> Respon
     // The relay runs in its own task so that the call is recorded even when
     // the client goes away mid-stream.
     let (sender, mut receiver) = mpsc::channel::<Bytes>(32);
-    tokio::spawn(relay(state, draft, prepared, chunks, sender));
+    state.clone().spawn_background(relay(state, draft, prepared, chunks, sender, pending));
     let body = futures::stream::poll_fn(move |context| {
         receiver.poll_recv(context).map(|bytes| bytes.map(Ok::<_, Infallible>))
     });
@@ -135,6 +308,7 @@ async fn relay(
     prepared: Prepared,
     mut chunks: ChunkStream,
     sender: mpsc::Sender<Bytes>,
+    pending: Option<PendingAttempt>,
 ) {
     let mut assembler = StreamAssembler::default();
     let mut ttft_ms = None;
@@ -197,5 +371,6 @@ async fn relay(
         ttft_ms,
         error,
     });
-    state.record(record).await;
+    let lead_answer = answer_text(&completion);
+    record_with_understudy(&state, record, pending, lead_answer).await;
 }

@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use understudy_types::{CallRecord, Endpoint, Money, OffsetDateTime, Usage, UsageSource};
+use understudy_types::{CallRecord, Endpoint, Money, OffsetDateTime, Routing, Usage, UsageSource};
 
 use crate::{AppState, GatewayError};
 
@@ -16,6 +16,8 @@ pub(crate) struct CallDraft {
     pub provider: String,
     pub stream: bool,
     pub request: String,
+    /// For a task's call: how it went between the lead and the understudy.
+    pub routing: Option<Routing>,
 }
 
 /// How a call ended.
@@ -40,6 +42,7 @@ impl CallDraft {
             provider: String::new(),
             stream: false,
             request: String::new(),
+            routing: None,
         }
     }
 
@@ -65,6 +68,7 @@ impl CallDraft {
             status: outcome.status,
             error: outcome.error,
             cost: outcome.cost,
+            routing: self.routing,
         }
     }
 

@@ -12,6 +12,7 @@ mod draft;
 mod embeddings;
 mod error;
 mod request;
+mod routing;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -29,6 +30,7 @@ use understudy_providers::{AnyProvider, LocalLoader, ProviderError};
 use understudy_store::Recorder;
 
 pub use error::GatewayError;
+pub use routing::spawn_policy_watch;
 
 /// Everything a handler needs; cheap to clone.
 #[derive(Clone)]
@@ -41,6 +43,11 @@ struct Inner {
     providers: HashMap<String, Arc<AnyProvider>>,
     recorder: Recorder,
     models_body: Bytes,
+    routes: routing::RouteTable,
+    local_loader: Option<Arc<dyn LocalLoader>>,
+    /// Work that outlives a response (stream relays, records waiting for a
+    /// shadow answer); `serve` waits for it before returning.
+    background: tokio_util::task::TaskTracker,
 }
 
 impl AppState {
@@ -63,7 +70,20 @@ impl AppState {
             providers.insert(name.clone(), Arc::new(provider));
         }
         let models_body = models_list(&config);
-        Ok(AppState { inner: Arc::new(Inner { config, providers, recorder, models_body }) })
+        let routes = routing::RouteTable::default();
+        let state = AppState {
+            inner: Arc::new(Inner {
+                config,
+                providers,
+                recorder,
+                models_body,
+                routes,
+                local_loader: loader,
+                background: tokio_util::task::TaskTracker::new(),
+            }),
+        };
+        state.install_config_routes()?;
+        Ok(state)
     }
 
     pub fn config(&self) -> &Config {
@@ -72,6 +92,14 @@ impl AppState {
 
     pub fn recorder(&self) -> &Recorder {
         &self.inner.recorder
+    }
+
+    /// Runs work that outlives a response; `serve` waits for it on shutdown.
+    pub(crate) fn spawn_background<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.inner.background.spawn(task);
     }
 
     fn provider(&self, name: &str) -> Result<&Arc<AnyProvider>, GatewayError> {
@@ -112,7 +140,12 @@ pub async fn serve(
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
     });
-    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
+    let background = state.inner.background.clone();
+    let served = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await;
+    // Relays and records of calls already answered still finish.
+    background.close();
+    background.wait().await;
+    served
 }
 
 fn models_list(config: &Config) -> Bytes {

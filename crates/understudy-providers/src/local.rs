@@ -114,6 +114,21 @@ impl LocalProvider {
         })
     }
 
+    /// A provider serving one model that is already loaded (a trained model
+    /// version the gateway loads when a task is promoted).
+    pub fn single(
+        name: &str,
+        machine_price_per_hour: f64,
+        model_name: &str,
+        model: Arc<dyn LocalModel>,
+    ) -> LocalProvider {
+        LocalProvider {
+            name: name.to_string(),
+            machine_price_per_hour,
+            models: HashMap::from([(model_name.to_string(), model)]),
+        }
+    }
+
     pub fn machine_price_per_hour(&self) -> f64 {
         self.machine_price_per_hour
     }

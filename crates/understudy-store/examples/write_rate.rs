@@ -43,6 +43,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             status: 200,
             error: None,
             cost: Money(1e-6),
+            routing: None,
         })
         .collect();
     let started = Instant::now();

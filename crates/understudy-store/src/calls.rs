@@ -3,13 +3,15 @@
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row};
 use time::OffsetDateTime;
-use understudy_types::{CallRecord, Endpoint, Money, Usage, UsageSource, Uuid};
+use understudy_types::{CallRecord, Endpoint, Money, Routing, ServedBy, Usage, UsageSource, Uuid};
 
 use crate::{Backend, Store, StoreError};
 
 const CALL_COLUMNS: &str = "id, created_at, task, model, provider, endpoint, stream, request, response, \
-     prompt_tokens, completion_tokens, usage_source, latency_ms, ttft_ms, status, error, cost";
-const N_CALL_COLUMNS: usize = 17;
+     prompt_tokens, completion_tokens, usage_source, latency_ms, ttft_ms, status, error, cost, \
+     policy, served_by, fallback_reason, understudy_model, understudy_answer, understudy_confidence, \
+     understudy_latency_ms, understudy_cost, agreement, lead_cost_avoided";
+const N_CALL_COLUMNS: usize = 27;
 /// Rows per INSERT statement; keeps bind parameters under SQLite's limit.
 const ROWS_PER_INSERT: usize = 128;
 
@@ -55,6 +57,23 @@ pub struct CostRow {
     pub n_errors: u64,
     pub usage: Usage,
     pub cost: Money,
+}
+
+/// What routing did for one task on one UTC day.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavingsRow {
+    pub task: String,
+    /// Midnight UTC of the day.
+    pub day: OffsetDateTime,
+    pub n_calls: u64,
+    pub n_served_by_understudy: u64,
+    /// Calls where both the lead and the understudy answered.
+    pub n_compared: u64,
+    pub n_agreed: u64,
+    /// Everything the calls cost: lead tokens plus understudy compute.
+    pub cost: Money,
+    pub understudy_cost: Money,
+    pub lead_cost_avoided: Money,
 }
 
 /// How a cost report groups its rows.
@@ -156,6 +175,18 @@ impl Store {
                     .bind(i64::from(call.status))
                     .bind(call.error.clone())
                     .bind(call.cost.dollars());
+                let routing = call.routing.as_ref();
+                query = query
+                    .bind(routing.map(|routing| routing.policy.clone()))
+                    .bind(routing.map(|routing| routing.served_by.as_str()))
+                    .bind(routing.and_then(|routing| routing.fallback_reason.clone()))
+                    .bind(routing.and_then(|routing| routing.understudy_model.clone()))
+                    .bind(routing.and_then(|routing| routing.understudy_answer.clone()))
+                    .bind(routing.and_then(|routing| routing.understudy_confidence))
+                    .bind(routing.and_then(|routing| routing.understudy_latency_ms))
+                    .bind(routing.map(|routing| routing.understudy_cost.dollars()))
+                    .bind(routing.and_then(|routing| routing.agreement).map(i64::from))
+                    .bind(routing.map(|routing| routing.lead_cost_avoided.dollars()));
             }
             query.execute(&mut *transaction).await?;
         }
@@ -229,6 +260,43 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Per task and UTC day: how many chat calls the understudy served, how
+    /// often it agreed with the lead, and the money on each side.
+    pub async fn savings_report(&self, filter: &CallFilter) -> Result<Vec<SavingsRow>, StoreError> {
+        let mut clause = WhereClause::new(filter, self.backend);
+        clause.push_raw("task IS NOT NULL AND endpoint = 'chat'");
+        let sql = format!(
+            "SELECT task, created_at / {MS_PER_DAY} AS day, COUNT(*), \
+             CAST(SUM(CASE WHEN served_by = 'understudy' THEN 1 ELSE 0 END) AS BIGINT), \
+             CAST(SUM(CASE WHEN agreement IS NULL THEN 0 ELSE 1 END) AS BIGINT), \
+             CAST(SUM(CASE WHEN agreement = 1 THEN 1 ELSE 0 END) AS BIGINT), \
+             CAST(SUM(cost) AS DOUBLE PRECISION), \
+             CAST(SUM(COALESCE(understudy_cost, 0)) AS DOUBLE PRECISION), \
+             CAST(SUM(COALESCE(lead_cost_avoided, 0)) AS DOUBLE PRECISION) \
+             FROM calls{} GROUP BY task, created_at / {MS_PER_DAY} ORDER BY task, day",
+            clause.sql
+        );
+        let rows = clause.bind_all(sqlx::query(&sql)).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| {
+                let day: i64 = row.try_get(1)?;
+                Ok(SavingsRow {
+                    task: row.try_get(0)?,
+                    day: from_unix_ms(day * MS_PER_DAY),
+                    n_calls: nonnegative(row.try_get(2)?),
+                    n_served_by_understudy: nonnegative(row.try_get(3)?),
+                    n_compared: nonnegative(row.try_get(4)?),
+                    n_agreed: nonnegative(row.try_get(5)?),
+                    cost: Money(row.try_get(6)?),
+                    understudy_cost: Money(row.try_get(7)?),
+                    lead_cost_avoided: Money(row.try_get(8)?),
+                })
+            })
+            .collect()
+    }
+}
+
 /// The `idx`th (1-based) bind placeholder. Postgres needs `$N`. SQLite takes
 /// `$N` too, but sqlx then looks each name up in a list, which makes binding a
 /// many-row INSERT quadratic; positional `?` binds in constant time.
@@ -288,7 +356,30 @@ fn call_from_row(row: &AnyRow) -> Result<CallRecord, StoreError> {
         status: u16::try_from(status).map_err(|_| corrupt(format!("bad status {status}")))?,
         error: row.try_get("error")?,
         cost: Money(row.try_get("cost")?),
+        routing: routing_from_row(row, &corrupt)?,
     })
+}
+
+fn routing_from_row(row: &AnyRow, corrupt: &dyn Fn(String) -> StoreError) -> Result<Option<Routing>, StoreError> {
+    let Some(policy) = row.try_get::<Option<String>, _>("policy")? else {
+        return Ok(None);
+    };
+    let served_by_text: Option<String> = row.try_get("served_by")?;
+    let served_by_text = served_by_text.unwrap_or_default();
+    let served_by =
+        ServedBy::parse(&served_by_text).ok_or_else(|| corrupt(format!("unknown served_by `{served_by_text}`")))?;
+    Ok(Some(Routing {
+        policy,
+        served_by,
+        fallback_reason: row.try_get("fallback_reason")?,
+        understudy_model: row.try_get("understudy_model")?,
+        understudy_answer: row.try_get("understudy_answer")?,
+        understudy_confidence: row.try_get("understudy_confidence")?,
+        understudy_latency_ms: row.try_get("understudy_latency_ms")?,
+        understudy_cost: Money(row.try_get::<Option<f64>, _>("understudy_cost")?.unwrap_or(0.0)),
+        agreement: row.try_get::<Option<i64>, _>("agreement")?.map(|agreement| agreement != 0),
+        lead_cost_avoided: Money(row.try_get::<Option<f64>, _>("lead_cost_avoided")?.unwrap_or(0.0)),
+    }))
 }
 
 pub(crate) fn unix_ms(at: OffsetDateTime) -> i64 {

@@ -9,6 +9,7 @@
 mod calls;
 mod datasets;
 mod models;
+mod policies;
 mod recorder;
 pub mod testing;
 
@@ -18,9 +19,10 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
-pub use calls::{CallFilter, CallOrder, CostGroup, CostRow, StatusFilter};
+pub use calls::{CallFilter, CallOrder, CostGroup, CostRow, SavingsRow, StatusFilter};
 pub use datasets::DatasetRecord;
 pub use models::ModelVersionRecord;
+pub use policies::PolicyChange;
 pub use recorder::{Recorder, RecorderConfig, RecorderHandle, RecorderStats};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

@@ -6,8 +6,12 @@ use std::future::Future;
 
 use time::macros::datetime;
 use understudy_store::testing::TestDatabase;
-use understudy_store::{CallFilter, CallOrder, DatasetRecord, Recorder, RecorderConfig, StatusFilter, Store};
-use understudy_types::{CallRecord, Endpoint, Money, OffsetDateTime, TaskKind, Usage, UsageSource};
+use understudy_store::{
+    CallFilter, CallOrder, DatasetRecord, PolicyChange, Recorder, RecorderConfig, StatusFilter, Store,
+};
+use understudy_types::{
+    CallRecord, Endpoint, Money, OffsetDateTime, Routing, ServedBy, TaskKind, Usage, UsageSource, Uuid,
+};
 
 /// Runs `check` once on a fresh SQLite file and once on a fresh Postgres database.
 async fn on_both_backends<F, Fut>(check: F)
@@ -46,6 +50,7 @@ fn call(task: &str, model: &str, at: OffsetDateTime, status: u16) -> CallRecord 
         status,
         error: if status == 200 { None } else { Some("upstream said no".to_string()) },
         cost: Money(0.001),
+        routing: None,
     }
 }
 
@@ -228,6 +233,71 @@ async fn model_versions_register_and_list_newest_first() {
         assert_eq!(listed, vec![newer.clone(), older]);
         assert_eq!(store.get_model_version("mv-ne").await.expect("get"), vec![newer]);
         assert!(store.list_model_versions("other").await.expect("list").is_empty());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn routing_round_trips_and_sums_into_the_savings_report() {
+    on_both_backends(|store| async move {
+        let at = datetime!(2026-11-05 10:00 UTC);
+        let mut served = call("triage", "minilm", at, 200);
+        served.routing = Some(Routing {
+            policy: "cascade:0.9".into(),
+            served_by: ServedBy::Understudy,
+            understudy_model: Some("minilm".into()),
+            understudy_answer: Some("HUM".into()),
+            understudy_confidence: Some(0.97),
+            understudy_latency_ms: Some(4.5),
+            understudy_cost: Money(0.0001),
+            lead_cost_avoided: Money(0.002),
+            ..Routing::default()
+        });
+        let mut fell_back = call("triage", "gpt-4o-mini", at, 200);
+        fell_back.routing = Some(Routing {
+            policy: "cascade:0.9".into(),
+            fallback_reason: Some("low_confidence".into()),
+            understudy_answer: Some("NUM".into()),
+            understudy_cost: Money(0.0001),
+            agreement: Some(false),
+            ..Routing::default()
+        });
+        let plain = call("triage", "gpt-4o-mini", at, 200);
+        store.insert_calls(&[served.clone(), fell_back.clone(), plain]).await.expect("insert");
+        assert_eq!(store.get_call(&served.id.to_string()).await.expect("get"), vec![served]);
+        assert_eq!(store.get_call(&fell_back.id.to_string()).await.expect("get"), vec![fell_back]);
+        let rows = store.savings_report(&CallFilter::default()).await.expect("savings");
+        assert_eq!(rows.len(), 1);
+        let row = &rows[0];
+        assert_eq!((row.n_calls, row.n_served_by_understudy, row.n_compared, row.n_agreed), (3, 1, 1, 0));
+        assert!((row.cost.dollars() - 0.003).abs() < 1e-12);
+        assert!((row.understudy_cost.dollars() - 0.0002).abs() < 1e-12);
+        assert!((row.lead_cost_avoided.dollars() - 0.002).abs() < 1e-12);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_newest_policy_change_of_a_task_is_current() {
+    on_both_backends(|store| async move {
+        let change = |task: &str, policy: &str| PolicyChange {
+            id: Uuid::now_v7().to_string(),
+            task: task.into(),
+            policy: policy.into(),
+            understudy: Some("mv-1".into()),
+            understudy_path: Some("/models/mv-1".into()),
+            created_at: datetime!(2026-11-05 10:00 UTC),
+            note: None,
+        };
+        for (task, policy) in [("a", "shadow"), ("b", "lead"), ("a", "cascade:0.9"), ("a", "lead")] {
+            store.insert_policy_change(&change(task, policy)).await.expect("insert");
+        }
+        let current: Vec<(String, String)> =
+            store.current_policies().await.expect("current").into_iter().map(|c| (c.task, c.policy)).collect();
+        assert_eq!(current, vec![("a".into(), "lead".into()), ("b".into(), "lead".into())]);
+        let history: Vec<String> =
+            store.policy_history("a").await.expect("history").into_iter().map(|c| c.policy).collect();
+        assert_eq!(history, vec!["lead", "cascade:0.9", "shadow"]);
     })
     .await;
 }

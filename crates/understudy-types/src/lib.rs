@@ -168,7 +168,60 @@ pub struct CallRecord {
     pub ttft_ms: Option<f64>,
     pub status: u16,
     pub error: Option<String>,
+    /// What the call cost in all: the lead's tokens when the lead was asked,
+    /// plus the understudy's compute when it was.
     pub cost: Money,
+    /// How a task's call was routed; `None` for calls that named a model
+    /// directly and for calls recorded before routing existed.
+    pub routing: Option<Routing>,
+}
+
+/// Who answered the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ServedBy {
+    #[default]
+    Lead,
+    Understudy,
+}
+
+impl ServedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServedBy::Lead => "lead",
+            ServedBy::Understudy => "understudy",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<ServedBy> {
+        match text {
+            "lead" => Some(ServedBy::Lead),
+            "understudy" => Some(ServedBy::Understudy),
+            _ => None,
+        }
+    }
+}
+
+/// How a task's call went between its lead and its understudy.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Routing {
+    /// The task's policy when the call came in (`cascade:0.93`, `shadow`, ...).
+    pub policy: String,
+    pub served_by: ServedBy,
+    /// Why the lead served a call the understudy was asked first
+    /// (`low_confidence`, `understudy_error`, `understudy_timeout`, `invalid_answer`).
+    pub fallback_reason: Option<String>,
+    /// The understudy asked, if one was.
+    pub understudy_model: Option<String>,
+    /// The understudy's answer text (also when the lead served).
+    pub understudy_answer: Option<String>,
+    pub understudy_confidence: Option<f64>,
+    pub understudy_latency_ms: Option<f64>,
+    /// The understudy's compute: its measured time at the machine's price.
+    pub understudy_cost: Money,
+    /// Whether the two answers agree, when both were produced.
+    pub agreement: Option<bool>,
+    /// What the lead would have cost for the calls the understudy served.
+    pub lead_cost_avoided: Money,
 }
 
 impl CallRecord {

@@ -123,11 +123,24 @@ impl Harness {
 
     /// A gateway over the given store URL.
     pub async fn start_with(dir: tempfile::TempDir, store_url: &str) -> Harness {
+        Harness::start_configured(dir, store_url, "").await
+    }
+
+    /// A gateway over a fresh SQLite file, with `extra` appended to the config.
+    pub async fn start_routed(extra: &str) -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("gateway.db").display());
+        Harness::start_configured(dir, &url, extra).await
+    }
+
+    /// A gateway with `extra` appended to the test config; it polls the store
+    /// for policy changes every 50 ms.
+    pub async fn start_configured(dir: tempfile::TempDir, store_url: &str, extra: &str) -> Harness {
         std::env::set_var(TEST_KEY_VAR, TEST_KEY);
         let stub = stub::Stub { keep_log: true, ..Default::default() };
         let stub_url = stub.clone().start().await;
         std::fs::write(dir.path().join("calls.jsonl"), REPLAY_LINES).expect("write replay file");
-        let text = config_text(store_url, &stub_url, closed_port().await);
+        let text = config_text(store_url, &stub_url, closed_port().await) + extra;
         let config_path: PathBuf = dir.path().join("understudy.toml");
         std::fs::write(&config_path, &text).expect("write config");
         let config = Config::load(&config_path).expect("config loads");
@@ -137,6 +150,8 @@ impl Harness {
             RecorderConfig { queue_capacity: config.store.queue_capacity, batch_size: config.store.batch_size },
         );
         let state = AppState::new(config, recorder).expect("state");
+        state.apply_policies(&store).await.expect("policies apply");
+        let watch = understudy_gateway::spawn_policy_watch(state.clone(), store.clone(), Duration::from_millis(50));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gateway");
         let addr = listener.local_addr().expect("gateway addr");
         let (shutdown, shutdown_rx) = oneshot::channel();
@@ -145,6 +160,7 @@ impl Harness {
                 let _ = shutdown_rx.await;
             };
             understudy_gateway::serve(listener, state, signal).await.expect("serve");
+            watch.abort();
         });
         Harness {
             base_url: format!("http://{addr}/v1"),

@@ -7,6 +7,9 @@
 //! - `down`: HTTP 503 always;
 //! - `slow`: waits 2 s before answering;
 //! - `reject`: HTTP 400 with an OpenAI error body.
+//! - `student`: a stand-in understudy. The last message's content reads
+//!   `... || answer=TEXT || confidence=P`; it answers TEXT with logprobs whose
+//!   sum is ln P (default: the lead's answer at confidence 1).
 //!
 //! With `"stream": true` it answers in SSE chunks, with a usage chunk when
 //! `stream_options.include_usage` is set.
@@ -72,6 +75,33 @@ impl Stub {
     }
 }
 
+fn student_answer(request: &Value) -> Value {
+    let content = request
+        .get("messages")
+        .and_then(Value::as_array)
+        .and_then(|messages| messages.last())
+        .and_then(|message| message.get("content"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let mut answer = ANSWER.to_string();
+    let mut confidence = 1.0f64;
+    for part in content.split("||").map(str::trim) {
+        if let Some(text) = part.strip_prefix("answer=") {
+            answer = text.to_string();
+        } else if let Some(value) = part.strip_prefix("confidence=") {
+            confidence = value.parse().unwrap_or(1.0);
+        }
+    }
+    // Two "tokens" whose probabilities multiply to the confidence.
+    let half = confidence.ln() / 2.0;
+    json!({
+        "id": "chatcmpl-student", "object": "chat.completion", "created": 1_700_000_000, "model": "student",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop",
+                     "logprobs": {"content": [{"token": "a", "logprob": half}, {"token": "b", "logprob": half}]}}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+    })
+}
+
 fn json_response(status: StatusCode, body: Value) -> Response {
     (status, [("content-type", "application/json")], body.to_string()).into_response()
 }
@@ -97,6 +127,7 @@ async fn chat(State(stub): State<Stub>, headers: HeaderMap, body: Bytes) -> Resp
             return json_response(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": {"message": "try again"}}))
         }
         "slow" => tokio::time::sleep(Duration::from_secs(2)).await,
+        "student" => return json_response(StatusCode::OK, student_answer(&request)),
         "reject" => {
             return json_response(
                 StatusCode::BAD_REQUEST,

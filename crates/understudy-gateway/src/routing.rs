@@ -1,0 +1,341 @@
+//! Which policy and which understudy each task has right now.
+//!
+//! A task starts with the policy and understudy of the config. The store's
+//! `policy_changes` (written by `understudy promote`) override them: a watcher
+//! polls the store and swaps a task's [`TaskRoute`] in place, so a running
+//! gateway follows a promotion, or its undoing, without a restart. Loading a
+//! new understudy happens on the watcher, never on a request.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::Value;
+use understudy_config::{Policy, ProviderConfig};
+use understudy_providers::{
+    confidence_of, tokens, AnyProvider, ChatRequest, LocalLoader, LocalModelSpec, LocalProvider, ProviderError,
+};
+use understudy_store::{PolicyChange, Store};
+use understudy_types::{Money, Price, Usage};
+
+use crate::AppState;
+
+/// What a machine hour costs when no local provider in the config says.
+const DEFAULT_MACHINE_PRICE_PER_HOUR: f64 = 0.10;
+
+/// A task's policy and the understudy it routes to.
+#[derive(Debug, Clone)]
+pub(crate) struct TaskRoute {
+    pub policy: Policy,
+    pub understudy: Option<Arc<Understudy>>,
+    /// The store row this route came from, if any (to notice changes).
+    pub change_id: Option<String>,
+}
+
+/// A model that can stand in for a task's lead.
+#[derive(Debug)]
+pub(crate) struct Understudy {
+    /// The name records carry: a config model, or a model version id.
+    pub name: String,
+    /// The name of its provider, for records.
+    pub provider_name: String,
+    pub provider: Arc<AnyProvider>,
+    /// The `model` field its provider expects.
+    pub request_model: String,
+    pub cost: CostModel,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum CostModel {
+    Tokens(Price),
+    MachineTime { price_per_hour: f64 },
+}
+
+impl CostModel {
+    fn cost(self, usage: Option<Usage>, elapsed: Duration) -> Money {
+        match self {
+            CostModel::Tokens(price) => price.cost(usage.unwrap_or_default()),
+            CostModel::MachineTime { price_per_hour } => Money(price_per_hour * elapsed.as_secs_f64() / 3600.0),
+        }
+    }
+}
+
+/// How the understudy's attempt at a call went.
+#[derive(Debug, Clone)]
+pub(crate) struct UnderstudyAttempt {
+    pub model: String,
+    pub outcome: AttemptOutcome,
+    pub latency_ms: f64,
+    pub cost: Money,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum AttemptOutcome {
+    Answered { body: Bytes, content: String, confidence: Option<f64>, valid: bool },
+    Failed(String),
+    TimedOut,
+}
+
+impl UnderstudyAttempt {
+    pub fn router_attempt(&self) -> understudy_router::Attempt {
+        match &self.outcome {
+            AttemptOutcome::Answered { confidence, valid, .. } => {
+                understudy_router::Attempt::Answered { confidence: *confidence, valid: *valid }
+            }
+            AttemptOutcome::Failed(_) => understudy_router::Attempt::Failed,
+            AttemptOutcome::TimedOut => understudy_router::Attempt::TimedOut,
+        }
+    }
+
+    pub fn content(&self) -> Option<&str> {
+        match &self.outcome {
+            AttemptOutcome::Answered { content, .. } => Some(content),
+            _ => None,
+        }
+    }
+
+    pub fn confidence(&self) -> Option<f64> {
+        match &self.outcome {
+            AttemptOutcome::Answered { confidence, .. } => *confidence,
+            _ => None,
+        }
+    }
+}
+
+impl Understudy {
+    /// Asks the understudy for a complete answer, within `timeout`. An answer
+    /// is valid when it has text and, if the task lists its labels, is one.
+    pub async fn attempt(
+        &self,
+        mut request: ChatRequest,
+        timeout: Duration,
+        labels: Option<&[String]>,
+    ) -> UnderstudyAttempt {
+        request.body.insert("model".into(), Value::String(self.request_model.clone()));
+        request.body.remove("stream");
+        request.body.remove("stream_options");
+        let started = Instant::now();
+        let outcome = match tokio::time::timeout(timeout, self.provider.infer(request)).await {
+            Err(_) => AttemptOutcome::TimedOut,
+            Ok(Err(error)) => AttemptOutcome::Failed(error.to_string()),
+            Ok(Ok(response)) => match serde_json::from_slice::<Value>(&response.body) {
+                Err(error) => AttemptOutcome::Failed(format!("the understudy's answer is not JSON: {error}")),
+                Ok(completion) => {
+                    let content = completion
+                        .pointer("/choices/0/message/content")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string();
+                    let valid = !content.trim().is_empty()
+                        && labels.is_none_or(|labels| {
+                            labels.iter().any(|label| normalize_answer(label) == normalize_answer(&content))
+                        });
+                    let confidence = confidence_of(&completion);
+                    AttemptOutcome::Answered { body: response.body, content, confidence, valid }
+                }
+            },
+        };
+        let elapsed = started.elapsed();
+        let usage = match &outcome {
+            AttemptOutcome::Answered { body, .. } => understudy_providers::usage_of_body(body).ok().flatten(),
+            _ => None,
+        };
+        UnderstudyAttempt {
+            model: self.name.clone(),
+            outcome,
+            latency_ms: elapsed.as_secs_f64() * 1000.0,
+            cost: self.cost.cost(usage, elapsed),
+        }
+    }
+}
+
+/// The form two answers are compared in: trimmed, lower-cased, single spaces.
+pub(crate) fn normalize_answer(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
+}
+
+/// What the lead would have charged for a call the understudy answered.
+pub(crate) fn lead_cost_of(price: Price, messages: &[Value], answer: &str) -> Money {
+    let usage = Usage {
+        prompt_tokens: tokens::count_messages(messages),
+        completion_tokens: tokens::count_answer(&serde_json::json!({"role": "assistant", "content": answer})),
+    };
+    price.cost(usage)
+}
+
+/// Every task's current route, swapped whole when a policy changes.
+#[derive(Debug, Default)]
+pub(crate) struct RouteTable {
+    routes: RwLock<HashMap<String, Arc<TaskRoute>>>,
+    /// Understudies loaded from model version folders, by path.
+    loaded: RwLock<HashMap<String, Arc<Understudy>>>,
+}
+
+impl RouteTable {
+    pub fn get(&self, task: &str) -> Option<Arc<TaskRoute>> {
+        self.routes.read().ok()?.get(task).cloned()
+    }
+
+    fn set(&self, task: &str, route: TaskRoute) {
+        if let Ok(mut routes) = self.routes.write() {
+            routes.insert(task.to_string(), Arc::new(route));
+        }
+    }
+}
+
+impl AppState {
+    /// The routes the config gives, before the store says otherwise.
+    pub(crate) fn install_config_routes(&self) -> Result<(), ProviderError> {
+        for (task_name, task) in &self.config().tasks {
+            let understudy = match &task.understudy {
+                Some(model) => Some(self.config_understudy(model)?),
+                None => None,
+            };
+            self.inner.routes.set(task_name, TaskRoute { policy: task.policy, understudy, change_id: None });
+        }
+        Ok(())
+    }
+
+    fn config_understudy(&self, model_name: &str) -> Result<Arc<Understudy>, ProviderError> {
+        let setup = |message: String| ProviderError::Setup { provider: model_name.to_string(), message };
+        let model = self
+            .config()
+            .models
+            .get(model_name)
+            .ok_or_else(|| setup(format!("no model `{model_name}` in the config")))?;
+        let provider = self.provider(&model.provider).map_err(|error| setup(error.to_string()))?.clone();
+        let cost = match &*provider {
+            AnyProvider::Local(local) => CostModel::MachineTime { price_per_hour: local.machine_price_per_hour() },
+            _ => CostModel::Tokens(model.price),
+        };
+        Ok(Arc::new(Understudy {
+            name: model_name.to_string(),
+            provider_name: model.provider.clone(),
+            provider,
+            request_model: model.name.clone(),
+            cost,
+        }))
+    }
+
+    /// The hourly price of this machine: the first local provider's, or a default.
+    fn machine_price_per_hour(&self) -> (String, f64) {
+        self.config()
+            .providers
+            .iter()
+            .find_map(|(name, provider)| match provider {
+                ProviderConfig::Local(local) => Some((name.clone(), local.machine_price_per_hour)),
+                _ => None,
+            })
+            .unwrap_or_else(|| ("local".to_string(), DEFAULT_MACHINE_PRICE_PER_HOUR))
+    }
+
+    /// A trained model version, loaded through the local loader (once per path).
+    fn version_understudy(&self, name: &str, path: &str) -> Result<Arc<Understudy>, ProviderError> {
+        if let Some(loaded) = self.inner.routes.loaded.read().ok().and_then(|loaded| loaded.get(path).cloned()) {
+            return Ok(loaded);
+        }
+        let loader: &dyn LocalLoader = self.inner.local_loader.as_deref().ok_or_else(|| ProviderError::Setup {
+            provider: "local".to_string(),
+            message: format!("cannot load model version {name}: this gateway has no local model support"),
+        })?;
+        let spec = LocalModelSpec { name: name.to_string(), path: path.to_string(), adapter: None };
+        let model = loader.load(&spec)?;
+        let (provider_name, price_per_hour) = self.machine_price_per_hour();
+        let provider = LocalProvider::single(&provider_name, price_per_hour, name, model);
+        let understudy = Arc::new(Understudy {
+            name: name.to_string(),
+            provider_name,
+            provider: Arc::new(AnyProvider::Local(provider)),
+            request_model: name.to_string(),
+            cost: CostModel::MachineTime { price_per_hour },
+        });
+        if let Ok(mut loaded) = self.inner.routes.loaded.write() {
+            loaded.insert(path.to_string(), understudy.clone());
+        }
+        Ok(understudy)
+    }
+
+    pub(crate) fn route(&self, task: &str) -> Option<Arc<TaskRoute>> {
+        self.inner.routes.get(task)
+    }
+
+    /// Applies the store's current policies. A change that cannot be applied
+    /// (an understudy that fails to load) is logged and the task keeps its
+    /// route; the next poll tries again.
+    pub async fn apply_policies(&self, store: &Store) -> Result<usize, understudy_store::StoreError> {
+        let changes = store.current_policies().await?;
+        let mut applied = 0;
+        for change in changes {
+            if !self.config().tasks.contains_key(&change.task) {
+                continue;
+            }
+            let current = self.route(&change.task);
+            if current.as_ref().and_then(|route| route.change_id.as_deref()) == Some(change.id.as_str()) {
+                continue;
+            }
+            let state = self.clone();
+            let outcome =
+                tokio::task::spawn_blocking(move || state.route_of_change(&change).map(|route| (change, route)))
+                    .await
+                    .map_err(|error| ProviderError::Setup { provider: "local".into(), message: error.to_string() });
+            match outcome.and_then(|result| result) {
+                Ok((change, route)) => {
+                    tracing::info!(task = %change.task, policy = %change.policy, understudy = ?change.understudy, "policy applied");
+                    self.inner.routes.set(&change.task, route);
+                    applied += 1;
+                }
+                Err(error) => tracing::error!(%error, "cannot apply a policy change"),
+            }
+        }
+        Ok(applied)
+    }
+
+    fn route_of_change(&self, change: &PolicyChange) -> Result<TaskRoute, ProviderError> {
+        let bad = |message: String| ProviderError::Setup { provider: format!("task {}", change.task), message };
+        let policy = Policy::parse(&change.policy, None).map_err(bad)?;
+        let understudy = match (&change.understudy, &change.understudy_path) {
+            (Some(name), Some(path)) => Some(self.version_understudy(name, path)?),
+            (Some(name), None) => Some(self.config_understudy(name)?),
+            (None, _) => match self.config().tasks.get(&change.task).and_then(|task| task.understudy.as_deref()) {
+                Some(model) => Some(self.config_understudy(model)?),
+                None => None,
+            },
+        };
+        if policy != Policy::Lead && understudy.is_none() {
+            return Err(bad(format!("policy {} needs an understudy, and none is set", change.policy)));
+        }
+        Ok(TaskRoute { policy, understudy, change_id: Some(change.id.clone()) })
+    }
+}
+
+/// Polls the store for policy changes every `interval` until the state is dropped.
+pub fn spawn_policy_watch(state: AppState, store: Store, interval: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            if let Err(error) = state.apply_policies(&store).await {
+                tracing::warn!(%error, "cannot read policy changes");
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_compare_without_case_or_spacing() {
+        assert_eq!(normalize_answer("  DESC \n"), normalize_answer("desc"));
+        assert_ne!(normalize_answer("DESC"), normalize_answer("DES C"));
+    }
+
+    #[test]
+    fn machine_time_costs_by_the_hour() {
+        let cost = CostModel::MachineTime { price_per_hour: 3.6 }.cost(None, Duration::from_millis(500));
+        assert!((cost.dollars() - 0.0005).abs() < 1e-12);
+    }
+}
