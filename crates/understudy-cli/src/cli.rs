@@ -43,8 +43,37 @@ pub enum Command {
     Train(TrainCommand),
     /// Compare model versions with the lead on the task's newest test split.
     Eval(EvalCommand),
+    /// Change a task's routing policy; running gateways follow within a second.
+    Promote(PromoteCommand),
     /// The demo: real traffic from the TREC question set through a replay lead.
     Quickstart(QuickstartCommand),
+}
+
+/// `understudy promote --task T --policy P`: hands the understudy (some of)
+/// the stage, or gives it back to the lead with `--policy lead`.
+#[derive(Args)]
+pub struct PromoteCommand {
+    /// The task to change.
+    #[arg(long)]
+    pub task: String,
+    /// lead | shadow | canary:PCT | cascade[:THRESHOLD] | understudy. A bare
+    /// `cascade` takes the threshold `understudy eval` calibrated for the model.
+    #[arg(long)]
+    pub policy: String,
+    /// The cascade's confidence threshold, overriding the calibrated one.
+    #[arg(long)]
+    pub threshold: Option<f64>,
+    /// The understudy: a model version id (or prefix) from `understudy train`,
+    /// or a model of the config. Default: the task's newest model version, else
+    /// the config's `understudy`.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// A note kept with the change (why it was made).
+    #[arg(long)]
+    pub note: Option<String>,
+    /// Print the change as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -140,6 +169,9 @@ pub struct QuickstartCommand {
     /// The cascade's target agreement with the lead.
     #[arg(long, default_value_t = 0.98)]
     pub target_agreement: f64,
+    /// The price of an hour of this machine, for the understudy's compute.
+    #[arg(long, default_value_t = 0.10)]
+    pub machine_price_per_hour: f64,
 }
 
 #[derive(Args)]
@@ -224,6 +256,22 @@ pub enum ReportCommand {
         filter: FilterArgs,
         #[arg(long)]
         json: bool,
+    },
+    /// Per task and day: calls, the understudy's share, agreement with the
+    /// lead, the lead's cost avoided, the understudy's compute, net savings,
+    /// the one-off training cost and the payback period.
+    Savings {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// The price of a machine hour, for the training cost (default: the
+        /// config's local provider, else 0.10).
+        #[arg(long)]
+        machine_price_per_hour: Option<f64>,
+        #[arg(long)]
+        json: bool,
+        /// Also write a self-contained HTML report with plots to this file.
+        #[arg(long)]
+        html: Option<PathBuf>,
     },
 }
 

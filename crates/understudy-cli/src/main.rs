@@ -9,8 +9,10 @@ mod fetch;
 mod import;
 mod init;
 mod output;
+mod promote;
 mod quickstart;
 mod report;
+mod savings;
 mod serve;
 mod train;
 
@@ -67,6 +69,7 @@ async fn dispatch(config_path: std::path::PathBuf, command: cli::Command) -> any
         cli::Command::Dataset(command) => dataset::run(&config_path, command).await.map(done),
         cli::Command::Train(command) => train::run(&config_path, command).await.map(done),
         cli::Command::Eval(command) => eval::run(&config_path, command).await.map(done),
+        cli::Command::Promote(command) => promote::run(&config_path, command).await.map(done),
         cli::Command::Quickstart(command) => Box::pin(quickstart::run(command)).await.map(done),
     }
 }

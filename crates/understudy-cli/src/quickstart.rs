@@ -3,8 +3,10 @@
 //! It fetches the TREC question set, turns it into recorded lead answers in
 //! the import format, serves a gateway whose lead is a replay provider over
 //! those answers, sends the older share of the questions through it as an
-//! OpenAI client would, and reports what the traffic cost. Everything it does
-//! goes through the same config, gateway, store and report a user runs.
+//! OpenAI client would, builds a dataset, trains and evaluates an understudy,
+//! promotes a cascade in the running gateway, sends the newest questions
+//! through it, and ends with the savings ledger. Everything it does goes
+//! through the same config, gateway, store and commands a user runs.
 
 use std::collections::{BTreeSet, HashSet};
 use std::path::Path;
@@ -47,7 +49,7 @@ pub async fn run(command: QuickstartCommand) -> anyhow::Result<()> {
         labels.iter().copied().collect::<Vec<_>>().join(" ")
     );
 
-    step(2, "Recording the lead's answers and writing the config");
+    step(2, "Starting a gateway whose lead is a replay of recorded answers");
     let system_prompt = format!(
         "Classify the question into one of these labels: {}. Answer with the label only.",
         labels.iter().copied().collect::<Vec<_>>().join(", ")
@@ -79,60 +81,21 @@ pub async fn run(command: QuickstartCommand) -> anyhow::Result<()> {
     println!("    config: {}", config_path.display());
 
     let n_traffic = ((questions.len() as f64) * command.traffic_share).round() as usize;
-    step(3, &format!("Sending the older {n_traffic} questions through the gateway as traffic"));
     let config = Config::load(&config_path)?;
     let gateway = RunningGateway::start(config.clone(), "127.0.0.1:0".parse()?).await?;
     let url = format!("http://{}/v1/chat/completions", gateway.addr);
-    let progress = ProgressBar::new(n_traffic as u64);
-    progress.set_style(
-        ProgressStyle::with_template("    {bar:40} {pos}/{len} calls  {per_sec}  eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    println!("    gateway: http://{}/v1 (task `{TASK}`: clients send model \"task:{TASK}\")", gateway.addr);
     let client = reqwest::Client::new();
     let system_prompt = Arc::new(system_prompt);
-    let traffic_started = Instant::now();
-    let results: Vec<Result<(String, String), String>> = futures::stream::iter(questions[..n_traffic].iter().cloned())
-        .map(|(label, question)| {
-            let client = client.clone();
-            let url = url.clone();
-            let system_prompt = system_prompt.clone();
-            let progress = progress.clone();
-            async move {
-                let body = json!({"model": format!("task:{TASK}"), "messages": [
-                    {"role": "system", "content": *system_prompt},
-                    {"role": "user", "content": question},
-                ]});
-                let result = ask(&client, &url, &body).await.map(|answer| (label, answer));
-                progress.inc(1);
-                result
-            }
-        })
-        .buffer_unordered(command.concurrency.max(1))
-        .collect()
-        .await;
-    progress.finish_and_clear();
-    let traffic_secs = traffic_started.elapsed().as_secs_f64();
-    gateway.stop().await?;
-    let n_failed = results.iter().filter(|result| result.is_err()).count();
-    if let Some(Err(first_error)) = results.iter().find(|result| result.is_err()) {
-        eprintln!("    {n_failed} calls failed; the first: {first_error}");
-    }
-    let n_agree = results.iter().filter(|result| matches!(result, Ok((label, answer)) if label == answer)).count();
-    println!(
-        "    {} calls in {traffic_secs:.1}s ({:.0}/s); the lead answered {n_agree} of them with the recorded label",
-        results.len(),
-        results.len() as f64 / traffic_secs.max(1e-9)
-    );
 
+    step(3, &format!("Sending the older {n_traffic} questions through the gateway as traffic"));
+    let traffic = send_traffic(&client, &url, &system_prompt, &questions[..n_traffic], command.concurrency).await;
+    traffic.print("the lead answered");
     println!("    what the traffic cost:");
     let store = open_store(&config).await?;
     let filter = CallFilter { task: Some(TASK.to_string()), ..CallFilter::default() };
-    let n_recorded = store.count_calls(&filter).await?;
     print_costs(&store, &filter, false).await?;
-    println!("    {n_recorded} calls recorded in {}", dir.join("quickstart.db").display());
-    anyhow::ensure!(n_failed == 0, "{n_failed} of {} calls failed", results.len());
-    anyhow::ensure!(n_recorded as usize == results.len(), "recorded {n_recorded} calls of {}", results.len());
-    store.close().await;
+    anyhow::ensure!(traffic.n_failed == 0, "{} of {} calls failed", traffic.n_failed, traffic.n_calls);
 
     // From here on, the same commands a user runs on their own task.
     let config_arg = config_path.display().to_string();
@@ -142,22 +105,151 @@ pub async fn run(command: QuickstartCommand) -> anyhow::Result<()> {
         println!("    $ understudy {}", line[2..].join(" "));
         line
     };
-    step(4, "Building a dataset from the recorded calls");
+    step(4, "Building a dataset, training MiniLM with a classification head on CPU, and evaluating it");
+    wait_until_recorded(&store, &filter, traffic.n_calls).await?;
     crate::run_command_line(&understudy(&["dataset", "build", "--task", TASK])).await?;
-    step(5, "Training the understudy: MiniLM with a classification head, on CPU");
     let encoder_arg = encoder_dir.display().to_string();
     let epochs = command.epochs.to_string();
     crate::run_command_line(&understudy(&["train", "--task", TASK, "--base", &encoder_arg, "--epochs", &epochs]))
         .await?;
-    step(6, "Evaluating it against the lead on the newest traffic");
     let target = command.target_agreement.to_string();
     crate::run_command_line(&understudy(&["eval", "--task", TASK, "--target-agreement", &target])).await?;
+
+    let n_new = questions.len() - n_traffic;
+    step(5, &format!("Promoting the cascade, then sending the newest {n_new} questions through the same gateway"));
+    crate::run_command_line(&understudy(&["promote", "--task", TASK, "--policy", "cascade"])).await?;
+    // The running gateway polls the store twice a second.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let since = understudy_types::OffsetDateTime::now_utc();
+    let newest = send_traffic(&client, &url, &system_prompt, &questions[n_traffic..], command.concurrency).await;
+    newest.print("answers matched the lead's");
+    gateway.stop().await?;
+    anyhow::ensure!(newest.n_failed == 0, "{} of {} calls failed", newest.n_failed, newest.n_calls);
+
+    step(6, "The savings ledger of the newest traffic");
+    let since_arg = crate::output::format_time(since);
+    crate::run_command_line(&understudy(&["report", "savings", "--task", TASK, "--since", &since_arg])).await?;
+    let cascade_filter = CallFilter { task: Some(TASK.to_string()), since: Some(since), ..CallFilter::default() };
+    let (_, totals) = crate::savings::savings(&store, &cascade_filter, crate::report::machine_price(&config)).await?;
+    store.close().await;
+    if let Some(total) = totals.first() {
+        let agreement = ratio(newest.n_agree, newest.n_calls);
+        println!();
+        println!(
+            "    On the newest {} calls, with the cascade at a target agreement of {}:",
+            total.n_calls, command.target_agreement
+        );
+        println!("      served by the understudy  {:>6.1}%   (goal >= 80%)", total.served_share() * 100.0);
+        println!("      agreement with the lead   {:>6.1}%   (goal >= 98%)", agreement * 100.0);
+        println!("      lead cost cut             {:>6.1}%   (goal >= 80%)", total.lead_cost_cut() * 100.0);
+        println!(
+            "      net saved                 ${:.4} (lead avoided ${:.4}, understudy compute ${:.6}); training cost ${:.4}",
+            total.net(),
+            total.lead_cost_avoided,
+            total.understudy_cost,
+            total.training_cost
+        );
+    }
     println!();
     println!("Done in {:.0}s. Look around:", started.elapsed().as_secs_f64());
     println!("    understudy --config {} calls list --task {TASK}", config_path.display());
-    println!("    understudy --config {} calls export --task {TASK} -o {TASK}.jsonl", config_path.display());
+    println!("    understudy --config {} report savings --task {TASK} --html savings.html", config_path.display());
+    println!(
+        "    understudy --config {} promote --task {TASK} --policy lead     # give the lead the stage back",
+        config_path.display()
+    );
     println!("    understudy --config {} serve", config_path.display());
     Ok(())
+}
+
+fn ratio(part: usize, whole: usize) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
+}
+
+/// How a batch of traffic went, from the client's side.
+struct Traffic {
+    n_calls: usize,
+    n_failed: usize,
+    /// Answers equal to the lead's recorded label.
+    n_agree: usize,
+    seconds: f64,
+}
+
+impl Traffic {
+    fn print(&self, agree_phrase: &str) {
+        println!(
+            "    {} calls in {:.1}s ({:.0}/s), {} failed; {agree_phrase} {} of them ({:.1}%)",
+            self.n_calls,
+            self.seconds,
+            self.n_calls as f64 / self.seconds.max(1e-9),
+            self.n_failed,
+            self.n_agree,
+            ratio(self.n_agree, self.n_calls) * 100.0
+        );
+    }
+}
+
+/// Sends `questions` as an OpenAI client would, `concurrency` at a time.
+async fn send_traffic(
+    client: &reqwest::Client,
+    url: &str,
+    system_prompt: &Arc<String>,
+    questions: &[(String, String)],
+    concurrency: usize,
+) -> Traffic {
+    let progress = ProgressBar::new(questions.len() as u64);
+    progress.set_style(
+        ProgressStyle::with_template("    {bar:40} {pos}/{len} calls  {per_sec}  eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let started = Instant::now();
+    let results: Vec<Result<(String, String), String>> = futures::stream::iter(questions.iter().cloned())
+        .map(|(label, question)| {
+            let progress = progress.clone();
+            async move {
+                let body = json!({"model": format!("task:{TASK}"), "messages": [
+                    {"role": "system", "content": **system_prompt},
+                    {"role": "user", "content": question},
+                ]});
+                let result = ask(client, url, &body).await.map(|answer| (label, answer));
+                progress.inc(1);
+                result
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    progress.finish_and_clear();
+    if let Some(Err(first_error)) = results.iter().find(|result| result.is_err()) {
+        eprintln!("    a call failed: {first_error}");
+    }
+    Traffic {
+        n_calls: results.len(),
+        n_failed: results.iter().filter(|result| result.is_err()).count(),
+        n_agree: results.iter().filter(|result| matches!(result, Ok((label, answer)) if label == answer)).count(),
+        seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
+/// Waits until the recorder has written `expected` calls of `filter`.
+async fn wait_until_recorded(
+    store: &understudy_store::Store,
+    filter: &CallFilter,
+    expected: usize,
+) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        let n_recorded = store.count_calls(filter).await? as usize;
+        if n_recorded >= expected {
+            println!("    {n_recorded} calls recorded");
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("the gateway recorded fewer calls than it served ({expected})")
 }
 
 fn step(number: usize, title: &str) {
@@ -217,9 +309,15 @@ name = "lead"
 input_per_million = {}
 output_per_million = {}
 
+# The understudy runs here; its calls cost their compute time at this price.
+[providers.local]
+type = "local"
+machine_price_per_hour = {}
+
 [tasks.{TASK}]
 lead = "lead"
+# `understudy promote` sets the policy and the understudy in the store.
 "#,
-        command.lead_input_price, command.lead_output_price
+        command.lead_input_price, command.lead_output_price, command.machine_price_per_hour
     )
 }

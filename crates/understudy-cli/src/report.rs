@@ -1,4 +1,4 @@
-//! `understudy report costs`.
+//! `understudy report costs` and `understudy report savings`.
 
 use std::io::Write;
 use std::path::Path;
@@ -9,12 +9,32 @@ use understudy_types::Money;
 
 use crate::cli::ReportCommand;
 use crate::output::{call_filter, format_day, load_config, open_store, table};
+use crate::savings::print_savings;
 
 pub async fn run(config_path: &Path, command: ReportCommand) -> anyhow::Result<()> {
     let config = load_config(config_path)?;
     let store = open_store(&config).await?;
-    let ReportCommand::Costs { filter, json } = command;
-    print_costs(&store, &call_filter(&filter)?, json).await
+    let result = match command {
+        ReportCommand::Costs { filter, json } => print_costs(&store, &call_filter(&filter)?, json).await,
+        ReportCommand::Savings { filter, machine_price_per_hour, json, html } => {
+            let price = machine_price_per_hour.unwrap_or_else(|| machine_price(&config));
+            print_savings(&store, &call_filter(&filter)?, price, json, html.as_deref()).await
+        }
+    };
+    store.close().await;
+    result
+}
+
+/// The machine price of the config's first local provider, or the default.
+pub fn machine_price(config: &understudy_config::Config) -> f64 {
+    config
+        .providers
+        .values()
+        .find_map(|provider| match provider {
+            understudy_config::ProviderConfig::Local(local) => Some(local.machine_price_per_hour),
+            _ => None,
+        })
+        .unwrap_or(0.10)
 }
 
 /// Prints the cost report for `filter`, as a table or as JSON.

@@ -31,7 +31,11 @@ pub struct RunningGateway {
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     recorder_handle: RecorderHandle,
     stats: std::sync::Arc<RecorderStats>,
+    watch: tokio::task::JoinHandle<()>,
 }
+
+/// How often a gateway looks for policy changes in the store.
+const POLICY_POLL: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl RunningGateway {
     pub async fn start(config: Config, listen: SocketAddr) -> anyhow::Result<RunningGateway> {
@@ -41,7 +45,12 @@ impl RunningGateway {
             RecorderConfig { queue_capacity: config.store.queue_capacity, batch_size: config.store.batch_size },
         );
         let stats = recorder.stats();
-        let state = AppState::new(config, recorder)?;
+        let loader: std::sync::Arc<dyn understudy_providers::LocalLoader> =
+            std::sync::Arc::new(understudy_local::Loader);
+        let state = AppState::with_local_models(config, recorder, Some(loader))?;
+        // Policy changes (`understudy promote`) reach this gateway through the store.
+        state.apply_policies(&store).await?;
+        let watch = understudy_gateway::spawn_policy_watch(state.clone(), store.clone(), POLICY_POLL);
         let listener =
             tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
         let addr = listener.local_addr()?;
@@ -49,7 +58,7 @@ impl RunningGateway {
         let server = tokio::spawn(understudy_gateway::serve(listener, state, async move {
             let _ = stopped.await;
         }));
-        Ok(RunningGateway { addr, store, stop, server, recorder_handle, stats })
+        Ok(RunningGateway { addr, store, stop, server, recorder_handle, stats, watch })
     }
 
     /// Stops accepting, lets requests in flight finish, then writes every
@@ -57,6 +66,7 @@ impl RunningGateway {
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(());
         self.server.await.context("gateway task failed")??;
+        self.watch.abort();
         let queued = self.stats.queued.load(Ordering::Relaxed);
         let pending = queued.saturating_sub(self.stats.written.load(Ordering::Relaxed));
         eprintln!("shutting down: writing {pending} queued records");

@@ -115,6 +115,8 @@ impl Understudy {
         request.body.insert("model".into(), Value::String(self.request_model.clone()));
         request.body.remove("stream");
         request.body.remove("stream_options");
+        // The cascade reads the understudy's confidence from its logprobs.
+        request.body.entry("logprobs").or_insert(Value::Bool(true));
         let started = Instant::now();
         let outcome = match tokio::time::timeout(timeout, self.provider.infer(request)).await {
             Err(_) => AttemptOutcome::TimedOut,

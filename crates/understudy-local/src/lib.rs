@@ -1,0 +1,123 @@
+//! Local models behind the gateway's `local` provider.
+//!
+//! The gateway knows only [`understudy_providers::LocalModel`]; this crate
+//! implements it for what the trainer produces and what small models come
+//! as, and [`Loader`] picks the implementation from what a path holds:
+//! - a trained classifier folder (`manifest.json` + `labels.json`): a label
+//!   task's understudy, answering with its top label and that label's
+//!   probability as logprobs, so the cascade can read its confidence;
+//! - an HF BERT directory (MiniLM): embeddings, mean-pooled over the
+//!   attention mask and L2-normalized;
+//! - a GGUF file: the llama.cpp engine, when this build links it.
+
+mod classifier;
+mod encoder;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use understudy_providers::{LocalLoader, LocalModel, LocalModelSpec, ProviderError};
+
+pub use classifier::ClassifierLocal;
+pub use encoder::EncoderLocal;
+
+/// Builds local models from paths; the gateway's [`LocalLoader`].
+#[derive(Debug, Default, Clone)]
+pub struct Loader;
+
+impl LocalLoader for Loader {
+    fn load(&self, spec: &LocalModelSpec) -> Result<Arc<dyn LocalModel>, ProviderError> {
+        let setup =
+            |message: String| ProviderError::Setup { provider: format!("local model `{}`", spec.name), message };
+        if let Some(repo) = spec.path.strip_prefix("hf:") {
+            return Err(setup(format!(
+                "`{}` names a model on the Hugging Face hub, which this machine cannot reach; download `{repo}` \
+                 elsewhere and set `path` to its directory",
+                spec.path
+            )));
+        }
+        let path = Path::new(&spec.path);
+        if !path.exists() {
+            return Err(setup(format!("{} does not exist", path.display())));
+        }
+        if path.is_file() {
+            return if path.extension().is_some_and(|ext| ext == "gguf") {
+                Err(setup(format!(
+                    "{} is a GGUF model; this build has no GGUF engine (build with the llama.cpp engine)",
+                    path.display()
+                )))
+            } else {
+                Err(setup(format!(
+                    "{} is not a model this build can load (expected a GGUF file or a folder)",
+                    path.display()
+                )))
+            };
+        }
+        if path.join("labels.json").is_file() && path.join("manifest.json").is_file() {
+            if spec.adapter.is_some() {
+                return Err(setup("an adapter applies to causal LMs, not to a classifier".into()));
+            }
+            return Ok(Arc::new(ClassifierLocal::load(&spec.name, path)?));
+        }
+        if path.join("config.json").is_file() {
+            let config_path = path.join("config.json");
+            let config: Value = std::fs::read_to_string(&config_path)
+                .ok()
+                .and_then(|text| serde_json::from_str(&text).ok())
+                .ok_or_else(|| setup(format!("{} is not readable JSON", config_path.display())))?;
+            return match config.get("model_type").and_then(Value::as_str) {
+                Some("bert") => Ok(Arc::new(EncoderLocal::load(&spec.name, path)?)),
+                Some(other) => Err(setup(format!(
+                    "{}: model_type `{other}` is not served by this build (supported here: bert encoders, trained \
+                     classifiers)",
+                    config_path.display()
+                ))),
+                None => Err(setup(format!("{} has no model_type", config_path.display()))),
+            };
+        }
+        Err(setup(format!(
+            "{} holds neither a trained classifier (manifest.json, labels.json) nor an HF model (config.json)",
+            path.display()
+        )))
+    }
+}
+
+/// Unix seconds, for `created`.
+fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|elapsed| elapsed.as_secs()).unwrap_or(0)
+}
+
+/// A `chat.completion` body with one assistant message.
+fn completion_body(model: &str, content: &str, logprobs: Option<Value>, prompt_tokens: usize) -> Value {
+    let mut choice = json!({
+        "index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop",
+    });
+    if let Some(logprobs) = logprobs {
+        choice["logprobs"] = logprobs;
+    }
+    json!({
+        "id": format!("chatcmpl-local-{:x}", rand_id()), "object": "chat.completion", "created": now_unix(),
+        "model": model, "choices": [choice],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 1, "total_tokens": prompt_tokens + 1},
+    })
+}
+
+fn rand_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(now_unix());
+    hasher.finish()
+}
+
+/// A response from a JSON body, with its usage read back out.
+fn response_of(body: &Value) -> understudy_providers::ProviderResponse {
+    understudy_providers::ProviderResponse {
+        body: body.to_string().into_bytes().into(),
+        usage: understudy_providers::usage_of(body),
+    }
+}
+
+fn internal(model: &str, error: impl std::fmt::Display) -> ProviderError {
+    ProviderError::BadResponse { provider: format!("local model `{model}`"), message: error.to_string() }
+}
