@@ -172,6 +172,9 @@ pub struct QuickstartCommand {
     /// The price of an hour of this machine, for the understudy's compute.
     #[arg(long, default_value_t = 0.10)]
     pub machine_price_per_hour: f64,
+    /// Share of the questions, the newest, sent after the cascade is promoted.
+    #[arg(long, default_value_t = 0.2)]
+    pub final_share: f64,
 }
 
 #[derive(Args)]

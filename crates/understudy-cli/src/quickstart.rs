@@ -115,13 +115,13 @@ pub async fn run(command: QuickstartCommand) -> anyhow::Result<()> {
     let target = command.target_agreement.to_string();
     crate::run_command_line(&understudy(&["eval", "--task", TASK, "--target-agreement", &target])).await?;
 
-    let n_new = questions.len() - n_traffic;
+    let n_new = (((questions.len() as f64) * command.final_share).round() as usize).min(questions.len() - n_traffic);
     step(5, &format!("Promoting the cascade, then sending the newest {n_new} questions through the same gateway"));
     crate::run_command_line(&understudy(&["promote", "--task", TASK, "--policy", "cascade"])).await?;
     // The running gateway polls the store twice a second.
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     let since = understudy_types::OffsetDateTime::now_utc();
-    let newest = send_traffic(&client, &url, &system_prompt, &questions[n_traffic..], command.concurrency).await;
+    let newest = send_traffic(&client, &url, &system_prompt, &questions[questions.len() - n_new..], command.concurrency).await;
     newest.print("answers matched the lead's");
     gateway.stop().await?;
     anyhow::ensure!(newest.n_failed == 0, "{} of {} calls failed", newest.n_failed, newest.n_calls);

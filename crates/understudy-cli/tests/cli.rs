@@ -359,7 +359,7 @@ fn quickstart_sends_real_traffic_through_a_replay_lead() {
     let data_dir = Path::new(&cache).join("data");
     let models_dir = Path::new(&cache).join("models");
     let output = Command::new(env!("CARGO_BIN_EXE_understudy"))
-        .args(["quickstart", "--traffic-share", "0.1", "--epochs", "1", "--dir", "qs", "--data-dir"])
+        .args(["quickstart", "--traffic-share", "0.1", "--final-share", "0.05", "--epochs", "1", "--dir", "qs", "--data-dir"])
         .arg(&data_dir)
         .arg("--models-dir")
         .arg(&models_dir)
@@ -371,11 +371,21 @@ fn quickstart_sends_real_traffic_through_a_replay_lead() {
     assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     assert!(stdout.contains("5381 unique questions, labels: ABBR DESC ENTY HUM LOC NUM"), "{stdout}");
     assert!(stdout.contains("538 calls recorded"), "{stdout}");
-    assert!(stdout.contains("the lead answered 538 of them with the recorded label"), "{stdout}");
+    assert!(stdout.contains("0 failed; the lead answered 538 of them (100.0%)"), "{stdout}");
     // Steps 4 to 6 ran the dataset, train and eval commands on that traffic.
     assert!(stdout.contains("$ understudy dataset build --task trec"), "{stdout}");
     assert!(stdout.contains("model version mv-"), "{stdout}");
     assert!(stdout.contains("accuracy [95% CI]") && stdout.contains("cascade"), "{stdout}");
+    // Steps 5 and 6: the cascade is promoted in the running gateway, which
+    // then serves the newest 5 % (269 questions) partly from the understudy.
+    assert!(stdout.contains("$ understudy promote --task trec --policy cascade"), "{stdout}");
+    assert!(stdout.contains("269 calls in"), "{stdout}");
+    let served = stdout
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("served by the understudy"))
+        .and_then(|rest| rest.trim().split('%').next()?.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no served share in {stdout}"));
+    assert!(served > 0.0, "the understudy served none of the newest calls: {stdout}");
 
     // The demo's store is an ordinary one: the export holds what was sent.
     let config = dir.path().join("qs/understudy.toml");
@@ -387,7 +397,7 @@ fn quickstart_sends_real_traffic_through_a_replay_lead() {
         .expect("export");
     let lines: Vec<Value> =
         String::from_utf8_lossy(&export.stdout).lines().map(|line| serde_json::from_str(line).expect("json")).collect();
-    assert_eq!(lines.len(), 538);
+    assert_eq!(lines.len(), 538 + 269);
     let labels = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"];
     assert!(lines.iter().all(|line| labels.contains(&line["messages"][2]["content"].as_str().unwrap_or(""))));
 }
