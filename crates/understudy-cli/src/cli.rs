@@ -97,6 +97,10 @@ pub struct EvalCommand {
     pub seed: u64,
     #[arg(long)]
     pub json: bool,
+    /// Also write a self-contained HTML report (confusion matrices, the
+    /// cascade's coverage-agreement curve) to this file.
+    #[arg(long)]
+    pub html: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -16,7 +16,7 @@ use understudy_datasets::files::read_split;
 use understudy_datasets::jsonl::ChatExample;
 use understudy_datasets::kind::normalize_label;
 use understudy_eval::bootstrap::DEFAULT_RESAMPLES;
-use understudy_eval::calibrate::{choose_threshold, evaluate_cascade, ScoredAnswer};
+use understudy_eval::calibrate::{choose_threshold, coverage_curve, evaluate_cascade, ScoredAnswer};
 use understudy_eval::labels::{label_report, LabelReport};
 use understudy_eval::{quantile, Estimate};
 use understudy_store::{CallFilter, DatasetRecord, ModelVersionRecord, StatusFilter, Store};
@@ -65,7 +65,9 @@ pub async fn run(config_path: &Path, command: EvalCommand) -> anyhow::Result<()>
                 .collect()
         };
         let threshold = choose_threshold(&to_scored(&validation_scored, &validation), command.target_agreement);
-        let cascade = threshold.map(|threshold| evaluate_cascade(&to_scored(&scored, &test), threshold));
+        let test_scored = to_scored(&scored, &test);
+        let cascade = threshold.map(|threshold| evaluate_cascade(&test_scored, threshold));
+        let curve = coverage_curve(&test_scored);
         let latencies: Vec<f64> = scored.iter().map(|answer| answer.latency_ms).collect();
         let mean_seconds = latencies.iter().sum::<f64>() / latencies.len().max(1) as f64 / 1000.0;
         let cost_per_1k = mean_seconds * command.machine_price_per_hour / 3600.0 * 1000.0;
@@ -84,10 +86,17 @@ pub async fn run(config_path: &Path, command: EvalCommand) -> anyhow::Result<()>
             cost_per_1k,
             threshold,
             cascade,
+            curve,
         });
     }
     store.close().await;
 
+    if let Some(path) = &command.html {
+        let text = as_text(&dataset, &lead, &results, &command);
+        std::fs::write(path, crate::html::eval_page(&dataset.task, &text, &results_for_html(&results)))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
     if command.json {
         println!("{}", serde_json::to_string_pretty(&as_json(&dataset, &lead, &results, &command))?);
     } else {
@@ -118,6 +127,8 @@ struct VersionResult {
     cost_per_1k: f64,
     threshold: Option<f64>,
     cascade: Option<understudy_eval::CascadeOutcome>,
+    /// Coverage against agreement at every threshold, on test.
+    curve: Vec<understudy_eval::CascadeOutcome>,
 }
 
 async fn model_versions(store: &Store, command: &EvalCommand) -> anyhow::Result<Vec<ModelVersionRecord>> {
@@ -180,6 +191,19 @@ async fn lead_figures(store: &Store, task: &str) -> anyhow::Result<LeadFigures> 
         p50_ms: quantile(&latencies, 0.5),
         p95_ms: quantile(&latencies, 0.95),
     })
+}
+
+fn results_for_html(results: &[VersionResult]) -> Vec<crate::html::ModelPlots<'_>> {
+    results
+        .iter()
+        .map(|result| crate::html::ModelPlots {
+            name: &result.version.id,
+            labels: &result.report.labels,
+            confusion: &result.report.confusion,
+            curve: &result.curve,
+            chosen: result.cascade,
+        })
+        .collect()
 }
 
 fn estimate_json(estimate: &Estimate) -> Value {

@@ -6,6 +6,7 @@ mod cli;
 mod dataset;
 mod eval;
 mod fetch;
+mod html;
 mod import;
 mod init;
 mod output;

@@ -121,7 +121,8 @@ pub async fn run(command: QuickstartCommand) -> anyhow::Result<()> {
     // The running gateway polls the store twice a second.
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     let since = understudy_types::OffsetDateTime::now_utc();
-    let newest = send_traffic(&client, &url, &system_prompt, &questions[questions.len() - n_new..], command.concurrency).await;
+    let newest =
+        send_traffic(&client, &url, &system_prompt, &questions[questions.len() - n_new..], command.concurrency).await;
     newest.print("answers matched the lead's");
     gateway.stop().await?;
     anyhow::ensure!(newest.n_failed == 0, "{} of {} calls failed", newest.n_failed, newest.n_calls);

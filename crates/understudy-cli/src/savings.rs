@@ -9,6 +9,7 @@ use anyhow::Context;
 use serde_json::{json, Value};
 use understudy_store::{CallFilter, SavingsRow, Store};
 
+use crate::html::{escape, page_start};
 use crate::output::{format_day, table};
 
 /// One task's totals over the report's days.
@@ -219,13 +220,8 @@ pub fn savings_table(rows: &[SavingsRow], totals: &[TaskSavings]) -> String {
 /// A self-contained page: the tables, and per task a bar chart of daily lead
 /// spend against the lead cost avoided, with the understudy's share.
 fn savings_html(rows: &[SavingsRow], totals: &[TaskSavings]) -> String {
-    let mut html = String::from(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Understudy savings</title><style>\
-         body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}\
-         td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4f4}\
-         .legend span{display:inline-block;width:12px;height:12px;margin:0 4px 0 12px}</style></head><body>\
-         <h1>Understudy savings</h1>",
-    );
+    let mut html = page_start("Understudy savings");
+    html.push_str("<style>.legend span{display:inline-block;width:12px;height:12px;margin:0 4px 0 12px}</style>");
     let _ = write!(html, "<pre>{}</pre>", escape(&savings_table(rows, totals)));
     for total in totals {
         let days: Vec<&SavingsRow> = rows.iter().filter(|row| row.task == total.task).collect();
@@ -295,8 +291,4 @@ fn bar_chart(days: &[&SavingsRow]) -> String {
         share_points.join(" ")
     );
     svg
-}
-
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }

@@ -359,7 +359,18 @@ fn quickstart_sends_real_traffic_through_a_replay_lead() {
     let data_dir = Path::new(&cache).join("data");
     let models_dir = Path::new(&cache).join("models");
     let output = Command::new(env!("CARGO_BIN_EXE_understudy"))
-        .args(["quickstart", "--traffic-share", "0.1", "--final-share", "0.05", "--epochs", "1", "--dir", "qs", "--data-dir"])
+        .args([
+            "quickstart",
+            "--traffic-share",
+            "0.1",
+            "--final-share",
+            "0.05",
+            "--epochs",
+            "1",
+            "--dir",
+            "qs",
+            "--data-dir",
+        ])
         .arg(&data_dir)
         .arg("--models-dir")
         .arg(&models_dir)
