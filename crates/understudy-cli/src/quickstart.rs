@@ -128,7 +128,7 @@ pub async fn run(command: QuickstartCommand) -> anyhow::Result<()> {
     anyhow::ensure!(newest.n_failed == 0, "{} of {} calls failed", newest.n_failed, newest.n_calls);
 
     step(6, "The savings ledger of the newest traffic");
-    let since_arg = crate::output::format_time(since);
+    let since_arg = since.format(&time::format_description::well_known::Rfc3339)?;
     crate::run_command_line(&understudy(&["report", "savings", "--task", TASK, "--since", &since_arg])).await?;
     let cascade_filter = CallFilter { task: Some(TASK.to_string()), since: Some(since), ..CallFilter::default() };
     let (_, totals) = crate::savings::savings(&store, &cascade_filter, crate::report::machine_price(&config)).await?;
