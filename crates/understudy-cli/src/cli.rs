@@ -97,6 +97,10 @@ pub struct EvalCommand {
     pub seed: u64,
     #[arg(long)]
     pub json: bool,
+    /// Also evaluate an untuned causal LM zero-shot, constrained to the task's
+    /// labels: a GGUF file, an HF directory, or a local model of the config.
+    #[arg(long)]
+    pub zero_shot: Option<String>,
     /// Also write a self-contained HTML report (confusion matrices, the
     /// cascade's coverage-agreement curve) to this file.
     #[arg(long)]

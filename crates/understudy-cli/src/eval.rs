@@ -19,6 +19,7 @@ use understudy_eval::bootstrap::DEFAULT_RESAMPLES;
 use understudy_eval::calibrate::{choose_threshold, coverage_curve, evaluate_cascade, ScoredAnswer};
 use understudy_eval::labels::{label_report, LabelReport};
 use understudy_eval::{quantile, Estimate};
+use understudy_providers::{confidence_of, ChatRequest, LocalLoader, LocalModel, LocalModelSpec};
 use understudy_store::{CallFilter, DatasetRecord, ModelVersionRecord, StatusFilter, Store};
 use understudy_trainer::{prompt_text, ClassifierModel};
 use understudy_types::TaskKind;
@@ -36,32 +37,56 @@ pub async fn run(config_path: &Path, command: EvalCommand) -> anyhow::Result<()>
     let dataset = task_dataset(&store, &command.task, command.dataset.as_deref()).await?;
     anyhow::ensure!(
         dataset.kind == TaskKind::Label,
-        "dataset {} is a generation task; this build evaluates label tasks (classifiers) only",
+        "dataset {} is a generation task; this build evaluates label tasks only",
         dataset.id
     );
-    let versions = model_versions(&store, &command).await?;
+    let mut candidates: Vec<Candidate> = if command.model.is_empty() && command.zero_shot.is_some() {
+        Vec::new()
+    } else {
+        model_versions(&store, &command).await?.iter().map(Candidate::of_version).collect()
+    };
+    if let Some(base) = &command.zero_shot {
+        let path = match config.models.get(base).and_then(|model| model.path.clone()) {
+            Some(path) => path,
+            None => std::path::absolute(base)?.display().to_string(),
+        };
+        let name =
+            format!("zero-shot:{}", Path::new(&path).file_name().map_or(path.clone(), |n| n.to_string_lossy().into()));
+        let spec = LocalModelSpec { name: name.clone(), path, adapter: None };
+        candidates.push(Candidate { name, method: "zero-shot".into(), path: None, spec: Some(spec) });
+    }
     let test = read_rows(&dataset, "test")?;
     let validation = read_rows(&dataset, "validation")?;
     anyhow::ensure!(!test.is_empty(), "dataset {} has an empty test split", dataset.id);
     let lead = lead_figures(&store, &dataset.task).await?;
-    let reference: Vec<String> = test.iter().map(|(_, label)| label.clone()).collect();
+    let reference: Vec<String> = test.iter().map(|row| row.label.clone()).collect();
+    // The label set a causal LM is constrained to: every answer of the train split.
+    let labels: Vec<String> = read_rows(&dataset, "train")?
+        .into_iter()
+        .map(|row| row.label)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
 
     let mut results = Vec::new();
-    for version in &versions {
-        let model = ClassifierModel::load(&version.path)
-            .with_context(|| format!("cannot load model version {} from {}", version.id, version.path))?;
-        let scored = score(&model, &test)?;
+    for candidate in &candidates {
+        eprintln!(
+            "scoring {} ({}) on {} validation and {} test rows",
+            candidate.name,
+            candidate.method,
+            validation.len(),
+            test.len()
+        );
+        let scorer = candidate.load(&labels)?;
+        let scored = scorer.score(&test).await?;
         let predicted: Vec<String> = scored.iter().map(|answer| answer.label.clone()).collect();
         let report = label_report(&reference, &predicted, DEFAULT_RESAMPLES, command.seed);
-        let validation_scored = score(&model, &validation)?;
-        let to_scored = |answers: &[Answer], rows: &[(String, String)]| -> Vec<ScoredAnswer> {
+        let validation_scored = scorer.score(&validation).await?;
+        let to_scored = |answers: &[Answer], rows: &[Row]| -> Vec<ScoredAnswer> {
             answers
                 .iter()
                 .zip(rows)
-                .map(|(answer, (_, label))| ScoredAnswer {
-                    confidence: answer.confidence,
-                    agrees: &answer.label == label,
-                })
+                .map(|(answer, row)| ScoredAnswer { confidence: answer.confidence, agrees: answer.label == row.label })
                 .collect()
         };
         let threshold = choose_threshold(&to_scored(&validation_scored, &validation), command.target_agreement);
@@ -76,10 +101,13 @@ pub async fn run(config_path: &Path, command: EvalCommand) -> anyhow::Result<()>
             "test_coverage": cascade.map(|outcome| outcome.coverage),
             "test_overall_agreement": cascade.map(|outcome| outcome.overall_agreement),
         });
-        std::fs::write(Path::new(&version.path).join(CALIBRATION_FILE), calibration.to_string())
-            .with_context(|| format!("cannot write the calibration into {}", version.path))?;
+        if let Some(path) = &candidate.path {
+            std::fs::write(Path::new(path).join(CALIBRATION_FILE), calibration.to_string())
+                .with_context(|| format!("cannot write the calibration into {path}"))?;
+        }
         results.push(VersionResult {
-            version: version.clone(),
+            name: candidate.name.clone(),
+            method: candidate.method.clone(),
             report,
             p50_ms: quantile(&latencies, 0.5).unwrap_or(0.0),
             p95_ms: quantile(&latencies, 0.95).unwrap_or(0.0),
@@ -120,7 +148,8 @@ struct LeadFigures {
 }
 
 struct VersionResult {
-    version: ModelVersionRecord,
+    name: String,
+    method: String,
     report: LabelReport,
     p50_ms: f64,
     p95_ms: f64,
@@ -150,30 +179,102 @@ async fn model_versions(store: &Store, command: &EvalCommand) -> anyhow::Result<
     Ok(versions)
 }
 
-/// (classifier input text, the lead's normalized label) per row of a split.
-fn read_rows(dataset: &DatasetRecord, split: &str) -> anyhow::Result<Vec<(String, String)>> {
+/// One row of a split: the prompt as messages and as classifier text, and
+/// the lead's normalized answer.
+struct Row {
+    messages: Vec<Value>,
+    text: String,
+    label: String,
+}
+
+fn read_rows(dataset: &DatasetRecord, split: &str) -> anyhow::Result<Vec<Row>> {
     let dir = Path::new(&dataset.path);
     read_split(dir, split)?
         .lines()
         .filter(|line| !line.trim().is_empty())
         .map(|line| {
             let example = ChatExample::parse(line).map_err(|error| anyhow::anyhow!("{}: {error}", dir.display()))?;
-            Ok((prompt_text(&example.prompt), normalize_label(&example.answer_text())))
+            Ok(Row {
+                text: prompt_text(&example.prompt),
+                label: normalize_label(&example.answer_text()),
+                messages: example.prompt,
+            })
         })
         .collect()
 }
 
-/// Each row answered on its own, as a served call would be, and timed.
-fn score(model: &ClassifierModel, rows: &[(String, String)]) -> anyhow::Result<Vec<Answer>> {
-    rows.iter()
-        .map(|(text, _)| {
+/// What answers the rows: a trained classifier, or a causal LM (a LoRA model
+/// version, or a base model zero-shot) constrained to the task's labels.
+enum Scorer {
+    Classifier(ClassifierModel),
+    Chat { name: String, model: std::sync::Arc<dyn LocalModel>, labels: Vec<String> },
+}
+
+impl Scorer {
+    /// Each row answered on its own, as a served call would be, and timed.
+    async fn score(&self, rows: &[Row]) -> anyhow::Result<Vec<Answer>> {
+        let mut answers = Vec::with_capacity(rows.len());
+        for row in rows {
             let started = Instant::now();
-            let mut predictions = model.predict(std::slice::from_ref(text))?;
-            let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-            let prediction = predictions.pop().context("the classifier returned no prediction")?;
-            Ok(Answer { label: prediction.label, confidence: f64::from(prediction.confidence), latency_ms })
-        })
-        .collect()
+            let (label, confidence) = match self {
+                Scorer::Classifier(model) => {
+                    let mut predictions = model.predict(std::slice::from_ref(&row.text))?;
+                    let prediction = predictions.pop().context("the classifier returned no prediction")?;
+                    (prediction.label, f64::from(prediction.confidence))
+                }
+                Scorer::Chat { name, model, labels } => {
+                    let body = json!({
+                        "model": name, "messages": row.messages, "temperature": 0, "max_tokens": 32,
+                        "logprobs": true,
+                        "response_format": {"type": "json_schema", "json_schema": {
+                            "name": "label", "schema": {"type": "string", "enum": labels}}},
+                    });
+                    let body = body.as_object().cloned().unwrap_or_default();
+                    let response = model.chat(ChatRequest { body }).await?;
+                    let completion: Value = serde_json::from_slice(&response.body)?;
+                    let content =
+                        completion.pointer("/choices/0/message/content").and_then(Value::as_str).unwrap_or("");
+                    (normalize_label(content), confidence_of(&completion).unwrap_or(0.0))
+                }
+            };
+            answers.push(Answer { label, confidence, latency_ms: started.elapsed().as_secs_f64() * 1000.0 });
+        }
+        Ok(answers)
+    }
+}
+
+/// A model to evaluate and how to load it.
+struct Candidate {
+    name: String,
+    method: String,
+    /// A model version's folder, where its calibration is written.
+    path: Option<String>,
+    spec: Option<LocalModelSpec>,
+}
+
+impl Candidate {
+    fn of_version(version: &ModelVersionRecord) -> Candidate {
+        let spec = (version.method == "lora").then(|| LocalModelSpec {
+            name: version.id.clone(),
+            path: version.base_model.clone(),
+            adapter: Some(version.path.clone().into()),
+        });
+        Candidate { name: version.id.clone(), method: version.method.clone(), path: Some(version.path.clone()), spec }
+    }
+
+    fn load(&self, labels: &[String]) -> anyhow::Result<Scorer> {
+        match &self.spec {
+            None => Ok(Scorer::Classifier(
+                ClassifierModel::load(self.path.as_deref().unwrap_or_default())
+                    .with_context(|| format!("cannot load model version {} from {:?}", self.name, self.path))?,
+            )),
+            Some(spec) => {
+                let model =
+                    understudy_local::Loader.load(spec).with_context(|| format!("cannot load {}", self.name))?;
+                Ok(Scorer::Chat { name: spec.name.clone(), model, labels: labels.to_vec() })
+            }
+        }
+    }
 }
 
 async fn lead_figures(store: &Store, task: &str) -> anyhow::Result<LeadFigures> {
@@ -197,7 +298,7 @@ fn results_for_html(results: &[VersionResult]) -> Vec<crate::html::ModelPlots<'_
     results
         .iter()
         .map(|result| crate::html::ModelPlots {
-            name: &result.version.id,
+            name: &result.name,
             labels: &result.report.labels,
             confusion: &result.report.confusion,
             curve: &result.curve,
@@ -222,8 +323,8 @@ fn as_json(dataset: &DatasetRecord, lead: &LeadFigures, results: &[VersionResult
         "lead": {"model": lead.model, "recorded_calls": lead.n_calls, "cost_per_1k": lead.cost_per_1k,
                  "latency_p50_ms": lead.p50_ms, "latency_p95_ms": lead.p95_ms},
         "models": results.iter().map(|result| json!({
-            "model_version": result.version.id,
-            "method": result.version.method,
+            "model_version": result.name,
+            "method": result.method,
             "accuracy": estimate_json(&result.report.accuracy),
             "macro_f1": estimate_json(&result.report.macro_f1),
             "per_label": result.report.per_label.iter().map(|metrics| json!({
@@ -263,7 +364,7 @@ fn as_text(dataset: &DatasetRecord, lead: &LeadFigures, results: &[VersionResult
     ]];
     for result in results {
         rows.push(vec![
-            format!("{} ({})", result.version.id, result.version.method),
+            format!("{} ({})", result.name, result.method),
             estimate_text(&result.report.accuracy),
             estimate_text(&result.report.macro_f1),
             format!("{:.1}", result.p50_ms),
@@ -276,7 +377,7 @@ fn as_text(dataset: &DatasetRecord, lead: &LeadFigures, results: &[VersionResult
         &rows,
     ));
     for result in results {
-        text.push_str(&format!("\n{}: per label\n", result.version.id));
+        text.push_str(&format!("\n{}: per label\n", result.name));
         let label_rows: Vec<Vec<String>> = result
             .report
             .per_label
