@@ -121,6 +121,22 @@ impl LlamaCppModel {
 
     pub fn load_engine(spec: &LocalModelSpec, options: &EngineOptions) -> Result<LlamaCppModel, EngineError> {
         let path = PathBuf::from(&spec.path);
+        if let Some(repo) = spec.path.strip_prefix("hf:") {
+            return Err(EngineError::Setup {
+                path,
+                message: format!(
+                    "hub downloads are not available: this machine reaches no model hub (HF_HUB_OFFLINE); \
+                     download `{repo}` elsewhere and set `path` to its GGUF file"
+                ),
+            });
+        }
+        if path.is_dir() {
+            return Err(EngineError::Setup {
+                path,
+                message: "is a directory: the llama.cpp engine serves GGUF files (convert HF checkpoints to GGUF)"
+                    .to_string(),
+            });
+        }
         check_gguf_file(&path)?;
         let backend = backend().map_err(|message| EngineError::Setup { path: path.clone(), message })?;
         let params = LlamaModelParams::default().with_use_mmap(true);
