@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 cache="${UNDERSTUDY_CACHE:-$HOME/.cache/understudy}"
 mkdir -p "$cache"
 
+bash scripts/ensure-build-deps.sh
 bash scripts/ensure-postgres.sh
 # The real models (SmolLM2 GGUF, MiniLM) for the tests that use them.
 bash scripts/fetch-models.sh "$cache/models"

@@ -1,0 +1,167 @@
+//! Throughput of the engine on one GGUF: prefill, decode at batch 1, aggregate
+//! decode at N concurrent, the memory-bandwidth limit, and resident memory.
+//! Prints one JSON object. `bench/engine` drives it next to llama.cpp.
+//!
+//!   cargo run --release -p understudy-engine --example engine_bench -- MODEL.gguf [--threads 2] [--runs 3]
+
+use std::time::Instant;
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+use understudy_engine::{EngineOptions, LlamaCppModel};
+use understudy_providers::local::{LocalModel, LocalModelSpec};
+use understudy_providers::ChatRequest;
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn status_kb(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|line| line.starts_with(field))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse().ok())
+        .unwrap_or(0)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn request(body: Value) -> ChatRequest {
+    ChatRequest { body: body.as_object().cloned().unwrap_or_default() }
+}
+
+/// One streamed greedy answer: (completion tokens, seconds to the first token, seconds in total).
+async fn timed_stream(model: &LlamaCppModel, prompt: &str, max_tokens: usize) -> Result<(usize, f64, f64)> {
+    let start = Instant::now();
+    let body = json!({"messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": max_tokens,
+        "stream": true});
+    let mut stream = model.chat_stream(request(body)).await?;
+    let mut first = None;
+    let mut n_tokens = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk: Value = serde_json::from_str(&chunk?)?;
+        if first.is_none()
+            && chunk.pointer("/choices/0/delta/content").and_then(Value::as_str).is_some_and(|t| !t.is_empty())
+        {
+            first = Some(start.elapsed().as_secs_f64());
+        }
+        if let Some(tokens) = chunk.pointer("/usage/completion_tokens").and_then(Value::as_u64) {
+            n_tokens = tokens as usize;
+        }
+    }
+    let total = start.elapsed().as_secs_f64();
+    Ok((n_tokens, first.unwrap_or(total), total))
+}
+
+/// Read bandwidth in bytes/s over a buffer much larger than the caches, with `threads` readers.
+fn read_bandwidth(threads: usize) -> f64 {
+    let n: usize = 256 * 1024 * 1024 / 8;
+    let buffer: Vec<u64> = (0..n as u64).collect();
+    let mut best: f64 = 0.0;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let chunk = n.div_ceil(threads);
+        let sum: u64 = std::thread::scope(|scope| {
+            let handles: Vec<_> = buffer
+                .chunks(chunk)
+                .map(|part| scope.spawn(move || part.iter().fold(0u64, |acc, &x| acc.wrapping_add(x))))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0)).fold(0u64, u64::wrapping_add)
+        });
+        std::hint::black_box(sum);
+        best = best.max((n * 8) as f64 / start.elapsed().as_secs_f64());
+    }
+    best
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let path = args.get(1).ok_or("usage: engine_bench MODEL.gguf [--threads N] [--runs N] [--concurrency N]")?;
+    let flag = |name: &str, default: usize| {
+        args.iter()
+            .position(|arg| arg == name)
+            .and_then(|idx| args.get(idx + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let threads = flag("--threads", 2);
+    let runs = flag("--runs", 3);
+    let concurrency = flag("--concurrency", 8);
+    let decode_tokens = flag("--decode-tokens", 128);
+
+    let rss_before_kb = status_kb("VmRSS:");
+    let spec = LocalModelSpec { name: "bench".into(), path: path.clone(), adapter: None };
+    let options = EngineOptions { n_threads: Some(threads), n_ctx: 4096, n_seq_max: concurrency as u32, n_batch: 512 };
+    let model = LlamaCppModel::load(&spec, &options)?;
+    let rss_loaded_kb = status_kb("VmRSS:");
+
+    // A prompt of 256 tokens after the chat template.
+    let mut words = Vec::new();
+    let vocabulary =
+        ["river", "mountain", "quiet", "engine", "paper", "window", "garden", "signal", "orange", "theory"];
+    let mut idx = 0;
+    let long_prompt = loop {
+        words.push(vocabulary[idx % vocabulary.len()]);
+        idx += 1;
+        let text = words.join(" ");
+        let n = model.prompt_tokens(&[("user".into(), text.clone())]).map_err(|e| e.to_string())?.len();
+        if n >= 256 {
+            break text;
+        }
+    };
+    let story = "Write a long, detailed story about a dragon who learns to bake bread.";
+
+    // Warm up.
+    timed_stream(&model, story, 8).await?;
+
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    let mut aggregate = Vec::new();
+    for _ in 0..runs {
+        // Prefill: time to the first token of a 256-token prompt.
+        let (_, first, _) = timed_stream(&model, &long_prompt, 1).await?;
+        prefill.push(256.0 / first);
+
+        let (n, first, total) = timed_stream(&model, story, decode_tokens).await?;
+        decode.push((n.saturating_sub(1)) as f64 / (total - first));
+
+        let start = Instant::now();
+        let prompts: Vec<String> = (0..concurrency).map(|i| format!("{story} Story number {i}.")).collect();
+        let results = futures::future::join_all(prompts.iter().map(|p| timed_stream(&model, p, decode_tokens))).await;
+        let elapsed = start.elapsed().as_secs_f64();
+        let mut n_total = 0;
+        for result in results {
+            n_total += result?.0;
+        }
+        aggregate.push(n_total as f64 / elapsed);
+    }
+    let rss_peak_kb = status_kb("VmHWM:");
+    let weights_bytes = model.llama_model().size() as f64;
+    let bandwidth = read_bandwidth(threads);
+    let limit = bandwidth / weights_bytes;
+    let decode_median = median(decode.clone());
+    let report = json!({
+        "engine": "understudy (llama-cpp-2)",
+        "threads": threads,
+        "runs": runs,
+        "prefill_tok_s": median(prefill.clone()),
+        "decode_tok_s": decode_median,
+        "aggregate_tok_s": median(aggregate.clone()),
+        "concurrency": concurrency,
+        "aggregate_over_decode": median(aggregate.clone()) / decode_median,
+        "all": {"prefill": prefill, "decode": decode, "aggregate": aggregate},
+        "read_bandwidth_gb_s": bandwidth / 1e9,
+        "weights_mb": weights_bytes / 1e6,
+        "bandwidth_limit_tok_s": limit,
+        "decode_over_limit": decode_median / limit,
+        "rss_before_load_mb": rss_before_kb as f64 / 1024.0,
+        "rss_loaded_mb": rss_loaded_kb as f64 / 1024.0,
+        "rss_peak_serving_mb": rss_peak_kb as f64 / 1024.0,
+    });
+    println!("{report}");
+    Ok(())
+}

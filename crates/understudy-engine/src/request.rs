@@ -1,0 +1,256 @@
+//! Reads an OpenAI chat request into what the engine needs, rejecting values
+//! it cannot honour (with the message the client gets in a 400).
+
+use serde_json::{Map, Value};
+
+/// The sampling settings of one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    pub temperature: f64,
+    pub top_p: f64,
+    pub seed: Option<u64>,
+    /// `None`: until the end of the context or an end-of-turn token.
+    pub max_tokens: Option<usize>,
+    pub stop: Vec<String>,
+    /// `Some(n)`: report logprobs, with `n` alternatives per token.
+    pub logprobs: Option<usize>,
+}
+
+/// A chat request, read and checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParsedChat {
+    pub messages: Vec<(String, String)>,
+    pub sampling: Sampling,
+    /// The answer must be one of these strings (`response_format` with an enum schema).
+    pub choices: Option<Vec<String>>,
+}
+
+pub fn parse_chat(body: &Map<String, Value>) -> Result<ParsedChat, String> {
+    let messages = parse_messages(body.get("messages"))?;
+    let temperature = number(body, "temperature", 1.0)?;
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(format!("temperature must be between 0 and 2, got {temperature}"));
+    }
+    let top_p = number(body, "top_p", 1.0)?;
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(format!("top_p must be in (0, 1], got {top_p}"));
+    }
+    for penalty in ["frequency_penalty", "presence_penalty"] {
+        let value = number(body, penalty, 0.0)?;
+        if value != 0.0 {
+            return Err(format!("{penalty} is not supported by local models (got {value}; only 0 is accepted)"));
+        }
+    }
+    if let Some(n) = body.get("n").filter(|n| !n.is_null()) {
+        if n.as_u64() != Some(1) {
+            return Err(format!("n must be 1 for local models, got {n}"));
+        }
+    }
+    let seed = match body.get("seed") {
+        None | Some(Value::Null) => None,
+        Some(seed) => match (seed.as_u64(), seed.as_i64()) {
+            (Some(seed), _) => Some(seed),
+            (None, Some(seed)) => Some(seed as u64),
+            _ => return Err(format!("seed must be an integer, got {seed}")),
+        },
+    };
+    let mut max_tokens = None;
+    for key in ["max_completion_tokens", "max_tokens"] {
+        match body.get(key) {
+            None | Some(Value::Null) => {}
+            Some(value) => match value.as_u64() {
+                Some(n) if n >= 1 => {
+                    max_tokens = max_tokens.or(Some(n as usize));
+                }
+                _ => return Err(format!("{key} must be a positive integer, got {value}")),
+            },
+        }
+    }
+    let stop = match body.get("stop") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(stop)) => vec![stop.clone()],
+        Some(Value::Array(stops)) => {
+            let mut out = Vec::new();
+            for stop in stops {
+                match stop.as_str() {
+                    Some(stop) => out.push(stop.to_string()),
+                    None => return Err(format!("stop must be a string or a list of strings, got {stop}")),
+                }
+            }
+            out
+        }
+        Some(other) => return Err(format!("stop must be a string or a list of strings, got {other}")),
+    };
+    if stop.iter().any(String::is_empty) {
+        return Err("stop sequences must not be empty".to_string());
+    }
+    let want_logprobs = match body.get("logprobs") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(flag)) => *flag,
+        Some(other) => return Err(format!("logprobs must be a boolean, got {other}")),
+    };
+    let top_logprobs = match body.get("top_logprobs") {
+        None | Some(Value::Null) => 0,
+        Some(value) => match value.as_u64() {
+            Some(n) if n <= 20 => n as usize,
+            _ => return Err(format!("top_logprobs must be an integer between 0 and 20, got {value}")),
+        },
+    };
+    if top_logprobs > 0 && !want_logprobs {
+        return Err("top_logprobs requires logprobs to be true".to_string());
+    }
+    if let Some(tools) = body.get("tools").and_then(Value::as_array) {
+        if !tools.is_empty() {
+            return Err("tools are not supported by local models".to_string());
+        }
+    }
+    let choices = parse_response_format(body.get("response_format"))?;
+    Ok(ParsedChat {
+        messages,
+        sampling: Sampling {
+            temperature,
+            top_p,
+            seed,
+            max_tokens,
+            stop,
+            logprobs: want_logprobs.then_some(top_logprobs),
+        },
+        choices,
+    })
+}
+
+fn number(body: &Map<String, Value>, key: &str, default: f64) -> Result<f64, String> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(value) => value.as_f64().ok_or_else(|| format!("{key} must be a number, got {value}")),
+    }
+}
+
+fn parse_messages(messages: Option<&Value>) -> Result<Vec<(String, String)>, String> {
+    let Some(messages) = messages.and_then(Value::as_array) else {
+        return Err("messages must be a list".to_string());
+    };
+    if messages.is_empty() {
+        return Err("messages must not be empty".to_string());
+    }
+    let mut out = Vec::with_capacity(messages.len());
+    for (idx, message) in messages.iter().enumerate() {
+        let role = message.get("role").and_then(Value::as_str).ok_or_else(|| format!("messages[{idx}] has no role"))?;
+        let role = if role == "developer" { "system" } else { role };
+        let content = match message.get("content") {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(text)) => text.clone(),
+            Some(Value::Array(parts)) => {
+                let mut text = String::new();
+                for part in parts {
+                    match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
+                        (Some("text"), Some(part_text)) => text.push_str(part_text),
+                        _ => {
+                            return Err(format!("messages[{idx}] has a content part local models cannot read: {part}"))
+                        }
+                    }
+                }
+                text
+            }
+            Some(other) => {
+                return Err(format!("messages[{idx}].content must be a string or a list of parts, got {other}"))
+            }
+        };
+        out.push((role.to_string(), content));
+    }
+    Ok(out)
+}
+
+/// `{"type": "json_schema", "json_schema": {"schema": {"enum": [...]}}}` (or a
+/// schema `{"type": "string", "enum": [...]}`) restricts the answer to those
+/// strings. The answer is the bare string, not its JSON encoding.
+fn parse_response_format(format: Option<&Value>) -> Result<Option<Vec<String>>, String> {
+    let Some(format) = format.filter(|format| !format.is_null()) else {
+        return Ok(None);
+    };
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_schema") => {
+            let schema =
+                format.pointer("/json_schema/schema").ok_or("response_format json_schema needs json_schema.schema")?;
+            let Some(values) = schema.get("enum").and_then(Value::as_array) else {
+                return Err(
+                    "local models support response_format json_schema only with an enum of strings: {\"enum\": [...]}"
+                        .to_string(),
+                );
+            };
+            if let Some(kind) = schema.get("type") {
+                if kind != "string" {
+                    return Err(format!("an enum schema must have type string, got {kind}"));
+                }
+            }
+            let mut choices: Vec<String> = Vec::new();
+            for value in values {
+                match value.as_str() {
+                    Some("") => return Err("enum values must not be empty strings".to_string()),
+                    Some(text) if !choices.iter().any(|choice| choice == text) => choices.push(text.to_string()),
+                    Some(_) => {}
+                    None => return Err(format!("enum values must be strings, got {value}")),
+                }
+            }
+            if choices.is_empty() {
+                return Err("the enum of allowed answers is empty".to_string());
+            }
+            Ok(Some(choices))
+        }
+        Some(other) => Err(format!("response_format type `{other}` is not supported by local models")),
+        None => Err("response_format needs a type".to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(body: Value) -> Result<ParsedChat, String> {
+        parse_chat(body.as_object().unwrap())
+    }
+
+    #[test]
+    fn reads_sampling_values() {
+        let parsed = parse(json!({"messages": [{"role": "user", "content": "hi"}], "temperature": 0,
+            "top_p": 0.5, "seed": 3, "max_tokens": 7, "stop": "x", "logprobs": true, "top_logprobs": 2}))
+        .unwrap();
+        assert_eq!(parsed.sampling.max_tokens, Some(7));
+        assert_eq!(parsed.sampling.stop, vec!["x"]);
+        assert_eq!(parsed.sampling.logprobs, Some(2));
+        assert_eq!(parsed.sampling.seed, Some(3));
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        let msg = json!([{"role": "user", "content": "hi"}]);
+        for (body, needle) in [
+            (json!({"messages": msg, "temperature": 3}), "temperature"),
+            (json!({"messages": msg, "temperature": -0.1}), "temperature"),
+            (json!({"messages": msg, "top_p": 0}), "top_p"),
+            (json!({"messages": msg, "n": 2}), "n must be 1"),
+            (json!({"messages": msg, "max_tokens": 0}), "max_tokens"),
+            (json!({"messages": msg, "stop": 3}), "stop"),
+            (json!({"messages": msg, "top_logprobs": 3}), "requires logprobs"),
+            (json!({"messages": msg, "temperature": "hot"}), "temperature must be a number"),
+            (json!({"messages": msg, "response_format": {"type": "json_object"}}), "json_object"),
+            (json!({"messages": []}), "empty"),
+        ] {
+            let error = parse(body).unwrap_err();
+            assert!(error.contains(needle), "{error}");
+        }
+    }
+
+    #[test]
+    fn reads_enum_schemas() {
+        let msg = json!([{"role": "user", "content": "hi"}]);
+        for schema in [json!({"enum": ["a", "b", "a"]}), json!({"type": "string", "enum": ["a", "b"]})] {
+            let parsed = parse(json!({"messages": msg,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}))
+            .unwrap();
+            assert_eq!(parsed.choices, Some(vec!["a".to_string(), "b".to_string()]));
+        }
+    }
+}

@@ -1,0 +1,490 @@
+//! Continuous batching: one thread owns the llama.cpp context and its KV
+//! cache, shared by up to `n_seq_max` sequences.
+//!
+//! Requests arrive over a channel. Every step builds one `llama_batch` with
+//! one token for each sequence that is generating, the candidate tokens of
+//! each sequence that is scoring allowed answers, and chunks of the prompts
+//! of newly admitted sequences (so a long prompt does not stall the others),
+//! then runs one decode. A request whose event receiver is gone (the client
+//! left) is dropped and its KV cells freed (`seq_rm`) before the next step.
+
+use std::collections::VecDeque;
+use std::sync::mpsc::{Receiver, TryRecvError};
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::request::Sampling;
+use crate::sampling::{log_sum_exp, log_sum_exp_f64, sample, top_tokens, Rng};
+use crate::text::StopBuffer;
+
+/// One request handed to the scheduler.
+#[derive(Debug)]
+pub struct Job {
+    pub prompt: Vec<LlamaToken>,
+    pub sampling: Sampling,
+    /// Constrained output: the token sequences of the allowed answers, and their texts.
+    pub choices: Option<Vec<(Vec<LlamaToken>, String)>>,
+    pub seed: u64,
+    pub events: UnboundedSender<Event>,
+}
+
+/// What the scheduler reports about a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Newly released text, with the logprobs entries of its tokens (when asked for).
+    Delta {
+        text: String,
+        logprobs: Vec<Value>,
+    },
+    Done {
+        finish_reason: &'static str,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Failed(String),
+}
+
+/// How the scheduler runs.
+#[derive(Debug, Clone, Copy)]
+pub struct SchedulerConfig {
+    pub n_ctx: u32,
+    pub n_batch: u32,
+    pub n_seq_max: u32,
+}
+
+enum Phase {
+    /// Prompt tokens `[0, n_prefilled)` are in the KV cache.
+    Prefill { n_prefilled: usize },
+    /// `next` is sampled but not yet decoded.
+    Generate { next: LlamaToken },
+    /// Scoring allowed answers: `prompt_logits` is the row after the prompt,
+    /// `scores[k]` the finished log-probability of answer k.
+    Score { prompt_logits: Vec<f32>, candidate: usize, scores: Vec<f64> },
+}
+
+struct Slot {
+    seq_id: i32,
+    job: Job,
+    phase: Phase,
+    /// Tokens of this sequence in the KV cache.
+    n_past: usize,
+    n_generated: usize,
+    rng: Rng,
+    stops: StopBuffer,
+    /// Batch rows of this slot's outputs in the current step.
+    rows: Vec<i32>,
+}
+
+impl Slot {
+    /// KV cells this sequence holds now.
+    fn cells(&self) -> usize {
+        match self.phase {
+            Phase::Prefill { n_prefilled } => n_prefilled,
+            _ => self.n_past,
+        }
+    }
+
+    /// KV cells this sequence will need before its next token: its whole prompt while prefilling.
+    fn reserved(&self) -> usize {
+        match self.phase {
+            Phase::Prefill { .. } => self.job.prompt.len() + 1,
+            _ => self.n_past + 1,
+        }
+    }
+
+    fn send(&self, event: Event) {
+        let _ = self.job.events.send(event);
+    }
+
+    fn finish(&mut self, finish_reason: &'static str) {
+        let released = self.stops.finish();
+        if !released.text.is_empty() || !released.logprobs.is_empty() {
+            self.send(Event::Delta { text: released.text, logprobs: released.logprobs });
+        }
+        self.send(Event::Done {
+            finish_reason,
+            prompt_tokens: self.job.prompt.len(),
+            completion_tokens: self.n_generated,
+        });
+    }
+}
+
+/// Runs until every sender of `jobs` is gone.
+pub fn run(model: &LlamaModel, mut context: LlamaContext<'_>, config: SchedulerConfig, jobs: Receiver<Job>) {
+    let n_ctx = config.n_ctx as usize;
+    let n_batch = config.n_batch.max(1) as usize;
+    let mut batch = LlamaBatch::new(n_batch + config.n_seq_max as usize, 1);
+    let mut queue: VecDeque<Job> = VecDeque::new();
+    let mut slots: Vec<Slot> = Vec::new();
+    let mut free_seq_ids: Vec<i32> = (0..config.n_seq_max as i32).rev().collect();
+    let vocab = model.vocab();
+    let end_token = {
+        let eot = vocab.eot();
+        if eot.0 >= 0 {
+            eot
+        } else {
+            vocab.eos()
+        }
+    };
+
+    loop {
+        // 1. Take new requests: wait when idle, otherwise only what has arrived.
+        if slots.is_empty() && queue.is_empty() {
+            match jobs.recv() {
+                Ok(job) => queue.push_back(job),
+                Err(_) => return,
+            }
+        }
+        loop {
+            match jobs.try_recv() {
+                Ok(job) => queue.push_back(job),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    if slots.is_empty() && queue.is_empty() {
+                        return;
+                    }
+                    break;
+                }
+            }
+        }
+
+        // 2. Drop requests whose client has gone, freeing their KV cells.
+        queue.retain(|job| !job.events.is_closed());
+        slots.retain(|slot| {
+            if slot.job.events.is_closed() {
+                let _ = context.clear_kv_cache_seq(Some(slot.seq_id as u32), None, None);
+                free_seq_ids.push(slot.seq_id);
+                false
+            } else {
+                true
+            }
+        });
+
+        // 3. Admit queued requests while a sequence and KV cells are free.
+        let mut cells_used: usize = slots.iter().map(Slot::reserved).sum();
+        while let Some(job) = queue.front() {
+            if free_seq_ids.is_empty() || cells_used + job.prompt.len() + 1 > n_ctx {
+                break;
+            }
+            let Some(job) = queue.pop_front() else { break };
+            let Some(seq_id) = free_seq_ids.pop() else { break };
+            cells_used += job.prompt.len() + 1;
+            let rng = Rng::new(job.seed);
+            let stops = StopBuffer::new(job.sampling.stop.clone());
+            slots.push(Slot {
+                seq_id,
+                job,
+                phase: Phase::Prefill { n_prefilled: 0 },
+                n_past: 0,
+                n_generated: 0,
+                rng,
+                stops,
+                rows: Vec::new(),
+            });
+        }
+        if slots.is_empty() {
+            continue;
+        }
+
+        // 4. Fill one batch: generating and scoring sequences first, then prompt chunks.
+        batch.clear();
+        let mut budget = n_batch;
+        let total_cells: usize = slots.iter().map(Slot::cells).sum();
+        let mut cells_free = n_ctx.saturating_sub(total_cells);
+        let mut out_of_context = Vec::new();
+        for (slot_idx, slot) in slots.iter_mut().enumerate() {
+            slot.rows.clear();
+            if let Phase::Generate { next } = slot.phase {
+                if cells_free == 0 || slot.n_past + 1 > n_ctx {
+                    out_of_context.push(slot_idx);
+                    continue;
+                }
+                slot.rows.push(batch.n_tokens());
+                if batch.add(next, slot.n_past as i32, &[slot.seq_id], true).is_err() {
+                    slot.rows.clear();
+                    continue;
+                }
+                cells_free -= 1;
+                budget = budget.saturating_sub(1);
+            }
+        }
+        for slot in slots.iter_mut() {
+            if let Phase::Score { candidate, .. } = &slot.phase {
+                let Some(choices) = &slot.job.choices else { continue };
+                let tokens = &choices[*candidate].0;
+                if tokens.len() > budget || tokens.len() > cells_free {
+                    continue;
+                }
+                for (offset, token) in tokens.iter().enumerate() {
+                    slot.rows.push(batch.n_tokens());
+                    let _ = batch.add(*token, (slot.n_past + offset) as i32, &[slot.seq_id], true);
+                }
+                cells_free -= tokens.len();
+                budget -= tokens.len();
+            }
+        }
+        for slot in slots.iter_mut() {
+            if let Phase::Prefill { n_prefilled } = slot.phase {
+                let remaining = slot.job.prompt.len() - n_prefilled;
+                let n = remaining.min(budget).min(cells_free);
+                if n == 0 {
+                    continue;
+                }
+                for offset in 0..n {
+                    let idx = n_prefilled + offset;
+                    let last = idx + 1 == slot.job.prompt.len();
+                    if last {
+                        slot.rows.push(batch.n_tokens());
+                    }
+                    let _ = batch.add(slot.job.prompt[idx], idx as i32, &[slot.seq_id], last);
+                }
+                slot.phase = Phase::Prefill { n_prefilled: n_prefilled + n };
+                budget -= n;
+                cells_free -= n;
+            }
+        }
+        for &slot_idx in out_of_context.iter().rev() {
+            let mut slot = slots.remove(slot_idx);
+            slot.finish("length");
+            let _ = context.clear_kv_cache_seq(Some(slot.seq_id as u32), None, None);
+            free_seq_ids.push(slot.seq_id);
+        }
+        if batch.n_tokens() == 0 {
+            // Nothing fits this step (the context is full of prompts being read): wait for room.
+            if slots.iter().all(|slot| matches!(slot.phase, Phase::Prefill { .. })) {
+                if let Some(slot) = slots.pop() {
+                    slot.send(Event::Failed("the model's context is full".to_string()));
+                    let _ = context.clear_kv_cache_seq(Some(slot.seq_id as u32), None, None);
+                    free_seq_ids.push(slot.seq_id);
+                }
+            }
+            continue;
+        }
+
+        // 5. One decode for everyone.
+        if let Err(error) = context.decode(&mut batch) {
+            for slot in slots.drain(..) {
+                slot.send(Event::Failed(format!("llama.cpp decode failed: {error}")));
+                let _ = context.clear_kv_cache_seq(Some(slot.seq_id as u32), None, None);
+                free_seq_ids.push(slot.seq_id);
+            }
+            continue;
+        }
+
+        // 6. Read each slot's outputs.
+        let mut finished = Vec::new();
+        for (slot_idx, slot) in slots.iter_mut().enumerate() {
+            let done = step_slot(model, &context, slot, end_token, n_ctx);
+            if let Some(reason) = done {
+                slot.finish(reason);
+                finished.push(slot_idx);
+            } else if let Phase::Score { candidate, .. } = slot.phase {
+                // Forget the scored candidate's tokens: the next one starts right after the prompt.
+                if slot.rows.is_empty() {
+                    continue;
+                }
+                let _ = candidate;
+                let _ = context.clear_kv_cache_seq(Some(slot.seq_id as u32), Some(slot.n_past as u32), None);
+            }
+        }
+        for &slot_idx in finished.iter().rev() {
+            let slot = slots.remove(slot_idx);
+            let _ = context.clear_kv_cache_seq(Some(slot.seq_id as u32), None, None);
+            free_seq_ids.push(slot.seq_id);
+        }
+    }
+}
+
+/// Advances one slot after a decode; `Some(finish_reason)` when it is done.
+fn step_slot(
+    model: &LlamaModel,
+    context: &LlamaContext<'_>,
+    slot: &mut Slot,
+    end_token: LlamaToken,
+    n_ctx: usize,
+) -> Option<&'static str> {
+    if slot.rows.is_empty() {
+        return None;
+    }
+    match &mut slot.phase {
+        Phase::Prefill { n_prefilled } => {
+            if *n_prefilled < slot.job.prompt.len() {
+                return None;
+            }
+            slot.n_past = slot.job.prompt.len();
+            let logits = context.get_logits_ith(slot.rows[0]);
+            if let Some(choices) = &slot.job.choices {
+                let n_choices = choices.len();
+                slot.phase = Phase::Score { prompt_logits: logits.to_vec(), candidate: 0, scores: Vec::new() };
+                let _ = n_choices;
+                return None;
+            }
+            sample_next(model, slot, logits, end_token, n_ctx)
+        }
+        Phase::Generate { next } => {
+            let _ = next;
+            slot.n_past += 1;
+            let logits = context.get_logits_ith(slot.rows[0]);
+            sample_next(model, slot, logits, end_token, n_ctx)
+        }
+        Phase::Score { prompt_logits, candidate, scores } => {
+            let Some(choices) = &slot.job.choices else { return Some("stop") };
+            let tokens = &choices[*candidate].0;
+            // log P(t1 | prompt) + Σ log P(t_i | prompt, t_<i) + log P(end | prompt, answer)
+            let mut score = prompt_logits[tokens[0].0 as usize] as f64 - log_sum_exp(prompt_logits);
+            for (offset, &row) in slot.rows.iter().enumerate() {
+                let logits = context.get_logits_ith(row);
+                let next = if offset + 1 < tokens.len() { tokens[offset + 1] } else { end_token };
+                score += logits[next.0 as usize] as f64 - log_sum_exp(logits);
+            }
+            scores.push(score);
+            *candidate += 1;
+            if *candidate < choices.len() {
+                return None;
+            }
+            let scores = scores.clone();
+            let chosen = choose(&scores, slot.job.sampling.temperature, &mut slot.rng);
+            let want = slot.job.sampling.logprobs;
+            let (chosen_tokens, text) = &choices[chosen];
+            let logprobs = match want {
+                Some(n_top) => constrained_logprobs(model, choices, &scores, chosen, n_top),
+                None => Vec::new(),
+            };
+            slot.n_generated = chosen_tokens.len();
+            slot.send(Event::Delta { text: text.clone(), logprobs });
+            Some("stop")
+        }
+    }
+}
+
+/// Samples the next token from `logits` and releases its text.
+fn sample_next(
+    model: &LlamaModel,
+    slot: &mut Slot,
+    logits: &[f32],
+    end_token: LlamaToken,
+    n_ctx: usize,
+) -> Option<&'static str> {
+    let sampling = &slot.job.sampling;
+    let token_idx = sample(logits, sampling.temperature, sampling.top_p, &mut slot.rng);
+    let token = LlamaToken(token_idx as i32);
+    let vocab = model.vocab();
+    if vocab.is_eog(token) || token == end_token {
+        return Some("stop");
+    }
+    let piece = vocab.token_to_piece(token, false, None);
+    let logprob = sampling.logprobs.map(|n_top| {
+        let norm = log_sum_exp(logits);
+        let top = top_tokens(logits, norm, n_top)
+            .into_iter()
+            .map(|(token, logprob)| {
+                let piece = vocab.token_to_piece(LlamaToken(token as i32), false, None);
+                logprob_entry(&piece, logprob, Vec::new())
+            })
+            .collect();
+        logprob_entry(&piece, logits[token_idx] as f64 - norm, top)
+    });
+    slot.n_generated += 1;
+    let released = slot.stops.push(&piece, logprob);
+    let stopped = released.stopped;
+    if !released.text.is_empty() || !released.logprobs.is_empty() {
+        slot.send(Event::Delta { text: released.text, logprobs: released.logprobs });
+    }
+    if stopped {
+        return Some("stop");
+    }
+    if slot.job.sampling.max_tokens.is_some_and(|max| slot.n_generated >= max) {
+        return Some("length");
+    }
+    if slot.n_past + 1 >= n_ctx {
+        return Some("length");
+    }
+    slot.phase = Phase::Generate { next: token };
+    None
+}
+
+/// An OpenAI `logprobs.content` entry.
+pub fn logprob_entry(piece: &[u8], logprob: f64, top_logprobs: Vec<Value>) -> Value {
+    json!({
+        "token": String::from_utf8_lossy(piece),
+        "logprob": logprob,
+        "bytes": piece,
+        "top_logprobs": top_logprobs,
+    })
+}
+
+/// Greedy at temperature 0, otherwise a draw from softmax(scores / temperature).
+fn choose(scores: &[f64], temperature: f64, rng: &mut Rng) -> usize {
+    let best = scores.iter().enumerate().fold(0, |best, (idx, &score)| if score > scores[best] { idx } else { best });
+    if temperature <= 0.0 {
+        return best;
+    }
+    let weights: Vec<f64> = scores.iter().map(|score| ((score - scores[best]) / temperature).exp()).collect();
+    let mut target = rng.next_f64() * weights.iter().sum::<f64>();
+    for (idx, weight) in weights.iter().enumerate() {
+        target -= weight;
+        if target < 0.0 {
+            return idx;
+        }
+    }
+    best
+}
+
+/// Logprobs of the chosen answer under the constrained distribution: the
+/// model's answer probabilities renormalized over the allowed answers, spread
+/// over the answer's tokens along the prefix tree of the allowed answers. The
+/// chosen answer's entries sum to log P(answer | allowed answers), so
+/// `exp(Σ logprob)` is its probability among the allowed answers.
+pub fn constrained_logprobs(
+    model: &LlamaModel,
+    choices: &[(Vec<LlamaToken>, String)],
+    scores: &[f64],
+    chosen: usize,
+    n_top: usize,
+) -> Vec<Value> {
+    let vocab = model.vocab();
+    let piece = |token: LlamaToken| vocab.token_to_piece(token, false, None);
+    let tokens = &choices[chosen].0;
+    let mass = |prefix: &[LlamaToken]| {
+        log_sum_exp_f64(
+            choices.iter().zip(scores).filter(|(choice, _)| choice.0.starts_with(prefix)).map(|(_, &score)| score),
+        )
+    };
+    let mut entries = Vec::with_capacity(tokens.len());
+    for position in 0..tokens.len() {
+        let prefix = &tokens[..position];
+        let prefix_mass = mass(prefix);
+        let logprob_of = |token: LlamaToken, exact: Option<usize>| {
+            let mut extended = prefix.to_vec();
+            extended.push(token);
+            match exact {
+                Some(choice) => scores[choice] - prefix_mass,
+                None => mass(&extended) - prefix_mass,
+            }
+        };
+        let is_last = position + 1 == tokens.len();
+        let logprob = logprob_of(tokens[position], is_last.then_some(chosen));
+        let mut alternatives: Vec<(LlamaToken, f64)> = Vec::new();
+        for (choice, _) in choices {
+            if choice.len() > position && choice.starts_with(prefix) {
+                let token = choice[position];
+                if !alternatives.iter().any(|(seen, _)| *seen == token) {
+                    alternatives.push((token, logprob_of(token, None)));
+                }
+            }
+        }
+        alternatives.sort_by(|a, b| b.1.total_cmp(&a.1));
+        alternatives.truncate(n_top);
+        let top = alternatives
+            .into_iter()
+            .map(|(token, logprob)| logprob_entry(&piece(token), logprob, Vec::new()))
+            .collect();
+        entries.push(logprob_entry(&piece(tokens[position]), logprob, top));
+    }
+    entries
+}

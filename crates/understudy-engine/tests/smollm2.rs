@@ -1,0 +1,81 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+//! The real SmolLM2-135M-Instruct (Q4_1 GGUF). The model is found under
+//! `UNDERSTUDY_MODELS_DIR` (scripts/test.sh sets it and fetches the model);
+//! without it the tests are skipped with a message, unless `CI` is set, where
+//! they fail.
+//!
+//!   UNDERSTUDY_MODELS_DIR=~/.cache/understudy/models cargo test -p understudy-engine --test smollm2
+
+use std::path::PathBuf;
+
+use serde_json::{json, Value};
+use understudy_engine::{EngineOptions, LlamaCppModel};
+use understudy_providers::local::{confidence_of, LocalModel, LocalModelSpec};
+use understudy_providers::ChatRequest;
+
+fn smollm2() -> Option<PathBuf> {
+    match std::env::var_os("UNDERSTUDY_MODELS_DIR") {
+        Some(dir) => {
+            let path = PathBuf::from(dir).join("SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+            assert!(path.exists(), "{} is missing: run scripts/fetch-models.sh", path.display());
+            Some(path)
+        }
+        None if std::env::var_os("CI").is_some() => {
+            panic!("CI is set but UNDERSTUDY_MODELS_DIR is not: the real-model tests must run in CI")
+        }
+        None => {
+            eprintln!("skipped: set UNDERSTUDY_MODELS_DIR (scripts/test.sh does) to run the SmolLM2 tests");
+            None
+        }
+    }
+}
+
+fn load(path: &std::path::Path) -> LlamaCppModel {
+    let spec = LocalModelSpec { name: "smollm2".into(), path: path.display().to_string(), adapter: None };
+    LlamaCppModel::load(&spec, &EngineOptions { n_ctx: 2048, ..EngineOptions::default() }).unwrap()
+}
+
+async fn chat(model: &LlamaCppModel, body: Value) -> Value {
+    let request = ChatRequest { body: body.as_object().unwrap().clone() };
+    serde_json::from_slice(&model.chat(request).await.unwrap().body).unwrap()
+}
+
+#[tokio::test]
+async fn smollm2_knows_the_capital_of_france() {
+    let Some(path) = smollm2() else { return };
+    let model = load(&path);
+    let completion = chat(
+        &model,
+        json!({"messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "temperature": 0, "max_tokens": 40}),
+    )
+    .await;
+    let answer = completion.pointer("/choices/0/message/content").unwrap().as_str().unwrap();
+    assert!(answer.contains("Paris"), "{answer:?}");
+}
+
+#[tokio::test]
+async fn smollm2_picks_a_label_from_the_allowed_ones() {
+    let Some(path) = smollm2() else { return };
+    let model = load(&path);
+    let labels = ["positive", "negative"];
+    let format = json!({"type": "json_schema", "json_schema": {"name": "sentiment", "schema": {"enum": labels}}});
+    let mut answers = Vec::new();
+    for review in ["I loved this film, it was wonderful and moving.", "Terrible. A boring, awful waste of time."] {
+        let completion = chat(
+            &model,
+            json!({"messages": [
+                {"role": "system", "content": "Classify the sentiment of the review as positive or negative."},
+                {"role": "user", "content": review}],
+                "temperature": 0, "response_format": format, "logprobs": true}),
+        )
+        .await;
+        let answer = completion.pointer("/choices/0/message/content").unwrap().as_str().unwrap().to_string();
+        assert!(labels.contains(&answer.as_str()), "{answer:?}");
+        let confidence = confidence_of(&completion).unwrap();
+        assert!(confidence >= 0.5 && confidence <= 1.0, "{confidence}");
+        answers.push(answer);
+    }
+    assert_eq!(answers, vec!["positive", "negative"]);
+}

@@ -1,0 +1,440 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+//! The engine on tiny random Llama GGUFs written by `understudy_engine::testing`.
+
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+
+use futures::StreamExt;
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use serde_json::{json, Value};
+use understudy_engine::testing::{write_tiny_llama, write_tiny_peft_adapter, TinyLlama};
+use understudy_engine::{backend, EngineOptions, LlamaCppModel};
+use understudy_providers::local::{confidence_of, LocalModel, LocalModelSpec};
+use understudy_providers::{ChatRequest, ProviderError};
+
+fn tiny_shape() -> TinyLlama {
+    TinyLlama { output_scale: 1.5, ..TinyLlama::default() }
+}
+
+fn tiny_model_file(dir: &Path) -> PathBuf {
+    let path = dir.join("tiny.gguf");
+    write_tiny_llama(&path, &tiny_shape()).unwrap();
+    path
+}
+
+/// A tiny model whose next-token distributions are flat, so that sampling visits several answers.
+fn flat_model_file(dir: &Path) -> PathBuf {
+    let path = dir.join("flat.gguf");
+    write_tiny_llama(&path, &TinyLlama { output_scale: 0.02, ..TinyLlama::default() }).unwrap();
+    path
+}
+
+fn spec(path: &Path, adapter: Option<PathBuf>) -> LocalModelSpec {
+    LocalModelSpec { name: "tiny".into(), path: path.display().to_string(), adapter }
+}
+
+fn options() -> EngineOptions {
+    EngineOptions { n_threads: Some(2), n_ctx: 512, n_seq_max: 4, n_batch: 128 }
+}
+
+fn load(path: &Path) -> LlamaCppModel {
+    LlamaCppModel::load(&spec(path, None), &options()).unwrap()
+}
+
+fn request(body: Value) -> ChatRequest {
+    ChatRequest { body: body.as_object().unwrap().clone() }
+}
+
+fn user(text: &str) -> Value {
+    json!([{"role": "user", "content": text}])
+}
+
+async fn chat(model: &LlamaCppModel, body: Value) -> Value {
+    let response = model.chat(request(body)).await.unwrap();
+    serde_json::from_slice(&response.body).unwrap()
+}
+
+fn content(completion: &Value) -> String {
+    completion.pointer("/choices/0/message/content").unwrap().as_str().unwrap().to_string()
+}
+
+fn error_message(error: ProviderError) -> String {
+    match error {
+        ProviderError::Rejected { status, body, .. } => {
+            assert_eq!(status, 400);
+            let body: Value = serde_json::from_slice(&body).unwrap();
+            body.pointer("/error/message").unwrap().as_str().unwrap().to_string()
+        }
+        other => panic!("expected a 400, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_tiny_model_answers_with_usage_and_finish_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = load(&tiny_model_file(dir.path()));
+    let completion = chat(&model, json!({"messages": user("hello"), "temperature": 0, "max_tokens": 5})).await;
+    assert_eq!(completion["object"], "chat.completion");
+    let reason = completion.pointer("/choices/0/finish_reason").unwrap().as_str().unwrap();
+    assert!(reason == "length" || reason == "stop", "{reason}");
+    let usage = &completion["usage"];
+    assert!(usage["prompt_tokens"].as_u64().unwrap() > 5);
+    assert!(usage["completion_tokens"].as_u64().unwrap() <= 5);
+    if reason == "length" {
+        assert_eq!(usage["completion_tokens"], 5);
+    }
+    assert_eq!(model.kind(), "llama.cpp");
+}
+
+#[test]
+fn missing_and_corrupt_files_fail_at_load_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.gguf");
+    let error = LlamaCppModel::load(&spec(&missing, None), &options()).unwrap_err().to_string();
+    assert!(error.contains("nope.gguf") && error.contains("does not exist"), "{error}");
+
+    let not_gguf = dir.path().join("text.gguf");
+    std::fs::write(&not_gguf, "hello world").unwrap();
+    let error = LlamaCppModel::load(&spec(&not_gguf, None), &options()).unwrap_err().to_string();
+    assert!(error.contains("text.gguf"), "{error}");
+
+    let error = LlamaCppModel::load(&spec(Path::new("hf:HuggingFaceTB/SmolLM2-135M"), None), &options())
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("HuggingFaceTB/SmolLM2-135M") && error.contains("HF_HUB_OFFLINE"), "{error}");
+
+    // A real GGUF cut in half: the header is fine, the tensor data is not there.
+    let good = tiny_model_file(dir.path());
+    let bytes = std::fs::read(&good).unwrap();
+    let truncated = dir.path().join("truncated.gguf");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let error = LlamaCppModel::load(&spec(&truncated, None), &options()).unwrap_err().to_string();
+    assert!(error.contains("truncated.gguf"), "{error}");
+}
+
+#[test]
+fn incremental_decoding_matches_full_recompute() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_model_file(dir.path());
+    let backend = backend().unwrap();
+    let model = LlamaModel::load_from_file(backend, &path, &LlamaModelParams::default()).unwrap();
+    let tokens = model.vocab().tokenize(b"The quick brown fox jumps over", false, false);
+    assert!(tokens.len() > 10);
+    let params = || LlamaContextParams::default().with_n_ctx(NonZeroU32::new(256)).with_n_batch(256).with_n_threads(2);
+
+    // Full recompute: every position in one batch.
+    let mut full = model.new_context(backend, params()).unwrap();
+    let mut batch = LlamaBatch::new(256, 1);
+    for (pos, token) in tokens.iter().enumerate() {
+        batch.add(*token, pos as i32, &[0], true).unwrap();
+    }
+    full.decode(&mut batch).unwrap();
+    let full_logits: Vec<Vec<f32>> = (0..tokens.len()).map(|i| full.get_logits_ith(i as i32).to_vec()).collect();
+
+    // Incremental: a short prompt, then one token at a time against the KV cache.
+    let mut incremental = model.new_context(backend, params()).unwrap();
+    let n_prompt = 3;
+    batch.clear();
+    for (pos, token) in tokens[..n_prompt].iter().enumerate() {
+        batch.add(*token, pos as i32, &[0], pos + 1 == n_prompt).unwrap();
+    }
+    incremental.decode(&mut batch).unwrap();
+    let mut max_diff = 0f32;
+    let mut compare = |logits: &[f32], pos: usize| {
+        for (a, b) in logits.iter().zip(&full_logits[pos]) {
+            max_diff = max_diff.max((a - b).abs());
+        }
+    };
+    compare(incremental.get_logits_ith(n_prompt as i32 - 1), n_prompt - 1);
+    for pos in n_prompt..tokens.len() {
+        batch.clear();
+        batch.add(tokens[pos], pos as i32, &[0], true).unwrap();
+        incremental.decode(&mut batch).unwrap();
+        compare(incremental.get_logits_ith(0), pos);
+    }
+    assert!(max_diff < 1e-3, "incremental logits differ from the full recompute by {max_diff}");
+}
+
+#[tokio::test]
+async fn the_same_seed_gives_the_same_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = load(&tiny_model_file(dir.path()));
+    let body = json!({"messages": user("tell me a story"), "temperature": 1.0, "seed": 42, "max_tokens": 24});
+    let first = content(&chat(&model, body.clone()).await);
+    let second = content(&chat(&model, body).await);
+    assert_eq!(first, second);
+    let mut others = Vec::new();
+    for seed in 0..4 {
+        let body = json!({"messages": user("tell me a story"), "temperature": 1.0, "seed": seed, "max_tokens": 24});
+        others.push(content(&chat(&model, body).await));
+    }
+    assert!(others.iter().any(|other| *other != first), "different seeds should not all give {first:?}");
+}
+
+#[tokio::test]
+async fn stop_sequences_cut_the_answer_in_full_and_streamed_responses() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = load(&tiny_model_file(dir.path()));
+    let base = json!({"messages": user("abc"), "temperature": 0, "max_tokens": 40});
+    let full = content(&chat(&model, base.clone()).await);
+    let chars: Vec<char> = full.chars().collect();
+    assert!(chars.len() >= 8, "the tiny model should write some text: {full:?}");
+    // A stop of two printable ASCII characters that is not at the very start (the random model
+    // also writes raw bytes, which are not valid UTF-8 on their own).
+    let start = (1..chars.len() - 1)
+        .find(|&i| chars[i].is_ascii_graphic() && chars[i + 1].is_ascii_graphic() && !full.starts_with(chars[i]))
+        .expect("two printable characters in a row");
+    let stop: String = chars[start..start + 2].iter().collect();
+    let cut = full.find(&stop).unwrap();
+    assert!(cut > 0);
+    let expected = &full[..cut];
+
+    let mut body = base.clone();
+    body["stop"] = json!([stop.clone(), "\u{1F600}never"]);
+    let stopped = chat(&model, body.clone()).await;
+    assert_eq!(content(&stopped), expected);
+    assert_eq!(stopped.pointer("/choices/0/finish_reason").unwrap(), "stop");
+
+    body["stream"] = json!(true);
+    let mut stream = model.chat_stream(request(body)).await.unwrap();
+    let mut streamed = String::new();
+    let mut finish = Value::Null;
+    let mut usage = Value::Null;
+    let mut n_chunks = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk: Value = serde_json::from_str(&chunk.unwrap()).unwrap();
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        n_chunks += 1;
+        if let Some(text) = chunk.pointer("/choices/0/delta/content").and_then(Value::as_str) {
+            streamed.push_str(text);
+            assert!(!streamed.contains(&stop), "stop text leaked into the stream: {streamed:?}");
+        }
+        if let Some(reason) = chunk.pointer("/choices/0/finish_reason").filter(|r| !r.is_null()) {
+            finish = reason.clone();
+        }
+        if !chunk["usage"].is_null() {
+            usage = chunk["usage"].clone();
+        }
+    }
+    assert_eq!(streamed, expected);
+    assert_eq!(finish, "stop");
+    assert!(n_chunks > 3, "tokens should arrive one by one, got {n_chunks} chunks");
+    assert!(usage["completion_tokens"].as_u64().unwrap() >= 1);
+}
+
+#[tokio::test]
+async fn logprobs_come_in_the_openai_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = load(&tiny_model_file(dir.path()));
+    let completion = chat(
+        &model,
+        json!({"messages": user("hi"), "temperature": 0, "max_tokens": 6, "logprobs": true, "top_logprobs": 3}),
+    )
+    .await;
+    let entries = completion.pointer("/choices/0/logprobs/content").unwrap().as_array().unwrap();
+    assert!(!entries.is_empty());
+    for entry in entries {
+        let logprob = entry["logprob"].as_f64().unwrap();
+        assert!(logprob <= 0.0);
+        assert!(entry["bytes"].is_array() && entry["token"].is_string());
+        let top = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        // Greedy: the chosen token is the most likely one.
+        assert!((top[0]["logprob"].as_f64().unwrap() - logprob).abs() < 1e-9);
+    }
+    let confidence = confidence_of(&completion).unwrap();
+    assert!(confidence > 0.0 && confidence <= 1.0);
+}
+
+#[tokio::test]
+async fn constrained_answers_are_always_one_of_the_allowed_strings() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = load(&flat_model_file(dir.path()));
+    // Equal lengths: with a flat random model a shorter answer would be far more likely.
+    let labels = ["POSITIVE", "NEGATIVE", "NEUTRALS", "MIXED..."];
+    let format =
+        json!({"type": "json_schema", "json_schema": {"name": "label", "schema": {"type": "string", "enum": labels}}});
+    let mut probability_sum = 0.0;
+    let mut seen = std::collections::BTreeSet::new();
+    for seed in 0..12 {
+        let completion = chat(
+            &model,
+            json!({"messages": user("rate this"), "temperature": 2.0, "seed": seed, "response_format": format,
+                "logprobs": true, "top_logprobs": 4}),
+        )
+        .await;
+        let answer = content(&completion);
+        assert!(labels.contains(&answer.as_str()), "{answer:?} is not an allowed label");
+        assert_eq!(completion.pointer("/choices/0/finish_reason").unwrap(), "stop");
+        seen.insert(answer);
+        let confidence = confidence_of(&completion).unwrap();
+        assert!(confidence > 0.0 && confidence <= 1.0);
+    }
+    assert!(seen.len() > 1, "sampling at temperature 2 should visit more than one label: {seen:?}");
+    // Greedy picks the most probable label; the confidences of all labels add up to 1.
+    let greedy = chat(
+        &model,
+        json!({"messages": user("rate this"), "temperature": 0, "response_format": format,
+        "logprobs": true}),
+    )
+    .await;
+    let best = confidence_of(&greedy).unwrap();
+    for label in labels {
+        let only = json!({"type": "json_schema", "json_schema": {"schema": {"enum": [label]}}});
+        let forced = chat(
+            &model,
+            json!({"messages": user("rate this"), "temperature": 0, "response_format": only,
+            "logprobs": true}),
+        )
+        .await;
+        assert_eq!(content(&forced), label);
+        assert!((confidence_of(&forced).unwrap() - 1.0).abs() < 1e-9);
+    }
+    for seed in 0..1 {
+        let _ = seed;
+        let all = chat(
+            &model,
+            json!({"messages": user("rate this"), "temperature": 0, "response_format": format,
+            "logprobs": true, "top_logprobs": 4}),
+        )
+        .await;
+        let first = all.pointer("/choices/0/logprobs/content/0/top_logprobs").unwrap().as_array().unwrap();
+        let total: f64 = first.iter().map(|entry| entry["logprob"].as_f64().unwrap().exp()).sum();
+        probability_sum += total;
+    }
+    assert!(
+        (probability_sum - 1.0).abs() < 1e-6,
+        "first-token alternatives should cover all labels: {probability_sum}"
+    );
+    assert!(best >= 1.0 / labels.len() as f64 - 1e-9);
+}
+
+#[tokio::test]
+async fn concurrent_requests_give_the_same_greedy_answers_as_one_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = load(&tiny_model_file(dir.path()));
+    let prompts = ["one", "two words", "a longer prompt here", "four", "5", "six six six"];
+    let body = |prompt: &str| json!({"messages": user(prompt), "temperature": 0, "max_tokens": 16});
+    let mut alone = Vec::new();
+    for prompt in prompts {
+        alone.push(content(&chat(&model, body(prompt)).await));
+    }
+    let together = futures::future::join_all(prompts.iter().map(|prompt| chat(&model, body(prompt)))).await;
+    let together: Vec<String> = together.iter().map(content).collect();
+    assert_eq!(alone, together);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_frees_its_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_model_file(dir.path());
+    let options = EngineOptions { n_seq_max: 1, ..options() };
+    let model = LlamaCppModel::load(&spec(&path, None), &options).unwrap();
+    for _ in 0..3 {
+        // Each stream takes the only sequence and leaves after its first token.
+        let mut stream = model
+            .chat_stream(request(
+                json!({"messages": user("go on"), "temperature": 0, "max_tokens": 400, "stream": true}),
+            ))
+            .await
+            .unwrap();
+        let _ = stream.next().await.unwrap().unwrap();
+        drop(stream);
+    }
+    let completion = chat(&model, json!({"messages": user("hi"), "temperature": 0, "max_tokens": 3})).await;
+    assert!(completion.pointer("/choices/0/message/content").is_some());
+}
+
+#[tokio::test]
+async fn bad_requests_are_rejected_with_a_400() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = load(&tiny_model_file(dir.path()));
+    let long = "word ".repeat(400);
+    let message = error_message(model.chat(request(json!({"messages": user(&long)}))).await.unwrap_err());
+    assert!(message.contains("prompt has") && message.contains("context is 512"), "{message}");
+    for (body, needle) in [
+        (json!({"messages": user("x"), "temperature": 2.5}), "temperature"),
+        (json!({"messages": user("x"), "top_p": 1.5}), "top_p"),
+        (json!({"messages": user("x"), "n": 3}), "n must be 1"),
+        (json!({"messages": user("x"), "max_tokens": -1}), "max_tokens"),
+    ] {
+        let message = error_message(model.chat(request(body.clone())).await.unwrap_err());
+        assert!(message.contains(needle), "{message}");
+        let message = error_message(model.chat_stream(request(body)).await.err().unwrap());
+        assert!(message.contains(needle), "{message}");
+    }
+}
+
+async fn first_token_logprobs(model: &LlamaCppModel) -> Vec<f64> {
+    let completion = chat(
+        model,
+        json!({"messages": user("compare"), "temperature": 0, "max_tokens": 1, "logprobs": true, "top_logprobs": 20}),
+    )
+    .await;
+    let top = completion.pointer("/choices/0/logprobs/content/0/top_logprobs").unwrap().as_array().unwrap();
+    top.iter().map(|entry| entry["logprob"].as_f64().unwrap()).collect()
+}
+
+#[tokio::test]
+async fn peft_lora_adapters_apply_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_model_file(dir.path());
+    let shape = tiny_shape();
+    let base = first_token_logprobs(&load(&path)).await;
+
+    let zero = dir.path().join("zero");
+    write_tiny_peft_adapter(&zero, &shape, 4, 0.0, 7).unwrap();
+    let with_zero = LlamaCppModel::load(&spec(&path, Some(zero)), &options()).unwrap();
+    let zero_logprobs = first_token_logprobs(&with_zero).await;
+    let max_diff = base.iter().zip(&zero_logprobs).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(max_diff < 1e-4, "a zero-B adapter changed the logprobs by {max_diff}");
+
+    let nonzero = dir.path().join("nonzero");
+    write_tiny_peft_adapter(&nonzero, &shape, 4, 0.5, 7).unwrap();
+    let with_nonzero = LlamaCppModel::load(&spec(&path, Some(nonzero)), &options()).unwrap();
+    let changed = first_token_logprobs(&with_nonzero).await;
+    let max_diff = base.iter().zip(&changed).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(max_diff > 1e-3, "a non-zero adapter should change the logprobs (max diff {max_diff})");
+}
+
+#[test]
+fn bad_adapter_directories_fail_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_model_file(dir.path());
+    let shape = tiny_shape();
+    let load_with = |adapter: &Path| {
+        LlamaCppModel::load(&spec(&path, Some(adapter.to_path_buf())), &options()).unwrap_err().to_string()
+    };
+
+    let error = load_with(&dir.path().join("no-such-adapter"));
+    assert!(error.contains("no-such-adapter"), "{error}");
+
+    let no_weights = dir.path().join("no-weights");
+    write_tiny_peft_adapter(&no_weights, &shape, 4, 0.1, 1).unwrap();
+    std::fs::remove_file(no_weights.join("adapter_model.safetensors")).unwrap();
+    let error = load_with(&no_weights);
+    assert!(error.contains("adapter_model.safetensors"), "{error}");
+
+    let bad_config = dir.path().join("bad-config");
+    write_tiny_peft_adapter(&bad_config, &shape, 4, 0.1, 1).unwrap();
+    std::fs::write(bad_config.join("adapter_config.json"), "{\"r\": 0}").unwrap();
+    let error = load_with(&bad_config);
+    assert!(error.contains("adapter_config.json") && error.contains("`r`"), "{error}");
+
+    let corrupt = dir.path().join("corrupt");
+    write_tiny_peft_adapter(&corrupt, &shape, 4, 0.1, 1).unwrap();
+    std::fs::write(corrupt.join("adapter_model.safetensors"), b"garbage!garbage!").unwrap();
+    let error = load_with(&corrupt);
+    assert!(error.contains("adapter_model.safetensors"), "{error}");
+
+    // An adapter for a wider model: llama.cpp's shape check fails, and the message names the adapter.
+    let wrong = dir.path().join("wrong-shape");
+    let wider = TinyLlama { n_embd: 128, ..shape };
+    write_tiny_peft_adapter(&wrong, &wider, 4, 0.1, 1).unwrap();
+    let error = load_with(&wrong);
+    assert!(error.contains("wrong-shape"), "{error}");
+}
