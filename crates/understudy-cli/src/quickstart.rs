@@ -118,8 +118,8 @@ pub async fn run(command: QuickstartCommand) -> anyhow::Result<()> {
     let n_new = (((questions.len() as f64) * command.final_share).round() as usize).min(questions.len() - n_traffic);
     step(5, &format!("Promoting the cascade, then sending the newest {n_new} questions through the same gateway"));
     crate::run_command_line(&understudy(&["promote", "--task", TASK, "--policy", "cascade"])).await?;
-    // The running gateway polls the store twice a second.
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    // The running gateway polls the store twice a second and loads the model.
+    wait_for_policy(&client, &format!("http://{}/healthz", gateway.addr), "cascade").await?;
     let since = understudy_types::OffsetDateTime::now_utc();
     let newest =
         send_traffic(&client, &url, &system_prompt, &questions[questions.len() - n_new..], command.concurrency).await;
@@ -234,6 +234,21 @@ async fn send_traffic(
         n_agree: results.iter().filter(|result| matches!(result, Ok((label, answer)) if label == answer)).count(),
         seconds: started.elapsed().as_secs_f64(),
     }
+}
+
+/// Waits until the gateway's `/healthz` shows the task on `policy`.
+async fn wait_for_policy(client: &reqwest::Client, url: &str, policy: &str) -> anyhow::Result<()> {
+    for _ in 0..600 {
+        let health: Value = client.get(url).send().await?.json().await?;
+        let current = health.pointer(&format!("/tasks/{TASK}/policy")).and_then(Value::as_str).unwrap_or("");
+        if current.starts_with(policy) {
+            let understudy = health.pointer(&format!("/tasks/{TASK}/understudy")).and_then(Value::as_str).unwrap_or("");
+            println!("    the gateway routes task {TASK} by {current} to {understudy}");
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("the gateway did not take up the {policy} policy within a minute")
 }
 
 /// Waits until the recorder has written `expected` calls of `filter`.

@@ -167,7 +167,17 @@ async fn list_models(State(state): State<AppState>) -> Response {
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {
-    let body = json!({"status": "ok", "records_pending": state.recorder().pending()});
+    let policies: serde_json::Map<String, serde_json::Value> = state
+        .config()
+        .tasks
+        .keys()
+        .filter_map(|task| {
+            let route = state.route(task)?;
+            let understudy = route.understudy.as_ref().map(|understudy| understudy.name.clone());
+            Some((task.clone(), json!({"policy": route.policy.name(), "understudy": understudy})))
+        })
+        .collect();
+    let body = json!({"status": "ok", "records_pending": state.recorder().pending(), "tasks": policies});
     (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 

@@ -242,6 +242,10 @@ async fn promote_takes_effect_without_a_restart_and_lead_undoes_it() {
     assert_eq!(content(&body), ANSWER, "policy lead from the config");
     promote(&harness, "promotable", "understudy").await;
     ask_until(&harness, "promotable", "NUM").await;
+    let health: Value =
+        harness.client.get(harness.base_url.replace("/v1", "/healthz")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(health["tasks"]["promotable"], json!({"policy": "understudy", "understudy": "student"}), "{health}");
+    assert_eq!(health["tasks"]["shadowed"]["policy"], "shadow");
     promote(&harness, "promotable", "lead").await;
     ask_until(&harness, "promotable", ANSWER).await;
     let (calls, _harness) = harness.finish().await;

@@ -8,7 +8,10 @@
 //!   probability as logprobs, so the cascade can read its confidence;
 //! - an HF BERT directory (MiniLM): embeddings, mean-pooled over the
 //!   attention mask and L2-normalized;
-//! - a GGUF file: the llama.cpp engine, when this build links it.
+//! - a GGUF file (with an optional PEFT adapter): the llama.cpp engine
+//!   (`understudy-engine`);
+//! - a PEFT LoRA adapter folder (`adapter_config.json`), as `understudy train
+//!   --method lora` writes it: the engine, on the adapter's base model.
 
 mod classifier;
 mod encoder;

@@ -128,7 +128,7 @@ fn bad_paths_fail_at_load_naming_the_path() {
     std::fs::create_dir_all(dir.path().join("empty")).unwrap();
     assert!(error(&dir.path().join("empty").display().to_string()).contains("neither"));
     assert!(error("hf:org/name").contains("hub"));
-    std::fs::write(dir.path().join("broken.gguf"), b"not a gguf").unwrap();
+    std::fs::write(dir.path().join("broken.gguf"), b"not a gguf, just bytes that llama.cpp must refuse").unwrap();
     let gguf = error(&dir.path().join("broken.gguf").display().to_string());
     assert!(gguf.contains("broken.gguf"), "{gguf}");
 }
