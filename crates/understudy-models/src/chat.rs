@@ -26,9 +26,15 @@ impl ChatTemplate {
                 "the model's chat template is not ChatML (<|im_start|>role ... <|im_end|>); only ChatML is supported",
             ));
         }
-        let marker = format!("{IM_START}system\\n");
+        // The newline after `system` is a real one or a `\n` escape inside a Jinja string.
+        let markers = [format!("{IM_START}system\n"), format!("{IM_START}system\\n")];
         let default_system = if template.contains("!= 'system'") || template.contains("!= \"system\"") {
-            template.split_once(&marker).and_then(|(_, rest)| rest.split_once(IM_END)).map(|(text, _)| text.to_string())
+            markers.iter().find_map(|marker| {
+                template
+                    .split_once(marker.as_str())
+                    .and_then(|(_, rest)| rest.split_once(IM_END))
+                    .map(|(text, _)| text.to_string())
+            })
         } else {
             None
         };

@@ -178,15 +178,27 @@ impl CustomOp1 for FrozenMatmul {
             CpuStorage::F32(values) => Tensor::from_slice(&values[start..end], layout.shape(), &Device::Cpu)?,
             _ => candle_core::bail!("frozen-matmul supports f32 only"),
         };
-        let output = input.broadcast_matmul(&self.weight.t()?)?.contiguous()?;
+        let output = matmul_2d(&input, &self.weight.t()?)?.contiguous()?;
         let shape = output.shape().clone();
         let values = output.flatten_all()?.to_vec1::<f32>()?;
         Ok((CpuStorage::F32(values), shape))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad_res.broadcast_matmul(&self.weight)?))
+        Ok(Some(matmul_2d(grad_res, &self.weight)?))
     }
+}
+
+/// `xs @ rhs` for `xs` of shape `[..., k]` and `rhs` of shape `[k, n]`, as one
+/// 2-D matmul over the flattened leading dimensions (a broadcast batched
+/// matmul runs one small gemm per leading index).
+fn matmul_2d(xs: &Tensor, rhs: &Tensor) -> Result<Tensor> {
+    let dims = xs.dims();
+    let k = dims[dims.len() - 1];
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let mut out_dims = dims[..dims.len() - 1].to_vec();
+    out_dims.push(rhs.dim(1)?);
+    xs.reshape((rows, k))?.matmul(rhs)?.reshape(out_dims)
 }
 
 /// A linear layer whose weight (and bias) never train.
@@ -279,7 +291,7 @@ impl LoraLinear {
             Some(dropout) => dropout.apply(xs, lora.dropout)?,
             None => xs.clone(),
         };
-        let low = xs.broadcast_matmul(&lora.a.as_tensor().t()?)?.broadcast_matmul(&lora.b.as_tensor().t()?)?;
+        let low = matmul_2d(&matmul_2d(&xs.contiguous()?, &lora.a.as_tensor().t()?)?, &lora.b.as_tensor().t()?)?;
         out + (low * lora.scale)?
     }
 }
