@@ -2,7 +2,11 @@
 //! `bench/train`. Prints one JSON object with per-step seconds.
 //!
 //!   RAYON_NUM_THREADS=2 cargo run -p understudy-trainer --example lora_step_bench -- \
-//!     models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf 8 128 5 8 q_proj,v_proj
+//!     models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf 8 128 5 8 q_proj,v_proj [ADAPTER_OUT]
+//!
+//! With ADAPTER_OUT, the LoRA B matrices are then set to small random values
+//! (so that the adapter changes the logits) and the adapter is written there
+//! in PEFT format, for the bench's check that Python `peft` applies it alike.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -52,6 +56,15 @@ fn main() {
             var.set(&(var.as_tensor() - (grad * 1e-4).unwrap()).unwrap()).unwrap();
         }
         step_seconds.push(started.elapsed().as_secs_f64());
+    }
+    if let Some(dir) = args.get(7) {
+        for (name, var) in &vars {
+            if name.ends_with("lora_B.weight") {
+                var.set(&Tensor::randn(0f32, 0.02, var.shape(), &Device::Cpu).unwrap()).unwrap();
+            }
+        }
+        understudy_trainer::write_adapter(std::path::Path::new(dir), &model, &path.display().to_string(), &lora)
+            .unwrap();
     }
     println!(
         "{}",
