@@ -197,3 +197,42 @@ fn too_few_rows_stop_with_a_message() {
     assert!(error.to_string().contains("at least 20"), "{error}");
     let _ = Tensor::zeros(1, DType::F32, &Device::Cpu);
 }
+
+fn write_tiny_causal_dir(dir: &std::path::Path, architecture: &str, model_type: &str) -> llama::Config {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut cfg = llama::tiny_config(VOCAB);
+    cfg.architectures = Some(vec![architecture.to_string()]);
+    cfg.model_type = Some(model_type.to_string());
+    std::fs::write(dir.join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let words: Vec<String> = (0..VOCAB - 4).map(|i| format!("w{i}")).collect();
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    std::fs::write(dir.join("tokenizer.json"), crate::testing::tokenizer_json(&words).to_string()).unwrap();
+    if cfg.check_supported().is_ok() {
+        let weights = llama::random_weights(&cfg, 4, &Device::Cpu).unwrap();
+        candle_core::safetensors::save(&weights, dir.join("model.safetensors")).unwrap();
+    } else {
+        std::fs::write(dir.join("model.safetensors"), b"").unwrap();
+    }
+    cfg
+}
+
+#[test]
+fn hf_qwen2_and_llama_dirs_load_and_other_architectures_are_named() {
+    let root = tempfile::tempdir().unwrap();
+    for (architecture, model_type) in [("Qwen2ForCausalLM", "qwen2"), ("LlamaForCausalLM", "llama")] {
+        let dir = root.path().join(model_type);
+        let cfg = write_tiny_causal_dir(&dir, architecture, model_type);
+        let files = understudy_models::causal_lm::load(&dir).unwrap();
+        assert_eq!(files.config.qkv_bias(), model_type == "qwen2");
+        // Qwen2's q/k/v biases are loaded (missing ones would fail here).
+        assert_eq!(files.weights.contains_key("model.layers.0.self_attn.q_proj.bias"), model_type == "qwen2");
+        let vb = VarBuilder::from_tensors(files.weights, DType::F32, &Device::Cpu);
+        let model = llama::Model::new(&files.config, vb, Some(&LoraConfig::new()), 1).unwrap();
+        let logits = model.forward(&Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap()).unwrap();
+        assert_eq!(logits.dims(), &[1, 3, cfg.vocab_size]);
+    }
+    let dir = root.path().join("mistral");
+    write_tiny_causal_dir(&dir, "MistralForCausalLM", "mistral");
+    let error = understudy_models::causal_lm::load(&dir).err().unwrap().to_string();
+    assert!(error.contains("\"MistralForCausalLM\"") && error.contains("not supported"), "{error}");
+}
