@@ -46,7 +46,8 @@ pub fn load(path: &Path) -> Result<CausalLmFiles, LoadError> {
         weights: model.weights,
         tokenizer: model.tokenizer,
         chat_template,
-        name: model.name.unwrap_or_else(|| file.display().to_string()),
+        // The file itself: GGUF metadata names the family, not the checkpoint.
+        name: std::fs::canonicalize(&file).unwrap_or_else(|_| file.clone()).display().to_string(),
         source: file,
         eos_token_id: model.eos_token_id,
     })

@@ -86,13 +86,13 @@ fn smollm2_short_lora_run_lowers_validation_loss() {
     let Some(path) = smollm2() else { return };
     let out = tempfile::tempdir().unwrap();
     let mut config = LoraTrainConfig::new(&path, out.path());
-    config.max_steps = Some(24);
+    config.max_steps = Some(12);
     config.epochs = 10;
     config.batch_size = 4;
     config.seq_len = 64;
-    config.learning_rate = 1e-3;
+    config.learning_rate = 2e-3;
     config.progress = false;
-    let report = train_lora(&config, &rows(48, 0), &rows(12, 1)).unwrap();
+    let report = train_lora(&config, &rows(48, 0), &rows(8, 1)).unwrap();
     eprintln!(
         "SmolLM2 LoRA: validation loss {:.4} -> {:.4} in {} steps, {:.0} tok/s, {:.0}s",
         report.initial_validation_loss,
