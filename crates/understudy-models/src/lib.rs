@@ -12,6 +12,7 @@ pub mod chat;
 pub mod gguf;
 pub mod hf;
 pub mod llama;
+pub mod ops;
 pub mod peft;
 
 pub use hf::{HfDir, LoadError};

@@ -12,7 +12,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use understudy_models::causal_lm;
 use understudy_models::llama::{self, LoraConfig};
@@ -39,15 +39,14 @@ fn main() {
         (0..batch * (seq + 1)).map(|i| ((i as u64 * 2_654_435_761) % (vocab as u64 - 200)) as u32 + 100).collect();
     let ids = Tensor::from_vec(ids, (batch, seq + 1), &Device::Cpu).unwrap();
     let inputs = ids.narrow(1, 0, seq).unwrap();
-    let targets = ids.narrow(1, 1, seq).unwrap().flatten_all().unwrap();
+    let targets = ids.narrow(1, 1, seq).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap();
     let mut step_seconds = Vec::new();
     let mut forward_seconds = Vec::new();
     let mut losses = Vec::new();
     for _ in 0..steps {
         let started = Instant::now();
         let logits = model.forward(&inputs).unwrap().reshape((batch * seq, vocab as usize)).unwrap();
-        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
-        let loss = log_probs.gather(&targets.unsqueeze(1).unwrap(), 1).unwrap().mean_all().unwrap().neg().unwrap();
+        let loss = understudy_models::ops::cross_entropy_rows(&logits, &targets).unwrap().mean_all().unwrap();
         losses.push(loss.to_scalar::<f32>().unwrap());
         forward_seconds.push(started.elapsed().as_secs_f64());
         let grads = loss.backward().unwrap();

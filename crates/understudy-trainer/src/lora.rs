@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -421,7 +421,7 @@ pub fn train_lora_on(
 struct SftBatch {
     inputs: Tensor,
     positions: Tensor,
-    targets: Tensor,
+    targets: Vec<u32>,
     n_targets: usize,
     n_tokens: usize,
 }
@@ -449,7 +449,7 @@ fn make_batch(rows: &[&SftExample], pad_id: u32, device: &Device) -> candle_core
     Ok(SftBatch {
         inputs: Tensor::from_vec(inputs, (rows.len(), width), device)?,
         positions: Tensor::from_vec(positions, n_targets, device)?,
-        targets: Tensor::from_vec(targets, n_targets, device)?,
+        targets,
         n_targets,
         n_tokens,
     })
@@ -463,9 +463,7 @@ fn batch_nll(model: &llama::Model, batch: &SftBatch, dropout: Option<&mut Dropou
     let (b, s, h) = hidden.dims3()?;
     let selected = hidden.reshape((b * s, h))?.index_select(&batch.positions, 0)?;
     let logits = model.logits(&selected)?;
-    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let picked = log_probs.gather(&batch.targets.unsqueeze(1)?, 1)?;
-    picked.sum_all()?.neg()
+    understudy_models::ops::cross_entropy_rows(&logits, &batch.targets)?.sum_all()
 }
 
 #[allow(clippy::too_many_arguments)]
