@@ -124,7 +124,8 @@ pub struct TrainCommand {
     /// The dataset version (default: the task's newest).
     #[arg(long)]
     pub dataset: Option<String>,
-    /// The base model: an HF folder (default: models/all-MiniLM-L6-v2).
+    /// The base model: an HF folder, or for LoRA a GGUF file (default:
+    /// models/all-MiniLM-L6-v2 for a classifier, models/SmolLM2-135M-Instruct for LoRA).
     #[arg(long)]
     pub base: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = TrainMethod::Auto)]
@@ -138,7 +139,28 @@ pub struct TrainCommand {
     /// Fine-tune only the top N encoder layers (default: all of them).
     #[arg(long)]
     pub train_top_layers: Option<usize>,
-    /// Where the trained model goes (default: understudies/TASK/DATASET-classifier next to the datasets).
+    /// LoRA rank.
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// LoRA alpha (the update is scaled by alpha / rank).
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// Dropout on the LoRA input.
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
+    /// LoRA target modules, comma-separated (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).
+    #[arg(long, value_delimiter = ',')]
+    pub targets: Option<Vec<String>>,
+    /// Stop LoRA training after this many optimizer steps.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// LoRA examples are cut to their last N tokens.
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Forward passes per optimizer step.
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Where the trained model goes (default: understudies/TASK/DATASET-METHOD next to the datasets).
     #[arg(long)]
     pub output: Option<PathBuf>,
     /// Continue an interrupted run from its checkpoint.

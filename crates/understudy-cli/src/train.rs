@@ -10,7 +10,9 @@ use understudy_datasets::files::read_split;
 use understudy_datasets::jsonl::ChatExample;
 use understudy_datasets::kind::normalize_label;
 use understudy_store::{DatasetRecord, ModelVersionRecord};
-use understudy_trainer::{prompt_text, train_classifier, ClassifierTrainConfig, LabeledText};
+use understudy_trainer::{
+    prompt_text, train_classifier, train_lora, ChatRow, ClassifierTrainConfig, LabeledText, LoraTrainConfig,
+};
 use understudy_types::{OffsetDateTime, TaskKind};
 
 use crate::cli::{TrainCommand, TrainMethod};
@@ -19,6 +21,8 @@ use crate::output::{load_config, open_store};
 
 /// Where `scripts/fetch-models.sh` puts MiniLM, relative to the config's folder.
 const DEFAULT_ENCODER: &str = "models/all-MiniLM-L6-v2";
+/// Where `scripts/fetch-models.sh` puts SmolLM2 (a GGUF file), likewise.
+const DEFAULT_CAUSAL_LM: &str = "models/SmolLM2-135M-Instruct";
 
 pub async fn run(config_path: &Path, command: TrainCommand) -> anyhow::Result<()> {
     let config = load_config(config_path)?;
@@ -32,15 +36,12 @@ pub async fn run(config_path: &Path, command: TrainCommand) -> anyhow::Result<()
             dataset.id,
             dataset.task
         ),
-        (TrainMethod::Auto | TrainMethod::Lora, _) => anyhow::bail!(
-            "LoRA fine-tuning of causal LMs is not in this build yet; dataset {} ({} task) can only be \
-             trained with --method classifier when it is a label task",
-            dataset.id,
-            dataset.kind.as_str()
-        ),
+        (TrainMethod::Auto | TrainMethod::Lora, _) => TrainMethod::Lora,
     };
-    debug_assert!(matches!(method, TrainMethod::Classifier));
-    let base = resolve_base(config_path, command.base.as_deref())?;
+    if matches!(method, TrainMethod::Lora) {
+        return run_lora(config_path, &config, store, dataset, command).await;
+    }
+    let base = resolve_base(config_path, command.base.as_deref(), DEFAULT_ENCODER)?;
     let (train, validation) = read_labelled(&dataset)?;
     let output_dir = match &command.output {
         Some(dir) => dir.clone(),
@@ -127,20 +128,159 @@ fn read_labelled(dataset: &DatasetRecord) -> anyhow::Result<(Vec<LabeledText>, V
     Ok((read("train")?, read("validation")?))
 }
 
-fn resolve_base(config_path: &Path, base: Option<&Path>) -> anyhow::Result<PathBuf> {
+fn resolve_base(config_path: &Path, base: Option<&Path>, default: &str) -> anyhow::Result<PathBuf> {
     let candidates: Vec<PathBuf> = match base {
         Some(base) => vec![base.to_path_buf()],
         None => {
             let config_dir = config_path.parent().filter(|dir| !dir.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            vec![config_dir.join(DEFAULT_ENCODER), PathBuf::from(DEFAULT_ENCODER)]
+            vec![config_dir.join(default), PathBuf::from(default)]
         }
     };
-    candidates.iter().find(|candidate| candidate.join("config.json").exists()).cloned().with_context(|| {
+    let is_model = |candidate: &PathBuf| {
+        candidate.join("config.json").exists() || (default == DEFAULT_CAUSAL_LM && understudy_models_gguf(candidate))
+    };
+    candidates.iter().find(|candidate| is_model(candidate)).cloned().with_context(|| {
         format!(
-            "no base model at {} (run scripts/fetch-models.sh, or pass --base with an HF folder)",
-            candidates.iter().map(|candidate| candidate.display().to_string()).collect::<Vec<_>>().join(" or ")
+            "no base model at {} (run scripts/fetch-models.sh, or pass --base with an HF folder{})",
+            candidates.iter().map(|candidate| candidate.display().to_string()).collect::<Vec<_>>().join(" or "),
+            if default == DEFAULT_CAUSAL_LM { " or a GGUF file" } else { "" }
         )
     })
+}
+
+/// A `.gguf` file, or a folder holding one.
+fn understudy_models_gguf(path: &Path) -> bool {
+    let is_gguf = |path: &Path| path.extension().is_some_and(|ext| ext == "gguf");
+    if path.is_file() {
+        return is_gguf(path);
+    }
+    std::fs::read_dir(path)
+        .map(|entries| entries.filter_map(Result::ok).any(|entry| is_gguf(&entry.path())))
+        .unwrap_or(false)
+}
+
+/// LoRA SFT of a causal LM on the dataset's chat examples; the adapter is
+/// registered as a model version with method `lora`.
+async fn run_lora(
+    config_path: &Path,
+    config: &Config,
+    store: understudy_store::Store,
+    dataset: DatasetRecord,
+    command: TrainCommand,
+) -> anyhow::Result<()> {
+    let base = resolve_base(config_path, command.base.as_deref(), DEFAULT_CAUSAL_LM)?;
+    let (train, validation) = read_chats(&dataset)?;
+    let output_dir = match &command.output {
+        Some(dir) => dir.clone(),
+        None => understudies_dir(config).join(&dataset.task).join(format!("{}-lora", dataset.id)),
+    };
+    let mut train_config = LoraTrainConfig::new(&base, &output_dir);
+    train_config.resume = command.resume;
+    if let Some(epochs) = command.epochs {
+        train_config.epochs = epochs;
+    }
+    if let Some(batch_size) = command.batch_size {
+        train_config.batch_size = batch_size;
+    }
+    if let Some(learning_rate) = command.learning_rate {
+        train_config.learning_rate = learning_rate;
+    }
+    if let Some(rank) = command.rank {
+        train_config.lora.rank = rank;
+        train_config.lora.alpha = 2.0 * rank as f64;
+    }
+    if let Some(alpha) = command.alpha {
+        train_config.lora.alpha = alpha;
+    }
+    if let Some(dropout) = command.lora_dropout {
+        train_config.lora.dropout = dropout;
+    }
+    if let Some(targets) = &command.targets {
+        train_config.lora.target_modules =
+            targets.iter().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
+    }
+    train_config.max_steps = command.max_steps;
+    if let Some(seq_len) = command.seq_len {
+        train_config.seq_len = seq_len;
+    }
+    if let Some(grad_accum) = command.grad_accum {
+        train_config.grad_accum_steps = grad_accum;
+    }
+    eprintln!(
+        "training a LoRA adapter (rank {}, alpha {}, on {}) for task `{}` on dataset {} ({} train, {} validation rows) from {}",
+        train_config.lora.rank,
+        train_config.lora.alpha,
+        train_config.lora.target_modules.join(","),
+        dataset.task,
+        dataset.id,
+        train.len(),
+        validation.len(),
+        base.display()
+    );
+    let report = tokio::task::spawn_blocking(move || train_lora(&train_config, &train, &validation))
+        .await
+        .context("the training task failed")??;
+    if report.interrupted {
+        anyhow::bail!("training stopped before the end; resume it with --resume");
+    }
+    let metrics = json!({
+        "initial_validation_loss": report.initial_validation_loss,
+        "best_epoch": report.best_epoch,
+        "best_validation_loss": report.best_validation_loss,
+        "epochs": report.epochs,
+        "steps": report.steps,
+        "stopped_early": report.stopped_early,
+        "tokens_per_second": report.tokens_per_second,
+        "trained_parameters": report.trained_parameters,
+    });
+    let version = ModelVersionRecord {
+        id: format!("mv-{}", &understudy_types::Uuid::now_v7().simple().to_string()[..16]),
+        task: dataset.task.clone(),
+        dataset_id: dataset.id.clone(),
+        method: "lora".into(),
+        base_model: base.display().to_string(),
+        path: std::path::absolute(&report.output_dir)?.display().to_string(),
+        created_at: OffsetDateTime::now_utc(),
+        wall_seconds: report.wall_seconds,
+        metrics: metrics.to_string(),
+    };
+    store.register_model_version(&version).await?;
+    store.close().await;
+    if command.json {
+        println!("{}", json!({"model_version": version.id, "path": version.path, "metrics": metrics}));
+    } else {
+        println!("model version {} for task `{}` (LoRA adapter, PEFT format)", version.id, version.task);
+        println!(
+            "    validation loss {:.4} before training, {:.4} at best epoch {:?}",
+            report.initial_validation_loss,
+            report.best_validation_loss.unwrap_or(f64::NAN),
+            report.best_epoch
+        );
+        println!(
+            "    {} steps in {:.0}s ({:.0} tokens/s); saved in {}",
+            report.steps, report.wall_seconds, report.tokens_per_second, version.path
+        );
+    }
+    Ok(())
+}
+
+/// Chat rows of the train and validation splits: the prompt's messages and
+/// the lead's answer.
+fn read_chats(dataset: &DatasetRecord) -> anyhow::Result<(Vec<ChatRow>, Vec<ChatRow>)> {
+    let dir = Path::new(&dataset.path);
+    let read = |split: &str| -> anyhow::Result<Vec<ChatRow>> {
+        let text = read_split(dir, split)?;
+        text.lines()
+            .filter(|line| !line.trim().is_empty())
+            .enumerate()
+            .map(|(line_idx, line)| {
+                let example = ChatExample::parse(line)
+                    .map_err(|error| anyhow::anyhow!("{}/{split}.jsonl:{}: {error}", dir.display(), line_idx + 1))?;
+                Ok(ChatRow::from_messages(&example.prompt, &example.answer_text()))
+            })
+            .collect()
+    };
+    Ok((read("train")?, read("validation")?))
 }
 
 /// Trained understudies live next to the datasets.

@@ -122,7 +122,8 @@ fn unsupported_requests_say_what_is_missing() {
     run_ok(path, &["dataset", "build", "--task", "summaries", "--near-dup-threshold", "1.0"]);
     let lora = run(path, &["train", "--task", "summaries", "--base", "tiny-bert"]);
     assert!(!lora.status.success());
-    assert!(String::from_utf8_lossy(&lora.stderr).contains("LoRA fine-tuning of causal LMs is not in this build yet"));
+    let stderr = String::from_utf8_lossy(&lora.stderr);
+    assert!(stderr.contains("\"BertModel\"") && stderr.contains("not supported"), "{stderr}");
     let classifier = run(path, &["train", "--task", "summaries", "--base", "tiny-bert", "--method", "classifier"]);
     assert!(String::from_utf8_lossy(&classifier.stderr).contains("a classifier needs a label task"));
 

@@ -1,4 +1,5 @@
-//! candle model files for Understudy, and loading them from HF directories.
+//! candle model files for Understudy, and loading them from HF directories
+//! and GGUF files.
 //!
 //! Each model file has the same shape: a `//!` header, a `Config` mirroring
 //! HF `config.json`, private blocks, and a public `Model` with `new(cfg, vb)`
@@ -6,6 +7,12 @@
 //! backward pass in candle (candle-nn's fused norms and softmax have none).
 
 pub mod bert;
+pub mod causal_lm;
+pub mod chat;
+pub mod gguf;
 pub mod hf;
+pub mod llama;
+pub mod ops;
+pub mod peft;
 
 pub use hf::{HfDir, LoadError};

@@ -38,8 +38,8 @@ pub(crate) struct LoopState {
     pub epoch_loss_sum: f64,
 }
 
-pub(crate) struct Checkpoint {
-    pub state: LoopState,
+pub(crate) struct Checkpoint<S = LoopState> {
+    pub state: S,
     pub weights: HashMap<String, Tensor>,
     pub optimizer: HashMap<String, Tensor>,
 }
@@ -48,9 +48,9 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     move |source| TrainError::Io { path: path.to_path_buf(), source }
 }
 
-pub(crate) fn save(
+pub(crate) fn save<S: Serialize>(
     output_dir: &Path,
-    state: &LoopState,
+    state: &S,
     weights: &HashMap<String, Tensor>,
     optimizer: &HashMap<String, Tensor>,
 ) -> Result<(), TrainError> {
@@ -79,14 +79,14 @@ pub(crate) fn save(
 }
 
 /// The latest complete checkpoint in `output_dir`, if any.
-pub(crate) fn load(output_dir: &Path) -> Result<Option<Checkpoint>, TrainError> {
+pub(crate) fn load<S: serde::de::DeserializeOwned>(output_dir: &Path) -> Result<Option<Checkpoint<S>>, TrainError> {
     let candidates: [PathBuf; 2] = [output_dir.join(DIR), output_dir.join(format!("{DIR}.old"))];
     let Some(dir) = candidates.iter().find(|dir| dir.join(STATE).is_file()) else {
         return Ok(None);
     };
     let state_path = dir.join(STATE);
     let text = std::fs::read_to_string(&state_path).map_err(io_error(&state_path))?;
-    let state: LoopState = serde_json::from_str(&text)
+    let state: S = serde_json::from_str(&text)
         .map_err(|error| TrainError::Checkpoint(format!("{}: {error}", state_path.display())))?;
     let weights = candle_core::safetensors::load(dir.join(WEIGHTS), &Device::Cpu)?;
     let optimizer = candle_core::safetensors::load(dir.join(OPTIMIZER), &Device::Cpu)?;

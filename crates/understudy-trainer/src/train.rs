@@ -214,7 +214,7 @@ pub fn train_classifier(
         epoch_loss_sum: 0.0,
     };
     if config.resume {
-        if let Some(saved) = checkpoint::load(output_dir)? {
+        if let Some(saved) = checkpoint::load::<LoopState>(output_dir)? {
             if saved.state.labels != labels || saved.state.seed != config.seed {
                 return Err(TrainError::Checkpoint(format!(
                     "the checkpoint in {} is for other labels or another seed; remove it or pass resume: false",
@@ -585,7 +585,7 @@ fn write_artifacts(
     write_json(MANIFEST_FILE, &manifest)
 }
 
-mod erased {
+pub(crate) mod erased {
     use crate::TrainError;
 
     /// Serializes any `Serialize` value behind a `dyn`.
@@ -600,7 +600,7 @@ mod erased {
     }
 }
 
-fn progress_bar(enabled: bool, total_steps: usize, position: usize) -> ProgressBar {
+pub(crate) fn progress_bar(enabled: bool, total_steps: usize, position: usize) -> ProgressBar {
     if !enabled {
         return ProgressBar::hidden();
     }

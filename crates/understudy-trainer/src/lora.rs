@@ -1,0 +1,608 @@
+//! LoRA SFT of a causal LM on chat examples, with PEFT export.
+//!
+//! Each example is rendered with the model's chat template; the loss covers
+//! only the assistant's answer (and its closing `<|im_end|>`). The loop shares
+//! AdamW, the warmup+cosine schedule, clipping and the atomic checkpoints with
+//! the classifier trainer. The best epoch (lowest validation loss) is written
+//! as a PEFT adapter in the output directory, next to `manifest.json`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use understudy_models::bert::Dropout;
+use understudy_models::causal_lm::{self, CausalLmFiles};
+use understudy_models::chat::ChatTemplate;
+use understudy_models::llama::{self, LoraConfig};
+use understudy_models::peft::{self, AdapterConfig};
+
+use crate::checkpoint;
+use crate::data;
+use crate::optim::{self, AdamW};
+use crate::train::{erased, progress_bar};
+use crate::TrainError;
+
+/// Fewer training rows than this stop training with a message.
+pub const MIN_TRAIN_ROWS: usize = 20;
+
+/// One chat example: the messages before the answer (role, text) and the
+/// assistant's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatRow {
+    pub prompt: Vec<(String, String)>,
+    pub answer: String,
+}
+
+impl ChatRow {
+    /// From OpenAI-format messages (content as a string or text parts).
+    pub fn from_messages(prompt: &[Value], answer: &str) -> ChatRow {
+        let prompt = prompt
+            .iter()
+            .map(|message| {
+                let role = message.get("role").and_then(Value::as_str).unwrap_or("user").to_string();
+                (role, content_text(message.get("content")))
+            })
+            .collect();
+        ChatRow { prompt, answer: answer.to_string() }
+    }
+}
+
+fn content_text(content: Option<&Value>) -> String {
+    match content {
+        Some(Value::String(text)) => text.clone(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter(|item| item.get("type").and_then(Value::as_str).is_none_or(|kind| kind == "text"))
+            .filter_map(|item| item.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    }
+}
+
+/// A tokenized example: ids and which of them the loss covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SftExample {
+    pub ids: Vec<u32>,
+    pub loss_mask: Vec<bool>,
+}
+
+/// How to train. [`LoraTrainConfig::new`] gives defaults for SmolLM2-sized models.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoraTrainConfig {
+    /// A GGUF file (or folder with one), or an HF Llama/Qwen2 directory.
+    pub base_model: PathBuf,
+    /// Receives the adapter, `manifest.json` and `checkpoint/`.
+    pub output_dir: PathBuf,
+    pub lora: LoraConfig,
+    pub epochs: usize,
+    /// Stop after this many optimizer steps in total (the last epoch is then
+    /// partial); the schedule is laid out over this many steps.
+    pub max_steps: Option<usize>,
+    pub batch_size: usize,
+    pub grad_accum_steps: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub warmup_ratio: f64,
+    pub max_grad_norm: f64,
+    /// Examples are cut to their last `seq_len` tokens.
+    pub seq_len: usize,
+    pub seed: u64,
+    /// Stop after this many epochs without a lower validation loss.
+    pub patience: usize,
+    pub checkpoint_every_steps: Option<usize>,
+    pub resume: bool,
+    pub progress: bool,
+    /// Stop (as if killed) after this many optimizer steps: for tests.
+    pub stop_after_steps: Option<usize>,
+}
+
+impl LoraTrainConfig {
+    pub fn new(base_model: impl Into<PathBuf>, output_dir: impl Into<PathBuf>) -> LoraTrainConfig {
+        LoraTrainConfig {
+            base_model: base_model.into(),
+            output_dir: output_dir.into(),
+            lora: LoraConfig::new(),
+            epochs: 2,
+            max_steps: None,
+            batch_size: 8,
+            grad_accum_steps: 1,
+            learning_rate: 2e-4,
+            weight_decay: 0.0,
+            warmup_ratio: 0.06,
+            max_grad_norm: 1.0,
+            seq_len: 256,
+            seed: 17,
+            patience: 2,
+            checkpoint_every_steps: None,
+            resume: false,
+            progress: true,
+            stop_after_steps: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraEpochMetrics {
+    pub epoch: usize,
+    pub steps: usize,
+    pub train_loss: f64,
+    /// Mean loss per assistant token on the validation set.
+    pub validation_loss: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LoraTrainReport {
+    pub output_dir: PathBuf,
+    pub base_model: String,
+    /// Validation loss of the untrained adapter (the base model).
+    pub initial_validation_loss: f64,
+    pub epochs: Vec<LoraEpochMetrics>,
+    pub best_epoch: Option<usize>,
+    pub best_validation_loss: Option<f64>,
+    pub steps: usize,
+    pub trained_parameters: usize,
+    pub train_tokens: usize,
+    pub tokens_per_second: f64,
+    pub stopped_early: bool,
+    pub interrupted: bool,
+    pub wall_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LoraLoopState {
+    epoch: usize,
+    step_in_epoch: usize,
+    global_step: usize,
+    seed: u64,
+    lora: LoraConfig,
+    initial_validation_loss: f64,
+    history: Vec<LoraEpochMetrics>,
+    best_epoch: Option<usize>,
+    epochs_without_improvement: usize,
+    stopped_early: bool,
+    elapsed_seconds: f64,
+    epoch_loss_sum: f64,
+    train_tokens: usize,
+}
+
+/// Renders and tokenizes `rows`, keeping the last `seq_len` tokens of each;
+/// rows left with no answer token are dropped.
+pub fn encode_rows(
+    template: &ChatTemplate,
+    tokenizer: &tokenizers::Tokenizer,
+    rows: &[ChatRow],
+    seq_len: usize,
+) -> Result<Vec<SftExample>, TrainError> {
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let (mut ids, mut loss_mask) =
+            template.encode_for_training(tokenizer, &row.prompt, &row.answer).map_err(TrainError::Tokenizer)?;
+        if ids.len() > seq_len {
+            let cut = ids.len() - seq_len;
+            ids.drain(..cut);
+            loss_mask.drain(..cut);
+        }
+        // The first token is never a target.
+        if loss_mask.iter().skip(1).any(|&covered| covered) {
+            out.push(SftExample { ids, loss_mask });
+        }
+    }
+    Ok(out)
+}
+
+/// Loads `config.base_model`, tokenizes the rows and trains.
+pub fn train_lora(
+    config: &LoraTrainConfig,
+    train: &[ChatRow],
+    validation: &[ChatRow],
+) -> Result<LoraTrainReport, TrainError> {
+    check_config(config)?;
+    check_rows(train.len(), validation.len())?;
+    let files = causal_lm::load(&config.base_model)?;
+    let train_examples = encode_rows(&files.chat_template, &files.tokenizer, train, config.seq_len)?;
+    let validation_examples = encode_rows(&files.chat_template, &files.tokenizer, validation, config.seq_len)?;
+    check_rows(train_examples.len(), validation_examples.len())?;
+    let pad_id = files.eos_token_id.unwrap_or(0);
+    train_lora_on(config, files, &train_examples, &validation_examples, pad_id)
+}
+
+fn check_rows(train: usize, validation: usize) -> Result<(), TrainError> {
+    if train < MIN_TRAIN_ROWS {
+        return Err(TrainError::Data(format!(
+            "{train} usable training rows; LoRA fine-tuning needs at least {MIN_TRAIN_ROWS} (rows whose answer \
+             is cut off by seq_len do not count)"
+        )));
+    }
+    if validation == 0 {
+        return Err(TrainError::Data(String::from(
+            "the validation set is empty; it picks the best epoch and stops training early",
+        )));
+    }
+    Ok(())
+}
+
+fn check_config(config: &LoraTrainConfig) -> Result<(), TrainError> {
+    for (name, value) in [
+        ("epochs", config.epochs),
+        ("batch_size", config.batch_size),
+        ("grad_accum_steps", config.grad_accum_steps),
+        ("seq_len", config.seq_len),
+    ] {
+        if value == 0 {
+            return Err(TrainError::Config(format!("{name} must be at least 1")));
+        }
+    }
+    if config.seq_len < 2 {
+        return Err(TrainError::Config(String::from("seq_len must be at least 2")));
+    }
+    if config.max_steps == Some(0) || config.checkpoint_every_steps == Some(0) {
+        return Err(TrainError::Config(String::from("max_steps and checkpoint_every_steps must be at least 1")));
+    }
+    config.lora.check().map_err(TrainError::Config)
+}
+
+/// Trains LoRA on already tokenized examples over the model in `files`.
+pub fn train_lora_on(
+    config: &LoraTrainConfig,
+    files: CausalLmFiles,
+    train: &[SftExample],
+    validation: &[SftExample],
+    pad_id: u32,
+) -> Result<LoraTrainReport, TrainError> {
+    let started = Instant::now();
+    check_config(config)?;
+    check_rows(train.len(), validation.len())?;
+    let device = Device::Cpu;
+    let vb = VarBuilder::from_tensors(files.weights, DType::F32, &device);
+    let model = llama::Model::new(&files.config, vb, Some(&config.lora), config.seed)?;
+    let vars = model.lora_vars();
+    let trained_parameters: usize = vars.iter().map(|(_, var)| var.elem_count()).sum();
+    let mut optimizer = AdamW::new(vars, config.weight_decay);
+
+    let output_dir = &config.output_dir;
+    std::fs::create_dir_all(output_dir).map_err(|source| TrainError::Io { path: output_dir.clone(), source })?;
+    let mut state = None;
+    if config.resume {
+        if let Some(saved) = checkpoint::load::<LoraLoopState>(output_dir)? {
+            if saved.state.seed != config.seed || saved.state.lora != config.lora {
+                return Err(TrainError::Checkpoint(format!(
+                    "the checkpoint in {} is for another seed or LoRA config; remove it or do not resume",
+                    output_dir.display()
+                )));
+            }
+            model.load_lora(&saved.weights).map_err(|error| TrainError::Checkpoint(error.to_string()))?;
+            optimizer.load_state(&saved.optimizer, saved.state.global_step as u64).map_err(TrainError::Checkpoint)?;
+            state = Some(saved.state);
+        }
+    }
+    let mut state = match state {
+        Some(state) => state,
+        None => LoraLoopState {
+            epoch: 0,
+            step_in_epoch: 0,
+            global_step: 0,
+            seed: config.seed,
+            lora: config.lora.clone(),
+            initial_validation_loss: validation_loss(&model, validation, pad_id, config.batch_size)?,
+            history: Vec::new(),
+            best_epoch: None,
+            epochs_without_improvement: 0,
+            stopped_early: false,
+            elapsed_seconds: 0.0,
+            epoch_loss_sum: 0.0,
+            train_tokens: 0,
+        },
+    };
+    let previous_seconds = state.elapsed_seconds;
+    let elapsed = || previous_seconds + started.elapsed().as_secs_f64();
+
+    let lengths: Vec<usize> = train.iter().map(|row| row.ids.len()).collect();
+    let batches_per_epoch = train.len().div_ceil(config.batch_size);
+    let steps_per_epoch = batches_per_epoch.div_ceil(config.grad_accum_steps);
+    let total_steps = match config.max_steps {
+        Some(max) => max.min(steps_per_epoch * config.epochs),
+        None => steps_per_epoch * config.epochs,
+    };
+    let epochs = total_steps.div_ceil(steps_per_epoch);
+    let warmup = ((total_steps as f64) * config.warmup_ratio).round() as usize;
+
+    let bar = progress_bar(config.progress, total_steps, state.global_step);
+    let loop_started = Instant::now();
+    let mut tokens_this_run = 0usize;
+    let mut interrupted = false;
+    'epochs: while state.epoch < epochs && !state.stopped_early && state.global_step < total_steps {
+        let batches = data::epoch_batches(&lengths, config.batch_size, config.seed, state.epoch);
+        while state.step_in_epoch < steps_per_epoch && state.global_step < total_steps {
+            let first = state.step_in_epoch * config.grad_accum_steps;
+            let micro = &batches[first..(first + config.grad_accum_steps).min(batches.len())];
+            let lr = optim::learning_rate(config.learning_rate, state.global_step, warmup, total_steps);
+            let (loss, tokens) =
+                train_step(&model, &mut optimizer, micro, train, pad_id, config, lr, state.global_step)?;
+            state.epoch_loss_sum += loss;
+            state.step_in_epoch += 1;
+            state.global_step += 1;
+            state.train_tokens += tokens;
+            tokens_this_run += tokens;
+            let rate = tokens_this_run as f64 / loop_started.elapsed().as_secs_f64().max(1e-9);
+            bar.set_position(state.global_step as u64);
+            bar.set_message(format!("epoch {}/{epochs} loss {loss:.4} {rate:.0} tok/s", state.epoch + 1));
+            let at_epoch_end = state.step_in_epoch == steps_per_epoch || state.global_step == total_steps;
+            if !at_epoch_end
+                && config.checkpoint_every_steps.is_some_and(|every| state.global_step.is_multiple_of(every))
+            {
+                state.elapsed_seconds = elapsed();
+                save_checkpoint(output_dir, &state, &optimizer)?;
+            }
+            if !at_epoch_end && config.stop_after_steps == Some(state.global_step) {
+                interrupted = true;
+                break 'epochs;
+            }
+        }
+
+        let validation_loss = validation_loss(&model, validation, pad_id, config.batch_size)?;
+        let metrics = LoraEpochMetrics {
+            epoch: state.epoch + 1,
+            steps: state.step_in_epoch,
+            train_loss: state.epoch_loss_sum / state.step_in_epoch.max(1) as f64,
+            validation_loss,
+        };
+        let line = format!(
+            "epoch {}: train loss {:.4}, validation loss {:.4} (before training {:.4}) ({:.0}s)",
+            metrics.epoch,
+            metrics.train_loss,
+            metrics.validation_loss,
+            state.initial_validation_loss,
+            elapsed()
+        );
+        if bar.is_hidden() {
+            if config.progress {
+                eprintln!("{line}");
+            }
+        } else {
+            bar.println(line);
+        }
+        let best = state.best_epoch.and_then(|epoch| state.history.iter().find(|m| m.epoch == epoch));
+        if best.is_none_or(|best| validation_loss < best.validation_loss) {
+            write_adapter(output_dir, &model, &files.name, &config.lora)?;
+            state.best_epoch = Some(metrics.epoch);
+            state.epochs_without_improvement = 0;
+        } else {
+            state.epochs_without_improvement += 1;
+            if state.epochs_without_improvement >= config.patience.max(1) {
+                state.stopped_early = true;
+            }
+        }
+        state.history.push(metrics);
+        state.epoch += 1;
+        state.step_in_epoch = 0;
+        state.epoch_loss_sum = 0.0;
+        state.elapsed_seconds = elapsed();
+        save_checkpoint(output_dir, &state, &optimizer)?;
+        if config.stop_after_steps == Some(state.global_step) && state.global_step < total_steps {
+            interrupted = true;
+            break;
+        }
+    }
+    bar.finish_and_clear();
+
+    let wall_seconds = elapsed();
+    let best_validation_loss = state
+        .best_epoch
+        .and_then(|epoch| state.history.iter().find(|m| m.epoch == epoch))
+        .map(|metrics| metrics.validation_loss);
+    let report = LoraTrainReport {
+        output_dir: output_dir.clone(),
+        base_model: files.name.clone(),
+        initial_validation_loss: state.initial_validation_loss,
+        epochs: state.history.clone(),
+        best_epoch: state.best_epoch,
+        best_validation_loss,
+        steps: state.global_step,
+        trained_parameters,
+        train_tokens: state.train_tokens,
+        tokens_per_second: tokens_this_run as f64 / loop_started.elapsed().as_secs_f64().max(1e-9),
+        stopped_early: state.stopped_early,
+        interrupted,
+        wall_seconds,
+    };
+    if !interrupted {
+        write_manifest(config, &files.config, &report, train.len(), validation.len())?;
+    }
+    Ok(report)
+}
+
+/// A padded batch of inputs (`ids[..-1]`) and the positions whose next token
+/// is a target: flat row indices into `[batch * (longest - 1)]` and the ids.
+struct SftBatch {
+    inputs: Tensor,
+    positions: Tensor,
+    targets: Vec<u32>,
+    n_targets: usize,
+    n_tokens: usize,
+}
+
+fn make_batch(rows: &[&SftExample], pad_id: u32, device: &Device) -> candle_core::Result<SftBatch> {
+    let longest = rows.iter().map(|row| row.ids.len()).max().unwrap_or(2).max(2);
+    let width = longest - 1;
+    let mut inputs = Vec::with_capacity(rows.len() * width);
+    let mut positions = Vec::new();
+    let mut targets = Vec::new();
+    let mut n_tokens = 0;
+    for (row_idx, row) in rows.iter().enumerate() {
+        let n = row.ids.len();
+        n_tokens += n;
+        inputs.extend_from_slice(&row.ids[..n - 1]);
+        inputs.extend(std::iter::repeat_n(pad_id, width - (n - 1)));
+        for t in 1..n {
+            if row.loss_mask[t] {
+                positions.push((row_idx * width + t - 1) as u32);
+                targets.push(row.ids[t]);
+            }
+        }
+    }
+    let n_targets = targets.len();
+    Ok(SftBatch {
+        inputs: Tensor::from_vec(inputs, (rows.len(), width), device)?,
+        positions: Tensor::from_vec(positions, n_targets, device)?,
+        targets,
+        n_targets,
+        n_tokens,
+    })
+}
+
+/// Summed negative log-likelihood of the batch's targets. Logits are computed
+/// only at the target positions: the vocabulary projection is the costliest
+/// matmul, and the other positions' logits would be thrown away.
+fn batch_nll(model: &llama::Model, batch: &SftBatch, dropout: Option<&mut Dropout>) -> candle_core::Result<Tensor> {
+    let hidden = model.forward_hidden(&batch.inputs, dropout)?;
+    let (b, s, h) = hidden.dims3()?;
+    let selected = hidden.reshape((b * s, h))?.index_select(&batch.positions, 0)?;
+    let logits = model.logits(&selected)?;
+    understudy_models::ops::cross_entropy_rows(&logits, &batch.targets)?.sum_all()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_step(
+    model: &llama::Model,
+    optimizer: &mut AdamW,
+    micro_batches: &[Vec<usize>],
+    examples: &[SftExample],
+    pad_id: u32,
+    config: &LoraTrainConfig,
+    lr: f64,
+    global_step: usize,
+) -> Result<(f64, usize), TrainError> {
+    let device = Device::Cpu;
+    let batches: Vec<SftBatch> = micro_batches
+        .iter()
+        .map(|indices| {
+            let rows: Vec<&SftExample> = indices.iter().map(|&index| &examples[index]).collect();
+            make_batch(&rows, pad_id, &device)
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let total_targets: usize = batches.iter().map(|batch| batch.n_targets).sum();
+    let mut grads: Vec<Option<Tensor>> = vec![None; optimizer.params.len()];
+    let mut loss_sum = 0f64;
+    let mut tokens = 0usize;
+    for (k, batch) in batches.iter().enumerate() {
+        tokens += batch.n_tokens;
+        if batch.n_targets == 0 {
+            continue;
+        }
+        let mut dropout = Dropout::new(data::mix(config.seed, (global_step as u64) << 16 | k as u64));
+        let loss = (batch_nll(model, batch, Some(&mut dropout))? / total_targets as f64)?;
+        loss_sum += loss.to_scalar::<f32>()? as f64;
+        let store = loss.backward()?;
+        for (slot, param) in grads.iter_mut().zip(&optimizer.params) {
+            if let Some(grad) = store.get(param.var.as_tensor()) {
+                *slot = Some(match slot.take() {
+                    Some(sum) => (sum + grad)?,
+                    None => grad.clone(),
+                });
+            }
+        }
+    }
+    let mut grads: Vec<Tensor> = grads
+        .into_iter()
+        .zip(&optimizer.params)
+        .map(|(grad, param)| match grad {
+            Some(grad) => Ok(grad),
+            None => param.var.as_tensor().zeros_like(),
+        })
+        .collect::<candle_core::Result<_>>()?;
+    optim::clip_global_norm(&mut grads, config.max_grad_norm)?;
+    optimizer.update(&grads, lr)?;
+    Ok((loss_sum, tokens))
+}
+
+/// Mean loss per target token over `examples`, without dropout.
+pub fn validation_loss(
+    model: &llama::Model,
+    examples: &[SftExample],
+    pad_id: u32,
+    batch_size: usize,
+) -> Result<f64, TrainError> {
+    let lengths: Vec<usize> = examples.iter().map(|row| row.ids.len()).collect();
+    let mut nll = 0f64;
+    let mut count = 0usize;
+    for indices in data::sorted_batches(&lengths, batch_size) {
+        let rows: Vec<&SftExample> = indices.iter().map(|&index| &examples[index]).collect();
+        let batch = make_batch(&rows, pad_id, &Device::Cpu)?;
+        if batch.n_targets == 0 {
+            continue;
+        }
+        nll += batch_nll(model, &batch, None)?.to_scalar::<f32>()? as f64;
+        count += batch.n_targets;
+    }
+    Ok(nll / count.max(1) as f64)
+}
+
+fn save_checkpoint(output_dir: &Path, state: &LoraLoopState, optimizer: &AdamW) -> Result<(), TrainError> {
+    let weights: HashMap<String, Tensor> =
+        optimizer.params.iter().map(|param| (param.name.clone(), param.var.as_tensor().clone())).collect();
+    checkpoint::save(output_dir, state, &weights, &optimizer.state_tensors()?)
+}
+
+/// The model's current LoRA weights as a PEFT adapter in `dir`.
+pub fn write_adapter(dir: &Path, model: &llama::Model, base_name: &str, lora: &LoraConfig) -> Result<(), TrainError> {
+    let tensors: HashMap<String, Tensor> = model
+        .lora_vars()
+        .into_iter()
+        .map(|(name, var)| Ok((name, var.as_tensor().copy()?)))
+        .collect::<candle_core::Result<_>>()?;
+    peft::save(dir, &AdapterConfig::from_lora(lora, base_name), &tensors)?;
+    Ok(())
+}
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+#[derive(Serialize)]
+struct Manifest<'a> {
+    kind: &'static str,
+    method: &'static str,
+    base_model: &'a str,
+    architecture: &'a llama::Config,
+    hyperparameters: &'a LoraTrainConfig,
+    train_rows: usize,
+    validation_rows: usize,
+    report: &'a LoraTrainReport,
+    created_at: String,
+}
+
+fn write_manifest(
+    config: &LoraTrainConfig,
+    model_config: &llama::Config,
+    report: &LoraTrainReport,
+    train_rows: usize,
+    validation_rows: usize,
+) -> Result<(), TrainError> {
+    let manifest = Manifest {
+        kind: "causal-lm-adapter",
+        method: "lora",
+        base_model: &report.base_model,
+        architecture: model_config,
+        hyperparameters: config,
+        train_rows,
+        validation_rows,
+        report,
+        created_at: time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+    };
+    let path = config.output_dir.join(MANIFEST_FILE);
+    let tmp = path.with_extension("json.tmp");
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| TrainError::Io { path, source }
+    };
+    std::fs::write(&tmp, erased::Json::to_json(&manifest)?).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))
+}
+
+#[cfg(test)]
+mod tests;
