@@ -113,10 +113,12 @@ async fn main() -> Result<()> {
             break text;
         }
     };
+    eprintln!("loaded; prompt of 256 tokens ready");
     let story = "Write a long, detailed story about a dragon who learns to bake bread.";
 
     // Warm up.
     timed_stream(&model, story, 8).await?;
+    eprintln!("warmed up");
 
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
@@ -125,9 +127,11 @@ async fn main() -> Result<()> {
         // Prefill: time to the first token of a 256-token prompt.
         let (_, first, _) = timed_stream(&model, &long_prompt, 1).await?;
         prefill.push(256.0 / first);
+        eprintln!("prefill {:.1} tok/s", 256.0 / first);
 
         let (n, first, total) = timed_stream(&model, story, decode_tokens).await?;
         decode.push((n.saturating_sub(1)) as f64 / (total - first));
+        eprintln!("decode {n} tokens, {:.1} tok/s", (n.saturating_sub(1)) as f64 / (total - first));
 
         let start = Instant::now();
         let prompts: Vec<String> = (0..concurrency).map(|i| format!("{story} Story number {i}.")).collect();
@@ -138,6 +142,7 @@ async fn main() -> Result<()> {
             n_total += result?.0;
         }
         aggregate.push(n_total as f64 / elapsed);
+        eprintln!("aggregate {n_total} tokens, {:.1} tok/s", n_total as f64 / elapsed);
     }
     let rss_peak_kb = status_kb("VmHWM:");
     let weights_bytes = model.llama_model().size() as f64;
