@@ -112,9 +112,7 @@ async fn choose_understudy(
         };
     }
     if let Some(newest) = store.list_model_versions(task).await?.into_iter().next() {
-        if newest.method == "classifier" {
-            return Ok(Chosen { name: newest.id, path: Some(newest.path) });
-        }
+        return Ok(Chosen { name: newest.id, path: Some(newest.path) });
     }
     if let Some(configured) = configured {
         return Ok(Chosen { name: configured.to_string(), path: None });

@@ -86,6 +86,20 @@ impl LocalLoader for Loader {
     }
 }
 
+/// The one GGUF file of a folder that holds no HF model (as
+/// `scripts/fetch-models.sh` lays SmolLM2 out).
+fn single_gguf(dir: &Path) -> Option<std::path::PathBuf> {
+    if dir.join("config.json").exists() || dir.join("adapter_config.json").exists() {
+        return None;
+    }
+    let mut ggufs = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "gguf"));
+    let first = ggufs.next()?;
+    ggufs.next().is_none().then_some(first)
+}
+
 /// Unix seconds, for `created`.
 fn now_unix() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|elapsed| elapsed.as_secs()).unwrap_or(0)
