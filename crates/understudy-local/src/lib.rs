@@ -46,16 +46,31 @@ impl LocalLoader for Loader {
         }
         if path.is_file() {
             return if path.extension().is_some_and(|ext| ext == "gguf") {
-                Err(setup(format!(
-                    "{} is a GGUF model; this build has no GGUF engine (build with the llama.cpp engine)",
-                    path.display()
-                )))
+                let model = understudy_engine::LlamaCppModel::load(spec, &understudy_engine::EngineOptions::default())?;
+                Ok(Arc::new(model))
             } else {
                 Err(setup(format!(
                     "{} is not a model this build can load (expected a GGUF file or a folder)",
                     path.display()
                 )))
             };
+        }
+        if let Some(gguf) = single_gguf(path) {
+            let file_spec = LocalModelSpec { path: gguf.display().to_string(), ..spec.clone() };
+            return self.load(&file_spec);
+        }
+        let adapter_config = path.join("adapter_config.json");
+        if adapter_config.is_file() {
+            let config: Value = std::fs::read_to_string(&adapter_config)
+                .ok()
+                .and_then(|text| serde_json::from_str(&text).ok())
+                .ok_or_else(|| setup(format!("{} is not readable JSON", adapter_config.display())))?;
+            let base = config.get("base_model_name_or_path").and_then(Value::as_str).ok_or_else(|| {
+                setup(format!("{} names no base_model_name_or_path to apply the adapter to", adapter_config.display()))
+            })?;
+            let base_spec =
+                LocalModelSpec { name: spec.name.clone(), path: base.to_string(), adapter: Some(path.to_path_buf()) };
+            return self.load(&base_spec);
         }
         if path.join("labels.json").is_file() && path.join("manifest.json").is_file() {
             if spec.adapter.is_some() {

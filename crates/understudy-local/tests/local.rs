@@ -293,3 +293,29 @@ lead = "lead"
 fn time_now() -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc()
 }
+
+/// The real SmolLM2, loaded from the folder `scripts/fetch-models.sh` fills,
+/// answers a constrained label question with one of the labels and a
+/// confidence the cascade can read.
+#[tokio::test]
+async fn smollm2_answers_within_the_labels_with_a_confidence() {
+    let Some(models) = std::env::var_os("UNDERSTUDY_MODELS_DIR") else {
+        assert!(std::env::var_os("CI").is_none(), "CI must set UNDERSTUDY_MODELS_DIR (scripts/test.sh does)");
+        eprintln!("skipped: set UNDERSTUDY_MODELS_DIR to the folder scripts/fetch-models.sh fills");
+        return;
+    };
+    let model = load("smollm2", &PathBuf::from(models).join("SmolLM2-135M-Instruct"));
+    let labels = ["LOC", "HUM", "NUM"];
+    let request = ChatRequest {
+        body: object(json!({"model": "smollm2", "temperature": 0, "logprobs": true, "messages": [
+            {"role": "system", "content": "Label the question: LOC (a place), HUM (a person) or NUM (a number)."},
+            {"role": "user", "content": "Where is the Eiffel Tower?"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "label",
+                "schema": {"type": "string", "enum": labels}}}})),
+    };
+    let body: Value = serde_json::from_slice(&model.chat(request).await.unwrap().body).unwrap();
+    let answer = body.pointer("/choices/0/message/content").and_then(Value::as_str).unwrap();
+    assert!(labels.contains(&answer), "{body}");
+    let confidence = understudy_providers::confidence_of(&body).unwrap();
+    assert!(confidence > 0.0 && confidence <= 1.0, "{confidence}");
+}
