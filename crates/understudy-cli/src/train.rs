@@ -82,18 +82,8 @@ pub async fn run(config_path: &Path, command: TrainCommand) -> anyhow::Result<()
         "stopped_early": report.stopped_early,
         "labels": report.labels,
     });
-    let version = ModelVersionRecord {
-        id: format!("mv-{}", &understudy_types::Uuid::now_v7().simple().to_string()[..16]),
-        task: dataset.task.clone(),
-        dataset_id: dataset.id.clone(),
-        method: "classifier".into(),
-        base_model: base.display().to_string(),
-        path: std::path::absolute(&report.output_dir)?.display().to_string(),
-        created_at: OffsetDateTime::now_utc(),
-        wall_seconds: report.wall_seconds,
-        metrics: metrics.to_string(),
-    };
-    store.register_model_version(&version).await?;
+    let version =
+        register(&store, &dataset, "classifier", &base, &report.output_dir, report.wall_seconds, &metrics).await?;
     store.close().await;
     if command.json {
         println!("{}", json!({"model_version": version.id, "path": version.path, "metrics": metrics}));
@@ -233,18 +223,7 @@ async fn run_lora(
         "tokens_per_second": report.tokens_per_second,
         "trained_parameters": report.trained_parameters,
     });
-    let version = ModelVersionRecord {
-        id: format!("mv-{}", &understudy_types::Uuid::now_v7().simple().to_string()[..16]),
-        task: dataset.task.clone(),
-        dataset_id: dataset.id.clone(),
-        method: "lora".into(),
-        base_model: base.display().to_string(),
-        path: std::path::absolute(&report.output_dir)?.display().to_string(),
-        created_at: OffsetDateTime::now_utc(),
-        wall_seconds: report.wall_seconds,
-        metrics: metrics.to_string(),
-    };
-    store.register_model_version(&version).await?;
+    let version = register(&store, &dataset, "lora", &base, &report.output_dir, report.wall_seconds, &metrics).await?;
     store.close().await;
     if command.json {
         println!("{}", json!({"model_version": version.id, "path": version.path, "metrics": metrics}));
@@ -286,4 +265,29 @@ fn read_chats(dataset: &DatasetRecord) -> anyhow::Result<(Vec<ChatRow>, Vec<Chat
 /// Trained understudies live next to the datasets.
 fn understudies_dir(config: &Config) -> PathBuf {
     config.store.datasets_dir.parent().map_or_else(|| PathBuf::from("understudies"), |dir| dir.join("understudies"))
+}
+
+/// Registers a finished run as a model version of the dataset's task.
+async fn register(
+    store: &understudy_store::Store,
+    dataset: &DatasetRecord,
+    method: &str,
+    base: &Path,
+    output_dir: &Path,
+    wall_seconds: f64,
+    metrics: &serde_json::Value,
+) -> anyhow::Result<ModelVersionRecord> {
+    let version = ModelVersionRecord {
+        id: format!("mv-{}", &understudy_types::Uuid::now_v7().simple().to_string()[..16]),
+        task: dataset.task.clone(),
+        dataset_id: dataset.id.clone(),
+        method: method.into(),
+        base_model: base.display().to_string(),
+        path: std::path::absolute(output_dir)?.display().to_string(),
+        created_at: OffsetDateTime::now_utc(),
+        wall_seconds,
+        metrics: metrics.to_string(),
+    };
+    store.register_model_version(&version).await?;
+    Ok(version)
 }
