@@ -497,26 +497,9 @@ fn train_step(
         let mut dropout = Dropout::new(data::mix(config.seed, (global_step as u64) << 16 | k as u64));
         let loss = (batch_nll(model, batch, Some(&mut dropout))? / total_targets as f64)?;
         loss_sum += loss.to_scalar::<f32>()? as f64;
-        let store = loss.backward()?;
-        for (slot, param) in grads.iter_mut().zip(&optimizer.params) {
-            if let Some(grad) = store.get(param.var.as_tensor()) {
-                *slot = Some(match slot.take() {
-                    Some(sum) => (sum + grad)?,
-                    None => grad.clone(),
-                });
-            }
-        }
+        optimizer.accumulate(&mut grads, &loss.backward()?)?;
     }
-    let mut grads: Vec<Tensor> = grads
-        .into_iter()
-        .zip(&optimizer.params)
-        .map(|(grad, param)| match grad {
-            Some(grad) => Ok(grad),
-            None => param.var.as_tensor().zeros_like(),
-        })
-        .collect::<candle_core::Result<_>>()?;
-    optim::clip_global_norm(&mut grads, config.max_grad_norm)?;
-    optimizer.update(&grads, lr)?;
+    optimizer.step_accumulated(grads, config.max_grad_norm, lr)?;
     Ok((loss_sum, tokens))
 }
 

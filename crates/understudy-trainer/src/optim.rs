@@ -40,6 +40,36 @@ impl AdamW {
         AdamW { params, step: 0, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay }
     }
 
+    /// Adds one backward pass's gradients to `sums` (one slot per parameter):
+    /// the accumulation of several micro-batches into one step.
+    pub fn accumulate(&self, sums: &mut [Option<Tensor>], store: &candle_core::backprop::GradStore) -> Result<()> {
+        for (slot, param) in sums.iter_mut().zip(&self.params) {
+            if let Some(grad) = store.get(param.var.as_tensor()) {
+                *slot = Some(match slot.take() {
+                    Some(sum) => (sum + grad)?,
+                    None => grad.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Clips the accumulated gradients to a global norm of `max_grad_norm`
+    /// (0: no clipping) and takes one step; a parameter no pass reached gets
+    /// a zero gradient.
+    pub fn step_accumulated(&mut self, sums: Vec<Option<Tensor>>, max_grad_norm: f64, lr: f64) -> Result<()> {
+        let mut grads: Vec<Tensor> = sums
+            .into_iter()
+            .zip(&self.params)
+            .map(|(grad, param)| match grad {
+                Some(grad) => Ok(grad),
+                None => param.var.as_tensor().zeros_like(),
+            })
+            .collect::<Result<_>>()?;
+        clip_global_norm(&mut grads, max_grad_norm)?;
+        self.update(&grads, lr)
+    }
+
     /// One update with `grads[i]` for `params[i]` at learning rate `lr`.
     pub fn update(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         self.step += 1;

@@ -445,26 +445,9 @@ fn train_step(
         let weight = indices.len() as f64 / total_rows as f64;
         let loss = (candle_nn::loss::cross_entropy(&logits, &targets)? * weight)?;
         loss_sum += loss.to_scalar::<f32>()? as f64;
-        let store = loss.backward()?;
-        for (slot, param) in grads.iter_mut().zip(&optimizer.params) {
-            if let Some(grad) = store.get(param.var.as_tensor()) {
-                *slot = Some(match slot.take() {
-                    Some(sum) => (sum + grad)?,
-                    None => grad.clone(),
-                });
-            }
-        }
+        optimizer.accumulate(&mut grads, &loss.backward()?)?;
     }
-    let mut grads: Vec<Tensor> = grads
-        .into_iter()
-        .zip(&optimizer.params)
-        .map(|(grad, param)| match grad {
-            Some(grad) => Ok(grad),
-            None => param.var.as_tensor().zeros_like(),
-        })
-        .collect::<candle_core::Result<_>>()?;
-    optim::clip_global_norm(&mut grads, config.max_grad_norm)?;
-    optimizer.update(&grads, lr)?;
+    optimizer.step_accumulated(grads, config.max_grad_norm, lr)?;
     Ok(loss_sum)
 }
 
