@@ -8,6 +8,7 @@
 
 mod calls;
 mod datasets;
+mod feedback;
 mod models;
 mod policies;
 mod recorder;

@@ -37,6 +37,7 @@ pub struct RecorderStats {
 pub struct Recorder {
     sender: mpsc::Sender<CallRecord>,
     stats: Arc<RecorderStats>,
+    store: Store,
 }
 
 /// Owns the writer task; dropping every [`Recorder`] and awaiting this flushes.
@@ -49,8 +50,8 @@ impl Recorder {
     pub fn start(store: Store, config: RecorderConfig) -> (Recorder, RecorderHandle) {
         let (sender, receiver) = mpsc::channel(config.queue_capacity.max(1));
         let stats = Arc::new(RecorderStats::default());
-        let writer = tokio::spawn(write_batches(store, receiver, config.batch_size.max(1), stats.clone()));
-        (Recorder { sender, stats }, RecorderHandle { writer })
+        let writer = tokio::spawn(write_batches(store.clone(), receiver, config.batch_size.max(1), stats.clone()));
+        (Recorder { sender, stats, store }, RecorderHandle { writer })
     }
 
     /// Queues a record, waiting while the queue is full.
@@ -69,6 +70,12 @@ impl Recorder {
 
     pub fn stats(&self) -> Arc<RecorderStats> {
         self.stats.clone()
+    }
+
+    /// The store the records go to, for handlers that read or write it
+    /// directly (feedback on calls).
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// Records waiting to be written.

@@ -10,7 +10,8 @@ use understudy_store::{
     CallFilter, CallOrder, DatasetRecord, PolicyChange, Recorder, RecorderConfig, StatusFilter, Store,
 };
 use understudy_types::{
-    CallRecord, Endpoint, Money, OffsetDateTime, Routing, ServedBy, TaskKind, Usage, UsageSource, Uuid,
+    CallRecord, Endpoint, Feedback, FeedbackScore, Money, OffsetDateTime, Routing, ServedBy, TaskKind, Usage,
+    UsageSource, Uuid,
 };
 
 /// Runs `check` once on a fresh SQLite file and once on a fresh Postgres database.
@@ -298,6 +299,58 @@ async fn the_newest_policy_change_of_a_task_is_current() {
         let history: Vec<String> =
             store.policy_history("a").await.expect("history").into_iter().map(|c| c.policy).collect();
         assert_eq!(history, vec!["lead", "cascade:0.9", "shadow"]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_latest_feedback_on_each_of_a_tasks_calls_counts() {
+    on_both_backends(|store| async move {
+        let first = call("triage", "gpt-4o-mini", datetime!(2026-11-01 10:00 UTC), 200);
+        let second = call("triage", "gpt-4o-mini", datetime!(2026-11-01 10:01 UTC), 200);
+        let unrated = call("triage", "gpt-4o-mini", datetime!(2026-11-01 10:02 UTC), 200);
+        let other_task = call("billing", "gpt-4o-mini", datetime!(2026-11-01 10:03 UTC), 200);
+        store.insert_calls(&[first.clone(), second.clone(), unrated.clone(), other_task.clone()]).await.unwrap();
+        assert!(store.call_exists(first.id).await.unwrap());
+        assert!(!store.call_exists(Uuid::now_v7()).await.unwrap());
+
+        let verdict = |call: &CallRecord, score, at, comment: Option<&str>| Feedback {
+            id: Uuid::now_v7(),
+            call_id: call.id,
+            score,
+            comment: comment.map(str::to_string),
+            created_at: at,
+        };
+        // The first call is rated down, then up: up counts. The second the
+        // other way round, with the later verdict given in the same
+        // millisecond (the id orders it).
+        store
+            .add_feedback(&verdict(&first, FeedbackScore::Negative, datetime!(2026-11-02 09:00 UTC), None))
+            .await
+            .unwrap();
+        store
+            .add_feedback(&verdict(&first, FeedbackScore::Positive, datetime!(2026-11-02 10:00 UTC), Some("right")))
+            .await
+            .unwrap();
+        let at = datetime!(2026-11-02 11:00 UTC);
+        store.add_feedback(&verdict(&second, FeedbackScore::Positive, at, None)).await.unwrap();
+        store.add_feedback(&verdict(&second, FeedbackScore::Negative, at, Some("wrong label"))).await.unwrap();
+        store.add_feedback(&verdict(&other_task, FeedbackScore::Negative, at, None)).await.unwrap();
+
+        let latest = store.task_feedback("triage").await.unwrap();
+        assert_eq!(latest.len(), 2, "only rated calls of the task: {latest:?}");
+        assert_eq!(latest[&first.id].score, FeedbackScore::Positive);
+        assert_eq!(latest[&first.id].comment.as_deref(), Some("right"));
+        assert_eq!(latest[&second.id].score, FeedbackScore::Negative);
+        assert_eq!(latest[&second.id].comment.as_deref(), Some("wrong label"));
+        assert!(!latest.contains_key(&unrated.id));
+        assert_eq!(store.task_feedback("billing").await.unwrap().len(), 1);
+        assert!(store.task_feedback("nobody").await.unwrap().is_empty());
+
+        let history = store.call_feedback(first.id).await.unwrap();
+        let scores: Vec<FeedbackScore> = history.iter().map(|feedback| feedback.score).collect();
+        assert_eq!(scores, vec![FeedbackScore::Negative, FeedbackScore::Positive]);
+        assert_eq!(history[1].created_at, datetime!(2026-11-02 10:00 UTC));
     })
     .await;
 }

@@ -201,6 +201,63 @@ impl ServedBy {
     }
 }
 
+/// A user's verdict on a call's answer. The latest verdict on a call counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeedbackScore {
+    Positive,
+    Negative,
+}
+
+impl FeedbackScore {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FeedbackScore::Positive => "positive",
+            FeedbackScore::Negative => "negative",
+        }
+    }
+
+    /// `positive`/`negative`, and the usual spellings of a thumb
+    /// (`up`/`down`, `good`/`bad`, `+1`/`-1`, `1`), case-insensitive.
+    pub fn parse(text: &str) -> Option<FeedbackScore> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "positive" | "pos" | "up" | "thumbs_up" | "thumbs-up" | "thumbsup" | "good" | "+1" | "1" => {
+                Some(FeedbackScore::Positive)
+            }
+            "negative" | "neg" | "down" | "thumbs_down" | "thumbs-down" | "thumbsdown" | "bad" | "-1" => {
+                Some(FeedbackScore::Negative)
+            }
+            _ => None,
+        }
+    }
+
+    /// `1` or `-1`, as the store keeps it.
+    pub fn as_i64(self) -> i64 {
+        match self {
+            FeedbackScore::Positive => 1,
+            FeedbackScore::Negative => -1,
+        }
+    }
+
+    pub fn from_i64(value: i64) -> Option<FeedbackScore> {
+        match value {
+            1 => Some(FeedbackScore::Positive),
+            -1 => Some(FeedbackScore::Negative),
+            _ => None,
+        }
+    }
+}
+
+/// One piece of feedback on a recorded call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Feedback {
+    /// UUIDv7: feedback given in the same millisecond still has an order.
+    pub id: Uuid,
+    pub call_id: Uuid,
+    pub score: FeedbackScore,
+    pub comment: Option<String>,
+    pub created_at: OffsetDateTime,
+}
+
 /// How a task's call went between its lead and its understudy.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Routing {
