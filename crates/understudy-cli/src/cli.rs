@@ -39,6 +39,9 @@ pub enum Command {
     /// Build, import, export and inspect dataset versions of a task's calls.
     #[command(subcommand)]
     Dataset(DatasetCommand),
+    /// Rate a recorded call's answer; datasets learn only from calls not rated
+    /// negative, and only from positively rated ones once a task has any.
+    Feedback(FeedbackCommand),
     /// Fine-tune an understudy on a task's dataset.
     Train(TrainCommand),
     /// Compare model versions with the lead on the task's newest test split.
@@ -72,6 +75,22 @@ pub struct PromoteCommand {
     #[arg(long)]
     pub note: Option<String>,
     /// Print the change as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `understudy feedback --call ID --score positive|negative`.
+#[derive(Args)]
+pub struct FeedbackCommand {
+    /// The call's id (the gateway's `x-understudy-call-id` header), or a unique prefix of it.
+    #[arg(long)]
+    pub call: String,
+    /// positive | negative (also up/down, good/bad, 1/-1).
+    #[arg(long, allow_hyphen_values = true)]
+    pub score: String,
+    /// Why: kept with the verdict.
+    #[arg(long)]
+    pub comment: Option<String>,
     #[arg(long)]
     pub json: bool,
 }

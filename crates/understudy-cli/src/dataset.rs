@@ -4,6 +4,7 @@
 //! input (the store's calls, or a JSONL file), writes the version's files,
 //! registers it in the store and prints what happened.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -46,9 +47,18 @@ async fn run_with_store(config: &Config, store: &Store, command: DatasetCommand)
                 let hint = if config.tasks.contains_key(&task) { "" } else { ", and it is not in the config" };
                 anyhow::bail!("task `{task}` has no successful chat calls in the store{hint}");
             }
-            let (examples, n_unreadable) = examples_from_calls(&eligible_calls(calls));
+            let feedback: HashMap<_, _> = store
+                .task_feedback(&task)
+                .await?
+                .into_iter()
+                .map(|(call_id, feedback)| (call_id, feedback.score))
+                .collect();
+            let (calls, feedback) = eligible_calls(calls, &feedback);
+            // Calls all rated negative leave nothing: the build says so, feedback counted.
+            let (examples, n_unreadable) = examples_from_calls(&calls);
             let built_at = OffsetDateTime::now_utc();
-            let built = build_dataset(BuildInput { task, examples, n_unreadable, config: build_config, built_at })?;
+            let built =
+                build_dataset(BuildInput { task, examples, n_unreadable, feedback, config: build_config, built_at })?;
             save_and_report(config, store, &built, built_at, options.json).await
         }
         DatasetCommand::Import { task, file, options } => {
@@ -58,7 +68,14 @@ async fn run_with_store(config: &Config, store: &Store, command: DatasetCommand)
                 anyhow::bail!("{} holds no examples", file.display());
             }
             let built_at = OffsetDateTime::now_utc();
-            let built = build_dataset(BuildInput { task, examples, n_unreadable: 0, config: build_config, built_at })?;
+            let built = build_dataset(BuildInput {
+                task,
+                examples,
+                n_unreadable: 0,
+                feedback: Default::default(),
+                config: build_config,
+                built_at,
+            })?;
             save_and_report(config, store, &built, built_at, options.json).await
         }
         DatasetCommand::Export { id, output, split } => {

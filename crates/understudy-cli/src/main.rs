@@ -5,6 +5,7 @@ mod calls;
 mod cli;
 mod dataset;
 mod eval;
+mod feedback;
 mod fetch;
 mod html;
 mod import;
@@ -68,6 +69,7 @@ async fn dispatch(config_path: std::path::PathBuf, command: cli::Command) -> any
         cli::Command::Calls(command) => calls::run(&config_path, command).await.map(done),
         cli::Command::Report(command) => report::run(&config_path, command).await.map(done),
         cli::Command::Dataset(command) => dataset::run(&config_path, command).await.map(done),
+        cli::Command::Feedback(command) => feedback::run(&config_path, command).await.map(done),
         cli::Command::Train(command) => train::run(&config_path, command).await.map(done),
         cli::Command::Eval(command) => eval::run(&config_path, command).await.map(done),
         cli::Command::Promote(command) => promote::run(&config_path, command).await.map(done),

@@ -5,12 +5,12 @@
 //! Everything here is a plain function over values. Reading calls from the
 //! store and writing files are the callers' business (see `files`).
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
-use understudy_types::{CallRecord, TaskKind};
+use understudy_types::{CallRecord, FeedbackScore, TaskKind, Uuid};
 
 use crate::dedup::{keep_distinct, NearDupConfig};
 use crate::jsonl::{format_time, message_text, prompt_key, ChatExample};
@@ -141,6 +141,8 @@ pub struct BuildInput {
     pub examples: Vec<ChatExample>,
     /// Source rows that held no usable example (counted in the report).
     pub n_unreadable: u64,
+    /// What feedback on the calls removed before they became examples.
+    pub feedback: FeedbackFilter,
     pub config: BuildConfig,
     /// When the build ran; recorded in the manifest, not part of the id.
     pub built_at: OffsetDateTime,
@@ -152,6 +154,13 @@ pub struct FilterReport {
     /// Rows the source offered.
     pub n_source: u64,
     pub unreadable: u64,
+    /// Calls left out by feedback: rated negative, or unrated while the
+    /// task has positively rated calls.
+    #[serde(default)]
+    pub feedback: u64,
+    /// Whether only positively rated calls were used.
+    #[serde(default)]
+    pub feedback_positive_only: bool,
     pub time_range: u64,
     pub prompt_length: u64,
     pub exact_duplicates: u64,
@@ -168,9 +177,11 @@ impl std::fmt::Display for FilterReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} source rows; removed: {} unreadable, {} outside the time range, {} by prompt length, \
-             {} exact duplicates, {} near-duplicates, {} off-label",
+            "{} source rows; removed: {} by feedback{}, {} unreadable, {} outside the time range, \
+             {} by prompt length, {} exact duplicates, {} near-duplicates, {} off-label",
             self.n_source,
+            self.feedback,
+            if self.feedback_positive_only { " (only positively rated calls are used)" } else { "" },
             self.unreadable,
             self.time_range,
             self.prompt_length,
@@ -243,13 +254,36 @@ impl BuiltDataset {
     }
 }
 
-/// The calls a dataset may learn from.
-///
-/// FEEDBACK HOOK: this is where feedback on answers will come in (a call whose
-/// answer a user rejected is no training row) once the store records any.
-/// Today every successful call is eligible.
-pub fn eligible_calls(calls: Vec<CallRecord>) -> Vec<CallRecord> {
-    calls
+/// What feedback did to a task's calls before the build.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FeedbackFilter {
+    /// Calls left out.
+    pub removed: u64,
+    /// Whether only positively rated calls were kept.
+    pub positive_only: bool,
+}
+
+/// The calls a dataset may learn from, given the latest feedback on each
+/// rated call. A call rated negative is never a training row. When any call
+/// is rated positive, only positively rated calls are used: a user who rates
+/// answers vouches for those, and an unrated answer is unknown. With only
+/// negative ratings (or none), every call not rated negative is used.
+pub fn eligible_calls(
+    calls: Vec<CallRecord>,
+    feedback: &HashMap<Uuid, FeedbackScore>,
+) -> (Vec<CallRecord>, FeedbackFilter) {
+    let n_before = calls.len();
+    let positive_only = calls.iter().any(|call| feedback.get(&call.id) == Some(&FeedbackScore::Positive));
+    let kept: Vec<CallRecord> = calls
+        .into_iter()
+        .filter(|call| match feedback.get(&call.id) {
+            Some(FeedbackScore::Positive) => true,
+            Some(FeedbackScore::Negative) => false,
+            None => !positive_only,
+        })
+        .collect();
+    let removed = (n_before - kept.len()) as u64;
+    (kept, FeedbackFilter { removed, positive_only })
 }
 
 /// The chat examples among calls (in their order), and how many calls held none.
@@ -266,10 +300,15 @@ pub fn prompt_chars(example: &ChatExample) -> usize {
 
 /// Runs the whole build: filter, scrub, de-duplicate, detect the kind, split.
 pub fn build_dataset(input: BuildInput) -> Result<BuiltDataset, BuildError> {
-    let BuildInput { task, examples, n_unreadable, config, built_at } = input;
+    let BuildInput { task, examples, n_unreadable, feedback, config, built_at } = input;
     config.check()?;
-    let mut report =
-        FilterReport { n_source: examples.len() as u64 + n_unreadable, unreadable: n_unreadable, ..Default::default() };
+    let mut report = FilterReport {
+        n_source: examples.len() as u64 + n_unreadable + feedback.removed,
+        unreadable: n_unreadable,
+        feedback: feedback.removed,
+        feedback_positive_only: feedback.positive_only,
+        ..Default::default()
+    };
 
     // Time order: by `created_at` when every row has one (stable, so ties keep
     // the source's order), else the source's order as given.
@@ -506,7 +545,14 @@ mod tests {
     }
 
     fn input(examples: Vec<ChatExample>, config: BuildConfig) -> BuildInput {
-        BuildInput { task: "trec".into(), examples, n_unreadable: 0, config, built_at: datetime!(2026-11-01 00:00 UTC) }
+        BuildInput {
+            task: "trec".into(),
+            examples,
+            n_unreadable: 0,
+            feedback: FeedbackFilter::default(),
+            config,
+            built_at: datetime!(2026-11-01 00:00 UTC),
+        }
     }
 
     /// 40 distinct questions with labels, one a minute, given newest first
@@ -675,5 +721,85 @@ mod tests {
         assert_eq!(built.manifest.time_order, "input order");
         assert_eq!(built.train.first().map(ChatExample::to_line), rows.first().map(ChatExample::to_line));
         assert_eq!(built.test.last().map(ChatExample::to_line), rows.last().map(ChatExample::to_line));
+    }
+
+    fn chat_call(question: &str, answer: &str, minute: i64) -> CallRecord {
+        CallRecord {
+            id: CallRecord::new_id(),
+            created_at: datetime!(2026-10-01 00:00 UTC) + time::Duration::minutes(minute),
+            task: Some("trec".into()),
+            model: "gpt-4o-mini".into(),
+            provider: "cloud".into(),
+            endpoint: understudy_types::Endpoint::ChatCompletions,
+            stream: false,
+            request: json!({"model": "task:trec", "messages": [{"role": "user", "content": question}]}).to_string(),
+            response: Some(json!({"choices": [{"message": {"role": "assistant", "content": answer}}]}).to_string()),
+            usage: understudy_types::Usage::default(),
+            usage_source: understudy_types::UsageSource::Provider,
+            latency_ms: 1.0,
+            ttft_ms: None,
+            status: 200,
+            error: None,
+            cost: understudy_types::Money(0.0),
+            routing: None,
+        }
+    }
+
+    #[test]
+    fn feedback_drops_rejected_calls_and_keeps_only_endorsed_ones_once_any_are() {
+        let questions = [
+            "Who wrote Hamlet?",
+            "How far away is the Moon from the Earth?",
+            "What is a quark made of?",
+            "Where is Mount Everest?",
+            "Which river flows through Cairo?",
+            "When did Mozart compose his first symphony?",
+        ];
+        let calls: Vec<CallRecord> =
+            questions.iter().zip(0..).map(|(question, minute)| chat_call(question, "DESC", minute)).collect();
+        let ids: Vec<Uuid> = calls.iter().map(|call| call.id).collect();
+
+        let (all, filter) = eligible_calls(calls.clone(), &HashMap::new());
+        assert_eq!(all.len(), 6);
+        assert_eq!(filter, FeedbackFilter { removed: 0, positive_only: false });
+
+        // Only negative feedback: the rejected calls go, the unrated stay.
+        let negative = HashMap::from([(ids[1], FeedbackScore::Negative), (ids[4], FeedbackScore::Negative)]);
+        let (kept, filter) = eligible_calls(calls.clone(), &negative);
+        let kept_ids: Vec<Uuid> = kept.iter().map(|call| call.id).collect();
+        assert_eq!(kept_ids, vec![ids[0], ids[2], ids[3], ids[5]]);
+        assert_eq!(filter, FeedbackFilter { removed: 2, positive_only: false });
+
+        // Some positive feedback: only the endorsed calls.
+        let mixed = HashMap::from([
+            (ids[0], FeedbackScore::Positive),
+            (ids[1], FeedbackScore::Negative),
+            (ids[3], FeedbackScore::Positive),
+        ]);
+        let (kept, filter) = eligible_calls(calls.clone(), &mixed);
+        let kept_ids: Vec<Uuid> = kept.iter().map(|call| call.id).collect();
+        assert_eq!(kept_ids, vec![ids[0], ids[3]]);
+        assert_eq!(filter, FeedbackFilter { removed: 4, positive_only: true });
+
+        // Feedback on calls of other tasks does not make this task positive-only.
+        let elsewhere = HashMap::from([(Uuid::now_v7(), FeedbackScore::Positive)]);
+        assert_eq!(eligible_calls(calls.clone(), &elsewhere).0.len(), 6);
+
+        // The build reports what feedback removed among the source rows.
+        let (examples, n_unreadable) = examples_from_calls(&kept);
+        let built = build_dataset(BuildInput {
+            task: "trec".into(),
+            examples,
+            n_unreadable,
+            feedback: filter,
+            config: BuildConfig { shares: SplitShares { validation: 0.0, test: 0.0 }, ..Default::default() },
+            built_at: datetime!(2026-11-01 00:00 UTC),
+        })
+        .expect("builds");
+        assert_eq!(built.manifest.filters.feedback, 4);
+        assert!(built.manifest.filters.feedback_positive_only);
+        assert_eq!(built.manifest.filters.n_source, 6);
+        assert_eq!(built.manifest.filters.n_kept, 2);
+        assert!(built.manifest.filters.to_string().contains("4 by feedback"), "{}", built.manifest.filters);
     }
 }

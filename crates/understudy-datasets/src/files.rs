@@ -112,6 +112,7 @@ mod tests {
             task: "t".into(),
             examples,
             n_unreadable: 0,
+            feedback: Default::default(),
             config: BuildConfig::default(),
             built_at: time::OffsetDateTime::UNIX_EPOCH,
         })

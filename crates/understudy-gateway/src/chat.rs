@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -20,6 +20,7 @@ use understudy_types::{CallRecord, Endpoint, Routing, ServedBy, Usage, UsageSour
 
 use crate::assemble::StreamAssembler;
 use crate::draft::{CallDraft, Outcome};
+use crate::feedback::CALL_ID_HEADER;
 use crate::request::{check_chat, parse_body, resolve_model};
 use crate::routing::{lead_cost_of, normalize_answer, AttemptOutcome, Understudy, UnderstudyAttempt};
 use crate::{AppState, GatewayError};
@@ -29,7 +30,18 @@ use crate::{AppState, GatewayError};
 type PendingAttempt = BoxFuture<'static, Option<UnderstudyAttempt>>;
 
 pub(crate) async fn chat_completions(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
-    let mut draft = CallDraft::start(Endpoint::ChatCompletions);
+    let draft = CallDraft::start(Endpoint::ChatCompletions);
+    // The client learns the call's id, to send feedback on its answer.
+    let call_id = draft.id;
+    state.inner.recent_calls.remember(call_id);
+    let mut response = serve_call(state, draft, body).await;
+    if let Ok(value) = HeaderValue::from_str(&call_id.to_string()) {
+        response.headers_mut().insert(CALL_ID_HEADER, value);
+    }
+    response
+}
+
+async fn serve_call(state: AppState, mut draft: CallDraft, body: Result<Bytes, BytesRejection>) -> Response {
     let prepared = match prepare(&state, body, &mut draft) {
         Err(error) => return fail(&state, draft, error).await,
         Ok(prepared) => prepared,

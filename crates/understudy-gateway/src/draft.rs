@@ -2,12 +2,14 @@
 
 use std::time::Instant;
 
-use understudy_types::{CallRecord, Endpoint, Money, OffsetDateTime, Routing, Usage, UsageSource};
+use understudy_types::{CallRecord, Endpoint, Money, OffsetDateTime, Routing, Usage, UsageSource, Uuid};
 
 use crate::{AppState, GatewayError};
 
 /// What is known of a call while it is served.
 pub(crate) struct CallDraft {
+    /// The record's id, known from the start so the response can carry it.
+    pub id: Uuid,
     pub started: Instant,
     pub created_at: OffsetDateTime,
     pub endpoint: Endpoint,
@@ -34,6 +36,7 @@ pub(crate) struct Outcome {
 impl CallDraft {
     pub fn start(endpoint: Endpoint) -> CallDraft {
         CallDraft {
+            id: CallRecord::new_id(),
             started: Instant::now(),
             created_at: now_ms(),
             endpoint,
@@ -52,7 +55,7 @@ impl CallDraft {
 
     pub fn finish(self, outcome: Outcome) -> CallRecord {
         CallRecord {
-            id: CallRecord::new_id(),
+            id: self.id,
             latency_ms: self.elapsed_ms(),
             created_at: self.created_at,
             task: self.task,

@@ -21,6 +21,10 @@ pub enum GatewayError {
     RouteNotFound { method: String, path: String },
     #[error("{0}")]
     Provider(#[from] ProviderError),
+    #[error("No call with id `{0}` was recorded.")]
+    CallNotFound(String),
+    #[error("The store failed: {0}")]
+    Store(String),
 }
 
 impl GatewayError {
@@ -31,7 +35,10 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::InvalidJson(_) | GatewayError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
-            GatewayError::ModelNotFound(_) | GatewayError::RouteNotFound { .. } => StatusCode::NOT_FOUND,
+            GatewayError::ModelNotFound(_) | GatewayError::RouteNotFound { .. } | GatewayError::CallNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
+            GatewayError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::Provider(error) => match error {
                 ProviderError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -51,7 +58,9 @@ impl GatewayError {
             | GatewayError::InvalidRequest { .. }
             | GatewayError::ModelNotFound(_)
             | GatewayError::PayloadTooLarge { .. }
-            | GatewayError::RouteNotFound { .. } => "invalid_request_error",
+            | GatewayError::RouteNotFound { .. }
+            | GatewayError::CallNotFound(_) => "invalid_request_error",
+            GatewayError::Store(_) => "server_error",
             GatewayError::Provider(ProviderError::ReplayNoMatch { .. } | ProviderError::Unsupported { .. }) => {
                 "invalid_request_error"
             }
@@ -67,6 +76,8 @@ impl GatewayError {
             GatewayError::ModelNotFound(_) => "model_not_found",
             GatewayError::PayloadTooLarge { .. } => "request_too_large",
             GatewayError::RouteNotFound { .. } => "unknown_url",
+            GatewayError::CallNotFound(_) => "call_not_found",
+            GatewayError::Store(_) => "store_error",
             GatewayError::Provider(error) => match error {
                 ProviderError::Timeout { .. } => "upstream_timeout",
                 ProviderError::Unavailable { .. } => "upstream_unavailable",
@@ -83,6 +94,7 @@ impl GatewayError {
         match self {
             GatewayError::InvalidRequest { param, .. } => param.as_deref(),
             GatewayError::ModelNotFound(_) => Some("model"),
+            GatewayError::CallNotFound(_) => Some("call_id"),
             GatewayError::Provider(ProviderError::ReplayNoMatch { .. }) => Some("messages"),
             _ => None,
         }

@@ -11,6 +11,7 @@ mod chat;
 mod draft;
 mod embeddings;
 mod error;
+mod feedback;
 mod request;
 mod routing;
 
@@ -30,6 +31,7 @@ use understudy_providers::{AnyProvider, LocalLoader, ProviderError};
 use understudy_store::Recorder;
 
 pub use error::GatewayError;
+pub use feedback::CALL_ID_HEADER;
 pub use routing::spawn_policy_watch;
 
 /// Everything a handler needs; cheap to clone.
@@ -48,6 +50,8 @@ struct Inner {
     /// Work that outlives a response (stream relays, records waiting for a
     /// shadow answer); `serve` waits for it before returning.
     background: tokio_util::task::TaskTracker,
+    /// Call ids handed to clients lately, whose records may still be queued.
+    recent_calls: feedback::RecentCalls,
 }
 
 impl AppState {
@@ -80,6 +84,7 @@ impl AppState {
                 routes,
                 local_loader: loader,
                 background: tokio_util::task::TaskTracker::new(),
+                recent_calls: feedback::RecentCalls::default(),
             }),
         };
         state.install_config_routes()?;
@@ -118,6 +123,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/v1/feedback", post(feedback::feedback))
         .route("/v1/models", get(list_models))
         .route("/healthz", get(healthz))
         .fallback(route_not_found)

@@ -345,3 +345,115 @@ async fn the_gateway_records_into_postgres_too() {
     harness.store.close().await;
     database.drop_database().await.expect("drop");
 }
+
+#[tokio::test]
+async fn feedback_names_a_call_by_the_id_its_response_carried() {
+    use understudy_types::{CallRecord, FeedbackScore, Uuid};
+    let harness = Harness::start().await;
+    let response = harness
+        .client
+        .post(format!("{}/chat/completions", harness.base_url))
+        .json(&chat_body("task:triage", "Capital of France?"))
+        .send()
+        .await
+        .expect("request reaches the gateway");
+    assert_eq!(response.status().as_u16(), 200);
+    let header = response.headers().get(understudy_gateway::CALL_ID_HEADER).expect("the response names its call");
+    let call_id = Uuid::parse_str(header.to_str().expect("ascii")).expect("a uuid");
+    // Straight away, while the record may still be in the recorder's queue.
+    let (status, body) =
+        harness.post_json("/feedback", &json!({"call_id": call_id.to_string(), "score": "positive"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!((body["object"].as_str(), body["score"].as_str()), (Some("feedback"), Some("positive")));
+    assert_eq!(body["call_id"], json!(call_id.to_string()));
+
+    // A streamed answer names its call too.
+    let mut streamed = chat_body("task:triage", "Capital of Spain?");
+    streamed["stream"] = json!(true);
+    let response = harness
+        .client
+        .post(format!("{}/chat/completions", harness.base_url))
+        .json(&streamed)
+        .send()
+        .await
+        .expect("request reaches the gateway");
+    let streamed_id = Uuid::parse_str(
+        response.headers().get(understudy_gateway::CALL_ID_HEADER).expect("header").to_str().expect("ascii"),
+    )
+    .expect("a uuid");
+    assert_ne!(streamed_id, call_id);
+    response.text().await.expect("stream ends");
+
+    // A call this gateway never answered, found in the store.
+    let mut imported = CallRecord { id: CallRecord::new_id(), ..sample_call() };
+    imported.task = Some("triage".into());
+    harness.store.insert_calls(std::slice::from_ref(&imported)).await.expect("insert");
+    let (status, body) = harness
+        .post_json("/feedback", &json!({"call_id": imported.id.to_string(), "score": 1, "comment": "fine"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // Bad bodies are 400s in OpenAI's shape; an unknown call is a 404.
+    let id = call_id.to_string();
+    let cases: Vec<(String, u16, Option<&str>, Option<&str>)> = vec![
+        ("{not json".into(), 400, None, Some("invalid_json")),
+        ("[1]".into(), 400, None, Some("invalid_json")),
+        (json!({"score": "positive"}).to_string(), 400, Some("call_id"), None),
+        (json!({"call_id": 7, "score": "positive"}).to_string(), 400, Some("call_id"), None),
+        (json!({"call_id": "not-a-call", "score": "positive"}).to_string(), 400, Some("call_id"), None),
+        (json!({"call_id": id}).to_string(), 400, Some("score"), None),
+        (json!({"call_id": id, "score": "meh"}).to_string(), 400, Some("score"), None),
+        (json!({"call_id": id, "score": 2}).to_string(), 400, Some("score"), None),
+        (json!({"call_id": id, "score": "down", "comment": 5}).to_string(), 400, Some("comment"), None),
+        (
+            json!({"call_id": Uuid::now_v7().to_string(), "score": "negative"}).to_string(),
+            404,
+            Some("call_id"),
+            Some("call_not_found"),
+        ),
+    ];
+    for (body, status, param, code) in &cases {
+        let (got_status, got) = harness.post("/feedback", body).await;
+        assert_eq!(got_status, *status, "{body} -> {got}");
+        assert_eq!(got["error"]["type"], "invalid_request_error", "{body} -> {got}");
+        assert_eq!(got["error"]["param"].as_str(), *param, "{body} -> {got}");
+        assert_eq!(got["error"]["code"].as_str(), *code, "{body} -> {got}");
+        assert!(got["error"]["message"].as_str().is_some_and(|message| !message.is_empty()));
+    }
+
+    // The user changes their mind once the record is written: the latest counts.
+    let (status, body) =
+        harness.post_json("/feedback", &json!({"call_id": id, "score": "thumbs_down", "comment": "wrong city"})).await;
+    assert_eq!(status, 200, "{body}");
+    let (calls, harness) = harness.finish().await;
+    assert!(calls.iter().any(|call| call.id == call_id) && calls.iter().any(|call| call.id == streamed_id));
+    let history: Vec<FeedbackScore> =
+        harness.store.call_feedback(call_id).await.expect("history").iter().map(|feedback| feedback.score).collect();
+    assert_eq!(history, vec![FeedbackScore::Positive, FeedbackScore::Negative]);
+    let latest = harness.store.task_feedback("triage").await.expect("task feedback");
+    assert_eq!(latest.len(), 2, "{latest:?}");
+    assert_eq!(latest[&call_id].comment.as_deref(), Some("wrong city"));
+    assert_eq!(latest[&imported.id].score, FeedbackScore::Positive);
+}
+
+fn sample_call() -> understudy_types::CallRecord {
+    understudy_types::CallRecord {
+        id: understudy_types::CallRecord::new_id(),
+        created_at: understudy_types::OffsetDateTime::now_utc().replace_nanosecond(0).expect("ns"),
+        task: None,
+        model: "gpt-4o-mini".into(),
+        provider: "cloud".into(),
+        endpoint: Endpoint::ChatCompletions,
+        stream: false,
+        request: chat_body("task:triage", "Old question").to_string(),
+        response: Some(json!({"choices": [{"message": {"role": "assistant", "content": "Old answer"}}]}).to_string()),
+        usage: understudy_types::Usage::default(),
+        usage_source: UsageSource::Provider,
+        latency_ms: 1.0,
+        ttft_ms: None,
+        status: 200,
+        error: None,
+        cost: understudy_types::Money(0.0),
+        routing: None,
+    }
+}

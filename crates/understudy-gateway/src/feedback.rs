@@ -1,0 +1,135 @@
+//! `POST /v1/feedback`: a client's verdict on a call's answer.
+//!
+//! Chat completions carry their call's id in the `x-understudy-call-id`
+//! header; the client sends it back with a score. A call's record reaches
+//! the store through the recorder's queue, after the answer (a shadow call's
+//! waits for the understudy too), so a call this gateway answered moments
+//! ago may not be written yet: the gateway remembers the ids it handed out
+//! recently and accepts feedback on those as well.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Mutex;
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde_json::{json, Value};
+use understudy_types::{Feedback, FeedbackScore, OffsetDateTime, Uuid};
+
+use crate::{AppState, GatewayError};
+
+/// The response header naming the call a chat completion was recorded as.
+pub const CALL_ID_HEADER: &str = "x-understudy-call-id";
+
+/// How many handed-out call ids the gateway remembers.
+const RECENT_CAPACITY: usize = 65_536;
+
+/// The ids of the calls this gateway answered most recently, oldest evicted first.
+#[derive(Default)]
+pub(crate) struct RecentCalls {
+    inner: Mutex<(VecDeque<Uuid>, HashSet<Uuid>)>,
+}
+
+impl RecentCalls {
+    pub fn remember(&self, id: Uuid) {
+        let Ok(mut guard) = self.inner.lock() else { return };
+        let (order, set) = &mut *guard;
+        if order.len() >= RECENT_CAPACITY {
+            if let Some(oldest) = order.pop_front() {
+                set.remove(&oldest);
+            }
+        }
+        order.push_back(id);
+        set.insert(id);
+    }
+
+    pub fn contains(&self, id: &Uuid) -> bool {
+        self.inner.lock().map(|guard| guard.1.contains(id)).unwrap_or(false)
+    }
+}
+
+pub(crate) async fn feedback(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    match add_feedback(&state, body).await {
+        Ok(feedback) => {
+            let body = json!({
+                "object": "feedback",
+                "id": feedback.id.to_string(),
+                "call_id": feedback.call_id.to_string(),
+                "score": feedback.score.as_str(),
+                "comment": feedback.comment,
+                "created_at": feedback.created_at.unix_timestamp(),
+            });
+            (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+        }
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn add_feedback(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Feedback, GatewayError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            GatewayError::PayloadTooLarge { limit: state.config().server.max_body_bytes }
+        } else {
+            GatewayError::InvalidJson(rejection.body_text())
+        }
+    })?;
+    let body = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(object)) => object,
+        Ok(_) => return Err(GatewayError::InvalidJson("the body must be a JSON object".into())),
+        Err(error) => return Err(GatewayError::InvalidJson(error.to_string())),
+    };
+    let call_id = match body.get("call_id") {
+        Some(Value::String(text)) => Uuid::parse_str(text.trim()).map_err(|_| {
+            GatewayError::invalid(
+                format!("`call_id` `{text}` is not a call id (the `{CALL_ID_HEADER}` header of a chat completion)."),
+                "call_id",
+            )
+        })?,
+        Some(_) => return Err(GatewayError::invalid("`call_id` must be a string.", "call_id")),
+        None => return Err(GatewayError::invalid("You must provide a call_id parameter.", "call_id")),
+    };
+    let score = match body.get("score") {
+        Some(value) => parse_score(value).ok_or_else(|| {
+            GatewayError::invalid(
+                format!("`score` {value} is not a score: use \"positive\" or \"negative\" (or 1/-1, \"up\"/\"down\")."),
+                "score",
+            )
+        })?,
+        None => return Err(GatewayError::invalid("You must provide a score parameter.", "score")),
+    };
+    let comment = match body.get("comment") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(comment)) => Some(comment.clone()),
+        Some(_) => return Err(GatewayError::invalid("`comment` must be a string.", "comment")),
+    };
+    let store = state.recorder().store();
+    let known = state.inner.recent_calls.contains(&call_id)
+        || store.call_exists(call_id).await.map_err(|error| GatewayError::Store(error.to_string()))?;
+    if !known {
+        return Err(GatewayError::CallNotFound(call_id.to_string()));
+    }
+    let feedback = Feedback { id: Uuid::now_v7(), call_id, score, comment, created_at: OffsetDateTime::now_utc() };
+    store.add_feedback(&feedback).await.map_err(|error| GatewayError::Store(error.to_string()))?;
+    Ok(feedback)
+}
+
+/// `"positive"`/`"negative"` (and thumbs spellings), `1`/`-1`, or a boolean.
+fn parse_score(value: &Value) -> Option<FeedbackScore> {
+    match value {
+        Value::String(text) => FeedbackScore::parse(text),
+        Value::Number(number) => number.as_f64().and_then(|number| {
+            if number == 1.0 {
+                Some(FeedbackScore::Positive)
+            } else if number == -1.0 {
+                Some(FeedbackScore::Negative)
+            } else {
+                None
+            }
+        }),
+        Value::Bool(true) => Some(FeedbackScore::Positive),
+        Value::Bool(false) => Some(FeedbackScore::Negative),
+        _ => None,
+    }
+}
