@@ -196,6 +196,77 @@ fn build_export_reimport_list_and_show() {
 }
 
 #[test]
+fn feedback_decides_which_calls_a_dataset_learns_from() {
+    let workdir = DatasetWorkdir::new("");
+    workdir.write_lines("calls.jsonl", &calls()[..40]);
+    workdir.run_ok(&["import", "--task", "trec", "calls.jsonl"]);
+    // The imported calls' ids, by the question each asked.
+    let mut ids = std::collections::HashMap::new();
+    for line in workdir.run_ok(&["calls", "list", "--task", "trec", "--limit", "100", "--json"]).lines() {
+        let call: Value = serde_json::from_str(line).expect("call json");
+        let id = call["id"].as_str().expect("id").to_string();
+        let shown: Value = serde_json::from_str(&workdir.run_ok(&["calls", "show", &id, "--json"])).expect("json");
+        let question = shown["request"]["messages"][1]["content"].as_str().expect("question").to_string();
+        ids.insert(question, id);
+    }
+    assert_eq!(ids.len(), 40);
+    let export_all = |built: &str| -> String {
+        let id = built.lines().next().and_then(|line| line.split_whitespace().nth(1)).expect("id").to_string();
+        workdir.run_ok(&["dataset", "export", &id])
+    };
+
+    let unrated = workdir.run_ok(&["dataset", "build", "--task", "trec"]);
+    assert!(unrated.contains("removed: 0 by feedback"), "{unrated}");
+    assert_eq!(export_all(&unrated).lines().count(), 40);
+
+    // Rejected answers never become rows; the unrated ones stay.
+    let rated = workdir.run_ok(&["feedback", "--call", &ids["Who discovered Hamlet?"], "--score", "negative"]);
+    assert!(rated.contains("rated negative") && rated.contains("task `trec`"), "{rated}");
+    let prefix = &ids["Where is Lisbon?"][..30];
+    workdir.run_ok(&["feedback", "--call", prefix, "--score", "-1", "--comment", "it is in Portugal, not a label"]);
+    let without_rejected = workdir.run_ok(&["dataset", "build", "--task", "trec"]);
+    assert!(without_rejected.contains("(new)"), "{without_rejected}");
+    assert!(without_rejected.contains("40 source rows; removed: 2 by feedback,"), "{without_rejected}");
+    let rows = export_all(&without_rejected);
+    assert_eq!(rows.lines().count(), 38);
+    assert!(!rows.contains("Who discovered Hamlet?") && !rows.contains("Where is Lisbon?"), "{rows}");
+    assert!(rows.contains("Who discovered the Moon?"), "{rows}");
+
+    // Once some answers are endorsed, only those are learnt from; the
+    // latest verdict on a call counts.
+    let endorsed = ["Who discovered Hamlet?", "What is a quark?", "How far away is the Moon?", "Where is Everest?"];
+    for question in endorsed {
+        workdir.run_ok(&["feedback", "--call", &ids[question], "--score", "positive"]);
+    }
+    workdir.run_ok(&["feedback", "--call", &ids["What is zinc?"], "--score", "up"]);
+    workdir.run_ok(&["feedback", "--call", &ids["What is zinc?"], "--score", "down"]);
+    let json_manifest: Value =
+        serde_json::from_str(&workdir.run_ok(&["dataset", "build", "--task", "trec", "--json"])).expect("manifest");
+    assert_eq!(json_manifest["filters"]["feedback"], 36, "{json_manifest}");
+    assert_eq!(json_manifest["filters"]["feedback_positive_only"], true);
+    let only_endorsed = workdir.run_ok(&["dataset", "build", "--task", "trec"]);
+    assert!(only_endorsed.contains("only positively rated calls are used"), "{only_endorsed}");
+    let rows = export_all(&only_endorsed);
+    let mut questions: Vec<String> = rows
+        .lines()
+        .map(|line| {
+            let row: Value = serde_json::from_str(line).expect("row");
+            row["messages"][1]["content"].as_str().expect("question").to_string()
+        })
+        .collect();
+    questions.sort();
+    let mut expected: Vec<String> = endorsed.iter().map(|question| question.to_string()).collect();
+    expected.sort();
+    assert_eq!(questions, expected);
+
+    // Bad feedback is an error and a non-zero exit.
+    let error = workdir.run_err(&["feedback", "--call", &ids["What is zinc?"], "--score", "meh"]);
+    assert!(error.contains("--score `meh` is not a score"), "{error}");
+    let error = workdir.run_err(&["feedback", "--call", "0000dead-beef", "--score", "positive"]);
+    assert!(error.contains("no call with id `0000dead-beef`"), "{error}");
+}
+
+#[test]
 fn the_config_sets_the_kind_and_the_datasets_folder() {
     let workdir = DatasetWorkdir::new("datasets_dir = \"versions\"");
     workdir.write_lines("calls.jsonl", &calls());
