@@ -1,7 +1,8 @@
-//! A small GGUF (version 3) writer: metadata key/values and f32 tensors.
+//! A small GGUF (version 3) writer: metadata key/values and f32 or f16 tensors.
 //!
 //! It writes what the engine itself needs to produce: LoRA adapters converted
-//! from PEFT, and the tiny random models the tests load. Tensor shapes are
+//! from PEFT, HF checkpoints converted for serving ([`crate::hf`]), and the
+//! tiny random models the tests load. Tensor shapes are
 //! given in GGUF order (`ne[0]` is the fastest-varying dimension, i.e. the
 //! reverse of a row-major/PyTorch shape).
 
@@ -23,11 +24,50 @@ pub enum GgufValue {
     I32Array(Vec<i32>),
 }
 
+/// A tensor's values, in the GGML type they are written as.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TensorData {
+    /// GGML type 0.
+    F32(Vec<f32>),
+    /// GGML type 1: IEEE half-precision bit patterns.
+    F16(Vec<u16>),
+}
+
+impl TensorData {
+    fn len(&self) -> usize {
+        match self {
+            TensorData::F32(values) => values.len(),
+            TensorData::F16(values) => values.len(),
+        }
+    }
+
+    fn ggml_type(&self) -> u32 {
+        match self {
+            TensorData::F32(_) => 0,
+            TensorData::F16(_) => 1,
+        }
+    }
+
+    fn n_bytes(&self) -> usize {
+        match self {
+            TensorData::F32(values) => values.len() * 4,
+            TensorData::F16(values) => values.len() * 2,
+        }
+    }
+
+    fn append_bytes(&self, out: &mut Vec<u8>) {
+        match self {
+            TensorData::F32(values) => values.iter().for_each(|value| out.extend_from_slice(&value.to_le_bytes())),
+            TensorData::F16(values) => values.iter().for_each(|value| out.extend_from_slice(&value.to_le_bytes())),
+        }
+    }
+}
+
 /// A GGUF file being assembled in memory.
 #[derive(Debug, Default)]
 pub struct GgufWriter {
     metadata: Vec<(String, GgufValue)>,
-    tensors: Vec<(String, Vec<u64>, Vec<f32>)>,
+    tensors: Vec<(String, Vec<u64>, TensorData)>,
 }
 
 impl GgufWriter {
@@ -41,6 +81,11 @@ impl GgufWriter {
 
     /// Adds an f32 tensor; `dims` in GGUF order (`dims[0]` varies fastest).
     pub fn add_tensor(&mut self, name: &str, dims: &[u64], data: Vec<f32>) -> io::Result<()> {
+        self.add_tensor_data(name, dims, TensorData::F32(data))
+    }
+
+    /// Adds a tensor of f32 or f16 values; `dims` in GGUF order.
+    pub fn add_tensor_data(&mut self, name: &str, dims: &[u64], data: TensorData) -> io::Result<()> {
         let n_elements: u64 = dims.iter().product();
         if n_elements != data.len() as u64 {
             return Err(io::Error::new(
@@ -69,17 +114,15 @@ impl GgufWriter {
             for dim in dims {
                 header.extend_from_slice(&dim.to_le_bytes());
             }
-            header.extend_from_slice(&0u32.to_le_bytes()); // GGML_TYPE_F32
+            header.extend_from_slice(&data.ggml_type().to_le_bytes());
             header.extend_from_slice(&(offset as u64).to_le_bytes());
-            offset = align(offset + data.len() * 4);
+            offset = align(offset + data.n_bytes());
         }
         header.resize(align(header.len()), 0);
         out.write_all(&header)?;
         for (_, _, data) in &self.tensors {
-            let mut bytes = Vec::with_capacity(align(data.len() * 4));
-            for value in data {
-                bytes.extend_from_slice(&value.to_le_bytes());
-            }
+            let mut bytes = Vec::with_capacity(align(data.n_bytes()));
+            data.append_bytes(&mut bytes);
             bytes.resize(align(bytes.len()), 0);
             out.write_all(&bytes)?;
         }
@@ -183,5 +226,27 @@ mod tests {
         assert_eq!(f32::from_le_bytes(tail[..4].try_into().unwrap()), 1.0);
         assert_eq!(f32::from_le_bytes(tail[ALIGNMENT..ALIGNMENT + 4].try_into().unwrap()), 4.0);
         assert!(writer.add_tensor("c", &[2, 2], vec![0.0]).is_err());
+    }
+
+    #[test]
+    fn f16_tensors_take_two_bytes_a_value_and_stay_aligned() {
+        let mut writer = GgufWriter::new();
+        writer.add_tensor_data("h", &[3], TensorData::F16(vec![0x3c00, 0xc000, 0x0000])).unwrap();
+        writer.add_tensor("f", &[1], vec![7.0]).unwrap();
+        let mut bytes = Vec::new();
+        writer.write_to(&mut bytes).unwrap();
+        assert_eq!(bytes.len() % ALIGNMENT, 0);
+        let tail = &bytes[bytes.len() - 2 * ALIGNMENT..];
+        assert_eq!(&tail[..6], &[0x00, 0x3c, 0x00, 0xc0, 0x00, 0x00]);
+        assert_eq!(f32::from_le_bytes(tail[ALIGNMENT..ALIGNMENT + 4].try_into().unwrap()), 7.0);
+        // The first tensor's info records GGML type 1 (F16), the second type 0.
+        let mut info = Vec::new();
+        info.extend_from_slice(&1u64.to_le_bytes());
+        info.push(b'h');
+        info.extend_from_slice(&1u32.to_le_bytes());
+        info.extend_from_slice(&3u64.to_le_bytes());
+        info.extend_from_slice(&1u32.to_le_bytes());
+        assert!(bytes.windows(info.len()).any(|window| window == info.as_slice()));
+        assert!(writer.add_tensor_data("bad", &[2], TensorData::F16(vec![0])).is_err());
     }
 }

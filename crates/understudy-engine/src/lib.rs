@@ -3,13 +3,15 @@
 //! `understudy-providers`.
 //!
 //! [`LlamaCppModel::load`] opens a GGUF file (memory-mapped: the weights stay
-//! quantized), applies an optional PEFT LoRA adapter (converted to a GGUF
+//! quantized) or an HF Llama/Qwen2 directory (converted to a cached F16 GGUF
+//! by [`hf`]), applies an optional PEFT LoRA adapter (converted to a GGUF
 //! adapter by [`lora`]), and starts one scheduler thread that owns the
 //! llama.cpp context and batches all concurrent requests ([`scheduler`]).
 //! Requests are read by [`request`], sampled by [`sampling`], and their text
 //! cut at stop sequences by [`text`].
 
 pub mod gguf;
+pub mod hf;
 pub mod lora;
 pub mod request;
 pub mod sampling;
@@ -73,6 +75,8 @@ pub enum EngineError {
     Setup { path: PathBuf, message: String },
     #[error(transparent)]
     Adapter(#[from] lora::AdapterError),
+    #[error(transparent)]
+    Convert(#[from] hf::ConvertError),
 }
 
 impl From<EngineError> for ProviderError {
@@ -112,9 +116,10 @@ impl std::fmt::Debug for LlamaCppModel {
 }
 
 impl LlamaCppModel {
-    /// Loads `spec.path` (a GGUF file) and `spec.adapter` (a PEFT directory,
-    /// if any), and starts the scheduler thread. A missing or corrupt file
-    /// fails here, naming it.
+    /// Loads `spec.path` (a GGUF file, or an HF Llama/Qwen2 directory, which
+    /// is converted to GGUF once and cached) and `spec.adapter` (a PEFT
+    /// directory, if any), and starts the scheduler thread. A missing,
+    /// corrupt or unconvertible file fails here, naming it.
     pub fn load(spec: &LocalModelSpec, options: &EngineOptions) -> Result<LlamaCppModel, ProviderError> {
         Ok(Self::load_engine(spec, options)?)
     }
@@ -130,13 +135,28 @@ impl LlamaCppModel {
                 ),
             });
         }
-        if path.is_dir() {
-            return Err(EngineError::Setup {
-                path,
-                message: "is a directory: the llama.cpp engine serves GGUF files (convert HF checkpoints to GGUF)"
-                    .to_string(),
-            });
-        }
+        let path = if path.is_dir() {
+            let config_path = path.join("config.json");
+            if !config_path.is_file() {
+                return Err(EngineError::Setup {
+                    path,
+                    message: "is a directory without config.json: the llama.cpp engine serves GGUF files and HF \
+                              Llama/Qwen2 directories"
+                        .to_string(),
+                });
+            }
+            let text = std::fs::read_to_string(&config_path)
+                .map_err(|error| EngineError::Setup { path: config_path.clone(), message: error.to_string() })?;
+            let config: Value = serde_json::from_str(&text).map_err(|error| EngineError::Setup {
+                path: config_path.clone(),
+                message: format!("not JSON: {error}"),
+            })?;
+            hf::architecture_of(&config)
+                .map_err(|message| EngineError::Setup { path: config_path.clone(), message })?;
+            hf::gguf_for_dir(&path)?
+        } else {
+            path
+        };
         check_gguf_file(&path)?;
         let backend = backend().map_err(|message| EngineError::Setup { path: path.clone(), message })?;
         let params = LlamaModelParams::default().with_use_mmap(true);
@@ -218,6 +238,18 @@ impl LlamaCppModel {
     /// The llama.cpp model, for tests and benchmarks (tokenizing, metadata).
     pub fn llama_model(&self) -> &LlamaModel {
         &self.model
+    }
+
+    /// The GGUF file served (for an HF directory, its cached conversion).
+    pub fn gguf_path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Token ids of `text` as llama.cpp's tokenizer splits it, without a BOS;
+    /// with `parse_special`, control and user-defined tokens written in the
+    /// text (`<|im_start|>`) become their single ids.
+    pub fn tokenize(&self, text: &str, parse_special: bool) -> Vec<u32> {
+        self.model.vocab().tokenize(text.as_bytes(), false, parse_special).iter().map(|token| token.0 as u32).collect()
     }
 
     /// The context size requests must fit in.
