@@ -143,10 +143,12 @@ pub struct TrainCommand {
     /// The dataset version (default: the task's newest).
     #[arg(long)]
     pub dataset: Option<String>,
-    /// The base model: an HF folder, or for LoRA a GGUF file (default:
-    /// models/all-MiniLM-L6-v2 for a classifier, models/SmolLM2-135M-Instruct for LoRA).
+    /// The base model: a model of the config with a `path` ([models.NAME]),
+    /// a built-in name (`minilm`, `smollm2`: under models/ next to the
+    /// config), or a path to an HF folder or, for LoRA, a GGUF file (default:
+    /// minilm for a classifier, smollm2 for LoRA).
     #[arg(long)]
-    pub base: Option<PathBuf>,
+    pub base: Option<String>,
     #[arg(long, value_enum, default_value_t = TrainMethod::Auto)]
     pub method: TrainMethod,
     #[arg(long)]
@@ -185,6 +187,10 @@ pub struct TrainCommand {
     /// Continue an interrupted run from its checkpoint.
     #[arg(long)]
     pub resume: bool,
+    /// Checkpoint every N optimizer steps (and at every epoch's end), so that
+    /// a killed run can go on with --resume.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_every: u64,
     #[arg(long)]
     pub json: bool,
 }

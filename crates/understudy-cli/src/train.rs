@@ -23,6 +23,17 @@ use crate::output::{load_config, open_store};
 const DEFAULT_ENCODER: &str = "models/all-MiniLM-L6-v2";
 /// Where `scripts/fetch-models.sh` puts SmolLM2 (a GGUF file), likewise.
 const DEFAULT_CAUSAL_LM: &str = "models/SmolLM2-135M-Instruct";
+/// The names `--base` knows without a config entry, and where they live.
+const BUILT_IN_BASES: [(&str, &str); 2] = [("minilm", DEFAULT_ENCODER), ("smollm2", DEFAULT_CAUSAL_LM)];
+
+/// What kind of base model a method needs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BaseKind {
+    /// An HF encoder folder.
+    Encoder,
+    /// A GGUF file or folder, or an HF causal LM folder.
+    CausalLm,
+}
 
 pub async fn run(config_path: &Path, command: TrainCommand) -> anyhow::Result<()> {
     let config = load_config(config_path)?;
@@ -41,7 +52,7 @@ pub async fn run(config_path: &Path, command: TrainCommand) -> anyhow::Result<()
     if matches!(method, TrainMethod::Lora) {
         return run_lora(config_path, &config, store, dataset, command).await;
     }
-    let base = resolve_base(config_path, command.base.as_deref(), DEFAULT_ENCODER)?;
+    let base = resolve_base(config_path, &config, command.base.as_deref(), BaseKind::Encoder)?;
     let (train, validation) = read_labelled(&dataset)?;
     let output_dir = match &command.output {
         Some(dir) => dir.clone(),
@@ -50,6 +61,8 @@ pub async fn run(config_path: &Path, command: TrainCommand) -> anyhow::Result<()
 
     let mut train_config = ClassifierTrainConfig::new(&base, &output_dir);
     train_config.resume = command.resume;
+    train_config.checkpoint_every_steps = Some(checkpoint_every(&command));
+    train_config.dataset_id = Some(dataset.id.clone());
     if let Some(epochs) = command.epochs {
         train_config.epochs = epochs;
     }
@@ -118,24 +131,68 @@ fn read_labelled(dataset: &DatasetRecord) -> anyhow::Result<(Vec<LabeledText>, V
     Ok((read("train")?, read("validation")?))
 }
 
-fn resolve_base(config_path: &Path, base: Option<&Path>, default: &str) -> anyhow::Result<PathBuf> {
-    let candidates: Vec<PathBuf> = match base {
-        Some(base) => vec![base.to_path_buf()],
-        None => {
-            let config_dir = config_path.parent().filter(|dir| !dir.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            vec![config_dir.join(default), PathBuf::from(default)]
-        }
+/// `--checkpoint-every` as the trainers take it (clap refuses 0).
+fn checkpoint_every(command: &TrainCommand) -> usize {
+    usize::try_from(command.checkpoint_every).unwrap_or(usize::MAX).max(1)
+}
+
+/// The base model `--base` names: a model of the config with a `path`, a
+/// path that holds a model, or a built-in name under `models/` next to the
+/// config (or the working folder). Without `--base`, the method's built-in.
+fn resolve_base(config_path: &Path, config: &Config, base: Option<&str>, kind: BaseKind) -> anyhow::Result<PathBuf> {
+    let config_dir = config_path.parent().filter(|dir| !dir.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let is_model = |candidate: &Path| {
+        candidate.join("config.json").is_file() || (kind == BaseKind::CausalLm && understudy_models_gguf(candidate))
     };
-    let is_model = |candidate: &PathBuf| {
-        candidate.join("config.json").exists() || (default == DEFAULT_CAUSAL_LM && understudy_models_gguf(candidate))
+    let what = match kind {
+        BaseKind::Encoder => "an HF encoder folder",
+        BaseKind::CausalLm => "a GGUF file, a folder holding one, or an HF Llama/Qwen2 folder",
     };
-    candidates.iter().find(|candidate| is_model(candidate)).cloned().with_context(|| {
-        format!(
-            "no base model at {} (run scripts/fetch-models.sh, or pass --base with an HF folder{})",
-            candidates.iter().map(|candidate| candidate.display().to_string()).collect::<Vec<_>>().join(" or "),
-            if default == DEFAULT_CAUSAL_LM { " or a GGUF file" } else { "" }
-        )
-    })
+    let default = match kind {
+        BaseKind::Encoder => "minilm",
+        BaseKind::CausalLm => "smollm2",
+    };
+    let name = base.unwrap_or(default);
+    if let Some(model) = config.models.get(name) {
+        let path = model.path.as_deref().with_context(|| {
+            format!("--base {name}: [models.{name}] has no `path`, so it is not a model on this machine")
+        })?;
+        anyhow::ensure!(
+            !path.starts_with("hf:"),
+            "--base {name}: [models.{name}] names `{path}`; training needs the model's files on this machine"
+        );
+        let path = PathBuf::from(path);
+        anyhow::ensure!(is_model(&path), "--base {name}: [models.{name}] path {} is not {what}", path.display());
+        return Ok(path);
+    }
+    let as_path = PathBuf::from(name);
+    if is_model(&as_path) {
+        return Ok(as_path);
+    }
+    let built_in = BUILT_IN_BASES.iter().find(|(alias, _)| *alias == name.to_ascii_lowercase());
+    if let Some((alias, relative)) = built_in {
+        let candidates = [config_dir.join(relative), PathBuf::from(relative)];
+        return candidates.iter().find(|candidate| is_model(candidate)).cloned().with_context(|| {
+            format!(
+                "no base model at {} for `{alias}`: run scripts/fetch-models.sh",
+                candidates.iter().map(|candidate| candidate.display().to_string()).collect::<Vec<_>>().join(" or ")
+            )
+        });
+    }
+    let mut aliases: Vec<&str> = config
+        .models
+        .iter()
+        .filter(|(_, model)| model.path.as_deref().is_some_and(|path| !path.starts_with("hf:")))
+        .map(|(alias, _)| alias.as_str())
+        .collect();
+    aliases.sort_unstable();
+    let configured = if aliases.is_empty() { "none".to_string() } else { aliases.join(", ") };
+    let built_ins: Vec<&str> = BUILT_IN_BASES.iter().map(|(alias, _)| *alias).collect();
+    anyhow::bail!(
+        "no base model at {name}: --base takes {what}, a model of the config with a path ({configured}), \
+         or a built-in name ({})",
+        built_ins.join(", ")
+    )
 }
 
 /// A `.gguf` file, or a folder holding one.
@@ -158,7 +215,7 @@ async fn run_lora(
     dataset: DatasetRecord,
     command: TrainCommand,
 ) -> anyhow::Result<()> {
-    let base = resolve_base(config_path, command.base.as_deref(), DEFAULT_CAUSAL_LM)?;
+    let base = resolve_base(config_path, config, command.base.as_deref(), BaseKind::CausalLm)?;
     let (train, validation) = read_chats(&dataset)?;
     let output_dir = match &command.output {
         Some(dir) => dir.clone(),
@@ -166,6 +223,8 @@ async fn run_lora(
     };
     let mut train_config = LoraTrainConfig::new(&base, &output_dir);
     train_config.resume = command.resume;
+    train_config.checkpoint_every_steps = Some(checkpoint_every(&command));
+    train_config.dataset_id = Some(dataset.id.clone());
     if let Some(epochs) = command.epochs {
         train_config.epochs = epochs;
     }

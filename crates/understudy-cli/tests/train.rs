@@ -132,3 +132,158 @@ fn unsupported_requests_say_what_is_missing() {
     let no_base = run(path, &["train", "--task", "questions", "--base", "nowhere"]);
     assert!(String::from_utf8_lossy(&no_base.stderr).contains("no base model at nowhere"));
 }
+
+/// The task's model versions, read from the store the way the CLI keeps them.
+fn model_versions(dir: &std::path::Path, task: &str) -> Vec<understudy_store::ModelVersionRecord> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let store = understudy_store::Store::connect(&format!("sqlite://{}", dir.join("calls.db").display()))
+            .await
+            .expect("store opens");
+        let versions = store.list_model_versions(task).await.expect("list");
+        store.close().await;
+        versions
+    })
+}
+
+/// The folder of the one run under `understudies/TASK/` that has a checkpoint.
+fn checkpointed_run(dir: &std::path::Path, task: &str) -> Option<std::path::PathBuf> {
+    let runs = std::fs::read_dir(dir.join("understudies").join(task)).ok()?;
+    runs.filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .find(|run| run.join("checkpoint").join("state.json").is_file())
+}
+
+#[test]
+fn a_run_killed_in_its_first_epoch_resumes_from_its_checkpoint() {
+    let dir = setup();
+    let path = dir.path();
+    run_ok(path, &["import", "--task", "questions", "calls.jsonl"]);
+    run_ok(path, &["dataset", "build", "--task", "questions", "--near-dup-threshold", "1.0"]);
+    let listed = run_ok(path, &["dataset", "list", "--json"]);
+    let dataset: Value = serde_json::from_str(listed.lines().next().expect("a dataset")).expect("json");
+    let dataset_id = dataset["id"].as_str().expect("id").to_string();
+
+    // One row per step and a checkpoint every 3: dozens of steps an epoch.
+    let args = [
+        "train",
+        "--task",
+        "questions",
+        "--base",
+        "tiny-bert",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "1",
+        "--checkpoint-every",
+        "3",
+    ];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_understudy"))
+        .current_dir(path)
+        .env_remove("UNDERSTUDY_CONFIG")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start understudy train");
+    let started = std::time::Instant::now();
+    let run_dir = loop {
+        if let Some(run_dir) = checkpointed_run(path, "questions") {
+            break run_dir;
+        }
+        assert!(child.try_wait().expect("poll").is_none(), "training ended before its first checkpoint");
+        assert!(started.elapsed() < std::time::Duration::from_secs(300), "no checkpoint after 5 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    assert!(child.try_wait().expect("poll").is_none(), "training must still run when it is killed");
+    child.kill().expect("SIGKILL");
+    let status = child.wait().expect("reap");
+    assert!(!status.success());
+
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(run_dir.join("checkpoint").join("state.json")).expect("checkpoint state"),
+    )
+    .expect("json");
+    assert_eq!(state["epoch"], 0, "killed inside the first epoch: {state}");
+    assert!(state["global_step"].as_u64().expect("step") >= 3, "{state}");
+    // Nothing half-made is registered or looks finished.
+    assert!(model_versions(path, "questions").is_empty());
+    assert!(!run_dir.join("manifest.json").exists());
+
+    let mut resumed_args = args.to_vec();
+    resumed_args.extend(["--resume", "--json"]);
+    let resumed: Value = serde_json::from_str(run_ok(path, &resumed_args).trim()).expect("json");
+    let versions = model_versions(path, "questions");
+    assert_eq!(versions.len(), 1, "the resumed run registers one version");
+    assert_eq!(versions[0].id, resumed["model_version"].as_str().expect("id"));
+    assert_eq!(versions[0].dataset_id, dataset_id);
+    assert_eq!(std::fs::canonicalize(&versions[0].path).unwrap(), std::fs::canonicalize(&run_dir).unwrap());
+    let steps = resumed["metrics"]["steps"].as_u64().expect("steps");
+    assert!(steps > state["global_step"].as_u64().unwrap(), "{resumed}");
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("manifest.json")).expect("manifest")).expect("json");
+    assert_eq!(manifest["dataset_id"], json!(dataset_id), "the manifest names its dataset");
+    let model = understudy_trainer::ClassifierModel::load(&run_dir).expect("the resumed model loads");
+    assert_eq!(model.predict(&["where is river".to_string()]).expect("predict").len(), 1);
+}
+
+#[test]
+fn base_names_a_config_model_a_built_in_or_a_path() {
+    let dir = setup();
+    let path = dir.path();
+    let mut config = std::fs::read_to_string(path.join("understudy.toml")).expect("config");
+    config.push_str(
+        r#"
+[providers.local]
+type = "local"
+
+[models.tiny-encoder]
+provider = "local"
+path = "tiny-bert"
+"#,
+    );
+    std::fs::write(path.join("understudy.toml"), config).expect("config");
+    run_ok(path, &["import", "--task", "questions", "calls.jsonl"]);
+    run_ok(path, &["dataset", "build", "--task", "questions", "--near-dup-threshold", "1.0"]);
+    let train = |base: &str, output: &str| {
+        run(path, &["train", "--task", "questions", "--base", base, "--epochs", "1", "--output", output, "--json"])
+    };
+    let base_of = |output: &Output| -> String {
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let trained: Value = serde_json::from_slice(&output.stdout).expect("json");
+        let version = trained["model_version"].as_str().expect("id").to_string();
+        let versions = model_versions(path, "questions");
+        versions.into_iter().find(|record| record.id == version).expect("registered").base_model
+    };
+
+    // A model of the config: its path (resolved next to the config).
+    let by_alias = base_of(&train("tiny-encoder", "by-alias"));
+    assert_eq!(std::fs::canonicalize(by_alias).unwrap(), std::fs::canonicalize(path.join("tiny-bert")).unwrap());
+
+    // A built-in name: under models/ next to the config.
+    let missing = train("minilm", "by-built-in");
+    assert!(!missing.status.success());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(stderr.contains("all-MiniLM-L6-v2") && stderr.contains("fetch-models"), "{stderr}");
+    understudy_trainer::testing::write_tiny_bert_dir(&path.join("models/all-MiniLM-L6-v2"), WORDS, 6).expect("bert");
+    let by_built_in = base_of(&train("minilm", "by-built-in"));
+    assert!(by_built_in.ends_with("models/all-MiniLM-L6-v2"), "{by_built_in}");
+
+    // A path.
+    let by_path = base_of(&train("./tiny-bert", "by-path"));
+    assert!(by_path.ends_with("tiny-bert"), "{by_path}");
+
+    // Anything else: an error listing the choices, and a non-zero exit.
+    let unknown = train("gpt-5-nano", "unknown");
+    assert!(!unknown.status.success());
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        stderr.contains("no base model at gpt-5-nano")
+            && stderr.contains("(tiny-encoder)")
+            && stderr.contains("minilm, smollm2"),
+        "{stderr}"
+    );
+    let no_path = train("replayed", "no-path");
+    assert!(String::from_utf8_lossy(&no_path.stderr).contains("[models.replayed] has no `path`"));
+    assert_eq!(model_versions(path, "questions").len(), 3);
+}

@@ -99,6 +99,9 @@ pub struct LoraTrainConfig {
     pub progress: bool,
     /// Stop (as if killed) after this many optimizer steps: for tests.
     pub stop_after_steps: Option<usize>,
+    /// The dataset version trained on, recorded in `manifest.json`.
+    #[serde(skip)]
+    pub dataset_id: Option<String>,
 }
 
 impl LoraTrainConfig {
@@ -122,6 +125,7 @@ impl LoraTrainConfig {
             resume: false,
             progress: true,
             stop_after_steps: None,
+            dataset_id: None,
         }
     }
 }
@@ -549,6 +553,7 @@ struct Manifest<'a> {
     kind: &'static str,
     method: &'static str,
     base_model: &'a str,
+    dataset_id: Option<&'a str>,
     architecture: &'a llama::Config,
     hyperparameters: &'a LoraTrainConfig,
     train_rows: usize,
@@ -568,6 +573,7 @@ fn write_manifest(
         kind: "causal-lm-adapter",
         method: "lora",
         base_model: &report.base_model,
+        dataset_id: config.dataset_id.as_deref(),
         architecture: model_config,
         hyperparameters: config,
         train_rows,

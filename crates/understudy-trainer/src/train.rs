@@ -76,6 +76,9 @@ pub struct ClassifierTrainConfig {
     /// Stop (as if killed) after this many optimizer steps in total, right
     /// after any checkpoint due at that step: for tests and time-boxed runs.
     pub stop_after_steps: Option<usize>,
+    /// The dataset version trained on, recorded in `manifest.json`.
+    #[serde(skip)]
+    pub dataset_id: Option<String>,
 }
 
 impl ClassifierTrainConfig {
@@ -102,6 +105,7 @@ impl ClassifierTrainConfig {
             resume: false,
             progress: true,
             stop_after_steps: None,
+            dataset_id: None,
         }
     }
 }
@@ -505,6 +509,7 @@ struct Manifest<'a> {
     core: ManifestCore,
     kind: &'static str,
     architecture: &'static str,
+    dataset_id: Option<&'a str>,
     labels: &'a [String],
     hyperparameters: &'a ClassifierTrainConfig,
     train_rows: usize,
@@ -550,6 +555,7 @@ fn write_artifacts(
         core: ManifestCore { base_model, encoder_tuned, max_len: config.max_len },
         kind: "encoder-classifier",
         architecture: "bert",
+        dataset_id: config.dataset_id.as_deref(),
         labels,
         hyperparameters: config,
         train_rows,
