@@ -10,6 +10,9 @@
 //!   attention mask and L2-normalized;
 //! - a GGUF file (with an optional PEFT adapter): the llama.cpp engine
 //!   (`understudy-engine`);
+//! - an HF Llama/Qwen2 directory (`config.json` with model_type llama/qwen2
+//!   or architectures `LlamaForCausalLM`/`Qwen2ForCausalLM`): the engine,
+//!   which converts it to a cached GGUF first;
 //! - a PEFT LoRA adapter folder (`adapter_config.json`), as `understudy train
 //!   --method lora` writes it: the engine, on the adapter's base model.
 
@@ -84,14 +87,22 @@ impl LocalLoader for Loader {
                 .ok()
                 .and_then(|text| serde_json::from_str(&text).ok())
                 .ok_or_else(|| setup(format!("{} is not readable JSON", config_path.display())))?;
-            return match config.get("model_type").and_then(Value::as_str) {
-                Some("bert") => Ok(Arc::new(EncoderLocal::load(&spec.name, path)?)),
-                Some(other) => Err(setup(format!(
-                    "{}: model_type `{other}` is not served by this build (supported here: bert encoders, trained \
-                     classifiers)",
+            if config.get("model_type").and_then(Value::as_str) == Some("bert") {
+                if spec.adapter.is_some() {
+                    return Err(setup("an adapter applies to causal LMs, not to a bert encoder".into()));
+                }
+                return Ok(Arc::new(EncoderLocal::load(&spec.name, path)?));
+            }
+            return match understudy_engine::hf::architecture_of(&config) {
+                Ok(_) => {
+                    let model =
+                        understudy_engine::LlamaCppModel::load(spec, &understudy_engine::EngineOptions::default())?;
+                    Ok(Arc::new(model))
+                }
+                Err(message) => Err(setup(format!(
+                    "{}: {message}; this build also serves bert encoders and trained classifiers",
                     config_path.display()
                 ))),
-                None => Err(setup(format!("{} has no model_type", config_path.display()))),
             };
         }
         Err(setup(format!(

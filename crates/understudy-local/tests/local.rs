@@ -319,3 +319,424 @@ async fn smollm2_answers_within_the_labels_with_a_confidence() {
     let confidence = understudy_providers::confidence_of(&body).unwrap();
     assert!(confidence > 0.0 && confidence <= 1.0, "{confidence}");
 }
+
+// ---------------------------------------------------------------------------
+// HF Llama/Qwen2 directories served by the llama.cpp engine (converted to a
+// cached GGUF), checked against candle and the tokenizers crate.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use understudy_models::llama;
+
+/// Removes a converted model from the cache when the test ends.
+struct CacheEntry(PathBuf);
+
+impl Drop for CacheEntry {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Writes an HF checkpoint: config.json (the candle config plus `extra`),
+/// tokenizer.json, tokenizer_config.json and the weights in `dtype`, split
+/// into `shards` files with an index when there is more than one.
+fn write_hf_dir(
+    dir: &Path,
+    config: &llama::Config,
+    extra: Value,
+    tokenizer_json: &Path,
+    tokenizer_config: Value,
+    weights: &HashMap<String, Tensor>,
+    dtype: DType,
+    shards: usize,
+) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut config_json = serde_json::to_value(config).unwrap();
+    for (key, value) in extra.as_object().unwrap() {
+        config_json[key] = value.clone();
+    }
+    std::fs::write(dir.join("config.json"), config_json.to_string()).unwrap();
+    std::fs::copy(tokenizer_json, dir.join("tokenizer.json")).unwrap();
+    std::fs::write(dir.join("tokenizer_config.json"), tokenizer_config.to_string()).unwrap();
+    let mut names: Vec<&String> = weights.keys().collect();
+    names.sort();
+    let mut weight_map = Map::new();
+    for shard in 0..shards {
+        let file = if shards == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{shards:05}.safetensors", shard + 1)
+        };
+        let part: HashMap<String, Tensor> = names
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| index % shards == shard)
+            .map(|(_, name)| ((*name).clone(), weights[*name].to_dtype(dtype).unwrap()))
+            .collect();
+        for name in part.keys() {
+            weight_map.insert(name.clone(), json!(file));
+        }
+        candle_core::safetensors::save(&part, dir.join(&file)).unwrap();
+    }
+    if shards > 1 {
+        let index = json!({"metadata": {}, "weight_map": weight_map});
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    }
+}
+
+fn models_dir() -> Option<PathBuf> {
+    match std::env::var_os("UNDERSTUDY_MODELS_DIR") {
+        Some(dir) => Some(PathBuf::from(dir)),
+        None => {
+            assert!(std::env::var_os("CI").is_none(), "CI must set UNDERSTUDY_MODELS_DIR (scripts/test.sh does)");
+            eprintln!("skipped: set UNDERSTUDY_MODELS_DIR to the folder scripts/fetch-models.sh fills");
+            None
+        }
+    }
+}
+
+async fn ask(model: &dyn LocalModel, body: Value) -> Value {
+    let response = model.chat(ChatRequest { body: object(body) }).await.unwrap();
+    serde_json::from_slice(&response.body).unwrap()
+}
+
+fn engine_options() -> understudy_engine::EngineOptions {
+    understudy_engine::EngineOptions { n_ctx: 512, n_seq_max: 1, n_threads: Some(2), ..Default::default() }
+}
+
+/// SmolLM2's GGUF, written out as an HF Llama directory (f32, two shards,
+/// tokenizer.json from the tokenizers crate), loaded by path: the converted
+/// model answers like the GGUF, llama.cpp tokenizes like the tokenizers crate,
+/// and a second load reuses the cached conversion.
+#[tokio::test]
+async fn an_hf_llama_directory_serves_like_its_gguf() {
+    let Some(models) = models_dir() else { return };
+    let gguf_dir = models.join("SmolLM2-135M-Instruct");
+    let source = understudy_models::gguf::load(&gguf_dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer_path = dir.path().join("source-tokenizer.json");
+    source.tokenizer.save(&tokenizer_path, false).unwrap();
+    let hf = dir.path().join("SmolLM2-hf");
+    let mut config = source.config.clone();
+    config.architectures = Some(vec!["LlamaForCausalLM".into()]);
+    write_hf_dir(
+        &hf,
+        &config,
+        json!({"max_position_embeddings": 8192, "bos_token_id": source.bos_token_id, "eos_token_id": source.eos_token_id}),
+        &tokenizer_path,
+        json!({"chat_template": source.chat_template, "eos_token": "<|im_end|>", "bos_token": "<|im_start|>"}),
+        &source.weights,
+        DType::F32,
+        2,
+    );
+    let cache = CacheEntry(understudy_engine::hf::cache_path(&hf).unwrap());
+    assert!(!cache.0.exists());
+
+    let question = json!({"messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "temperature": 0, "max_tokens": 24});
+    let converted = load("smollm2-hf", &hf);
+    let answer = ask(converted.as_ref(), question.clone()).await;
+    let answer = answer.pointer("/choices/0/message/content").unwrap().as_str().unwrap().to_string();
+    assert!(answer.contains("Paris"), "{answer:?}");
+    let original = load("smollm2", &gguf_dir);
+    let reference = ask(original.as_ref(), question).await;
+    let reference = reference.pointer("/choices/0/message/content").unwrap().as_str().unwrap().to_string();
+    let start = |text: &str| text.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
+    assert_eq!(start(&answer), start(&reference), "converted {answer:?}, GGUF {reference:?}");
+    drop(converted);
+    drop(original);
+
+    // The conversion is cached (F16: about half the f32 checkpoint) and reused.
+    let weights_bytes: u64 = std::fs::read_dir(&hf)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "safetensors"))
+        .map(|path| std::fs::metadata(path).unwrap().len())
+        .sum();
+    let cached = std::fs::metadata(&cache.0).unwrap();
+    let ratio = cached.len() as f64 / weights_bytes as f64;
+    assert!(ratio > 0.45 && ratio < 0.6, "converted file is {ratio} of the checkpoint");
+    let spec = LocalModelSpec { name: "smollm2-hf".into(), path: hf.display().to_string(), adapter: None };
+    let engine = understudy_engine::LlamaCppModel::load(&spec, &engine_options()).unwrap();
+    assert_eq!(engine.gguf_path(), cache.0.as_path());
+    assert_eq!(std::fs::metadata(&cache.0).unwrap().modified().unwrap(), cached.modified().unwrap(), "reconverted");
+    assert_eq!(engine.llama_model().meta_val_str("tokenizer.ggml.pre").unwrap(), "smollm");
+
+    let written = tokenizers::Tokenizer::from_file(hf.join("tokenizer.json")).unwrap();
+    for text in [
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+        "Prices rose 12.5% in 2024: from $1,299 to $1,461!",
+        "  indented\tcode() {\n    return x ** 2;\n}\n\n",
+        "Ünïcödé naïve café, 東京, emoji 🚀 and don't/won't/I'm",
+        "<|endoftext|>special tokens <|im_end|>mid-text",
+    ] {
+        let expected = written.encode(text, false).unwrap().get_ids().to_vec();
+        assert_eq!(engine.tokenize(text, true), expected, "{text:?}");
+    }
+}
+
+/// GPT-2's byte-to-character table (printable bytes map to themselves).
+fn byte_chars() -> Vec<char> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut next = 256u32;
+    (0u32..256)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).unwrap()
+            } else {
+                next += 1;
+                char::from_u32(next - 1).unwrap()
+            }
+        })
+        .collect()
+}
+
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// A tiny Qwen2-style byte-level BPE tokenizer.json: the 256 byte
+/// characters, a few merges (stored as pairs), ChatML special tokens and one
+/// non-special added token. Returns the path and the number of ids it uses.
+fn write_tiny_tokenizer(path: &Path) -> usize {
+    let chars = byte_chars();
+    let mut vocab = Map::new();
+    for (id, c) in chars.iter().enumerate() {
+        vocab.insert(c.to_string(), json!(id));
+    }
+    let merges = [("h", "e"), ("l", "l"), ("Ġ", "w"), ("o", "r"), ("he", "ll"), ("Ġw", "or"), ("a", "n"), ("Ġ", "t")];
+    for (a, b) in merges {
+        let id = vocab.len();
+        vocab.insert(format!("{a}{b}"), json!(id));
+    }
+    let mut added = Vec::new();
+    for (content, special) in [("<|endoftext|>", true), ("<|im_start|>", true), ("<|im_end|>", true), ("<tool>", false)]
+    {
+        let id = vocab.len() + added.len();
+        added.push(json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false,
+            "normalized": false, "special": special}));
+    }
+    let n_ids = vocab.len() + added.len();
+    let tokenizer = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": {"type": "NFC"},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}]},
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
+            "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": merges.iter().map(|(a, b)| json!([a, b])).collect::<Vec<_>>()}
+    });
+    std::fs::write(path, tokenizer.to_string()).unwrap();
+    n_ids
+}
+
+const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// The sorted top-`k` log-probabilities of the last position's logits, and its best id.
+fn top_logprobs(logits: &Tensor, k: usize) -> (Vec<f64>, u32, f64) {
+    let last = logits.squeeze(0).unwrap();
+    let last = last.get(last.dim(0).unwrap() - 1).unwrap();
+    let logprobs: Vec<f32> = candle_nn::ops::log_softmax(&last, 0).unwrap().to_vec1().unwrap();
+    let mut order: Vec<usize> = (0..logprobs.len()).collect();
+    order.sort_by(|&a, &b| logprobs[b].total_cmp(&logprobs[a]));
+    let top: Vec<f64> = order.iter().take(k).map(|&id| logprobs[id] as f64).collect();
+    let gap = top[0] - top[1];
+    (top, order[0] as u32, gap)
+}
+
+/// The top logprobs the engine reports for its first answer token, sorted, and that token's bytes.
+fn served_top(body: &Value) -> (Vec<f64>, Vec<u8>) {
+    let first = body.pointer("/choices/0/logprobs/content/0").unwrap_or_else(|| panic!("{body}"));
+    let mut top: Vec<f64> =
+        first["top_logprobs"].as_array().unwrap().iter().map(|entry| entry["logprob"].as_f64().unwrap()).collect();
+    top.sort_by(|a, b| b.total_cmp(a));
+    let bytes = first["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8).collect();
+    (top, bytes)
+}
+
+/// The bytes of a token of the tiny tokenizer.
+fn token_bytes(tokenizer: &tokenizers::Tokenizer, id: u32) -> Vec<u8> {
+    let chars = byte_chars();
+    let token = tokenizer.id_to_token(id).unwrap_or_default();
+    if token.starts_with('<') && token.len() > 1 {
+        return token.into_bytes();
+    }
+    token.chars().map(|c| chars.iter().position(|&b| b == c).unwrap() as u8).collect()
+}
+
+fn assert_close(served: &[f64], expected: &[f64], tolerance: f64) {
+    assert_eq!(served.len(), expected.len());
+    for (a, b) in served.iter().zip(expected) {
+        assert!((a - b).abs() < tolerance, "served {served:?}, candle {expected:?}");
+    }
+}
+
+/// Prompt ids as the tokenizers crate encodes the ChatML prompt, checked
+/// against the ids llama.cpp's template and tokenizer produce.
+fn prompt_ids(engine: &understudy_engine::LlamaCppModel, tokenizer: &tokenizers::Tokenizer, user: &str) -> Vec<u32> {
+    let text = format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n");
+    let ids = tokenizer.encode(text.as_str(), false).unwrap().get_ids().to_vec();
+    let served: Vec<u32> = engine
+        .prompt_tokens(&[("user".to_string(), user.to_string())])
+        .unwrap()
+        .iter()
+        .map(|token| token.0 as u32)
+        .collect();
+    assert_eq!(served, ids, "llama.cpp's prompt tokens differ from the tokenizers crate's");
+    ids
+}
+
+/// A tiny random Qwen2 (q/k/v biases, tied embeddings, F16 safetensors, a
+/// vocab_size larger than the tokenizer) served from its HF directory gives
+/// the first answer token the log-probabilities candle computes.
+#[tokio::test]
+async fn a_tiny_hf_qwen2_directory_matches_candle() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer_path = dir.path().join("tokenizer.json");
+    let n_ids = write_tiny_tokenizer(&tokenizer_path);
+    let mut config = llama::tiny_config(n_ids + 6);
+    config.architectures = Some(vec!["Qwen2ForCausalLM".into()]);
+    config.model_type = Some("qwen2".into());
+    config.rope_theta = 1_000_000.0;
+    assert!(config.qkv_bias());
+    let weights = llama::random_weights(&config, 11, &Device::Cpu).unwrap();
+    let hf = dir.path().join("tiny-qwen2");
+    write_hf_dir(
+        &hf,
+        &config,
+        json!({"max_position_embeddings": 256, "eos_token_id": n_ids - 2}),
+        &tokenizer_path,
+        json!({"chat_template": CHATML, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}),
+        &weights,
+        DType::F16,
+        1,
+    );
+    let _cache = CacheEntry(understudy_engine::hf::cache_path(&hf).unwrap());
+    // candle on the same (f16-rounded) weights.
+    let files = understudy_models::causal_lm::load(&hf).unwrap();
+    let reference = llama::Model::new(
+        &config,
+        candle_nn::VarBuilder::from_tensors(files.weights, DType::F32, &Device::Cpu),
+        None,
+        0,
+    )
+    .unwrap();
+
+    let model = load("tiny-qwen2", &hf);
+    let spec = LocalModelSpec { name: "tiny-qwen2".into(), path: hf.display().to_string(), adapter: None };
+    let engine = understudy_engine::LlamaCppModel::load(&spec, &engine_options()).unwrap();
+    assert_eq!(engine.llama_model().meta_val_str("tokenizer.ggml.pre").unwrap(), "qwen2");
+    assert_eq!(engine.llama_model().meta_val_str("general.architecture").unwrap(), "qwen2");
+    for text in ["hello world<tool>, the 123 thing's<|im_end|>\n\n  x", "<|im_start|>user\nhello<|im_end|>"] {
+        let expected = files.tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+        assert_eq!(engine.tokenize(text, true), expected, "{text:?}");
+    }
+    for user in ["hello world", "the hell in 42 worlds"] {
+        let ids = prompt_ids(&engine, &files.tokenizer, user);
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let (expected, best, gap) = top_logprobs(&reference.forward(&input).unwrap(), 5);
+        let body = ask(
+            model.as_ref(),
+            json!({"messages": [{"role": "user", "content": user}], "temperature": 0, "max_tokens": 1,
+                "logprobs": true, "top_logprobs": 5}),
+        )
+        .await;
+        let (served, bytes) = served_top(&body);
+        assert_close(&served, &expected, 2e-2);
+        if gap > 0.05 && (best as usize) < n_ids {
+            assert_eq!(bytes, token_bytes(&files.tokenizer, best), "{body}");
+        }
+    }
+}
+
+/// A PEFT adapter (q/k/v/o, random B) whose base is a tiny HF Llama
+/// directory (BF16 weights): loading the adapter folder serves the base with
+/// the adapter applied, matching candle's LoRA forward, so the q/k row
+/// permutation of base weights and of lora_B agree.
+#[tokio::test]
+async fn a_peft_adapter_on_an_hf_llama_directory_matches_candle() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer_path = dir.path().join("tokenizer.json");
+    let n_ids = write_tiny_tokenizer(&tokenizer_path);
+    let mut config = llama::tiny_config(n_ids);
+    config.hidden_size = 64;
+    let weights = llama::random_weights(&config, 5, &Device::Cpu).unwrap();
+    let hf = dir.path().join("tiny-llama");
+    write_hf_dir(
+        &hf,
+        &config,
+        json!({"max_position_embeddings": 256}),
+        &tokenizer_path,
+        json!({"chat_template": CHATML, "eos_token": "<|im_end|>"}),
+        &weights,
+        DType::BF16,
+        1,
+    );
+    let _cache = CacheEntry(understudy_engine::hf::cache_path(&hf).unwrap());
+    let files = understudy_models::causal_lm::load(&hf).unwrap();
+    let lora = llama::LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        target_modules: ["q_proj", "k_proj", "v_proj", "o_proj"].iter().map(|m| m.to_string()).collect(),
+    };
+    let vb = candle_nn::VarBuilder::from_tensors(files.weights.clone(), DType::F32, &Device::Cpu);
+    let adapted = llama::Model::new(&config, vb, Some(&lora), 3).unwrap();
+    let base = llama::Model::new(
+        &config,
+        candle_nn::VarBuilder::from_tensors(files.weights, DType::F32, &Device::Cpu),
+        None,
+        0,
+    )
+    .unwrap();
+    let mut tensors = HashMap::new();
+    for (name, var) in adapted.lora_vars() {
+        if name.ends_with("lora_B.weight") {
+            var.set(&Tensor::randn(0f32, 0.3, var.shape(), &Device::Cpu).unwrap()).unwrap();
+        }
+        tensors.insert(name, var.as_tensor().clone());
+    }
+    let adapter_dir = dir.path().join("adapter");
+    let adapter_config = understudy_models::peft::AdapterConfig::from_lora(&lora, &hf.display().to_string());
+    understudy_models::peft::save(&adapter_dir, &adapter_config, &tensors).unwrap();
+
+    let model = load("tiny-lora", &adapter_dir);
+    let spec = LocalModelSpec { name: "tiny-llama".into(), path: hf.display().to_string(), adapter: None };
+    let engine = understudy_engine::LlamaCppModel::load(&spec, &engine_options()).unwrap();
+    assert_eq!(engine.llama_model().meta_val_str("general.architecture").unwrap(), "llama");
+    let user = "hello world";
+    let ids = prompt_ids(&engine, &files.tokenizer, user);
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let (expected, best, gap) = top_logprobs(&adapted.forward(&input).unwrap(), 5);
+    let (without, _, _) = top_logprobs(&base.forward(&input).unwrap(), 5);
+    let shift = expected.iter().zip(&without).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(shift > 0.1, "the adapter barely changes the distribution ({shift}); the test would not see it");
+    let request = json!({"messages": [{"role": "user", "content": user}], "temperature": 0, "max_tokens": 1,
+        "logprobs": true, "top_logprobs": 5});
+    let (served, bytes) = served_top(&ask(model.as_ref(), request.clone()).await);
+    assert_close(&served, &expected, 2e-2);
+    if gap > 0.05 {
+        assert_eq!(bytes, token_bytes(&files.tokenizer, best));
+    }
+    // The base directory alone serves the distribution without the adapter.
+    let (plain, _) = served_top(&ask(&engine, request).await);
+    assert_close(&plain, &without, 2e-2);
+}
+
+#[test]
+fn an_unsupported_hf_architecture_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"model_type": "mistral", "architectures": ["MistralForCausalLM"]}"#,
+    )
+    .unwrap();
+    let error = Loader
+        .load(&LocalModelSpec { name: "m".into(), path: dir.path().display().to_string(), adapter: None })
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("mistral") && error.contains("config.json"), "{error}");
+}
