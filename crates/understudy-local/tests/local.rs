@@ -341,6 +341,7 @@ impl Drop for CacheEntry {
 /// Writes an HF checkpoint: config.json (the candle config plus `extra`),
 /// tokenizer.json, tokenizer_config.json and the weights in `dtype`, split
 /// into `shards` files with an index when there is more than one.
+#[allow(clippy::too_many_arguments)]
 fn write_hf_dir(
     dir: &Path,
     config: &llama::Config,
