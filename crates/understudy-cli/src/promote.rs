@@ -124,7 +124,7 @@ async fn choose_understudy(
 }
 
 /// The threshold `understudy eval` calibrated for the model in `dir`.
-fn calibrated_threshold(dir: &str) -> Option<f64> {
+pub(crate) fn calibrated_threshold(dir: &str) -> Option<f64> {
     let text = std::fs::read_to_string(Path::new(dir).join(CALIBRATION_FILE)).ok()?;
     serde_json::from_str::<Value>(&text).ok()?.get("threshold")?.as_f64()
 }

@@ -91,11 +91,14 @@ pub async fn run(command: QuickstartCommand) -> anyhow::Result<()> {
     step(3, &format!("Sending the older {n_traffic} questions through the gateway as traffic"));
     let traffic = send_traffic(&client, &url, &system_prompt, &questions[..n_traffic], command.concurrency).await;
     traffic.print("the lead answered");
-    println!("    what the traffic cost:");
+    anyhow::ensure!(traffic.n_failed == 0, "{} of {} calls failed", traffic.n_failed, traffic.n_calls);
     let store = open_store(&config).await?;
     let filter = CallFilter { task: Some(TASK.to_string()), ..CallFilter::default() };
+    // The recorder writes off the response path: wait for every record
+    // before reading what the traffic cost.
+    wait_until_recorded(&store, &filter, traffic.n_calls).await?;
+    println!("    what the traffic cost:");
     print_costs(&store, &filter, false).await?;
-    anyhow::ensure!(traffic.n_failed == 0, "{} of {} calls failed", traffic.n_failed, traffic.n_calls);
 
     // From here on, the same commands a user runs on their own task.
     let config_arg = config_path.display().to_string();
@@ -106,7 +109,6 @@ pub async fn run(command: QuickstartCommand) -> anyhow::Result<()> {
         line
     };
     step(4, "Building a dataset, training MiniLM with a classification head on CPU, and evaluating it");
-    wait_until_recorded(&store, &filter, traffic.n_calls).await?;
     crate::run_command_line(&understudy(&["dataset", "build", "--task", TASK])).await?;
     let encoder_arg = encoder_dir.display().to_string();
     let epochs = command.epochs.to_string();
@@ -116,10 +118,25 @@ pub async fn run(command: QuickstartCommand) -> anyhow::Result<()> {
     crate::run_command_line(&understudy(&["eval", "--task", TASK, "--target-agreement", &target])).await?;
 
     let n_new = (((questions.len() as f64) * command.final_share).round() as usize).min(questions.len() - n_traffic);
-    step(5, &format!("Promoting the cascade, then sending the newest {n_new} questions through the same gateway"));
-    crate::run_command_line(&understudy(&["promote", "--task", TASK, "--policy", "cascade"])).await?;
+    // The cascade needs the threshold eval calibrated. When no threshold
+    // reached the target, the understudy is not ready: it goes to shadow,
+    // where the lead keeps serving and the understudy keeps being scored.
+    let calibrated = match store.list_model_versions(TASK).await?.first() {
+        Some(newest) => crate::promote::calibrated_threshold(&newest.path),
+        None => None,
+    };
+    let policy = if calibrated.is_some() { "cascade" } else { "shadow" };
+    if calibrated.is_none() {
+        println!(
+            "    the understudy did not reach agreement {} on validation at any threshold, so it is not ready to \
+             serve: it goes to shadow instead (train longer with --epochs, or send more traffic)",
+            command.target_agreement
+        );
+    }
+    step(5, &format!("Promoting {policy}, then sending the newest {n_new} questions through the same gateway"));
+    crate::run_command_line(&understudy(&["promote", "--task", TASK, "--policy", policy])).await?;
     // The running gateway polls the store twice a second and loads the model.
-    wait_for_policy(&client, &format!("http://{}/healthz", gateway.addr), "cascade").await?;
+    wait_for_policy(&client, &format!("http://{}/healthz", gateway.addr), policy).await?;
     let since = understudy_types::OffsetDateTime::now_utc();
     let newest =
         send_traffic(&client, &url, &system_prompt, &questions[questions.len() - n_new..], command.concurrency).await;
@@ -137,7 +154,7 @@ pub async fn run(command: QuickstartCommand) -> anyhow::Result<()> {
         let agreement = ratio(newest.n_agree, newest.n_calls);
         println!();
         println!(
-            "    On the newest {} calls, with the cascade at a target agreement of {}:",
+            "    On the newest {} calls, with the {policy} policy at a target agreement of {}:",
             total.n_calls, command.target_agreement
         );
         println!("      served by the understudy  {:>6.1}%   (goal >= 80%)", total.served_share() * 100.0);

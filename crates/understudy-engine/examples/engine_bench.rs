@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use serde_json::{json, Value};
+use understudy_engine::requant::WeightFormat;
 use understudy_engine::{EngineOptions, LlamaCppModel};
 use understudy_providers::local::{LocalModel, LocalModelSpec};
 use understudy_providers::ChatRequest;
@@ -92,10 +93,15 @@ async fn main() -> Result<()> {
     let runs = flag("--runs", 3);
     let concurrency = flag("--concurrency", 8);
     let decode_tokens = flag("--decode-tokens", 128);
+    let weights = match args.iter().position(|arg| arg == "--weights").and_then(|idx| args.get(idx + 1)) {
+        Some(text) => WeightFormat::parse(text)?,
+        None => WeightFormat::Auto,
+    };
 
     let rss_before_kb = status_kb("VmRSS:");
     let spec = LocalModelSpec { name: "bench".into(), path: path.clone(), adapter: None };
-    let options = EngineOptions { n_threads: Some(threads), n_ctx: 4096, n_seq_max: concurrency as u32, n_batch: 512 };
+    let options =
+        EngineOptions { n_threads: Some(threads), n_ctx: 4096, n_seq_max: concurrency as u32, n_batch: 512, weights };
     let model = LlamaCppModel::load(&spec, &options)?;
     let rss_loaded_kb = status_kb("VmRSS:");
 
@@ -104,16 +110,16 @@ async fn main() -> Result<()> {
     let vocabulary =
         ["river", "mountain", "quiet", "engine", "paper", "window", "garden", "signal", "orange", "theory"];
     let mut idx = 0;
-    let long_prompt = loop {
+    let (long_prompt, n_prompt) = loop {
         words.push(vocabulary[idx % vocabulary.len()]);
         idx += 1;
         let text = words.join(" ");
         let n = model.prompt_tokens(&[("user".into(), text.clone())]).map_err(|e| e.to_string())?.len();
         if n >= 256 {
-            break text;
+            break (text, n);
         }
     };
-    eprintln!("loaded; prompt of 256 tokens ready");
+    eprintln!("loaded {}; prompt of {n_prompt} tokens ready", model.gguf_path().display());
     let story = "Write a long, detailed story about a dragon who learns to bake bread.";
 
     // Warm up.
@@ -126,8 +132,8 @@ async fn main() -> Result<()> {
     for _ in 0..runs {
         // Prefill: time to the first token of a 256-token prompt.
         let (_, first, _) = timed_stream(&model, &long_prompt, 1).await?;
-        prefill.push(256.0 / first);
-        eprintln!("prefill {:.1} tok/s", 256.0 / first);
+        prefill.push(n_prompt as f64 / first);
+        eprintln!("prefill {:.1} tok/s", n_prompt as f64 / first);
 
         let (n, first, total) = timed_stream(&model, story, decode_tokens).await?;
         decode.push((n.saturating_sub(1)) as f64 / (total - first));
@@ -151,6 +157,9 @@ async fn main() -> Result<()> {
     let decode_median = median(decode.clone());
     let report = json!({
         "engine": "understudy (llama-cpp-2)",
+        "weights": format!("{weights:?}"),
+        "served_gguf": model.gguf_path().display().to_string(),
+        "prompt_tokens": n_prompt,
         "threads": threads,
         "runs": runs,
         "prefill_tok_s": median(prefill.clone()),

@@ -167,18 +167,24 @@ pub fn cache_path(dir: &Path) -> Result<PathBuf, ConvertError> {
         let name = file.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
         key.push_str(&format!("{name} {} {mtime}\n", meta.len()));
     }
+    Ok(cache.join(cached_name(&canonical, &key, "gguf")))
+}
+
+/// A cache file name for `source`: its sanitized file name, a hash of `key`
+/// (what the cached file depends on) and `extension`.
+pub(crate) fn cached_name(source: &Path, key: &str, extension: &str) -> String {
     let hash = format!(
         "{:016x}{:016x}",
         fnv1a(0xcbf2_9ce4_8422_2325, key.as_bytes()),
         fnv1a(0x6c62_272e_07bb_0142, key.as_bytes())
     );
-    let stem = canonical
+    let stem = source
         .file_name()
         .map(|name| {
             name.to_string_lossy().chars().filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c)).collect()
         })
         .unwrap_or_else(|| String::from("model"));
-    Ok(cache.join(format!("{stem}-{hash}.gguf")))
+    format!("{stem}-{hash}.{extension}")
 }
 
 /// The GGUF file serving the HF directory `dir`: the cached conversion if

@@ -13,6 +13,7 @@
 pub mod gguf;
 pub mod hf;
 pub mod lora;
+pub mod requant;
 pub mod request;
 pub mod sampling;
 pub mod scheduler;
@@ -54,11 +55,13 @@ pub struct EngineOptions {
     pub n_seq_max: u32,
     /// Most tokens in one decode step (prompt chunks plus one token per generating sequence).
     pub n_batch: u32,
+    /// The format the weights are served in ([`requant`]).
+    pub weights: requant::WeightFormat,
 }
 
 impl Default for EngineOptions {
     fn default() -> EngineOptions {
-        EngineOptions { n_threads: None, n_ctx: 4096, n_seq_max: 8, n_batch: 512 }
+        EngineOptions { n_threads: None, n_ctx: 4096, n_seq_max: 8, n_batch: 512, weights: requant::WeightFormat::Auto }
     }
 }
 
@@ -77,6 +80,8 @@ pub enum EngineError {
     Adapter(#[from] lora::AdapterError),
     #[error(transparent)]
     Convert(#[from] hf::ConvertError),
+    #[error(transparent)]
+    Requant(#[from] requant::RequantError),
 }
 
 impl From<EngineError> for ProviderError {
@@ -162,6 +167,20 @@ impl LlamaCppModel {
         let params = LlamaModelParams::default().with_use_mmap(true);
         let mut model = LlamaModel::load_from_file(backend, &path, &params)
             .map_err(|_| EngineError::LoadFailed { path: path.clone() })?;
+        let n_threads = options
+            .n_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map(usize::from).unwrap_or(1))
+            .max(1);
+        let file_type = model.meta_val_str("general.file_type").ok().and_then(|value| value.trim().parse().ok());
+        let path = if requant::wants_q8_0(options.weights, file_type) {
+            let copy = requant::q8_0_copy(&path, n_threads)?;
+            drop(model);
+            model = LlamaModel::load_from_file(backend, &copy, &params)
+                .map_err(|_| EngineError::LoadFailed { path: copy.clone() })?;
+            copy
+        } else {
+            path
+        };
         let adapter = match &spec.adapter {
             Some(dir) => {
                 let gguf = lora::convert_peft_dir(dir, &model_shape(&model))?;
@@ -178,10 +197,7 @@ impl LlamaCppModel {
             .or_else(|_| LlamaChatTemplate::new("chatml"))
             .map_err(|error| EngineError::Setup { path: path.clone(), message: format!("chat template: {error}") })?;
         let n_ctx = options.n_ctx.min(model.n_ctx_train()).max(16);
-        let n_threads = options
-            .n_threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map(usize::from).unwrap_or(1))
-            .max(1) as i32;
+        let n_threads = n_threads as i32;
         let n_seq_max = options.n_seq_max.clamp(1, 64);
         let n_batch = options.n_batch.max(n_seq_max).max(32);
         let context_params = LlamaContextParams::default()

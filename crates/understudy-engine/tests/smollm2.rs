@@ -10,6 +10,7 @@
 use std::path::PathBuf;
 
 use serde_json::{json, Value};
+use understudy_engine::requant::WeightFormat;
 use understudy_engine::{EngineOptions, LlamaCppModel};
 use understudy_providers::local::{confidence_of, LocalModel, LocalModelSpec};
 use understudy_providers::ChatRequest;
@@ -32,8 +33,12 @@ fn smollm2() -> Option<PathBuf> {
 }
 
 fn load(path: &std::path::Path) -> LlamaCppModel {
+    load_as(path, WeightFormat::default())
+}
+
+fn load_as(path: &std::path::Path, weights: WeightFormat) -> LlamaCppModel {
     let spec = LocalModelSpec { name: "smollm2".into(), path: path.display().to_string(), adapter: None };
-    LlamaCppModel::load(&spec, &EngineOptions { n_ctx: 2048, ..EngineOptions::default() }).unwrap()
+    LlamaCppModel::load(&spec, &EngineOptions { n_ctx: 2048, weights, ..EngineOptions::default() }).unwrap()
 }
 
 async fn chat(model: &LlamaCppModel, body: Value) -> Value {
@@ -44,15 +49,24 @@ async fn chat(model: &LlamaCppModel, body: Value) -> Value {
 #[tokio::test]
 async fn smollm2_knows_the_capital_of_france() {
     let Some(path) = smollm2() else { return };
-    let model = load(&path);
-    let completion = chat(
-        &model,
-        json!({"messages": [{"role": "user", "content": "What is the capital of France?"}],
-            "temperature": 0, "max_tokens": 40}),
-    )
-    .await;
-    let answer = completion.pointer("/choices/0/message/content").unwrap().as_str().unwrap();
-    assert!(answer.contains("Paris"), "{answer:?}");
+    // By default the Q4_1 file is served from its Q8_0 copy (batched products
+    // are fast on Q8_0); as stored, from the file itself. Both know Paris.
+    let served = load(&path);
+    let stored = load_as(&path, WeightFormat::AsStored);
+    assert_eq!(stored.gguf_path(), path.as_path());
+    assert!(served.gguf_path().to_string_lossy().ends_with(".q8_0.gguf"), "{}", served.gguf_path().display());
+    let (q8_bytes, q4_bytes) = (served.llama_model().size(), stored.llama_model().size());
+    assert!(q8_bytes > q4_bytes * 13 / 10 && q8_bytes < q4_bytes * 2, "Q8_0 {q8_bytes} B against Q4_1 {q4_bytes} B");
+    for model in [&served, &stored] {
+        let completion = chat(
+            model,
+            json!({"messages": [{"role": "user", "content": "What is the capital of France?"}],
+                "temperature": 0, "max_tokens": 40}),
+        )
+        .await;
+        let answer = completion.pointer("/choices/0/message/content").unwrap().as_str().unwrap();
+        assert!(answer.contains("Paris"), "{}: {answer:?}", model.gguf_path().display());
+    }
 }
 
 #[tokio::test]

@@ -38,7 +38,7 @@ fn spec(path: &Path, adapter: Option<PathBuf>) -> LocalModelSpec {
 }
 
 fn options() -> EngineOptions {
-    EngineOptions { n_threads: Some(2), n_ctx: 512, n_seq_max: 4, n_batch: 128 }
+    EngineOptions { n_threads: Some(2), n_ctx: 512, n_seq_max: 4, n_batch: 128, ..EngineOptions::default() }
 }
 
 fn load(path: &Path) -> LlamaCppModel {

@@ -1,0 +1,153 @@
+//! The serving copy of a GGUF: its weights re-quantized to a type whose
+//! batched matrix products are fast on this CPU.
+//!
+//! llama.cpp multiplies a batch of rows (8 concurrent sequences decoding, or a
+//! prompt) by a Q8_0 matrix with a tiled kernel, but a legacy 4- and 5-bit
+//! type such as Q4_1 falls back to one dot product per row and column, so a
+//! batch of 8 costs nearly 8 single decodes. Re-quantizing Q4_1 to Q8_0 is
+//! close to lossless (every Q4_1 value `d·q + m` is kept to 8 bits per
+//! 32-value block) and stays quantized in memory.
+//!
+//! The copy is made once, next to the HF conversions in the cache, under a
+//! name that changes with the source file's path, size and modification time.
+
+use std::path::{Path, PathBuf};
+
+use crate::hf;
+
+/// The serving format of a GGUF's weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// Q8_0 when the file's weights are a legacy 4/5-bit type (Q4_0, Q4_1,
+    /// Q5_0, Q5_1) whose batched products are slow; the file as it is otherwise.
+    #[default]
+    Auto,
+    /// The file as it is.
+    AsStored,
+    /// Always a Q8_0 copy (unless the file already is Q8_0).
+    Q8_0,
+}
+
+impl WeightFormat {
+    pub fn parse(text: &str) -> Result<WeightFormat, String> {
+        match text.to_ascii_lowercase().as_str() {
+            "auto" => Ok(WeightFormat::Auto),
+            "as-stored" | "as_stored" | "stored" => Ok(WeightFormat::AsStored),
+            "q8_0" | "q8-0" => Ok(WeightFormat::Q8_0),
+            other => Err(format!("unknown weight format `{other}` (expected auto, as-stored or q8_0)")),
+        }
+    }
+}
+
+/// llama.cpp's `llama_ftype` numbers (`general.file_type`) of the types this
+/// module reads.
+const FTYPE_Q4_0: u32 = 2;
+const FTYPE_Q4_1: u32 = 3;
+const FTYPE_Q8_0: u32 = 7;
+const FTYPE_Q5_0: u32 = 8;
+const FTYPE_Q5_1: u32 = 9;
+
+/// Whether a model of `file_type` is served from a Q8_0 copy under `format`.
+pub fn wants_q8_0(format: WeightFormat, file_type: Option<u32>) -> bool {
+    match format {
+        WeightFormat::AsStored => false,
+        WeightFormat::Q8_0 => file_type != Some(FTYPE_Q8_0),
+        WeightFormat::Auto => matches!(file_type, Some(FTYPE_Q4_0 | FTYPE_Q4_1 | FTYPE_Q5_0 | FTYPE_Q5_1)),
+    }
+}
+
+/// Why a serving copy could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum RequantError {
+    #[error("cannot make the Q8_0 serving copy of `{path}`: {message}")]
+    Failed { path: PathBuf, message: String },
+}
+
+fn failed(path: &Path, message: impl Into<String>) -> RequantError {
+    RequantError::Failed { path: path.to_path_buf(), message: message.into() }
+}
+
+/// Where the Q8_0 copy of `source` is (or would be) cached.
+pub fn cache_path(source: &Path) -> Result<PathBuf, RequantError> {
+    let cache = hf::cache_dir().ok_or_else(|| failed(source, "no cache folder: set UNDERSTUDY_CACHE (or HOME)"))?;
+    let canonical = std::fs::canonicalize(source).map_err(|error| failed(source, error.to_string()))?;
+    let meta = std::fs::metadata(&canonical).map_err(|error| failed(source, error.to_string()))?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |elapsed| elapsed.as_nanos());
+    let key = format!("understudy-q8_0 v1\n{}\n{} {mtime}\n", canonical.display(), meta.len());
+    Ok(cache.join(hf::cached_name(&canonical, &key, "q8_0.gguf")))
+}
+
+/// The Q8_0 copy of the GGUF `source`, made with llama.cpp's quantizer on
+/// `n_threads` threads the first time and reused after.
+pub fn q8_0_copy(source: &Path, n_threads: usize) -> Result<PathBuf, RequantError> {
+    let target = cache_path(source)?;
+    if target.is_file() {
+        return Ok(target);
+    }
+    crate::backend().map_err(|message| failed(source, message))?;
+    let folder = target.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(folder).map_err(|error| failed(&target, error.to_string()))?;
+    // Written under a temporary name and renamed: a killed run leaves no
+    // half-written copy under the final name.
+    let partial = tempfile::Builder::new()
+        .prefix(".requantizing-")
+        .suffix(".gguf")
+        .tempfile_in(folder)
+        .map_err(|error| failed(&target, error.to_string()))?;
+    let to_c = |path: &Path| {
+        std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| failed(path, "the path holds a NUL byte"))
+    };
+    let input = to_c(source)?;
+    let output = to_c(partial.path())?;
+    let started = std::time::Instant::now();
+    // SAFETY: both paths are valid NUL-terminated strings that outlive the
+    // call, and `params` is llama.cpp's own default with plain fields set.
+    #[allow(unsafe_code)]
+    let status = unsafe {
+        let mut params = llama_cpp_sys_2::llama_model_quantize_default_params();
+        params.nthread = n_threads.max(1) as i32;
+        params.ftype = llama_cpp_sys_2::LLAMA_FTYPE_MOSTLY_Q8_0;
+        params.allow_requantize = true;
+        params.quantize_output_tensor = true;
+        llama_cpp_sys_2::llama_model_quantize(input.as_ptr(), output.as_ptr(), &params)
+    };
+    if status != 0 {
+        return Err(failed(source, format!("llama.cpp's quantizer returned {status}")));
+    }
+    partial.persist(&target).map_err(|error| failed(&target, error.error.to_string()))?;
+    tracing::info!(source = %source.display(), copy = %target.display(), seconds = started.elapsed().as_secs_f64(),
+        "made the Q8_0 serving copy");
+    Ok(target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_requantizes_only_the_legacy_low_bit_types() {
+        assert!(wants_q8_0(WeightFormat::Auto, Some(FTYPE_Q4_1)));
+        assert!(wants_q8_0(WeightFormat::Auto, Some(FTYPE_Q5_0)));
+        assert!(!wants_q8_0(WeightFormat::Auto, Some(FTYPE_Q8_0)));
+        // F16 (1) and the K-quants (e.g. Q4_K_M, 15) have batched kernels.
+        assert!(!wants_q8_0(WeightFormat::Auto, Some(1)));
+        assert!(!wants_q8_0(WeightFormat::Auto, Some(15)));
+        assert!(!wants_q8_0(WeightFormat::Auto, None));
+        assert!(!wants_q8_0(WeightFormat::AsStored, Some(FTYPE_Q4_1)));
+        assert!(wants_q8_0(WeightFormat::Q8_0, Some(1)));
+        assert!(!wants_q8_0(WeightFormat::Q8_0, Some(FTYPE_Q8_0)));
+    }
+
+    #[test]
+    fn formats_parse_and_unknown_ones_are_named() {
+        assert_eq!(WeightFormat::parse("Q8_0"), Ok(WeightFormat::Q8_0));
+        assert_eq!(WeightFormat::parse("as-stored"), Ok(WeightFormat::AsStored));
+        let error = WeightFormat::parse("q3").unwrap_err();
+        assert!(error.contains("`q3`"), "{error}");
+    }
+}
