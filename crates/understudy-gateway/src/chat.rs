@@ -22,7 +22,7 @@ use crate::assemble::StreamAssembler;
 use crate::draft::{CallDraft, Outcome};
 use crate::feedback::CALL_ID_HEADER;
 use crate::request::{check_chat, parse_body, resolve_model};
-use crate::routing::{lead_cost_of, normalize_answer, AttemptOutcome, Understudy, UnderstudyAttempt};
+use crate::routing::{lead_cost_of, normalize_answer, AttemptOutcome, CostModel, Understudy, UnderstudyAttempt};
 use crate::{AppState, GatewayError};
 
 /// The understudy's answer to a call the lead serves, still coming (shadow)
@@ -210,6 +210,8 @@ struct Prepared {
     messages: Vec<Value>,
     provider: Arc<AnyProvider>,
     model: ModelConfig,
+    /// How the call is priced: a local model by its machine time.
+    cost: CostModel,
     stream: bool,
     include_usage: bool,
 }
@@ -225,11 +227,13 @@ fn prepare(
     let flags = check_chat(&body)?;
     let provider = state.provider(&model.provider)?.clone();
     let messages = body.get("messages").and_then(Value::as_array).cloned().unwrap_or_default();
+    let cost = CostModel::of(&provider, model.price);
     Ok(Prepared {
         request: ChatRequest { body },
         messages,
         provider,
         model,
+        cost,
         stream: flags.stream,
         include_usage: flags.include_usage,
     })
@@ -271,12 +275,13 @@ async fn complete(state: AppState, draft: CallDraft, prepared: Prepared, pending
             .unwrap_or(Value::Null)
     });
     let ttft_ms = Some(draft.elapsed_ms());
+    let cost = prepared.cost.cost(Some(usage), draft.elapsed());
     let record = draft.finish(Outcome {
         status: StatusCode::OK.as_u16(),
         response: Some(String::from_utf8_lossy(&body).into_owned()),
         usage,
         usage_source,
-        cost: prepared.model.price.cost(usage),
+        cost,
         ttft_ms,
         error: None,
     });
@@ -373,13 +378,14 @@ async fn relay(
     } else {
         200
     };
+    // Tokens the upstream produced are paid for even if the stream broke.
+    let cost = prepared.cost.cost(Some(usage), draft.elapsed());
     let record = draft.finish(Outcome {
         status,
         response: Some(completion.to_string()),
         usage,
         usage_source,
-        // Tokens the upstream produced are paid for even if the stream broke.
-        cost: prepared.model.price.cost(usage),
+        cost,
         ttft_ms,
         error,
     });

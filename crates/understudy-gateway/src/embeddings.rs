@@ -11,6 +11,7 @@ use understudy_types::{Endpoint, Usage, UsageSource};
 
 use crate::draft::{CallDraft, Outcome};
 use crate::request::{parse_body, resolve_model};
+use crate::routing::CostModel;
 use crate::{AppState, GatewayError};
 
 pub(crate) async fn embeddings(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
@@ -52,7 +53,7 @@ async fn embed(
         response: Some(summarize_embeddings(&response.body)),
         usage,
         usage_source,
-        cost: model.price.cost(usage),
+        cost: CostModel::of(&provider, model.price).cost(Some(usage), draft.elapsed()),
         ttft_ms: Some(draft.elapsed_ms()),
         error: None,
     };

@@ -53,7 +53,16 @@ pub(crate) enum CostModel {
 }
 
 impl CostModel {
-    fn cost(self, usage: Option<Usage>, elapsed: Duration) -> Money {
+    /// How calls to `provider` are priced: a local model by the machine time
+    /// it takes, any other by its price table.
+    pub(crate) fn of(provider: &AnyProvider, price: Price) -> CostModel {
+        match provider {
+            AnyProvider::Local(local) => CostModel::MachineTime { price_per_hour: local.machine_price_per_hour() },
+            _ => CostModel::Tokens(price),
+        }
+    }
+
+    pub(crate) fn cost(self, usage: Option<Usage>, elapsed: Duration) -> Money {
         match self {
             CostModel::Tokens(price) => price.cost(usage.unwrap_or_default()),
             CostModel::MachineTime { price_per_hour } => Money(price_per_hour * elapsed.as_secs_f64() / 3600.0),
@@ -207,10 +216,7 @@ impl AppState {
             .get(model_name)
             .ok_or_else(|| setup(format!("no model `{model_name}` in the config")))?;
         let provider = self.provider(&model.provider).map_err(|error| setup(error.to_string()))?.clone();
-        let cost = match &*provider {
-            AnyProvider::Local(local) => CostModel::MachineTime { price_per_hour: local.machine_price_per_hour() },
-            _ => CostModel::Tokens(model.price),
-        };
+        let cost = CostModel::of(&provider, model.price);
         Ok(Arc::new(Understudy {
             name: model_name.to_string(),
             provider_name: model.provider.clone(),

@@ -271,6 +271,10 @@ lead = "lead"
     }
     let served = served.expect("the promotion reached the gateway");
     assert_eq!(served.pointer("/choices/0/message/content").unwrap(), "colour");
+    // Asked by its own name, the local model is priced by machine time too.
+    let direct = json!({"model": "tiny", "messages": [{"role": "user", "content": "the cat is"}]});
+    let response = client.post(format!("http://{addr}/v1/chat/completions")).json(&direct).send().await.unwrap();
+    assert_eq!(response.status(), 200);
 
     let _ = stop.send(());
     server.await.unwrap().unwrap();
@@ -281,6 +285,11 @@ lead = "lead"
         .iter()
         .filter(|call| call.routing.as_ref().is_some_and(|routing| routing.served_by.as_str() == "understudy"))
         .collect();
+    let direct: Vec<_> = calls.iter().filter(|call| call.model == "tiny" && call.routing.is_none()).collect();
+    assert_eq!(direct.len(), 1, "{calls:?}");
+    // $3.60 an hour is $0.001 a second: the cost is the call's time at that price.
+    let (cost, seconds) = (direct[0].cost.dollars(), direct[0].latency_ms / 1000.0);
+    assert!(cost > 0.0 && cost <= 0.001 * seconds * 1.001, "cost {cost} for {seconds} s");
     assert!(by_understudy.len() >= 2);
     for call in by_understudy {
         let routing = call.routing.as_ref().unwrap();
