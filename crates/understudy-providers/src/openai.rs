@@ -221,3 +221,44 @@ fn truncate(text: &str, max_chars: usize) -> String {
         None => text.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// Cloud upstreams are `https://`: the client opens a TLS session on the
+    /// socket (its first bytes are a TLS handshake record), rather than
+    /// refusing the scheme.
+    #[tokio::test]
+    async fn an_https_upstream_gets_a_tls_handshake() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|error| panic!("{error}"));
+        let port = listener.local_addr().unwrap_or_else(|error| panic!("{error}")).port();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.ok()?;
+            let mut first = [0u8; 3];
+            socket.read_exact(&mut first).await.ok()?;
+            Some(first)
+        });
+        let config = OpenAiProviderConfig {
+            base_url: format!("https://127.0.0.1:{port}/v1"),
+            api_key_env: None,
+            timeout: Duration::from_secs(5),
+            max_retries: 0,
+            retry_backoff: Duration::from_millis(10),
+        };
+        let provider = OpenAiProvider::new("cloud", &config).unwrap_or_else(|error| panic!("{error}"));
+        let request = ChatRequest { body: serde_json::Map::new() };
+        let answer = tokio::spawn(async move { provider.infer(request).await });
+        // A client without TLS never connects: the guard ends the wait.
+        let first = match tokio::time::timeout(Duration::from_secs(60), server).await {
+            Ok(joined) => joined.unwrap_or_else(|error| panic!("{error}")),
+            Err(_) => None,
+        };
+        // 0x16: a handshake record; 0x03 0x01..0x03: a TLS record version.
+        assert!(matches!(first, Some([0x16, 0x03, 0x01..=0x03])), "{first:?}");
+        // The server hung up mid-handshake: an error, not an answer.
+        let answer = answer.await.unwrap_or_else(|error| panic!("{error}"));
+        assert!(answer.is_err());
+    }
+}
