@@ -123,8 +123,11 @@ pub struct TaskConfig {
     pub policy: Policy,
     /// Overrides the kind that dataset building detects from the answers.
     pub kind: Option<TaskKind>,
-    /// The answers a label task allows: an understudy answer outside them is
-    /// invalid, and the lead serves the call instead.
+    /// The answers a label task allows: a local understudy is asked to decode
+    /// only these strings (a `json_schema` enum `response_format`, unless the
+    /// client sent its own), and an understudy answer outside them is invalid,
+    /// so the lead serves the call instead. Non-empty, without blank labels or
+    /// duplicates (compared without case or surrounding spaces).
     pub labels: Option<Vec<String>>,
     /// How long the understudy may take before the lead serves instead.
     pub understudy_timeout: Duration,
@@ -339,7 +342,7 @@ struct RawTask {
     #[serde(default = "default_policy")]
     policy: Spanned<String>,
     kind: Option<Spanned<String>>,
-    labels: Option<Vec<String>>,
+    labels: Option<Spanned<Vec<String>>>,
     #[serde(default = "default_understudy_timeout_ms")]
     understudy_timeout_ms: u64,
 }
@@ -536,6 +539,25 @@ impl Validator<'_> {
                     }
                 },
             };
+            let labels = match raw_task.labels {
+                None => None,
+                Some(labels) => {
+                    let start = labels.span().start;
+                    let key = format!("tasks.{name}.labels");
+                    if kind == Some(TaskKind::Generation) {
+                        return self.invalid(
+                            key,
+                            start,
+                            "labels are for label tasks, and the kind is generation".into(),
+                        );
+                    }
+                    let labels = labels.into_inner();
+                    if let Err(message) = check_labels(&labels) {
+                        return self.invalid(key, start, message);
+                    }
+                    Some(labels)
+                }
+            };
             tasks.insert(
                 name,
                 TaskConfig {
@@ -543,7 +565,7 @@ impl Validator<'_> {
                     understudy: raw_task.understudy.map(Spanned::into_inner),
                     policy,
                     kind,
-                    labels: raw_task.labels,
+                    labels,
                     understudy_timeout: Duration::from_millis(raw_task.understudy_timeout_ms.max(1)),
                 },
             );
@@ -593,6 +615,25 @@ impl Validator<'_> {
             format!("no model named `{}` (known: {})", value.get_ref(), known(models.keys())),
         )
     }
+}
+
+/// A task's allowed answers: at least one, none blank, no two the same
+/// without case or surrounding spaces (the gateway could not tell them apart).
+fn check_labels(labels: &[String]) -> Result<(), String> {
+    if labels.is_empty() {
+        return Err("the list of labels is empty; leave `labels` out to allow any answer".into());
+    }
+    let mut seen = std::collections::HashSet::new();
+    for label in labels {
+        let key = label.trim().to_lowercase();
+        if key.is_empty() {
+            return Err("a label is blank".into());
+        }
+        if !seen.insert(key) {
+            return Err(format!("the label `{label}` appears twice"));
+        }
+    }
+    Ok(())
 }
 
 fn known<'a>(names: impl Iterator<Item = &'a String>) -> String {

@@ -98,7 +98,9 @@ lead = "gpt-4o-mini"
 policy = "lead"
 # understudy = "triage-minilm"          # a model below; `promote --model` can name a trained version instead
 # kind = "label"                        # or "generation"; detected from the answers if unset
-# labels = ["bug", "billing", "other"]  # the answers a label task allows
+# labels = ["bug", "billing", "other"]  # the answers a label task allows: a local
+#                                       # understudy decodes only these (unless the client
+#                                       # sends its own response_format); distinct, not blank
 # understudy_timeout_ms = 5000
 
 # ---------------------------------------------------------- local models --

@@ -106,3 +106,20 @@ fn a_task_kind_overrides_detection_and_a_bad_one_names_the_key_and_line() {
     let error = parse(&text).expect_err("bad kind").to_string();
     assert_eq!(error, "understudy.toml:22: `tasks.triage.kind`: unknown kind `poetry` (known: label, generation)");
 }
+
+#[test]
+fn labels_are_checked_and_name_the_key_and_line() {
+    let with = |labels: &str| CONTRACT.replace("lead = \"gpt-4o-mini\"", &format!("lead = \"gpt-4o-mini\"\n{labels}"));
+    let config = parse(&with("labels = [\"bug\", \"billing\"]")).expect("labels parse");
+    assert_eq!(config.tasks["triage"].labels, Some(vec!["bug".to_string(), "billing".to_string()]));
+    for (labels, needle) in [
+        ("labels = []", "empty"),
+        ("labels = [\"bug\", \" \"]", "blank"),
+        ("labels = [\"bug\", \"Bug \"]", "`Bug ` appears twice"),
+        ("kind = \"generation\"\nlabels = [\"bug\"]", "kind is generation"),
+    ] {
+        let error = parse(&with(labels)).expect_err(labels).to_string();
+        assert!(error.starts_with("understudy.toml:2") && error.contains("`tasks.triage.labels`"), "{error}");
+        assert!(error.contains(needle), "{error}");
+    }
+}

@@ -112,14 +112,20 @@ fn read_json(path: &Path) -> Result<Value, ConvertError> {
 
 /// The folder converted models are cached in.
 pub fn cache_dir() -> Option<PathBuf> {
+    cache_root().map(|root| root.join("gguf"))
+}
+
+/// Understudy's cache folder: `$UNDERSTUDY_CACHE`, else
+/// `$XDG_CACHE_HOME/understudy`, else `~/.cache/understudy`.
+pub fn cache_root() -> Option<PathBuf> {
     let from_env = |key: &str| std::env::var_os(key).filter(|value| !value.is_empty()).map(PathBuf::from);
     if let Some(dir) = from_env("UNDERSTUDY_CACHE") {
-        return Some(dir.join("gguf"));
+        return Some(dir);
     }
     if let Some(dir) = from_env("XDG_CACHE_HOME") {
-        return Some(dir.join("understudy").join("gguf"));
+        return Some(dir.join("understudy"));
     }
-    from_env("HOME").map(|home| home.join(".cache").join("understudy").join("gguf"))
+    from_env("HOME").map(|home| home.join(".cache").join("understudy"))
 }
 
 /// The files of `dir` that decide its conversion.
@@ -562,39 +568,12 @@ fn post_processor_adds(post: Option<&Value>, bos: Option<&str>) -> bool {
 /// The llama.cpp name of an HF tensor, `Ok(None)` for tensors llama.cpp
 /// does not use, and an error for names this converter does not know.
 fn gguf_tensor_name(name: &str) -> Result<Option<String>, String> {
-    let fixed = match name {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(fixed) = fixed {
-        return Ok(Some(fixed.to_string()));
-    }
-    let unknown = || format!("tensor `{name}` is not part of a Llama/Qwen2 decoder");
-    let rest = name.strip_prefix("model.layers.").ok_or_else(unknown)?;
-    let (layer, rest) = rest.split_once('.').ok_or_else(unknown)?;
-    let layer: usize = layer.parse().map_err(|_| unknown())?;
-    if rest.ends_with("rotary_emb.inv_freq") {
+    if name.starts_with("model.layers.") && name.ends_with("rotary_emb.inv_freq") {
         return Ok(None);
     }
-    let (module, suffix) = rest.rsplit_once('.').ok_or_else(unknown)?;
-    let gguf = match module {
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return Err(unknown()),
-    };
-    if suffix != "weight" && suffix != "bias" {
-        return Err(unknown());
-    }
-    Ok(Some(format!("blk.{layer}.{gguf}.{suffix}")))
+    understudy_types::tensor_names::gguf_tensor_name(name)
+        .map(Some)
+        .ok_or_else(|| format!("tensor `{name}` is not part of a Llama/Qwen2 decoder"))
 }
 
 /// The safetensors files holding the weights: those the index names, else all of them.

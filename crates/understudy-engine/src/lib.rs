@@ -4,14 +4,16 @@
 //!
 //! [`LlamaCppModel::load`] opens a GGUF file (memory-mapped: the weights stay
 //! quantized) or an HF Llama/Qwen2 directory (converted to a cached F16 GGUF
-//! by [`hf`]), applies an optional PEFT LoRA adapter (converted to a GGUF
-//! adapter by [`lora`]), and starts one scheduler thread that owns the
+//! by [`hf`]), either of them local or fetched from a hub by [`hub`],
+//! applies an optional PEFT LoRA adapter (converted to a GGUF adapter by
+//! [`lora`]), and starts one scheduler thread that owns the
 //! llama.cpp context and batches all concurrent requests ([`scheduler`]).
 //! Requests are read by [`request`], sampled by [`sampling`], and their text
 //! cut at stop sequences by [`text`].
 
 pub mod gguf;
 pub mod hf;
+pub mod hub;
 pub mod lora;
 pub mod requant;
 pub mod request;
@@ -82,6 +84,8 @@ pub enum EngineError {
     Convert(#[from] hf::ConvertError),
     #[error(transparent)]
     Requant(#[from] requant::RequantError),
+    #[error(transparent)]
+    Hub(#[from] hub::HubError),
 }
 
 impl From<EngineError> for ProviderError {
@@ -121,25 +125,22 @@ impl std::fmt::Debug for LlamaCppModel {
 }
 
 impl LlamaCppModel {
-    /// Loads `spec.path` (a GGUF file, or an HF Llama/Qwen2 directory, which
-    /// is converted to GGUF once and cached) and `spec.adapter` (a PEFT
-    /// directory, if any), and starts the scheduler thread. A missing,
-    /// corrupt or unconvertible file fails here, naming it.
+    /// Loads `spec.path` (a GGUF file, an HF Llama/Qwen2 directory, which
+    /// is converted to GGUF once and cached, or an `hf:` hub model, fetched
+    /// first by [`hub`]) and `spec.adapter` (a PEFT directory, if any), and
+    /// starts the scheduler thread. A missing, corrupt or unconvertible file
+    /// fails here, naming it; an unreachable hub, naming the URL.
     pub fn load(spec: &LocalModelSpec, options: &EngineOptions) -> Result<LlamaCppModel, ProviderError> {
         Ok(Self::load_engine(spec, options)?)
     }
 
     pub fn load_engine(spec: &LocalModelSpec, options: &EngineOptions) -> Result<LlamaCppModel, EngineError> {
-        let path = PathBuf::from(&spec.path);
-        if let Some(repo) = spec.path.strip_prefix("hf:") {
-            return Err(EngineError::Setup {
-                path,
-                message: format!(
-                    "hub downloads are not available: this machine reaches no model hub (HF_HUB_OFFLINE); \
-                     download `{repo}` elsewhere and set `path` to its GGUF file"
-                ),
-            });
+        if let Some(name) = spec.path.strip_prefix("hf:") {
+            let local = hub::fetch(name, &hub::HubOptions::from_env())?;
+            let local_spec = LocalModelSpec { path: local.display().to_string(), ..spec.clone() };
+            return Self::load_engine(&local_spec, options);
         }
+        let path = PathBuf::from(&spec.path);
         let path = if path.is_dir() {
             let config_path = path.join("config.json");
             if !config_path.is_file() {

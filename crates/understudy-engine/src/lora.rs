@@ -139,20 +139,6 @@ fn f16_to_f32(bits: u16) -> f32 {
     f32::from_bits(value)
 }
 
-/// The GGUF name of an HF projection inside a decoder layer.
-fn gguf_module(hf: &str) -> Option<&'static str> {
-    Some(match hf {
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    })
-}
-
 /// Rows of a `[rows, cols]` matrix reordered from HF's rotate-half layout to
 /// GGUF's interleaved one, head by head (what the HF-to-GGUF converter does to
 /// the q and k projections of Llama models).
@@ -313,7 +299,7 @@ fn parse_peft_name(name: &str) -> Option<(usize, &'static str, bool)> {
     } else {
         return None;
     };
-    Some((layer, gguf_module(module)?, is_a))
+    Some((layer, understudy_types::tensor_names::gguf_projection(module)?, is_a))
 }
 
 #[cfg(test)]

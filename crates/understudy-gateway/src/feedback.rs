@@ -18,6 +18,7 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 use understudy_types::{Feedback, FeedbackScore, OffsetDateTime, Uuid};
 
+use crate::request::{body_bytes, json_object};
 use crate::{AppState, GatewayError};
 
 /// The response header naming the call a chat completion was recorded as.
@@ -68,18 +69,7 @@ pub(crate) async fn feedback(State(state): State<AppState>, body: Result<Bytes, 
 }
 
 async fn add_feedback(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Feedback, GatewayError> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            GatewayError::PayloadTooLarge { limit: state.config().server.max_body_bytes }
-        } else {
-            GatewayError::InvalidJson(rejection.body_text())
-        }
-    })?;
-    let body = match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Object(object)) => object,
-        Ok(_) => return Err(GatewayError::InvalidJson("the body must be a JSON object".into())),
-        Err(error) => return Err(GatewayError::InvalidJson(error.to_string())),
-    };
+    let body = json_object(&body_bytes(state, body)?)?;
     let call_id = match body.get("call_id") {
         Some(Value::String(text)) => Uuid::parse_str(text.trim()).map_err(|_| {
             GatewayError::invalid(

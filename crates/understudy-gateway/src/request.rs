@@ -16,15 +16,26 @@ pub(crate) fn parse_body(
     body: Result<Bytes, BytesRejection>,
     draft: &mut CallDraft,
 ) -> Result<Map<String, Value>, GatewayError> {
-    let body = body.map_err(|rejection| {
+    let body = body_bytes(state, body)?;
+    draft.request = String::from_utf8_lossy(&body).into_owned();
+    json_object(&body)
+}
+
+/// The request's bytes, or the error a body the server could not read becomes
+/// (413 past `max_body_bytes`).
+pub(crate) fn body_bytes(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, GatewayError> {
+    body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             GatewayError::PayloadTooLarge { limit: state.config().server.max_body_bytes }
         } else {
             GatewayError::InvalidJson(rejection.body_text())
         }
-    })?;
-    draft.request = String::from_utf8_lossy(&body).into_owned();
-    match serde_json::from_slice::<Value>(&body) {
+    })
+}
+
+/// Parses a request body that must be a JSON object.
+pub(crate) fn json_object(body: &[u8]) -> Result<Map<String, Value>, GatewayError> {
+    match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(object)) => Ok(object),
         Ok(_) => Err(GatewayError::InvalidJson("the body must be a JSON object".into())),
         Err(error) => Err(GatewayError::InvalidJson(error.to_string())),

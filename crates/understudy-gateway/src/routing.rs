@@ -114,7 +114,9 @@ impl UnderstudyAttempt {
 
 impl Understudy {
     /// Asks the understudy for a complete answer, within `timeout`. An answer
-    /// is valid when it has text and, if the task lists its labels, is one.
+    /// is valid when it has text and, if the task lists its labels, is one. A
+    /// local understudy of a task with labels is asked to decode only those
+    /// ([`labels_format`]) unless the client sent a `response_format`.
     pub async fn attempt(
         &self,
         mut request: ChatRequest,
@@ -126,6 +128,12 @@ impl Understudy {
         request.body.remove("stream_options");
         // The cascade reads the understudy's confidence from its logprobs.
         request.body.entry("logprobs").or_insert(Value::Bool(true));
+        // A local model decodes only the task's labels, unless the client constrained the answer itself.
+        if let (Some(labels), AnyProvider::Local(_)) = (labels, &*self.provider) {
+            if matches!(request.body.get("response_format"), None | Some(Value::Null)) {
+                request.body.insert("response_format".into(), labels_format(labels));
+            }
+        }
         let started = Instant::now();
         let outcome = match tokio::time::timeout(timeout, self.provider.infer(request)).await {
             Err(_) => AttemptOutcome::TimedOut,
@@ -159,6 +167,14 @@ impl Understudy {
             cost: self.cost.cost(usage, elapsed),
         }
     }
+}
+
+/// The `response_format` that restricts a local model's answer to `labels`
+/// (a JSON schema whose root is an enum of strings; the answer is the bare label).
+fn labels_format(labels: &[String]) -> Value {
+    serde_json::json!({"type": "json_schema", "json_schema": {
+        "name": "label", "strict": true, "schema": {"type": "string", "enum": labels},
+    }})
 }
 
 /// The form two answers are compared in: trimmed, lower-cased, single spaces.
@@ -339,6 +355,63 @@ mod tests {
     fn answers_compare_without_case_or_spacing() {
         assert_eq!(normalize_answer("  DESC \n"), normalize_answer("desc"));
         assert_ne!(normalize_answer("DESC"), normalize_answer("DES C"));
+    }
+
+    /// A local model that answers with the `response_format` it was sent.
+    #[derive(Debug)]
+    struct EchoFormat;
+
+    impl understudy_providers::LocalModel for EchoFormat {
+        fn chat(
+            &self,
+            request: ChatRequest,
+        ) -> futures::future::BoxFuture<'_, Result<understudy_providers::ProviderResponse, ProviderError>> {
+            let format = request.body.get("response_format").cloned().unwrap_or(Value::Null);
+            let body = serde_json::json!({"choices": [{"message": {"content": format.to_string()}}]});
+            Box::pin(async move {
+                Ok(understudy_providers::ProviderResponse { body: body.to_string().into(), usage: None })
+            })
+        }
+
+        fn kind(&self) -> &'static str {
+            "echo"
+        }
+    }
+
+    #[tokio::test]
+    async fn a_local_understudy_is_asked_to_decode_only_the_labels() {
+        let provider = LocalProvider::single("local", 0.1, "echo", Arc::new(EchoFormat));
+        let understudy = Understudy {
+            name: "echo".into(),
+            provider_name: "local".into(),
+            provider: Arc::new(AnyProvider::Local(provider)),
+            request_model: "echo".into(),
+            cost: CostModel::MachineTime { price_per_hour: 0.1 },
+        };
+        let labels = vec!["bug".to_string(), "billing".to_string()];
+        let (understudy, labels) = (&understudy, &labels);
+        let sent = |extra: Value| async move {
+            let mut body = serde_json::json!({"messages": [{"role": "user", "content": "x"}]});
+            if let Value::Object(extra) = extra {
+                body.as_object_mut().into_iter().for_each(|body| body.extend(extra.clone()));
+            }
+            let request = ChatRequest { body: body.as_object().cloned().unwrap_or_default() };
+            let attempt = understudy.attempt(request, Duration::from_secs(60), Some(labels)).await;
+            serde_json::from_str::<Value>(attempt.content().unwrap_or_default()).unwrap_or(Value::Null)
+        };
+        let format = sent(Value::Null).await;
+        assert_eq!(format.pointer("/json_schema/schema/enum"), Some(&serde_json::json!(["bug", "billing"])));
+        assert_eq!(format["type"], "json_schema");
+        let own = serde_json::json!({"type": "text"});
+        assert_eq!(sent(serde_json::json!({"response_format": own.clone()})).await, own);
+        let unlabelled = understudy
+            .attempt(
+                ChatRequest { body: serde_json::json!({"messages": []}).as_object().cloned().unwrap_or_default() },
+                Duration::from_secs(60),
+                None,
+            )
+            .await;
+        assert_eq!(unlabelled.content(), Some("null"));
     }
 
     #[test]

@@ -14,7 +14,9 @@
 //!   or architectures `LlamaForCausalLM`/`Qwen2ForCausalLM`): the engine,
 //!   which converts it to a cached GGUF first;
 //! - a PEFT LoRA adapter folder (`adapter_config.json`), as `understudy train
-//!   --method lora` writes it: the engine, on the adapter's base model.
+//!   --method lora` writes it: the engine, on the adapter's base model;
+//! - `hf:org/name[@revision]` or `hf:org/name/file.gguf`: fetched from the
+//!   hub into a cache first (`understudy_engine::hub`), then any of the above.
 
 mod classifier;
 mod encoder;
@@ -23,6 +25,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
+use understudy_engine::hub::HubOptions;
 use understudy_providers::{LocalLoader, LocalModel, LocalModelSpec, ProviderError};
 
 pub use classifier::ClassifierLocal;
@@ -34,14 +37,18 @@ pub struct Loader;
 
 impl LocalLoader for Loader {
     fn load(&self, spec: &LocalModelSpec) -> Result<Arc<dyn LocalModel>, ProviderError> {
+        self.load_from(spec, &HubOptions::from_env())
+    }
+}
+
+impl Loader {
+    /// Loads `spec`, fetching an `hf:` path from the hub `hub` describes.
+    pub fn load_from(&self, spec: &LocalModelSpec, hub: &HubOptions) -> Result<Arc<dyn LocalModel>, ProviderError> {
         let setup =
             |message: String| ProviderError::Setup { provider: format!("local model `{}`", spec.name), message };
-        if let Some(repo) = spec.path.strip_prefix("hf:") {
-            return Err(setup(format!(
-                "`{}` names a model on the Hugging Face hub, which this machine cannot reach; download `{repo}` \
-                 elsewhere and set `path` to its directory",
-                spec.path
-            )));
+        if let Some(name) = spec.path.strip_prefix("hf:") {
+            let local = understudy_engine::hub::fetch(name, hub).map_err(|error| setup(error.to_string()))?;
+            return self.load_from(&LocalModelSpec { path: local.display().to_string(), ..spec.clone() }, hub);
         }
         let path = Path::new(&spec.path);
         if !path.exists() {
@@ -60,7 +67,7 @@ impl LocalLoader for Loader {
         }
         if let Some(gguf) = single_gguf(path) {
             let file_spec = LocalModelSpec { path: gguf.display().to_string(), ..spec.clone() };
-            return self.load(&file_spec);
+            return self.load_from(&file_spec, hub);
         }
         let adapter_config = path.join("adapter_config.json");
         if adapter_config.is_file() {
@@ -73,7 +80,7 @@ impl LocalLoader for Loader {
             })?;
             let base_spec =
                 LocalModelSpec { name: spec.name.clone(), path: base.to_string(), adapter: Some(path.to_path_buf()) };
-            return self.load(&base_spec);
+            return self.load_from(&base_spec, hub);
         }
         if path.join("labels.json").is_file() && path.join("manifest.json").is_file() {
             if spec.adapter.is_some() {

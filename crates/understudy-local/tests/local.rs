@@ -3,9 +3,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use common::{models_dir, Gateway};
 use serde_json::{json, Map, Value};
 use understudy_local::Loader;
 use understudy_providers::{ChatRequest, EmbeddingRequest, LocalLoader, LocalModel, LocalModelSpec};
@@ -127,7 +130,7 @@ fn bad_paths_fail_at_load_naming_the_path() {
     assert!(error(&missing.display().to_string()).contains("does not exist"));
     std::fs::create_dir_all(dir.path().join("empty")).unwrap();
     assert!(error(&dir.path().join("empty").display().to_string()).contains("neither"));
-    assert!(error("hf:org/name").contains("hub"));
+    assert!(error("hf:just-a-name").contains("org/name"), "a bad hub name fails before any download");
     std::fs::write(dir.path().join("broken.gguf"), b"not a gguf, just bytes that llama.cpp must refuse").unwrap();
     let gguf = error(&dir.path().join("broken.gguf").display().to_string());
     assert!(gguf.contains("broken.gguf"), "{gguf}");
@@ -136,12 +139,8 @@ fn bad_paths_fail_at_load_naming_the_path() {
 /// The real MiniLM: a paraphrase ranks above an unrelated sentence.
 #[tokio::test]
 async fn minilm_ranks_a_paraphrase_above_an_unrelated_sentence() {
-    let Some(models) = std::env::var_os("UNDERSTUDY_MODELS_DIR") else {
-        assert!(std::env::var_os("CI").is_none(), "CI must set UNDERSTUDY_MODELS_DIR (scripts/test.sh does)");
-        eprintln!("skipped: set UNDERSTUDY_MODELS_DIR to the folder scripts/fetch-models.sh fills");
-        return;
-    };
-    let model = load("minilm", &PathBuf::from(models).join("all-MiniLM-L6-v2"));
+    let Some(models) = models_dir() else { return };
+    let model = load("minilm", &models.join("all-MiniLM-L6-v2"));
     let request = EmbeddingRequest {
         body: object(json!({"model": "minilm", "input": [
             "How do I reset my password?",
@@ -182,9 +181,6 @@ async fn a_gateway_cascade_serves_from_a_local_classifier() {
     std::fs::write(dir.path().join("lead.jsonl"), replay).unwrap();
     let config_text = format!(
         r#"
-[store]
-url = "sqlite://{db}"
-
 [providers.recorded]
 type = "replay"
 file = "lead.jsonl"
@@ -211,34 +207,17 @@ labels = ["animal", "colour"]
 [tasks.later]
 lead = "lead"
 "#,
-        db = dir.path().join("gw.db").display(),
         classifier = classifier.display()
     );
-    let config_path = dir.path().join("understudy.toml");
-    std::fs::write(&config_path, config_text).unwrap();
-    let config = understudy_config::Config::load(&config_path).unwrap();
-    let store = understudy_store::Store::connect(&config.store.url).await.unwrap();
-    let (recorder, recorder_handle) = understudy_store::Recorder::start(
-        store.clone(),
-        understudy_store::RecorderConfig { queue_capacity: 64, batch_size: 16 },
-    );
-    let state = understudy_gateway::AppState::with_local_models(config, recorder, Some(Arc::new(Loader))).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let watch =
-        understudy_gateway::spawn_policy_watch(state.clone(), store.clone(), std::time::Duration::from_millis(50));
-    let server = tokio::spawn(understudy_gateway::serve(listener, state, async move {
-        let _ = stopped.await;
-    }));
-    let client = reqwest::Client::new();
+    let gateway = Gateway::start(dir.path(), &config_text).await;
+    let store = gateway.store.clone();
     let ask = |task: &'static str, question: &'static str| {
-        let client = client.clone();
+        let gateway = &gateway;
         async move {
             let body = json!({"model": format!("task:{task}"), "messages": [{"role": "user", "content": question}]});
-            let response = client.post(format!("http://{addr}/v1/chat/completions")).json(&body).send().await.unwrap();
-            assert_eq!(response.status(), 200);
-            response.json::<Value>().await.unwrap()
+            let (status, answer) = gateway.post("/v1/chat/completions", &body).await;
+            assert_eq!(status, 200, "{answer}");
+            answer
         }
     };
     let answer = ask("kinds", "the cat is").await;
@@ -273,14 +252,10 @@ lead = "lead"
     assert_eq!(served.pointer("/choices/0/message/content").unwrap(), "colour");
     // Asked by its own name, the local model is priced by machine time too.
     let direct = json!({"model": "tiny", "messages": [{"role": "user", "content": "the cat is"}]});
-    let response = client.post(format!("http://{addr}/v1/chat/completions")).json(&direct).send().await.unwrap();
-    assert_eq!(response.status(), 200);
+    let (status, answer) = gateway.post("/v1/chat/completions", &direct).await;
+    assert_eq!(status, 200, "{answer}");
 
-    let _ = stop.send(());
-    server.await.unwrap().unwrap();
-    watch.abort();
-    recorder_handle.shutdown().await;
-    let calls = store.list_calls(&understudy_store::CallFilter::default()).await.unwrap();
+    let calls = gateway.finish().await;
     let by_understudy: Vec<_> = calls
         .iter()
         .filter(|call| call.routing.as_ref().is_some_and(|routing| routing.served_by.as_str() == "understudy"))
@@ -308,12 +283,8 @@ fn time_now() -> time::OffsetDateTime {
 /// confidence the cascade can read.
 #[tokio::test]
 async fn smollm2_answers_within_the_labels_with_a_confidence() {
-    let Some(models) = std::env::var_os("UNDERSTUDY_MODELS_DIR") else {
-        assert!(std::env::var_os("CI").is_none(), "CI must set UNDERSTUDY_MODELS_DIR (scripts/test.sh does)");
-        eprintln!("skipped: set UNDERSTUDY_MODELS_DIR to the folder scripts/fetch-models.sh fills");
-        return;
-    };
-    let model = load("smollm2", &PathBuf::from(models).join("SmolLM2-135M-Instruct"));
+    let Some(models) = models_dir() else { return };
+    let model = load("smollm2", &models.join("SmolLM2-135M-Instruct"));
     let labels = ["LOC", "HUM", "NUM"];
     let request = ChatRequest {
         body: object(json!({"model": "smollm2", "temperature": 0, "logprobs": true, "messages": [
@@ -392,17 +363,6 @@ fn write_hf_dir(
     if shards > 1 {
         let index = json!({"metadata": {}, "weight_map": weight_map});
         std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
-    }
-}
-
-fn models_dir() -> Option<PathBuf> {
-    match std::env::var_os("UNDERSTUDY_MODELS_DIR") {
-        Some(dir) => Some(PathBuf::from(dir)),
-        None => {
-            assert!(std::env::var_os("CI").is_none(), "CI must set UNDERSTUDY_MODELS_DIR (scripts/test.sh does)");
-            eprintln!("skipped: set UNDERSTUDY_MODELS_DIR to the folder scripts/fetch-models.sh fills");
-            None
-        }
     }
 }
 

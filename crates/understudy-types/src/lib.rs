@@ -3,6 +3,8 @@
 //! These carry no wire format: the gateway owns OpenAI JSON, the store owns
 //! SQL rows, and the config crate owns TOML. This crate does no IO.
 
+pub mod tensor_names;
+
 use std::fmt;
 
 pub use time::OffsetDateTime;
