@@ -393,6 +393,17 @@ fn savings_totals_are_the_sums_of_the_days_and_payback_repays_training() {
     let last_day_net = number(&days.last().expect("a day")["net_savings"]);
     assert!(last_day_net > 0.0, "{report}");
     assert!(close(number(&totals["payback_days"]), training_cost / last_day_net), "{totals}");
+
+    // Eval prices the lead on the calls it answered only: the understudy's
+    // eight are left out of its count and of its cost per call.
+    let evaluated = workdir.run_json(&["eval", "--task", "questions", "--json"]);
+    let lead = &evaluated["lead"];
+    let n_lead = totals["calls"].as_u64().expect("calls") - 8;
+    assert_eq!(lead["answered_calls"].as_u64(), Some(n_lead), "{lead}");
+    let lead_per_1k = bracketed(&lead["cost_per_1k"], "lead cost");
+    assert!(close(lead_per_1k, number(&totals["lead_cost"]) / n_lead as f64 * 1000.0), "{lead} vs {totals}");
+    // The four calls the gateway sent to the lead carry a latency.
+    bracketed(&lead["latency_p50_ms"], "lead p50");
 }
 
 /// The real SmolLM2, zero-shot on a generation task: the report's figures
