@@ -108,22 +108,34 @@ pub struct EvalCommand {
     /// The cascade's target agreement with the lead, for choosing its threshold.
     #[arg(long, default_value_t = 0.98)]
     pub target_agreement: f64,
-    /// What an hour of the machine serving the understudy costs, in dollars.
-    #[arg(long, default_value_t = 0.10)]
-    pub machine_price_per_hour: f64,
+    /// What an hour of the machine serving the understudy costs, in dollars,
+    /// charged on the CPU time spent answering (default: the config's local
+    /// provider's `machine_price_per_hour`, else 0.10).
+    #[arg(long)]
+    pub machine_price_per_hour: Option<f64>,
+    /// Generation tasks: the most tokens an answer may have (default: room
+    /// for the longest reference answer of the test and validation splits).
+    #[arg(long)]
+    pub max_tokens: Option<u64>,
     /// Seed of the bootstrap resampling.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
     #[arg(long)]
     pub json: bool,
-    /// Also evaluate an untuned causal LM zero-shot, constrained to the task's
-    /// labels: a GGUF file, an HF directory, or a local model of the config.
+    /// Also evaluate an untuned causal LM zero-shot (constrained to the task's
+    /// labels on a label task, free at temperature 0 on a generation task): a
+    /// GGUF file, an HF directory, or a local model of the config.
     #[arg(long)]
     pub zero_shot: Option<String>,
     /// Also write a self-contained HTML report (confusion matrices, the
     /// cascade's coverage-agreement curve) to this file.
     #[arg(long)]
     pub html: Option<PathBuf>,
+    /// Also write every test answer as JSONL to this file: the model, the
+    /// prompt text, the lead's answer, the model's, its confidence and
+    /// whether they agree.
+    #[arg(long)]
+    pub answers: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -7,6 +7,7 @@ use understudy_eval::CascadeOutcome;
 /// What the eval page plots for one model.
 pub struct ModelPlots<'a> {
     pub name: &'a str,
+    /// Empty for a generation task: no confusion matrix then.
     pub labels: &'a [String],
     /// Rows: the lead's label, columns: the model's.
     pub confusion: &'a [Vec<usize>],
@@ -31,13 +32,17 @@ pub fn page_start(title: &str) -> String {
 }
 
 /// The eval report: the terminal text, then per model a confusion heatmap
-/// and the cascade's coverage-agreement curve with the chosen point.
+/// (label tasks) and the cascade's coverage-agreement curve with the chosen
+/// point.
 pub fn eval_page(task: &str, text: &str, models: &[ModelPlots<'_>]) -> String {
     let mut html = page_start(&format!("Understudy eval: task {task}"));
     let _ = write!(html, "<pre>{}</pre>", escape(text));
     for model in models {
-        let _ = write!(html, "<h2>{}</h2><h3>Confusion (rows: lead, columns: understudy)</h3>", escape(model.name));
-        html.push_str(&confusion_table(model.labels, model.confusion));
+        let _ = write!(html, "<h2>{}</h2>", escape(model.name));
+        if !model.labels.is_empty() {
+            html.push_str("<h3>Confusion (rows: lead, columns: understudy)</h3>");
+            html.push_str(&confusion_table(model.labels, model.confusion));
+        }
         html.push_str("<h3>Cascade: coverage against agreement on test</h3>");
         html.push_str(&curve_svg(model.curve, model.chosen));
     }

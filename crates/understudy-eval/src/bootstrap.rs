@@ -36,24 +36,58 @@ pub fn bootstrap<F>(n_items: usize, n_resamples: usize, level: f64, seed: u64, s
 where
     F: Fn(&[usize]) -> f64,
 {
+    let estimates = bootstrap_many(n_items, n_resamples, level, seed, |indices| vec![statistic(indices)]);
+    estimates
+        .into_iter()
+        .next()
+        .unwrap_or(Estimate { value: f64::NAN, interval: ConfidenceInterval { low: f64::NAN, high: f64::NAN, level } })
+}
+
+/// Several statistics over the same examples, each with its interval, from
+/// one set of resamples: `statistic` returns one value per figure (always as
+/// many), so figures computed together (precision and recall of every label,
+/// a cascade's coverage and agreement) are resampled together.
+pub fn bootstrap_many<F>(n_items: usize, n_resamples: usize, level: f64, seed: u64, statistic: F) -> Vec<Estimate>
+where
+    F: Fn(&[usize]) -> Vec<f64>,
+{
     let all: Vec<usize> = (0..n_items).collect();
-    let value = statistic(&all);
+    let values = statistic(&all);
+    let point = |value: f64| Estimate { value, interval: ConfidenceInterval { low: value, high: value, level } };
     if n_items == 0 || n_resamples == 0 {
-        return Estimate { value, interval: ConfidenceInterval { low: value, high: value, level } };
+        return values.into_iter().map(point).collect();
     }
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut resampled = Vec::with_capacity(n_resamples);
+    let mut resampled: Vec<Vec<f64>> = vec![Vec::with_capacity(n_resamples); values.len()];
     let mut indices = vec![0; n_items];
     for _ in 0..n_resamples {
         for slot in indices.iter_mut() {
             *slot = rng.gen_range(0..n_items);
         }
-        resampled.push(statistic(&indices));
+        for (figure, value) in resampled.iter_mut().zip(statistic(&indices)) {
+            figure.push(value);
+        }
     }
     let tail = (1.0 - level) / 2.0;
-    let low = crate::quantile(&resampled, tail).unwrap_or(value);
-    let high = crate::quantile(&resampled, 1.0 - tail).unwrap_or(value);
-    Estimate { value, interval: ConfidenceInterval { low, high, level } }
+    values
+        .into_iter()
+        .zip(resampled)
+        .map(|(value, samples)| {
+            let low = crate::quantile(&samples, tail).unwrap_or(value);
+            let high = crate::quantile(&samples, 1.0 - tail).unwrap_or(value);
+            Estimate { value, interval: ConfidenceInterval { low, high, level } }
+        })
+        .collect()
+}
+
+/// The `q`-quantile of `values` (a latency percentile, say) with its
+/// interval; `None` when there are no values.
+pub fn bootstrap_quantile(values: &[f64], q: f64, n_resamples: usize, level: f64, seed: u64) -> Option<Estimate> {
+    crate::quantile(values, q)?;
+    Some(bootstrap(values.len(), n_resamples, level, seed, |indices| {
+        let sample: Vec<f64> = indices.iter().map(|&idx| values[idx]).collect();
+        crate::quantile(&sample, q).unwrap_or(f64::NAN)
+    }))
 }
 
 #[cfg(test)]
@@ -83,5 +117,32 @@ mod tests {
         assert_eq!(bootstrap_mean(&scores, 200, 0.95, 1), bootstrap_mean(&scores, 200, 0.95, 1));
         let constant = bootstrap_mean(&[1.0; 10], 200, 0.95, 1);
         assert_eq!((constant.interval.low, constant.interval.high), (1.0, 1.0));
+    }
+
+    #[test]
+    fn figures_resampled_together_match_their_single_bootstraps() {
+        let scores = [1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.5, 0.25];
+        let mean = |indices: &[usize]| indices.iter().map(|&idx| scores[idx]).sum::<f64>() / indices.len() as f64;
+        let max = |indices: &[usize]| indices.iter().map(|&idx| scores[idx]).fold(f64::MIN, f64::max);
+        let many = bootstrap_many(scores.len(), 300, 0.95, 11, |indices| vec![mean(indices), max(indices)]);
+        assert_eq!(many.len(), 2);
+        assert_eq!(many[0], bootstrap(scores.len(), 300, 0.95, 11, mean));
+        assert_eq!(many[1], bootstrap(scores.len(), 300, 0.95, 11, max));
+        assert_eq!(many[0].value, 4.75 / 8.0);
+        assert_eq!(many[1].value, 1.0);
+    }
+
+    #[test]
+    fn a_quantile_has_an_interval_around_it() {
+        let latencies: Vec<f64> = (1..=100).map(f64::from).collect();
+        let median = bootstrap_quantile(&latencies, 0.5, 500, 0.95, 3).expect("values");
+        // Linear interpolation between the 50th and 51st values.
+        assert_eq!(median.value, 50.5);
+        assert!(median.interval.low < 50.5 && 50.5 < median.interval.high, "{median:?}");
+        assert!(median.interval.low >= 35.0 && median.interval.high <= 66.0, "{median:?}");
+        let p95 = bootstrap_quantile(&latencies, 0.95, 500, 0.95, 3).expect("values");
+        assert!((p95.value - 95.05).abs() < 1e-9);
+        assert!(p95.interval.low <= p95.value && p95.value <= p95.interval.high);
+        assert_eq!(bootstrap_quantile(&[], 0.5, 500, 0.95, 3), None);
     }
 }

@@ -4,6 +4,8 @@
 //! threshold; otherwise the lead answers. On the calls the lead answers, the
 //! served answer *is* the lead's, so it agrees by definition.
 
+use crate::bootstrap::{bootstrap_many, Estimate};
+
 /// One understudy answer: how sure it was, and whether it matched the lead.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ScoredAnswer {
@@ -46,15 +48,90 @@ pub fn choose_threshold(validation: &[ScoredAnswer], target: f64) -> Option<f64>
 
 /// Coverage and agreement of `answers` at `threshold`.
 pub fn evaluate_cascade(answers: &[ScoredAnswer], threshold: f64) -> CascadeOutcome {
-    let n_answers = answers.len().max(1) as f64;
-    let served: Vec<&ScoredAnswer> = answers.iter().filter(|answer| answer.confidence >= threshold).collect();
-    let n_served_agree = served.iter().filter(|answer| answer.agrees).count();
-    let n_fallback = answers.len() - served.len();
+    outcome_of(answers.iter(), threshold)
+}
+
+fn outcome_of<'a>(answers: impl Iterator<Item = &'a ScoredAnswer>, threshold: f64) -> CascadeOutcome {
+    let (mut n_answers, mut n_served, mut n_served_agree) = (0usize, 0usize, 0usize);
+    for answer in answers {
+        n_answers += 1;
+        if answer.confidence >= threshold {
+            n_served += 1;
+            n_served_agree += usize::from(answer.agrees);
+        }
+    }
+    let n_fallback = n_answers - n_served;
+    let n_answers = n_answers.max(1) as f64;
     CascadeOutcome {
         threshold,
-        coverage: served.len() as f64 / n_answers,
-        served_agreement: if served.is_empty() { 1.0 } else { n_served_agree as f64 / served.len() as f64 },
+        coverage: n_served as f64 / n_answers,
+        served_agreement: if n_served == 0 { 1.0 } else { n_served_agree as f64 / n_served as f64 },
         overall_agreement: (n_served_agree + n_fallback) as f64 / n_answers,
+    }
+}
+
+/// A threshold judged on test answers, every figure with its interval, and
+/// what the cascade saves per 1,000 calls.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CascadeReport {
+    pub threshold: f64,
+    pub coverage: Estimate,
+    pub served_agreement: Estimate,
+    pub overall_agreement: Estimate,
+    /// The lead's cost of the calls the understudy serves: coverage times
+    /// the lead's cost per 1,000 calls.
+    pub lead_cost_avoided_per_1k: Estimate,
+    /// The understudy's compute: it answers every call first.
+    pub understudy_cost_per_1k: Estimate,
+    /// Avoided minus the understudy's compute.
+    pub net_saved_per_1k: Estimate,
+    /// Net saved as a share of the lead's cost (0 when the lead costs nothing).
+    pub net_saved_share: Estimate,
+}
+
+impl CascadeReport {
+    /// The point values, as a curve point.
+    pub fn outcome(&self) -> CascadeOutcome {
+        CascadeOutcome {
+            threshold: self.threshold,
+            coverage: self.coverage.value,
+            served_agreement: self.served_agreement.value,
+            overall_agreement: self.overall_agreement.value,
+        }
+    }
+}
+
+/// `threshold` on test `answers`, with `understudy_costs[i]` the measured
+/// cost of answer `i` and `lead_cost_per_call` what the lead charges for a
+/// call. The calls are resampled once for every figure.
+pub fn cascade_report(
+    answers: &[ScoredAnswer],
+    understudy_costs: &[f64],
+    threshold: f64,
+    lead_cost_per_call: f64,
+    n_resamples: usize,
+    seed: u64,
+) -> CascadeReport {
+    let n_items = answers.len().min(understudy_costs.len());
+    let lead_per_1k = lead_cost_per_call * 1000.0;
+    let figures = bootstrap_many(n_items, n_resamples, 0.95, seed, |indices| {
+        let outcome = outcome_of(indices.iter().map(|&idx| &answers[idx]), threshold);
+        let understudy =
+            indices.iter().map(|&idx| understudy_costs[idx]).sum::<f64>() * 1000.0 / indices.len().max(1) as f64;
+        let avoided = outcome.coverage * lead_per_1k;
+        let net = avoided - understudy;
+        let share = if lead_per_1k > 0.0 { net / lead_per_1k } else { 0.0 };
+        vec![outcome.coverage, outcome.served_agreement, outcome.overall_agreement, avoided, understudy, net, share]
+    });
+    CascadeReport {
+        threshold,
+        coverage: figures[0],
+        served_agreement: figures[1],
+        overall_agreement: figures[2],
+        lead_cost_avoided_per_1k: figures[3],
+        understudy_cost_per_1k: figures[4],
+        net_saved_per_1k: figures[5],
+        net_saved_share: figures[6],
     }
 }
 
@@ -104,5 +181,30 @@ mod tests {
         assert_eq!(curve.len(), 4);
         assert_eq!(curve[0].coverage, 0.25);
         assert_eq!(curve[3].coverage, 1.0);
+    }
+
+    #[test]
+    fn a_cascade_report_prices_what_it_serves() {
+        let test = answers(&[(0.95, true), (0.92, false), (0.5, false), (0.3, true)]);
+        // The understudy costs $0.0001 a call; the lead $0.002.
+        let costs = [0.0001; 4];
+        let report = cascade_report(&test, &costs, 0.9, 0.002, 400, 5);
+        assert_eq!(report.outcome(), evaluate_cascade(&test, 0.9));
+        // Half the calls served: $1 of the lead's $2 per 1k avoided, $0.10 of compute.
+        assert!((report.lead_cost_avoided_per_1k.value - 1.0).abs() < 1e-12);
+        assert!((report.understudy_cost_per_1k.value - 0.1).abs() < 1e-12);
+        assert!((report.net_saved_per_1k.value - 0.9).abs() < 1e-12);
+        assert!((report.net_saved_share.value - 0.45).abs() < 1e-12);
+        // The compute is the same on every call: no spread.
+        let compute = report.understudy_cost_per_1k.interval;
+        assert!((compute.low - 0.1).abs() < 1e-12 && (compute.high - 0.1).abs() < 1e-12);
+        for figure in [report.coverage, report.served_agreement, report.overall_agreement, report.net_saved_per_1k] {
+            assert!(figure.interval.low <= figure.value && figure.value <= figure.interval.high, "{figure:?}");
+        }
+        assert!(report.coverage.interval.low < 0.5 && report.coverage.interval.high > 0.5);
+        // A free lead: nothing to save, the compute is a loss.
+        let free = cascade_report(&test, &costs, 0.9, 0.0, 50, 5);
+        assert!((free.net_saved_per_1k.value + 0.1).abs() < 1e-12);
+        assert_eq!(free.net_saved_share.value, 0.0);
     }
 }

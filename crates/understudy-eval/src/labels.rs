@@ -3,16 +3,17 @@
 
 use std::collections::BTreeSet;
 
-use crate::bootstrap::{bootstrap, Estimate};
+use crate::bootstrap::{bootstrap, bootstrap_many, Estimate};
 
-/// Precision, recall and F1 of one label. A label never predicted has
-/// precision 0; a label absent from the reference has recall 0.
+/// Precision, recall and F1 of one label, each with its interval. A label
+/// never predicted has precision 0; a label absent from the reference has
+/// recall 0.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LabelMetrics {
     pub label: String,
-    pub precision: f64,
-    pub recall: f64,
-    pub f1: f64,
+    pub precision: Estimate,
+    pub recall: Estimate,
+    pub f1: Estimate,
     /// Reference examples with this label.
     pub support: usize,
 }
@@ -52,13 +53,27 @@ pub fn label_report(reference: &[String], predicted: &[String], n_resamples: usi
         let confusion = confusion_of(indices.iter().map(|&idx| pairs[idx]), n_labels);
         macro_f1_of(&confusion, &present_in_reference(indices.iter().map(|&idx| pairs[idx].0), n_labels))
     });
+    // Precision, recall and F1 of every label, resampled together.
+    let per_label_estimates = bootstrap_many(n_examples, n_resamples, 0.95, seed.wrapping_add(2), |indices| {
+        let confusion = confusion_of(indices.iter().map(|&idx| pairs[idx]), n_labels);
+        (0..n_labels)
+            .flat_map(|idx| {
+                let (precision, recall, f1) = precision_recall_f1(&confusion, idx);
+                [precision, recall, f1]
+            })
+            .collect()
+    });
     let confusion = confusion_of(pairs.iter().copied(), n_labels);
     let per_label = labels
         .iter()
+        .zip(per_label_estimates.chunks_exact(3))
         .enumerate()
-        .map(|(idx, label)| {
-            let (precision, recall, f1) = precision_recall_f1(&confusion, idx);
-            LabelMetrics { label: label.clone(), precision, recall, f1, support: confusion[idx].iter().sum() }
+        .map(|(idx, (label, figures))| LabelMetrics {
+            label: label.clone(),
+            precision: figures[0],
+            recall: figures[1],
+            f1: figures[2],
+            support: confusion[idx].iter().sum(),
         })
         .collect();
     LabelReport { n_examples, accuracy, macro_f1, per_label, labels, confusion }
@@ -120,9 +135,16 @@ mod tests {
         // A: p = 2/2, r = 2/3, f1 = 0.8. B: p = 1/2, r = 1/2, f1 = 0.5. C: p = 1/2, r = 1, f1 = 2/3.
         let expected_f1 = [0.8, 0.5, 2.0 / 3.0];
         for (metrics, expected) in report.per_label.iter().zip(expected_f1) {
-            assert!((metrics.f1 - expected).abs() < 1e-12, "{metrics:?}");
+            assert!((metrics.f1.value - expected).abs() < 1e-12, "{metrics:?}");
+            for figure in [metrics.precision, metrics.recall, metrics.f1] {
+                assert!(figure.interval.low <= figure.value && figure.value <= figure.interval.high, "{metrics:?}");
+            }
         }
-        assert!((report.per_label[0].recall - 2.0 / 3.0).abs() < 1e-12);
+        assert!((report.per_label[0].recall.value - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(report.per_label[0].precision.value, 1.0);
+        // B's recall (1/2 on two examples) varies with the resample.
+        let b_recall = report.per_label[1].recall.interval;
+        assert!(b_recall.low < 0.5 && b_recall.high > 0.5, "{b_recall:?}");
         assert_eq!(report.per_label[1].support, 2);
         assert!((report.macro_f1.value - (0.8 + 0.5 + 2.0 / 3.0) / 3.0).abs() < 1e-12);
         assert_eq!(report.confusion, vec![vec![2, 1, 0], vec![0, 1, 1], vec![0, 0, 1]]);

@@ -6,8 +6,8 @@ pub mod calibrate;
 pub mod generation;
 pub mod labels;
 
-pub use bootstrap::{bootstrap_mean, ConfidenceInterval, Estimate};
-pub use calibrate::{choose_threshold, CascadeOutcome, ScoredAnswer};
+pub use bootstrap::{bootstrap, bootstrap_many, bootstrap_mean, bootstrap_quantile, ConfidenceInterval, Estimate};
+pub use calibrate::{cascade_report, choose_threshold, CascadeOutcome, CascadeReport, ScoredAnswer};
 pub use labels::{LabelMetrics, LabelReport};
 
 /// The `q`-quantile (0..=1) of `values` by linear interpolation; `None` when empty.
