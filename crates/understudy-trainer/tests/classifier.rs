@@ -229,7 +229,7 @@ fn early_stopping_ends_a_run_that_stops_improving_and_keeps_its_best_epoch() -> 
         rows.into_iter()
             .map(|row| {
                 state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                let label = if (state >> 40) % 2 == 0 { "animal" } else { "colour" };
+                let label = if (state >> 40).is_multiple_of(2) { "animal" } else { "colour" };
                 LabeledText { text: row.text, label: label.to_string() }
             })
             .collect()
