@@ -67,11 +67,13 @@ pub async fn run(config_path: &Path, command: CallsCommand) -> anyhow::Result<()
             let mut filter = call_filter(&filter)?;
             filter.status.get_or_insert(StatusFilter::Ok);
             let calls = store.list_calls(&filter).await?;
+            let ids: Vec<_> = calls.iter().map(|call| call.id).collect();
+            let feedback = store.latest_feedback(&ids).await?;
             let mut lines = String::new();
             let mut n_exported = 0;
             for call in &calls {
                 if let Some(example) = ChatExample::from_call(call) {
-                    lines.push_str(&example.to_line());
+                    lines.push_str(&example.with_feedback(feedback.get(&call.id)).to_line());
                     lines.push('\n');
                     n_exported += 1;
                 }

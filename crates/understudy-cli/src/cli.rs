@@ -193,6 +193,19 @@ pub struct TrainCommand {
     /// Forward passes per optimizer step.
     #[arg(long)]
     pub grad_accum: Option<usize>,
+    /// Stop after this many epochs without a better validation score (the
+    /// task metric: accuracy for labels, token F1 of a greedy decode for
+    /// generation; ties go to the lower validation loss).
+    #[arg(long)]
+    pub patience: Option<usize>,
+    /// LoRA: measure the task metric on the first N validation rows after
+    /// every epoch (0: validation loss only).
+    #[arg(long, default_value_t = 64)]
+    pub metric_rows: usize,
+    /// LoRA on a generation task: the greedy decode the token F1 scores stops
+    /// after N new tokens.
+    #[arg(long, default_value_t = 48, value_parser = clap::value_parser!(u64).range(1..))]
+    pub metric_max_tokens: u64,
     /// Where the trained model goes (default: understudies/TASK/DATASET-METHOD next to the datasets).
     #[arg(long)]
     pub output: Option<PathBuf>,

@@ -12,7 +12,8 @@ use anyhow::Context;
 use serde_json::{json, Value};
 use understudy_config::Config;
 use understudy_datasets::build::{
-    build_dataset, eligible_calls, examples_from_calls, BuildConfig, BuildInput, BuiltDataset, DatasetSource, Manifest,
+    build_dataset, eligible_calls, eligible_examples, examples_from_calls, BuildConfig, BuildInput, BuiltDataset,
+    DatasetSource, Manifest,
 };
 use understudy_datasets::dedup::NearDupConfig;
 use understudy_datasets::files::{read_manifest, read_split, write_dataset};
@@ -47,15 +48,11 @@ async fn run_with_store(config: &Config, store: &Store, command: DatasetCommand)
                 let hint = if config.tasks.contains_key(&task) { "" } else { ", and it is not in the config" };
                 anyhow::bail!("task `{task}` has no successful chat calls in the store{hint}");
             }
-            let feedback: HashMap<_, _> = store
-                .task_feedback(&task)
-                .await?
-                .into_iter()
-                .map(|(call_id, feedback)| (call_id, feedback.score))
-                .collect();
-            let (calls, feedback) = eligible_calls(calls, &feedback);
+            let verdicts = store.task_feedback(&task).await?;
+            let scores: HashMap<_, _> = verdicts.iter().map(|(call_id, feedback)| (*call_id, feedback.score)).collect();
+            let (calls, feedback) = eligible_calls(calls, &scores);
             // Calls all rated negative leave nothing: the build says so, feedback counted.
-            let (examples, n_unreadable) = examples_from_calls(&calls);
+            let (examples, n_unreadable) = examples_from_calls(&calls, &verdicts);
             let built_at = OffsetDateTime::now_utc();
             let built =
                 build_dataset(BuildInput { task, examples, n_unreadable, feedback, config: build_config, built_at })?;
@@ -67,12 +64,14 @@ async fn run_with_store(config: &Config, store: &Store, command: DatasetCommand)
             if examples.is_empty() {
                 anyhow::bail!("{} holds no examples", file.display());
             }
+            // Lines carrying feedback (`metadata.feedback`) count as calls rated so.
+            let (examples, feedback) = eligible_examples(examples);
             let built_at = OffsetDateTime::now_utc();
             let built = build_dataset(BuildInput {
                 task,
                 examples,
                 n_unreadable: 0,
-                feedback: Default::default(),
+                feedback,
                 config: build_config,
                 built_at,
             })?;

@@ -31,6 +31,7 @@ pub async fn run(config_path: &Path, command: ImportCommand) -> anyhow::Result<E
     // Lines without a time keep their order: each is one millisecond after the last.
     let import_started = OffsetDateTime::now_utc();
     let mut calls = Vec::with_capacity(read.examples.len());
+    let mut feedback = Vec::new();
     for (example_idx, (line_no, example)) in read.examples.iter().enumerate() {
         let model = example.model.clone().or_else(|| default_model.clone()).with_context(|| {
             format!(
@@ -50,20 +51,25 @@ pub async fn run(config_path: &Path, command: ImportCommand) -> anyhow::Result<E
         };
         let created_at =
             example.created_at.unwrap_or_else(|| import_started + time::Duration::milliseconds(example_idx as i64));
-        calls.push(example.to_call(ImportContext {
+        let call = example.to_call(ImportContext {
             task: Some(command.task.clone()),
             cost: cost_of(&config, &model, usage),
             model,
             usage,
             usage_source,
             created_at,
-        }));
+        });
+        // A verdict without a time is taken as given when the call was made.
+        feedback.extend(example.feedback.as_ref().map(|verdict| verdict.to_feedback(call.id, created_at)));
+        calls.push(call);
     }
     let store = open_store(&config).await?;
     // One transaction: a failure part-way leaves nothing half-imported.
-    store.insert_calls(&calls).await.context("import failed; nothing was imported")?;
+    store.insert_calls_with_feedback(&calls, &feedback).await.context("import failed; nothing was imported")?;
     store.close().await;
-    println!("imported {} calls into task `{}` from {file_label}", calls.len(), command.task);
+    let with_feedback =
+        if feedback.is_empty() { String::new() } else { format!(" ({} with feedback)", feedback.len()) };
+    println!("imported {} calls{with_feedback} into task `{}` from {file_label}", calls.len(), command.task);
     if read.bad_lines.is_empty() {
         Ok(ExitCode::SUCCESS)
     } else {

@@ -11,7 +11,7 @@ use understudy_datasets::jsonl::ChatExample;
 use understudy_datasets::kind::normalize_label;
 use understudy_store::{DatasetRecord, ModelVersionRecord};
 use understudy_trainer::{
-    prompt_text, train_classifier, train_lora, ChatRow, ClassifierTrainConfig, LabeledText, LoraTrainConfig,
+    prompt_text, train_classifier, train_lora, ChatRow, ClassifierTrainConfig, LabeledText, LoraTrainConfig, TaskMetric,
 };
 use understudy_types::{OffsetDateTime, TaskKind};
 
@@ -73,6 +73,9 @@ pub async fn run(config_path: &Path, command: TrainCommand) -> anyhow::Result<()
         train_config.learning_rate = learning_rate;
     }
     train_config.train_top_layers = command.train_top_layers;
+    if let Some(patience) = command.patience {
+        train_config.patience = patience;
+    }
     eprintln!(
         "training a classifier for task `{}` on dataset {} ({} train, {} validation rows) from {}",
         dataset.task,
@@ -249,6 +252,24 @@ async fn run_lora(
             targets.iter().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
     }
     train_config.max_steps = command.max_steps;
+    if let Some(patience) = command.patience {
+        train_config.patience = patience;
+    }
+    train_config.metric_rows = command.metric_rows;
+    train_config.task_metric = match dataset.kind {
+        // The labels eval constrains a causal LM to: every answer of the train split.
+        TaskKind::Label => TaskMetric::LabelAccuracy {
+            labels: train
+                .iter()
+                .map(|row| normalize_label(&row.answer))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+        },
+        TaskKind::Generation => {
+            TaskMetric::TokenF1 { max_new_tokens: usize::try_from(command.metric_max_tokens).unwrap_or(usize::MAX) }
+        }
+    };
     if let Some(seq_len) = command.seq_len {
         train_config.seq_len = seq_len;
     }
@@ -274,8 +295,11 @@ async fn run_lora(
     }
     let metrics = json!({
         "initial_validation_loss": report.initial_validation_loss,
+        "task_metric": report.task_metric_name,
+        "initial_task_metric": report.initial_task_metric,
         "best_epoch": report.best_epoch,
         "best_validation_loss": report.best_validation_loss,
+        "best_task_metric": report.best_task_metric,
         "epochs": report.epochs,
         "steps": report.steps,
         "stopped_early": report.stopped_early,
@@ -294,6 +318,11 @@ async fn run_lora(
             report.best_validation_loss.unwrap_or(f64::NAN),
             report.best_epoch
         );
+        if let (Some(name), Some(initial), Some(best)) =
+            (report.task_metric_name, report.initial_task_metric, report.best_task_metric)
+        {
+            println!("    {name} {initial:.4} before training, {best:.4} at the best epoch");
+        }
         println!(
             "    {} steps in {:.0}s ({:.0} tokens/s); saved in {}",
             report.steps, report.wall_seconds, report.tokens_per_second, version.path

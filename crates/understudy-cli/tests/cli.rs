@@ -139,14 +139,18 @@ fn a_config_error_names_the_key_and_line_and_exits_non_zero() {
 #[test]
 fn import_then_export_round_trips_losslessly() {
     let workdir = Workdir::new("");
-    let lines = vec![
+    let mut lines = vec![
         example("Who wrote Hamlet?", "HUM", "2026-10-01T09:00:00.250Z"),
         example("How far is the Moon?", "NUM", "2026-10-02T09:00:00Z"),
         example("What is a quark?", "DESC", "2026-10-03T09:00:00Z"),
     ];
+    // Feedback verdicts ride in `metadata` and come back out unchanged.
+    lines[0]["metadata"] =
+        json!({"feedback": "positive", "feedback_comment": "spot on", "feedback_at": "2026-10-01T10:00:00.125Z"});
+    lines[2]["metadata"] = json!({"feedback": "negative", "feedback_at": "2026-10-04T09:00:00Z"});
     lines_file(&workdir.path("in.jsonl"), &lines);
     let stdout = workdir.run_ok(&["import", "--task", "trec", "in.jsonl"]);
-    assert!(stdout.contains("imported 3 calls"), "{stdout}");
+    assert!(stdout.contains("imported 3 calls (2 with feedback)"), "{stdout}");
     let exported = workdir.run_ok(&["calls", "export", "--task", "trec"]);
     let expected: String = lines.iter().map(|line| format!("{line}\n")).collect();
     assert_eq!(exported, expected);

@@ -258,6 +258,43 @@ fn feedback_decides_which_calls_a_dataset_learns_from() {
     let mut expected: Vec<String> = endorsed.iter().map(|question| question.to_string()).collect();
     expected.sort();
     assert_eq!(questions, expected);
+    // Each row carries its call's verdict in `metadata`.
+    for line in rows.lines() {
+        let row: Value = serde_json::from_str(line).expect("row");
+        assert_eq!(row["metadata"]["feedback"], "positive", "{line}");
+        assert!(row["metadata"]["feedback_at"].as_str().is_some_and(|at| at.ends_with('Z')), "{line}");
+    }
+
+    // `calls export` carries the verdict that counts on every rated call;
+    // importing the export into a fresh store brings the verdicts back, so
+    // the export after it is the same and the same dataset is built from it.
+    let exported = workdir.run_ok(&["calls", "export", "--task", "trec"]);
+    let verdicts: std::collections::BTreeMap<String, Value> = exported
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).expect("line"))
+        .filter(|line| !line["metadata"].is_null())
+        .map(|line| (line["messages"][1]["content"].as_str().expect("question").to_string(), line["metadata"].clone()))
+        .collect();
+    let rated = ["Who discovered Hamlet?", "What is a quark?", "How far away is the Moon?", "Where is Everest?"];
+    assert_eq!(verdicts.len(), 6, "{verdicts:?}");
+    for question in rated {
+        assert_eq!(verdicts[question]["feedback"], "positive", "{question}");
+    }
+    assert_eq!(verdicts["What is zinc?"]["feedback"], "negative");
+    assert_eq!(verdicts["Where is Lisbon?"]["feedback"], "negative");
+    assert_eq!(verdicts["Where is Lisbon?"]["feedback_comment"], "it is in Portugal, not a label");
+    std::fs::write(workdir.path("exported.jsonl"), &exported).expect("write");
+    std::fs::remove_file(workdir.path("calls.db")).expect("fresh store");
+    let imported = workdir.run_ok(&["import", "--task", "trec", "exported.jsonl"]);
+    assert!(imported.contains("imported 40 calls (6 with feedback)"), "{imported}");
+    assert_eq!(workdir.run_ok(&["calls", "export", "--task", "trec"]), exported);
+    let rebuilt = workdir.run_ok(&["dataset", "build", "--task", "trec"]);
+    let id_of = |built: &str| built.lines().next().and_then(|line| line.split_whitespace().nth(1)).map(str::to_string);
+    assert_eq!(id_of(&rebuilt), id_of(&only_endorsed), "{rebuilt}");
+    // `dataset import` reads the verdicts too: only the endorsed lines are rows.
+    let from_file = workdir.run_ok(&["dataset", "import", "--task", "trec", "exported.jsonl"]);
+    assert!(from_file.contains("only positively rated calls are used"), "{from_file}");
+    assert_eq!(export_all(&from_file).lines().count(), 4);
 
     // Bad feedback is an error and a non-zero exit.
     let error = workdir.run_err(&["feedback", "--call", &ids["What is zinc?"], "--score", "meh"]);

@@ -287,3 +287,135 @@ path = "tiny-bert"
     assert!(String::from_utf8_lossy(&no_path.stderr).contains("[models.replayed] has no `path`"));
     assert_eq!(model_versions(path, "questions").len(), 3);
 }
+
+/// The words of `setup`'s calls, for a tiny Llama's tokenizer.
+fn llama_words() -> Vec<&'static str> {
+    let mut words = vec!["system", "user", "assistant", "Label", "the", "question", ".", "HUM", "LOC", "NUM"];
+    words.extend(WORDS);
+    words
+}
+
+#[test]
+fn a_lora_run_names_its_dataset_in_its_manifest_and_model_version() {
+    let dir = setup();
+    let path = dir.path();
+    understudy_trainer::testing::write_tiny_llama_dir(&path.join("tiny-llama"), &llama_words(), 7).expect("llama");
+    let dataset_of = |task: &str| -> String {
+        run_ok(path, &["import", "--task", task, "calls.jsonl"]);
+        let built = run_ok(path, &["dataset", "build", "--task", task, "--near-dup-threshold", "1.0", "--json"]);
+        let manifest: Value = serde_json::from_str(&built).expect("json");
+        manifest["id"].as_str().expect("id").to_string()
+    };
+
+    // A label task: accuracy of the most likely label after every epoch.
+    let dataset_id = dataset_of("questions");
+    let args = ["train", "--task", "questions", "--method", "lora", "--base", "tiny-llama", "--epochs", "2"];
+    let trained: Value = serde_json::from_str(run_ok(path, &[&args[..], &["--json"]].concat()).trim()).expect("json");
+    let version = trained["model_version"].as_str().expect("version id");
+    let run_dir = std::path::PathBuf::from(trained["path"].as_str().expect("path"));
+    assert!(run_dir.join("adapter_config.json").is_file() && run_dir.join("adapter_model.safetensors").is_file());
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("manifest.json")).expect("manifest")).expect("json");
+    assert_eq!(manifest["dataset_id"], json!(dataset_id), "the manifest names its dataset");
+    assert_eq!(manifest["method"], "lora");
+    assert!(manifest["report"]["wall_seconds"].as_f64().is_some() && manifest["hyperparameters"]["epochs"] == 2);
+    let report = &manifest["report"];
+    assert_eq!(report["task_metric_name"], "label_accuracy");
+    let epochs = report["epochs"].as_array().expect("epochs");
+    assert_eq!(epochs.len(), 2, "{report}");
+    for epoch in epochs {
+        let accuracy = epoch["task_metric"].as_f64().expect("accuracy every epoch");
+        assert!((0.0..=1.0).contains(&accuracy), "{epoch}");
+        assert!(epoch["validation_loss"].as_f64().is_some(), "{epoch}");
+    }
+    let labels = &manifest["hyperparameters"]["task_metric"]["labels"];
+    assert_eq!(labels, &json!(["HUM", "LOC", "NUM"]), "the candidates are the train split's answers");
+
+    let versions = model_versions(path, "questions");
+    assert_eq!(versions.len(), 1);
+    assert_eq!(versions[0].id, version);
+    assert_eq!(versions[0].dataset_id, dataset_id, "the model version names its dataset");
+    assert_eq!(versions[0].method, "lora");
+    assert_eq!(std::fs::canonicalize(&versions[0].path).unwrap(), std::fs::canonicalize(&run_dir).unwrap());
+    let stored: Value = serde_json::from_str(&versions[0].metrics).expect("metrics json");
+    assert_eq!(stored["task_metric"], "label_accuracy");
+    assert_eq!(stored["best_task_metric"], report["best_task_metric"]);
+    assert_eq!(stored["best_epoch"], report["best_epoch"]);
+
+    // The progress output names the metric too.
+    let output = run(path, &[&args[..], &["--output", "again"]].concat());
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("epoch 1: train loss") && stderr.contains("label_accuracy"), "{stderr}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("label_accuracy"));
+
+    // A generation task: token F1 of a greedy decode.
+    let dataset_id = dataset_of("summaries");
+    let trained = run_ok(
+        path,
+        &[
+            "train",
+            "--task",
+            "summaries",
+            "--base",
+            "tiny-llama",
+            "--epochs",
+            "1",
+            "--metric-rows",
+            "5",
+            "--metric-max-tokens",
+            "3",
+            "--json",
+        ],
+    );
+    let trained: Value = serde_json::from_str(trained.trim()).expect("json");
+    assert_eq!(trained["metrics"]["task_metric"], "token_f1");
+    let f1 = trained["metrics"]["best_task_metric"].as_f64().expect("token F1");
+    assert!((0.0..=1.0).contains(&f1), "{trained}");
+    let versions = model_versions(path, "summaries");
+    assert_eq!(versions.len(), 1);
+    assert_eq!(versions[0].dataset_id, dataset_id);
+}
+
+#[test]
+fn too_little_data_stops_with_a_message_that_says_why() {
+    let dir = setup();
+    let path = dir.path();
+    understudy_trainer::testing::write_tiny_llama_dir(&path.join("tiny-llama"), &llama_words(), 7).expect("llama");
+    let mut config = std::fs::read_to_string(path.join("understudy.toml")).expect("config");
+    config.push_str("\n[tasks.small]\nlead = \"replayed\"\nkind = \"label\"\n");
+    config.push_str("\n[tasks.lonely]\nlead = \"replayed\"\nkind = \"label\"\n");
+    std::fs::write(path.join("understudy.toml"), config).expect("config");
+    let calls = std::fs::read_to_string(path.join("calls.jsonl")).expect("calls");
+    let lines: Vec<&str> = calls.lines().collect();
+    let fails_with = |args: &[&str], expected: &str| {
+        let output = run(path, args);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    };
+
+    // Twelve calls: fewer than 20 training rows for either method.
+    std::fs::write(path.join("small.jsonl"), lines[..12].join("\n")).expect("write");
+    run_ok(path, &["import", "--task", "small", "small.jsonl"]);
+    run_ok(path, &["dataset", "build", "--task", "small", "--near-dup-threshold", "1.0"]);
+    fails_with(&["train", "--task", "small", "--base", "tiny-bert"], "a classifier needs at least 20");
+    fails_with(
+        &["train", "--task", "small", "--method", "lora", "--base", "tiny-llama"],
+        "LoRA fine-tuning needs at least 20",
+    );
+
+    // A label the lead gave once (the oldest call, so a training row).
+    let mut lonely: Vec<String> = lines[..60].iter().map(|line| line.to_string()).collect();
+    let mut first: Value = serde_json::from_str(&lonely[0]).expect("json");
+    first["messages"][2]["content"] = json!("ABBR");
+    lonely[0] = first.to_string();
+    std::fs::write(path.join("lonely.jsonl"), lonely.join("\n")).expect("write");
+    run_ok(path, &["import", "--task", "lonely", "lonely.jsonl"]);
+    run_ok(path, &["dataset", "build", "--task", "lonely", "--near-dup-threshold", "1.0"]);
+    fails_with(
+        &["train", "--task", "lonely", "--base", "tiny-bert"],
+        "label(s) [\"ABBR\"] have a single training example",
+    );
+    assert!(model_versions(path, "small").is_empty() && model_versions(path, "lonely").is_empty());
+}

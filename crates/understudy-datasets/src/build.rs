@@ -10,7 +10,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
-use understudy_types::{CallRecord, FeedbackScore, TaskKind, Uuid};
+use understudy_types::{CallRecord, Feedback, FeedbackScore, TaskKind, Uuid};
 
 use crate::dedup::{keep_distinct, NearDupConfig};
 use crate::jsonl::{format_time, message_text, prompt_key, ChatExample};
@@ -272,11 +272,21 @@ pub fn eligible_calls(
     calls: Vec<CallRecord>,
     feedback: &HashMap<Uuid, FeedbackScore>,
 ) -> (Vec<CallRecord>, FeedbackFilter) {
-    let n_before = calls.len();
-    let positive_only = calls.iter().any(|call| feedback.get(&call.id) == Some(&FeedbackScore::Positive));
-    let kept: Vec<CallRecord> = calls
+    keep_by_feedback(calls, |call| feedback.get(&call.id).copied())
+}
+
+/// [`eligible_calls`] for examples read from a file, by the verdicts their
+/// lines carry.
+pub fn eligible_examples(examples: Vec<ChatExample>) -> (Vec<ChatExample>, FeedbackFilter) {
+    keep_by_feedback(examples, |example| example.feedback.as_ref().map(|feedback| feedback.score))
+}
+
+fn keep_by_feedback<T>(items: Vec<T>, score_of: impl Fn(&T) -> Option<FeedbackScore>) -> (Vec<T>, FeedbackFilter) {
+    let n_before = items.len();
+    let positive_only = items.iter().any(|item| score_of(item) == Some(FeedbackScore::Positive));
+    let kept: Vec<T> = items
         .into_iter()
-        .filter(|call| match feedback.get(&call.id) {
+        .filter(|item| match score_of(item) {
             Some(FeedbackScore::Positive) => true,
             Some(FeedbackScore::Negative) => false,
             None => !positive_only,
@@ -286,9 +296,14 @@ pub fn eligible_calls(
     (kept, FeedbackFilter { removed, positive_only })
 }
 
-/// The chat examples among calls (in their order), and how many calls held none.
-pub fn examples_from_calls(calls: &[CallRecord]) -> (Vec<ChatExample>, u64) {
-    let examples: Vec<ChatExample> = calls.iter().filter_map(ChatExample::from_call).collect();
+/// The chat examples among calls (in their order), each with the verdict
+/// that counts on its call (from `feedback`, by call id), and how many calls
+/// held none.
+pub fn examples_from_calls(calls: &[CallRecord], feedback: &HashMap<Uuid, Feedback>) -> (Vec<ChatExample>, u64) {
+    let examples: Vec<ChatExample> = calls
+        .iter()
+        .filter_map(|call| Some(ChatExample::from_call(call)?.with_feedback(feedback.get(&call.id))))
+        .collect();
     let n_unreadable = (calls.len() - examples.len()) as u64;
     (examples, n_unreadable)
 }
@@ -477,25 +492,30 @@ fn scrub_example(scrubber: &Scrubber, example: &mut ChatExample) -> ScrubCounts 
         }
     }
     counts.add(scrub_content(scrubber, &mut example.answer));
+    // A feedback comment is free text from a user, and may name one too.
+    if let Some(comment) = example.feedback.as_mut().and_then(|feedback| feedback.comment.as_mut()) {
+        counts.add(scrub_text(scrubber, comment));
+    }
     counts
+}
+
+fn scrub_text(scrubber: &Scrubber, text: &mut String) -> ScrubCounts {
+    let (scrubbed, found) = scrubber.scrub(text);
+    if found.total() > 0 {
+        *text = scrubbed;
+    }
+    found
 }
 
 /// Scrubs a message's `content`: a string, or the `text` of its parts.
 fn scrub_content(scrubber: &Scrubber, message: &mut Map<String, Value>) -> ScrubCounts {
     let mut counts = ScrubCounts::default();
-    let mut scrub_text = |text: &mut String| {
-        let (scrubbed, found) = scrubber.scrub(text);
-        if found.total() > 0 {
-            *text = scrubbed;
-            counts.add(found);
-        }
-    };
     match message.get_mut("content") {
-        Some(Value::String(text)) => scrub_text(text),
+        Some(Value::String(text)) => counts.add(scrub_text(scrubber, text)),
         Some(Value::Array(parts)) => {
             for part in parts {
                 if let Some(Value::String(text)) = part.get_mut("text") {
-                    scrub_text(text);
+                    counts.add(scrub_text(scrubber, text));
                 }
             }
         }
@@ -541,6 +561,7 @@ mod tests {
             model: Some("gpt-4o-mini".into()),
             created_at: Some(datetime!(2026-10-01 00:00 UTC) + time::Duration::minutes(minute)),
             usage: None,
+            feedback: None,
         }
     }
 
@@ -785,14 +806,30 @@ mod tests {
         let elsewhere = HashMap::from([(Uuid::now_v7(), FeedbackScore::Positive)]);
         assert_eq!(eligible_calls(calls.clone(), &elsewhere).0.len(), 6);
 
-        // The build reports what feedback removed among the source rows.
-        let (examples, n_unreadable) = examples_from_calls(&kept);
+        // The build reports what feedback removed among the source rows, and
+        // each row carries its call's verdict (its comment scrubbed too).
+        let verdict = |call_id: Uuid, score: FeedbackScore, comment: Option<&str>| Feedback {
+            id: Uuid::now_v7(),
+            call_id,
+            score,
+            comment: comment.map(str::to_string),
+            created_at: datetime!(2026-10-02 00:00 UTC),
+        };
+        let verdicts = HashMap::from([
+            (ids[0], verdict(ids[0], FeedbackScore::Positive, Some("as jane@example.com said"))),
+            (ids[3], verdict(ids[3], FeedbackScore::Positive, None)),
+        ]);
+        let (examples, n_unreadable) = examples_from_calls(&kept, &verdicts);
         let built = build_dataset(BuildInput {
             task: "trec".into(),
-            examples,
+            examples: examples.clone(),
             n_unreadable,
             feedback: filter,
-            config: BuildConfig { shares: SplitShares { validation: 0.0, test: 0.0 }, ..Default::default() },
+            config: BuildConfig {
+                shares: SplitShares { validation: 0.0, test: 0.0 },
+                scrub: true,
+                ..Default::default()
+            },
             built_at: datetime!(2026-11-01 00:00 UTC),
         })
         .expect("builds");
@@ -801,5 +838,21 @@ mod tests {
         assert_eq!(built.manifest.filters.n_source, 6);
         assert_eq!(built.manifest.filters.n_kept, 2);
         assert!(built.manifest.filters.to_string().contains("4 by feedback"), "{}", built.manifest.filters);
+        let comments: Vec<Option<String>> =
+            built.train.iter().map(|row| row.feedback.as_ref().and_then(|feedback| feedback.comment.clone())).collect();
+        assert_eq!(built.train.len(), 2);
+        assert!(built.train.iter().all(|row| row.feedback.as_ref().map(|f| f.score) == Some(FeedbackScore::Positive)));
+        assert!(comments.contains(&Some("as <EMAIL> said".to_string())), "{comments:?}");
+
+        // Examples read from a file follow the same rule by their own verdicts.
+        let mut from_file: Vec<ChatExample> =
+            calls.iter().filter_map(ChatExample::from_call).map(|example| example.with_feedback(None)).collect();
+        from_file[1].feedback = Some(crate::jsonl::LineFeedback::of(&verdict(ids[1], FeedbackScore::Negative, None)));
+        let (kept, filter) = eligible_examples(from_file.clone());
+        assert_eq!((kept.len(), filter), (5, FeedbackFilter { removed: 1, positive_only: false }));
+        from_file[2].feedback = Some(crate::jsonl::LineFeedback::of(&verdict(ids[2], FeedbackScore::Positive, None)));
+        let (kept, filter) = eligible_examples(from_file);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(filter, FeedbackFilter { removed: 5, positive_only: true });
     }
 }

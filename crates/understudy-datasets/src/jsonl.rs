@@ -1,14 +1,17 @@
 //! One line of OpenAI's chat fine-tuning format, and its mapping to recorded calls.
 //!
 //! A line is `{"messages":[...]}` whose last message is the assistant's answer,
-//! with optional `model`, `created_at` (RFC 3339 or unix seconds), `usage` and
-//! `tools`. Export writes exactly the keys import reads, so a round trip
-//! export → import → export gives the same lines.
+//! with optional `model`, `created_at` (RFC 3339 or unix seconds), `usage`,
+//! `tools` and `metadata`. `metadata` holds string values only (as OpenAI's
+//! does); the call's feedback verdict, if it has one, is `feedback`
+//! (`positive`/`negative`) with `feedback_comment` and `feedback_at`, and
+//! other keys are ignored. Export writes exactly the keys import reads, so a
+//! round trip export → import → export gives the same lines.
 
 use serde_json::{json, Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
-use understudy_types::{CallRecord, Endpoint, Money, Usage, UsageSource};
+use understudy_types::{CallRecord, Endpoint, Feedback, FeedbackScore, Money, Usage, UsageSource, Uuid};
 
 /// Roles the OpenAI chat API accepts in `messages`.
 pub const KNOWN_ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool", "function"];
@@ -35,6 +38,34 @@ pub struct ChatExample {
     pub model: Option<String>,
     pub created_at: Option<OffsetDateTime>,
     pub usage: Option<Usage>,
+    /// The verdict that counts on the call the example came from.
+    pub feedback: Option<LineFeedback>,
+}
+
+/// A feedback verdict as a line carries it in `metadata`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LineFeedback {
+    pub score: FeedbackScore,
+    pub comment: Option<String>,
+    pub created_at: Option<OffsetDateTime>,
+}
+
+impl LineFeedback {
+    pub fn of(feedback: &Feedback) -> LineFeedback {
+        LineFeedback { score: feedback.score, comment: feedback.comment.clone(), created_at: Some(feedback.created_at) }
+    }
+
+    /// The store's feedback row for the imported call `call_id`; a verdict
+    /// without a time is dated `default_at`.
+    pub fn to_feedback(&self, call_id: Uuid, default_at: OffsetDateTime) -> Feedback {
+        Feedback {
+            id: Uuid::now_v7(),
+            call_id,
+            score: self.score,
+            comment: self.comment.clone(),
+            created_at: self.created_at.unwrap_or(default_at),
+        }
+    }
 }
 
 /// What a recorded call needs beyond the example itself.
@@ -83,13 +114,17 @@ impl ChatExample {
             Some(value) => Some(parse_usage(&value)?),
         };
         let tools = object.remove("tools");
+        let feedback = match object.remove("metadata") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(metadata)) => parse_feedback(&metadata)?,
+            Some(_) => return Err(schema("`metadata` must be an object")),
+        };
         // Keys OpenAI's format allows that we have no use for yet.
         object.remove("parallel_tool_calls");
-        object.remove("metadata");
         if let Some(key) = object.keys().next() {
             return Err(schema(&format!("unknown key `{key}`")));
         }
-        Ok(ChatExample { prompt: messages, answer, tools, model, created_at, usage })
+        Ok(ChatExample { prompt: messages, answer, tools, model, created_at, usage, feedback })
     }
 
     /// Renders the example as one JSONL line (no trailing newline).
@@ -109,6 +144,17 @@ impl ChatExample {
         }
         if let Some(usage) = self.usage {
             object.insert("usage".into(), usage_json(usage));
+        }
+        if let Some(feedback) = &self.feedback {
+            let mut metadata = Map::new();
+            metadata.insert("feedback".into(), Value::String(feedback.score.as_str().to_string()));
+            if let Some(comment) = &feedback.comment {
+                metadata.insert("feedback_comment".into(), Value::String(comment.clone()));
+            }
+            if let Some(at) = feedback.created_at {
+                metadata.insert("feedback_at".into(), Value::String(format_time(at)));
+            }
+            object.insert("metadata".into(), Value::Object(metadata));
         }
         Value::Object(object).to_string()
     }
@@ -180,7 +226,14 @@ impl ChatExample {
             model: Some(call.model.clone()),
             created_at: Some(call.created_at),
             usage: Some(call.usage),
+            feedback: None,
         })
+    }
+
+    /// The example with the verdict that counts on its call, if any.
+    pub fn with_feedback(mut self, feedback: Option<&Feedback>) -> ChatExample {
+        self.feedback = feedback.map(LineFeedback::of);
+        self
     }
 }
 
@@ -281,6 +334,33 @@ fn parse_time(value: &Value) -> Result<OffsetDateTime, LineError> {
     }
 }
 
+/// The feedback keys of `metadata` (string values); `None` without `feedback`.
+fn parse_feedback(metadata: &Map<String, Value>) -> Result<Option<LineFeedback>, LineError> {
+    let text = |key: &str| -> Result<Option<&str>, LineError> {
+        match metadata.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(text)) => Ok(Some(text.as_str())),
+            Some(_) => Err(schema(&format!("`metadata.{key}` must be a string"))),
+        }
+    };
+    let Some(verdict) = text("feedback")? else {
+        if text("feedback_comment")?.is_some() || text("feedback_at")?.is_some() {
+            return Err(schema("`metadata.feedback` is missing, but the line has a feedback comment or time"));
+        }
+        return Ok(None);
+    };
+    let score = FeedbackScore::parse(verdict)
+        .ok_or_else(|| schema(&format!("`metadata.feedback` `{verdict}` is not `positive` or `negative`")))?;
+    let created_at = match text("feedback_at")? {
+        None => None,
+        Some(at) => Some(
+            OffsetDateTime::parse(at, &Rfc3339)
+                .map_err(|error| schema(&format!("`metadata.feedback_at` `{at}` is not RFC 3339: {error}")))?,
+        ),
+    };
+    Ok(Some(LineFeedback { score, comment: text("feedback_comment")?.map(str::to_string), created_at }))
+}
+
 fn parse_usage(value: &Value) -> Result<Usage, LineError> {
     let field = |name: &str| -> Result<u64, LineError> {
         value
@@ -331,6 +411,40 @@ mod tests {
         });
         let back = ChatExample::from_call(&call).expect("call has an example");
         assert_eq!(back.to_line(), LINE);
+    }
+
+    #[test]
+    fn feedback_rides_in_metadata_and_round_trips() {
+        let line = r#"{"messages":[{"role":"user","content":"q"},{"role":"assistant","content":"a"}],"metadata":{"feedback":"negative","feedback_comment":"wrong label","feedback_at":"2026-11-02T08:00:00.500Z"}}"#;
+        let example = ChatExample::parse(line).expect("parses");
+        let feedback = example.feedback.clone().expect("feedback");
+        assert_eq!(feedback.score, FeedbackScore::Negative);
+        assert_eq!(feedback.comment.as_deref(), Some("wrong label"));
+        assert_eq!(feedback.created_at.map(|at| at.unix_timestamp()), Some(1_793_606_400));
+        assert_eq!(example.to_line(), line);
+        // Other metadata is tolerated and not kept; a thumb is a verdict too.
+        let other = r#"{"messages":[{"role":"user","content":"q"},{"role":"assistant","content":"a"}],"metadata":{"source":"crm","feedback":"up"}}"#;
+        let example = ChatExample::parse(other).expect("parses");
+        assert_eq!(example.feedback.as_ref().map(|feedback| feedback.score), Some(FeedbackScore::Positive));
+        assert!(example.to_line().ends_with(r#""metadata":{"feedback":"positive"}}"#), "{}", example.to_line());
+        // Without feedback there is no metadata at all.
+        let plain = ChatExample::parse(
+            r#"{"messages":[{"role":"user","content":"q"},{"role":"assistant","content":"a"}],"metadata":{"source":"crm"}}"#,
+        );
+        assert!(!plain.expect("parses").to_line().contains("metadata"));
+        for (bad, expected) in [
+            (r#""metadata":{"feedback":"meh"}"#, "`metadata.feedback` `meh`"),
+            (r#""metadata":{"feedback":1}"#, "`metadata.feedback` must be a string"),
+            (r#""metadata":{"feedback_comment":"x"}"#, "`metadata.feedback` is missing"),
+            (r#""metadata":{"feedback":"up","feedback_at":"yesterday"}"#, "`metadata.feedback_at`"),
+            (r#""metadata":[1]"#, "`metadata` must be an object"),
+        ] {
+            let line = format!(
+                r#"{{"messages":[{{"role":"user","content":"q"}},{{"role":"assistant","content":"a"}}],{bad}}}"#
+            );
+            let error = ChatExample::parse(&line).expect_err(bad).to_string();
+            assert!(error.contains(expected), "{bad}: {error}");
+        }
     }
 
     #[test]

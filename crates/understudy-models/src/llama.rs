@@ -344,11 +344,12 @@ impl Rope {
         })
     }
 
-    /// Rotates `xs` (`[batch, heads, seq, head_dim]`) by position.
-    fn apply(&self, xs: &Tensor) -> Result<Tensor> {
+    /// Rotates `xs` (`[batch, heads, seq, head_dim]`) by position, the first
+    /// row being at position `offset`.
+    fn apply(&self, xs: &Tensor, offset: usize) -> Result<Tensor> {
         let (_, _, seq_len, head_dim) = xs.dims4()?;
-        let cos = self.cos.narrow(0, 0, seq_len)?;
-        let sin = self.sin.narrow(0, 0, seq_len)?;
+        let cos = self.cos.narrow(0, offset, seq_len)?;
+        let sin = self.sin.narrow(0, offset, seq_len)?;
         let half = head_dim / 2;
         let first = xs.narrow(D::Minus1, 0, half)?;
         let second = xs.narrow(D::Minus1, half, half)?;
@@ -405,7 +406,17 @@ impl Projector<'_> {
 }
 
 impl Attention {
-    fn forward(&self, xs: &Tensor, rope: &Rope, mask: &Tensor, mut dropout: Option<&mut Dropout>) -> Result<Tensor> {
+    /// With `cache` (inference), the keys and values of earlier positions are
+    /// read from it and this call's are appended; `xs` starts at position
+    /// `cache`'s length.
+    fn forward(
+        &self,
+        xs: &Tensor,
+        rope: &Rope,
+        mask: &Tensor,
+        mut dropout: Option<&mut Dropout>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
         let (batch, seq_len, _) = xs.dims3()?;
         let split = |t: Tensor, heads: usize| -> Result<Tensor> {
             t.reshape((batch, seq_len, heads, self.head_dim))?.transpose(1, 2)?.contiguous()
@@ -413,17 +424,30 @@ impl Attention {
         let q = split(self.q_proj.forward(xs, dropout.as_deref_mut())?, self.num_heads)?;
         let k = split(self.k_proj.forward(xs, dropout.as_deref_mut())?, self.num_kv_heads)?;
         let v = split(self.v_proj.forward(xs, dropout.as_deref_mut())?, self.num_kv_heads)?;
-        let q = rope.apply(&q)?;
-        let k = rope.apply(&k)?;
+        let offset = match &cache {
+            Some(Some((past_k, _))) => past_k.dim(2)?,
+            _ => 0,
+        };
+        let q = rope.apply(&q, offset)?;
+        let mut k = rope.apply(&k, offset)?;
+        let mut v = v;
+        if let Some(cache) = cache {
+            if let Some((past_k, past_v)) = cache.as_ref() {
+                k = Tensor::cat(&[past_k, &k], 2)?;
+                v = Tensor::cat(&[past_v, &v], 2)?;
+            }
+            *cache = Some((k.clone(), v.clone()));
+        }
+        let kv_len = k.dim(2)?;
         let repeat = self.num_heads / self.num_kv_heads;
         let expand = |t: Tensor| -> Result<Tensor> {
             if repeat == 1 {
                 return Ok(t);
             }
-            t.unsqueeze(2)?.broadcast_as((batch, self.num_kv_heads, repeat, seq_len, self.head_dim))?.reshape((
+            t.unsqueeze(2)?.broadcast_as((batch, self.num_kv_heads, repeat, kv_len, self.head_dim))?.reshape((
                 batch,
                 self.num_heads,
-                seq_len,
+                kv_len,
                 self.head_dim,
             ))
         };
@@ -558,21 +582,46 @@ impl Model {
     /// Final hidden states `[batch, seq, hidden]` under a causal mask. Rows
     /// padded on the right need no padding mask: no real token attends to a
     /// later position.
-    pub fn forward_hidden(&self, input_ids: &Tensor, mut dropout: Option<&mut Dropout>) -> Result<Tensor> {
+    pub fn forward_hidden(&self, input_ids: &Tensor, dropout: Option<&mut Dropout>) -> Result<Tensor> {
+        self.run(input_ids, dropout, None)
+    }
+
+    /// Final hidden states `[batch, seq, hidden]` of `input_ids`, which follow
+    /// the positions `cache` holds (inference: no dropout, no gradient
+    /// needed). Their keys and values are appended to `cache`.
+    pub fn forward_hidden_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        if cache.layers.len() != self.layers.len() {
+            cache.layers = vec![None; self.layers.len()];
+        }
+        self.run(input_ids, None, Some(cache))
+    }
+
+    fn run(
+        &self,
+        input_ids: &Tensor,
+        mut dropout: Option<&mut Dropout>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let (batch, seq_len) = input_ids.dims2()?;
-        if seq_len > self.rope.cos.dim(0)? {
-            candle_core::bail!("sequence of {seq_len} tokens is longer than the supported {}", self.rope.cos.dim(0)?);
+        let offset = cache.as_ref().map_or(0, |cache| cache.len());
+        if offset + seq_len > self.rope.cos.dim(0)? {
+            candle_core::bail!(
+                "sequence of {} tokens is longer than the supported {}",
+                offset + seq_len,
+                self.rope.cos.dim(0)?
+            );
         }
         let mut xs = self.embed_tokens.index_select(&input_ids.flatten_all()?, 0)?.reshape((
             batch,
             seq_len,
             self.config.hidden_size,
         ))?;
-        let mask = causal_mask(seq_len, xs.device())?;
-        for layer in &self.layers {
+        let mask = causal_mask(seq_len, offset, xs.device())?;
+        for (layer_idx, layer) in self.layers.iter().enumerate() {
             let residual = xs.clone();
             let normed = layer.input_layernorm.forward(&xs)?;
-            let attended = layer.attention.forward(&normed, &self.rope, &mask, dropout.as_deref_mut())?;
+            let layer_cache = cache.as_deref_mut().map(|cache| &mut cache.layers[layer_idx]);
+            let attended = layer.attention.forward(&normed, &self.rope, &mask, dropout.as_deref_mut(), layer_cache)?;
             xs = (attended + residual)?;
             let residual = xs.clone();
             let normed = layer.post_attention_layernorm.forward(&xs)?;
@@ -595,10 +644,52 @@ impl Model {
 /// The prefix PEFT puts before HF names in a causal-LM adapter.
 pub const PEFT_PREFIX: &str = "base_model.model.model.";
 
-fn causal_mask(seq_len: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> =
-        (0..seq_len).flat_map(|i| (0..seq_len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
-    Tensor::from_vec(mask, (seq_len, seq_len), device)
+/// `[seq_len, offset + seq_len]`: row `i` (position `offset + i`) sees the
+/// positions up to its own.
+fn causal_mask(seq_len: usize, offset: usize, device: &Device) -> Result<Tensor> {
+    let width = offset + seq_len;
+    let mask: Vec<f32> = (0..seq_len)
+        .flat_map(|i| (0..width).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (seq_len, width), device)
+}
+
+/// The keys and values of the positions a sequence has seen, per layer, for
+/// decoding one token at a time ([`Model::forward_hidden_cached`]).
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new() -> KvCache {
+        KvCache::default()
+    }
+
+    /// The number of positions held.
+    pub fn len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The cache of a batch of one repeated `n` times: `n` continuations of
+    /// the same prefix decoded together.
+    pub fn repeat(&self, n: usize) -> Result<KvCache> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| {
+                layer.as_ref().map(|(k, v)| Ok((k.repeat((n, 1, 1, 1))?, v.repeat((n, 1, 1, 1))?))).transpose()
+            })
+            .collect::<Result<_>>()?;
+        Ok(KvCache { layers })
+    }
 }
 
 /// Random weights for `cfg` by HF name (tests and benches).
@@ -722,6 +813,43 @@ mod tests {
         let long = model.forward(&Tensor::new(&[[1u32, 2, 3, 9, 9]], &Device::Cpu).unwrap()).unwrap();
         let diff = (short - long.narrow(1, 0, 3).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+    }
+
+    #[test]
+    fn cached_decoding_gives_the_logits_of_the_full_sequence() {
+        let cfg = tiny_config(50);
+        let model = build(&cfg, Some(&all_targets()));
+        let ids = [1u32, 7, 3, 9, 4, 2];
+        let full = model.forward(&Tensor::new(&[ids], &Device::Cpu).unwrap()).unwrap();
+        let mut cache = KvCache::new();
+        let prefix = Tensor::new(&ids[..3], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let mut pieces = vec![model.logits(&model.forward_hidden_cached(&prefix, &mut cache).unwrap()).unwrap()];
+        assert_eq!(cache.len(), 3);
+        for &id in &ids[3..] {
+            let step = Tensor::new(&[[id]], &Device::Cpu).unwrap();
+            pieces.push(model.logits(&model.forward_hidden_cached(&step, &mut cache).unwrap()).unwrap());
+        }
+        assert_eq!(cache.len(), ids.len());
+        let cached = Tensor::cat(&pieces, 1).unwrap();
+        let diff = (full - cached).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-4, "{diff}");
+
+        // A repeated cache continues several suffixes of one prefix at once.
+        let mut cache = KvCache::new();
+        model.forward_hidden_cached(&prefix, &mut cache).unwrap();
+        let mut batch = cache.repeat(2).unwrap();
+        let suffixes = Tensor::new(&[[9u32, 4], [5, 6]], &Device::Cpu).unwrap();
+        let both = model.logits(&model.forward_hidden_cached(&suffixes, &mut batch).unwrap()).unwrap();
+        let other = model.forward(&Tensor::new(&[[1u32, 7, 3, 5, 6]], &Device::Cpu).unwrap()).unwrap();
+        let diff = (both.get(1).unwrap() - other.get(0).unwrap().narrow(0, 3, 2).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-4, "{diff}");
     }
 
     #[test]

@@ -149,7 +149,16 @@ impl WhereClause {
 impl Store {
     /// Writes calls in one transaction: all of them, or none.
     pub async fn insert_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError> {
-        if calls.is_empty() {
+        self.insert_calls_with_feedback(calls, &[]).await
+    }
+
+    /// Writes calls and verdicts on them in one transaction: all, or none.
+    pub async fn insert_calls_with_feedback(
+        &self,
+        calls: &[CallRecord],
+        feedback: &[understudy_types::Feedback],
+    ) -> Result<(), StoreError> {
+        if calls.is_empty() && feedback.is_empty() {
             return Ok(());
         }
         let mut transaction = self.pool.begin().await?;
@@ -189,6 +198,9 @@ impl Store {
                     .bind(routing.map(|routing| routing.lead_cost_avoided.dollars()));
             }
             query.execute(&mut *transaction).await?;
+        }
+        for verdict in feedback {
+            crate::feedback::insert_feedback(self.backend, &mut *transaction, verdict).await?;
         }
         transaction.commit().await?;
         Ok(())

@@ -3,11 +3,11 @@
 use std::collections::HashMap;
 
 use sqlx::any::AnyRow;
-use sqlx::Row;
+use sqlx::{Any, Executor, Row};
 use understudy_types::{Feedback, FeedbackScore, Uuid};
 
 use crate::calls::{from_unix_ms, placeholder, unix_ms};
-use crate::{Store, StoreError};
+use crate::{Backend, Store, StoreError};
 
 const FEEDBACK_COLUMNS: &str = "id, call_id, created_at, score, comment";
 
@@ -15,17 +15,7 @@ impl Store {
     /// Keeps one verdict on a call. The call need not be written yet (its
     /// record may still be queued); callers check that it exists.
     pub async fn add_feedback(&self, feedback: &Feedback) -> Result<(), StoreError> {
-        let placeholders: Vec<String> = (1..=5).map(|idx| placeholder(self.backend, idx)).collect();
-        let sql = format!("INSERT INTO feedback ({FEEDBACK_COLUMNS}) VALUES ({})", placeholders.join(","));
-        sqlx::query(&sql)
-            .bind(feedback.id.to_string())
-            .bind(feedback.call_id.to_string())
-            .bind(unix_ms(feedback.created_at))
-            .bind(feedback.score.as_i64())
-            .bind(feedback.comment.clone())
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        insert_feedback(self.backend, &self.pool, feedback).await
     }
 
     /// Whether a call with exactly this id is in the store.
@@ -54,13 +44,55 @@ impl Store {
         );
         let rows = sqlx::query(&sql).bind(task.to_string()).fetch_all(&self.pool).await?;
         let mut latest = HashMap::new();
-        for row in &rows {
-            let feedback = feedback_from_row(row)?;
-            // Oldest first, so a later verdict replaces an earlier one.
-            latest.insert(feedback.call_id, feedback);
+        keep_latest(&rows, &mut latest)?;
+        Ok(latest)
+    }
+
+    /// The latest verdict on each of `call_ids` that has any.
+    pub async fn latest_feedback(&self, call_ids: &[Uuid]) -> Result<HashMap<Uuid, Feedback>, StoreError> {
+        const IDS_PER_QUERY: usize = 500;
+        let mut latest = HashMap::new();
+        for chunk in call_ids.chunks(IDS_PER_QUERY) {
+            let placeholders: Vec<String> = (1..=chunk.len()).map(|idx| placeholder(self.backend, idx)).collect();
+            let sql = format!(
+                "SELECT {FEEDBACK_COLUMNS} FROM feedback WHERE call_id IN ({}) ORDER BY created_at, id",
+                placeholders.join(",")
+            );
+            let mut query = sqlx::query(&sql);
+            for id in chunk {
+                query = query.bind(id.to_string());
+            }
+            keep_latest(&query.fetch_all(&self.pool).await?, &mut latest)?;
         }
         Ok(latest)
     }
+}
+
+/// Rows ordered oldest first: a later verdict on a call replaces an earlier one.
+fn keep_latest(rows: &[AnyRow], latest: &mut HashMap<Uuid, Feedback>) -> Result<(), StoreError> {
+    for row in rows {
+        let feedback = feedback_from_row(row)?;
+        latest.insert(feedback.call_id, feedback);
+    }
+    Ok(())
+}
+
+/// Inserts one verdict through `executor` (the pool, or a transaction).
+pub(crate) async fn insert_feedback<'e, E>(backend: Backend, executor: E, feedback: &Feedback) -> Result<(), StoreError>
+where
+    E: Executor<'e, Database = Any>,
+{
+    let placeholders: Vec<String> = (1..=5).map(|idx| placeholder(backend, idx)).collect();
+    let sql = format!("INSERT INTO feedback ({FEEDBACK_COLUMNS}) VALUES ({})", placeholders.join(","));
+    sqlx::query(&sql)
+        .bind(feedback.id.to_string())
+        .bind(feedback.call_id.to_string())
+        .bind(unix_ms(feedback.created_at))
+        .bind(feedback.score.as_i64())
+        .bind(feedback.comment.clone())
+        .execute(executor)
+        .await?;
+    Ok(())
 }
 
 fn feedback_from_row(row: &AnyRow) -> Result<Feedback, StoreError> {

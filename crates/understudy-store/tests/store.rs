@@ -351,6 +351,27 @@ async fn the_latest_feedback_on_each_of_a_tasks_calls_counts() {
         let scores: Vec<FeedbackScore> = history.iter().map(|feedback| feedback.score).collect();
         assert_eq!(scores, vec![FeedbackScore::Negative, FeedbackScore::Positive]);
         assert_eq!(history[1].created_at, datetime!(2026-11-02 10:00 UTC));
+
+        // The latest verdict on a list of calls, whatever their task.
+        let listed = store.latest_feedback(&[first.id, other_task.id, unrated.id]).await.unwrap();
+        assert_eq!(listed.len(), 2, "{listed:?}");
+        assert_eq!(listed[&first.id], latest[&first.id]);
+        assert_eq!(listed[&other_task.id].score, FeedbackScore::Negative);
+        assert!(store.latest_feedback(&[]).await.unwrap().is_empty());
+
+        // Imported calls and their verdicts are written together.
+        let imported = call("triage", "gpt-4o-mini", datetime!(2026-11-03 10:00 UTC), 200);
+        let imported_verdict = verdict(&imported, FeedbackScore::Positive, datetime!(2026-11-03 11:00 UTC), Some("ok"));
+        store
+            .insert_calls_with_feedback(std::slice::from_ref(&imported), std::slice::from_ref(&imported_verdict))
+            .await
+            .unwrap();
+        assert!(store.call_exists(imported.id).await.unwrap());
+        assert_eq!(store.call_feedback(imported.id).await.unwrap(), vec![imported_verdict]);
+        // A failure writes neither: the call is a duplicate, so its verdict is not kept.
+        let duplicate_verdict = verdict(&imported, FeedbackScore::Negative, datetime!(2026-11-03 12:00 UTC), None);
+        assert!(store.insert_calls_with_feedback(std::slice::from_ref(&imported), &[duplicate_verdict]).await.is_err());
+        assert_eq!(store.call_feedback(imported.id).await.unwrap().len(), 1);
     })
     .await;
 }

@@ -5,7 +5,8 @@
 //! label set, keeps the best epoch, checkpoints so that a killed run resumes,
 //! and writes a self-contained directory that [`ClassifierModel::load`] reads.
 //! [`train_lora`] trains a LoRA adapter on a causal LM (SFT on chat examples,
-//! loss on the assistant's tokens) and exports it in PEFT format.
+//! loss on the assistant's tokens), measures the validation loss and a task
+//! metric after every epoch, and exports the best epoch in PEFT format.
 //! [`prompt_text`] turns a recorded chat prompt into the classifier's input.
 
 mod checkpoint;
@@ -25,7 +26,7 @@ use std::path::PathBuf;
 pub use classifier::{ClassifierModel, Prediction};
 pub use lora::{
     encode_rows, train_lora, train_lora_on, validation_loss, write_adapter, ChatRow, LoraEpochMetrics, LoraTrainConfig,
-    LoraTrainReport, SftExample, MIN_TRAIN_ROWS,
+    LoraTrainReport, SftExample, TaskMetric, MIN_TRAIN_ROWS,
 };
 pub use text::prompt_text;
 pub use train::{train_classifier, ClassifierTrainConfig, EpochMetrics, LabeledText, TrainReport};

@@ -3,8 +3,13 @@
 //! Each example is rendered with the model's chat template; the loss covers
 //! only the assistant's answer (and its closing `<|im_end|>`). The loop shares
 //! AdamW, the warmup+cosine schedule, clipping and the atomic checkpoints with
-//! the classifier trainer. The best epoch (lowest validation loss) is written
-//! as a PEFT adapter in the output directory, next to `manifest.json`.
+//! the classifier trainer. After every epoch the validation loss and, when
+//! the config names one, the task metric ([`TaskMetric`]: label accuracy by
+//! constrained decoding, or token F1 of a greedy decode) are measured. The
+//! best epoch (highest task metric, ties broken by the lower loss; the lowest
+//! loss without a metric) is written as a PEFT adapter in the output
+//! directory, next to `manifest.json`, and `patience` epochs without a better
+//! one stop the run.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +30,10 @@ use crate::data;
 use crate::optim::{self, AdamW};
 use crate::train::{erased, progress_bar};
 use crate::TrainError;
+
+mod metric;
+use metric::MetricSetup;
+pub use metric::TaskMetric;
 
 /// Fewer training rows than this stop training with a message.
 pub const MIN_TRAIN_ROWS: usize = 20;
@@ -92,7 +101,11 @@ pub struct LoraTrainConfig {
     /// Examples are cut to their last `seq_len` tokens.
     pub seq_len: usize,
     pub seed: u64,
-    /// Stop after this many epochs without a lower validation loss.
+    /// What validation measures besides the loss; it picks the best epoch.
+    pub task_metric: TaskMetric,
+    /// The task metric is measured on the first this many validation rows.
+    pub metric_rows: usize,
+    /// Stop after this many epochs without a better validation score.
     pub patience: usize,
     pub checkpoint_every_steps: Option<usize>,
     pub resume: bool,
@@ -120,6 +133,8 @@ impl LoraTrainConfig {
             max_grad_norm: 1.0,
             seq_len: 256,
             seed: 17,
+            task_metric: TaskMetric::None,
+            metric_rows: 64,
             patience: 2,
             checkpoint_every_steps: None,
             resume: false,
@@ -137,6 +152,20 @@ pub struct LoraEpochMetrics {
     pub train_loss: f64,
     /// Mean loss per assistant token on the validation set.
     pub validation_loss: f64,
+    /// The config's task metric on the validation rows, if it names one.
+    #[serde(default)]
+    pub task_metric: Option<f64>,
+}
+
+impl LoraEpochMetrics {
+    /// Whether this epoch beats `best`: a higher task metric, or the same
+    /// (or none) and a lower validation loss.
+    fn beats(&self, best: &LoraEpochMetrics) -> bool {
+        match (self.task_metric, best.task_metric) {
+            (Some(metric), Some(best_metric)) if metric != best_metric => metric > best_metric,
+            _ => self.validation_loss < best.validation_loss,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -145,9 +174,14 @@ pub struct LoraTrainReport {
     pub base_model: String,
     /// Validation loss of the untrained adapter (the base model).
     pub initial_validation_loss: f64,
+    /// `label_accuracy` or `token_f1`; `None` when only the loss is measured.
+    pub task_metric_name: Option<&'static str>,
+    /// The task metric of the base model.
+    pub initial_task_metric: Option<f64>,
     pub epochs: Vec<LoraEpochMetrics>,
     pub best_epoch: Option<usize>,
     pub best_validation_loss: Option<f64>,
+    pub best_task_metric: Option<f64>,
     pub steps: usize,
     pub trained_parameters: usize,
     pub train_tokens: usize,
@@ -165,6 +199,8 @@ struct LoraLoopState {
     seed: u64,
     lora: LoraConfig,
     initial_validation_loss: f64,
+    #[serde(default)]
+    initial_task_metric: Option<f64>,
     history: Vec<LoraEpochMetrics>,
     best_epoch: Option<usize>,
     epochs_without_improvement: usize,
@@ -247,6 +283,7 @@ fn check_config(config: &LoraTrainConfig) -> Result<(), TrainError> {
     if config.max_steps == Some(0) || config.checkpoint_every_steps == Some(0) {
         return Err(TrainError::Config(String::from("max_steps and checkpoint_every_steps must be at least 1")));
     }
+    config.task_metric.check()?;
     config.lora.check().map_err(TrainError::Config)
 }
 
@@ -267,6 +304,9 @@ pub fn train_lora_on(
     let vars = model.lora_vars();
     let trained_parameters: usize = vars.iter().map(|(_, var)| var.elem_count()).sum();
     let mut optimizer = AdamW::new(vars, config.weight_decay);
+    let metric =
+        MetricSetup::new(&config.task_metric, &files.tokenizer, files.eos_token_id, validation, config.metric_rows)?;
+    let score = |model: &llama::Model| metric.as_ref().map(|metric| metric.score(model)).transpose();
 
     let output_dir = &config.output_dir;
     std::fs::create_dir_all(output_dir).map_err(|source| TrainError::Io { path: output_dir.clone(), source })?;
@@ -293,6 +333,7 @@ pub fn train_lora_on(
             seed: config.seed,
             lora: config.lora.clone(),
             initial_validation_loss: validation_loss(&model, validation, pad_id, config.batch_size)?,
+            initial_task_metric: score(&model)?,
             history: Vec::new(),
             best_epoch: None,
             epochs_without_improvement: 0,
@@ -348,15 +389,19 @@ pub fn train_lora_on(
             }
         }
 
-        let validation_loss = validation_loss(&model, validation, pad_id, config.batch_size)?;
         let metrics = LoraEpochMetrics {
             epoch: state.epoch + 1,
             steps: state.step_in_epoch,
             train_loss: state.epoch_loss_sum / state.step_in_epoch.max(1) as f64,
-            validation_loss,
+            validation_loss: validation_loss(&model, validation, pad_id, config.batch_size)?,
+            task_metric: score(&model)?,
+        };
+        let metric_text = match (config.task_metric.name(), metrics.task_metric, state.initial_task_metric) {
+            (Some(name), Some(value), Some(initial)) => format!(", {name} {value:.4} (before training {initial:.4})"),
+            _ => String::new(),
         };
         let line = format!(
-            "epoch {}: train loss {:.4}, validation loss {:.4} (before training {:.4}) ({:.0}s)",
+            "epoch {}: train loss {:.4}, validation loss {:.4} (before training {:.4}){metric_text} ({:.0}s)",
             metrics.epoch,
             metrics.train_loss,
             metrics.validation_loss,
@@ -371,7 +416,7 @@ pub fn train_lora_on(
             bar.println(line);
         }
         let best = state.best_epoch.and_then(|epoch| state.history.iter().find(|m| m.epoch == epoch));
-        if best.is_none_or(|best| validation_loss < best.validation_loss) {
+        if best.is_none_or(|best| metrics.beats(best)) {
             write_adapter(output_dir, &model, &files.name, &config.lora)?;
             state.best_epoch = Some(metrics.epoch);
             state.epochs_without_improvement = 0;
@@ -395,17 +440,17 @@ pub fn train_lora_on(
     bar.finish_and_clear();
 
     let wall_seconds = elapsed();
-    let best_validation_loss = state
-        .best_epoch
-        .and_then(|epoch| state.history.iter().find(|m| m.epoch == epoch))
-        .map(|metrics| metrics.validation_loss);
+    let best = state.best_epoch.and_then(|epoch| state.history.iter().find(|m| m.epoch == epoch));
     let report = LoraTrainReport {
         output_dir: output_dir.clone(),
         base_model: files.name.clone(),
         initial_validation_loss: state.initial_validation_loss,
+        task_metric_name: config.task_metric.name(),
+        initial_task_metric: state.initial_task_metric,
         epochs: state.history.clone(),
         best_epoch: state.best_epoch,
-        best_validation_loss,
+        best_validation_loss: best.map(|metrics| metrics.validation_loss),
+        best_task_metric: best.and_then(|metrics| metrics.task_metric),
         steps: state.global_step,
         trained_parameters,
         train_tokens: state.train_tokens,

@@ -1,5 +1,6 @@
-//! Tiny random BERT models for tests: a config, weights by HF name, and a
-//! complete HF directory (config.json, tokenizer.json, model.safetensors).
+//! Tiny random models for tests: BERT (a config, weights by HF name, and a
+//! complete HF directory) and Llama (an HF directory with a ChatML
+//! tokenizer).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -109,6 +110,44 @@ pub fn write_tiny_bert_dir(dir: &Path, words: &[&str], seed: u64) -> Result<(), 
         .into_iter()
         .map(|(name, tensor)| (format!("bert.{name}"), tensor))
         .collect();
+    candle_core::safetensors::save(&weights, dir.join("model.safetensors"))?;
+    Ok(())
+}
+
+/// A word-level tokenizer.json for a causal LM: `[UNK]`, ChatML's
+/// `<|im_start|>` and `<|im_end|>` (special, ids 1 and 2), then `words`;
+/// whitespace pre-tokenization, no padding and no post-processor.
+pub fn chatml_tokenizer_json(words: &[&str]) -> Value {
+    let mut vocab = serde_json::Map::new();
+    for (id, token) in ["[UNK]", "<|im_start|>", "<|im_end|>"].iter().chain(words).enumerate() {
+        vocab.insert((*token).to_string(), json!(id));
+    }
+    let special = |id: u32, content: &str| {
+        json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false,
+               "normalized": false, "special": true})
+    };
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [special(1, "<|im_start|>"), special(2, "<|im_end|>")],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    })
+}
+
+/// Writes a tiny random Llama (`llama::tiny_config`) over `words` into `dir`
+/// as an HF `LlamaForCausalLM` directory with a ChatML tokenizer.
+pub fn write_tiny_llama_dir(dir: &Path, words: &[&str], seed: u64) -> Result<(), Box<dyn std::error::Error>> {
+    use understudy_models::llama;
+    std::fs::create_dir_all(dir)?;
+    let cfg = llama::tiny_config(words.len() + 3);
+    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&cfg)?)?;
+    std::fs::write(dir.join("tokenizer.json"), serde_json::to_vec_pretty(&chatml_tokenizer_json(words))?)?;
+    let weights = llama::random_weights(&cfg, seed, &Device::Cpu)?;
     candle_core::safetensors::save(&weights, dir.join("model.safetensors"))?;
     Ok(())
 }

@@ -213,3 +213,52 @@ fn bad_input_says_what_is_missing() -> TestResult {
     assert!(missing.contains("has no tokenizer.json"), "{missing}");
     Ok(())
 }
+
+#[test]
+fn early_stopping_ends_a_run_that_stops_improving_and_keeps_its_best_epoch() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let base = tmp.path().join("base");
+    write_tiny_bert_dir(&base, &vocab(), 1)?;
+    let out = tmp.path().join("out");
+    let mut config = config(&base, &out);
+    config.epochs = 12;
+    config.patience = 1;
+    // Labels drawn at random: nothing to learn, so validation stops improving.
+    let shuffle = |rows: Vec<LabeledText>, seed: u64| -> Vec<LabeledText> {
+        let mut state = seed;
+        rows.into_iter()
+            .map(|row| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let label = if (state >> 40).is_multiple_of(2) { "animal" } else { "colour" };
+                LabeledText { text: row.text, label: label.to_string() }
+            })
+            .collect()
+    };
+    let report = train_classifier(&config, &shuffle(rows(48, 3), 5), &shuffle(rows(24, 4), 6))?;
+    assert!(report.stopped_early, "{:?}", report.epochs);
+    assert!(report.epochs.len() < config.epochs, "{:?}", report.epochs);
+    // Patience 1: every epoch but the last improved on the one before.
+    let better = |a: &understudy_trainer::EpochMetrics, b: &understudy_trainer::EpochMetrics| {
+        a.validation_accuracy > b.validation_accuracy
+            || (a.validation_accuracy == b.validation_accuracy && a.validation_loss < b.validation_loss)
+    };
+    let n = report.epochs.len();
+    for pair in report.epochs[..n - 1].windows(2) {
+        assert!(better(&pair[1], &pair[0]), "{:?}", report.epochs);
+    }
+    assert!(!better(&report.epochs[n - 1], &report.epochs[n - 2]), "{:?}", report.epochs);
+    assert_eq!(report.best_epoch, Some(n - 1));
+
+    // The saved classifier is the best epoch's: its validation accuracy is that epoch's.
+    let model = ClassifierModel::load(&out)?;
+    let validation = shuffle(rows(24, 4), 6);
+    let texts: Vec<String> = validation.iter().map(|row| row.text.clone()).collect();
+    let predictions = model.predict(&texts)?;
+    let correct = predictions.iter().zip(&validation).filter(|(p, row)| p.label == row.label).count();
+    let accuracy = correct as f64 / validation.len() as f64;
+    assert!((accuracy - report.best_validation_accuracy.ok_or("no best")?).abs() < 1e-9, "{accuracy}");
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json"))?)?;
+    assert_eq!(manifest["stopped_early"], true, "{manifest}");
+    assert_eq!(manifest["epochs"].as_array().map(Vec::len), Some(n), "{manifest}");
+    Ok(())
+}

@@ -16,10 +16,14 @@ use super::*;
 
 const VOCAB: usize = 40;
 
+/// A word tokenizer over the whole toy vocabulary: ten named words, then
+/// `w10` ... `w39` for the ids the toy examples use.
 fn word_tokenizer() -> Tokenizer {
-    let words = ["[UNK]", "<|im_start|>", "<|im_end|>", "user", "assistant", "system", "what", "is", "two", "four"];
+    let named = ["[UNK]", "<|im_start|>", "<|im_end|>", "user", "assistant", "system", "what", "is", "two", "four"];
+    let words: Vec<String> =
+        named.iter().map(|word| word.to_string()).chain((named.len()..VOCAB).map(|id| format!("w{id}"))).collect();
     let vocab: tokenizers::models::bpe::Vocab =
-        words.iter().enumerate().map(|(id, word)| (word.to_string(), id as u32)).collect();
+        words.iter().enumerate().map(|(id, word)| (word.clone(), id as u32)).collect();
     let model = WordLevel::builder().vocab(vocab).unk_token("[UNK]".into()).build().unwrap();
     let mut tokenizer = Tokenizer::new(model);
     tokenizer.with_pre_tokenizer(Some(Whitespace {}));
@@ -235,4 +239,169 @@ fn hf_qwen2_and_llama_dirs_load_and_other_architectures_are_named() {
     write_tiny_causal_dir(&dir, "MistralForCausalLM", "mistral");
     let error = understudy_models::causal_lm::load(&dir).err().unwrap().to_string();
     assert!(error.contains("\"MistralForCausalLM\"") && error.contains("not supported"), "{error}");
+}
+
+/// The answers of the toy task as labels: `w10` ... `w19`.
+fn toy_labels() -> Vec<String> {
+    (10..20).map(|id| format!("w{id}")).collect()
+}
+
+/// Like [`toy_examples`], but the answer is drawn at random from the seed:
+/// nothing to learn, so validation stops improving.
+fn random_answer_examples(n: usize, seed: u64) -> Vec<SftExample> {
+    let mut examples = toy_examples(n, seed as usize);
+    let mut state = seed;
+    for example in &mut examples {
+        state = crate::data::mix(state, 1);
+        example.ids[4] = 10 + (state % 10) as u32;
+    }
+    examples
+}
+
+fn best_by_metric(report: &LoraTrainReport) -> &LoraEpochMetrics {
+    let mut best = &report.epochs[0];
+    for epoch in &report.epochs[1..] {
+        if epoch.beats(best) {
+            best = epoch;
+        }
+    }
+    best
+}
+
+#[test]
+fn label_accuracy_is_measured_every_epoch_and_picks_the_best_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = toy_config(dir.path());
+    config.epochs = 12;
+    config.learning_rate = 1e-2;
+    config.task_metric = TaskMetric::LabelAccuracy { labels: toy_labels() };
+    let report = train_lora_on(&config, tiny_files(1), &toy_examples(64, 0), &toy_examples(16, 3), 2).unwrap();
+    assert_eq!(report.task_metric_name, Some("label_accuracy"));
+    let initial = report.initial_task_metric.unwrap();
+    let accuracies: Vec<f64> = report.epochs.iter().map(|epoch| epoch.task_metric.unwrap()).collect();
+    assert!(accuracies.iter().all(|accuracy| (0.0..=1.0).contains(accuracy)), "{accuracies:?}");
+    // Sixteen rows: accuracies are multiples of 1/16.
+    assert!(accuracies.iter().all(|accuracy| (accuracy * 16.0).fract() == 0.0), "{accuracies:?}");
+    let best = report.best_task_metric.unwrap();
+    assert!(best >= 0.5 && best > initial, "accuracy {initial} before training, {accuracies:?} after epochs");
+    assert_eq!(report.best_epoch, Some(best_by_metric(&report).epoch));
+    assert_eq!(best, best_by_metric(&report).task_metric.unwrap());
+
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join(MANIFEST_FILE)).unwrap()).unwrap();
+    assert_eq!(manifest["report"]["task_metric_name"], "label_accuracy");
+    assert_eq!(manifest["report"]["best_task_metric"], best);
+    assert_eq!(manifest["hyperparameters"]["task_metric"]["kind"], "label_accuracy");
+    assert_eq!(manifest["report"]["epochs"][0]["task_metric"], accuracies[0]);
+}
+
+/// The label scores of the metric (the prompt run once, the labels on its
+/// cache in one batch) against scoring every prompt + label sequence whole.
+#[test]
+fn constrained_label_choice_matches_scoring_each_full_sequence() {
+    let files = tiny_files(7);
+    let tokenizer = files.tokenizer.clone();
+    let vb = VarBuilder::from_tensors(files.weights.clone(), DType::F32, &Device::Cpu);
+    let model = llama::Model::new(&files.config, vb, None, 1).unwrap();
+    // Labels of different lengths: padding must not change the scores.
+    let labels: Vec<String> = vec!["w10".into(), "w11 w12".into(), "w13 w14 w15".into(), "four".into()];
+    let metric = TaskMetric::LabelAccuracy { labels: labels.clone() };
+    let validation = toy_examples(12, 5);
+    let setup = metric::MetricSetup::new(&metric, &tokenizer, Some(2), &validation, 64).unwrap().unwrap();
+    let mut chosen = Vec::new();
+    for example in &validation {
+        let prompt = &example.ids[..4];
+        let nll_of = |label: &str| -> f64 {
+            let answer = tokenizer.encode(format!("{label}<|im_end|>"), false).unwrap().get_ids().to_vec();
+            let ids: Vec<u32> = prompt.iter().chain(&answer).copied().collect();
+            let logits = model.forward(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap());
+            let logits = logits.unwrap().squeeze(0).unwrap();
+            let targets = ids[prompt.len()..].to_vec();
+            let rows = logits.narrow(0, prompt.len() - 1, targets.len()).unwrap();
+            let nll = understudy_models::ops::cross_entropy_rows(&rows, &targets).unwrap();
+            nll.sum_all().unwrap().to_scalar::<f32>().unwrap() as f64
+        };
+        let scores: Vec<f64> = labels.iter().map(|label| nll_of(label)).collect();
+        let cached = setup.label_nll(&model, prompt).unwrap();
+        for (full, cached) in scores.iter().zip(&cached) {
+            assert!((full - cached).abs() < 1e-3, "{scores:?} vs {cached:?}");
+        }
+        let expected = (0..labels.len()).fold(0, |best, idx| if scores[idx] < scores[best] { idx } else { best });
+        assert_eq!(setup.most_likely_label(&model, prompt).unwrap(), expected, "{scores:?}");
+        chosen.push(scores);
+    }
+    // The scores differ from row to row and label to label: the comparison is not of constants.
+    assert!(chosen.windows(2).any(|pair| pair[0] != pair[1]), "{chosen:?}");
+    assert!(chosen[0].windows(2).any(|pair| (pair[0] - pair[1]).abs() > 1e-3), "{chosen:?}");
+}
+
+#[test]
+fn token_f1_of_a_greedy_decode_rises_on_a_learnable_toy_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = toy_config(dir.path());
+    config.epochs = 12;
+    config.learning_rate = 1e-2;
+    config.task_metric = TaskMetric::TokenF1 { max_new_tokens: 3 };
+    config.metric_rows = 8;
+    let validation = toy_examples(16, 3);
+    let report = train_lora_on(&config, tiny_files(1), &toy_examples(64, 0), &validation, 2).unwrap();
+    assert_eq!(report.task_metric_name, Some("token_f1"));
+    let initial = report.initial_task_metric.unwrap();
+    let best = report.best_task_metric.unwrap();
+    assert!(best >= 0.5 && best > initial, "token F1 {initial} before training, {:?}", report.epochs);
+    assert_eq!(report.best_epoch, Some(best_by_metric(&report).epoch));
+
+    // The kept adapter's greedy answers are what the metric scored.
+    let files = tiny_files(1);
+    let tokenizer = files.tokenizer.clone();
+    let vb = VarBuilder::from_tensors(files.weights, DType::F32, &Device::Cpu);
+    let model = llama::Model::new(&files.config, vb, Some(&config.lora), 1).unwrap();
+    let (_, tensors) = peft::load(dir.path()).unwrap();
+    model.load_lora(&tensors).unwrap();
+    let setup = metric::MetricSetup::new(&config.task_metric, &tokenizer, Some(2), &validation, 8).unwrap().unwrap();
+    let mut total = 0.0;
+    for example in &validation[..8] {
+        let decoded = setup.greedy(&model, &example.ids[..4], 3).unwrap();
+        let text = tokenizer.decode(&decoded, true).unwrap();
+        let reference = tokenizer.id_to_token(example.ids[4]).unwrap();
+        total += understudy_eval::generation::token_f1(&reference, &text);
+    }
+    assert!((total / 8.0 - best).abs() < 1e-9, "{} vs {best}", total / 8.0);
+}
+
+#[test]
+fn early_stopping_ends_the_run_and_keeps_the_best_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = toy_config(dir.path());
+    config.epochs = 10;
+    config.patience = 1;
+    config.learning_rate = 2e-2;
+    config.task_metric = TaskMetric::LabelAccuracy { labels: toy_labels() };
+    let train = random_answer_examples(64, 11);
+    let validation = random_answer_examples(16, 12);
+    let report = train_lora_on(&config, tiny_files(1), &train, &validation, 2).unwrap();
+    assert!(report.stopped_early, "{:?}", report.epochs);
+    assert!(report.epochs.len() < config.epochs, "{:?}", report.epochs);
+    // Patience 1: the run ends at the first epoch that is not the best so far.
+    let last = report.epochs.last().unwrap();
+    assert_ne!(report.best_epoch, Some(last.epoch));
+    for (idx, epoch) in report.epochs[..report.epochs.len() - 1].iter().enumerate() {
+        assert!(idx == 0 || epoch.beats(&report.epochs[idx - 1]), "{:?}", report.epochs);
+    }
+    let best = best_by_metric(&report);
+    assert_eq!(report.best_epoch, Some(best.epoch));
+
+    // The adapter on disk is the best epoch's: its validation loss is that epoch's.
+    let files = tiny_files(1);
+    let vb = VarBuilder::from_tensors(files.weights, DType::F32, &Device::Cpu);
+    let model = llama::Model::new(&files.config, vb, Some(&config.lora), 1).unwrap();
+    let (_, tensors) = peft::load(dir.path()).unwrap();
+    model.load_lora(&tensors).unwrap();
+    let loss = validation_loss(&model, &validation, 2, config.batch_size).unwrap();
+    assert!((loss - best.validation_loss).abs() < 1e-4, "{loss} vs {best:?}");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join(MANIFEST_FILE)).unwrap()).unwrap();
+    assert_eq!(manifest["report"]["stopped_early"], true);
+    assert_eq!(manifest["report"]["epochs"].as_array().unwrap().len(), report.epochs.len());
+    assert_eq!(manifest["report"]["best_epoch"], best.epoch);
 }
