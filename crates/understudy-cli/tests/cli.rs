@@ -3,20 +3,18 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 
+mod common;
+
+use common::Workdir;
 use serde_json::{json, Value};
 
 const SECRET: &str = "sk-cli-test-secret-9c2e";
 
-struct Workdir {
-    dir: tempfile::TempDir,
-}
-
 impl Workdir {
     fn new(extra_config: &str) -> Workdir {
-        let dir = tempfile::tempdir().expect("tempdir");
         let closed_port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
         let config = format!(
             r#"
@@ -51,29 +49,7 @@ lead = "gpt-4o-mini"
 lead = "replayed"
 {extra_config}"#
         );
-        std::fs::write(dir.path().join("understudy.toml"), config).expect("config");
-        std::fs::write(dir.path().join("recorded.jsonl"), "").expect("replay file");
-        Workdir { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn command(&self) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_understudy"));
-        command.current_dir(self.dir.path()).env_remove("UNDERSTUDY_CONFIG").env("CLI_TEST_KEY", SECRET);
-        command
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command().args(args).output().expect("run understudy")
-    }
-
-    fn run_ok(&self, args: &[&str]) -> String {
-        let output = self.run(args);
-        assert!(output.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
-        String::from_utf8(output.stdout).expect("utf-8")
+        Workdir::with_config(&config).env("CLI_TEST_KEY", SECRET)
     }
 }
 

@@ -3,19 +3,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
 
+use common::Workdir;
 use serde_json::{json, Value};
 
-/// A folder with a config (SQLite store, one replay model, two tasks).
-struct DatasetWorkdir {
-    dir: tempfile::TempDir,
-}
-
-impl DatasetWorkdir {
-    fn new(extra_config: &str) -> DatasetWorkdir {
-        let dir = tempfile::tempdir().expect("tempdir");
+impl Workdir {
+    fn new(extra_config: &str) -> Workdir {
         let config = format!(
             r#"
 [store]
@@ -37,40 +31,7 @@ lead = "replayed"
 kind = "generation"
 "#
         );
-        std::fs::write(dir.path().join("understudy.toml"), config).expect("config");
-        std::fs::write(dir.path().join("recorded.jsonl"), "").expect("replay file");
-        DatasetWorkdir { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_understudy"))
-            .current_dir(self.dir.path())
-            .env_remove("UNDERSTUDY_CONFIG")
-            .args(args)
-            .output()
-            .expect("run understudy")
-    }
-
-    fn run_ok(&self, args: &[&str]) -> String {
-        let output = self.run(args);
-        assert!(output.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
-        String::from_utf8(output.stdout).expect("utf-8")
-    }
-
-    /// Runs a command that must fail, and returns its standard error.
-    fn run_err(&self, args: &[&str]) -> String {
-        let output = self.run(args);
-        assert!(!output.status.success(), "{args:?} succeeded: {}", String::from_utf8_lossy(&output.stdout));
-        String::from_utf8(output.stderr).expect("utf-8")
-    }
-
-    fn write_lines(&self, name: &str, lines: &[Value]) {
-        let text: String = lines.iter().map(|line| format!("{line}\n")).collect();
-        std::fs::write(self.path(name), text).expect("write jsonl");
+        Workdir::with_config(&config)
     }
 }
 
@@ -116,7 +77,7 @@ fn created_at(line: &str) -> String {
 
 #[test]
 fn build_export_reimport_list_and_show() {
-    let workdir = DatasetWorkdir::new("");
+    let workdir = Workdir::new("");
     workdir.write_lines("calls.jsonl", &calls());
     workdir.run_ok(&["import", "--task", "trec", "calls.jsonl"]);
 
@@ -197,7 +158,7 @@ fn build_export_reimport_list_and_show() {
 
 #[test]
 fn feedback_decides_which_calls_a_dataset_learns_from() {
-    let workdir = DatasetWorkdir::new("");
+    let workdir = Workdir::new("");
     workdir.write_lines("calls.jsonl", &calls()[..40]);
     workdir.run_ok(&["import", "--task", "trec", "calls.jsonl"]);
     // The imported calls' ids, by the question each asked.
@@ -305,7 +266,7 @@ fn feedback_decides_which_calls_a_dataset_learns_from() {
 
 #[test]
 fn the_config_sets_the_kind_and_the_datasets_folder() {
-    let workdir = DatasetWorkdir::new("datasets_dir = \"versions\"");
+    let workdir = Workdir::new("datasets_dir = \"versions\"");
     workdir.write_lines("calls.jsonl", &calls());
     workdir.run_ok(&["import", "--task", "summaries", "calls.jsonl"]);
     let built = workdir.run_ok(&["dataset", "build", "--task", "summaries", "--near-dup-threshold", "1"]);
@@ -318,7 +279,7 @@ fn the_config_sets_the_kind_and_the_datasets_folder() {
 
 #[test]
 fn bad_input_is_a_clear_error_and_a_non_zero_exit() {
-    let workdir = DatasetWorkdir::new("");
+    let workdir = Workdir::new("");
     let stderr = workdir.run_err(&["dataset", "build", "--task", "ghost"]);
     assert!(stderr.contains("task `ghost` has no successful chat calls in the store, and it is not in the config"));
     let stderr = workdir.run_err(&["dataset", "show", "ds-000000000000"]);

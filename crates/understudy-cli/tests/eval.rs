@@ -5,9 +5,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 
+mod common;
+
+use common::Workdir;
 use serde_json::{json, Value};
 
 const WORDS: &[&str] = &["who", "wrote", "where", "is", "how", "many", "city", "book", "people", "river"];
@@ -16,16 +19,11 @@ const WORDS: &[&str] = &["who", "wrote", "where", "is", "how", "many", "city", "
 /// 20 prompt and 2 completion tokens a call costs $0.024, $24 per 1k calls.
 const LEAD_COST_PER_1K: f64 = 24.0;
 
-struct Workdir {
-    dir: tempfile::TempDir,
-}
-
 impl Workdir {
     /// A config with a replay lead for a label task (`questions`) and a
     /// generation task (`summaries`), and a local provider priced at
     /// `machine_price` an hour.
     fn new(machine_price: f64) -> Workdir {
-        let dir = tempfile::tempdir().expect("tempdir");
         let config = format!(
             r#"
 [store]
@@ -52,45 +50,7 @@ lead = "replayed"
 kind = "generation"
 "#
         );
-        std::fs::write(dir.path().join("understudy.toml"), config).expect("config");
-        std::fs::write(dir.path().join("recorded.jsonl"), "").expect("replay file");
-        Workdir { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn command(&self) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_understudy"));
-        command.current_dir(self.dir.path()).env_remove("UNDERSTUDY_CONFIG");
-        command
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command().args(args).output().expect("run understudy")
-    }
-
-    fn run_ok(&self, args: &[&str]) -> String {
-        let output = self.run(args);
-        assert!(output.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
-        String::from_utf8(output.stdout).expect("utf-8")
-    }
-
-    fn run_json(&self, args: &[&str]) -> Value {
-        serde_json::from_str(self.run_ok(args).trim()).expect("json output")
-    }
-
-    /// Runs a command that must fail, and returns its standard error.
-    fn run_err(&self, args: &[&str]) -> String {
-        let output = self.run(args);
-        assert!(!output.status.success(), "{args:?} succeeded: {}", String::from_utf8_lossy(&output.stdout));
-        String::from_utf8(output.stderr).expect("utf-8")
-    }
-
-    fn write_lines(&self, name: &str, lines: &[Value]) {
-        let text: String = lines.iter().map(|line| format!("{line}\n")).collect();
-        std::fs::write(self.path(name), text).expect("write jsonl");
+        Workdir::with_config(&config)
     }
 
     /// 90 label-task calls whose first word decides the label, imported with
