@@ -2,9 +2,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 mod common;
 
@@ -196,44 +195,13 @@ fn import_without_a_model_uses_the_task_lead_and_counts_tokens() {
     assert!(!missing.status.success());
 }
 
-/// Starts `understudy serve` on an ephemeral port; returns the child and its base URL.
-fn serve(workdir: &Workdir) -> (std::process::Child, String, std::thread::JoinHandle<String>) {
-    let mut child = workdir
-        .command()
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("UNDERSTUDY_LOG", "debug")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn serve");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut reader = BufReader::new(stderr);
-    let mut first_lines = String::new();
-    let base_url = loop {
-        let mut line = String::new();
-        assert!(reader.read_line(&mut line).expect("read") > 0, "serve exited early: {first_lines}");
-        first_lines.push_str(&line);
-        if let Some(url) = line.trim().strip_prefix("understudy gateway listening on ") {
-            break url.to_string();
-        }
-    };
-    let rest = std::thread::spawn(move || {
-        let mut text = first_lines;
-        for line in reader.lines().map_while(Result::ok) {
-            text.push_str(&line);
-            text.push('\n');
-        }
-        text
-    });
-    (child, base_url, rest)
-}
-
 #[test]
 fn sigterm_flushes_every_queued_record_and_the_key_stays_out_of_logs() {
     let workdir = Workdir::new("");
     let recorded: Vec<Value> =
         (0..50).map(|idx| example(&format!("Question {idx}?"), "NUM", "2026-10-01T00:00:00Z")).collect();
     lines_file(&workdir.path("recorded.jsonl"), &recorded);
-    let (child, base_url, stderr) = serve(&workdir);
+    let (child, base_url, stderr) = workdir.serve();
 
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let statuses = runtime.block_on(async {
@@ -287,7 +255,7 @@ fn the_official_openai_python_client_works() {
     };
     let workdir = Workdir::new("");
     lines_file(&workdir.path("recorded.jsonl"), &[example("Question 1?", "NUM", "2026-10-01T00:00:00Z")]);
-    let (child, base_url, stderr) = serve(&workdir);
+    let (child, base_url, stderr) = workdir.serve();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_compat.py");
     let output = Command::new(python).arg(script).arg(&base_url).output().expect("run python");
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();

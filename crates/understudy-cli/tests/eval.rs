@@ -4,9 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 mod common;
 
@@ -244,35 +243,12 @@ fn promote_needs_a_threshold_for_a_cascade_and_lead_undoes_it() {
     assert!((promoted_threshold - threshold).abs() < 1e-6, "{policy} vs {threshold}");
 }
 
-/// Starts `understudy serve` on an ephemeral port; returns the child and its base URL.
-fn serve(workdir: &Workdir) -> (std::process::Child, String) {
-    let mut child = workdir
-        .command()
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn serve");
-    let mut reader = BufReader::new(child.stderr.take().expect("stderr"));
-    let mut seen = String::new();
-    let base_url = loop {
-        let mut line = String::new();
-        assert!(reader.read_line(&mut line).expect("read") > 0, "serve exited early: {seen}");
-        seen.push_str(&line);
-        if let Some(url) = line.trim().strip_prefix("understudy gateway listening on ") {
-            break url.to_string();
-        }
-    };
-    // Keep draining the log so that the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in reader.lines().map_while(Result::ok) {});
-    (child, base_url)
-}
-
 #[test]
 fn savings_totals_are_the_sums_of_the_days_and_payback_repays_training() {
     // A cheap machine and an expensive lead: the understudy saves money.
     let workdir = Workdir::new(0.01);
     let version = workdir.trained_classifier();
-    let (mut child, base_url) = serve(&workdir);
+    let (mut child, base_url, _log) = workdir.serve();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let client = reqwest::Client::new();
     let ask = |idx: usize| {

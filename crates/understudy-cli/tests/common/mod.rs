@@ -3,8 +3,10 @@
 
 #![allow(dead_code)] // Each test file uses its own part.
 
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::thread::JoinHandle;
 
 use serde_json::Value;
 
@@ -66,5 +68,38 @@ impl Workdir {
     pub fn write_lines(&self, name: &str, lines: &[Value]) {
         let text: String = lines.iter().map(|line| format!("{line}\n")).collect();
         std::fs::write(self.path(name), text).expect("write jsonl");
+    }
+
+    /// Starts `understudy serve` on an ephemeral port (debug logs on stderr).
+    /// Returns the child, its base URL, and a thread that keeps reading its
+    /// log, so the server never blocks on a full pipe, and returns all of it
+    /// once the server exits.
+    pub fn serve(&self) -> (Child, String, JoinHandle<String>) {
+        let mut child = self
+            .command()
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("UNDERSTUDY_LOG", "debug")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn serve");
+        let mut reader = BufReader::new(child.stderr.take().expect("stderr"));
+        let mut first_lines = String::new();
+        let base_url = loop {
+            let mut line = String::new();
+            assert!(reader.read_line(&mut line).expect("read") > 0, "serve exited early: {first_lines}");
+            first_lines.push_str(&line);
+            if let Some(url) = line.trim().strip_prefix("understudy gateway listening on ") {
+                break url.to_string();
+            }
+        };
+        let log = std::thread::spawn(move || {
+            let mut text = first_lines;
+            for line in reader.lines().map_while(Result::ok) {
+                text.push_str(&line);
+                text.push('\n');
+            }
+            text
+        });
+        (child, base_url, log)
     }
 }
