@@ -57,7 +57,7 @@ pub async fn run(config_path: &Path, command: EvalCommand) -> anyhow::Result<()>
         };
         let name =
             format!("zero-shot:{}", Path::new(&path).file_name().map_or(path.clone(), |n| n.to_string_lossy().into()));
-        let spec = LocalModelSpec { name: name.clone(), path, adapter: None };
+        let spec = LocalModelSpec { name: name.clone(), path, adapter: None, weights: None };
         candidates.push(Candidate { name, method: "zero-shot".into(), path: None, spec: Some(spec) });
     }
     let test = read_rows(&dataset, "test")?;
@@ -390,6 +390,7 @@ impl Candidate {
             name: version.id.clone(),
             path: version.base_model.clone(),
             adapter: Some(version.path.clone().into()),
+            weights: None,
         });
         Candidate { name: version.id.clone(), method: version.method.clone(), path: Some(version.path.clone()), spec }
     }

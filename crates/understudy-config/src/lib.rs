@@ -110,7 +110,15 @@ pub struct ModelConfig {
     pub path: Option<String>,
     /// For a local causal LM: a PEFT LoRA adapter directory applied at load.
     pub adapter: Option<PathBuf>,
+    /// For a local causal LM: how its GGUF weights are served, one of
+    /// [`WEIGHT_FORMATS`] (`None`: `auto`).
+    pub weights: Option<String>,
 }
+
+/// The serving formats a local causal LM's `weights` may name: `auto` (a
+/// Q8_0 copy of a legacy 4/5-bit GGUF, the file otherwise), `as-stored`, or
+/// a re-quantized copy in `q8_0`, `q4_0` or `iq4_nl`.
+pub const WEIGHT_FORMATS: [&str; 5] = ["auto", "as-stored", "q8_0", "q4_0", "iq4_nl"];
 
 pub use understudy_router::Policy;
 
@@ -332,6 +340,7 @@ struct RawModel {
     output_per_million: f64,
     path: Option<String>,
     adapter: Option<String>,
+    weights: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -494,6 +503,22 @@ impl Validator<'_> {
                     "`adapter` is only for models of a local provider".into(),
                 );
             }
+            if let Some(weights) = &raw_model.weights {
+                if !is_local {
+                    return self.invalid(
+                        format!("models.{name}.weights"),
+                        0,
+                        "`weights` is only for models of a local provider".into(),
+                    );
+                }
+                if !WEIGHT_FORMATS.contains(&weights.as_str()) {
+                    return self.invalid(
+                        format!("models.{name}.weights"),
+                        0,
+                        format!("unknown weight format `{weights}`; expected one of {}", WEIGHT_FORMATS.join(", ")),
+                    );
+                }
+            }
             let model = ModelConfig {
                 provider: raw_model.provider.into_inner(),
                 name: raw_model.name.unwrap_or_else(|| name.clone()),
@@ -503,6 +528,7 @@ impl Validator<'_> {
                 },
                 path,
                 adapter: raw_model.adapter.as_deref().map(|adapter| self.resolve_path(adapter)),
+                weights: raw_model.weights,
             };
             models.insert(name, model);
         }

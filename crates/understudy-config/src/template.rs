@@ -117,4 +117,7 @@ policy = "lead"
 # provider = "local"
 # path = "models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 # adapter = "understudies/triage/ds-.../lora"       # optional PEFT LoRA adapter
+# weights = "auto"    # auto (a Q4_x/Q5_x file is served from a near-lossless Q8_0 copy),
+#                     # as-stored, q8_0, or iq4_nl / q4_0 (smaller and faster on AVX2/AVX-512
+#                     # CPUs, at some loss: a lossy re-quantization of the file)
 "#;

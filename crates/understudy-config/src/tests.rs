@@ -123,3 +123,16 @@ fn labels_are_checked_and_name_the_key_and_line() {
         assert!(error.contains(needle), "{error}");
     }
 }
+
+#[test]
+fn a_local_models_weight_format_is_checked() {
+    let local = "[providers.local]\ntype = \"local\"\n[models.small]\nprovider = \"local\"\npath = \"m.gguf\"\n";
+    let config = parse(&format!("{CONTRACT}{local}weights = \"iq4_nl\"\n")).unwrap();
+    assert_eq!(config.models["small"].weights.as_deref(), Some("iq4_nl"));
+    assert_eq!(parse(&format!("{CONTRACT}{local}")).unwrap().models["small"].weights, None);
+    let error = parse(&format!("{CONTRACT}{local}weights = \"q3\"\n")).unwrap_err().to_string();
+    assert!(error.contains("models.small.weights") && error.contains("`q3`") && error.contains("iq4_nl"), "{error}");
+    let cloud = CONTRACT.replace("output_per_million = 0.60", "output_per_million = 0.60\nweights = \"q8_0\"");
+    let error = parse(&cloud).unwrap_err().to_string();
+    assert!(error.contains("models.gpt-4o-mini.weights") && error.contains("local provider"), "{error}");
+}

@@ -34,27 +34,49 @@ fn request(body: Value) -> ChatRequest {
     ChatRequest { body: body.as_object().cloned().unwrap_or_default() }
 }
 
-/// One streamed greedy answer: (completion tokens, seconds to the first token, seconds in total).
-async fn timed_stream(model: &LlamaCppModel, prompt: &str, max_tokens: usize) -> Result<(usize, f64, f64)> {
-    let start = Instant::now();
+/// One streamed greedy answer, timed from `start`.
+struct Timed {
+    /// Completion tokens (from `usage`).
+    n_tokens: usize,
+    /// Seconds to the first token.
+    first: f64,
+    /// Seconds to the end of the stream.
+    total: f64,
+    /// Seconds at which each chunk of text arrived.
+    chunks: Vec<f64>,
+}
+
+async fn timed_stream(model: &LlamaCppModel, prompt: &str, max_tokens: usize, start: Instant) -> Result<Timed> {
     let body = json!({"messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": max_tokens,
         "stream": true});
     let mut stream = model.chat_stream(request(body)).await?;
-    let mut first = None;
+    let mut chunks = Vec::new();
     let mut n_tokens = 0;
     while let Some(chunk) = stream.next().await {
         let chunk: Value = serde_json::from_str(&chunk?)?;
-        if first.is_none()
-            && chunk.pointer("/choices/0/delta/content").and_then(Value::as_str).is_some_and(|t| !t.is_empty())
-        {
-            first = Some(start.elapsed().as_secs_f64());
+        if chunk.pointer("/choices/0/delta/content").and_then(Value::as_str).is_some_and(|t| !t.is_empty()) {
+            chunks.push(start.elapsed().as_secs_f64());
         }
         if let Some(tokens) = chunk.pointer("/usage/completion_tokens").and_then(Value::as_u64) {
             n_tokens = tokens as usize;
         }
     }
     let total = start.elapsed().as_secs_f64();
-    Ok((n_tokens, first.unwrap_or(total), total))
+    Ok(Timed { n_tokens, first: chunks.first().copied().unwrap_or(total), total, chunks })
+}
+
+/// Decode throughput while every one of `streams` is decoding: the chunks
+/// that arrived between the last stream's first token and the first
+/// stream's end, over that window (prefill and the tail, when fewer are
+/// left, fall outside it).
+fn all_decoding_rate(streams: &[Timed]) -> f64 {
+    let from = streams.iter().map(|t| t.first).fold(0.0, f64::max);
+    let to = streams.iter().map(|t| t.chunks.last().copied().unwrap_or(t.total)).fold(f64::INFINITY, f64::min);
+    if to <= from {
+        return f64::NAN;
+    }
+    let n: usize = streams.iter().map(|t| t.chunks.iter().filter(|&&at| at > from && at <= to).count()).sum();
+    n as f64 / (to - from)
 }
 
 /// Read bandwidth in bytes/s over a buffer much larger than the caches, with `threads` readers.
@@ -99,7 +121,7 @@ async fn main() -> Result<()> {
     };
 
     let rss_before_kb = status_kb("VmRSS:");
-    let spec = LocalModelSpec { name: "bench".into(), path: path.clone(), adapter: None };
+    let spec = LocalModelSpec { name: "bench".into(), path: path.clone(), adapter: None, weights: None };
     let options =
         EngineOptions { n_threads: Some(threads), n_ctx: 4096, n_seq_max: concurrency as u32, n_batch: 512, weights };
     let model = LlamaCppModel::load(&spec, &options)?;
@@ -123,32 +145,41 @@ async fn main() -> Result<()> {
     let story = "Write a long, detailed story about a dragon who learns to bake bread.";
 
     // Warm up.
-    timed_stream(&model, story, 8).await?;
+    timed_stream(&model, story, 8, Instant::now()).await?;
     eprintln!("warmed up");
 
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
     let mut aggregate = Vec::new();
+    let mut aggregate_decoding = Vec::new();
+    let mut shortest = Vec::new();
     for _ in 0..runs {
         // Prefill: time to the first token of a 256-token prompt.
-        let (_, first, _) = timed_stream(&model, &long_prompt, 1).await?;
-        prefill.push(n_prompt as f64 / first);
-        eprintln!("prefill {:.1} tok/s", n_prompt as f64 / first);
+        let timed = timed_stream(&model, &long_prompt, 1, Instant::now()).await?;
+        prefill.push(n_prompt as f64 / timed.first);
+        eprintln!("prefill {:.1} tok/s", n_prompt as f64 / timed.first);
 
-        let (n, first, total) = timed_stream(&model, story, decode_tokens).await?;
-        decode.push((n.saturating_sub(1)) as f64 / (total - first));
-        eprintln!("decode {n} tokens, {:.1} tok/s", (n.saturating_sub(1)) as f64 / (total - first));
+        let timed = timed_stream(&model, story, decode_tokens, Instant::now()).await?;
+        let rate = (timed.n_tokens.saturating_sub(1)) as f64 / (timed.total - timed.first);
+        decode.push(rate);
+        eprintln!("decode {} tokens, {rate:.1} tok/s", timed.n_tokens);
 
+        // N requests at once: end to end (their prefill included), and while all N decode.
         let start = Instant::now();
         let prompts: Vec<String> = (0..concurrency).map(|i| format!("{story} Story number {i}.")).collect();
-        let results = futures::future::join_all(prompts.iter().map(|p| timed_stream(&model, p, decode_tokens))).await;
+        let results =
+            futures::future::join_all(prompts.iter().map(|p| timed_stream(&model, p, decode_tokens, start))).await;
         let elapsed = start.elapsed().as_secs_f64();
-        let mut n_total = 0;
-        for result in results {
-            n_total += result?.0;
-        }
+        let streams = results.into_iter().collect::<Result<Vec<_>>>()?;
+        let n_total: usize = streams.iter().map(|t| t.n_tokens).sum();
         aggregate.push(n_total as f64 / elapsed);
-        eprintln!("aggregate {n_total} tokens, {:.1} tok/s", n_total as f64 / elapsed);
+        aggregate_decoding.push(all_decoding_rate(&streams));
+        shortest.push(streams.iter().map(|t| t.n_tokens).min().unwrap_or(0) as f64);
+        eprintln!(
+            "aggregate {n_total} tokens, {:.1} tok/s end to end, {:.1} tok/s while all {concurrency} decode",
+            n_total as f64 / elapsed,
+            all_decoding_rate(&streams)
+        );
     }
     let rss_peak_kb = status_kb("VmHWM:");
     let weights_bytes = model.llama_model().size() as f64;
@@ -167,7 +198,10 @@ async fn main() -> Result<()> {
         "aggregate_tok_s": median(aggregate.clone()),
         "concurrency": concurrency,
         "aggregate_over_decode": median(aggregate.clone()) / decode_median,
-        "all": {"prefill": prefill, "decode": decode, "aggregate": aggregate},
+        "aggregate_decoding_tok_s": median(aggregate_decoding.clone()),
+        "aggregate_decoding_over_decode": median(aggregate_decoding.clone()) / decode_median,
+        "shortest_answer_tokens": median(shortest),
+        "all": {"prefill": prefill, "decode": decode, "aggregate": aggregate, "aggregate_decoding": aggregate_decoding},
         "read_bandwidth_gb_s": bandwidth / 1e9,
         "weights_mb": weights_bytes / 1e6,
         "bandwidth_limit_tok_s": limit,

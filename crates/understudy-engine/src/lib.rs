@@ -173,8 +173,8 @@ impl LlamaCppModel {
             .unwrap_or_else(|| std::thread::available_parallelism().map(usize::from).unwrap_or(1))
             .max(1);
         let file_type = model.meta_val_str("general.file_type").ok().and_then(|value| value.trim().parse().ok());
-        let path = if requant::wants_q8_0(options.weights, file_type) {
-            let copy = requant::q8_0_copy(&path, n_threads)?;
+        let path = if requant::wants_copy(options.weights, file_type) {
+            let copy = requant::serving_copy(&path, options.weights, n_threads)?;
             drop(model);
             model = LlamaModel::load_from_file(backend, &copy, &params)
                 .map_err(|_| EngineError::LoadFailed { path: copy.clone() })?;

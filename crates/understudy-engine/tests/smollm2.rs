@@ -37,7 +37,8 @@ fn load(path: &std::path::Path) -> LlamaCppModel {
 }
 
 fn load_as(path: &std::path::Path, weights: WeightFormat) -> LlamaCppModel {
-    let spec = LocalModelSpec { name: "smollm2".into(), path: path.display().to_string(), adapter: None };
+    let spec =
+        LocalModelSpec { name: "smollm2".into(), path: path.display().to_string(), adapter: None, weights: None };
     LlamaCppModel::load(&spec, &EngineOptions { n_ctx: 2048, weights, ..EngineOptions::default() }).unwrap()
 }
 
@@ -67,6 +68,25 @@ async fn smollm2_knows_the_capital_of_france() {
         let answer = completion.pointer("/choices/0/message/content").unwrap().as_str().unwrap();
         assert!(answer.contains("Paris"), "{}: {answer:?}", model.gguf_path().display());
     }
+}
+
+#[tokio::test]
+async fn smollm2_served_as_iq4_nl_is_smaller_and_still_knows_paris() {
+    let Some(path) = smollm2() else { return };
+    // IQ4_NL: a lossy re-quantization (4.5 bits per weight) that llama.cpp
+    // repacks for AVX2/AVX-512 kernels; smaller than the Q4_1 file.
+    let small = load_as(&path, WeightFormat::Iq4Nl);
+    let stored = load_as(&path, WeightFormat::AsStored);
+    assert!(small.gguf_path().to_string_lossy().ends_with(".iq4_nl.gguf"), "{}", small.gguf_path().display());
+    assert!(small.llama_model().size() < stored.llama_model().size());
+    let completion = chat(
+        &small,
+        json!({"messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "temperature": 0, "max_tokens": 40}),
+    )
+    .await;
+    let answer = completion.pointer("/choices/0/message/content").unwrap().as_str().unwrap();
+    assert!(answer.contains("Paris"), "{answer:?}");
 }
 
 #[tokio::test]

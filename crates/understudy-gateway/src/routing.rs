@@ -263,7 +263,7 @@ impl AppState {
             provider: "local".to_string(),
             message: format!("cannot load model version {name}: this gateway has no local model support"),
         })?;
-        let spec = LocalModelSpec { name: name.to_string(), path: path.to_string(), adapter: None };
+        let spec = LocalModelSpec { name: name.to_string(), path: path.to_string(), adapter: None, weights: None };
         let model = loader.load(&spec)?;
         let (provider_name, price_per_hour) = self.machine_price_per_hour();
         let provider = LocalProvider::single(&provider_name, price_per_hour, name, model);

@@ -41,6 +41,36 @@ impl LocalLoader for Loader {
     }
 }
 
+/// The engine options a spec asks for (its `weights` format).
+fn engine_options(spec: &LocalModelSpec) -> Result<understudy_engine::EngineOptions, ProviderError> {
+    let weights = match &spec.weights {
+        Some(text) => understudy_engine::requant::WeightFormat::parse(text)
+            .map_err(|message| ProviderError::Setup { provider: format!("local model `{}`", spec.name), message })?,
+        None => understudy_engine::requant::WeightFormat::Auto,
+    };
+    Ok(understudy_engine::EngineOptions { weights, ..Default::default() })
+}
+
+/// A PEFT adapter's `base_model_name_or_path`: a path when one exists there,
+/// and a hub name (`org/name`, as PEFT writes it for hub models) otherwise.
+fn base_model_path(base: &str) -> String {
+    let is_hub_name = |text: &str| {
+        let mut parts = text.split('/');
+        let (Some(org), Some(name), None) = (parts.next(), parts.next(), parts.next()) else { return false };
+        let ok = |part: &str| {
+            !part.is_empty()
+                && !part.starts_with('.')
+                && part.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        };
+        ok(org) && ok(name)
+    };
+    if !Path::new(base).exists() && is_hub_name(base) {
+        format!("hf:{base}")
+    } else {
+        base.to_string()
+    }
+}
+
 impl Loader {
     /// Loads `spec`, fetching an `hf:` path from the hub `hub` describes.
     pub fn load_from(&self, spec: &LocalModelSpec, hub: &HubOptions) -> Result<Arc<dyn LocalModel>, ProviderError> {
@@ -56,7 +86,7 @@ impl Loader {
         }
         if path.is_file() {
             return if path.extension().is_some_and(|ext| ext == "gguf") {
-                let model = understudy_engine::LlamaCppModel::load(spec, &understudy_engine::EngineOptions::default())?;
+                let model = understudy_engine::LlamaCppModel::load(spec, &engine_options(spec)?)?;
                 Ok(Arc::new(model))
             } else {
                 Err(setup(format!(
@@ -78,8 +108,12 @@ impl Loader {
             let base = config.get("base_model_name_or_path").and_then(Value::as_str).ok_or_else(|| {
                 setup(format!("{} names no base_model_name_or_path to apply the adapter to", adapter_config.display()))
             })?;
-            let base_spec =
-                LocalModelSpec { name: spec.name.clone(), path: base.to_string(), adapter: Some(path.to_path_buf()) };
+            let base_spec = LocalModelSpec {
+                name: spec.name.clone(),
+                path: base_model_path(base),
+                adapter: Some(path.to_path_buf()),
+                weights: spec.weights.clone(),
+            };
             return self.load_from(&base_spec, hub);
         }
         if path.join("labels.json").is_file() && path.join("manifest.json").is_file() {
@@ -102,8 +136,7 @@ impl Loader {
             }
             return match understudy_engine::hf::architecture_of(&config) {
                 Ok(_) => {
-                    let model =
-                        understudy_engine::LlamaCppModel::load(spec, &understudy_engine::EngineOptions::default())?;
+                    let model = understudy_engine::LlamaCppModel::load(spec, &engine_options(spec)?)?;
                     Ok(Arc::new(model))
                 }
                 Err(message) => Err(setup(format!(
@@ -170,4 +203,28 @@ fn response_of(body: &Value) -> understudy_providers::ProviderResponse {
 
 fn internal(model: &str, error: impl std::fmt::Display) -> ProviderError {
     ProviderError::BadResponse { provider: format!("local model `{model}`"), message: error.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peft_base_is_a_path_when_one_exists_and_a_hub_name_otherwise() {
+        assert_eq!(base_model_path("HuggingFaceTB/SmolLM2-135M-Instruct"), "hf:HuggingFaceTB/SmolLM2-135M-Instruct");
+        assert_eq!(base_model_path("/models/smollm2"), "/models/smollm2");
+        assert_eq!(base_model_path("models/a/b"), "models/a/b");
+        assert_eq!(base_model_path("../up/one"), "../up/one");
+        assert_eq!(base_model_path("hf:org/name"), "hf:org/name");
+    }
+
+    #[test]
+    fn an_unknown_weight_format_fails_at_load_naming_it() {
+        let spec =
+            LocalModelSpec { name: "m".into(), path: "m.gguf".into(), adapter: None, weights: Some("q3".into()) };
+        let error = engine_options(&spec).unwrap_err().to_string();
+        assert!(error.contains("`q3`") && error.contains("iq4_nl"), "{error}");
+        let spec = LocalModelSpec { weights: Some("iq4_nl".into()), ..spec };
+        assert_eq!(engine_options(&spec).unwrap().weights, understudy_engine::requant::WeightFormat::Iq4Nl);
+    }
 }

@@ -51,7 +51,9 @@ fn tiny_classifier(dir: &Path) -> PathBuf {
 }
 
 fn load(name: &str, path: &Path) -> Arc<dyn LocalModel> {
-    Loader.load(&LocalModelSpec { name: name.into(), path: path.display().to_string(), adapter: None }).unwrap()
+    Loader
+        .load(&LocalModelSpec { name: name.into(), path: path.display().to_string(), adapter: None, weights: None })
+        .unwrap()
 }
 
 fn object(value: Value) -> Map<String, Value> {
@@ -124,7 +126,10 @@ async fn an_encoder_embeds_normalized_and_ignores_padding() {
 fn bad_paths_fail_at_load_naming_the_path() {
     let dir = tempfile::tempdir().unwrap();
     let error = |path: &str| {
-        Loader.load(&LocalModelSpec { name: "m".into(), path: path.into(), adapter: None }).unwrap_err().to_string()
+        Loader
+            .load(&LocalModelSpec { name: "m".into(), path: path.into(), adapter: None, weights: None })
+            .unwrap_err()
+            .to_string()
     };
     let missing = dir.path().join("nope");
     assert!(error(&missing.display().to_string()).contains("does not exist"));
@@ -427,7 +432,8 @@ async fn an_hf_llama_directory_serves_like_its_gguf() {
     let cached = std::fs::metadata(&cache.0).unwrap();
     let ratio = cached.len() as f64 / weights_bytes as f64;
     assert!(ratio > 0.45 && ratio < 0.6, "converted file is {ratio} of the checkpoint");
-    let spec = LocalModelSpec { name: "smollm2-hf".into(), path: hf.display().to_string(), adapter: None };
+    let spec =
+        LocalModelSpec { name: "smollm2-hf".into(), path: hf.display().to_string(), adapter: None, weights: None };
     let engine = understudy_engine::LlamaCppModel::load(&spec, &engine_options()).unwrap();
     assert_eq!(engine.gguf_path(), cache.0.as_path());
     assert_eq!(std::fs::metadata(&cache.0).unwrap().modified().unwrap(), cached.modified().unwrap(), "reconverted");
@@ -596,7 +602,8 @@ async fn a_tiny_hf_qwen2_directory_matches_candle() {
     .unwrap();
 
     let model = load("tiny-qwen2", &hf);
-    let spec = LocalModelSpec { name: "tiny-qwen2".into(), path: hf.display().to_string(), adapter: None };
+    let spec =
+        LocalModelSpec { name: "tiny-qwen2".into(), path: hf.display().to_string(), adapter: None, weights: None };
     let engine = understudy_engine::LlamaCppModel::load(&spec, &engine_options()).unwrap();
     assert_eq!(engine.llama_model().meta_val_str("tokenizer.ggml.pre").unwrap(), "qwen2");
     assert_eq!(engine.llama_model().meta_val_str("general.architecture").unwrap(), "qwen2");
@@ -674,7 +681,8 @@ async fn a_peft_adapter_on_an_hf_llama_directory_matches_candle() {
     understudy_models::peft::save(&adapter_dir, &adapter_config, &tensors).unwrap();
 
     let model = load("tiny-lora", &adapter_dir);
-    let spec = LocalModelSpec { name: "tiny-llama".into(), path: hf.display().to_string(), adapter: None };
+    let spec =
+        LocalModelSpec { name: "tiny-llama".into(), path: hf.display().to_string(), adapter: None, weights: None };
     let engine = understudy_engine::LlamaCppModel::load(&spec, &engine_options()).unwrap();
     assert_eq!(engine.llama_model().meta_val_str("general.architecture").unwrap(), "llama");
     let user = "hello world";
@@ -705,7 +713,12 @@ fn an_unsupported_hf_architecture_is_named() {
     )
     .unwrap();
     let error = Loader
-        .load(&LocalModelSpec { name: "m".into(), path: dir.path().display().to_string(), adapter: None })
+        .load(&LocalModelSpec {
+            name: "m".into(),
+            path: dir.path().display().to_string(),
+            adapter: None,
+            weights: None,
+        })
         .unwrap_err()
         .to_string();
     assert!(error.contains("mistral") && error.contains("config.json"), "{error}");

@@ -29,6 +29,9 @@ pub struct LocalModelSpec {
     pub path: String,
     /// A PEFT LoRA adapter directory to apply on top, for causal LMs.
     pub adapter: Option<PathBuf>,
+    /// How a causal LM's GGUF weights are served (`auto`, `as-stored`,
+    /// `q8_0`, `q4_0`, `iq4_nl`); `None` is `auto`.
+    pub weights: Option<String>,
 }
 
 /// A model running in this process.
@@ -104,7 +107,12 @@ impl LocalProvider {
                     message: format!("model `{}` has no path", model.name),
                 });
             };
-            let spec = LocalModelSpec { name: model.name.clone(), path: path.clone(), adapter: model.adapter.clone() };
+            let spec = LocalModelSpec {
+                name: model.name.clone(),
+                path: path.clone(),
+                adapter: model.adapter.clone(),
+                weights: model.weights.clone(),
+            };
             loaded.insert(model.name.clone(), loader.load(&spec)?);
         }
         Ok(LocalProvider {
