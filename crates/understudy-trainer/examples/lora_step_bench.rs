@@ -10,6 +10,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+/// The allocator of `understudy train`, set up as the CLI sets it (freed
+/// memory kept: `mi_option_purge_delay` -1), so that the bench measures what users run.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn keep_freed_memory() {
+    // SAFETY: `mi_option_set` only stores an option value.
+    #[allow(unsafe_code)]
+    unsafe {
+        libmimalloc_sys::mi_option_set(15, -1);
+    }
+}
+
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -18,6 +31,7 @@ use understudy_models::causal_lm;
 use understudy_models::llama::{self, LoraConfig};
 
 fn main() {
+    keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let path = std::path::PathBuf::from(&args[1]);
     let batch: usize = args.get(2).map_or(8, |v| v.parse().unwrap());
