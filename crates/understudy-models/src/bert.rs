@@ -1,9 +1,10 @@
 //! BERT encoder (HF `BertModel`), for training and inference on CPU.
 //!
-//! Every op in `forward` has a backward pass in candle: layer norm is composed
-//! from basic ops and softmax is `candle_nn::ops::softmax`. candle-nn's fused
-//! `layer_norm` and `softmax_last_dim` pass no gradient, silently; do not use
-//! them here (see the gradient tests in `understudy-trainer`).
+//! Every op in `forward` has a backward pass: layer norm is composed from
+//! basic ops and softmax is our fused `crate::ops::softmax_last_dim`, which
+//! has one. candle-nn's fused `layer_norm` and `softmax_last_dim` pass no
+//! gradient, silently; do not use them here (see the gradient tests in
+//! `understudy-trainer`).
 //!
 //! Weights load by their HF/PyTorch names (`embeddings.word_embeddings.weight`,
 //! `encoder.layer.0.attention.self.query.weight`, ...), with or without the
@@ -231,7 +232,7 @@ impl SelfAttention {
         let v = heads(self.value.forward(xs)?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask_bias)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let probs = crate::ops::softmax_last_dim(&scores)?;
         let probs = maybe_dropout(probs, self.attention_dropout_p, dropout.as_deref_mut())?;
         let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((batch, seq_len, hidden))?;
         let out = maybe_dropout(self.output.forward(&context)?, self.hidden_dropout_p, dropout)?;

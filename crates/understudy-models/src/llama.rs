@@ -1,9 +1,10 @@
 //! Llama and Qwen2 causal LMs (HF `LlamaForCausalLM`, `Qwen2ForCausalLM`)
 //! with LoRA, for training on CPU.
 //!
-//! Every op on the path from a LoRA weight to the loss has a backward pass in
-//! candle: RMS norm is composed from basic ops, softmax is
-//! `candle_nn::ops::softmax`, and rope is the HF "rotate half" form written
+//! Every op on the path from a LoRA weight to the loss has a backward pass:
+//! RMS norm (frozen weight), softmax and the gated MLP's `silu(gate) * up`
+//! are fused ops with hand-written backward passes (`crate::ops`, each
+//! checked against its composed form), and rope is the HF "rotate half" form written
 //! with `narrow`, `neg` and `cat`. The frozen projections are [`FrozenLinear`],
 //! a custom op whose backward returns only the input's gradient: candle would
 //! otherwise compute (and throw away) a gradient for every frozen weight.
@@ -309,9 +310,7 @@ impl RmsNorm {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let mean_sq = xs.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = xs.broadcast_div(&(mean_sq + self.eps)?.sqrt()?)?;
-        normed.broadcast_mul(&self.weight)
+        crate::ops::rms_norm_frozen(xs, &self.weight, self.eps)
     }
 }
 
@@ -455,7 +454,7 @@ impl Attention {
         let v = expand(v)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let probs = crate::ops::softmax_last_dim(&scores)?;
         let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((batch, seq_len, self.num_heads * self.head_dim))?;
         self.o_proj.forward(&context, dropout)
     }
@@ -463,9 +462,9 @@ impl Attention {
 
 impl Mlp {
     fn forward(&self, xs: &Tensor, mut dropout: Option<&mut Dropout>) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(xs, dropout.as_deref_mut())?)?;
+        let gate = self.gate_proj.forward(xs, dropout.as_deref_mut())?;
         let up = self.up_proj.forward(xs, dropout.as_deref_mut())?;
-        self.down_proj.forward(&(gate * up)?, dropout)
+        self.down_proj.forward(&crate::ops::swiglu(&gate, &up)?, dropout)
     }
 }
 
