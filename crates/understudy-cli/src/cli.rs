@@ -243,8 +243,10 @@ pub struct QuickstartCommand {
     /// Where the base models are kept (default: DIR/models).
     #[arg(long)]
     pub models_dir: Option<PathBuf>,
-    /// Training epochs of the understudy.
-    #[arg(long, default_value_t = 2)]
+    /// Training epochs of the understudy. Three: on one night's traffic two
+    /// epochs left MiniLM at 92.8 % test accuracy and the cascade serving 64 %
+    /// of calls at 0.98 agreement; three gave 93.6 % and 83 %.
+    #[arg(long, default_value_t = 3)]
     pub epochs: usize,
     /// The cascade's target agreement with the lead.
     #[arg(long, default_value_t = 0.98)]
