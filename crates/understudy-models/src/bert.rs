@@ -12,11 +12,15 @@
 //! The pooler is not loaded: sentence embeddings are the mean of the last
 //! hidden states over the attention mask ([`mean_pool`]).
 
+use std::sync::Arc;
+
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Embedding, Linear, VarBuilder};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
+
+use crate::attention::AttentionSpec;
 
 /// The subset of HF `config.json` a BERT encoder needs.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -110,15 +114,20 @@ impl Dropout {
 
     /// Zeroes each element with probability `p` and scales the rest by 1/(1-p).
     pub fn apply(&mut self, xs: &Tensor, p: f64) -> Result<Tensor> {
+        let Some(mask) = self.mask(xs.elem_count(), p) else { return Ok(xs.clone()) };
+        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+        xs.mul(&mask)
+    }
+
+    /// The multiplier [`Dropout::apply`] would use for `n` values: 0 or
+    /// 1/(1-p) each; `None` when `p` is 0.
+    pub fn mask(&mut self, n: usize, p: f64) -> Option<Vec<f32>> {
         if p <= 0.0 {
-            return Ok(xs.clone());
+            return None;
         }
         let keep = 1.0 - p;
         let scale = (1.0 / keep) as f32;
-        let mask: Vec<f32> =
-            (0..xs.elem_count()).map(|_| if self.rng.gen::<f64>() < keep { scale } else { 0.0 }).collect();
-        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
-        xs.mul(&mask)
+        Some((0..n).map(|_| if self.rng.gen::<f64>() < keep { scale } else { 0.0 }).collect())
     }
 }
 
@@ -151,11 +160,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let mean = xs.mean_keepdim(D::Minus1)?;
-        let centered = xs.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        crate::ops::layer_norm(xs, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -227,9 +232,22 @@ impl SelfAttention {
         let heads = |t: Tensor| -> Result<Tensor> {
             t.reshape((batch, seq_len, self.num_heads, self.head_dim))?.transpose(1, 2)?.contiguous()
         };
-        let q = heads(self.query.forward(xs)?)?;
-        let k = heads(self.key.forward(xs)?)?;
-        let v = heads(self.value.forward(xs)?)?;
+        let (q, k, v) = (self.query.forward(xs)?, self.key.forward(xs)?, self.value.forward(xs)?);
+        let no_probs_dropout = dropout.is_none() || self.attention_dropout_p == 0.0;
+        if xs.dtype() == DType::F32 && no_probs_dropout {
+            let spec = AttentionSpec {
+                num_heads: self.num_heads,
+                num_kv_heads: self.num_heads,
+                head_dim: self.head_dim,
+                rope: None,
+                causal: false,
+                key_bias: Some(Arc::new(mask_bias.flatten_all()?.to_vec1::<f32>()?)),
+            };
+            let context = crate::attention::attention(&q, &k, &v, &spec)?;
+            let out = maybe_dropout(self.output.forward(&context)?, self.hidden_dropout_p, dropout)?;
+            return self.layer_norm.forward(&(out + xs)?);
+        }
+        let (q, k, v) = (heads(q)?, heads(k)?, heads(v)?);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask_bias)?;
         let probs = crate::ops::softmax_last_dim(&scores)?;
@@ -266,7 +284,7 @@ impl Layer {
         let attended = self.attention.forward(xs, mask_bias, dropout.as_deref_mut())?;
         let inner = self.intermediate.forward(&attended)?;
         let inner = match self.act {
-            HiddenAct::Gelu => inner.gelu_erf()?,
+            HiddenAct::Gelu => crate::ops::gelu_erf(&inner)?,
             HiddenAct::GeluNew => inner.gelu()?,
             HiddenAct::Relu => inner.relu()?,
         };

@@ -6,6 +6,7 @@
 //! and `forward`. Model code meant for training uses only ops that have a
 //! backward pass in candle (candle-nn's fused norms and softmax have none).
 
+pub mod attention;
 pub mod bert;
 pub mod causal_lm;
 pub mod chat;

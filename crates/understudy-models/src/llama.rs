@@ -14,13 +14,17 @@
 //! (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, Var, D};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor, Var, D};
 use candle_nn::VarBuilder;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::attention::{AttentionSpec, RopeTables};
 use crate::bert::Dropout;
 
 /// Which HF architecture a config describes.
@@ -172,17 +176,25 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
+        if !layout.is_contiguous() {
             candle_core::bail!("frozen-matmul needs a contiguous input");
-        };
-        let input = match storage {
-            CpuStorage::F32(values) => Tensor::from_slice(&values[start..end], layout.shape(), &Device::Cpu)?,
-            _ => candle_core::bail!("frozen-matmul supports f32 only"),
-        };
-        let output = matmul_2d(&input, &self.weight.t()?)?.contiguous()?;
-        let shape = output.shape().clone();
-        let values = output.flatten_all()?.to_vec1::<f32>()?;
-        Ok((CpuStorage::F32(values), shape))
+        }
+        let dims = layout.shape().dims();
+        let k = dims.last().copied().unwrap_or(1);
+        let m = layout.shape().elem_count() / k.max(1);
+        let (weight, weight_layout) = self.weight.storage_and_layout();
+        let Storage::Cpu(weight) = &*weight else { candle_core::bail!("frozen-matmul runs on the CPU only") };
+        let (n, weight_k) = weight_layout.shape().dims2()?;
+        if weight_k != k {
+            candle_core::bail!("frozen-matmul: input rows of {k} for a weight of shape {:?}", weight_layout.shape());
+        }
+        // The input's storage and the transposed weight go to the backend's
+        // gemm directly: no copy of either.
+        let lhs = Layout::contiguous_with_offset((m, k), layout.start_offset());
+        let output = storage.matmul(weight, (1, m, n, k), &lhs, &weight_layout.transpose(0, 1)?)?;
+        let mut out_dims = dims[..dims.len() - 1].to_vec();
+        out_dims.push(n);
+        Ok((output, Shape::from(out_dims)))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -245,6 +257,96 @@ impl FrozenLinear {
     }
 }
 
+/// A LoRA layer as one op: `x W^T + b + scale * (m x) A^T B^T` over `x`,
+/// `A` and `B`, with `m` the dropout multiplier of the LoRA branch (if
+/// any). The backward returns the gradients of `x`, `A` and `B` and skips
+/// the frozen `W`'s; the rank-sized product `(m x) A^T` is recomputed
+/// rather than kept.
+struct LoraMatmul {
+    base: FrozenLinear,
+    scale: f32,
+    mask: Option<Arc<Vec<f32>>>,
+}
+
+impl LoraMatmul {
+    /// `m x` as `[rows, in]`.
+    fn dropped(&self, xs: &Tensor) -> Result<Tensor> {
+        let in_dim = xs.dims().last().copied().unwrap_or(1);
+        let rows = xs.elem_count() / in_dim.max(1);
+        let xs = xs.reshape((rows, in_dim))?;
+        match &self.mask {
+            Some(mask) => xs.mul(&Tensor::from_slice(mask.as_slice(), (rows, in_dim), xs.device())?),
+            None => Ok(xs),
+        }
+    }
+}
+
+impl candle_core::CustomOp3 for LoraMatmul {
+    fn name(&self) -> &'static str {
+        "lora-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (base, shape) = FrozenMatmul { weight: self.base.weight.clone() }.cpu_fwd(s1, l1)?;
+        let CpuStorage::F32(mut out) = base else { candle_core::bail!("lora-matmul supports f32 only") };
+        let tensor = |storage: &CpuStorage, layout: &Layout| -> Result<Tensor> {
+            let CpuStorage::F32(values) = storage else { candle_core::bail!("lora-matmul supports f32 only") };
+            let Some((start, end)) = layout.contiguous_offsets() else {
+                candle_core::bail!("lora-matmul needs contiguous inputs")
+            };
+            Tensor::from_slice(&values[start..end], layout.shape(), &Device::Cpu)
+        };
+        let (xs, a, b) = (tensor(s1, l1)?, tensor(s2, l2)?, tensor(s3, l3)?);
+        let low = self.dropped(&xs)?.matmul(&a.t()?)?.matmul(&b.t()?)?;
+        let out_dim = shape.dims().last().copied().unwrap_or(1);
+        let bias = match &self.base.bias {
+            Some(bias) => Some(bias.to_vec1::<f32>()?),
+            None => None,
+        };
+        crate::ops::with_f32(&low, "LoRA update", |low| {
+            out.par_chunks_mut(out_dim).zip(low.par_chunks(out_dim)).for_each(|(out, low)| {
+                for (i, (o, l)) in out.iter_mut().zip(low).enumerate() {
+                    *o += self.scale * l + bias.as_ref().map_or(0.0, |bias| bias[i]);
+                }
+            });
+        })?;
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (xs, a, b) = (xs.detach(), a.detach(), b.detach());
+        let out_dim = grad_res.dims().last().copied().unwrap_or(1);
+        let rows = grad_res.elem_count() / out_dim.max(1);
+        let dy = grad_res.contiguous()?.reshape((rows, out_dim))?;
+        let dropped = self.dropped(&xs)?;
+        let h = dropped.matmul(&a.t()?)?;
+        let dh = (dy.matmul(&b)? * self.scale as f64)?;
+        let db = (dy.t()?.matmul(&h)? * self.scale as f64)?;
+        let da = dh.t()?.matmul(&dropped)?;
+        let mut d_low = dh.matmul(&a)?;
+        if let Some(mask) = &self.mask {
+            d_low = d_low.mul(&Tensor::from_slice(mask.as_slice(), d_low.shape(), d_low.device())?)?;
+        }
+        let dx = (dy.matmul(&self.base.weight)? + d_low)?.reshape(xs.shape())?;
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
 /// A frozen linear layer with an optional trainable low-rank update:
 /// `y = x W^T + b + scale * dropout(x) A^T B^T`.
 #[derive(Debug, Clone)]
@@ -286,6 +388,18 @@ impl LoraLinear {
     }
 
     pub fn forward(&self, xs: &Tensor, dropout: Option<&mut Dropout>) -> Result<Tensor> {
+        let Some(lora) = &self.lora else { return self.base.forward(xs) };
+        if xs.dtype() == DType::F32 {
+            let mask = dropout.and_then(|dropout| dropout.mask(xs.elem_count(), lora.dropout)).map(Arc::new);
+            let op = LoraMatmul { base: self.base.clone(), scale: lora.scale as f32, mask };
+            return xs.contiguous()?.apply_op3(lora.a.as_tensor(), lora.b.as_tensor(), op);
+        }
+        self.forward_composed(xs, dropout)
+    }
+
+    /// The same layer composed from candle ops (for other dtypes, and to
+    /// test [`LoraLinear::forward`] against).
+    pub fn forward_composed(&self, xs: &Tensor, dropout: Option<&mut Dropout>) -> Result<Tensor> {
         let out = self.base.forward(xs)?;
         let Some(lora) = &self.lora else { return Ok(out) };
         let xs = match dropout {
@@ -314,33 +428,21 @@ impl RmsNorm {
     }
 }
 
-/// `cos` and `sin` tables `[max_len, head_dim]` in HF's rotate-half layout.
+/// `cos` and `sin` tables `[max_len, head_dim]` in HF's rotate-half layout
+/// (the composed form, for cached decoding), and the same tables for the
+/// fused attention op.
 #[derive(Debug, Clone)]
 struct Rope {
     cos: Tensor,
     sin: Tensor,
+    tables: Arc<RopeTables>,
 }
 
 impl Rope {
     fn new(head_dim: usize, theta: f64, max_len: usize, device: &Device) -> Result<Rope> {
-        let half = head_dim / 2;
-        let inv_freq: Vec<f32> =
-            (0..half).map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32).collect();
-        let mut cos = Vec::with_capacity(max_len * head_dim);
-        let mut sin = Vec::with_capacity(max_len * head_dim);
-        for pos in 0..max_len {
-            for _repeat in 0..2 {
-                for freq in &inv_freq {
-                    let angle = pos as f32 * freq;
-                    cos.push(angle.cos());
-                    sin.push(angle.sin());
-                }
-            }
-        }
-        Ok(Rope {
-            cos: Tensor::from_vec(cos, (max_len, head_dim), device)?,
-            sin: Tensor::from_vec(sin, (max_len, head_dim), device)?,
-        })
+        let tables = Arc::new(RopeTables::new(head_dim, theta, max_len));
+        let (cos, sin) = tables.full_tables(device)?;
+        Ok(Rope { cos, sin, tables })
     }
 
     /// Rotates `xs` (`[batch, heads, seq, head_dim]`) by position, the first
@@ -417,12 +519,26 @@ impl Attention {
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let (batch, seq_len, _) = xs.dims3()?;
+        let q = self.q_proj.forward(xs, dropout.as_deref_mut())?;
+        let k = self.k_proj.forward(xs, dropout.as_deref_mut())?;
+        let v = self.v_proj.forward(xs, dropout.as_deref_mut())?;
+        if cache.is_none() && xs.dtype() == DType::F32 {
+            let spec = AttentionSpec {
+                num_heads: self.num_heads,
+                num_kv_heads: self.num_kv_heads,
+                head_dim: self.head_dim,
+                rope: Some(rope.tables.clone()),
+                causal: true,
+                key_bias: None,
+            };
+            return self.o_proj.forward(&crate::attention::attention(&q, &k, &v, &spec)?, dropout);
+        }
         let split = |t: Tensor, heads: usize| -> Result<Tensor> {
             t.reshape((batch, seq_len, heads, self.head_dim))?.transpose(1, 2)?.contiguous()
         };
-        let q = split(self.q_proj.forward(xs, dropout.as_deref_mut())?, self.num_heads)?;
-        let k = split(self.k_proj.forward(xs, dropout.as_deref_mut())?, self.num_kv_heads)?;
-        let v = split(self.v_proj.forward(xs, dropout.as_deref_mut())?, self.num_kv_heads)?;
+        let q = split(q, self.num_heads)?;
+        let k = split(k, self.num_kv_heads)?;
+        let v = split(v, self.num_kv_heads)?;
         let offset = match &cache {
             Some(Some((past_k, _))) => past_k.dim(2)?,
             _ => 0,
@@ -910,6 +1026,33 @@ mod tests {
                 assert!((numeric - exact).abs() <= 1e-2 * (1.0 + exact.abs()), "index {index}: {numeric} vs {exact}");
             }
             var.set(&Tensor::from_vec(original, var.shape(), &device).unwrap()).unwrap();
+        }
+    }
+
+    #[test]
+    fn fused_lora_layer_matches_the_composed_one_with_dropout_and_bias() {
+        let device = Device::Cpu;
+        let weight = Tensor::randn(0f32, 0.5, (6, 5), &device).unwrap();
+        let bias = Tensor::randn(0f32, 0.5, 6, &device).unwrap();
+        let config = LoraConfig { rank: 3, alpha: 6.0, dropout: 0.3, target_modules: vec!["q_proj".into()] };
+        let mut rng = StdRng::seed_from_u64(2);
+        let layer = LoraLinear::with_lora(FrozenLinear::new(weight, Some(bias)), &config, &mut rng).unwrap();
+        let (a, b) = layer.lora_vars().unwrap();
+        b.set(&Tensor::randn(0f32, 0.5, (6, 3), &device).unwrap()).unwrap();
+        let x = Var::randn(0f32, 1.0, (2, 4, 5), &device).unwrap();
+        let target = Tensor::randn(0f32, 1.0, (2, 4, 6), &device).unwrap();
+        // The same dropout seed draws the same mask on both paths.
+        let fused = layer.forward(x.as_tensor(), Some(&mut Dropout::new(9))).unwrap();
+        let composed = layer.forward_composed(x.as_tensor(), Some(&mut Dropout::new(9))).unwrap();
+        let diff = |p: &Tensor, q: &Tensor| {
+            (p - q).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        };
+        assert!(diff(&fused, &composed) < 1e-5, "values differ by {}", diff(&fused, &composed));
+        let grads = |out: Tensor| (out * &target).unwrap().sum_all().unwrap().backward().unwrap();
+        let (g_fused, g_composed) = (grads(fused), grads(composed));
+        for (name, var) in [("x", x.as_tensor()), ("A", a.as_tensor()), ("B", b.as_tensor())] {
+            let (p, q) = (g_fused.get(var).unwrap(), g_composed.get(var).unwrap());
+            assert!(diff(p, q) < 1e-4, "{name} gradients differ by {}", diff(p, q));
         }
     }
 

@@ -1,7 +1,7 @@
 //! Training ops with a hand-written backward pass, where candle's composed
 //! ones cost too much.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
 /// The rows of a contiguous f32 tensor, or an error naming `op`.
@@ -12,6 +12,17 @@ fn f32_rows<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<(&
     let CpuStorage::F32(values) = storage else { candle_core::bail!("{op} supports f32 only") };
     let width = layout.shape().dims().last().copied().unwrap_or(1).max(1);
     Ok((&values[start..end], width))
+}
+
+/// A contiguous f32 CPU tensor's values, handed to `f` (no copy), or an
+/// error naming `what`.
+pub(crate) fn with_f32<R>(tensor: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = tensor.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(values)) = &*storage else {
+        candle_core::bail!("{what} must be an f32 CPU tensor")
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("{what} must be contiguous") };
+    Ok(f(&values[start..end]))
 }
 
 /// Rows per parallel chunk: enough work per task for rows of `width` values.
@@ -50,8 +61,28 @@ impl CustomOp1 for Softmax {
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let dot = (grad_res * res)?.sum_keepdim(D::Minus1)?;
-        Ok(Some((grad_res.broadcast_sub(&dot)? * res)?))
+        let grad = grad_res.contiguous()?;
+        let width = res.dims().last().copied().unwrap_or(1).max(1);
+        let dx = with_f32(res, "softmax output", |ys| {
+            with_f32(&grad, "softmax gradient", |dys| {
+                let mut out = vec![0f32; ys.len()];
+                let chunk = width * chunk_rows(width);
+                out.par_chunks_mut(chunk).zip(ys.par_chunks(chunk).zip(dys.par_chunks(chunk))).for_each(
+                    |(out, (ys, dys))| {
+                        for ((out, y), dy) in
+                            out.chunks_exact_mut(width).zip(ys.chunks_exact(width)).zip(dys.chunks_exact(width))
+                        {
+                            let dot: f32 = y.iter().zip(dy).map(|(y, dy)| y * dy).sum();
+                            for ((o, &y), &dy) in out.iter_mut().zip(y).zip(dy) {
+                                *o = y * (dy - dot);
+                            }
+                        }
+                    },
+                );
+                out
+            })
+        })??;
+        Ok(Some(Tensor::from_vec(dx, res.shape(), res.device())?))
     }
 }
 
@@ -104,11 +135,32 @@ impl CustomOp2 for SwiGlu {
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // d/dg silu(g) = s (1 + g (1 - s)) with s = sigmoid(g).
-        let sigmoid = candle_nn::ops::sigmoid(gate)?;
-        let silu = (gate * &sigmoid)?;
-        let d_silu = (&sigmoid * ((gate * (1.0 - &sigmoid)?)? + 1.0)?)?;
-        let d_gate = ((grad_res * up)? * d_silu)?;
-        let d_up = (grad_res * silu)?;
+        let grad = grad_res.contiguous()?;
+        let (gate_c, up_c) = (gate.contiguous()?, up.contiguous()?);
+        let (d_gate, d_up) = with_f32(&gate_c, "swiglu gate", |gs| {
+            with_f32(&up_c, "swiglu up", |us| {
+                with_f32(&grad, "swiglu gradient", |dys| {
+                    let mut d_gate = vec![0f32; gs.len()];
+                    let mut d_up = vec![0f32; gs.len()];
+                    let chunk = 16_384;
+                    d_gate.par_chunks_mut(chunk).zip(d_up.par_chunks_mut(chunk)).enumerate().for_each(
+                        |(index, (d_gate, d_up))| {
+                            let start = index * chunk;
+                            let end = start + d_gate.len();
+                            for (i, (dg, du)) in (start..end).zip(d_gate.iter_mut().zip(d_up.iter_mut())) {
+                                let (g, u, dy) = (gs[i], us[i], dys[i]);
+                                let s = 1.0 / (1.0 + (-g).exp());
+                                *dg = dy * u * s * (1.0 + g * (1.0 - s));
+                                *du = dy * g * s;
+                            }
+                        },
+                    );
+                    (d_gate, d_up)
+                })
+            })
+        })???;
+        let d_gate = Tensor::from_vec(d_gate, gate.shape(), gate.device())?;
+        let d_up = Tensor::from_vec(d_up, up.shape(), up.device())?;
         Ok((Some(d_gate), Some(d_up)))
     }
 }
@@ -162,11 +214,35 @@ impl CustomOp2 for RmsNormFrozen {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let inv = (xs.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?.sqrt()?.recip()?;
-        let g = grad_res.broadcast_mul(weight)?;
-        let mean_gx = (&g * xs)?.mean_keepdim(D::Minus1)?;
-        let dx = (g.broadcast_mul(&inv)? - xs.broadcast_mul(&(inv.powf(3.0)? * mean_gx)?)?)?;
-        Ok((Some(dx), None))
+        let grad = grad_res.contiguous()?;
+        let (xs_c, weight_c) = (xs.contiguous()?, weight.contiguous()?);
+        let width = weight_c.elem_count().max(1);
+        let eps = self.eps;
+        let dx = with_f32(&xs_c, "rms-norm input", |xs| {
+            with_f32(&weight_c, "rms-norm weight", |w| {
+                with_f32(&grad, "rms-norm gradient", |dys| {
+                    let mut out = vec![0f32; xs.len()];
+                    let chunk = width * chunk_rows(width);
+                    out.par_chunks_mut(chunk).zip(xs.par_chunks(chunk).zip(dys.par_chunks(chunk))).for_each(
+                        |(out, (xs, dys))| {
+                            for ((out, x), dy) in
+                                out.chunks_exact_mut(width).zip(xs.chunks_exact(width)).zip(dys.chunks_exact(width))
+                            {
+                                let n = width as f32;
+                                let inv = 1.0 / (x.iter().map(|x| x * x).sum::<f32>() / n + eps).sqrt();
+                                let mean_gx = x.iter().zip(dy).zip(w).map(|((x, dy), w)| dy * w * x).sum::<f32>() / n;
+                                let k = inv * inv * inv * mean_gx;
+                                for (((o, &x), &dy), &w) in out.iter_mut().zip(x).zip(dy).zip(w) {
+                                    *o = dy * w * inv - x * k;
+                                }
+                            }
+                        },
+                    );
+                    out
+                })
+            })
+        })???;
+        Ok((Some(Tensor::from_vec(dx, xs.shape(), xs.device())?), None))
     }
 }
 
@@ -178,6 +254,188 @@ pub fn rms_norm_frozen(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor>
         return xs.broadcast_div(&(mean_sq + eps)?.sqrt()?)?.broadcast_mul(weight);
     }
     xs.contiguous()?.apply_op2(&weight.contiguous()?, RmsNormFrozen { eps: eps as f32 })
+}
+
+/// GELU (erf form), `x Φ(x)`, with a one-pass backward
+/// `dx = dy (Φ(x) + x φ(x))`; candle's own backward for `gelu_erf` is a
+/// dozen tensor ops.
+struct GeluErf;
+
+fn normal_cdf(x: f32) -> f32 {
+    0.5 * (1.0 + candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "gelu-erf"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (xs, _) = f32_rows("gelu", storage, layout)?;
+        let mut out = vec![0f32; xs.len()];
+        out.par_chunks_mut(16_384).zip(xs.par_chunks(16_384)).for_each(|(out, xs)| {
+            for (o, &x) in out.iter_mut().zip(xs) {
+                *o = x * normal_cdf(x);
+            }
+        });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let (xs, grad) = (arg.contiguous()?, grad_res.contiguous()?);
+        let dx = with_f32(&xs, "gelu input", |xs| {
+            with_f32(&grad, "gelu gradient", |dys| {
+                let mut out = vec![0f32; xs.len()];
+                let density = 1.0 / (2.0 * std::f32::consts::PI).sqrt();
+                out.par_chunks_mut(16_384).zip(xs.par_chunks(16_384).zip(dys.par_chunks(16_384))).for_each(
+                    |(out, (xs, dys))| {
+                        for ((o, &x), &dy) in out.iter_mut().zip(xs).zip(dys) {
+                            *o = dy * (normal_cdf(x) + x * density * (-0.5 * x * x).exp());
+                        }
+                    },
+                );
+                out
+            })
+        })??;
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// GELU in its exact (erf) form, differentiable: fused for f32, candle's
+/// `gelu_erf` otherwise.
+pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
+    if xs.dtype() != DType::F32 {
+        return xs.gelu_erf();
+    }
+    xs.contiguous()?.apply_op1(GeluErf)
+}
+
+/// Layer norm over the last dimension with a trainable weight and bias:
+/// `y = (x - mean) / sqrt(var + eps) * w + b`, one node instead of nine
+/// (the composed form keeps the centred input, the variance and three more
+/// temporaries a call). Backward, with `xh` the normalized input and `r`
+/// the inverse deviation: `dx = r (g - mean(g) - xh mean(g xh))` for
+/// `g = dy w`, `dw = sum(dy xh)`, `db = sum(dy)` over rows.
+struct LayerNormOp {
+    eps: f32,
+}
+
+/// Per row: mean and inverse standard deviation.
+fn row_moments(row: &[f32], eps: f32) -> (f32, f32) {
+    let n = row.len() as f32;
+    let mean = row.iter().sum::<f32>() / n;
+    let var = row.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl candle_core::CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (xs, width) = f32_rows("layer-norm", s1, l1)?;
+        let (weight, _) = f32_rows("layer-norm", s2, l2)?;
+        let (bias, _) = f32_rows("layer-norm", s3, l3)?;
+        if weight.len() != width || bias.len() != width {
+            candle_core::bail!("layer-norm: weight {} and bias {} for rows of {width}", weight.len(), bias.len());
+        }
+        let mut out = vec![0f32; xs.len()];
+        let chunk = width * chunk_rows(width);
+        out.par_chunks_mut(chunk).zip(xs.par_chunks(chunk)).for_each(|(out, xs)| {
+            for (out, row) in out.chunks_exact_mut(width).zip(xs.chunks_exact(width)) {
+                let (mean, inv) = row_moments(row, self.eps);
+                for (((o, &x), &w), &b) in out.iter_mut().zip(row).zip(weight).zip(bias) {
+                    *o = (x - mean) * inv * w + b;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad_res.contiguous()?;
+        let (xs_c, weight_c) = (xs.contiguous()?, weight.contiguous()?);
+        let width = weight_c.elem_count().max(1);
+        let eps = self.eps;
+        let (dx, dw, db) = with_f32(&xs_c, "layer-norm input", |xs| {
+            with_f32(&weight_c, "layer-norm weight", |w| {
+                with_f32(&grad, "layer-norm gradient", |dys| {
+                    let mut dx = vec![0f32; xs.len()];
+                    let chunk = width * chunk_rows(width);
+                    let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
+                        .par_chunks_mut(chunk)
+                        .zip(xs.par_chunks(chunk).zip(dys.par_chunks(chunk)))
+                        .map(|(dx, (xs, dys))| {
+                            let mut dw = vec![0f32; width];
+                            let mut db = vec![0f32; width];
+                            let n = width as f32;
+                            for ((dx, x), dy) in
+                                dx.chunks_exact_mut(width).zip(xs.chunks_exact(width)).zip(dys.chunks_exact(width))
+                            {
+                                let (mean, inv) = row_moments(x, eps);
+                                let (mut sum_g, mut sum_gx) = (0f32, 0f32);
+                                for i in 0..width {
+                                    let xh = (x[i] - mean) * inv;
+                                    let g = dy[i] * w[i];
+                                    sum_g += g;
+                                    sum_gx += g * xh;
+                                    dw[i] += dy[i] * xh;
+                                    db[i] += dy[i];
+                                }
+                                let (mean_g, mean_gx) = (sum_g / n, sum_gx / n);
+                                for i in 0..width {
+                                    let xh = (x[i] - mean) * inv;
+                                    dx[i] = inv * (dy[i] * w[i] - mean_g - xh * mean_gx);
+                                }
+                            }
+                            (dw, db)
+                        })
+                        .collect();
+                    let mut dw = vec![0f32; width];
+                    let mut db = vec![0f32; width];
+                    for (pw, pb) in partial {
+                        dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+                        db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+                    }
+                    (dx, dw, db)
+                })
+            })
+        })???;
+        Ok((
+            Some(Tensor::from_vec(dx, xs.shape(), xs.device())?),
+            Some(Tensor::from_vec(dw, weight.shape(), weight.device())?),
+            Some(Tensor::from_vec(db, bias.shape(), bias.device())?),
+        ))
+    }
+}
+
+/// Layer norm of `xs` over the last dimension with `weight` and `bias`,
+/// differentiable in all three: fused for f32, composed otherwise.
+pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if xs.dtype() != DType::F32 {
+        let mean = xs.mean_keepdim(D::Minus1)?;
+        let centered = xs.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+        return normed.broadcast_mul(weight)?.broadcast_add(bias);
+    }
+    xs.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, LayerNormOp { eps: eps as f32 })
 }
 
 /// Per-row negative log-likelihood of `targets` under `logits` (`[n, vocab]`):
@@ -204,29 +462,49 @@ impl CustomOp1 for CrossEntropy {
             candle_core::bail!("cross-entropy: {} targets for {rows} rows", self.targets.len());
         }
         let values = &values[start..end];
-        let mut out = Vec::with_capacity(rows);
-        for (row, &target) in values.chunks_exact(vocab).zip(&self.targets) {
-            let target = target as usize;
-            if target >= vocab {
-                candle_core::bail!("cross-entropy: target {target} is outside the vocabulary of {vocab}");
-            }
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
-            out.push(sum.ln() + max - row[target]);
+        if let Some(&target) = self.targets.iter().find(|&&target| target as usize >= vocab) {
+            candle_core::bail!("cross-entropy: target {target} is outside the vocabulary of {vocab}");
         }
+        let out: Vec<f32> = values
+            .par_chunks_exact(vocab)
+            .zip(self.targets.par_iter())
+            .map(|(row, &target)| log_sum_exp(row) - row[target as usize])
+            .collect();
         Ok((CpuStorage::F32(out), Shape::from(rows)))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+    /// `(softmax(row) - one_hot(target)) * g` per row, in one pass; the
+    /// row's log-sum-exp is the forward's loss plus the target's logit.
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let (rows, vocab) = arg.dims2()?;
-        let probs = candle_nn::ops::softmax_last_dim(&arg.contiguous()?)?;
-        let mut one_hot = vec![0f32; rows * vocab];
-        for (row, &target) in self.targets.iter().enumerate() {
-            one_hot[row * vocab + target as usize] = 1.0;
-        }
-        let one_hot = Tensor::from_vec(one_hot, (rows, vocab), arg.device())?;
-        Ok(Some((probs - one_hot)?.broadcast_mul(&grad_res.unsqueeze(1)?)?))
+        let (logits, losses, grad) = (arg.contiguous()?, res.contiguous()?, grad_res.contiguous()?);
+        let dx = with_f32(&logits, "logits", |logits| {
+            with_f32(&losses, "losses", |losses| {
+                with_f32(&grad, "loss gradient", |grad| {
+                    let mut out = vec![0f32; rows * vocab];
+                    out.par_chunks_exact_mut(vocab).zip(logits.par_chunks_exact(vocab)).enumerate().for_each(
+                        |(row, (out, x))| {
+                            let target = self.targets[row] as usize;
+                            let lse = losses[row] + x[target];
+                            let g = grad[row];
+                            for (o, &x) in out.iter_mut().zip(x) {
+                                *o = (x - lse).exp() * g;
+                            }
+                            out[target] -= g;
+                        },
+                    );
+                    out
+                })
+            })
+        })???;
+        Ok(Some(Tensor::from_vec(dx, (rows, vocab), arg.device())?))
     }
+}
+
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+    sum.ln() + max
 }
 
 /// Per-row cross-entropy `[n]` of `logits` (`[n, vocab]`, f32) against `targets`.
@@ -308,6 +586,34 @@ mod fused_tests {
         check(&[&gate, &up], fused, composed, 1e-4);
         let error = swiglu(gate.as_tensor(), &Tensor::zeros((3, 7, 32), DType::F32, &Device::Cpu).unwrap());
         assert!(error.unwrap_err().to_string().contains("differ in shape"));
+    }
+
+    #[test]
+    fn gelu_matches_candles_gelu_erf_in_value_and_gradient() {
+        let xs = Var::randn(0f32, 2.0, (4, 9, 37), &Device::Cpu).unwrap();
+        let fused = gelu_erf(xs.as_tensor()).unwrap();
+        let composed = xs.as_tensor().gelu_erf().unwrap();
+        check(&[&xs], fused, composed, 1e-4);
+    }
+
+    #[test]
+    fn layer_norm_matches_the_composed_one_in_value_and_gradient() {
+        let xs = Var::randn(0.5f32, 2.0, (3, 5, 40), &Device::Cpu).unwrap();
+        let weight = Var::randn(1f32, 0.3, 40, &Device::Cpu).unwrap();
+        let bias = Var::randn(0f32, 0.3, 40, &Device::Cpu).unwrap();
+        let eps = 1e-5;
+        let fused = layer_norm(xs.as_tensor(), weight.as_tensor(), bias.as_tensor(), eps).unwrap();
+        let x = xs.as_tensor();
+        let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1).unwrap()).unwrap();
+        let var = centered.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let composed = centered
+            .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(weight.as_tensor())
+            .unwrap()
+            .broadcast_add(bias.as_tensor())
+            .unwrap();
+        check(&[&xs, &weight, &bias], fused, composed, 1e-4);
     }
 
     #[test]

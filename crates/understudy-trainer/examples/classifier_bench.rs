@@ -44,6 +44,7 @@ fn main() {
         serde_json::json!({
             "train_rows": train.len(), "validation_rows": validation.len(), "batch": batch,
             "wall_seconds": started.elapsed().as_secs_f64(), "report_wall_seconds": report.wall_seconds,
+            "compute_seconds": report.compute_seconds,
         })
     );
 }

@@ -134,6 +134,9 @@ pub struct TrainReport {
     /// holds a checkpoint to resume from, not a finished classifier.
     pub interrupted: bool,
     pub wall_seconds: f64,
+    /// Of `wall_seconds`, the time in training steps and validation passes
+    /// (this run's; without loading the model or writing files).
+    pub compute_seconds: f64,
 }
 
 /// Fine-tunes `config.base_model` with a classification head over the labels
@@ -248,6 +251,7 @@ pub fn train_classifier(
     let loop_started = Instant::now();
     let mut examples_seen = 0usize;
     let mut interrupted = false;
+    let mut compute_seconds = 0f64;
     let elapsed = || previous_seconds + started.elapsed().as_secs_f64();
 
     'epochs: while state.epoch < config.epochs && !state.stopped_early {
@@ -255,6 +259,7 @@ pub fn train_classifier(
         while state.step_in_epoch < steps_per_epoch {
             let first = state.step_in_epoch * config.grad_accum_steps;
             let micro = &batches[first..(first + config.grad_accum_steps).min(batches.len())];
+            let step_started = Instant::now();
             let loss = train_step(
                 &net,
                 &mut optimizer,
@@ -266,6 +271,7 @@ pub fn train_classifier(
                 optim::learning_rate(config.learning_rate, state.global_step, warmup, total_steps),
                 state.global_step,
             )?;
+            compute_seconds += step_started.elapsed().as_secs_f64();
             state.epoch_loss_sum += loss;
             state.step_in_epoch += 1;
             state.global_step += 1;
@@ -286,8 +292,10 @@ pub fn train_classifier(
             }
         }
 
+        let evaluate_started = Instant::now();
         let (validation_loss, validation_accuracy) =
             evaluate(&net, &validation_encoded, &validation_labels, pad_id, config.batch_size)?;
+        compute_seconds += evaluate_started.elapsed().as_secs_f64();
         let metrics = EpochMetrics {
             epoch: state.epoch + 1,
             train_loss: state.epoch_loss_sum / steps_per_epoch as f64,
@@ -353,6 +361,7 @@ pub fn train_classifier(
         stopped_early: state.stopped_early,
         interrupted,
         wall_seconds,
+        compute_seconds,
     };
     if !interrupted {
         write_artifacts(config, &model_dir, &labels, encoder_tuned, &report, train.len(), validation.len())?;
