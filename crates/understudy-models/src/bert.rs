@@ -15,7 +15,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
@@ -138,7 +138,25 @@ fn maybe_dropout(xs: Tensor, p: f64, dropout: Option<&mut Dropout>) -> Result<Te
     }
 }
 
-/// Layer norm over the last dimension, composed from ops with a backward pass.
+/// A linear layer `x W^T + b` ([`crate::ops::linear`]: one op with a
+/// backward pass for all three).
+#[derive(Debug, Clone)]
+struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear { weight: vb.get((out_dim, in_dim), "weight")?, bias: vb.get(out_dim, "bias")? })
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        crate::ops::linear(xs, &self.weight, &self.bias)
+    }
+}
+
+/// Layer norm over the last dimension ([`crate::ops::layer_norm`]).
 #[derive(Debug, Clone)]
 struct LayerNorm {
     weight: Tensor,
@@ -213,10 +231,10 @@ impl SelfAttention {
     fn new(cfg: &Config, vb: VarBuilder) -> Result<SelfAttention> {
         let h = cfg.hidden_size;
         Ok(SelfAttention {
-            query: candle_nn::linear(h, h, vb.pp("self.query"))?,
-            key: candle_nn::linear(h, h, vb.pp("self.key"))?,
-            value: candle_nn::linear(h, h, vb.pp("self.value"))?,
-            output: candle_nn::linear(h, h, vb.pp("output.dense"))?,
+            query: linear(h, h, vb.pp("self.query"))?,
+            key: linear(h, h, vb.pp("self.key"))?,
+            value: linear(h, h, vb.pp("self.value"))?,
+            output: linear(h, h, vb.pp("output.dense"))?,
             layer_norm: LayerNorm::new(h, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
             num_heads: cfg.num_attention_heads,
             head_dim: h / cfg.num_attention_heads,
@@ -272,8 +290,8 @@ impl Layer {
     fn new(cfg: &Config, vb: VarBuilder) -> Result<Layer> {
         Ok(Layer {
             attention: SelfAttention::new(cfg, vb.pp("attention"))?,
-            intermediate: candle_nn::linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("intermediate.dense"))?,
-            output: candle_nn::linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("output.dense"))?,
+            intermediate: linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("intermediate.dense"))?,
+            output: linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("output.dense"))?,
             layer_norm: LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
             act: cfg.hidden_act,
             hidden_dropout_p: cfg.hidden_dropout_prob,
