@@ -2,12 +2,15 @@
 //! with LoRA, for training on CPU.
 //!
 //! Every op on the path from a LoRA weight to the loss has a backward pass:
-//! RMS norm (frozen weight), softmax and the gated MLP's `silu(gate) * up`
-//! are fused ops with hand-written backward passes (`crate::ops`, each
-//! checked against its composed form), and rope is the HF "rotate half" form written
-//! with `narrow`, `neg` and `cat`. The frozen projections are [`FrozenLinear`],
-//! a custom op whose backward returns only the input's gradient: candle would
-//! otherwise compute (and throw away) a gradient for every frozen weight.
+//! RMS norm (frozen weight) and the gated MLP's `silu(gate) * up` are fused
+//! ops (`crate::ops`), attention (rope, grouped-query heads, causal softmax)
+//! is one op (`crate::attention`), and a LoRA layer is one op, each with a
+//! hand-written backward checked against its composed form. The frozen
+//! projections are [`FrozenLinear`], a custom op whose backward returns only
+//! the input's gradient: candle would otherwise compute (and throw away) a
+//! gradient for every frozen weight. Cached decoding (inference) keeps the
+//! composed attention with rotate-half rope written with `narrow`, `neg`
+//! and `cat`.
 //!
 //! Weights load by their HF names (`model.layers.0.self_attn.q_proj.weight`,
 //! ...). LoRA weights carry PEFT's names
