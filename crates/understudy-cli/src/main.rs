@@ -27,21 +27,6 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// mimalloc's `mi_option_purge_delay` (the same index in its v2 and v3 headers).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// Training frees and re-allocates the same large tensors every step; by
-/// default mimalloc returns freed memory to the OS after 10 ms, and every
-/// step then faults it in again, zeroed (a fifth of a LoRA step, measured).
-/// Kept, it is reused.
-fn keep_freed_memory() {
-    // SAFETY: `mi_option_set` only stores an option value; any index and value are accepted.
-    #[allow(unsafe_code)]
-    unsafe {
-        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
-    }
-}
-
 fn main() -> ExitCode {
     // Candle sizes its matmul pool from this; unset, it re-reads /proc/cpuinfo
     // on every matmul (docs: ML-STACK-NOTES). Set it before any thread starts.
@@ -56,7 +41,8 @@ fn main() -> ExitCode {
     }
     let args = cli::Cli::parse();
     if matches!(args.command, cli::Command::Train(_) | cli::Command::Quickstart(_)) {
-        keep_freed_memory();
+        // Training re-allocates the same large tensors every step.
+        understudy_trainer::keep_freed_memory();
     }
     init_tracing(args.verbose);
     match run(args) {

@@ -30,6 +30,35 @@ fn chunk_rows(width: usize) -> usize {
     (16_384 / width.max(1)).max(1)
 }
 
+/// Maps whole rows of two same-shaped f32 tensors to a new tensor of their
+/// shape, in parallel chunks of rows: `f(out_row, a_row, b_row)`.
+fn map_rows2(
+    a: &Tensor,
+    b: &Tensor,
+    width: usize,
+    what: &str,
+    f: impl Fn(&mut [f32], &[f32], &[f32]) + Sync,
+) -> Result<Tensor> {
+    let (a_c, b_c) = (a.contiguous()?, b.contiguous()?);
+    if a_c.shape() != b_c.shape() {
+        candle_core::bail!("{what}: shapes {:?} and {:?} differ", a_c.shape(), b_c.shape());
+    }
+    let width = width.max(1);
+    let out = with_f32(&a_c, what, |a| {
+        with_f32(&b_c, what, |b| {
+            let mut out = vec![0f32; a.len()];
+            let chunk = width * chunk_rows(width);
+            out.par_chunks_mut(chunk).zip(a.par_chunks(chunk).zip(b.par_chunks(chunk))).for_each(|(out, (a, b))| {
+                for ((out, a), b) in out.chunks_exact_mut(width).zip(a.chunks_exact(width)).zip(b.chunks_exact(width)) {
+                    f(out, a, b);
+                }
+            });
+            out
+        })
+    })??;
+    Tensor::from_vec(out, a_c.shape(), a_c.device())
+}
+
 /// Softmax over the last dimension, with a backward pass (candle-nn's fused
 /// `softmax_last_dim` has none, and the composed `softmax` keeps its
 /// `exp`, `sum` and quotient alive for backprop). The backward needs only
@@ -61,28 +90,14 @@ impl CustomOp1 for Softmax {
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad_res.contiguous()?;
-        let width = res.dims().last().copied().unwrap_or(1).max(1);
-        let dx = with_f32(res, "softmax output", |ys| {
-            with_f32(&grad, "softmax gradient", |dys| {
-                let mut out = vec![0f32; ys.len()];
-                let chunk = width * chunk_rows(width);
-                out.par_chunks_mut(chunk).zip(ys.par_chunks(chunk).zip(dys.par_chunks(chunk))).for_each(
-                    |(out, (ys, dys))| {
-                        for ((out, y), dy) in
-                            out.chunks_exact_mut(width).zip(ys.chunks_exact(width)).zip(dys.chunks_exact(width))
-                        {
-                            let dot: f32 = y.iter().zip(dy).map(|(y, dy)| y * dy).sum();
-                            for ((o, &y), &dy) in out.iter_mut().zip(y).zip(dy) {
-                                *o = y * (dy - dot);
-                            }
-                        }
-                    },
-                );
-                out
-            })
-        })??;
-        Ok(Some(Tensor::from_vec(dx, res.shape(), res.device())?))
+        let width = res.dims().last().copied().unwrap_or(1);
+        let dx = map_rows2(res, grad_res, width, "softmax backward", |out, y, dy| {
+            let dot: f32 = y.iter().zip(dy).map(|(y, dy)| y * dy).sum();
+            for ((o, &y), &dy) in out.iter_mut().zip(y).zip(dy) {
+                *o = y * (dy - dot);
+            }
+        })?;
+        Ok(Some(dx))
     }
 }
 
@@ -214,35 +229,21 @@ impl CustomOp2 for RmsNormFrozen {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad_res.contiguous()?;
-        let (xs_c, weight_c) = (xs.contiguous()?, weight.contiguous()?);
-        let width = weight_c.elem_count().max(1);
+        let weight = weight.contiguous()?;
+        let width = weight.elem_count().max(1);
         let eps = self.eps;
-        let dx = with_f32(&xs_c, "rms-norm input", |xs| {
-            with_f32(&weight_c, "rms-norm weight", |w| {
-                with_f32(&grad, "rms-norm gradient", |dys| {
-                    let mut out = vec![0f32; xs.len()];
-                    let chunk = width * chunk_rows(width);
-                    out.par_chunks_mut(chunk).zip(xs.par_chunks(chunk).zip(dys.par_chunks(chunk))).for_each(
-                        |(out, (xs, dys))| {
-                            for ((out, x), dy) in
-                                out.chunks_exact_mut(width).zip(xs.chunks_exact(width)).zip(dys.chunks_exact(width))
-                            {
-                                let n = width as f32;
-                                let inv = 1.0 / (x.iter().map(|x| x * x).sum::<f32>() / n + eps).sqrt();
-                                let mean_gx = x.iter().zip(dy).zip(w).map(|((x, dy), w)| dy * w * x).sum::<f32>() / n;
-                                let k = inv * inv * inv * mean_gx;
-                                for (((o, &x), &dy), &w) in out.iter_mut().zip(x).zip(dy).zip(w) {
-                                    *o = dy * w * inv - x * k;
-                                }
-                            }
-                        },
-                    );
-                    out
-                })
+        let dx = with_f32(&weight, "rms-norm weight", |w| {
+            map_rows2(xs, grad_res, width, "rms-norm backward", |out, x, dy| {
+                let n = width as f32;
+                let inv = 1.0 / (x.iter().map(|x| x * x).sum::<f32>() / n + eps).sqrt();
+                let mean_gx = x.iter().zip(dy).zip(w).map(|((x, dy), w)| dy * w * x).sum::<f32>() / n;
+                let k = inv * inv * inv * mean_gx;
+                for (((o, &x), &dy), &w) in out.iter_mut().zip(x).zip(dy).zip(w) {
+                    *o = dy * w * inv - x * k;
+                }
             })
-        })???;
-        Ok((Some(Tensor::from_vec(dx, xs.shape(), xs.device())?), None))
+        })??;
+        Ok((Some(dx), None))
     }
 }
 
@@ -292,22 +293,15 @@ impl CustomOp1 for GeluErf {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let (xs, grad) = (arg.contiguous()?, grad_res.contiguous()?);
-        let dx = with_f32(&xs, "gelu input", |xs| {
-            with_f32(&grad, "gelu gradient", |dys| {
-                let mut out = vec![0f32; xs.len()];
-                let density = 1.0 / (2.0 * std::f32::consts::PI).sqrt();
-                out.par_chunks_mut(16_384).zip(xs.par_chunks(16_384).zip(dys.par_chunks(16_384))).for_each(
-                    |(out, (xs, dys))| {
-                        for ((o, &x), &dy) in out.iter_mut().zip(xs).zip(dys) {
-                            *o = dy * (normal_cdf(x) + x * density * (-0.5 * x * x).exp());
-                        }
-                    },
-                );
-                out
-            })
-        })??;
-        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+        let density = 1.0 / (2.0 * std::f32::consts::PI).sqrt();
+        // Element-wise: any row width works; the last dimension divides the length.
+        let width = arg.dims().last().copied().unwrap_or(1);
+        let dx = map_rows2(arg, grad_res, width, "gelu backward", |out, x, dy| {
+            for ((o, &x), &dy) in out.iter_mut().zip(x).zip(dy) {
+                *o = dy * (normal_cdf(x) + x * density * (-0.5 * x * x).exp());
+            }
+        })?;
+        Ok(Some(dx))
     }
 }
 

@@ -11,18 +11,10 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn keep_freed_memory() {
-    // SAFETY: `mi_option_set` only stores an option value.
-    #[allow(unsafe_code)]
-    unsafe {
-        libmimalloc_sys::mi_option_set(15, -1);
-    }
-}
-
 use understudy_trainer::{train_classifier, ClassifierTrainConfig, LabeledText};
 
 fn main() {
-    keep_freed_memory();
+    understudy_trainer::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let text = std::fs::read_to_string(&args[2]).unwrap();
     let batch: usize = args.get(3).map_or(32, |v| v.parse().unwrap());

@@ -15,14 +15,6 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn keep_freed_memory() {
-    // SAFETY: `mi_option_set` only stores an option value.
-    #[allow(unsafe_code)]
-    unsafe {
-        libmimalloc_sys::mi_option_set(15, -1);
-    }
-}
-
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -31,7 +23,7 @@ use understudy_models::causal_lm;
 use understudy_models::llama::{self, LoraConfig};
 
 fn main() {
-    keep_freed_memory();
+    understudy_trainer::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let path = std::path::PathBuf::from(&args[1]);
     let batch: usize = args.get(2).map_or(8, |v| v.parse().unwrap());
