@@ -4,7 +4,8 @@
 //! Each model file has the same shape: a `//!` header, a `Config` mirroring
 //! HF `config.json`, private blocks, and a public `Model` with `new(cfg, vb)`
 //! and `forward`. Model code meant for training uses only ops that have a
-//! backward pass in candle (candle-nn's fused norms and softmax have none).
+//! backward pass: candle's basic ops, or the fused ones in [`ops`] and
+//! [`attention`] (candle-nn's fused norms, softmax and rope have none).
 
 pub mod attention;
 pub mod bert;
