@@ -288,21 +288,12 @@ impl CustomOp3 for Attention {
         let d_probs = d_context.matmul(&vh.t()?)?;
         // Softmax: dS = P (dP - sum(dP P)), times the score scale.
         let scale = 1.0 / (d.head_dim as f32).sqrt();
-        let d_scores = with_f32(&probs, "probabilities", |p| {
-            with_f32(&d_probs, "probability gradient", |dp| {
-                let mut out = vec![0f32; p.len()];
-                out.par_chunks_mut(d.seq).zip(p.par_chunks(d.seq).zip(dp.par_chunks(d.seq))).for_each(
-                    |(out, (p, dp))| {
-                        let dot: f32 = p.iter().zip(dp).map(|(p, dp)| p * dp).sum();
-                        for ((o, &p), &dp) in out.iter_mut().zip(p).zip(dp) {
-                            *o = p * (dp - dot) * scale;
-                        }
-                    },
-                );
-                out
-            })
-        })??;
-        let d_scores = Tensor::from_vec(d_scores, probs.shape(), &device)?;
+        let d_scores = crate::ops::map_rows2(&probs, &d_probs, d.seq, "attention backward", |out, p, dp| {
+            let dot: f32 = p.iter().zip(dp).map(|(p, dp)| p * dp).sum();
+            for ((o, &p), &dp) in out.iter_mut().zip(p).zip(dp) {
+                *o = p * (dp - dot) * scale;
+            }
+        })?;
         let dq = d_scores.matmul(&kh)?;
         let dk = d_scores.t()?.matmul(&qh)?;
         let merge = |t: &Tensor, heads: usize, unrotate: bool| -> Result<Tensor> {

@@ -30,9 +30,36 @@ fn chunk_rows(width: usize) -> usize {
     (16_384 / width.max(1)).max(1)
 }
 
+/// `f(out_row, row)` over the rows of `width` values of `xs`, in parallel
+/// chunks of rows; returns the output values.
+fn rows1(xs: &[f32], width: usize, f: impl Fn(&mut [f32], &[f32]) + Sync) -> Vec<f32> {
+    let width = width.max(1);
+    let chunk = width * chunk_rows(width);
+    let mut out = vec![0f32; xs.len()];
+    out.par_chunks_mut(chunk).zip(xs.par_chunks(chunk)).for_each(|(out, xs)| {
+        for (out, row) in out.chunks_exact_mut(width).zip(xs.chunks_exact(width)) {
+            f(out, row);
+        }
+    });
+    out
+}
+
+/// `f(out_row, a_row, b_row)` over the rows of two slices of one length.
+fn rows2(a: &[f32], b: &[f32], width: usize, f: impl Fn(&mut [f32], &[f32], &[f32]) + Sync) -> Vec<f32> {
+    let width = width.max(1);
+    let chunk = width * chunk_rows(width);
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(chunk).zip(a.par_chunks(chunk).zip(b.par_chunks(chunk))).for_each(|(out, (a, b))| {
+        for ((out, a), b) in out.chunks_exact_mut(width).zip(a.chunks_exact(width)).zip(b.chunks_exact(width)) {
+            f(out, a, b);
+        }
+    });
+    out
+}
+
 /// Maps whole rows of two same-shaped f32 tensors to a new tensor of their
 /// shape, in parallel chunks of rows: `f(out_row, a_row, b_row)`.
-fn map_rows2(
+pub(crate) fn map_rows2(
     a: &Tensor,
     b: &Tensor,
     width: usize,
@@ -43,19 +70,7 @@ fn map_rows2(
     if a_c.shape() != b_c.shape() {
         candle_core::bail!("{what}: shapes {:?} and {:?} differ", a_c.shape(), b_c.shape());
     }
-    let width = width.max(1);
-    let out = with_f32(&a_c, what, |a| {
-        with_f32(&b_c, what, |b| {
-            let mut out = vec![0f32; a.len()];
-            let chunk = width * chunk_rows(width);
-            out.par_chunks_mut(chunk).zip(a.par_chunks(chunk).zip(b.par_chunks(chunk))).for_each(|(out, (a, b))| {
-                for ((out, a), b) in out.chunks_exact_mut(width).zip(a.chunks_exact(width)).zip(b.chunks_exact(width)) {
-                    f(out, a, b);
-                }
-            });
-            out
-        })
-    })??;
+    let out = with_f32(&a_c, what, |a| with_f32(&b_c, what, |b| rows2(a, b, width, f)))??;
     Tensor::from_vec(out, a_c.shape(), a_c.device())
 }
 
@@ -72,19 +87,15 @@ impl CustomOp1 for Softmax {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (values, width) = f32_rows("softmax", storage, layout)?;
-        let mut out = vec![0f32; values.len()];
-        let rows = chunk_rows(width);
-        out.par_chunks_mut(width * rows).zip(values.par_chunks(width * rows)).for_each(|(out, values)| {
-            for (out, row) in out.chunks_exact_mut(width).zip(values.chunks_exact(width)) {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (o, &x) in out.iter_mut().zip(row) {
-                    *o = (x - max).exp();
-                    sum += *o;
-                }
-                let scale = 1.0 / sum;
-                out.iter_mut().for_each(|o| *o *= scale);
+        let out = rows1(values, width, |out, row| {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (o, &x) in out.iter_mut().zip(row) {
+                *o = (x - max).exp();
+                sum += *o;
             }
+            let scale = 1.0 / sum;
+            out.iter_mut().for_each(|o| *o *= scale);
         });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
@@ -130,15 +141,11 @@ impl CustomOp2 for SwiGlu {
         }
         let (gate, width) = f32_rows("swiglu", s1, l1)?;
         let (up, _) = f32_rows("swiglu", s2, l2)?;
-        let mut out = vec![0f32; gate.len()];
-        let chunk = width * chunk_rows(width);
-        out.par_chunks_mut(chunk).zip(gate.par_chunks(chunk).zip(up.par_chunks(chunk))).for_each(
-            |(out, (gate, up))| {
-                for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-                    *o = silu(g) * u;
-                }
-            },
-        );
+        let out = rows2(gate, up, width, |out, gate, up| {
+            for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                *o = silu(g) * u;
+            }
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -208,15 +215,11 @@ impl CustomOp2 for RmsNormFrozen {
         if weight.len() != width {
             candle_core::bail!("rms-norm: a weight of {} for rows of {width}", weight.len());
         }
-        let mut out = vec![0f32; xs.len()];
-        let chunk = width * chunk_rows(width);
-        out.par_chunks_mut(chunk).zip(xs.par_chunks(chunk)).for_each(|(out, xs)| {
-            for (out, row) in out.chunks_exact_mut(width).zip(xs.chunks_exact(width)) {
-                let mean_sq = row.iter().map(|x| x * x).sum::<f32>() / width as f32;
-                let inv = 1.0 / (mean_sq + self.eps).sqrt();
-                for ((o, &x), &w) in out.iter_mut().zip(row).zip(weight) {
-                    *o = x * inv * w;
-                }
+        let out = rows1(xs, width, |out, row| {
+            let mean_sq = row.iter().map(|x| x * x).sum::<f32>() / width as f32;
+            let inv = 1.0 / (mean_sq + self.eps).sqrt();
+            for ((o, &x), &w) in out.iter_mut().zip(row).zip(weight) {
+                *o = x * inv * w;
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -282,9 +285,9 @@ impl CustomOp1 for GeluErf {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (xs, _) = f32_rows("gelu", storage, layout)?;
-        let mut out = vec![0f32; xs.len()];
-        out.par_chunks_mut(16_384).zip(xs.par_chunks(16_384)).for_each(|(out, xs)| {
+        // Element-wise: any row width works; the last dimension divides the length.
+        let (xs, width) = f32_rows("gelu", storage, layout)?;
+        let out = rows1(xs, width, |out, xs| {
             for (o, &x) in out.iter_mut().zip(xs) {
                 *o = x * normal_cdf(x);
             }
@@ -445,14 +448,10 @@ impl candle_core::CustomOp3 for LayerNormOp {
         if weight.len() != width || bias.len() != width {
             candle_core::bail!("layer-norm: weight {} and bias {} for rows of {width}", weight.len(), bias.len());
         }
-        let mut out = vec![0f32; xs.len()];
-        let chunk = width * chunk_rows(width);
-        out.par_chunks_mut(chunk).zip(xs.par_chunks(chunk)).for_each(|(out, xs)| {
-            for (out, row) in out.chunks_exact_mut(width).zip(xs.chunks_exact(width)) {
-                let (mean, inv) = row_moments(row, self.eps);
-                for (((o, &x), &w), &b) in out.iter_mut().zip(row).zip(weight).zip(bias) {
-                    *o = (x - mean) * inv * w + b;
-                }
+        let out = rows1(xs, width, |out, row| {
+            let (mean, inv) = row_moments(row, self.eps);
+            for (((o, &x), &w), &b) in out.iter_mut().zip(row).zip(weight).zip(bias) {
+                *o = (x - mean) * inv * w + b;
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
