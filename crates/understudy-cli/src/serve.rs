@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::Ordering;
 
 use anyhow::Context;
 use tokio::sync::oneshot;
@@ -32,6 +31,20 @@ pub struct RunningGateway {
     recorder_handle: RecorderHandle,
     stats: std::sync::Arc<RecorderStats>,
     watch: tokio::task::JoinHandle<()>,
+    shutdown_timeout: std::time::Duration,
+    spill_file: std::path::PathBuf,
+    dead_letter_file: std::path::PathBuf,
+}
+
+/// The recorder's settings from `[store]` and `[server]`.
+pub fn recorder_config(config: &Config) -> RecorderConfig {
+    RecorderConfig {
+        queue_capacity: config.store.queue_capacity,
+        batch_size: config.store.batch_size,
+        spill_file: Some(config.store.spill_file.clone()),
+        dead_letter_file: Some(config.store.dead_letter_file.clone()),
+        shutdown_deadline: config.server.shutdown_timeout,
+    }
 }
 
 /// How often a gateway looks for policy changes in the store.
@@ -40,10 +53,10 @@ const POLICY_POLL: std::time::Duration = std::time::Duration::from_millis(500);
 impl RunningGateway {
     pub async fn start(config: Config, listen: SocketAddr) -> anyhow::Result<RunningGateway> {
         let store = open_store(&config).await?;
-        let (recorder, recorder_handle) = Recorder::start(
-            store.clone(),
-            RecorderConfig { queue_capacity: config.store.queue_capacity, batch_size: config.store.batch_size },
-        );
+        let (recorder, recorder_handle) = Recorder::start(store.clone(), recorder_config(&config));
+        let shutdown_timeout = config.server.shutdown_timeout;
+        let spill_file = config.store.spill_file.clone();
+        let dead_letter_file = config.store.dead_letter_file.clone();
         let stats = recorder.stats();
         let loader: std::sync::Arc<dyn understudy_providers::LocalLoader> =
             std::sync::Arc::new(understudy_local::Loader);
@@ -58,22 +71,62 @@ impl RunningGateway {
         let server = tokio::spawn(understudy_gateway::serve(listener, state, async move {
             let _ = stopped.await;
         }));
-        Ok(RunningGateway { addr, store, stop, server, recorder_handle, stats, watch })
+        Ok(RunningGateway {
+            addr,
+            store,
+            stop,
+            server,
+            recorder_handle,
+            stats,
+            watch,
+            shutdown_timeout,
+            spill_file,
+            dead_letter_file,
+        })
     }
 
     /// Stops accepting, lets requests in flight finish, then writes every
-    /// queued record before returning.
+    /// queued record, all within `[server] shutdown_timeout_secs`: after it,
+    /// open connections are dropped and what is still queued goes to the
+    /// spill file, which the next start replays.
     pub async fn stop(self) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
         let _ = self.stop.send(());
-        self.server.await.context("gateway task failed")??;
+        let mut server = self.server;
+        match tokio::time::timeout_at(deadline, &mut server).await {
+            Ok(served) => served.context("gateway task failed")??,
+            Err(_elapsed) => {
+                eprintln!("shutdown deadline passed with requests in flight; closing their connections");
+                server.abort();
+            }
+        }
         self.watch.abort();
-        let queued = self.stats.queued.load(Ordering::Relaxed);
-        let pending = queued.saturating_sub(self.stats.written.load(Ordering::Relaxed));
-        eprintln!("shutting down: writing {pending} queued records");
-        self.recorder_handle.shutdown().await;
-        self.store.close().await;
-        let written = self.stats.written.load(Ordering::Relaxed);
-        eprintln!("done: {written} of {queued} records of this run are written");
+        eprintln!("shutting down: writing {} queued records", self.stats.pending());
+        // Spilling what is left takes a moment; leave it that much.
+        let report = self.recorder_handle.shutdown_by(deadline).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.store.close()).await;
+        let mut summary = format!("done: {} of {} records of this run are written", report.written, report.queued);
+        if report.spilled > 0 {
+            summary.push_str(&format!(
+                "; {} went to the spill file {} and are written at the next start",
+                report.spilled,
+                self.spill_file.display()
+            ));
+        }
+        if report.dead_lettered > 0 {
+            summary.push_str(&format!(
+                "; {} the store refused are in {}",
+                report.dead_lettered,
+                self.dead_letter_file.display()
+            ));
+        }
+        if report.lost_with_deleted_file > 0 {
+            summary.push_str(&format!(
+                "; {} were written to a database file that was then deleted, and are gone",
+                report.lost_with_deleted_file
+            ));
+        }
+        eprintln!("{summary}");
         Ok(())
     }
 }

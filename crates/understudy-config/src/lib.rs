@@ -50,12 +50,27 @@ pub struct StoreConfig {
     /// Where dataset versions keep their files (default: `datasets/` next to
     /// the config file).
     pub datasets_dir: PathBuf,
+    /// Records still queued when a shutdown's deadline passed; the next
+    /// start replays them (default: next to a SQLite file, else next to
+    /// the config file).
+    pub spill_file: PathBuf,
+    /// Records the store refused even in their safe form.
+    pub dead_letter_file: PathBuf,
 }
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub max_body_bytes: usize,
+    /// A client must send a request's headers within this time. The clock
+    /// also runs while a kept-alive connection waits for its next request,
+    /// so this is the idle keep-alive timeout too.
+    pub header_read_timeout: Duration,
+    /// A client must send a request's whole body within this time.
+    pub body_read_timeout: Duration,
+    /// How long SIGTERM waits for requests in flight and queued records
+    /// before the rest of the queue goes to the spill file.
+    pub shutdown_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -246,6 +261,8 @@ struct RawStore {
     #[serde(default = "default_batch_size")]
     batch_size: usize,
     datasets_dir: Option<String>,
+    spill_file: Option<String>,
+    dead_letter_file: Option<String>,
 }
 
 impl Default for RawStore {
@@ -255,6 +272,8 @@ impl Default for RawStore {
             queue_capacity: default_queue_capacity(),
             batch_size: default_batch_size(),
             datasets_dir: None,
+            spill_file: None,
+            dead_letter_file: None,
         }
     }
 }
@@ -276,12 +295,34 @@ struct RawServer {
     listen: Spanned<String>,
     #[serde(default = "default_max_body_bytes")]
     max_body_bytes: usize,
+    #[serde(default = "default_header_read_timeout_secs")]
+    header_read_timeout_secs: f64,
+    #[serde(default = "default_body_read_timeout_secs")]
+    body_read_timeout_secs: f64,
+    #[serde(default = "default_shutdown_timeout_secs")]
+    shutdown_timeout_secs: f64,
 }
 
 impl Default for RawServer {
     fn default() -> Self {
-        RawServer { listen: default_listen(), max_body_bytes: default_max_body_bytes() }
+        RawServer {
+            listen: default_listen(),
+            max_body_bytes: default_max_body_bytes(),
+            header_read_timeout_secs: default_header_read_timeout_secs(),
+            body_read_timeout_secs: default_body_read_timeout_secs(),
+            shutdown_timeout_secs: default_shutdown_timeout_secs(),
+        }
     }
+}
+
+fn default_header_read_timeout_secs() -> f64 {
+    10.0
+}
+fn default_body_read_timeout_secs() -> f64 {
+    30.0
+}
+fn default_shutdown_timeout_secs() -> f64 {
+    30.0
 }
 
 fn default_listen() -> Spanned<String> {
@@ -402,7 +443,20 @@ impl Validator<'_> {
                 format!("`{}` is not a socket address: {error}", raw.server.listen.get_ref()),
             )
         })?;
-        let server = ServerConfig { listen, max_body_bytes: raw.server.max_body_bytes };
+        let seconds = |key: &str, value: f64| -> Result<Duration, ConfigError> {
+            if value.is_finite() && value > 0.0 && value < 1e9 {
+                Ok(Duration::from_secs_f64(value))
+            } else {
+                self.invalid(format!("server.{key}"), 0, format!("{value} is not a positive number of seconds"))
+            }
+        };
+        let server = ServerConfig {
+            listen,
+            max_body_bytes: raw.server.max_body_bytes,
+            header_read_timeout: seconds("header_read_timeout_secs", raw.server.header_read_timeout_secs)?,
+            body_read_timeout: seconds("body_read_timeout_secs", raw.server.body_read_timeout_secs)?,
+            shutdown_timeout: seconds("shutdown_timeout_secs", raw.server.shutdown_timeout_secs)?,
+        };
 
         let mut providers = BTreeMap::new();
         for (name, raw_provider) in raw.providers {
@@ -623,7 +677,26 @@ impl Validator<'_> {
             return self.invalid("store".into(), 0, "queue_capacity and batch_size must be at least 1".into());
         }
         let datasets_dir = self.resolve_path(raw.datasets_dir.as_deref().unwrap_or("datasets"));
-        Ok(StoreConfig { url, queue_capacity: raw.queue_capacity, batch_size: raw.batch_size, datasets_dir })
+        // Next to a SQLite file, named after it; else next to the config.
+        let sqlite_file = url
+            .strip_prefix("sqlite://")
+            .map(|rest| rest.split('?').next().unwrap_or_default())
+            .filter(|path| !path.contains(":memory:"));
+        let default_file = |suffix: &str| match sqlite_file {
+            Some(path) => format!("{path}.{suffix}.jsonl"),
+            None => format!("understudy.{suffix}.jsonl"),
+        };
+        let spill_file = self.resolve_path(raw.spill_file.as_deref().unwrap_or(&default_file("spill")));
+        let dead_letter_file =
+            self.resolve_path(raw.dead_letter_file.as_deref().unwrap_or(&default_file("dead-letter")));
+        Ok(StoreConfig {
+            url,
+            queue_capacity: raw.queue_capacity,
+            batch_size: raw.batch_size,
+            datasets_dir,
+            spill_file,
+            dead_letter_file,
+        })
     }
 
     fn check_model_ref(

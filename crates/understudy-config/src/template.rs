@@ -15,12 +15,21 @@ url = "sqlite://understudy.db"          # or postgres://user:pass@host/db
 # path. When the queue is full, requests wait: no record is ever dropped.
 queue_capacity = 16384
 batch_size = 512
+# Records still queued when SIGTERM's deadline passes go to the spill file,
+# which the next start replays; records the store refuses go to the
+# dead-letter file. Defaults: next to the SQLite file (or this config).
+# spill_file = "understudy.db.spill.jsonl"
+# dead_letter_file = "understudy.db.dead-letter.jsonl"
 # `understudy dataset build` writes each dataset version's files here.
 # datasets_dir = "datasets"            # relative to this config
 
 [server]
 listen = "127.0.0.1:8080"
 max_body_bytes = 4194304                # larger request bodies get HTTP 413
+# header_read_timeout_secs = 10          # a request's headers, and an idle keep-alive
+#                                        # connection's wait for its next request
+# body_read_timeout_secs = 30            # a request's body; slow clients get HTTP 408
+# shutdown_timeout_secs = 30             # SIGTERM's deadline; the rest is spilled to a file
 
 # ---------------------------------------------------------------- providers --
 # An OpenAI-compatible upstream: OpenAI itself, or anything that speaks its API.

@@ -28,6 +28,13 @@ pub struct CascadeOutcome {
 /// The lowest threshold at which the served answers agree with the lead at
 /// least `target` of the time, among the confidences seen. `None` when no
 /// threshold reaches the target: the understudy should then serve nothing.
+///
+/// This is a point estimate, not a certificate: picking the lowest of many
+/// thresholds that look good on validation favours the lucky ones, so on new
+/// calls the served agreement falls short of `target` about as often as not
+/// (in this crate's simulation, in over half the validation draws).
+/// [`crate::certify::certify_threshold`] gives a threshold that meets the
+/// target with a stated probability.
 pub fn choose_threshold(validation: &[ScoredAnswer], target: f64) -> Option<f64> {
     let mut sorted: Vec<ScoredAnswer> =
         validation.iter().copied().filter(|answer| answer.confidence.is_finite()).collect();

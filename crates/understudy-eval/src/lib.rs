@@ -1,14 +1,57 @@
-//! Evaluation: metrics, bootstrap confidence intervals, and the choice of a
-//! cascade threshold. Plain functions over values: no IO, no models.
+//! Evaluation: metrics, bootstrap confidence intervals, the choice of a
+//! cascade threshold (certified by Learn-then-Test in [`certify`]), and the
+//! anytime-valid guardrail on audited agreement in [`sequential`]. Plain
+//! functions over values: no IO, no models.
 
+pub mod binomial;
 pub mod bootstrap;
 pub mod calibrate;
+pub mod certify;
 pub mod generation;
 pub mod labels;
+pub mod sequential;
 
+pub use binomial::{binomial_cdf, clopper_pearson, clopper_pearson_lower, clopper_pearson_upper, ln_binomial_pmf};
 pub use bootstrap::{bootstrap, bootstrap_many, bootstrap_mean, bootstrap_quantile, ConfidenceInterval, Estimate};
 pub use calibrate::{cascade_report, choose_threshold, CascadeOutcome, CascadeReport, ScoredAnswer};
+pub use certify::{certify_threshold, Certification, ThresholdTest};
 pub use labels::{LabelMetrics, LabelReport};
+pub use sequential::{confidence_sequence, guardrail, AuditTally, GuardrailVerdict};
+
+/// A statistical decision asked for with parameters it cannot honour.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ParameterError {
+    /// A target agreement outside the range the decision accepts.
+    Target(f64),
+    /// An error probability (`delta`) outside (0, 1).
+    Delta(f64),
+    /// More agreeing audits than audits.
+    AgreedExceedsAudited { agreed: u64, audited: u64 },
+}
+
+impl std::fmt::Display for ParameterError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Target(target) => write!(f, "target agreement {target} is outside the accepted range"),
+            Self::Delta(delta) => write!(f, "error probability delta {delta} is outside (0, 1)"),
+            Self::AgreedExceedsAudited { agreed, audited } => {
+                write!(f, "{agreed} agreeing audits out of only {audited} audits")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ParameterError {}
+
+/// `delta` must be a probability strictly between 0 and 1: 0 would demand
+/// certainty from finite data and 1 promises nothing.
+pub(crate) fn check_delta(delta: f64) -> Result<(), ParameterError> {
+    if delta > 0.0 && delta < 1.0 {
+        Ok(())
+    } else {
+        Err(ParameterError::Delta(delta))
+    }
+}
 
 /// The `q`-quantile (0..=1) of `values` by linear interpolation; `None` when empty.
 pub fn quantile(values: &[f64], q: f64) -> Option<f64> {

@@ -97,6 +97,24 @@ impl StreamAssembler {
         has_token
     }
 
+    /// Why the stream is not a whole answer, if it is not: an answer is
+    /// whole when it has choices and each of them came with a finish reason.
+    /// A stream cut off early, or a body that was not a stream at all, is
+    /// an error, never a success (it would become training data).
+    pub fn incomplete(&self) -> Option<String> {
+        if self.choices.is_empty() {
+            return Some("the upstream's stream ended without any answer chunk".to_string());
+        }
+        let unfinished: Vec<String> = self
+            .choices
+            .iter()
+            .filter(|(_, parts)| parts.finish_reason.is_none())
+            .map(|(index, _)| index.to_string())
+            .collect();
+        (!unfinished.is_empty())
+            .then(|| format!("the upstream's stream ended before a finish_reason for choice {}", unfinished.join(", ")))
+    }
+
     pub fn usage(&self) -> Option<Usage> {
         self.usage.as_ref().and_then(|usage| understudy_providers::usage_of(&json!({"usage": usage})))
     }

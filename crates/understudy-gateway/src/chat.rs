@@ -4,7 +4,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -21,7 +20,7 @@ use understudy_types::{CallRecord, Endpoint, Routing, ServedBy, Usage, UsageSour
 use crate::assemble::StreamAssembler;
 use crate::draft::{CallDraft, Outcome};
 use crate::feedback::CALL_ID_HEADER;
-use crate::request::{check_chat, parse_body, resolve_model};
+use crate::request::{check_chat, parse_body, resolve_model, RequestBody};
 use crate::routing::{lead_cost_of, normalize_answer, AttemptOutcome, CostModel, Understudy, UnderstudyAttempt};
 use crate::{AppState, GatewayError};
 
@@ -29,19 +28,20 @@ use crate::{AppState, GatewayError};
 /// or already in (a fallback); recorded beside the lead's.
 type PendingAttempt = BoxFuture<'static, Option<UnderstudyAttempt>>;
 
-pub(crate) async fn chat_completions(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+pub(crate) async fn chat_completions(State(state): State<AppState>, body: RequestBody) -> Response {
     let draft = CallDraft::start(Endpoint::ChatCompletions);
     // The client learns the call's id, to send feedback on its answer.
     let call_id = draft.id;
     state.inner.recent_calls.remember(call_id);
-    let mut response = serve_call(state, draft, body).await;
+    let client = draft.client.clone();
+    let mut response = state.clone().serve_detached(client, serve_call(state, draft, body)).await;
     if let Ok(value) = HeaderValue::from_str(&call_id.to_string()) {
         response.headers_mut().insert(CALL_ID_HEADER, value);
     }
     response
 }
 
-async fn serve_call(state: AppState, mut draft: CallDraft, body: Result<Bytes, BytesRejection>) -> Response {
+async fn serve_call(state: AppState, mut draft: CallDraft, body: RequestBody) -> Response {
     let prepared = match prepare(&state, body, &mut draft) {
         Err(error) => return fail(&state, draft, error).await,
         Ok(prepared) => prepared,
@@ -216,12 +216,8 @@ struct Prepared {
     include_usage: bool,
 }
 
-fn prepare(
-    state: &AppState,
-    body: Result<Bytes, BytesRejection>,
-    draft: &mut CallDraft,
-) -> Result<Prepared, GatewayError> {
-    let mut body = parse_body(state, body, draft)?;
+fn prepare(state: &AppState, body: RequestBody, draft: &mut CallDraft) -> Result<Prepared, GatewayError> {
+    let mut body = parse_body(body, draft)?;
     draft.stream = matches!(body.get("stream"), Some(Value::Bool(true)));
     let model = resolve_model(state, &mut body, draft)?.clone();
     let flags = check_chat(&body)?;
@@ -315,6 +311,14 @@ async fn stream(state: AppState, draft: CallDraft, prepared: Prepared, pending: 
         .into_response()
 }
 
+/// A stream that broke in a way the upstream did not report: a 502.
+fn bad_stream(prepared: &Prepared, message: String) -> GatewayError {
+    GatewayError::Provider(understudy_providers::ProviderError::BadResponse {
+        provider: prepared.model.provider.clone(),
+        message,
+    })
+}
+
 fn sse_event(data: &str) -> Bytes {
     Bytes::from(format!("data: {data}\n\n"))
 }
@@ -345,7 +349,9 @@ async fn relay(
         let chunk: Value = match serde_json::from_str(&data) {
             Ok(chunk) => chunk,
             Err(parse_error) => {
-                error = Some(format!("upstream sent a chunk that is not JSON: {parse_error}"));
+                let gateway_error = bad_stream(&prepared, format!("a chunk that is not JSON: {parse_error}"));
+                let _ = sender.send(sse_event(&String::from_utf8_lossy(&gateway_error.body()))).await;
+                error = Some(gateway_error.to_string());
                 break;
             }
         };
@@ -362,8 +368,16 @@ async fn relay(
             break;
         }
     }
-    if error.is_none() && !client_gone && sender.send(sse_event("[DONE]")).await.is_err() {
-        client_gone = true;
+    if error.is_none() && !client_gone {
+        // A stream cut off early (or a body that was no stream) is an error
+        // for the client and the record alike, never a short success.
+        if let Some(problem) = assembler.incomplete() {
+            let gateway_error = bad_stream(&prepared, problem);
+            let _ = sender.send(sse_event(&String::from_utf8_lossy(&gateway_error.body()))).await;
+            error = Some(gateway_error.to_string());
+        } else if sender.send(sse_event("[DONE]")).await.is_err() {
+            client_gone = true;
+        }
     }
     drop(sender);
     if client_gone {
@@ -372,7 +386,7 @@ async fn relay(
     let (usage, usage_source) = usage_or_counted(assembler.usage(), &prepared.messages, || assembler.first_message());
     let completion = assembler.finish();
     let status = if client_gone {
-        499
+        crate::draft::CLIENT_GONE_STATUS
     } else if error.is_some() {
         StatusCode::BAD_GATEWAY.as_u16()
     } else {

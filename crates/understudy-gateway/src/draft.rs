@@ -1,6 +1,11 @@
 //! A call being served, and the record it becomes when it ends.
 
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
+
+use axum::response::{IntoResponse, Response};
 
 use understudy_types::{CallRecord, Endpoint, Money, OffsetDateTime, Routing, Usage, UsageSource, Uuid};
 
@@ -20,7 +25,39 @@ pub(crate) struct CallDraft {
     pub request: String,
     /// For a task's call: how it went between the lead and the understudy.
     pub routing: Option<Routing>,
+    /// Whether the client still waits for the answer.
+    pub client: ClientWatch,
 }
+
+/// Set when the client went away before its answer was handed over.
+#[derive(Clone, Default)]
+pub(crate) struct ClientWatch(Arc<AtomicBool>);
+
+impl ClientWatch {
+    pub fn is_gone(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Held by the handler while the call is served on its own task; dropped
+/// unarmed (the client went away, and the handler with it) it marks the
+/// client gone.
+struct ClientGuard {
+    watch: ClientWatch,
+    armed: bool,
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            self.watch.0.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The status a call is recorded with when its client left before the
+/// answer (nginx's "client closed request").
+pub(crate) const CLIENT_GONE_STATUS: u16 = 499;
 
 /// How a call ended.
 pub(crate) struct Outcome {
@@ -46,6 +83,7 @@ impl CallDraft {
             stream: false,
             request: String::new(),
             routing: None,
+            client: ClientWatch::default(),
         }
     }
 
@@ -58,6 +96,18 @@ impl CallDraft {
     }
 
     pub fn finish(self, outcome: Outcome) -> CallRecord {
+        // The upstream call is finished and paid for even when nobody waits
+        // for it; the record says so, and keeps what the upstream answered.
+        let (status, error) = if self.client.is_gone() {
+            let reason = "client disconnected before the answer";
+            let error = match outcome.error {
+                Some(error) => format!("{reason}; {error}"),
+                None => reason.to_string(),
+            };
+            (CLIENT_GONE_STATUS, Some(error))
+        } else {
+            (outcome.status, outcome.error)
+        };
         CallRecord {
             id: self.id,
             latency_ms: self.elapsed_ms(),
@@ -72,8 +122,8 @@ impl CallDraft {
             usage: outcome.usage,
             usage_source: outcome.usage_source,
             ttft_ms: outcome.ttft_ms,
-            status: outcome.status,
-            error: outcome.error,
+            status,
+            error,
             cost: outcome.cost,
             routing: self.routing,
         }
@@ -101,6 +151,25 @@ fn now_ms() -> OffsetDateTime {
 }
 
 impl AppState {
+    /// Serves a call on a task of its own, so that a client that hangs up
+    /// cannot cancel it half-way: the upstream call goes on, is paid for, and
+    /// is recorded (as a 499) whether or not anyone waits for the answer.
+    pub(crate) async fn serve_detached<F>(&self, client: ClientWatch, serve: F) -> Response
+    where
+        F: Future<Output = Response> + Send + 'static,
+    {
+        let mut guard = ClientGuard { watch: client, armed: true };
+        let served = self.inner.background.spawn(serve).await;
+        guard.armed = false;
+        match served {
+            Ok(response) => response,
+            Err(error) => {
+                tracing::error!(%error, "a call's task failed");
+                GatewayError::Internal.into_response()
+            }
+        }
+    }
+
     /// Queues a record, waiting if the queue is full. A recorder that has
     /// stopped is the only way to lose one, and that is logged loudly.
     pub(crate) async fn record(&self, record: CallRecord) {

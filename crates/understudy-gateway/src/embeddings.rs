@@ -1,6 +1,5 @@
 //! `POST /v1/embeddings`, passed through to the model's provider.
 
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -10,12 +9,17 @@ use understudy_providers::{tokens, EmbeddingRequest};
 use understudy_types::{Endpoint, Usage, UsageSource};
 
 use crate::draft::{CallDraft, Outcome};
-use crate::request::{parse_body, resolve_model};
+use crate::request::{parse_body, resolve_model, RequestBody};
 use crate::routing::CostModel;
 use crate::{AppState, GatewayError};
 
-pub(crate) async fn embeddings(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
-    let mut draft = CallDraft::start(Endpoint::Embeddings);
+pub(crate) async fn embeddings(State(state): State<AppState>, body: RequestBody) -> Response {
+    let draft = CallDraft::start(Endpoint::Embeddings);
+    let client = draft.client.clone();
+    state.clone().serve_detached(client, serve_embeddings(state, draft, body)).await
+}
+
+async fn serve_embeddings(state: AppState, mut draft: CallDraft, body: RequestBody) -> Response {
     match embed(&state, body, &mut draft).await {
         Ok((body, outcome)) => {
             state.record(draft.finish(outcome)).await;
@@ -28,12 +32,8 @@ pub(crate) async fn embeddings(State(state): State<AppState>, body: Result<Bytes
     }
 }
 
-async fn embed(
-    state: &AppState,
-    body: Result<Bytes, BytesRejection>,
-    draft: &mut CallDraft,
-) -> Result<(Bytes, Outcome), GatewayError> {
-    let mut body = parse_body(state, body, draft)?;
+async fn embed(state: &AppState, body: RequestBody, draft: &mut CallDraft) -> Result<(Bytes, Outcome), GatewayError> {
+    let mut body = parse_body(body, draft)?;
     let model = resolve_model(state, &mut body, draft)?.clone();
     let input = match body.get("input") {
         Some(input @ (Value::String(_) | Value::Array(_))) => input.clone(),

@@ -17,13 +17,18 @@ pub enum GatewayError {
     ModelNotFound(String),
     #[error("The request body is larger than the limit of {limit} bytes.")]
     PayloadTooLarge { limit: usize },
+    #[error("The request body did not arrive within {timeout:?}.")]
+    BodyTimeout { timeout: std::time::Duration },
     #[error("No route for {method} {path}.")]
     RouteNotFound { method: String, path: String },
     #[error("{0}")]
     Provider(#[from] ProviderError),
     #[error("No call with id `{0}` was recorded.")]
     CallNotFound(String),
-    #[error("The store failed: {0}")]
+    #[error("The gateway failed while serving this call; its log has the details.")]
+    Internal,
+    /// The detail (which may name the database) goes to the log only.
+    #[error("The store failed to answer; the gateway's log has the details.")]
     Store(String),
 }
 
@@ -38,8 +43,9 @@ impl GatewayError {
             GatewayError::ModelNotFound(_) | GatewayError::RouteNotFound { .. } | GatewayError::CallNotFound(_) => {
                 StatusCode::NOT_FOUND
             }
-            GatewayError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            GatewayError::Store(_) | GatewayError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             GatewayError::Provider(error) => match error {
                 ProviderError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
                 ProviderError::Unavailable { .. } | ProviderError::BadResponse { .. } => StatusCode::BAD_GATEWAY,
@@ -58,9 +64,10 @@ impl GatewayError {
             | GatewayError::InvalidRequest { .. }
             | GatewayError::ModelNotFound(_)
             | GatewayError::PayloadTooLarge { .. }
+            | GatewayError::BodyTimeout { .. }
             | GatewayError::RouteNotFound { .. }
             | GatewayError::CallNotFound(_) => "invalid_request_error",
-            GatewayError::Store(_) => "server_error",
+            GatewayError::Store(_) | GatewayError::Internal => "server_error",
             GatewayError::Provider(ProviderError::ReplayNoMatch { .. } | ProviderError::Unsupported { .. }) => {
                 "invalid_request_error"
             }
@@ -75,9 +82,11 @@ impl GatewayError {
             GatewayError::InvalidRequest { .. } => return None,
             GatewayError::ModelNotFound(_) => "model_not_found",
             GatewayError::PayloadTooLarge { .. } => "request_too_large",
+            GatewayError::BodyTimeout { .. } => "request_timeout",
             GatewayError::RouteNotFound { .. } => "unknown_url",
             GatewayError::CallNotFound(_) => "call_not_found",
             GatewayError::Store(_) => "store_error",
+            GatewayError::Internal => "internal_error",
             GatewayError::Provider(error) => match error {
                 ProviderError::Timeout { .. } => "upstream_timeout",
                 ProviderError::Unavailable { .. } => "upstream_unavailable",

@@ -10,15 +10,13 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::Mutex;
 
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use serde_json::{json, Value};
 use understudy_types::{Feedback, FeedbackScore, OffsetDateTime, Uuid};
 
-use crate::request::{body_bytes, json_object};
+use crate::request::{json_object, RequestBody};
 use crate::{AppState, GatewayError};
 
 /// The response header naming the call a chat completion was recorded as.
@@ -51,7 +49,7 @@ impl RecentCalls {
     }
 }
 
-pub(crate) async fn feedback(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+pub(crate) async fn feedback(State(state): State<AppState>, body: RequestBody) -> Response {
     match add_feedback(&state, body).await {
         Ok(feedback) => {
             let body = json!({
@@ -68,8 +66,8 @@ pub(crate) async fn feedback(State(state): State<AppState>, body: Result<Bytes, 
     }
 }
 
-async fn add_feedback(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Feedback, GatewayError> {
-    let body = json_object(&body_bytes(state, body)?)?;
+async fn add_feedback(state: &AppState, body: RequestBody) -> Result<Feedback, GatewayError> {
+    let body = json_object(&body.0?)?;
     let call_id = match body.get("call_id") {
         Some(Value::String(text)) => Uuid::parse_str(text.trim()).map_err(|_| {
             GatewayError::invalid(
@@ -95,13 +93,13 @@ async fn add_feedback(state: &AppState, body: Result<Bytes, BytesRejection>) -> 
         Some(_) => return Err(GatewayError::invalid("`comment` must be a string.", "comment")),
     };
     let store = state.recorder().store();
-    let known = state.inner.recent_calls.contains(&call_id)
-        || store.call_exists(call_id).await.map_err(|error| GatewayError::Store(error.to_string()))?;
+    let known =
+        state.inner.recent_calls.contains(&call_id) || store.call_exists(call_id).await.map_err(store_failed)?;
     if !known {
         return Err(GatewayError::CallNotFound(call_id.to_string()));
     }
     let feedback = Feedback { id: Uuid::now_v7(), call_id, score, comment, created_at: OffsetDateTime::now_utc() };
-    store.add_feedback(&feedback).await.map_err(|error| GatewayError::Store(error.to_string()))?;
+    store.add_feedback(&feedback).await.map_err(store_failed)?;
     Ok(feedback)
 }
 
@@ -122,4 +120,9 @@ fn parse_score(value: &Value) -> Option<FeedbackScore> {
         Value::Bool(false) => Some(FeedbackScore::Negative),
         _ => None,
     }
+}
+
+fn store_failed(error: understudy_store::StoreError) -> GatewayError {
+    tracing::error!(%error, "feedback could not reach the store");
+    GatewayError::Store(error.to_string())
 }

@@ -133,25 +133,56 @@ pub fn app(state: AppState) -> Router {
 }
 
 /// Serves `app(state)` on `listener` until `shutdown` resolves, then lets
-/// requests in flight finish.
+/// requests in flight finish (idle connections close at once).
+///
+/// Each connection is hyper's HTTP/1 server with `header_read_timeout`:
+/// a client must send a request's headers within it, and the clock also
+/// runs while a kept-alive connection waits for its next request, so slow
+/// or idle clients cannot hold connections open. The body's own deadline is
+/// `body_read_timeout` (see `request::RequestBody`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // Answers are written in one go; Nagle's algorithm would only hold them back.
-    let listener = listener.tap_io(|stream| {
+    let header_read_timeout = state.config().server.header_read_timeout;
+    let background = state.inner.background.clone();
+    let service = hyper_util::service::TowerToHyperService::new(app(state));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_read_timeout).keep_alive(true);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: wait, don't spin.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Answers are written in one go; Nagle's algorithm would only hold them back.
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
-    });
-    let background = state.inner.background.clone();
-    let served = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await;
+        let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone());
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
     // Relays and records of calls already answered still finish.
     background.close();
     background.wait().await;
-    served
+    Ok(())
 }
 
 fn models_list(config: &Config) -> Bytes {
@@ -183,7 +214,15 @@ async fn healthz(State(state): State<AppState>) -> Response {
             Some((task.clone(), json!({"policy": route.policy.name(), "understudy": understudy})))
         })
         .collect();
-    let body = json!({"status": "ok", "records_pending": state.recorder().pending(), "tasks": policies});
+    let stats = state.recorder().stats();
+    let body = json!({
+        "status": "ok",
+        "records_pending": stats.pending(),
+        "records_written": stats.written.load(std::sync::atomic::Ordering::Relaxed),
+        "records_dead_lettered": stats.dead_lettered.load(std::sync::atomic::Ordering::Relaxed),
+        "records_lost_with_deleted_store_file": stats.lost_with_deleted_file.load(std::sync::atomic::Ordering::Relaxed),
+        "tasks": policies,
+    });
     (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 

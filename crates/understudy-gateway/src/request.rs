@@ -1,7 +1,9 @@
 //! From request bytes to a checked JSON object and a resolved model.
 
-use axum::extract::rejection::BytesRejection;
-use axum::http::StatusCode;
+use std::convert::Infallible;
+
+use axum::extract::{FromRequest, Request};
+use axum::http::header;
 use bytes::Bytes;
 use serde_json::{Map, Value};
 use understudy_config::ModelConfig;
@@ -10,27 +12,51 @@ use understudy_datasets::jsonl::check_message;
 use crate::draft::CallDraft;
 use crate::{AppState, GatewayError};
 
-/// Reads the body into the draft's `request` and parses it as a JSON object.
-pub(crate) fn parse_body(
-    state: &AppState,
-    body: Result<Bytes, BytesRejection>,
-    draft: &mut CallDraft,
-) -> Result<Map<String, Value>, GatewayError> {
-    let body = body_bytes(state, body)?;
-    draft.request = String::from_utf8_lossy(&body).into_owned();
-    json_object(&body)
+/// A request's body, read within the server's limits: at most
+/// `max_body_bytes` (a larger `Content-Length` is refused before a byte is
+/// read) and within `body_read_timeout` (a client trickling its body is cut
+/// off). Never rejects: a body that could not be read is the handler's error
+/// to answer and record.
+pub(crate) struct RequestBody(pub Result<Bytes, GatewayError>);
+
+impl FromRequest<AppState> for RequestBody {
+    type Rejection = Infallible;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<RequestBody, Infallible> {
+        let server = &state.config().server;
+        let limit = server.max_body_bytes;
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<u64>().ok());
+        if declared.is_some_and(|n_bytes| n_bytes > limit as u64) {
+            return Ok(RequestBody(Err(GatewayError::PayloadTooLarge { limit })));
+        }
+        let read = axum::body::to_bytes(request.into_body(), limit);
+        let body = match tokio::time::timeout(server.body_read_timeout, read).await {
+            Err(_elapsed) => Err(GatewayError::BodyTimeout { timeout: server.body_read_timeout }),
+            Ok(Ok(bytes)) => Ok(bytes),
+            Ok(Err(error)) => {
+                let too_large = std::error::Error::source(&error)
+                    .is_some_and(|source| source.is::<http_body_util::LengthLimitError>())
+                    || error.to_string().contains("length limit exceeded");
+                if too_large {
+                    Err(GatewayError::PayloadTooLarge { limit })
+                } else {
+                    Err(GatewayError::InvalidJson(format!("the body could not be read: {error}")))
+                }
+            }
+        };
+        Ok(RequestBody(body))
+    }
 }
 
-/// The request's bytes, or the error a body the server could not read becomes
-/// (413 past `max_body_bytes`).
-pub(crate) fn body_bytes(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, GatewayError> {
-    body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            GatewayError::PayloadTooLarge { limit: state.config().server.max_body_bytes }
-        } else {
-            GatewayError::InvalidJson(rejection.body_text())
-        }
-    })
+/// Reads the body into the draft's `request` and parses it as a JSON object.
+pub(crate) fn parse_body(body: RequestBody, draft: &mut CallDraft) -> Result<Map<String, Value>, GatewayError> {
+    let body = body.0?;
+    draft.request = String::from_utf8_lossy(&body).into_owned();
+    json_object(&body)
 }
 
 /// Parses a request body that must be a JSON object.

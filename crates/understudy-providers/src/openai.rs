@@ -154,6 +154,20 @@ impl Provider for OpenAiProvider {
             let body = response.bytes().await.unwrap_or_default();
             return Err(ProviderError::Rejected { provider: self.name.clone(), status: status.as_u16(), body });
         }
+        // An upstream that ignores `stream` answers with one JSON body; read
+        // as events it would look like an empty stream, so it is refused here,
+        // before the client has been sent anything.
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_ascii_lowercase);
+        if let Some(content_type) = content_type.filter(|value| !value.starts_with("text/event-stream")) {
+            return Err(ProviderError::BadResponse {
+                provider: self.name.clone(),
+                message: format!("a stream was asked for, and the answer is `{content_type}`, not an event stream"),
+            });
+        }
         let provider = self.name.clone();
         let idle_timeout = self.timeout;
         let events = response.bytes_stream().eventsource();

@@ -158,44 +158,62 @@ impl Store {
         calls: &[CallRecord],
         feedback: &[understudy_types::Feedback],
     ) -> Result<(), StoreError> {
+        self.write_calls(calls, feedback, OnConflict::Fail).await
+    }
+
+    /// The recorder's write: like [`Store::insert_calls`], except that a call
+    /// whose id is already stored is skipped, so that replaying a spill file
+    /// after a crash never writes a call twice nor fails on one.
+    pub async fn record_calls(&self, calls: &[CallRecord]) -> Result<(), StoreError> {
+        self.write_calls(calls, &[], OnConflict::Skip).await
+    }
+
+    async fn write_calls(
+        &self,
+        calls: &[CallRecord],
+        feedback: &[understudy_types::Feedback],
+        on_conflict: OnConflict,
+    ) -> Result<(), StoreError> {
         if calls.is_empty() && feedback.is_empty() {
             return Ok(());
         }
-        let mut transaction = self.pool.begin().await?;
+        let mut transaction = self.pool().begin().await?;
         for chunk in calls.chunks(ROWS_PER_INSERT) {
-            let sql = insert_sql(chunk.len(), self.backend);
+            let sql = insert_sql(chunk.len(), self.backend, on_conflict);
             let mut query = sqlx::query(&sql);
             for call in chunk {
+                let text = |value: &str| storable_text(value);
+                let optional_text = |value: &Option<String>| value.as_deref().map(storable_text);
                 query = query
                     .bind(call.id.to_string())
                     .bind(unix_ms(call.created_at))
-                    .bind(call.task.clone())
-                    .bind(call.model.clone())
-                    .bind(call.provider.clone())
+                    .bind(call.task.as_deref().map(storable_key))
+                    .bind(storable_key(&call.model))
+                    .bind(text(&call.provider))
                     .bind(call.endpoint.as_str())
                     .bind(i64::from(call.stream))
-                    .bind(call.request.clone())
-                    .bind(call.response.clone())
+                    .bind(text(&call.request))
+                    .bind(optional_text(&call.response))
                     .bind(saturating_i64(call.usage.prompt_tokens))
                     .bind(saturating_i64(call.usage.completion_tokens))
                     .bind(call.usage_source.as_str())
-                    .bind(call.latency_ms)
-                    .bind(call.ttft_ms)
+                    .bind(call.latency_ms);
+                query = bind_optional_f64(query, call.ttft_ms)
                     .bind(i64::from(call.status))
-                    .bind(call.error.clone())
+                    .bind(optional_text(&call.error))
                     .bind(call.cost.dollars());
                 let routing = call.routing.as_ref();
                 query = query
-                    .bind(routing.map(|routing| routing.policy.clone()))
+                    .bind(routing.map(|routing| text(&routing.policy)))
                     .bind(routing.map(|routing| routing.served_by.as_str()))
-                    .bind(routing.and_then(|routing| routing.fallback_reason.clone()))
-                    .bind(routing.and_then(|routing| routing.understudy_model.clone()))
-                    .bind(routing.and_then(|routing| routing.understudy_answer.clone()))
-                    .bind(routing.and_then(|routing| routing.understudy_confidence))
-                    .bind(routing.and_then(|routing| routing.understudy_latency_ms))
-                    .bind(routing.map(|routing| routing.understudy_cost.dollars()))
-                    .bind(routing.and_then(|routing| routing.agreement).map(i64::from))
-                    .bind(routing.map(|routing| routing.lead_cost_avoided.dollars()));
+                    .bind(routing.and_then(|routing| optional_text(&routing.fallback_reason)))
+                    .bind(routing.and_then(|routing| optional_text(&routing.understudy_model)))
+                    .bind(routing.and_then(|routing| optional_text(&routing.understudy_answer)));
+                query = bind_optional_f64(query, routing.and_then(|routing| routing.understudy_confidence));
+                query = bind_optional_f64(query, routing.and_then(|routing| routing.understudy_latency_ms));
+                query = bind_optional_f64(query, routing.map(|routing| routing.understudy_cost.dollars()))
+                    .bind(routing.and_then(|routing| routing.agreement).map(i64::from));
+                query = bind_optional_f64(query, routing.map(|routing| routing.lead_cost_avoided.dollars()));
             }
             query.execute(&mut *transaction).await?;
         }
@@ -217,7 +235,7 @@ impl Store {
         if let Some(limit) = filter.limit {
             sql.push_str(&format!(" LIMIT {limit}"));
         }
-        let rows = clause.bind_all(sqlx::query(&sql)).fetch_all(&self.pool).await?;
+        let rows = clause.bind_all(sqlx::query(&sql)).fetch_all(&self.pool()).await?;
         rows.iter().map(call_from_row).collect()
     }
 
@@ -228,14 +246,14 @@ impl Store {
             "SELECT {CALL_COLUMNS} FROM calls WHERE id LIKE {} ORDER BY id LIMIT 2",
             placeholder(self.backend, 1)
         );
-        let rows = sqlx::query(&sql).bind(pattern).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(&sql).bind(pattern).fetch_all(&self.pool()).await?;
         rows.iter().map(call_from_row).collect()
     }
 
     pub async fn count_calls(&self, filter: &CallFilter) -> Result<u64, StoreError> {
         let clause = WhereClause::new(filter, self.backend);
         let sql = format!("SELECT COUNT(*) FROM calls{}", clause.sql);
-        let row = clause.bind_all(sqlx::query(&sql)).fetch_one(&self.pool).await?;
+        let row = clause.bind_all(sqlx::query(&sql)).fetch_one(&self.pool()).await?;
         Ok(row.try_get::<i64, _>(0)?.max(0) as u64)
     }
 
@@ -251,7 +269,7 @@ impl Store {
              ORDER BY day, task, model",
             clause.sql
         );
-        let rows = clause.bind_all(sqlx::query(&sql)).fetch_all(&self.pool).await?;
+        let rows = clause.bind_all(sqlx::query(&sql)).fetch_all(&self.pool()).await?;
         rows.iter()
             .map(|row| {
                 let day: i64 = row.try_get(2)?;
@@ -289,7 +307,7 @@ impl Store {
              FROM calls{} GROUP BY task, created_at / {MS_PER_DAY} ORDER BY task, day",
             clause.sql
         );
-        let rows = clause.bind_all(sqlx::query(&sql)).fetch_all(&self.pool).await?;
+        let rows = clause.bind_all(sqlx::query(&sql)).fetch_all(&self.pool()).await?;
         rows.iter()
             .map(|row| {
                 let day: i64 = row.try_get(1)?;
@@ -319,7 +337,63 @@ pub(crate) fn placeholder(backend: Backend, idx: usize) -> String {
     }
 }
 
-fn insert_sql(n_rows: usize, backend: Backend) -> String {
+/// What an INSERT does with a call whose id is already stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnConflict {
+    Fail,
+    Skip,
+}
+
+/// The longest `task` or `model` stored whole. Both are indexed, and a
+/// Postgres B-tree entry must fit in about 2.7 KB: a longer value would make
+/// the whole batch fail. Real names are far shorter.
+const MAX_KEY_BYTES: usize = 512;
+/// Appended to a key that was cut to [`MAX_KEY_BYTES`].
+const CUT_MARK: &str = "…[cut]";
+
+/// Text as the store keeps it. Postgres rejects U+0000 in TEXT (SQLite takes
+/// it), so it becomes U+FFFD on both backends: one rule, and a record never
+/// fails for its content. JSON bodies escape it as `\u0000` and are untouched.
+pub(crate) fn storable_text(text: &str) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text.to_string()
+    }
+}
+
+/// An indexed name as the store keeps it: [`storable_text`], cut to
+/// [`MAX_KEY_BYTES`] at a character boundary and marked when longer.
+pub(crate) fn storable_key(text: &str) -> String {
+    let text = storable_text(text);
+    if text.len() <= MAX_KEY_BYTES {
+        return text;
+    }
+    let mut end = MAX_KEY_BYTES - CUT_MARK.len();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{CUT_MARK}", &text[..end])
+}
+
+/// Binds an optional float so that Postgres always sees DOUBLE PRECISION.
+///
+/// sqlx 0.8's `Any` driver sends a NULL `f64` as a NULL `f32` (REAL), and a
+/// prepared statement keeps the parameter types of its first execution: a
+/// batch whose first row had no `ttft_ms` made every later batch with one
+/// fail with "incorrect binary data format". A NULL `f32` is sent as a NULL
+/// `f64`, so it is the one to bind. SQLite does not care either way.
+fn bind_optional_f64<'q>(
+    query: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
+    value: Option<f64>,
+) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>> {
+    match value {
+        Some(value) => query.bind(value),
+        None => query.bind(None::<f32>),
+    }
+}
+
+fn insert_sql(n_rows: usize, backend: Backend, on_conflict: OnConflict) -> String {
     let mut sql = format!("INSERT INTO calls ({CALL_COLUMNS}) VALUES ");
     for row_idx in 0..n_rows {
         if row_idx > 0 {
@@ -333,6 +407,10 @@ fn insert_sql(n_rows: usize, backend: Backend) -> String {
             sql.push_str(&placeholder(backend, row_idx * N_CALL_COLUMNS + column_idx + 1));
         }
         sql.push(')');
+    }
+    if on_conflict == OnConflict::Skip {
+        // Both backends take this form (SQLite since 3.24).
+        sql.push_str(" ON CONFLICT (id) DO NOTHING");
     }
     sql
 }

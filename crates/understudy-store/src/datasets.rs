@@ -55,7 +55,7 @@ impl Store {
             .bind(saturating_i64(dataset.n_test))
             .bind(dataset.parameters.clone())
             .bind(dataset.path.clone())
-            .execute(&self.pool)
+            .execute(&self.pool())
             .await?;
         Ok(result.rows_affected() > 0)
     }
@@ -68,7 +68,7 @@ impl Store {
             "SELECT {DATASET_COLUMNS} FROM datasets WHERE id LIKE {} ORDER BY id LIMIT 2",
             placeholder(self.backend, 1)
         );
-        let rows = sqlx::query(&sql).bind(pattern).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(&sql).bind(pattern).fetch_all(&self.pool()).await?;
         rows.iter().map(dataset_from_row).collect()
     }
 
@@ -80,11 +80,11 @@ impl Store {
                     "SELECT {DATASET_COLUMNS} FROM datasets WHERE task = {} ORDER BY created_at DESC, id DESC",
                     placeholder(self.backend, 1)
                 );
-                sqlx::query(&sql).bind(task.to_string()).fetch_all(&self.pool).await?
+                sqlx::query(&sql).bind(task.to_string()).fetch_all(&self.pool()).await?
             }
             None => {
                 let sql = format!("SELECT {DATASET_COLUMNS} FROM datasets ORDER BY created_at DESC, id DESC");
-                sqlx::query(&sql).fetch_all(&self.pool).await?
+                sqlx::query(&sql).fetch_all(&self.pool()).await?
             }
         };
         rows.iter().map(dataset_from_row).collect()

@@ -15,13 +15,13 @@ impl Store {
     /// Keeps one verdict on a call. The call need not be written yet (its
     /// record may still be queued); callers check that it exists.
     pub async fn add_feedback(&self, feedback: &Feedback) -> Result<(), StoreError> {
-        insert_feedback(self.backend, &self.pool, feedback).await
+        insert_feedback(self.backend, &self.pool(), feedback).await
     }
 
     /// Whether a call with exactly this id is in the store.
     pub async fn call_exists(&self, id: Uuid) -> Result<bool, StoreError> {
         let sql = format!("SELECT COUNT(*) FROM calls WHERE id = {}", placeholder(self.backend, 1));
-        let row = sqlx::query(&sql).bind(id.to_string()).fetch_one(&self.pool).await?;
+        let row = sqlx::query(&sql).bind(id.to_string()).fetch_one(&self.pool()).await?;
         Ok(row.try_get::<i64, _>(0)? > 0)
     }
 
@@ -31,7 +31,7 @@ impl Store {
             "SELECT {FEEDBACK_COLUMNS} FROM feedback WHERE call_id = {} ORDER BY created_at, id",
             placeholder(self.backend, 1)
         );
-        let rows = sqlx::query(&sql).bind(call_id.to_string()).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(&sql).bind(call_id.to_string()).fetch_all(&self.pool()).await?;
         rows.iter().map(feedback_from_row).collect()
     }
 
@@ -42,7 +42,7 @@ impl Store {
              JOIN calls c ON c.id = f.call_id WHERE c.task = {} ORDER BY f.created_at, f.id",
             placeholder(self.backend, 1)
         );
-        let rows = sqlx::query(&sql).bind(task.to_string()).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(&sql).bind(task.to_string()).fetch_all(&self.pool()).await?;
         let mut latest = HashMap::new();
         keep_latest(&rows, &mut latest)?;
         Ok(latest)
@@ -62,7 +62,7 @@ impl Store {
             for id in chunk {
                 query = query.bind(id.to_string());
             }
-            keep_latest(&query.fetch_all(&self.pool).await?, &mut latest)?;
+            keep_latest(&query.fetch_all(&self.pool()).await?, &mut latest)?;
         }
         Ok(latest)
     }
@@ -89,7 +89,7 @@ where
         .bind(feedback.call_id.to_string())
         .bind(unix_ms(feedback.created_at))
         .bind(feedback.score.as_i64())
-        .bind(feedback.comment.clone())
+        .bind(feedback.comment.as_deref().map(crate::calls::storable_text))
         .execute(executor)
         .await?;
     Ok(())

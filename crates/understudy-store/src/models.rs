@@ -41,7 +41,7 @@ impl Store {
             .bind(unix_ms(model.created_at))
             .bind(model.wall_seconds)
             .bind(model.metrics.clone())
-            .execute(&self.pool)
+            .execute(&self.pool())
             .await?;
         Ok(())
     }
@@ -53,7 +53,7 @@ impl Store {
             "SELECT {MODEL_COLUMNS} FROM model_versions WHERE id LIKE {} ORDER BY id LIMIT 2",
             placeholder(self.backend, 1)
         );
-        let rows = sqlx::query(&sql).bind(pattern).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(&sql).bind(pattern).fetch_all(&self.pool()).await?;
         rows.iter().map(model_from_row).collect()
     }
 
@@ -63,7 +63,7 @@ impl Store {
             "SELECT {MODEL_COLUMNS} FROM model_versions WHERE task = {} ORDER BY created_at DESC, id DESC",
             placeholder(self.backend, 1)
         );
-        let rows = sqlx::query(&sql).bind(task.to_string()).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(&sql).bind(task.to_string()).fetch_all(&self.pool()).await?;
         rows.iter().map(model_from_row).collect()
     }
 }

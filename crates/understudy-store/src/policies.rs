@@ -38,7 +38,7 @@ impl Store {
             .bind(change.understudy_path.clone())
             .bind(unix_ms(change.created_at))
             .bind(change.note.clone())
-            .execute(&self.pool)
+            .execute(&self.pool())
             .await?;
         Ok(())
     }
@@ -49,7 +49,7 @@ impl Store {
             "SELECT {POLICY_COLUMNS} FROM policy_changes WHERE id IN \
              (SELECT MAX(id) FROM policy_changes GROUP BY task) ORDER BY task"
         );
-        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(&sql).fetch_all(&self.pool()).await?;
         rows.iter().map(policy_from_row).collect()
     }
 
@@ -59,7 +59,7 @@ impl Store {
             "SELECT {POLICY_COLUMNS} FROM policy_changes WHERE task = {} ORDER BY id DESC",
             placeholder(self.backend, 1)
         );
-        let rows = sqlx::query(&sql).bind(task.to_string()).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(&sql).bind(task.to_string()).fetch_all(&self.pool()).await?;
         rows.iter().map(policy_from_row).collect()
     }
 }

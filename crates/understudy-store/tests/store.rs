@@ -144,7 +144,10 @@ async fn a_failed_batch_leaves_nothing_behind() {
 async fn the_recorder_writes_everything_before_shutdown_returns() {
     on_both_backends(|store| async move {
         // A queue far smaller than the number of records exercises backpressure.
-        let (recorder, handle) = Recorder::start(store.clone(), RecorderConfig { queue_capacity: 8, batch_size: 5 });
+        let (recorder, handle) = Recorder::start(
+            store.clone(),
+            RecorderConfig { queue_capacity: 8, batch_size: 5, ..RecorderConfig::default() },
+        );
         let mut senders = Vec::new();
         for worker in 0..4 {
             let recorder = recorder.clone();

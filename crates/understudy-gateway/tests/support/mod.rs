@@ -147,7 +147,13 @@ impl Harness {
         let store = Store::connect(&config.store.url).await.expect("store opens");
         let (recorder, recorder_handle) = Recorder::start(
             store.clone(),
-            RecorderConfig { queue_capacity: config.store.queue_capacity, batch_size: config.store.batch_size },
+            RecorderConfig {
+                queue_capacity: config.store.queue_capacity,
+                batch_size: config.store.batch_size,
+                dead_letter_file: Some(config.store.dead_letter_file.clone()),
+                spill_file: Some(config.store.spill_file.clone()),
+                ..RecorderConfig::default()
+            },
         );
         let state = AppState::new(config, recorder).expect("state");
         state.apply_policies(&store).await.expect("policies apply");

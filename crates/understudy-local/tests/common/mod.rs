@@ -44,7 +44,10 @@ impl Gateway {
         std::fs::write(&config_path, text).unwrap();
         let config = understudy_config::Config::load(&config_path).unwrap();
         let store = Store::connect(&config.store.url).await.unwrap();
-        let (recorder, handle) = Recorder::start(store.clone(), RecorderConfig { queue_capacity: 64, batch_size: 16 });
+        let (recorder, handle) = Recorder::start(
+            store.clone(),
+            RecorderConfig { queue_capacity: 64, batch_size: 16, ..RecorderConfig::default() },
+        );
         let state = understudy_gateway::AppState::with_local_models(config, recorder, Some(Arc::new(Loader))).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
