@@ -362,3 +362,108 @@ fn quickstart_sends_real_traffic_through_a_replay_lead() {
     let labels = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"];
     assert!(lines.iter().all(|line| labels.contains(&line["messages"][2]["content"].as_str().unwrap_or(""))));
 }
+
+/// Issue 12: SIGTERM has a deadline. With the store locked by another
+/// process and a client trickling a body, `serve` still exits by its
+/// deadline; the records it could not write go to the spill file, and the
+/// next start writes them.
+#[test]
+fn issue_12_sigterm_with_the_store_locked_spills_by_its_deadline_and_the_next_start_replays() {
+    let workdir = Workdir::new(
+        "\n[server]\nshutdown_timeout_secs = 2\nheader_read_timeout_secs = 120\nbody_read_timeout_secs = 120\n",
+    );
+    let recorded: Vec<Value> =
+        (0..10).map(|idx| example(&format!("Question {idx}?"), "NUM", "2026-10-01T00:00:00Z")).collect();
+    lines_file(&workdir.path("recorded.jsonl"), &recorded);
+    let (child, base_url, stderr) = workdir.serve();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let client = reqwest::Client::new();
+    let ask = |n_calls: usize| {
+        runtime.block_on(async {
+            for idx in 0..n_calls {
+                let body = json!({"model": "task:trec", "messages": [
+                    {"role": "system", "content": "Answer with one label."},
+                    {"role": "user", "content": format!("Question {}?", idx % 10)},
+                ]});
+                let response = client.post(format!("{base_url}/chat/completions")).json(&body).send().await;
+                assert_eq!(response.expect("answer").status().as_u16(), 200);
+            }
+        })
+    };
+    let pending = || -> u64 {
+        runtime.block_on(async {
+            let health: Value = client
+                .get(format!("{}/healthz", base_url.trim_end_matches("/v1")))
+                .send()
+                .await
+                .expect("healthz")
+                .json()
+                .await
+                .expect("json");
+            health["records_pending"].as_u64().expect("records_pending")
+        })
+    };
+    ask(20);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while pending() > 0 {
+        assert!(std::time::Instant::now() < deadline, "the first records are written");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    // Another process takes SQLite's write lock and keeps it.
+    let mut locker = Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys\nc = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
+             c.execute('BEGIN EXCLUSIVE')\nprint('locked', flush=True)\nsys.stdin.read()",
+        ])
+        .arg(workdir.path("calls.db"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut locked = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(locker.stdout.take().expect("stdout")), &mut locked)
+        .expect("read");
+    assert_eq!(locked.trim(), "locked");
+    // Served while the store is locked: the queue holds the records.
+    ask(15);
+    // A client that sends half a body and then nothing.
+    let mut trickler =
+        std::net::TcpStream::connect(base_url.trim_start_matches("http://").trim_end_matches("/v1")).expect("connect");
+    std::io::Write::write_all(
+        &mut trickler,
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\"",
+    )
+    .expect("send half a request");
+
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(status.success());
+    let mut child = child;
+    // Far beyond the 2 s deadline: this checks that it exits at all.
+    let exit_deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().expect("wait") {
+            break exit;
+        }
+        assert!(std::time::Instant::now() < exit_deadline, "serve did not exit after SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(exit.success(), "serve exits cleanly after its deadline");
+    let log = stderr.join().expect("stderr thread");
+    assert!(log.contains("went to the spill file"), "{log}");
+    drop(locker.stdin.take());
+    locker.wait().expect("locker exits");
+    drop(trickler);
+
+    // The next start replays the spill file before serving.
+    let (child, _base_url, stderr) = workdir.serve();
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let mut child = child;
+    assert!(child.wait().expect("wait").success());
+    let log = stderr.join().expect("stderr thread");
+    assert!(log.contains("replaying records spilled by an earlier shutdown"), "{log}");
+    let listed = workdir.run_ok(&["calls", "list", "--json", "--limit", "1000"]);
+    assert_eq!(listed.lines().count(), 35, "every answered call is in the store");
+    assert!(!workdir.path("calls.db.spill.jsonl").exists());
+}

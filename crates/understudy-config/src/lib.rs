@@ -154,6 +154,15 @@ pub struct TaskConfig {
     pub labels: Option<Vec<String>>,
     /// How long the understudy may take before the lead serves instead.
     pub understudy_timeout: Duration,
+    /// The promise: the share of served answers that must agree with the
+    /// lead's (what `eval` certifies and the guardrail watches).
+    pub target_agreement: f64,
+    /// The share of the understudy's served answers that are also sent to
+    /// the lead in the background, to audit them (never served).
+    pub audit_rate: f64,
+    /// The guardrail's error rate: the chance that it demotes an understudy
+    /// that meets the target, over the whole life of a promotion.
+    pub guardrail_delta: f64,
 }
 
 impl Config {
@@ -395,6 +404,22 @@ struct RawTask {
     labels: Option<Spanned<Vec<String>>>,
     #[serde(default = "default_understudy_timeout_ms")]
     understudy_timeout_ms: u64,
+    #[serde(default = "default_target_agreement")]
+    target_agreement: f64,
+    #[serde(default = "default_audit_rate")]
+    audit_rate: f64,
+    #[serde(default = "default_guardrail_delta")]
+    guardrail_delta: f64,
+}
+
+fn default_target_agreement() -> f64 {
+    0.98
+}
+fn default_audit_rate() -> f64 {
+    0.05
+}
+fn default_guardrail_delta() -> f64 {
+    0.05
 }
 
 fn default_understudy_timeout_ms() -> u64 {
@@ -638,6 +663,21 @@ impl Validator<'_> {
                     Some(labels)
                 }
             };
+            let share = |key: &str, value: f64, open_low: bool| -> Result<f64, ConfigError> {
+                let fits = value.is_finite() && value <= 1.0 && if open_low { value > 0.0 } else { value >= 0.0 };
+                if fits && !(key == "guardrail_delta" && value >= 1.0) {
+                    Ok(value)
+                } else {
+                    self.invalid(
+                        format!("tasks.{name}.{key}"),
+                        0,
+                        format!("{value} is not a share in the allowed range"),
+                    )
+                }
+            };
+            let target_agreement = share("target_agreement", raw_task.target_agreement, true)?;
+            let audit_rate = share("audit_rate", raw_task.audit_rate, false)?;
+            let guardrail_delta = share("guardrail_delta", raw_task.guardrail_delta, true)?;
             tasks.insert(
                 name,
                 TaskConfig {
@@ -647,6 +687,9 @@ impl Validator<'_> {
                     kind,
                     labels,
                     understudy_timeout: Duration::from_millis(raw_task.understudy_timeout_ms.max(1)),
+                    target_agreement,
+                    audit_rate,
+                    guardrail_delta,
                 },
             );
         }

@@ -111,6 +111,9 @@ policy = "lead"
 #                                       # understudy decodes only these (unless the client
 #                                       # sends its own response_format); distinct, not blank
 # understudy_timeout_ms = 5000
+# target_agreement = 0.98               # the promise: served answers that agree with the lead
+# audit_rate = 0.05                     # share of served understudy answers re-asked of the lead
+# guardrail_delta = 0.05                # chance of demoting an understudy that meets the target
 
 # ---------------------------------------------------------- local models --
 # Models that run on this machine. A local call costs its measured compute

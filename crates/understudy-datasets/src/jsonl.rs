@@ -260,15 +260,35 @@ pub fn read_examples(reader: impl std::io::BufRead) -> std::io::Result<ReadExamp
     Ok(read)
 }
 
-/// The text of a message's `content`: a string, or the text parts of an array.
+/// The text of a message's `content`; see [`content_text`].
 pub fn message_text(message: &Value) -> String {
-    match message.get("content") {
+    content_text(message.get("content"))
+}
+
+/// The one rendering of a message's content as text, shared by training, the
+/// classifier, the serving engine and `eval`, so that a model reads at serving
+/// time exactly the text it was trained on: a string as it is, or the text
+/// parts of an array ([`is_text_part`]) joined by newlines; anything else is
+/// empty. Parts of other kinds (images, audio) are left out here; a model
+/// that must not ignore them rejects the request instead.
+pub fn content_text(content: Option<&Value>) -> String {
+    match content {
         Some(Value::String(text)) => text.clone(),
-        Some(Value::Array(parts)) => {
-            parts.iter().filter_map(|part| part.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join("\n")
-        }
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter(|part| is_text_part(part))
+            .filter_map(|part| part.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join("\n"),
         _ => String::new(),
     }
+}
+
+/// Whether a content part is text: `{"type": "text", "text": ...}`, or a
+/// `text` without a `type`, as older clients send it.
+pub fn is_text_part(part: &Value) -> bool {
+    part.get("type").and_then(Value::as_str).is_none_or(|kind| kind == "text")
+        && part.get("text").is_some_and(Value::is_string)
 }
 
 /// Whitespace-normalized text: trimmed, with every run of whitespace one space.
@@ -388,6 +408,24 @@ mod tests {
     use super::*;
 
     const LINE: &str = r#"{"messages":[{"role":"system","content":"Label it."},{"role":"user","content":"Who  wrote\nHamlet?"},{"role":"assistant","content":"HUM"}],"model":"gpt-4o-mini","created_at":"2026-11-01T10:00:00.123Z","usage":{"prompt_tokens":12,"completion_tokens":1,"total_tokens":13}}"#;
+
+    #[test]
+    fn content_renders_as_its_text_parts_joined_by_newlines() {
+        // The format every model reads its prompt in, at training and serving time alike.
+        let parts = json!([
+            {"type": "text", "text": "Who wrote"},
+            {"type": "image_url", "image_url": {"url": "http://x"}},
+            {"text": "Hamlet?"},
+            {"type": "text", "text": ""},
+        ]);
+        assert_eq!(content_text(Some(&parts)), "Who wrote\nHamlet?\n");
+        assert_eq!(content_text(Some(&json!("as is\n"))), "as is\n");
+        assert_eq!(content_text(None), "");
+        assert_eq!(content_text(Some(&Value::Null)), "");
+        assert_eq!(message_text(&json!({"role": "user", "content": parts})), "Who wrote\nHamlet?\n");
+        assert!(!is_text_part(&json!({"type": "input_audio", "text": "x"})));
+        assert!(!is_text_part(&json!({"type": "text", "text": 3})));
+    }
 
     #[test]
     fn a_line_round_trips() {

@@ -21,8 +21,9 @@ use crate::assemble::StreamAssembler;
 use crate::draft::{CallDraft, Outcome};
 use crate::feedback::CALL_ID_HEADER;
 use crate::request::{check_chat, parse_body, resolve_model, RequestBody};
-use crate::routing::{lead_cost_of, normalize_answer, AttemptOutcome, CostModel, Understudy, UnderstudyAttempt};
+use crate::routing::{lead_cost_of, router_attempt};
 use crate::{AppState, GatewayError};
+use understudy_providers::{AttemptOutcome, CostModel, Understudy, UnderstudyAttempt};
 
 /// The understudy's answer to a call the lead serves, still coming (shadow)
 /// or already in (a fallback); recorded beside the lead's.
@@ -76,9 +77,9 @@ async fn serve_call(state: AppState, mut draft: CallDraft, body: RequestBody) ->
         }
         FirstStep::Understudy => {
             let attempt = understudy.attempt(prepared.request.clone(), timeout, labels.as_deref()).await;
-            match judge(route.policy, attempt.router_attempt()) {
+            match judge(route.policy, router_attempt(&attempt)) {
                 Verdict::ServeUnderstudy => {
-                    serve_understudy(state, draft, prepared, routing, &understudy, attempt).await
+                    serve_understudy(state, draft, prepared, routing, &understudy, attempt, &route).await
                 }
                 Verdict::FallBack(reason) => {
                     if let AttemptOutcome::Failed(error) = &attempt.outcome {
@@ -114,6 +115,7 @@ async fn serve_understudy(
     mut routing: Routing,
     understudy: &Understudy,
     attempt: UnderstudyAttempt,
+    route: &Arc<crate::routing::TaskRoute>,
 ) -> Response {
     let AttemptOutcome::Answered { body, content, confidence, .. } = attempt.outcome else {
         // `judge` serves only answers; anything else is the lead's.
@@ -142,7 +144,32 @@ async fn serve_understudy(
         ttft_ms,
         error: None,
     });
-    state.record(record).await;
+    let task = record.task.clone().unwrap_or_default();
+    if state.should_audit(&task) {
+        // The lead is asked too, off the response path; the record waits for
+        // its answer, and the guardrail counts it.
+        let (audit_state, route) = (state.clone(), route.clone());
+        let (provider, cost, request) = (prepared.provider.clone(), prepared.cost, prepared.request.clone());
+        state.spawn_background(async move {
+            let mut record = record;
+            match crate::audit::ask_lead(&provider, cost, request).await {
+                Ok(audit) => {
+                    if let Some(routing) = record.routing.as_mut() {
+                        crate::audit::apply_audit(routing, &audit);
+                    }
+                    record.cost = record.cost + audit.cost;
+                }
+                Err(error) => tracing::warn!(%error, task, "the lead failed to answer an audit"),
+            }
+            let agreement = record.routing.as_ref().and_then(|routing| routing.audit_agreement);
+            audit_state.record(record).await;
+            if let Some(agreed) = agreement {
+                audit_state.count_audit(&task, &route, agreed).await;
+            }
+        });
+    } else {
+        state.record(record).await;
+    }
     if !prepared.stream {
         return ([(header::CONTENT_TYPE, "application/json")], body).into_response();
     }
@@ -186,7 +213,7 @@ async fn record_with_understudy(
             routing.understudy_cost = attempt.cost;
             routing.agreement = match (attempt.content(), lead_answer.as_deref()) {
                 (Some(understudy), Some(lead)) if record.status == 200 && record.error.is_none() => {
-                    Some(normalize_answer(understudy) == normalize_answer(lead))
+                    Some(understudy_types::answers_agree(understudy, lead))
                 }
                 _ => None,
             };

@@ -10,8 +10,8 @@ use understudy_types::{Endpoint, Usage, UsageSource};
 
 use crate::draft::{CallDraft, Outcome};
 use crate::request::{parse_body, resolve_model, RequestBody};
-use crate::routing::CostModel;
 use crate::{AppState, GatewayError};
+use understudy_providers::CostModel;
 
 pub(crate) async fn embeddings(State(state): State<AppState>, body: RequestBody) -> Response {
     let draft = CallDraft::start(Endpoint::Embeddings);

@@ -7,6 +7,7 @@
 //! bounded queue; the store writes it later, off the response path.
 
 mod assemble;
+mod audit;
 mod chat;
 mod draft;
 mod embeddings;
@@ -211,7 +212,13 @@ async fn healthz(State(state): State<AppState>) -> Response {
         .filter_map(|task| {
             let route = state.route(task)?;
             let understudy = route.understudy.as_ref().map(|understudy| understudy.name.clone());
-            Some((task.clone(), json!({"policy": route.policy.name(), "understudy": understudy})))
+            let config = state.config().tasks.get(task)?;
+            let audits = route.guardrail.summary(config.target_agreement, config.guardrail_delta);
+            Some((
+                task.clone(),
+                json!({"policy": route.policy.name(), "understudy": understudy, "audits": audits,
+                       "demoted": route.demotion}),
+            ))
         })
         .collect();
     let stats = state.recorder().stats();

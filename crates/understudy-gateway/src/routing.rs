@@ -8,14 +8,12 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::Bytes;
 use serde_json::Value;
 use understudy_config::{Policy, ProviderConfig};
-use understudy_providers::{
-    confidence_of, tokens, AnyProvider, ChatRequest, LocalLoader, LocalModelSpec, LocalProvider, ProviderError,
-};
+use understudy_providers::{tokens, AnyProvider, LocalLoader, LocalModelSpec, LocalProvider, ProviderError};
+use understudy_providers::{AttemptOutcome, CostModel, Understudy, UnderstudyAttempt};
 use understudy_store::{PolicyChange, Store};
 use understudy_types::{Money, Price, Usage};
 
@@ -29,157 +27,31 @@ const DEFAULT_MACHINE_PRICE_PER_HOUR: f64 = 0.10;
 pub(crate) struct TaskRoute {
     pub policy: Policy,
     pub understudy: Option<Arc<Understudy>>,
+    /// For a model version: its folder (a demotion keeps it).
+    pub understudy_path: Option<String>,
     /// The store row this route came from, if any (to notice changes).
     pub change_id: Option<String>,
+    /// The live audits of this route and their sequential test.
+    pub guardrail: Arc<crate::audit::Guardrail>,
+    /// Why the guardrail demoted the task to this route, if it did.
+    pub demotion: Option<String>,
 }
 
-/// A model that can stand in for a task's lead.
-#[derive(Debug)]
-pub(crate) struct Understudy {
-    /// The name records carry: a config model, or a model version id.
-    pub name: String,
-    /// The name of its provider, for records.
-    pub provider_name: String,
-    pub provider: Arc<AnyProvider>,
-    /// The `model` field its provider expects.
-    pub request_model: String,
-    pub cost: CostModel,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum CostModel {
-    Tokens(Price),
-    MachineTime { price_per_hour: f64 },
-}
-
-impl CostModel {
-    /// How calls to `provider` are priced: a local model by the machine time
-    /// it takes, any other by its price table.
-    pub(crate) fn of(provider: &AnyProvider, price: Price) -> CostModel {
-        match provider {
-            AnyProvider::Local(local) => CostModel::MachineTime { price_per_hour: local.machine_price_per_hour() },
-            _ => CostModel::Tokens(price),
-        }
-    }
-
-    pub(crate) fn cost(self, usage: Option<Usage>, elapsed: Duration) -> Money {
-        match self {
-            CostModel::Tokens(price) => price.cost(usage.unwrap_or_default()),
-            CostModel::MachineTime { price_per_hour } => Money(price_per_hour * elapsed.as_secs_f64() / 3600.0),
-        }
+impl TaskRoute {
+    fn new(policy: Policy, understudy: Option<Arc<Understudy>>, understudy_path: Option<String>) -> TaskRoute {
+        TaskRoute { policy, understudy, understudy_path, change_id: None, guardrail: Arc::default(), demotion: None }
     }
 }
 
-/// How the understudy's attempt at a call went.
-#[derive(Debug, Clone)]
-pub(crate) struct UnderstudyAttempt {
-    pub model: String,
-    pub outcome: AttemptOutcome,
-    pub latency_ms: f64,
-    pub cost: Money,
-}
-
-#[derive(Debug, Clone)]
-pub(crate) enum AttemptOutcome {
-    Answered { body: Bytes, content: String, confidence: Option<f64>, valid: bool },
-    Failed(String),
-    TimedOut,
-}
-
-impl UnderstudyAttempt {
-    pub fn router_attempt(&self) -> understudy_router::Attempt {
-        match &self.outcome {
-            AttemptOutcome::Answered { confidence, valid, .. } => {
-                understudy_router::Attempt::Answered { confidence: *confidence, valid: *valid }
-            }
-            AttemptOutcome::Failed(_) => understudy_router::Attempt::Failed,
-            AttemptOutcome::TimedOut => understudy_router::Attempt::TimedOut,
+/// The router's view of an attempt.
+pub(crate) fn router_attempt(attempt: &UnderstudyAttempt) -> understudy_router::Attempt {
+    match &attempt.outcome {
+        AttemptOutcome::Answered { confidence, valid, .. } => {
+            understudy_router::Attempt::Answered { confidence: *confidence, valid: *valid }
         }
+        AttemptOutcome::Failed(_) => understudy_router::Attempt::Failed,
+        AttemptOutcome::TimedOut => understudy_router::Attempt::TimedOut,
     }
-
-    pub fn content(&self) -> Option<&str> {
-        match &self.outcome {
-            AttemptOutcome::Answered { content, .. } => Some(content),
-            _ => None,
-        }
-    }
-
-    pub fn confidence(&self) -> Option<f64> {
-        match &self.outcome {
-            AttemptOutcome::Answered { confidence, .. } => *confidence,
-            _ => None,
-        }
-    }
-}
-
-impl Understudy {
-    /// Asks the understudy for a complete answer, within `timeout`. An answer
-    /// is valid when it has text and, if the task lists its labels, is one. A
-    /// local understudy of a task with labels is asked to decode only those
-    /// ([`labels_format`]) unless the client sent a `response_format`.
-    pub async fn attempt(
-        &self,
-        mut request: ChatRequest,
-        timeout: Duration,
-        labels: Option<&[String]>,
-    ) -> UnderstudyAttempt {
-        request.body.insert("model".into(), Value::String(self.request_model.clone()));
-        request.body.remove("stream");
-        request.body.remove("stream_options");
-        // The cascade reads the understudy's confidence from its logprobs.
-        request.body.entry("logprobs").or_insert(Value::Bool(true));
-        // A local model decodes only the task's labels, unless the client constrained the answer itself.
-        if let (Some(labels), AnyProvider::Local(_)) = (labels, &*self.provider) {
-            if matches!(request.body.get("response_format"), None | Some(Value::Null)) {
-                request.body.insert("response_format".into(), labels_format(labels));
-            }
-        }
-        let started = Instant::now();
-        let outcome = match tokio::time::timeout(timeout, self.provider.infer(request)).await {
-            Err(_) => AttemptOutcome::TimedOut,
-            Ok(Err(error)) => AttemptOutcome::Failed(error.to_string()),
-            Ok(Ok(response)) => match serde_json::from_slice::<Value>(&response.body) {
-                Err(error) => AttemptOutcome::Failed(format!("the understudy's answer is not JSON: {error}")),
-                Ok(completion) => {
-                    let content = completion
-                        .pointer("/choices/0/message/content")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_string();
-                    let valid = !content.trim().is_empty()
-                        && labels.is_none_or(|labels| {
-                            labels.iter().any(|label| normalize_answer(label) == normalize_answer(&content))
-                        });
-                    let confidence = confidence_of(&completion);
-                    AttemptOutcome::Answered { body: response.body, content, confidence, valid }
-                }
-            },
-        };
-        let elapsed = started.elapsed();
-        let usage = match &outcome {
-            AttemptOutcome::Answered { body, .. } => understudy_providers::usage_of_body(body).ok().flatten(),
-            _ => None,
-        };
-        UnderstudyAttempt {
-            model: self.name.clone(),
-            outcome,
-            latency_ms: elapsed.as_secs_f64() * 1000.0,
-            cost: self.cost.cost(usage, elapsed),
-        }
-    }
-}
-
-/// The `response_format` that restricts a local model's answer to `labels`
-/// (a JSON schema whose root is an enum of strings; the answer is the bare label).
-fn labels_format(labels: &[String]) -> Value {
-    serde_json::json!({"type": "json_schema", "json_schema": {
-        "name": "label", "strict": true, "schema": {"type": "string", "enum": labels},
-    }})
-}
-
-/// The form two answers are compared in: trimmed, lower-cased, single spaces.
-pub(crate) fn normalize_answer(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
 }
 
 /// What the lead would have charged for a call the understudy answered.
@@ -219,7 +91,7 @@ impl AppState {
                 Some(model) => Some(self.config_understudy(model)?),
                 None => None,
             };
-            self.inner.routes.set(task_name, TaskRoute { policy: task.policy, understudy, change_id: None });
+            self.inner.routes.set(task_name, TaskRoute::new(task.policy, understudy, None));
         }
         Ok(())
     }
@@ -284,6 +156,10 @@ impl AppState {
         self.inner.routes.get(task)
     }
 
+    pub(crate) fn set_route(&self, task: &str, route: TaskRoute) {
+        self.inner.routes.set(task, route);
+    }
+
     /// Applies the store's current policies. A change that cannot be applied
     /// (an understudy that fails to load) is logged and the task keeps its
     /// route; the next poll tries again.
@@ -304,7 +180,17 @@ impl AppState {
                     .await
                     .map_err(|error| ProviderError::Setup { provider: "local".into(), message: error.to_string() });
             match outcome.and_then(|result| result) {
-                Ok((change, route)) => {
+                Ok((change, mut route)) => {
+                    // The guardrail goes on from the audits recorded since
+                    // this promotion (after a restart, say).
+                    match store.audit_counts(&change.task, change.created_at).await {
+                        Ok((n_audited, n_agreed)) => {
+                            route.guardrail = Arc::new(crate::audit::Guardrail::with_counts(n_audited, n_agreed));
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "cannot read the task's audits; the guardrail starts at zero")
+                        }
+                    }
                     tracing::info!(task = %change.task, policy = %change.policy, understudy = ?change.understudy, "policy applied");
                     self.inner.routes.set(&change.task, route);
                     applied += 1;
@@ -329,7 +215,9 @@ impl AppState {
         if policy != Policy::Lead && understudy.is_none() {
             return Err(bad(format!("policy {} needs an understudy, and none is set", change.policy)));
         }
-        Ok(TaskRoute { policy, understudy, change_id: Some(change.id.clone()) })
+        let mut route = TaskRoute::new(policy, understudy, change.understudy_path.clone());
+        route.change_id = Some(change.id.clone());
+        Ok(route)
     }
 }
 
@@ -350,12 +238,7 @@ pub fn spawn_policy_watch(state: AppState, store: Store, interval: Duration) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn answers_compare_without_case_or_spacing() {
-        assert_eq!(normalize_answer("  DESC \n"), normalize_answer("desc"));
-        assert_ne!(normalize_answer("DESC"), normalize_answer("DES C"));
-    }
+    use understudy_providers::ChatRequest;
 
     /// A local model that answers with the `response_format` it was sent.
     #[derive(Debug)]

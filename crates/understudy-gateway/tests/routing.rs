@@ -38,11 +38,19 @@ policy = "shadow"
 lead = "gpt-4o-mini"
 understudy = "student"
 policy = "canary:30"
+audit_rate = 0.0
 
 [tasks.cascaded]
 lead = "gpt-4o-mini"
 understudy = "student"
 policy = "cascade:0.8"
+audit_rate = 0.0
+
+[tasks.audited]
+lead = "gpt-4o-mini"
+understudy = "student"
+policy = "cascade:0.8"
+audit_rate = 1.0
 
 [tasks.cascade-down]
 lead = "gpt-4o-mini"
@@ -60,10 +68,12 @@ lead = "gpt-4o-mini"
 understudy = "student"
 policy = "understudy"
 labels = ["HUM", "NUM"]
+audit_rate = 0.0
 
 [tasks.promotable]
 lead = "gpt-4o-mini"
 understudy = "student"
+audit_rate = 0.0
 "#;
 
 fn ask(task: &str, question: &str) -> Value {
@@ -244,7 +254,8 @@ async fn promote_takes_effect_without_a_restart_and_lead_undoes_it() {
     ask_until(&harness, "promotable", "NUM").await;
     let health: Value =
         harness.client.get(harness.base_url.replace("/v1", "/healthz")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(health["tasks"]["promotable"], json!({"policy": "understudy", "understudy": "student"}), "{health}");
+    assert_eq!(health["tasks"]["promotable"]["policy"], "understudy", "{health}");
+    assert_eq!(health["tasks"]["promotable"]["understudy"], "student", "{health}");
     assert_eq!(health["tasks"]["shadowed"]["policy"], "shadow");
     promote(&harness, "promotable", "lead").await;
     ask_until(&harness, "promotable", ANSWER).await;
@@ -262,11 +273,12 @@ async fn savings_add_up_to_the_recorded_costs() {
         let question = format!("q{idx} || answer=NUM || confidence={}", if idx % 4 == 0 { "0.5" } else { "0.95" });
         harness.post_json("/chat/completions", &ask("cascaded", &question)).await;
         harness.post_json("/chat/completions", &ask("shadowed", &format!("s{idx}"))).await;
+        harness.post_json("/chat/completions", &ask("audited", &format!("a{idx}"))).await;
     }
     let store = harness.store.clone();
     let (calls, _harness) = harness.finish().await;
     let rows = store.savings_report(&CallFilter::default()).await.unwrap();
-    for task in ["cascaded", "shadowed"] {
+    for task in ["cascaded", "shadowed", "audited"] {
         let task_calls: Vec<&CallRecord> = calls.iter().filter(|call| call.task.as_deref() == Some(task)).collect();
         let task_rows: Vec<_> = rows.iter().filter(|row| row.task == task).collect();
         let sum = |f: &dyn Fn(&understudy_store::SavingsRow) -> f64| task_rows.iter().map(|row| f(row)).sum::<f64>();
@@ -281,7 +293,14 @@ async fn savings_add_up_to_the_recorded_costs() {
         assert!((sum(&|row| row.lead_cost_avoided.dollars()) - avoided).abs() < 1e-12);
         let compute: f64 = task_calls.iter().map(|call| routing(call).understudy_cost.dollars()).sum();
         assert!((sum(&|row| row.understudy_cost.dollars()) - compute).abs() < 1e-12);
+        let audit_cost: f64 = task_calls.iter().map(|call| routing(call).audit_cost.dollars()).sum();
+        assert!((sum(&|row| row.audit_cost.dollars()) - audit_cost).abs() < 1e-12);
     }
+    let audited: Vec<_> = rows.iter().filter(|row| row.task == "audited").collect();
+    assert_eq!(audited.iter().map(|row| row.n_audited).sum::<u64>(), 40, "every served call is audited");
+    assert_eq!(audited.iter().map(|row| row.n_audit_agreed).sum::<u64>(), 40, "the student repeats the lead");
+    assert_eq!(audited.iter().map(|row| row.n_compared).sum::<u64>(), 0, "audits are not fallbacks");
+    assert!(audited.iter().map(|row| row.audit_cost.dollars()).sum::<f64>() > 0.0, "audits cost the lead's price");
     let cascaded: Vec<_> = rows.iter().filter(|row| row.task == "cascaded").collect();
     assert_eq!(cascaded.iter().map(|row| row.n_served_by_understudy).sum::<u64>(), 30);
     let shadowed: Vec<_> = rows.iter().filter(|row| row.task == "shadowed").collect();

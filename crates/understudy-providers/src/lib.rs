@@ -9,6 +9,7 @@ pub mod local;
 pub mod openai;
 pub mod replay;
 pub mod tokens;
+pub mod understudy;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,6 +24,7 @@ use understudy_types::Usage;
 pub use local::{confidence_of, LocalLoader, LocalModel, LocalModelSpec, LocalProvider};
 pub use openai::OpenAiProvider;
 pub use replay::ReplayProvider;
+pub use understudy::{AttemptOutcome, CostModel, Understudy, UnderstudyAttempt};
 
 /// A chat completion request, as an OpenAI JSON object whose `model` field
 /// already holds the provider's own model name. Fields the gateway does not

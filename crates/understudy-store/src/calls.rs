@@ -10,10 +10,11 @@ use crate::{Backend, Store, StoreError};
 const CALL_COLUMNS: &str = "id, created_at, task, model, provider, endpoint, stream, request, response, \
      prompt_tokens, completion_tokens, usage_source, latency_ms, ttft_ms, status, error, cost, \
      policy, served_by, fallback_reason, understudy_model, understudy_answer, understudy_confidence, \
-     understudy_latency_ms, understudy_cost, agreement, lead_cost_avoided";
-const N_CALL_COLUMNS: usize = 27;
+     understudy_latency_ms, understudy_cost, agreement, lead_cost_avoided, \
+     audit_answer, audit_agreement, audit_cost";
+const N_CALL_COLUMNS: usize = 30;
 /// Rows per INSERT statement; keeps bind parameters under SQLite's limit.
-const ROWS_PER_INSERT: usize = 128;
+const ROWS_PER_INSERT: usize = 100;
 
 /// Which calls a query covers. Empty fields match everything.
 #[derive(Debug, Clone, Default)]
@@ -67,9 +68,15 @@ pub struct SavingsRow {
     pub day: OffsetDateTime,
     pub n_calls: u64,
     pub n_served_by_understudy: u64,
-    /// Calls where both the lead and the understudy answered.
+    /// Calls where both the lead and the understudy answered and the lead
+    /// served: fallbacks and shadow calls.
     pub n_compared: u64,
     pub n_agreed: u64,
+    /// Served understudy answers that were audited against the lead.
+    pub n_audited: u64,
+    pub n_audit_agreed: u64,
+    /// What the audits' lead calls cost (also part of `cost`).
+    pub audit_cost: Money,
     /// Everything the calls cost: lead tokens plus understudy compute.
     pub cost: Money,
     pub understudy_cost: Money,
@@ -213,7 +220,10 @@ impl Store {
                 query = bind_optional_f64(query, routing.and_then(|routing| routing.understudy_latency_ms));
                 query = bind_optional_f64(query, routing.map(|routing| routing.understudy_cost.dollars()))
                     .bind(routing.and_then(|routing| routing.agreement).map(i64::from));
-                query = bind_optional_f64(query, routing.map(|routing| routing.lead_cost_avoided.dollars()));
+                query = bind_optional_f64(query, routing.map(|routing| routing.lead_cost_avoided.dollars()))
+                    .bind(routing.and_then(|routing| optional_text(&routing.audit_answer)))
+                    .bind(routing.and_then(|routing| routing.audit_agreement).map(i64::from));
+                query = bind_optional_f64(query, routing.map(|routing| routing.audit_cost.dollars()));
             }
             query.execute(&mut *transaction).await?;
         }
@@ -303,7 +313,10 @@ impl Store {
              CAST(SUM(CASE WHEN agreement = 1 THEN 1 ELSE 0 END) AS BIGINT), \
              CAST(SUM(cost) AS DOUBLE PRECISION), \
              CAST(SUM(COALESCE(understudy_cost, 0)) AS DOUBLE PRECISION), \
-             CAST(SUM(COALESCE(lead_cost_avoided, 0)) AS DOUBLE PRECISION) \
+             CAST(SUM(COALESCE(lead_cost_avoided, 0)) AS DOUBLE PRECISION), \
+             CAST(SUM(CASE WHEN audit_agreement IS NULL THEN 0 ELSE 1 END) AS BIGINT), \
+             CAST(SUM(CASE WHEN audit_agreement = 1 THEN 1 ELSE 0 END) AS BIGINT), \
+             CAST(SUM(COALESCE(audit_cost, 0)) AS DOUBLE PRECISION) \
              FROM calls{} GROUP BY task, created_at / {MS_PER_DAY} ORDER BY task, day",
             clause.sql
         );
@@ -321,9 +334,28 @@ impl Store {
                     cost: Money(row.try_get(6)?),
                     understudy_cost: Money(row.try_get(7)?),
                     lead_cost_avoided: Money(row.try_get(8)?),
+                    n_audited: nonnegative(row.try_get(9)?),
+                    n_audit_agreed: nonnegative(row.try_get(10)?),
+                    audit_cost: Money(row.try_get(11)?),
                 })
             })
             .collect()
+    }
+}
+
+impl Store {
+    /// A task's audits since `since`: how many served answers were audited
+    /// and how many agreed with the lead. The gateway's guardrail starts
+    /// from these after a restart.
+    pub async fn audit_counts(&self, task: &str, since: OffsetDateTime) -> Result<(u64, u64), StoreError> {
+        let sql = format!(
+            "SELECT COUNT(*), CAST(COALESCE(SUM(audit_agreement), 0) AS BIGINT) FROM calls \
+             WHERE task = {} AND created_at >= {} AND audit_agreement IS NOT NULL",
+            placeholder(self.backend, 1),
+            placeholder(self.backend, 2)
+        );
+        let row = sqlx::query(&sql).bind(task.to_string()).bind(unix_ms(since)).fetch_one(&self.pool()).await?;
+        Ok((nonnegative(row.try_get(0)?), nonnegative(row.try_get(1)?)))
     }
 }
 
@@ -469,6 +501,9 @@ fn routing_from_row(row: &AnyRow, corrupt: &dyn Fn(String) -> StoreError) -> Res
         understudy_cost: Money(row.try_get::<Option<f64>, _>("understudy_cost")?.unwrap_or(0.0)),
         agreement: row.try_get::<Option<i64>, _>("agreement")?.map(|agreement| agreement != 0),
         lead_cost_avoided: Money(row.try_get::<Option<f64>, _>("lead_cost_avoided")?.unwrap_or(0.0)),
+        audit_answer: row.try_get("audit_answer")?,
+        audit_agreement: row.try_get::<Option<i64>, _>("audit_agreement")?.map(|agreement| agreement != 0),
+        audit_cost: Money(row.try_get::<Option<f64>, _>("audit_cost")?.unwrap_or(0.0)),
     }))
 }
 

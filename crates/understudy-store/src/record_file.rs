@@ -68,6 +68,12 @@ struct RoutingLine {
     understudy_cost: f64,
     agreement: Option<bool>,
     lead_cost_avoided: f64,
+    #[serde(default)]
+    audit_answer: Option<String>,
+    #[serde(default)]
+    audit_agreement: Option<bool>,
+    #[serde(default)]
+    audit_cost: f64,
 }
 
 fn to_line(record: &CallRecord) -> RecordLine {
@@ -100,6 +106,9 @@ fn to_line(record: &CallRecord) -> RecordLine {
             understudy_cost: routing.understudy_cost.dollars(),
             agreement: routing.agreement,
             lead_cost_avoided: routing.lead_cost_avoided.dollars(),
+            audit_answer: routing.audit_answer.clone(),
+            audit_agreement: routing.audit_agreement,
+            audit_cost: routing.audit_cost.dollars(),
         }),
     }
 }
@@ -123,6 +132,9 @@ fn from_line(line: RecordLine) -> Result<CallRecord, String> {
             understudy_cost: Money(routing.understudy_cost),
             agreement: routing.agreement,
             lead_cost_avoided: Money(routing.lead_cost_avoided),
+            audit_answer: routing.audit_answer,
+            audit_agreement: routing.audit_agreement,
+            audit_cost: Money(routing.audit_cost),
         }),
     };
     Ok(CallRecord {

@@ -47,29 +47,17 @@ pub struct ChatRow {
 }
 
 impl ChatRow {
-    /// From OpenAI-format messages (content as a string or text parts).
+    /// From OpenAI-format messages, each content rendered as the serving
+    /// engine renders it ([`understudy_datasets::jsonl::content_text`]).
     pub fn from_messages(prompt: &[Value], answer: &str) -> ChatRow {
         let prompt = prompt
             .iter()
             .map(|message| {
                 let role = message.get("role").and_then(Value::as_str).unwrap_or("user").to_string();
-                (role, content_text(message.get("content")))
+                (role, understudy_datasets::jsonl::content_text(message.get("content")))
             })
             .collect();
         ChatRow { prompt, answer: answer.to_string() }
-    }
-}
-
-fn content_text(content: Option<&Value>) -> String {
-    match content {
-        Some(Value::String(text)) => text.clone(),
-        Some(Value::Array(items)) => items
-            .iter()
-            .filter(|item| item.get("type").and_then(Value::as_str).is_none_or(|kind| kind == "text"))
-            .filter_map(|item| item.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join("\n"),
-        _ => String::new(),
     }
 }
 

@@ -1,32 +1,21 @@
 //! Turning a recorded chat prompt into the text a classifier reads.
 
 use serde_json::Value;
+use understudy_datasets::jsonl::message_text;
 
 /// The classifier's input for a chat prompt (the messages before the answer,
 /// as in `understudy_datasets::jsonl::ChatExample::prompt`): the text of the
 /// user messages, joined by newlines. The system prompt is skipped: it is the
 /// same for every call of a task, so it carries no signal and costs tokens.
-/// Content may be a string or an array of parts; only `text` parts count.
+/// Each message's text is [`understudy_datasets::jsonl::content_text`], the
+/// rendering every model shares.
 pub fn prompt_text(messages: &[Value]) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    for message in messages {
-        if message.get("role").and_then(Value::as_str) != Some("user") {
-            continue;
-        }
-        match message.get("content") {
-            Some(Value::String(text)) => parts.push(text.clone()),
-            Some(Value::Array(items)) => {
-                for item in items {
-                    let is_text = item.get("type").and_then(Value::as_str).is_none_or(|kind| kind == "text");
-                    if let (true, Some(text)) = (is_text, item.get("text").and_then(Value::as_str)) {
-                        parts.push(text.to_string());
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    parts.join("\n")
+    messages
+        .iter()
+        .filter(|message| message.get("role").and_then(Value::as_str) == Some("user"))
+        .map(message_text)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[cfg(test)]

@@ -5,6 +5,19 @@
 
 pub mod tensor_names;
 
+/// The form two answers are compared in: trimmed, lower-cased, single
+/// spaces. The one rule for agreement between the understudy and the lead,
+/// shared by the gateway (cascade validity, shadow and audit agreement),
+/// `eval` and the ledger.
+pub fn normalize_answer(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
+}
+
+/// Whether two answers agree under [`normalize_answer`].
+pub fn answers_agree(left: &str, right: &str) -> bool {
+    normalize_answer(left) == normalize_answer(right)
+}
+
 use std::fmt;
 
 pub use time::OffsetDateTime;
@@ -281,6 +294,14 @@ pub struct Routing {
     pub agreement: Option<bool>,
     /// What the lead would have cost for the calls the understudy served.
     pub lead_cost_avoided: Money,
+    /// For an audited call (the understudy served, and the lead was asked
+    /// too, in the background): the lead's answer, never served.
+    pub audit_answer: Option<String>,
+    /// Whether the served answer agrees with the audit's; `None` when the
+    /// call was not audited or the lead failed to answer.
+    pub audit_agreement: Option<bool>,
+    /// What the audit's lead call cost (part of the call's `cost`).
+    pub audit_cost: Money,
 }
 
 impl CallRecord {
@@ -296,6 +317,12 @@ impl CallRecord {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn answers_compare_without_case_or_spacing() {
+        assert!(super::answers_agree("  DESC \n", "desc"));
+        assert!(!super::answers_agree("DESC", "DES C"));
+    }
+
     use super::*;
 
     #[test]

@@ -64,6 +64,13 @@ base_url = "http://127.0.0.1:{dead_port}/v1"
 max_retries = 1
 retry_backoff_ms = 10
 
+# Waits long enough for a slow answer that the client gave up on.
+[providers.patient]
+type = "openai"
+base_url = "{stub_url}"
+timeout_secs = 10
+max_retries = 0
+
 [providers.recorded]
 type = "replay"
 file = "calls.jsonl"
@@ -93,6 +100,36 @@ provider = "cloud"
 
 [models.ghost]
 provider = "dead"
+
+[models.abandoned]
+provider = "patient"
+name = "slow"
+input_per_million = 1.0
+output_per_million = 1.0
+
+[models.garbage]
+provider = "cloud"
+
+[models.truncated-json]
+provider = "cloud"
+
+[models.cut-stream]
+provider = "cloud"
+
+[models.malformed-chunk]
+provider = "cloud"
+
+[models.non-sse]
+provider = "cloud"
+
+[models.huge]
+provider = "cloud"
+
+[models.reset]
+provider = "cloud"
+
+[models.rate-limited]
+provider = "cloud"
 
 [models.replayed]
 provider = "recorded"

@@ -11,6 +11,17 @@
 //!   `... || answer=TEXT || confidence=P`; it answers TEXT with logprobs whose
 //!   sum is ln P (default: the lead's answer at confidence 1).
 //!
+//! Faults (issue 12), for streamed and plain requests alike unless noted:
+//! - `garbage`: HTTP 200 with an HTML body;
+//! - `truncated-json`: HTTP 200 with JSON cut off mid-way;
+//! - `cut-stream`: a stream that stops after two chunks, with neither a
+//!   finish reason nor `[DONE]` (plain requests get `ok`);
+//! - `malformed-chunk`: a stream with a chunk that is not JSON;
+//! - `non-sse`: a stream request answered with one JSON completion;
+//! - `huge`: a 1 MB answer;
+//! - `reset`: the connection breaks after the status line;
+//! - `rate-limited`: HTTP 429 with `Retry-After`.
+//!
 //! With `"stream": true` it answers in SSE chunks, with a usage chunk when
 //! `stream_options.include_usage` is set.
 
@@ -127,6 +138,48 @@ async fn chat(State(stub): State<Stub>, headers: HeaderMap, body: Bytes) -> Resp
             return json_response(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": {"message": "try again"}}))
         }
         "slow" => tokio::time::sleep(Duration::from_secs(2)).await,
+        "garbage" => return (StatusCode::OK, [("content-type", "text/html")], "<html>oops</html>").into_response(),
+        "truncated-json" => {
+            return (StatusCode::OK, [("content-type", "application/json")], r#"{"id":"x","choices":[{"ind"#)
+                .into_response()
+        }
+        "rate-limited" => {
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("content-type", "application/json"), ("retry-after", "1")],
+                json!({"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}})
+                    .to_string(),
+            )
+                .into_response()
+        }
+        "reset" => {
+            let broken = futures::stream::iter([Err::<Bytes, std::io::Error>(std::io::Error::other("reset"))]);
+            return (StatusCode::OK, [("content-type", "application/json")], axum::body::Body::from_stream(broken))
+                .into_response();
+        }
+        _ => {}
+    }
+    let is_stream = request.get("stream").and_then(Value::as_bool) == Some(true);
+    let fault_chunk = |content: &str| {
+        json!({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model,
+               "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": null}]})
+    };
+    match model.as_str() {
+        "cut-stream" if is_stream => {
+            let body = format!("data: {}\n\ndata: {}\n\n", fault_chunk("Paris "), fault_chunk("is"));
+            return (StatusCode::OK, [("content-type", "text/event-stream")], body).into_response();
+        }
+        "malformed-chunk" if is_stream => {
+            let body = format!("data: {}\n\ndata: {{not json\n\ndata: [DONE]\n\n", fault_chunk("Paris "));
+            return (StatusCode::OK, [("content-type", "text/event-stream")], body).into_response();
+        }
+        "non-sse" if is_stream => {
+            let completion = json!({
+                "id": "chatcmpl-stub", "object": "chat.completion", "created": 1_700_000_000, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": ANSWER}, "finish_reason": "stop"}],
+            });
+            return json_response(StatusCode::OK, completion);
+        }
         "student" => return json_response(StatusCode::OK, student_answer(&request)),
         "reject" => {
             return json_response(
@@ -159,9 +212,10 @@ async fn chat(State(stub): State<Stub>, headers: HeaderMap, body: Bytes) -> Resp
         body.push_str("data: [DONE]\n\n");
         return (StatusCode::OK, [("content-type", "text/event-stream")], body).into_response();
     }
+    let answer = if model == "huge" { "lorem ".repeat(170_000) } else { ANSWER.to_string() };
     let mut completion = json!({
         "id": "chatcmpl-stub", "object": "chat.completion", "created": 1_700_000_000, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": ANSWER}, "finish_reason": "stop"}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
     });
     if model != "no-usage" {
         completion["usage"] = usage;
