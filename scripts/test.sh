@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need, then runs them all.
 #   - a PostgreSQL server on 127.0.0.1:5432 (scripts/ensure-postgres.sh)
+#   - a Redis server on 127.0.0.1:6379 (scripts/ensure-redis.sh), for
+#     gateways sharing keys' limits
 #   - the official `openai` Python package in a venv, for the client
 #     compatibility test (UNDERSTUDY_PYTHON points at its interpreter)
 #   - the real models under $cache/models (UNDERSTUDY_MODELS_DIR)
@@ -12,6 +14,7 @@ mkdir -p "$cache"
 
 bash scripts/ensure-build-deps.sh
 bash scripts/ensure-postgres.sh
+bash scripts/ensure-redis.sh
 # The real models (SmolLM2 GGUF, MiniLM) for the tests that use them.
 bash scripts/fetch-models.sh "$cache/models"
 export UNDERSTUDY_MODELS_DIR="$cache/models"
@@ -24,6 +27,7 @@ fi
 export UNDERSTUDY_PYTHON="$venv/bin/python"
 export UNDERSTUDY_SLOW_TESTS_CACHE="$cache"
 export UNDERSTUDY_TEST_POSTGRES_URL="${UNDERSTUDY_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}"
+export UNDERSTUDY_TEST_REDIS_URL="${UNDERSTUDY_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
 export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-$(nproc)}"
 
 cargo test --workspace --locked "$@"

@@ -48,6 +48,9 @@ pub enum Command {
     Eval(EvalCommand),
     /// Change a task's routing policy; running gateways follow within a second.
     Promote(PromoteCommand),
+    /// Gateway keys: create (shown once), list, show and revoke.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// The demo: real traffic from the TREC question set through a replay lead.
     Quickstart(QuickstartCommand),
 }
@@ -60,10 +63,12 @@ pub struct PromoteCommand {
     #[arg(long)]
     pub task: String,
     /// lead | shadow | canary:PCT | cascade[:THRESHOLD] | understudy. A bare
-    /// `cascade` takes the threshold `understudy eval` calibrated for the model.
+    /// `cascade` takes the threshold `understudy eval` certified for the
+    /// model, and is refused when it certified none.
     #[arg(long)]
     pub policy: String,
-    /// The cascade's confidence threshold, overriding the calibrated one.
+    /// The cascade's confidence threshold, overriding the certified one
+    /// (allowed, with a warning: nothing then backs the target agreement).
     #[arg(long)]
     pub threshold: Option<f64>,
     /// The understudy: a model version id (or prefix) from `understudy train`,
@@ -105,16 +110,24 @@ pub struct EvalCommand {
     /// The dataset version (default: the task's newest).
     #[arg(long)]
     pub dataset: Option<String>,
-    /// The cascade's target agreement with the lead, for choosing its threshold.
-    #[arg(long, default_value_t = 0.98)]
-    pub target_agreement: f64,
+    /// The promise the cascade's threshold is certified for: the share of
+    /// served answers that agree with the lead's, in (0, 1] (default: the
+    /// task's `target_agreement` in the config, which the guardrail watches).
+    #[arg(long, value_parser = target_agreement)]
+    pub target_agreement: Option<f64>,
+    /// The chance, in (0, 1), that the certified threshold breaks the
+    /// promise: with probability at least 1 - delta over the draw of the
+    /// validation calls, the served answers agree with the lead at least
+    /// `--target-agreement` of the time.
+    #[arg(long, default_value_t = 0.05, value_parser = delta)]
+    pub delta: f64,
     /// What an hour of the machine serving the understudy costs, in dollars,
     /// charged on the CPU time spent answering (default: the config's local
     /// provider's `machine_price_per_hour`, else 0.10).
     #[arg(long)]
     pub machine_price_per_hour: Option<f64>,
-    /// Generation tasks: the most tokens an answer may have (default: room
-    /// for the longest reference answer of the test and validation splits).
+    /// The most tokens an answer may have (default: room for the longest
+    /// reference answer of the test and validation splits).
     #[arg(long)]
     pub max_tokens: Option<u64>,
     /// Seed of the bootstrap resampling.
@@ -122,9 +135,10 @@ pub struct EvalCommand {
     pub seed: u64,
     #[arg(long)]
     pub json: bool,
-    /// Also evaluate an untuned causal LM zero-shot (constrained to the task's
-    /// labels on a label task, free at temperature 0 on a generation task): a
-    /// GGUF file, an HF directory, or a local model of the config.
+    /// Also evaluate an untuned causal LM zero-shot (asked as the gateway
+    /// would ask it: at temperature 0, and decoding only the task's `labels`
+    /// when the config lists them): a GGUF file, an HF directory, or a local
+    /// model of the config.
     #[arg(long)]
     pub zero_shot: Option<String>,
     /// Also write a self-contained HTML report (confusion matrices, the
@@ -132,8 +146,9 @@ pub struct EvalCommand {
     #[arg(long)]
     pub html: Option<PathBuf>,
     /// Also write every test answer as JSONL to this file: the model, the
-    /// prompt text, the lead's answer, the model's, its confidence and
-    /// whether they agree.
+    /// prompt text, the lead's answer, the model's, its confidence, whether
+    /// they agree, and for a call the cascade never serves, why (`fallback`)
+    /// and the understudy's error.
     #[arg(long)]
     pub answers: Option<PathBuf>,
 }
@@ -335,10 +350,13 @@ pub enum CallsCommand {
 
 #[derive(Subcommand)]
 pub enum ReportCommand {
-    /// Calls, tokens and money per task, model and day.
+    /// Calls, tokens and money per task, model and day (or per key and day).
     Costs {
         #[command(flatten)]
         filter: FilterArgs,
+        /// `key`: group by the gateway key that made the calls instead.
+        #[arg(long, value_parser = ["key"])]
+        by: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -435,4 +453,74 @@ pub enum DatasetCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `--target-agreement`: the range a certificate accepts.
+fn target_agreement(text: &str) -> Result<f64, String> {
+    let value: f64 = text.parse().map_err(|_| format!("`{text}` is not a number"))?;
+    understudy_eval::check_target_agreement(value)
+        .map_err(|error| format!("{error}: the target is a share of agreeing answers in (0, 1], such as 0.98"))?;
+    Ok(value)
+}
+
+/// `--delta`: a probability strictly between 0 and 1.
+fn delta(text: &str) -> Result<f64, String> {
+    let value: f64 = text.parse().map_err(|_| format!("`{text}` is not a number"))?;
+    understudy_eval::check_delta(value).map_err(|error| {
+        format!("{error}: delta is the chance that the certified threshold breaks the promise, such as 0.05")
+    })?;
+    Ok(value)
+}
+
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Make a key. It is printed once; the store keeps only its hash.
+    Create(KeysCreateArgs),
+    /// Every key, revoked ones too.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One key, by id, id prefix or name, with its spend this period.
+    Show {
+        key: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key (by id, id prefix or name); running gateways refuse it
+    /// within a second.
+    Revoke { key: String },
+}
+
+#[derive(Args)]
+pub struct KeysCreateArgs {
+    /// A name for reports and records (one usable key per name).
+    #[arg(long)]
+    pub name: String,
+    /// The only tasks the key may call, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub tasks: Option<Vec<String>>,
+    /// The only models the key may call by name, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub models: Option<Vec<String>>,
+    /// The most the key's calls may cost per --period, in US dollars.
+    #[arg(long)]
+    pub budget_usd: Option<f64>,
+    /// day or month (UTC) for --budget-usd [default: month].
+    #[arg(long, requires = "budget_usd", value_parser = ["day", "month"])]
+    pub period: Option<String>,
+    /// Requests per minute.
+    #[arg(long)]
+    pub rpm: Option<u64>,
+    /// Tokens per minute (a request counts its prompt and its max_tokens).
+    #[arg(long)]
+    pub tpm: Option<u64>,
+    /// When the key stops working (RFC 3339, or YYYY-MM-DD in UTC).
+    #[arg(long)]
+    pub expires: Option<String>,
+    /// May rate any call and read /metrics and /healthz details.
+    #[arg(long)]
+    pub admin: bool,
+    #[arg(long)]
+    pub json: bool,
 }

@@ -2,46 +2,70 @@
 //!
 //! The reference is the lead's recorded answer on the dataset's test split.
 //! Each model version (and a base model zero-shot) answers every test prompt
-//! on its own, as a served call would be answered: label tasks are scored
-//! with accuracy, macro-F1, per-label precision/recall and a confusion matrix,
-//! generation tasks with exact/normalized match, token F1, ROUGE-L and JSON
-//! validity/field match. Every figure has a bootstrap 95 % interval. The
-//! model's confidence on the validation split chooses the cascade threshold,
-//! which is then judged on test, with what it saves. Costs: the lead's from
-//! the calls it answered, the understudy's from the process CPU time spent
-//! answering at a machine price.
+//! on its own, asked exactly as the gateway asks a promoted understudy
+//! ([`Understudy::local`], [`Understudy::attempt`], with the task's labels
+//! and timeout from the config): label tasks are scored with accuracy,
+//! macro-F1, per-label precision/recall and a confusion matrix, generation
+//! tasks with exact/normalized match, token F1, ROUGE-L and JSON
+//! validity/field match, and agreement with the lead is
+//! [`understudy_types::answers_agree`] for both. Every figure has a bootstrap
+//! 95 % interval. A call the understudy cannot answer (an error, a prompt
+//! longer than its context, a timeout, an answer outside the labels) is one
+//! the cascade never serves, as [`understudy_router::judge`] falls back on it.
+//! The validation split certifies the cascade threshold (Learn-then-Test,
+//! [`certify_threshold`]), which is then judged on test, with what it saves.
+//! Costs: the lead's from the calls it answered, the understudy's from the
+//! process CPU time spent answering at a machine price.
 
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Instant;
+use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::{json, Value};
 use understudy_datasets::files::read_split;
 use understudy_datasets::jsonl::ChatExample;
-use understudy_datasets::kind::normalize_label;
 use understudy_eval::bootstrap::DEFAULT_RESAMPLES;
-use understudy_eval::calibrate::{cascade_report, choose_threshold, coverage_curve, CascadeReport, ScoredAnswer};
-use understudy_eval::generation::{generation_report, normalize, GenerationReport};
+use understudy_eval::calibrate::{cascade_report, coverage_curve, CascadeReport, ScoredAnswer};
+use understudy_eval::generation::{generation_report, GenerationReport};
 use understudy_eval::labels::{label_report, LabelReport};
-use understudy_eval::{bootstrap_mean, bootstrap_quantile, CascadeOutcome, Estimate};
-use understudy_providers::{confidence_of, ChatRequest, LocalLoader, LocalModel, LocalModelSpec};
+use understudy_eval::{bootstrap_mean, bootstrap_quantile, certify_threshold, CascadeOutcome, Certification, Estimate};
+use understudy_providers::{AttemptOutcome, ChatRequest, LocalModelSpec, Understudy};
+use understudy_router::{cascade_confidence, FallbackReason};
 use understudy_store::{CallFilter, DatasetRecord, ModelVersionRecord, StatusFilter, Store};
-use understudy_trainer::{prompt_text, ClassifierModel};
-use understudy_types::{ServedBy, TaskKind};
+use understudy_trainer::prompt_text;
+use understudy_types::{answers_agree, ServedBy, TaskKind};
 
 use crate::cli::EvalCommand;
 use crate::dataset::task_dataset;
 use crate::output::{load_config, open_store, table};
 
-/// The file in a model version's folder that keeps its calibrated threshold.
+/// The file in a model version's folder that keeps its certified threshold.
 pub const CALIBRATION_FILE: &str = "calibration.json";
 
-/// Bounds of the default `max_tokens` of a generation task's answers.
+/// Bounds of the default `max_tokens` of an answer.
 const MIN_MAX_TOKENS: u64 = 16;
 const MAX_MAX_TOKENS: u64 = 1024;
 
+/// The deadline of a task the config does not route: the gateway never asks
+/// its understudy, so no timeout of its applies, and eval waits for answers.
+const UNROUTED_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// What a label report shows as the prediction of a call the understudy did
+/// not answer.
+const NO_ANSWER: &str = "(no answer)";
+
 pub async fn run(config_path: &Path, command: EvalCommand) -> anyhow::Result<()> {
     let config = load_config(config_path)?;
+    let task_config = config.tasks.get(&command.task);
+    let target_agreement = match (command.target_agreement, task_config) {
+        (Some(target), _) => target,
+        (None, Some(task)) => task.target_agreement,
+        (None, None) => anyhow::bail!(
+            "task `{}` is not in the config, so it has no target agreement to certify: pass --target-agreement",
+            command.task
+        ),
+    };
     let store = open_store(&config).await?;
     let dataset = task_dataset(&store, &command.task, command.dataset.as_deref()).await?;
     let machine_price = command.machine_price_per_hour.unwrap_or_else(|| crate::report::machine_price(&config));
@@ -58,25 +82,17 @@ pub async fn run(config_path: &Path, command: EvalCommand) -> anyhow::Result<()>
         let name =
             format!("zero-shot:{}", Path::new(&path).file_name().map_or(path.clone(), |n| n.to_string_lossy().into()));
         let spec = LocalModelSpec { name: name.clone(), path, adapter: None, weights: None };
-        candidates.push(Candidate { name, method: "zero-shot".into(), path: None, spec: Some(spec) });
+        candidates.push(Candidate { name, method: "zero-shot".into(), path: None, spec });
     }
     let test = read_rows(&dataset, "test")?;
     let validation = read_rows(&dataset, "validation")?;
     anyhow::ensure!(!test.is_empty(), "dataset {} has an empty test split", dataset.id);
     let lead = lead_figures(&store, &dataset.task, command.seed).await?;
-    let format = match dataset.kind {
-        // The label set a causal LM is constrained to: every answer of the train split.
-        TaskKind::Label => AnswerFormat::Labels(
-            read_rows(&dataset, "train")?
-                .into_iter()
-                .map(|row| row.label)
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
-                .collect(),
-        ),
-        TaskKind::Generation => AnswerFormat::Free {
-            max_tokens: command.max_tokens.unwrap_or_else(|| default_max_tokens(test.iter().chain(&validation))),
-        },
+    // The understudy is asked as the gateway asks it: the task's labels and timeout.
+    let ask = Ask {
+        labels: task_config.and_then(|task| task.labels.clone()),
+        timeout: task_config.map_or(UNROUTED_TIMEOUT, |task| task.understudy_timeout),
+        max_tokens: command.max_tokens.unwrap_or_else(|| default_max_tokens(test.iter().chain(&validation))),
     };
 
     let mut results = Vec::new();
@@ -89,25 +105,19 @@ pub async fn run(config_path: &Path, command: EvalCommand) -> anyhow::Result<()>
             validation.len(),
             test.len()
         );
-        let scorer = candidate.load(&format, &dataset)?;
-        let scored = scorer.score(&test).await?;
-        let validation_scored = scorer.score(&validation).await?;
+        let understudy = candidate.load(&dataset, machine_price)?;
+        let scored = ask.score(&understudy, &test).await;
+        let validation_scored = ask.score(&understudy, &validation).await;
         for (row, answer) in test.iter().zip(&scored) {
             let line = json!({
                 "model": candidate.name, "prompt": row.text, "reference": row.reference, "answer": answer.text,
-                "confidence": answer.confidence, "agrees": agrees(dataset.kind, row, &answer.text),
+                "confidence": answer.confidence, "agrees": answer.agrees_with(row),
+                "fallback": answer.cascade.err().map(FallbackReason::as_str), "error": answer.error,
             });
             answer_lines.push_str(&format!("{line}\n"));
         }
-        results.push(judge(
-            &command,
-            &dataset,
-            &lead,
-            machine_price,
-            candidate,
-            (&test, &scored),
-            (&validation, &validation_scored),
-        )?);
+        let judged = JudgeSettings { target_agreement, delta: command.delta, seed: command.seed, machine_price };
+        results.push(judged.judge(&dataset, &lead, candidate, (&test, &scored), (&validation, &validation_scored))?);
     }
     store.close().await;
 
@@ -115,7 +125,15 @@ pub async fn run(config_path: &Path, command: EvalCommand) -> anyhow::Result<()>
         std::fs::write(path, answer_lines).with_context(|| format!("cannot write {}", path.display()))?;
     }
 
-    let report = Report { dataset: &dataset, lead: &lead, results: &results, command: &command, machine_price };
+    let report = Report {
+        dataset: &dataset,
+        lead: &lead,
+        results: &results,
+        machine_price,
+        target_agreement,
+        delta: command.delta,
+        labels: ask.labels.as_deref(),
+    };
     if let Some(path) = &command.html {
         std::fs::write(path, crate::html::eval_page(&dataset.task, &report.text(), &results_for_html(&results)))
             .with_context(|| format!("cannot write {}", path.display()))?;
@@ -129,77 +147,154 @@ pub async fn run(config_path: &Path, command: EvalCommand) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Scores one candidate's answers, chooses its threshold on validation,
-/// judges it on test, and writes a model version's calibration.
-fn judge(
-    command: &EvalCommand,
-    dataset: &DatasetRecord,
-    lead: &LeadFigures,
+/// What a model version's judgement depends on besides its answers.
+struct JudgeSettings {
+    target_agreement: f64,
+    delta: f64,
+    seed: u64,
     machine_price: f64,
-    candidate: &Candidate,
-    (test, scored): (&[Row], &[Answer]),
-    (validation, validation_scored): (&[Row], &[Answer]),
-) -> anyhow::Result<VersionResult> {
-    let seed = command.seed;
-    let metrics = match dataset.kind {
-        TaskKind::Label => {
-            let reference: Vec<String> = test.iter().map(|row| row.label.clone()).collect();
-            let predicted: Vec<String> = scored.iter().map(|answer| normalize_label(&answer.text)).collect();
-            Metrics::Label(label_report(&reference, &predicted, DEFAULT_RESAMPLES, seed))
+}
+
+impl JudgeSettings {
+    /// Scores one candidate's answers, certifies its threshold on
+    /// validation, judges it on test, and writes a model version's calibration.
+    fn judge(
+        &self,
+        dataset: &DatasetRecord,
+        lead: &LeadFigures,
+        candidate: &Candidate,
+        (test, scored): (&[Row], &[Answer]),
+        (validation, validation_scored): (&[Row], &[Answer]),
+    ) -> anyhow::Result<VersionResult> {
+        let seed = self.seed;
+        let metrics = match dataset.kind {
+            TaskKind::Label => {
+                let reference: Vec<String> = test.iter().map(|row| row.reference.clone()).collect();
+                let predicted: Vec<String> =
+                    scored.iter().map(|answer| answer.text.clone().unwrap_or_else(|| NO_ANSWER.into())).collect();
+                Metrics::Label(label_report(&reference, &predicted, DEFAULT_RESAMPLES, seed))
+            }
+            TaskKind::Generation => {
+                let reference: Vec<String> = test.iter().map(|row| row.reference.clone()).collect();
+                let predicted: Vec<String> =
+                    scored.iter().map(|answer| answer.text.clone().unwrap_or_default()).collect();
+                Metrics::Generation(generation_report(&reference, &predicted, DEFAULT_RESAMPLES, seed))
+            }
+        };
+        let to_scored = |answers: &[Answer], rows: &[Row]| -> Vec<ScoredAnswer> {
+            answers.iter().zip(rows).map(|(answer, row)| answer.scored(row)).collect()
+        };
+        let certification =
+            certify_threshold(&to_scored(validation_scored, validation), self.target_agreement, self.delta)?;
+        let test_scored = to_scored(scored, test);
+        let costs: Vec<f64> = scored.iter().map(|answer| answer.cpu_seconds * self.machine_price / 3600.0).collect();
+        let lead_cost_per_call = lead.speed.cost_per_1k.value / 1000.0;
+        let cascade = certification.threshold.map(|threshold| {
+            cascade_report(
+                &test_scored,
+                &costs,
+                threshold,
+                lead_cost_per_call,
+                DEFAULT_RESAMPLES,
+                seed.wrapping_add(13),
+            )
+        });
+        let latencies: Vec<f64> = scored.iter().map(|answer| answer.latency_ms).collect();
+        let speed = speed_figures(&latencies, &costs, seed.wrapping_add(10));
+        if let Some(path) = &candidate.path {
+            let calibration = calibration_json(&dataset.id, &certification, cascade.as_ref());
+            std::fs::write(Path::new(path).join(CALIBRATION_FILE), calibration.to_string())
+                .with_context(|| format!("cannot write the calibration into {path}"))?;
         }
-        TaskKind::Generation => {
-            let reference: Vec<String> = test.iter().map(|row| row.reference.clone()).collect();
-            let predicted: Vec<String> = scored.iter().map(|answer| answer.text.clone()).collect();
-            Metrics::Generation(generation_report(&reference, &predicted, DEFAULT_RESAMPLES, seed))
+        let mut fallbacks = BTreeMap::new();
+        for reason in scored.iter().filter_map(|answer| answer.cascade.err()) {
+            *fallbacks.entry(reason.as_str()).or_insert(0) += 1;
         }
-    };
-    let to_scored = |answers: &[Answer], rows: &[Row]| -> Vec<ScoredAnswer> {
-        answers
-            .iter()
-            .zip(rows)
-            .map(|(answer, row)| ScoredAnswer {
-                confidence: answer.confidence,
-                agrees: agrees(dataset.kind, row, &answer.text),
-            })
-            .collect()
-    };
-    let threshold = choose_threshold(&to_scored(validation_scored, validation), command.target_agreement);
-    let test_scored = to_scored(scored, test);
-    let costs: Vec<f64> = scored.iter().map(|answer| answer.cpu_seconds * machine_price / 3600.0).collect();
-    let lead_cost_per_call = lead.speed.cost_per_1k.value / 1000.0;
-    let cascade = threshold.map(|threshold| {
-        cascade_report(&test_scored, &costs, threshold, lead_cost_per_call, DEFAULT_RESAMPLES, seed.wrapping_add(13))
-    });
-    let latencies: Vec<f64> = scored.iter().map(|answer| answer.latency_ms).collect();
-    let speed = speed_figures(&latencies, &costs, seed.wrapping_add(10));
-    let calibration = json!({
-        "dataset": dataset.id, "target_agreement": command.target_agreement, "threshold": threshold,
-        "test_coverage": cascade.map(|report| report.coverage.value),
-        "test_overall_agreement": cascade.map(|report| report.overall_agreement.value),
-    });
-    if let Some(path) = &candidate.path {
-        std::fs::write(Path::new(path).join(CALIBRATION_FILE), calibration.to_string())
-            .with_context(|| format!("cannot write the calibration into {path}"))?;
+        Ok(VersionResult {
+            name: candidate.name.clone(),
+            method: candidate.method.clone(),
+            n_test: test.len(),
+            metrics,
+            speed,
+            cpu_seconds: scored.iter().map(|answer| answer.cpu_seconds).sum(),
+            certification,
+            cascade,
+            fallbacks,
+            curve: coverage_curve(&test_scored),
+        })
     }
-    Ok(VersionResult {
-        name: candidate.name.clone(),
-        method: candidate.method.clone(),
-        n_test: test.len(),
-        metrics,
-        speed,
-        cpu_seconds: scored.iter().map(|answer| answer.cpu_seconds).sum(),
-        threshold,
-        cascade,
-        curve: coverage_curve(&test_scored),
+}
+
+/// What `calibration.json` holds: the certificate, and how its threshold did on test.
+fn calibration_json(dataset: &str, certification: &Certification, cascade: Option<&CascadeReport>) -> Value {
+    json!({
+        "dataset": dataset,
+        "certified": certification.threshold.is_some(),
+        "threshold": certification.threshold,
+        "target_agreement": certification.target_agreement,
+        "delta": certification.delta,
+        "n_validation": certification.n_validation,
+        "n_served": certification.n_served,
+        "n_errors": certification.n_errors,
+        "risk_upper_bound": certification.risk_upper_bound,
+        "more_calls_needed": certification.more_calls_needed,
+        "test_coverage": cascade.map(|report| report.coverage.value),
+        "test_served_agreement": cascade.map(|report| report.served_agreement.value),
+        "test_overall_agreement": cascade.map(|report| report.overall_agreement.value),
     })
 }
 
-/// Whether an answer agrees with the lead's: the same label, or for
-/// generation the same text after normalization.
-fn agrees(kind: TaskKind, row: &Row, answer: &str) -> bool {
-    match kind {
-        TaskKind::Label => normalize_label(answer) == row.label,
-        TaskKind::Generation => normalize(answer) == normalize(&row.reference),
+/// What `understudy eval` certified for a model version, read back from its folder.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Calibration {
+    /// No calibration file (the version was never evaluated), or one that is
+    /// unreadable or predates certification.
+    Missing,
+    /// Evaluated, and no threshold could be certified.
+    Uncertified {
+        target_agreement: f64,
+        delta: f64,
+        n_validation: u64,
+        more_calls_needed: Option<u64>,
+    },
+    Certified {
+        threshold: f64,
+        target_agreement: f64,
+        delta: f64,
+    },
+}
+
+impl Calibration {
+    /// The calibration `eval` wrote into the model version folder `dir`.
+    pub(crate) fn read(dir: &str) -> Calibration {
+        let Some(value) = std::fs::read_to_string(Path::new(dir).join(CALIBRATION_FILE))
+            .ok()
+            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+        else {
+            return Calibration::Missing;
+        };
+        let number = |key: &str| value.get(key).and_then(Value::as_f64);
+        let (Some(certified), Some(target_agreement), Some(delta)) =
+            (value.get("certified").and_then(Value::as_bool), number("target_agreement"), number("delta"))
+        else {
+            return Calibration::Missing;
+        };
+        match (certified, number("threshold")) {
+            (true, Some(threshold)) => Calibration::Certified { threshold, target_agreement, delta },
+            _ => Calibration::Uncertified {
+                target_agreement,
+                delta,
+                n_validation: value.get("n_validation").and_then(Value::as_u64).unwrap_or(0),
+                more_calls_needed: value.get("more_calls_needed").and_then(Value::as_u64),
+            },
+        }
+    }
+
+    pub(crate) fn certified_threshold(&self) -> Option<f64> {
+        match self {
+            Calibration::Certified { threshold, .. } => Some(*threshold),
+            _ => None,
+        }
     }
 }
 
@@ -210,12 +305,34 @@ fn default_max_tokens<'a>(rows: impl Iterator<Item = &'a Row>) -> u64 {
     (longest * 3 / 2 + 8).clamp(MIN_MAX_TOKENS, MAX_MAX_TOKENS)
 }
 
-/// One answer to one row, timed on the wall clock and on the process's CPU clock.
+/// One understudy attempt at one row, timed on the wall clock and on the
+/// process's CPU clock.
 struct Answer {
-    text: String,
-    confidence: f64,
+    /// The answer's text; `None` when the understudy gave none (an error or a timeout).
+    text: Option<String>,
+    confidence: Option<f64>,
+    /// The confidence the cascade compares with its threshold, or why it
+    /// falls back to the lead at every threshold.
+    cascade: Result<f64, FallbackReason>,
+    /// Why the understudy gave no answer, when it failed.
+    error: Option<String>,
     latency_ms: f64,
     cpu_seconds: f64,
+}
+
+impl Answer {
+    /// Whether the understudy's answer agrees with the lead's.
+    fn agrees_with(&self, row: &Row) -> bool {
+        self.text.as_deref().is_some_and(|text| answers_agree(text, &row.reference))
+    }
+
+    /// The answer as the cascade sees it.
+    fn scored(&self, row: &Row) -> ScoredAnswer {
+        match self.cascade {
+            Ok(confidence) => ScoredAnswer { confidence, agrees: self.agrees_with(row) },
+            Err(_) => ScoredAnswer::never_served(),
+        }
+    }
 }
 
 /// Latency percentiles and cost per 1,000 calls, each with its interval.
@@ -255,10 +372,20 @@ struct VersionResult {
     speed: SpeedFigures,
     /// Process CPU time spent answering the test split.
     cpu_seconds: f64,
-    threshold: Option<f64>,
+    /// The threshold certified on validation, or why none is.
+    certification: Certification,
+    /// The certified threshold judged on test.
     cascade: Option<CascadeReport>,
+    /// Test calls the cascade serves at no threshold, by reason.
+    fallbacks: BTreeMap<&'static str, usize>,
     /// Coverage against agreement at every threshold, on test.
     curve: Vec<CascadeOutcome>,
+}
+
+impl VersionResult {
+    fn n_fallback_rows(&self) -> usize {
+        self.fallbacks.values().sum()
+    }
 }
 
 async fn model_versions(store: &Store, command: &EvalCommand) -> anyhow::Result<Vec<ModelVersionRecord>> {
@@ -280,13 +407,12 @@ async fn model_versions(store: &Store, command: &EvalCommand) -> anyhow::Result<
     Ok(versions)
 }
 
-/// One row of a split: the prompt as messages and as classifier text, and
-/// the lead's answer, as text and as a normalized label.
+/// One row of a split: the prompt as messages and as the text a classifier
+/// reads (for the answers file), and the lead's answer.
 struct Row {
     messages: Vec<Value>,
     text: String,
     reference: String,
-    label: String,
 }
 
 fn read_rows(dataset: &DatasetRecord, split: &str) -> anyhow::Result<Vec<Row>> {
@@ -296,44 +422,18 @@ fn read_rows(dataset: &DatasetRecord, split: &str) -> anyhow::Result<Vec<Row>> {
         .filter(|line| !line.trim().is_empty())
         .map(|line| {
             let example = ChatExample::parse(line).map_err(|error| anyhow::anyhow!("{}: {error}", dir.display()))?;
-            let reference = example.answer_text();
-            Ok(Row {
-                text: prompt_text(&example.prompt),
-                label: normalize_label(&reference),
-                reference,
-                messages: example.prompt,
-            })
+            Ok(Row { text: prompt_text(&example.prompt), reference: example.answer_text(), messages: example.prompt })
         })
         .collect()
 }
 
-/// How a causal LM is asked: constrained to a label task's labels, or free
-/// (temperature 0) for a generation task.
-enum AnswerFormat {
-    Labels(Vec<String>),
-    Free { max_tokens: u64 },
-}
-
-impl AnswerFormat {
-    fn request(&self, name: &str, messages: &[Value]) -> ChatRequest {
-        let mut body = json!({"model": name, "messages": messages, "temperature": 0, "logprobs": true});
-        match self {
-            AnswerFormat::Labels(labels) => {
-                body["max_tokens"] = json!(32);
-                body["response_format"] = json!({"type": "json_schema", "json_schema": {
-                    "name": "label", "schema": {"type": "string", "enum": labels}}});
-            }
-            AnswerFormat::Free { max_tokens } => body["max_tokens"] = json!(max_tokens),
-        }
-        ChatRequest { body: body.as_object().cloned().unwrap_or_default() }
-    }
-}
-
-/// What answers the rows: a trained classifier, or a causal LM (a LoRA model
-/// version, or a base model zero-shot).
-enum Scorer<'a> {
-    Classifier(Box<ClassifierModel>),
-    Chat { name: String, model: std::sync::Arc<dyn LocalModel>, format: &'a AnswerFormat },
+/// How every candidate is asked: what a client's call to the gateway would
+/// carry (the prompt, temperature 0, room for the answer), with the task's
+/// labels and timeout as the gateway applies them.
+struct Ask {
+    labels: Option<Vec<String>>,
+    timeout: Duration,
+    max_tokens: u64,
 }
 
 /// CPU time of this process so far, all threads (the engine's and candle's
@@ -343,35 +443,35 @@ fn process_cpu_seconds() -> f64 {
     now.tv_sec as f64 + now.tv_nsec as f64 * 1e-9
 }
 
-impl Scorer<'_> {
-    /// Each row answered on its own, as a served call would be, and timed.
-    async fn score(&self, rows: &[Row]) -> anyhow::Result<Vec<Answer>> {
+impl Ask {
+    fn request(&self, messages: &[Value]) -> ChatRequest {
+        let body = json!({"messages": messages, "temperature": 0, "max_tokens": self.max_tokens});
+        ChatRequest { body: body.as_object().cloned().unwrap_or_default() }
+    }
+
+    /// Each row answered on its own, as a served call would be, and timed. A
+    /// row the understudy cannot answer is a fallback, never an error of eval.
+    async fn score(&self, understudy: &Understudy, rows: &[Row]) -> Vec<Answer> {
         let mut answers = Vec::with_capacity(rows.len());
         for row in rows {
-            let started = Instant::now();
             let cpu_started = process_cpu_seconds();
-            let (text, confidence) = match self {
-                Scorer::Classifier(model) => {
-                    let mut predictions = model.predict(std::slice::from_ref(&row.text))?;
-                    let prediction = predictions.pop().context("the classifier returned no prediction")?;
-                    (prediction.label, f64::from(prediction.confidence))
-                }
-                Scorer::Chat { name, model, format } => {
-                    let response = model.chat(format.request(name, &row.messages)).await?;
-                    let completion: Value = serde_json::from_slice(&response.body)?;
-                    let content =
-                        completion.pointer("/choices/0/message/content").and_then(Value::as_str).unwrap_or("");
-                    (content.to_string(), confidence_of(&completion).unwrap_or(0.0))
-                }
+            let attempt = understudy.attempt(self.request(&row.messages), self.timeout, self.labels.as_deref()).await;
+            let cpu_seconds = (process_cpu_seconds() - cpu_started).max(0.0);
+            let error = match &attempt.outcome {
+                AttemptOutcome::Failed(error) => Some(error.clone()),
+                AttemptOutcome::TimedOut => Some(format!("no answer within {:?}", self.timeout)),
+                AttemptOutcome::Answered { .. } => None,
             };
             answers.push(Answer {
-                text,
-                confidence,
-                latency_ms: started.elapsed().as_secs_f64() * 1000.0,
-                cpu_seconds: (process_cpu_seconds() - cpu_started).max(0.0),
+                text: attempt.content().map(str::to_string),
+                confidence: attempt.confidence(),
+                cascade: cascade_confidence(attempt.router_attempt()),
+                error,
+                latency_ms: attempt.latency_ms,
+                cpu_seconds,
             });
         }
-        Ok(answers)
+        answers
     }
 }
 
@@ -381,45 +481,33 @@ struct Candidate {
     method: String,
     /// A model version's folder, where its calibration is written.
     path: Option<String>,
-    spec: Option<LocalModelSpec>,
+    spec: LocalModelSpec,
 }
 
 impl Candidate {
+    /// A model version, loaded as the gateway loads a promoted one: from its
+    /// folder, which the loader recognizes (a classifier, or a LoRA adapter
+    /// on its base model).
     fn of_version(version: &ModelVersionRecord) -> Candidate {
-        let spec = (version.method == "lora").then(|| LocalModelSpec {
-            name: version.id.clone(),
-            path: version.base_model.clone(),
-            adapter: Some(version.path.clone().into()),
-            weights: None,
-        });
+        let spec =
+            LocalModelSpec { name: version.id.clone(), path: version.path.clone(), adapter: None, weights: None };
         Candidate { name: version.id.clone(), method: version.method.clone(), path: Some(version.path.clone()), spec }
     }
 
-    fn load<'a>(&self, format: &'a AnswerFormat, dataset: &DatasetRecord) -> anyhow::Result<Scorer<'a>> {
-        match &self.spec {
-            None => {
-                anyhow::ensure!(
-                    matches!(format, AnswerFormat::Labels(_)),
-                    "model version {} is a classifier ({}), which only answers label tasks, but dataset {} of task \
-                     `{}` is a generation task: evaluate a LoRA version (`understudy train --task {} --method lora`) \
-                     or a base model with --zero-shot",
-                    self.name,
-                    self.method,
-                    dataset.id,
-                    dataset.task,
-                    dataset.task
-                );
-                Ok(Scorer::Classifier(Box::new(
-                    ClassifierModel::load(self.path.as_deref().unwrap_or_default())
-                        .with_context(|| format!("cannot load model version {} from {:?}", self.name, self.path))?,
-                )))
-            }
-            Some(spec) => {
-                let model =
-                    understudy_local::Loader.load(spec).with_context(|| format!("cannot load {}", self.name))?;
-                Ok(Scorer::Chat { name: spec.name.clone(), model, format })
-            }
-        }
+    fn load(&self, dataset: &DatasetRecord, machine_price: f64) -> anyhow::Result<Understudy> {
+        anyhow::ensure!(
+            self.method != "classifier" || dataset.kind == TaskKind::Label,
+            "model version {} is a classifier ({}), which only answers label tasks, but dataset {} of task `{}` is a \
+             generation task: evaluate a LoRA version (`understudy train --task {} --method lora`) or a base model \
+             with --zero-shot",
+            self.name,
+            self.method,
+            dataset.id,
+            dataset.task,
+            dataset.task
+        );
+        Understudy::local(&self.spec, &understudy_local::Loader, "local", machine_price)
+            .with_context(|| format!("cannot load {}", self.name))
     }
 }
 
@@ -519,8 +607,11 @@ struct Report<'a> {
     dataset: &'a DatasetRecord,
     lead: &'a LeadFigures,
     results: &'a [VersionResult],
-    command: &'a EvalCommand,
     machine_price: f64,
+    target_agreement: f64,
+    delta: f64,
+    /// The task's labels in the config, which the understudy was held to.
+    labels: Option<&'a [String]>,
 }
 
 /// The figures of a generation report, in table order, with their names.
@@ -549,6 +640,9 @@ impl Report<'_> {
             "kind": self.dataset.kind.as_str(),
             "n_test": self.results.first().map_or(0, |result| result.n_test),
             "machine_price_per_hour": self.machine_price,
+            "target_agreement": self.target_agreement,
+            "delta": self.delta,
+            "labels": self.labels,
             "lead": lead,
             "models": self.results.iter().map(|result| self.model_json(result)).collect::<Vec<_>>(),
         })
@@ -582,13 +676,26 @@ impl Report<'_> {
             }
         }
         object.extend(speed_json(&result.speed).as_object().cloned().unwrap_or_default());
+        object.insert("n_fallback_rows".into(), json!(result.n_fallback_rows()));
+        object.insert("fallback_reasons".into(), json!(result.fallbacks));
         let cascade = result.cascade.as_ref();
         let figure = |pick: fn(&CascadeReport) -> Estimate| optional_estimate_json(cascade.map(pick).as_ref());
+        let certification = &result.certification;
         object.insert(
             "cascade".into(),
             json!({
-                "target_agreement": self.command.target_agreement,
-                "threshold": result.threshold,
+                "target_agreement": certification.target_agreement,
+                "delta": certification.delta,
+                "certified": certification.threshold.is_some(),
+                "threshold": certification.threshold,
+                "n_validation": certification.n_validation,
+                "validation_served": certification.n_served,
+                "validation_errors": certification.n_errors,
+                "p_value": certification.p_value,
+                "risk_upper_bound": certification.risk_upper_bound,
+                "validation_coverage": certification.coverage(),
+                "min_served": certification.min_served,
+                "more_calls_needed": certification.more_calls_needed,
                 "coverage": figure(|report| report.coverage),
                 "served_agreement": figure(|report| report.served_agreement),
                 "overall_agreement": figure(|report| report.overall_agreement),
@@ -612,10 +719,18 @@ impl Report<'_> {
             self.machine_price
         );
         text.push_str(&self.summary_table());
+        if self.dataset.kind == TaskKind::Label && self.labels.is_none() {
+            text.push_str(&format!(
+                "note: task `{}` lists no `labels` in the config, so the gateway (and this eval) lets a causal LM \
+                 answer freely; list them to have it decode only a label\n",
+                self.dataset.task
+            ));
+        }
         for result in self.results {
             if let Metrics::Label(report) = &result.metrics {
                 text.push_str(&per_label_text(&result.name, report));
             }
+            text.push_str(&fallback_text(result));
             text.push_str(&self.cascade_text(result));
         }
         text
@@ -650,19 +765,36 @@ impl Report<'_> {
     }
 
     fn cascade_text(&self, result: &VersionResult) -> String {
-        let target = self.command.target_agreement;
+        let certification = &result.certification;
+        let (target, delta) = (certification.target_agreement, certification.delta);
         let Some(report) = &result.cascade else {
+            let more = match certification.more_calls_needed {
+                Some(more) => format!("about {more} more labelled calls would be needed to certify one"),
+                None => "at the disagreement rates seen, no amount of labelled calls would certify one".to_string(),
+            };
             return format!(
-                "{}: cascade: no threshold reaches agreement {target} on validation; the lead should keep every call\n",
-                result.name
+                "{}: cascade NOT certified: no threshold can be certified at target agreement {target} with delta \
+                 {delta} on {} validation calls; {more}. A cascade would have the lead keep every call; the shadow \
+                 policy remains available (`understudy promote --task {} --policy shadow`), scoring the understudy \
+                 on live traffic while the lead serves\n",
+                result.name, certification.n_validation, self.dataset.task
             );
         };
+        let bound = certification
+            .agreement_lower_bound()
+            .map_or(String::new(), |bound| format!(", agreement at least {:.4} at confidence {}", bound, 1.0 - delta));
         format!(
-            "{}: cascade at target agreement {target}: threshold {:.4} (chosen on validation). On test [95% CI]:\n  \
+            "{}: cascade certified at threshold {:.4} for target agreement {target} with delta {delta}: with \
+             probability at least {} its served answers agree with the lead at least {target} of the time \
+             (validation: {} of {} calls served, {} disagreeing{bound}). On test [95% CI]:\n  \
              the understudy serves {}% of calls, agreeing with the lead on {}% of them; overall agreement {}%\n  \
              per 1k calls: lead cost avoided {}, understudy compute {}, net saved {} ({}% of the lead's {})\n",
             result.name,
             report.threshold,
+            1.0 - delta,
+            certification.n_served,
+            certification.n_validation,
+            certification.n_errors,
             scaled_text(&report.coverage, 100.0, 1),
             scaled_text(&report.served_agreement, 100.0, 1),
             scaled_text(&report.overall_agreement, 100.0, 1),
@@ -673,6 +805,22 @@ impl Report<'_> {
             money_text(&self.lead.speed.cost_per_1k),
         )
     }
+}
+
+/// The test calls the understudy could not answer, which every policy hands
+/// back to the lead (and a cascade, those answered without a confidence).
+fn fallback_text(result: &VersionResult) -> String {
+    if result.fallbacks.is_empty() {
+        return String::new();
+    }
+    let reasons: Vec<String> = result.fallbacks.iter().map(|(reason, n)| format!("{reason} {n}")).collect();
+    format!(
+        "{}: {} of {} test calls fall back to the lead at every threshold ({}); see --answers for each error\n",
+        result.name,
+        result.n_fallback_rows(),
+        result.n_test,
+        reasons.join(", ")
+    )
 }
 
 fn per_label_text(name: &str, report: &LabelReport) -> String {

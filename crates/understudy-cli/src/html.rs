@@ -12,7 +12,7 @@ pub struct ModelPlots<'a> {
     /// Rows: the lead's label, columns: the model's.
     pub confusion: &'a [Vec<usize>],
     pub curve: &'a [CascadeOutcome],
-    /// The calibrated threshold's outcome on test, if one was chosen.
+    /// The certified threshold's outcome on test, if one was certified.
     pub chosen: Option<CascadeOutcome>,
 }
 
@@ -105,7 +105,7 @@ fn curve_svg(curve: &[CascadeOutcome], chosen: Option<CascadeOutcome>) -> String
         let _ = write!(
             svg,
             "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"5\" fill=\"#d9534f\"/><text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\">\
-             threshold {:.3}: coverage {:.1}%, agreement {:.1}%</text>",
+             certified threshold {:.3}: coverage {:.1}%, agreement {:.1}%</text>",
             x(chosen.coverage),
             y(chosen.served_agreement),
             x(chosen.coverage) - 200.0,

@@ -10,6 +10,7 @@ mod fetch;
 mod html;
 mod import;
 mod init;
+mod keys;
 mod output;
 mod promote;
 mod quickstart;
@@ -77,6 +78,7 @@ async fn dispatch(config_path: std::path::PathBuf, command: cli::Command) -> any
         cli::Command::Train(command) => train::run(&config_path, command).await.map(done),
         cli::Command::Eval(command) => eval::run(&config_path, command).await.map(done),
         cli::Command::Promote(command) => promote::run(&config_path, command).await.map(done),
+        cli::Command::Keys(command) => keys::run(&config_path, command).await.map(done),
         cli::Command::Quickstart(command) => Box::pin(quickstart::run(command)).await.map(done),
     }
 }

@@ -5,14 +5,14 @@
 use std::path::Path;
 
 use anyhow::Context;
-use serde_json::{json, Value};
+use serde_json::json;
 use understudy_config::Config;
 use understudy_router::Policy;
 use understudy_store::{PolicyChange, Store};
 use understudy_types::{OffsetDateTime, Uuid};
 
 use crate::cli::PromoteCommand;
-use crate::eval::CALIBRATION_FILE;
+use crate::eval::Calibration;
 use crate::output::{format_time, load_config, open_store};
 
 /// The understudy a promotion names.
@@ -60,23 +60,37 @@ async fn promote(config: &Config, store: &Store, command: &PromoteCommand) -> an
                 .await?,
         )
     };
-    let calibrated = chosen.as_ref().and_then(|chosen| chosen.path.as_deref()).and_then(calibrated_threshold);
+    let calibration = match chosen.as_ref().and_then(|chosen| chosen.path.as_deref()) {
+        Some(dir) => Calibration::read(dir),
+        None => Calibration::Missing,
+    };
     let policy = match (command.threshold, command.policy.split_once(':')) {
         (Some(threshold), None) if command.policy == "cascade" => Policy::parse(&format!("cascade:{threshold}"), None),
         (Some(_), _) => Err("--threshold goes with `--policy cascade`".to_string()),
-        (None, _) => Policy::parse(&command.policy, calibrated),
-    }
-    .map_err(|message| {
-        if command.policy == "cascade" && calibrated.is_none() {
-            anyhow::anyhow!(
-                "{message}: no calibrated threshold was found for this understudy (run `understudy eval --task {}` \
-                 on it), or pass --threshold",
-                command.task
-            )
-        } else {
-            anyhow::anyhow!(message)
+        (None, _) if command.policy == "cascade" => {
+            let threshold = calibration
+                .certified_threshold()
+                .ok_or_else(|| uncertified(&command.task, chosen.as_ref(), &calibration))?;
+            Ok(Policy::Cascade { threshold })
         }
-    })?;
+        (None, _) => Policy::parse(&command.policy, None),
+    }
+    .map_err(|message| anyhow::anyhow!(message))?;
+    let chosen_by_user = command.threshold.is_some() || command.policy.starts_with("cascade:");
+    if let (Policy::Cascade { threshold }, true) = (policy, chosen_by_user) {
+        // A threshold the user chose: allowed, but nothing backs the promise.
+        let certified = match calibration {
+            Calibration::Certified { threshold, target_agreement, delta } => format!(
+                "the certified one for this version is {threshold}, for target agreement {target_agreement} with \
+                 delta {delta}"
+            ),
+            _ => "this version has no certified one".to_string(),
+        };
+        eprintln!(
+            "warning: cascade threshold {threshold} is your choice, not certified by `understudy eval` \
+             ({certified}): nothing bounds how often the answers it serves disagree with the lead"
+        );
+    }
     let change = PolicyChange {
         id: Uuid::now_v7().to_string(),
         task: command.task.clone(),
@@ -123,8 +137,39 @@ async fn choose_understudy(
     )
 }
 
-/// The threshold `understudy eval` calibrated for the model in `dir`.
+/// Why a bare `--policy cascade` is refused: `eval` certified no threshold
+/// for the understudy, so a cascade would serve answers nothing vouches for.
+fn uncertified(task: &str, chosen: Option<&Chosen>, calibration: &Calibration) -> anyhow::Error {
+    let name = chosen.map_or("the understudy", |chosen| chosen.name.as_str());
+    let why = match (calibration, chosen.and_then(|chosen| chosen.path.as_ref())) {
+        (Calibration::Uncertified { target_agreement, delta, n_validation, more_calls_needed }, _) => {
+            let more = match more_calls_needed {
+                Some(more) => format!("about {more} more labelled calls would be needed; collect them"),
+                None => "at the disagreement rates seen, more calls alone would not do; train a better understudy"
+                    .to_string(),
+            };
+            format!(
+                "`understudy eval` could not certify a cascade threshold for {name} at target agreement \
+                 {target_agreement} (delta {delta}) on {n_validation} validation calls: {more}, then rebuild the \
+                 dataset and run `understudy eval --task {task}` again"
+            )
+        }
+        (_, Some(_)) => format!(
+            "{name} has no certified cascade threshold: run `understudy eval --task {task} --model {name}` to certify one"
+        ),
+        (_, None) => format!(
+            "{name} is a model of the config, which `understudy eval` does not calibrate, so it has no certified \
+             cascade threshold"
+        ),
+    };
+    anyhow::anyhow!(
+        "refusing a cascade: {why}. `--policy shadow` remains available: the lead keeps serving while the understudy \
+         is scored on live traffic. To serve anyway at a threshold of your own, pass --threshold (not certified)"
+    )
+}
+
+/// The cascade threshold `understudy eval` certified for the model in `dir`,
+/// if it certified one.
 pub(crate) fn calibrated_threshold(dir: &str) -> Option<f64> {
-    let text = std::fs::read_to_string(Path::new(dir).join(CALIBRATION_FILE)).ok()?;
-    serde_json::from_str::<Value>(&text).ok()?.get("threshold")?.as_f64()
+    Calibration::read(dir).certified_threshold()
 }

@@ -118,9 +118,9 @@ pub async fn run(command: QuickstartCommand) -> anyhow::Result<()> {
     crate::run_command_line(&understudy(&["eval", "--task", TASK, "--target-agreement", &target])).await?;
 
     let n_new = (((questions.len() as f64) * command.final_share).round() as usize).min(questions.len() - n_traffic);
-    // The cascade needs the threshold eval calibrated. When no threshold
-    // reached the target, the understudy is not ready: it goes to shadow,
-    // where the lead keeps serving and the understudy keeps being scored.
+    // The cascade needs the threshold eval certified. When none could be
+    // certified, the understudy is not ready: it goes to shadow, where the
+    // lead keeps serving and the understudy keeps being scored.
     let calibrated = match store.list_model_versions(TASK).await?.first() {
         Some(newest) => crate::promote::calibrated_threshold(&newest.path),
         None => None,
@@ -128,8 +128,8 @@ pub async fn run(command: QuickstartCommand) -> anyhow::Result<()> {
     let policy = if calibrated.is_some() { "cascade" } else { "shadow" };
     if calibrated.is_none() {
         println!(
-            "    the understudy did not reach agreement {} on validation at any threshold, so it is not ready to \
-             serve: it goes to shadow instead (train longer with --epochs, or send more traffic)",
+            "    no cascade threshold could be certified for agreement {} on validation, so the understudy is not \
+             ready to serve: it goes to shadow instead (train longer with --epochs, or send more traffic)",
             command.target_agreement
         );
     }
@@ -155,16 +155,27 @@ pub async fn run(command: QuickstartCommand) -> anyhow::Result<()> {
         println!();
         println!(
             "    On the newest {} calls, with the {policy} policy at a target agreement of {}:",
-            total.n_calls, command.target_agreement
+            total.counts.n_calls, command.target_agreement
         );
-        println!("      served by the understudy  {:>6.1}%   (goal >= 80%)", total.served_share() * 100.0);
+        let figures = total.figures();
+        println!("      served by the understudy  {:>6.1}%   (goal >= 80%)", figures.coverage.value * 100.0);
         println!("      agreement with the lead   {:>6.1}%   (goal >= 98%)", agreement * 100.0);
-        println!("      lead cost cut             {:>6.1}%   (goal >= 80%)", total.lead_cost_cut() * 100.0);
+        if let Some(served) = figures.served_agreement {
+            println!(
+                "      served agreement (audits) {:>6.1}%   [{:.1}, {:.1}] of {} audited",
+                served.value * 100.0,
+                served.lower * 100.0,
+                served.upper * 100.0,
+                served.n
+            );
+        }
+        println!("      lead cost cut             {:>6.1}%   (goal >= 80%)", total.counts.lead_cost_cut() * 100.0);
         println!(
-            "      net saved                 ${:.4} (lead avoided ${:.4}, understudy compute ${:.6}); training cost ${:.4}",
-            total.net(),
-            total.lead_cost_avoided,
-            total.understudy_cost,
+            "      net saved                 ${:.4} (lead avoided ${:.4}, understudy compute ${:.6}, audits ${:.6}); training cost ${:.4}",
+            figures.net_savings,
+            total.counts.lead_cost_avoided,
+            total.counts.understudy_cost,
+            total.counts.audit_cost,
             total.training_cost
         );
     }
@@ -192,7 +203,7 @@ fn ratio(part: usize, whole: usize) -> f64 {
 struct Traffic {
     n_calls: usize,
     n_failed: usize,
-    /// Answers equal to the lead's recorded label.
+    /// Answers that agree with the lead's recorded label (`answers_agree`).
     n_agree: usize,
     seconds: f64,
 }
@@ -248,7 +259,10 @@ async fn send_traffic(
     Traffic {
         n_calls: results.len(),
         n_failed: results.iter().filter(|result| result.is_err()).count(),
-        n_agree: results.iter().filter(|result| matches!(result, Ok((label, answer)) if label == answer)).count(),
+        n_agree: results
+            .iter()
+            .filter(|result| matches!(result, Ok((label, answer)) if understudy_types::answers_agree(label, answer)))
+            .count(),
         seconds: started.elapsed().as_secs_f64(),
     }
 }
@@ -331,6 +345,10 @@ fn config_text(command: &QuickstartCommand) -> String {
         r#"# Written by `understudy quickstart`: a replay lead standing in for a cloud model.
 [store]
 url = "sqlite://quickstart.db"
+
+# The demo's gateway listens on this machine only, so it takes calls without keys.
+[server]
+auth = "none"
 
 [providers.recorded]
 type = "replay"

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use serde_json::{json, Value};
+use understudy_eval::ledger::{ledger, LedgerCounts, LedgerFigures, Share};
 use understudy_store::{CallFilter, SavingsRow, Store};
 
 use crate::html::{escape, page_start};
@@ -16,14 +17,7 @@ use crate::output::{format_day, table};
 #[derive(Debug, Clone, Default)]
 pub struct TaskSavings {
     pub task: String,
-    pub n_calls: u64,
-    pub n_served_by_understudy: u64,
-    pub n_compared: u64,
-    pub n_agreed: u64,
-    /// What the lead was paid: recorded cost minus the understudy's compute.
-    pub lead_cost: f64,
-    pub lead_cost_avoided: f64,
-    pub understudy_cost: f64,
+    pub counts: LedgerCounts,
     /// Training runs of the task: wall time at the machine price.
     pub training_cost: f64,
     /// Net savings on the newest day, the "current volume".
@@ -31,26 +25,8 @@ pub struct TaskSavings {
 }
 
 impl TaskSavings {
-    pub fn net(&self) -> f64 {
-        self.lead_cost_avoided - self.understudy_cost
-    }
-
-    pub fn served_share(&self) -> f64 {
-        ratio(self.n_served_by_understudy, self.n_calls)
-    }
-
-    pub fn agreement(&self) -> Option<f64> {
-        (self.n_compared > 0).then(|| ratio(self.n_agreed, self.n_compared))
-    }
-
-    /// Share of what the lead would have cost without routing that it did not.
-    pub fn lead_cost_cut(&self) -> f64 {
-        let without = self.lead_cost + self.lead_cost_avoided;
-        if without > 0.0 {
-            self.lead_cost_avoided / without
-        } else {
-            0.0
-        }
+    pub fn figures(&self) -> LedgerFigures {
+        ledger(&self.counts, CONFIDENCE)
     }
 
     /// Days until net savings at the newest day's volume repay training.
@@ -59,11 +35,22 @@ impl TaskSavings {
     }
 }
 
-fn ratio(part: u64, whole: u64) -> f64 {
-    if whole == 0 {
-        0.0
-    } else {
-        part as f64 / whole as f64
+/// The confidence of the ledger's intervals.
+const CONFIDENCE: f64 = 0.95;
+
+/// A day's row as the ledger counts it.
+fn counts_of(row: &SavingsRow) -> LedgerCounts {
+    LedgerCounts {
+        n_calls: row.n_calls,
+        n_served: row.n_served_by_understudy,
+        n_compared: row.n_compared,
+        n_compared_agreed: row.n_agreed,
+        n_audited: row.n_audited,
+        n_audit_agreed: row.n_audit_agreed,
+        cost: row.cost.dollars(),
+        understudy_cost: row.understudy_cost.dollars(),
+        lead_cost_avoided: row.lead_cost_avoided.dollars(),
+        audit_cost: row.audit_cost.dollars(),
     }
 }
 
@@ -79,15 +66,10 @@ pub async fn savings(
         let total = totals
             .entry(row.task.clone())
             .or_insert_with(|| TaskSavings { task: row.task.clone(), ..Default::default() });
-        total.n_calls += row.n_calls;
-        total.n_served_by_understudy += row.n_served_by_understudy;
-        total.n_compared += row.n_compared;
-        total.n_agreed += row.n_agreed;
-        total.lead_cost += row.cost.dollars() - row.understudy_cost.dollars();
-        total.lead_cost_avoided += row.lead_cost_avoided.dollars();
-        total.understudy_cost += row.understudy_cost.dollars();
+        let day = counts_of(row);
+        total.counts.add(&day);
         // Rows come in day order per task: the last one seen is the newest.
-        total.net_last_day = row.lead_cost_avoided.dollars() - row.understudy_cost.dollars();
+        total.net_last_day = day.net_savings();
     }
     for total in totals.values_mut() {
         let versions = store.list_model_versions(&total.task).await?;
@@ -124,28 +106,54 @@ pub async fn print_savings(
     Ok(())
 }
 
-fn row_json(row: &SavingsRow) -> Value {
-    json!({
-        "day": format_day(row.day), "task": row.task, "calls": row.n_calls,
-        "served_by_understudy": row.n_served_by_understudy,
-        "served_share": ratio(row.n_served_by_understudy, row.n_calls),
-        "compared": row.n_compared, "agreed": row.n_agreed,
-        "agreement": (row.n_compared > 0).then(|| ratio(row.n_agreed, row.n_compared)),
-        "lead_cost": row.cost.dollars() - row.understudy_cost.dollars(),
-        "lead_cost_avoided": row.lead_cost_avoided.dollars(),
-        "understudy_cost": row.understudy_cost.dollars(),
-        "net_savings": row.lead_cost_avoided.dollars() - row.understudy_cost.dollars(),
+fn share_json(share: Option<Share>) -> Value {
+    share.map_or(Value::Null, |share| {
+        json!({"value": share.value, "interval": [share.lower, share.upper], "n": share.n, "confidence": CONFIDENCE})
     })
 }
 
+fn figures_json(counts: &LedgerCounts) -> serde_json::Map<String, Value> {
+    let figures = ledger(counts, CONFIDENCE);
+    let value = json!({
+        "calls": counts.n_calls, "served_by_understudy": counts.n_served,
+        "served_share": share_json(Some(figures.coverage)),
+        "served_agreement": share_json(figures.served_agreement),
+        "audited": counts.n_audited,
+        "fallback_agreement": share_json(figures.fallback_agreement),
+        "lead_cost": counts.lead_cost(), "lead_cost_avoided": counts.lead_cost_avoided,
+        "lead_cost_cut": counts.lead_cost_cut(), "understudy_cost": counts.understudy_cost,
+        "audit_cost": counts.audit_cost, "net_savings": figures.net_savings,
+        "net_savings_interval": [figures.net_savings_interval.0, figures.net_savings_interval.1],
+    });
+    match value {
+        Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    }
+}
+
+fn row_json(row: &SavingsRow) -> Value {
+    let mut value = figures_json(&counts_of(row));
+    value.insert("day".into(), json!(format_day(row.day)));
+    value.insert("task".into(), json!(row.task));
+    Value::Object(value)
+}
+
 fn total_json(total: &TaskSavings) -> Value {
-    json!({
-        "task": total.task, "calls": total.n_calls, "served_by_understudy": total.n_served_by_understudy,
-        "served_share": total.served_share(), "compared": total.n_compared, "agreement": total.agreement(),
-        "lead_cost": total.lead_cost, "lead_cost_avoided": total.lead_cost_avoided,
-        "lead_cost_cut": total.lead_cost_cut(), "understudy_cost": total.understudy_cost,
-        "net_savings": total.net(), "training_cost": total.training_cost, "payback_days": total.payback_days(),
-    })
+    let mut value = figures_json(&total.counts);
+    value.insert("task".into(), json!(total.task));
+    value.insert("training_cost".into(), json!(total.training_cost));
+    value.insert("payback_days".into(), json!(total.payback_days()));
+    Value::Object(value)
+}
+
+/// A share as text: "98.7% [97.1, 99.5] of 312".
+fn share_text(share: Option<Share>) -> String {
+    share.map_or_else(
+        || "-".into(),
+        |share| {
+            format!("{} [{:.1}, {:.1}] of {}", percent(share.value), share.lower * 100.0, share.upper * 100.0, share.n)
+        },
+    )
 }
 
 fn money(value: f64) -> String {
@@ -165,21 +173,20 @@ pub fn savings_table(rows: &[SavingsRow], totals: &[TaskSavings]) -> String {
     let day_rows: Vec<Vec<String>> = rows
         .iter()
         .map(|row| {
-            let lead = row.cost.dollars() - row.understudy_cost.dollars();
+            let counts = counts_of(row);
+            let figures = ledger(&counts, CONFIDENCE);
             vec![
                 format_day(row.day),
                 row.task.clone(),
                 row.n_calls.to_string(),
-                percent(ratio(row.n_served_by_understudy, row.n_calls)),
-                if row.n_compared > 0 {
-                    format!("{} of {}", percent(ratio(row.n_agreed, row.n_compared)), row.n_compared)
-                } else {
-                    "-".into()
-                },
-                money(lead),
-                money(row.lead_cost_avoided.dollars()),
-                money(row.understudy_cost.dollars()),
-                money(row.lead_cost_avoided.dollars() - row.understudy_cost.dollars()),
+                percent(figures.coverage.value),
+                share_text(figures.served_agreement),
+                share_text(figures.fallback_agreement),
+                money(counts.lead_cost()),
+                money(counts.lead_cost_avoided),
+                money(counts.understudy_cost),
+                money(counts.audit_cost),
+                money(figures.net_savings),
             ]
         })
         .collect();
@@ -188,32 +195,61 @@ pub fn savings_table(rows: &[SavingsRow], totals: &[TaskSavings]) -> String {
         "task",
         "calls",
         "understudy served",
-        "agreement",
+        "served agreement (audits)",
+        "agreement on fallbacks",
         "lead cost",
         "lead avoided",
         "understudy compute",
+        "audits",
         "net saved",
     ];
     out.push_str(&table(&header, &day_rows));
     let task_rows: Vec<Vec<String>> = totals
         .iter()
         .map(|total| {
+            let figures = total.figures();
             vec![
                 total.task.clone(),
-                total.n_calls.to_string(),
-                percent(total.served_share()),
-                total.agreement().map(percent).unwrap_or_else(|| "-".into()),
-                percent(total.lead_cost_cut()),
-                money(total.net()),
+                total.counts.n_calls.to_string(),
+                format!(
+                    "{} [{:.1}, {:.1}]",
+                    percent(figures.coverage.value),
+                    figures.coverage.lower * 100.0,
+                    figures.coverage.upper * 100.0
+                ),
+                share_text(figures.served_agreement),
+                share_text(figures.fallback_agreement),
+                percent(total.counts.lead_cost_cut()),
+                format!(
+                    "{} [{}, {}]",
+                    money(figures.net_savings),
+                    money(figures.net_savings_interval.0),
+                    money(figures.net_savings_interval.1)
+                ),
                 money(total.training_cost),
                 total.payback_days().map(|days| format!("{days:.2} days")).unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
     out.push('\n');
-    let header =
-        ["task", "calls", "understudy served", "agreement", "lead cost cut", "net saved", "training", "payback"];
+    let header = [
+        "task",
+        "calls",
+        "understudy served",
+        "served agreement (audits)",
+        "agreement on fallbacks",
+        "lead cost cut",
+        "net saved",
+        "training",
+        "payback",
+    ];
     out.push_str(&table(&header, &task_rows));
+    out.push_str(
+        "\nServed agreement is measured by live audits: served answers that the lead, asked in the background, \
+         answered the same. Agreement on fallbacks covers calls the lead served while the understudy also answered \
+         (shadow, low-confidence cascade calls). Intervals are exact 95 % (Clopper-Pearson); net savings' interval \
+         follows the coverage's. Audits are counted as a cost.\n",
+    );
     out
 }
 
@@ -227,12 +263,14 @@ fn savings_html(rows: &[SavingsRow], totals: &[TaskSavings]) -> String {
         let days: Vec<&SavingsRow> = rows.iter().filter(|row| row.task == total.task).collect();
         let _ = write!(
             html,
-            "<h2>{}</h2><p>{} calls, {} served by the understudy, lead cost cut {}, net saved {}.</p>",
+            "<h2>{}</h2><p>{} calls, {} served by the understudy, served agreement from audits {}, lead cost \
+             cut {}, net saved {}.</p>",
             escape(&total.task),
-            total.n_calls,
-            percent(total.served_share()),
-            percent(total.lead_cost_cut()),
-            money(total.net())
+            total.counts.n_calls,
+            percent(total.figures().coverage.value),
+            escape(&share_text(total.figures().served_agreement)),
+            percent(total.counts.lead_cost_cut()),
+            money(total.figures().net_savings)
         );
         html.push_str(&bar_chart(&days));
         html.push_str(
@@ -282,7 +320,7 @@ fn bar_chart(days: &[&SavingsRow]) -> String {
             height - pad + 14.0,
             format_day(row.day)
         );
-        let share = ratio(row.n_served_by_understudy, row.n_calls);
+        let share = ledger(&counts_of(row), CONFIDENCE).coverage.value;
         share_points.push(format!("{:.1},{:.1}", x + bar / 2.0, base - (height - 2.0 * pad) * share));
     }
     let _ = write!(

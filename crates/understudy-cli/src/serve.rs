@@ -31,6 +31,7 @@ pub struct RunningGateway {
     recorder_handle: RecorderHandle,
     stats: std::sync::Arc<RecorderStats>,
     watch: tokio::task::JoinHandle<()>,
+    key_watch: tokio::task::JoinHandle<()>,
     shutdown_timeout: std::time::Duration,
     spill_file: std::path::PathBuf,
     dead_letter_file: std::path::PathBuf,
@@ -49,21 +50,34 @@ pub fn recorder_config(config: &Config) -> RecorderConfig {
 
 /// How often a gateway looks for policy changes in the store.
 const POLICY_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+/// How often a gateway reloads its keys (a revocation takes effect within it).
+const KEY_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl RunningGateway {
     pub async fn start(config: Config, listen: SocketAddr) -> anyhow::Result<RunningGateway> {
+        // `--listen` may move a loopback-only config onto a public address.
+        config.server.check_exposure(listen).map_err(|message| anyhow::anyhow!("cannot serve: {message}"))?;
         let store = open_store(&config).await?;
         let (recorder, recorder_handle) = Recorder::start(store.clone(), recorder_config(&config));
         let shutdown_timeout = config.server.shutdown_timeout;
         let spill_file = config.store.spill_file.clone();
         let dead_letter_file = config.store.dead_letter_file.clone();
         let stats = recorder.stats();
+        let config_auth = config.server.auth;
         let loader: std::sync::Arc<dyn understudy_providers::LocalLoader> =
             std::sync::Arc::new(understudy_local::Loader);
         let state = AppState::with_local_models(config, recorder, Some(loader))?;
         // Policy changes (`understudy promote`) reach this gateway through the store.
         state.apply_policies(&store).await?;
         let watch = understudy_gateway::spawn_policy_watch(state.clone(), store.clone(), POLICY_POLL);
+        let n_keys = state.refresh_keys().await?;
+        if config_auth == understudy_config::Auth::Keys && n_keys == 0 {
+            eprintln!(
+                "warning: no gateway keys yet, so every request gets 401; make one with \
+                 `understudy keys create --name NAME`"
+            );
+        }
+        let key_watch = understudy_gateway::spawn_key_watch(state.clone(), KEY_POLL);
         let listener =
             tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
         let addr = listener.local_addr()?;
@@ -79,6 +93,7 @@ impl RunningGateway {
             recorder_handle,
             stats,
             watch,
+            key_watch,
             shutdown_timeout,
             spill_file,
             dead_letter_file,
@@ -101,6 +116,7 @@ impl RunningGateway {
             }
         }
         self.watch.abort();
+        self.key_watch.abort();
         eprintln!("shutting down: writing {} queued records", self.stats.pending());
         // Spilling what is left takes a moment; leave it that much.
         let report = self.recorder_handle.shutdown_by(deadline).await;

@@ -14,11 +14,21 @@ const SECRET: &str = "sk-cli-test-secret-9c2e";
 
 impl Workdir {
     fn new(extra_config: &str) -> Workdir {
+        Workdir::configured("", extra_config)
+    }
+
+    /// `server` holds more `[server]` keys; these tests are not about keys,
+    /// so `auth` is off (the gateway listens on loopback).
+    fn configured(server: &str, extra_config: &str) -> Workdir {
         let closed_port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
         let config = format!(
             r#"
 [store]
 url = "sqlite://calls.db"
+
+[server]
+auth = "none"
+{server}
 
 [providers.cloud]
 type = "openai"
@@ -104,7 +114,7 @@ fn a_config_error_names_the_key_and_line_and_exits_non_zero() {
     let output = workdir.run(&["calls", "list"]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("understudy.toml:32: `tasks.broken.lead`: no model named `nope`"), "{stderr}");
+    assert!(stderr.contains("understudy.toml:36: `tasks.broken.lead`: no model named `nope`"), "{stderr}");
     // UNDERSTUDY_CONFIG is honoured.
     let output =
         workdir.command().env("UNDERSTUDY_CONFIG", "missing.toml").args(["calls", "list"]).output().expect("run");
@@ -295,6 +305,142 @@ fn the_official_openai_python_client_works() {
     );
 }
 
+/// Keys from the command line to a served gateway: made, used, refused,
+/// revoked, and the costs reported by key.
+#[test]
+fn keys_made_on_the_command_line_guard_a_served_gateway() {
+    let workdir = Workdir::new("");
+    // The same config, with keys on (the default).
+    let config = std::fs::read_to_string(workdir.path("understudy.toml")).expect("config");
+    std::fs::write(workdir.path("understudy.toml"), config.replace("auth = \"none\"\n", "")).expect("config");
+    lines_file(&workdir.path("recorded.jsonl"), &[example("Question 1?", "NUM", "2026-10-01T00:00:00Z")]);
+
+    let created = workdir.run_json(&["keys", "create", "--name", "team-a", "--tasks", "trec", "--json"]);
+    let team_a = created["key"].as_str().expect("the key is printed").to_string();
+    assert!(team_a.starts_with("us-") && team_a.len() == 35, "{team_a}");
+    assert_eq!((created["name"].as_str(), created["tasks"].clone()), (Some("team-a"), json!(["trec"])));
+    let plain = workdir.run_ok(&["keys", "create", "--name", "ops", "--admin"]);
+    let ops = plain.trim().to_string();
+    assert!(ops.starts_with("us-"), "the key alone on standard output: {plain}");
+    let error = workdir.run_err(&["keys", "create", "--name", "team-a"]);
+    assert!(error.contains("already named `team-a`"), "{error}");
+    let error = workdir.run_err(&["keys", "create", "--name", "typo", "--tasks", "treck"]);
+    assert!(error.contains("no task `treck`") && error.contains("known: trec, triage"), "{error}");
+    let error = workdir.run_err(&["keys", "create", "--name", "x", "--period", "day"]);
+    assert!(error.contains("--budget-usd"), "{error}");
+
+    let listed = workdir.run_ok(&["keys", "list", "--json"]);
+    assert_eq!(listed.lines().count(), 2);
+    assert!(!listed.contains(&team_a) && !listed.contains(&ops), "a list never shows a key");
+    assert!(listed.contains(&team_a[..9]), "but its prefix: {listed}");
+
+    let (child, base_url, stderr) = workdir.serve();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let client = reqwest::Client::new();
+    let ask = |key: Option<&str>, model: &str| {
+        runtime.block_on(async {
+            let body = json!({"model": model, "messages": [
+                {"role": "system", "content": "Answer with one label."},
+                {"role": "user", "content": "Question 1?"},
+            ]});
+            let mut request = client.post(format!("{base_url}/chat/completions")).json(&body);
+            if let Some(key) = key {
+                request = request.bearer_auth(key);
+            }
+            request.send().await.expect("answer").status().as_u16()
+        })
+    };
+    assert_eq!(ask(None, "task:trec"), 401);
+    assert_eq!(ask(Some(&team_a), "task:trec"), 200);
+    assert_eq!(ask(Some(&team_a), "task:triage"), 403);
+    assert_eq!(ask(Some(&ops), "task:trec"), 200);
+
+    let revoked = workdir.run_ok(&["keys", "revoke", "team-a"]);
+    assert!(revoked.contains("revoked"), "{revoked}");
+    // Until the gateway's next reload (at most a second), the key still works.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut n_before_reload = 0;
+    while ask(Some(&team_a), "task:trec") != 401 {
+        n_before_reload += 1;
+        assert!(std::time::Instant::now() < deadline, "the revocation never reached the gateway");
+    }
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let mut child = child;
+    child.wait().expect("wait");
+    let log = stderr.join().expect("log");
+    assert!(!log.contains(&team_a) && !log.contains(&ops), "a key leaked into the log");
+
+    let shown = workdir.run_json(&["keys", "show", "team-a", "--json"]);
+    assert_eq!(shown["status"], "revoked");
+    let report = workdir.run_json(&["report", "costs", "--by", "key", "--json"]);
+    let by_key: Vec<(String, u64, u64)> = report
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|row| {
+            (
+                row["key_name"].as_str().unwrap_or("-").to_string(),
+                row["calls"].as_u64().unwrap(),
+                row["errors"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    // 401s have no key to charge and are not recorded.
+    let team_a_calls = by_key.iter().find(|row| row.0 == "team-a").expect("team-a row");
+    assert_eq!((team_a_calls.1, team_a_calls.2), (2 + n_before_reload, 1));
+    assert_eq!(by_key.iter().find(|row| row.0 == "ops").map(|row| (row.1, row.2)), Some((1, 0)));
+    assert_eq!(by_key.iter().map(|row| row.1).sum::<u64>(), 3 + n_before_reload);
+    let table = workdir.run_ok(&["report", "costs", "--by", "key"]);
+    assert!(table.contains("team-a") && table.contains("ops"), "{table}");
+    let db = std::fs::read(workdir.path("calls.db")).expect("db");
+    assert!(!db.windows(team_a.len()).any(|window| window == team_a.as_bytes()), "the key is in the store");
+}
+
+#[test]
+fn serving_without_keys_off_loopback_is_refused() {
+    let workdir = Workdir::new("");
+    let output = workdir.run(&["serve", "--listen", "0.0.0.0:0"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("auth = \"none\"") && stderr.contains("loopback"), "{stderr}");
+}
+
+#[test]
+fn the_official_openai_python_client_sees_key_errors() {
+    let Some(python) = std::env::var_os("UNDERSTUDY_PYTHON") else {
+        assert!(std::env::var_os("CI").is_none(), "CI must set UNDERSTUDY_PYTHON (scripts/test.sh does)");
+        eprintln!("skipped: set UNDERSTUDY_PYTHON to a Python with the openai package");
+        return;
+    };
+    let workdir = Workdir::new("");
+    let config = std::fs::read_to_string(workdir.path("understudy.toml")).expect("config");
+    std::fs::write(workdir.path("understudy.toml"), config.replace("auth = \"none\"\n", "")).expect("config");
+    lines_file(&workdir.path("recorded.jsonl"), &[example("Question 1?", "NUM", "2026-10-01T00:00:00Z")]);
+    let key = |args: &[&str]| {
+        let mut all = vec!["keys", "create", "--json"];
+        all.extend_from_slice(args);
+        workdir.run_json(&all)["key"].as_str().expect("key").to_string()
+    };
+    let good = key(&["--name", "good"]);
+    let scoped = key(&["--name", "scoped", "--tasks", "triage"]);
+    let limited = key(&["--name", "limited", "--rpm", "1"]);
+    let (child, base_url, stderr) = workdir.serve();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_keys.py");
+    let output =
+        Command::new(python).arg(script).args([&base_url, &good, &scoped, &limited]).output().expect("run python");
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let mut child = child;
+    child.wait().expect("wait");
+    let _ = stderr.join();
+    assert!(
+        output.status.success(),
+        "openai client failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout).lines().count(), 4);
+}
+
 #[test]
 fn quickstart_sends_real_traffic_through_a_replay_lead() {
     // Gated: it downloads the TREC set from PyPI once (scripts/test.sh sets it).
@@ -369,8 +515,9 @@ fn quickstart_sends_real_traffic_through_a_replay_lead() {
 /// next start writes them.
 #[test]
 fn issue_12_sigterm_with_the_store_locked_spills_by_its_deadline_and_the_next_start_replays() {
-    let workdir = Workdir::new(
-        "\n[server]\nshutdown_timeout_secs = 2\nheader_read_timeout_secs = 120\nbody_read_timeout_secs = 120\n",
+    let workdir = Workdir::configured(
+        "shutdown_timeout_secs = 2\nheader_read_timeout_secs = 120\nbody_read_timeout_secs = 120",
+        "",
     );
     let recorded: Vec<Value> =
         (0..10).map(|idx| example(&format!("Question {idx}?"), "NUM", "2026-10-01T00:00:00Z")).collect();

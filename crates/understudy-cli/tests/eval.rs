@@ -18,6 +18,9 @@ const WORDS: &[&str] = &["who", "wrote", "where", "is", "how", "many", "city", "
 /// 20 prompt and 2 completion tokens a call costs $0.024, $24 per 1k calls.
 const LEAD_COST_PER_1K: f64 = 24.0;
 
+/// A target agreement the tiny classifier's validation calls can certify.
+const CERTIFIABLE: &str = "0.5";
+
 impl Workdir {
     /// A config with a replay lead for a label task (`questions`) and a
     /// generation task (`summaries`), and a local provider priced at
@@ -27,6 +30,9 @@ impl Workdir {
             r#"
 [store]
 url = "sqlite://calls.db"
+
+[server]
+auth = "none"
 
 [providers.recorded]
 type = "replay"
@@ -47,14 +53,19 @@ lead = "replayed"
 [tasks.summaries]
 lead = "replayed"
 kind = "generation"
+# Eval asks the understudy within the task's timeout, as the gateway does;
+# a loaded test machine must not turn a slow answer into a fallback.
+understudy_timeout_ms = 600000
 "#
         );
         Workdir::with_config(&config)
     }
 
     /// 90 label-task calls whose first word decides the label, imported with
-    /// their usage, a dataset built and a tiny classifier trained on it; also
-    /// the replay lead's recordings. Returns the model version's id.
+    /// their usage, a dataset built and a tiny classifier trained on it long
+    /// enough to learn the rule (so that its validation calls certify a
+    /// modest target); also the replay lead's recordings. Returns the model
+    /// version's id.
     fn trained_classifier(&self) -> String {
         understudy_trainer::testing::write_tiny_bert_dir(&self.path("tiny-bert"), WORDS, 5).expect("tiny bert");
         let starts = [("who", "HUM"), ("where", "LOC"), ("how", "NUM")];
@@ -69,8 +80,18 @@ kind = "generation"
         self.write_lines("recorded.jsonl", &lines);
         self.run_ok(&["import", "--task", "questions", "calls.jsonl"]);
         self.run_ok(&["dataset", "build", "--task", "questions", "--near-dup-threshold", "1.0"]);
-        let trained =
-            self.run_json(&["train", "--task", "questions", "--base", "tiny-bert", "--epochs", "2", "--json"]);
+        let trained = self.run_json(&[
+            "train",
+            "--task",
+            "questions",
+            "--base",
+            "tiny-bert",
+            "--epochs",
+            "20",
+            "--learning-rate",
+            "0.003",
+            "--json",
+        ]);
         trained["model_version"].as_str().expect("version id").to_string()
     }
 
@@ -126,7 +147,7 @@ fn a_label_eval_has_intervals_on_every_figure_and_a_self_contained_page() {
         "questions",
         "--json",
         "--target-agreement",
-        "0",
+        CERTIFIABLE,
         "--html",
         "report.html",
         "--answers",
@@ -180,10 +201,23 @@ fn a_label_eval_has_intervals_on_every_figure_and_a_self_contained_page() {
     let n_agree = answers.iter().filter(|answer| answer["agrees"] == true).count();
     assert!(close(number(&model["accuracy"]["value"]), n_agree as f64 / n_test as f64));
 
-    // At target 0 some threshold is chosen; every cascade figure has its interval.
+    // A modest target is certified; every cascade figure on test has its interval.
     let cascade = &model["cascade"];
-    assert!(cascade["threshold"].as_f64().is_some(), "{cascade}");
+    assert_eq!(cascade["certified"], true, "{cascade}");
+    let threshold = number(&cascade["threshold"]);
+    assert_eq!(number(&cascade["target_agreement"]), 0.5);
+    assert_eq!(number(&cascade["delta"]), 0.05);
+    // The certificate: enough validation calls served at the threshold, few
+    // enough disagreeing that the exact bound on disagreement is under 1 - target.
+    let (served, errors) =
+        (cascade["validation_served"].as_u64().unwrap(), cascade["validation_errors"].as_u64().unwrap());
+    assert!(served >= cascade["min_served"].as_u64().unwrap() && errors <= served, "{cascade}");
+    assert!(number(&cascade["p_value"]) <= 0.05 && number(&cascade["risk_upper_bound"]) <= 0.5, "{cascade}");
+    assert!(cascade["more_calls_needed"].is_null(), "{cascade}");
+    let n_test_served =
+        answers.iter().filter(|answer| answer["confidence"].as_f64().is_some_and(|c| c >= threshold)).count();
     let coverage = bracketed(&cascade["coverage"], "coverage");
+    assert!(close(coverage, n_test_served as f64 / n_test as f64), "{cascade}");
     bracketed(&cascade["served_agreement"], "served agreement");
     bracketed(&cascade["overall_agreement"], "overall agreement");
     let avoided = bracketed(&cascade["lead_cost_avoided_per_1k"], "avoided");
@@ -200,8 +234,17 @@ fn a_label_eval_has_intervals_on_every_figure_and_a_self_contained_page() {
     assert!(!html.contains("<script") && !html.contains("src=\"http") && !html.contains("<link"), "{html}");
 
     // The table shows the intervals too, and an explicit price overrides the config's.
-    let text = workdir.run_ok(&["eval", "--task", "questions", "--machine-price-per-hour", "2"]);
+    let text = workdir.run_ok(&[
+        "eval",
+        "--task",
+        "questions",
+        "--machine-price-per-hour",
+        "2",
+        "--target-agreement",
+        CERTIFIABLE,
+    ]);
     assert!(text.contains("$2/hour") && text.contains("per label [95% CI]") && text.contains("net saved"), "{text}");
+    assert!(text.contains("cascade certified at threshold") && text.contains("with delta 0.05"), "{text}");
 
     // A classifier cannot answer a generation task.
     workdir.run_ok(&["import", "--task", "summaries", "calls.jsonl"]);
@@ -211,16 +254,24 @@ fn a_label_eval_has_intervals_on_every_figure_and_a_self_contained_page() {
 }
 
 #[test]
-fn promote_needs_a_threshold_for_a_cascade_and_lead_undoes_it() {
+fn promote_refuses_an_uncertified_cascade_and_lead_undoes_it() {
     let workdir = Workdir::new(0.5);
     let version = workdir.trained_classifier();
+    // Never evaluated: nothing certifies a threshold, so a bare cascade is refused.
     let stderr = workdir.run_err(&["promote", "--task", "questions", "--policy", "cascade"]);
-    assert!(stderr.contains("no calibrated threshold") && stderr.contains("--threshold"), "{stderr}");
+    for needle in ["refusing a cascade", "understudy eval --task questions", "--policy shadow", "--threshold"] {
+        assert!(stderr.contains(needle), "{needle}: {stderr}");
+    }
 
-    let promoted =
-        workdir.run_json(&["promote", "--task", "questions", "--policy", "cascade", "--threshold", "0.9", "--json"]);
+    // A threshold of the user's own is allowed, with a warning that nothing certifies it.
+    let output =
+        workdir.run(&["promote", "--task", "questions", "--policy", "cascade", "--threshold", "0.9", "--json"]);
+    assert!(output.status.success(), "{output:?}");
+    let promoted: Value = serde_json::from_slice(&output.stdout).expect("json");
     assert_eq!(promoted["policy"], "cascade:0.9");
     assert_eq!(promoted["understudy"], version.as_str(), "the newest model version by default");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("warning") && stderr.contains("not certified"), "{stderr}");
 
     let stderr = workdir.run_err(&["promote", "--task", "questions", "--policy", "canary:150"]);
     assert!(stderr.contains("between 0 and 100"), "{stderr}");
@@ -234,13 +285,107 @@ fn promote_needs_a_threshold_for_a_cascade_and_lead_undoes_it() {
     let policies: Vec<&str> = history.iter().map(|change| change.policy.as_str()).collect();
     assert_eq!(policies, ["lead", "cascade:0.9"], "failed promotions leave no trace; newest first");
 
-    // After eval calibrates, a bare cascade takes the calibrated threshold.
-    let evaluated = workdir.run_json(&["eval", "--task", "questions", "--json", "--target-agreement", "0"]);
-    let threshold = number(&evaluated["models"][0]["cascade"]["threshold"]);
-    let promoted = workdir.run_json(&["promote", "--task", "questions", "--policy", "cascade", "--json"]);
+    // Parameters a certificate cannot honour are refused up front.
+    let stderr = workdir.run_err(&["eval", "--task", "questions", "--target-agreement", "0"]);
+    assert!(stderr.contains("target agreement 0") && stderr.contains("(0, 1]"), "{stderr}");
+    let stderr = workdir.run_err(&["eval", "--task", "questions", "--delta", "1"]);
+    assert!(stderr.contains("delta 1 is outside (0, 1)"), "{stderr}");
+
+    // Evaluated, but a handful of validation calls cannot certify 99.9 %
+    // agreement: eval says so, writes an uncertified calibration, and a bare
+    // cascade is still refused, saying what would help.
+    let uncertified = ["eval", "--task", "questions", "--target-agreement", "0.999"];
+    let evaluated = workdir.run_json(&[uncertified.as_slice(), &["--json"]].concat());
+    let cascade = &evaluated["models"][0]["cascade"];
+    assert_eq!(cascade["certified"], false, "{cascade}");
+    assert!(cascade["threshold"].is_null() && cascade["coverage"].is_null(), "{cascade}");
+    assert_eq!(number(&cascade["delta"]), 0.05, "the default delta");
+    let path = workdir.with_store(async |store: &understudy_store::Store| {
+        store.list_model_versions("questions").await.expect("versions")[0].path.clone()
+    });
+    let calibration: Value =
+        serde_json::from_str(&std::fs::read_to_string(Path::new(&path).join("calibration.json")).expect("calibration"))
+            .expect("json");
+    assert_eq!(calibration["certified"], false, "{calibration}");
+    assert!(calibration["threshold"].is_null(), "{calibration}");
+    assert_eq!(number(&calibration["target_agreement"]), 0.999);
+    assert!(calibration["n_validation"].as_u64().expect("n_validation") > 0, "{calibration}");
+    assert_eq!(calibration["more_calls_needed"], cascade["more_calls_needed"]);
+    let more = match cascade["more_calls_needed"].as_u64() {
+        Some(more) => format!("about {more} more labelled calls"),
+        None => "no amount of labelled calls".to_string(),
+    };
+    let text = workdir.run_ok(&uncertified);
+    assert!(text.contains("cascade NOT certified") && text.contains(&more), "{more}: {text}");
+    assert!(text.contains("the shadow policy remains available"), "{text}");
+    let stderr = workdir.run_err(&["promote", "--task", "questions", "--policy", "cascade"]);
+    assert!(stderr.contains("could not certify") && stderr.contains("--policy shadow"), "{stderr}");
+    let more = more.replace("no amount of labelled calls", "more calls alone would not do");
+    assert!(stderr.contains(&more), "{more}: {stderr}");
+
+    // Once eval certifies a threshold, a bare cascade takes it, with no warning.
+    let evaluated = workdir.run_json(&["eval", "--task", "questions", "--json", "--target-agreement", CERTIFIABLE]);
+    let cascade = &evaluated["models"][0]["cascade"];
+    assert_eq!(cascade["certified"], true, "{cascade}");
+    let threshold = number(&cascade["threshold"]);
+    let output = workdir.run(&["promote", "--task", "questions", "--policy", "cascade", "--json"]);
+    assert!(output.status.success(), "{output:?}");
+    let promoted: Value = serde_json::from_slice(&output.stdout).expect("json");
     let policy = promoted["policy"].as_str().expect("policy");
     let promoted_threshold: f64 = policy.strip_prefix("cascade:").expect("a cascade").parse().expect("threshold");
     assert!((promoted_threshold - threshold).abs() < 1e-6, "{policy} vs {threshold}");
+    assert!(!String::from_utf8_lossy(&output.stderr).contains("warning"), "{output:?}");
+}
+
+/// A test call the understudy cannot answer (here an image, which a text
+/// classifier cannot read: it answers 400, as it would in the gateway) is a
+/// fallback to the lead, reported as such; eval still scores every other call.
+#[test]
+fn a_call_the_understudy_cannot_answer_is_a_fallback_not_an_error() {
+    let workdir = Workdir::new(0.5);
+    let version = workdir.trained_classifier();
+    // The newest call, so that it lands in the test split.
+    let image = json!({
+        "messages": [
+            {"role": "system", "content": "Label the question."},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/q.png"}}]},
+            {"role": "assistant", "content": "HUM"},
+        ],
+        "created_at": 1_800_000_000,
+        "usage": {"prompt_tokens": 20, "completion_tokens": 2, "total_tokens": 22},
+    });
+    workdir.write_lines("image.jsonl", &[image]);
+    workdir.run_ok(&["import", "--task", "questions", "image.jsonl"]);
+    workdir.run_ok(&["dataset", "build", "--task", "questions", "--near-dup-threshold", "1.0"]);
+    let args = ["eval", "--task", "questions", "--model", &version, "--target-agreement", CERTIFIABLE];
+    let report = workdir.run_json(&[args.as_slice(), &["--json", "--answers", "answers.jsonl"]].concat());
+    let model = &report["models"][0];
+    let n_test = report["n_test"].as_u64().expect("n_test");
+    assert_eq!(model["n_fallback_rows"], 1, "{model}");
+    assert_eq!(model["fallback_reasons"], json!({"understudy_error": 1}), "{model}");
+
+    let answers: Vec<Value> = std::fs::read_to_string(workdir.path("answers.jsonl"))
+        .expect("answers file")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("json line"))
+        .collect();
+    assert_eq!(answers.len() as u64, n_test, "every test row is scored");
+    let failed: Vec<&Value> = answers.iter().filter(|answer| !answer["fallback"].is_null()).collect();
+    assert_eq!(failed.len(), 1, "{answers:?}");
+    assert_eq!(failed[0]["fallback"], "understudy_error");
+    assert!(failed[0]["answer"].is_null() && failed[0]["agrees"] == false, "{}", failed[0]);
+    let error = failed[0]["error"].as_str().expect("error");
+    assert!(error.contains("400") && error.contains("no user text"), "{error}");
+    // The row counts as a wrong answer, and the cascade never serves it.
+    let n_agree = answers.iter().filter(|answer| answer["agrees"] == true).count();
+    assert!(close(number(&model["accuracy"]["value"]), n_agree as f64 / n_test as f64), "{model}");
+    assert!(model["labels"].as_array().expect("labels").contains(&json!("(no answer)")), "{model}");
+    if let Some(coverage) = model["cascade"]["coverage"]["value"].as_f64() {
+        assert!(coverage <= (n_test - 1) as f64 / n_test as f64 + 1e-12, "{model}");
+    }
+    let text = workdir.run_ok(&args);
+    let expected = format!("1 of {n_test} test calls fall back to the lead at every threshold (understudy_error 1)");
+    assert!(text.contains(&expected), "{text}");
 }
 
 #[test]
@@ -315,7 +460,7 @@ fn savings_totals_are_the_sums_of_the_days_and_payback_repays_training() {
     assert!(number(&totals["lead_cost_avoided"]) > 0.0 && number(&totals["understudy_cost"]) > 0.0);
     assert!(close(
         number(&totals["net_savings"]),
-        number(&totals["lead_cost_avoided"]) - number(&totals["understudy_cost"])
+        number(&totals["lead_cost_avoided"]) - number(&totals["understudy_cost"]) - number(&totals["audit_cost"])
     ));
 
     // Training is the version's wall time at the machine price; payback divides
@@ -395,10 +540,12 @@ fn a_generation_eval_scores_a_zero_shot_base_model() {
             "--max-tokens",
             "8",
             "--target-agreement",
-            "0",
+            "0.5",
             "--json",
             "--answers",
             "answers.jsonl",
+            "--html",
+            "report.html",
         ]
     };
     let report = workdir.run_json(&eval_args("summaries"));
@@ -427,8 +574,15 @@ fn a_generation_eval_scores_a_zero_shot_base_model() {
     for figure in ["exact_match", "normalized_match", "token_f1", "rouge_l", "latency_p50_ms", "cost_per_1k"] {
         bracketed(&model[figure], figure);
     }
-    assert!(model["cascade"]["threshold"].as_f64().is_some(), "{model}");
-    bracketed(&model["cascade"]["coverage"], "coverage");
+    // No answer matches a JSON reference, so no threshold can be certified,
+    // and no number of calls would change that at this rate.
+    let cascade = &model["cascade"];
+    assert_eq!(cascade["certified"], false, "{cascade}");
+    assert!(cascade["threshold"].is_null() && cascade["coverage"].is_null(), "{cascade}");
+    assert!(cascade["more_calls_needed"].is_null(), "{cascade}");
+    let html = std::fs::read_to_string(workdir.path("report.html")).expect("html report");
+    assert!(html.contains("cascade NOT certified") && html.contains("no amount of labelled calls"), "{html}");
+    assert!(html.contains("the shadow policy remains available"), "{html}");
 
     // The same prompts again, as another task whose lead said what the model
     // says on every other test row: exactly those rows match.
@@ -457,7 +611,7 @@ fn a_generation_eval_scores_a_zero_shot_base_model() {
     });
     workdir.write_lines("second.jsonl", &second);
     let mut config = std::fs::read_to_string(workdir.path("understudy.toml")).expect("config");
-    config.push_str("\n[tasks.echo]\nlead = \"replayed\"\nkind = \"generation\"\n");
+    config.push_str("\n[tasks.echo]\nlead = \"replayed\"\nkind = \"generation\"\nunderstudy_timeout_ms = 600000\n");
     std::fs::write(workdir.path("understudy.toml"), config).expect("config");
     workdir.run_ok(&["import", "--task", "echo", "second.jsonl"]);
     workdir.run_ok(&build_for("echo"));

@@ -71,6 +71,47 @@ pub struct ServerConfig {
     /// How long SIGTERM waits for requests in flight and queued records
     /// before the rest of the queue goes to the spill file.
     pub shutdown_timeout: Duration,
+    /// Whether clients must send a gateway key.
+    pub auth: Auth,
+    /// A Redis that gateways share their keys' rate limits and budgets
+    /// through; `None`: each gateway counts in its own memory.
+    pub limits_redis_url: Option<String>,
+}
+
+/// How the gateway knows who calls it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Auth {
+    /// Every request carries `Authorization: Bearer <key>`, a key made with
+    /// `understudy keys create`; the default.
+    Keys,
+    /// Anyone who can reach the socket may call; allowed only on a loopback
+    /// address, where that is this machine's own processes.
+    None,
+}
+
+impl Auth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Auth::Keys => "keys",
+            Auth::None => "none",
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Refuses to serve without keys on an address other machines can
+    /// reach: anyone there could spend the lead's budget and read nothing
+    /// less than every answer. `serve --listen` is checked here too.
+    pub fn check_exposure(&self, listen: SocketAddr) -> Result<(), String> {
+        if self.auth == Auth::None && !listen.ip().is_loopback() {
+            return Err(format!(
+                "auth = \"none\" lets anyone who can reach {listen} call the lead on your account; it is only \
+                 allowed on a loopback address (127.0.0.1 or ::1). Keep auth = \"keys\" (the default) and give \
+                 clients keys made with `understudy keys create`"
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -310,6 +351,13 @@ struct RawServer {
     body_read_timeout_secs: f64,
     #[serde(default = "default_shutdown_timeout_secs")]
     shutdown_timeout_secs: f64,
+    #[serde(default = "default_auth")]
+    auth: Spanned<String>,
+    limits_redis_url: Option<Spanned<String>>,
+}
+
+fn default_auth() -> Spanned<String> {
+    Spanned::new(0..0, "keys".to_string())
 }
 
 impl Default for RawServer {
@@ -320,6 +368,8 @@ impl Default for RawServer {
             header_read_timeout_secs: default_header_read_timeout_secs(),
             body_read_timeout_secs: default_body_read_timeout_secs(),
             shutdown_timeout_secs: default_shutdown_timeout_secs(),
+            auth: default_auth(),
+            limits_redis_url: None,
         }
     }
 }
@@ -475,13 +525,40 @@ impl Validator<'_> {
                 self.invalid(format!("server.{key}"), 0, format!("{value} is not a positive number of seconds"))
             }
         };
+        let auth = match raw.server.auth.get_ref().as_str() {
+            "keys" => Auth::Keys,
+            "none" => Auth::None,
+            other => {
+                return self.invalid(
+                    "server.auth".into(),
+                    raw.server.auth.span().start,
+                    format!("unknown auth `{other}` (known: keys, none)"),
+                )
+            }
+        };
+        let limits_redis_url = match raw.server.limits_redis_url {
+            None => None,
+            Some(url) if url.get_ref().starts_with("redis://") => Some(url.into_inner()),
+            Some(url) => {
+                return self.invalid(
+                    "server.limits_redis_url".into(),
+                    url.span().start,
+                    format!("`{}` is not a redis:// URL", url.get_ref()),
+                )
+            }
+        };
         let server = ServerConfig {
             listen,
             max_body_bytes: raw.server.max_body_bytes,
             header_read_timeout: seconds("header_read_timeout_secs", raw.server.header_read_timeout_secs)?,
             body_read_timeout: seconds("body_read_timeout_secs", raw.server.body_read_timeout_secs)?,
             shutdown_timeout: seconds("shutdown_timeout_secs", raw.server.shutdown_timeout_secs)?,
+            auth,
+            limits_redis_url,
         };
+        if let Err(message) = server.check_exposure(listen) {
+            return self.invalid("server.auth".into(), raw.server.auth.span().start, message);
+        }
 
         let mut providers = BTreeMap::new();
         for (name, raw_provider) in raw.providers {
@@ -767,7 +844,8 @@ fn check_labels(labels: &[String]) -> Result<(), String> {
     }
     let mut seen = std::collections::HashSet::new();
     for label in labels {
-        let key = label.trim().to_lowercase();
+        // The one rule for comparing answers: labels that agree under it are one label.
+        let key = understudy_types::normalize_answer(label);
         if key.is_empty() {
             return Err("a label is blank".into());
         }

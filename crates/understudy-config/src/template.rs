@@ -25,6 +25,19 @@ batch_size = 512
 
 [server]
 listen = "127.0.0.1:8080"
+# Clients send `Authorization: Bearer <key>` (the OpenAI SDKs' api_key). Make
+# keys with `understudy keys create --name team-a` (shown once; the store keeps
+# only a hash), scoped with --tasks/--models, limited with --budget-usd and
+# --period day|month, --rpm and --tpm, and revoked with `understudy keys revoke`.
+# An unknown, revoked or expired key gets HTTP 401, a task or model outside the
+# key's scope 403, a spent budget or rate limit 429 with Retry-After. Admin keys
+# (--admin) may also rate any call and read /metrics and /healthz details.
+# auth = "none" turns keys off; it is refused unless `listen` is a loopback
+# address, because anyone who reaches the port could spend your lead's budget.
+auth = "keys"
+# Keys' limits and budgets are counted in each gateway's memory; gateways that
+# share a store can share them through Redis instead:
+# limits_redis_url = "redis://127.0.0.1:6379"
 max_body_bytes = 4194304                # larger request bodies get HTTP 413
 # header_read_timeout_secs = 10          # a request's headers, and an idle keep-alive
 #                                        # connection's wait for its next request

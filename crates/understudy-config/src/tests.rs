@@ -136,3 +136,37 @@ fn a_local_models_weight_format_is_checked() {
     let error = parse(&cloud).unwrap_err().to_string();
     assert!(error.contains("models.gpt-4o-mini.weights") && error.contains("local provider"), "{error}");
 }
+
+#[test]
+fn auth_is_on_by_default_and_none_is_only_for_loopback() {
+    assert_eq!(parse(CONTRACT).expect("contract parses").server.auth, Auth::Keys);
+    let with_server = |server: &str| format!("[server]\n{server}\n{CONTRACT}");
+    let config = parse(&with_server("auth = \"none\"")).expect("none on the default loopback listen");
+    assert_eq!(config.server.auth, Auth::None);
+    let config = parse(&with_server("listen = \"[::1]:9000\"\nauth = \"none\"")).expect("none on ::1");
+    assert_eq!(config.server.auth, Auth::None);
+    // Keys make any address fine.
+    let config = parse(&with_server("listen = \"0.0.0.0:8080\"")).expect("keys on any address");
+    assert_eq!((config.server.auth, config.server.listen.to_string().as_str()), (Auth::Keys, "0.0.0.0:8080"));
+
+    let error = parse(&with_server("listen = \"0.0.0.0:8080\"\nauth = \"none\"")).expect_err("exposed").to_string();
+    assert!(error.starts_with("understudy.toml:3: `server.auth`"), "{error}");
+    assert!(error.contains("0.0.0.0:8080") && error.contains("loopback") && error.contains("keys create"), "{error}");
+    let error = parse(&with_server("auth = \"maybe\"")).expect_err("unknown").to_string();
+    assert_eq!(error, "understudy.toml:2: `server.auth`: unknown auth `maybe` (known: keys, none)");
+
+    // `serve --listen` overrides the file's address, and is checked the same way.
+    let config = parse(&with_server("auth = \"none\"")).expect("loopback");
+    assert!(config.server.check_exposure("127.0.0.1:1".parse().expect("addr")).is_ok());
+    assert!(config.server.check_exposure("10.1.2.3:8080".parse().expect("addr")).is_err());
+}
+
+#[test]
+fn shared_limits_take_a_redis_url() {
+    let with_server = |server: &str| format!("[server]\n{server}\n{CONTRACT}");
+    assert_eq!(parse(CONTRACT).expect("parses").server.limits_redis_url, None);
+    let config = parse(&with_server("limits_redis_url = \"redis://127.0.0.1:6379\"")).expect("redis");
+    assert_eq!(config.server.limits_redis_url.as_deref(), Some("redis://127.0.0.1:6379"));
+    let error = parse(&with_server("limits_redis_url = \"http://127.0.0.1:6379\"")).expect_err("bad").to_string();
+    assert_eq!(error, "understudy.toml:2: `server.limits_redis_url`: `http://127.0.0.1:6379` is not a redis:// URL");
+}

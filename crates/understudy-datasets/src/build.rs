@@ -763,6 +763,7 @@ mod tests {
             error: None,
             cost: understudy_types::Money(0.0),
             routing: None,
+            key: None,
         }
     }
 

@@ -200,6 +200,7 @@ impl ChatExample {
             error: None,
             cost: context.cost,
             routing: None,
+            key: None,
         }
     }
 

@@ -2,6 +2,7 @@
 //! it cannot honour (with the message the client gets in a 400).
 
 use serde_json::{Map, Value};
+use understudy_datasets::jsonl::{content_text, is_text_part};
 
 /// The sampling settings of one request.
 #[derive(Debug, Clone, PartialEq)]
@@ -137,26 +138,21 @@ fn parse_messages(messages: Option<&Value>) -> Result<Vec<(String, String)>, Str
     for (idx, message) in messages.iter().enumerate() {
         let role = message.get("role").and_then(Value::as_str).ok_or_else(|| format!("messages[{idx}] has no role"))?;
         let role = if role == "developer" { "system" } else { role };
-        let content = match message.get("content") {
-            None | Some(Value::Null) => String::new(),
-            Some(Value::String(text)) => text.clone(),
+        match message.get("content") {
+            None | Some(Value::Null) | Some(Value::String(_)) => {}
             Some(Value::Array(parts)) => {
-                let mut text = String::new();
-                for part in parts {
-                    match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
-                        (Some("text"), Some(part_text)) => text.push_str(part_text),
-                        _ => {
-                            return Err(format!("messages[{idx}] has a content part local models cannot read: {part}"))
-                        }
-                    }
+                // A part the shared rendering would leave out (an image) is
+                // refused, not silently dropped.
+                if let Some(part) = parts.iter().find(|part| !is_text_part(part)) {
+                    return Err(format!("messages[{idx}] has a content part local models cannot read: {part}"));
                 }
-                text
             }
             Some(other) => {
                 return Err(format!("messages[{idx}].content must be a string or a list of parts, got {other}"))
             }
-        };
-        out.push((role.to_string(), content));
+        }
+        // The text the model was trained on: the rendering training uses.
+        out.push((role.to_string(), content_text(message.get("content"))));
     }
     Ok(out)
 }
@@ -241,6 +237,19 @@ mod tests {
             let error = parse(body).unwrap_err();
             assert!(error.contains(needle), "{error}");
         }
+    }
+
+    #[test]
+    fn text_parts_are_joined_by_newlines_as_in_training() {
+        let parsed = parse(json!({"messages": [
+            {"role": "system", "content": "Label it."},
+            {"role": "user", "content": [{"type": "text", "text": "Who wrote"}, {"type": "text", "text": "Hamlet?"}]},
+        ]}))
+        .unwrap();
+        assert_eq!(parsed.messages[1], ("user".to_string(), "Who wrote\nHamlet?".to_string()));
+        let image = json!({"type": "image_url", "image_url": {"url": "http://x"}});
+        let error = parse(json!({"messages": [{"role": "user", "content": [image]}]})).unwrap_err();
+        assert!(error.contains("cannot read"), "{error}");
     }
 
     #[test]

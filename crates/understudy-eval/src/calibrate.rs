@@ -9,8 +9,19 @@ use crate::bootstrap::{bootstrap_many, Estimate};
 /// One understudy answer: how sure it was, and whether it matched the lead.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ScoredAnswer {
+    /// NaN for a call the cascade serves at no threshold.
     pub confidence: f64,
     pub agrees: bool,
+}
+
+impl ScoredAnswer {
+    /// A call the cascade serves at no threshold (the understudy failed or
+    /// timed out, or its answer is invalid or came without a confidence): the
+    /// lead answers it, so it lowers coverage and never counts in served
+    /// agreement.
+    pub fn never_served() -> ScoredAnswer {
+        ScoredAnswer { confidence: f64::NAN, agrees: false }
+    }
 }
 
 /// What a threshold gives on a set of answers.
@@ -188,6 +199,21 @@ mod tests {
         assert_eq!(curve.len(), 4);
         assert_eq!(curve[0].coverage, 0.25);
         assert_eq!(curve[3].coverage, 1.0);
+    }
+
+    #[test]
+    fn a_call_never_served_falls_back_at_every_threshold() {
+        let mut test = answers(&[(0.95, true), (0.5, false)]);
+        test.push(ScoredAnswer::never_served());
+        for threshold in [0.0, 0.5, 0.95] {
+            let outcome = evaluate_cascade(&test, threshold);
+            let n_served = if threshold <= 0.5 { 2.0 } else { 1.0 };
+            assert_eq!(outcome.coverage, n_served / 3.0, "{outcome:?}");
+        }
+        // Served at 0.95: one agreeing answer; the two others fall back to the lead.
+        assert_eq!(evaluate_cascade(&test, 0.95).overall_agreement, 1.0);
+        assert_eq!(coverage_curve(&test).len(), 2);
+        assert_eq!(choose_threshold(&test, 1.0), Some(0.95));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Metrics for label tasks: accuracy, macro-F1, per-label precision and
 //! recall, and the confusion matrix.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
+
+use understudy_types::normalize_answer;
 
 use crate::bootstrap::{bootstrap, bootstrap_many, Estimate};
 
@@ -31,18 +33,23 @@ pub struct LabelReport {
 }
 
 /// Scores `predicted` against `reference` (the lead's answers), pairwise.
+/// Two answers are the same label when they agree by the one rule of
+/// agreement ([`understudy_types::answers_agree`]), so that accuracy is the
+/// share of answers that agree with the lead's; a label is shown as first
+/// written, the reference's form first, without surrounding spaces.
 pub fn label_report(reference: &[String], predicted: &[String], n_resamples: usize, seed: u64) -> LabelReport {
     let n_examples = reference.len().min(predicted.len());
-    let labels: Vec<String> = reference[..n_examples]
-        .iter()
-        .chain(&predicted[..n_examples])
-        .cloned()
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let label_idx = |label: &str| labels.binary_search_by(|probe| probe.as_str().cmp(label)).unwrap_or(0);
+    let mut shown: BTreeMap<String, String> = BTreeMap::new();
+    for text in reference[..n_examples].iter().chain(&predicted[..n_examples]) {
+        shown.entry(normalize_answer(text)).or_insert_with(|| text.trim().to_string());
+    }
+    let mut labels: Vec<(String, String)> = shown.into_iter().map(|(key, label)| (label, key)).collect();
+    labels.sort();
+    let index: BTreeMap<&str, usize> = labels.iter().enumerate().map(|(idx, (_, key))| (key.as_str(), idx)).collect();
+    let label_idx = |text: &str| index.get(normalize_answer(text).as_str()).copied().unwrap_or(0);
     let pairs: Vec<(usize, usize)> =
         (0..n_examples).map(|idx| (label_idx(&reference[idx]), label_idx(&predicted[idx]))).collect();
+    let labels: Vec<String> = labels.into_iter().map(|(label, _)| label).collect();
 
     let accuracy = bootstrap(n_examples, n_resamples, 0.95, seed, |indices| {
         let n_correct = indices.iter().filter(|&&idx| pairs[idx].0 == pairs[idx].1).count();
@@ -160,5 +167,15 @@ mod tests {
         // A: p = 1, r = 1/2, f1 = 2/3; Z is absent from the reference.
         assert!((report.macro_f1.value - 2.0 / 3.0).abs() < 1e-12);
         assert_eq!(report.labels, strings(&["A", "Z"]));
+    }
+
+    #[test]
+    fn labels_that_agree_are_one_label_shown_as_the_lead_wrote_it() {
+        let reference = strings(&["DESC", "HUM", " HUM"]);
+        let predicted = strings(&["desc ", "HUM", "LOC"]);
+        let report = label_report(&reference, &predicted, 10, 3);
+        assert_eq!(report.labels, strings(&["DESC", "HUM", "LOC"]));
+        assert!((report.accuracy.value - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(report.confusion, vec![vec![1, 0, 0], vec![0, 1, 1], vec![0, 0, 0]]);
     }
 }

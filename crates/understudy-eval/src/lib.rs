@@ -9,12 +9,13 @@ pub mod calibrate;
 pub mod certify;
 pub mod generation;
 pub mod labels;
+pub mod ledger;
 pub mod sequential;
 
 pub use binomial::{binomial_cdf, clopper_pearson, clopper_pearson_lower, clopper_pearson_upper, ln_binomial_pmf};
 pub use bootstrap::{bootstrap, bootstrap_many, bootstrap_mean, bootstrap_quantile, ConfidenceInterval, Estimate};
 pub use calibrate::{cascade_report, choose_threshold, CascadeOutcome, CascadeReport, ScoredAnswer};
-pub use certify::{certify_threshold, Certification, ThresholdTest};
+pub use certify::{certify_threshold, check_target_agreement, Certification, ThresholdTest};
 pub use labels::{LabelMetrics, LabelReport};
 pub use sequential::{confidence_sequence, guardrail, AuditTally, GuardrailVerdict};
 
@@ -45,7 +46,7 @@ impl std::error::Error for ParameterError {}
 
 /// `delta` must be a probability strictly between 0 and 1: 0 would demand
 /// certainty from finite data and 1 promises nothing.
-pub(crate) fn check_delta(delta: f64) -> Result<(), ParameterError> {
+pub fn check_delta(delta: f64) -> Result<(), ParameterError> {
     if delta > 0.0 && delta < 1.0 {
         Ok(())
     } else {

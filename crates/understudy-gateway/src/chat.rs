@@ -18,10 +18,12 @@ use understudy_router::{first_step, judge, FirstStep, Verdict};
 use understudy_types::{CallRecord, Endpoint, Routing, ServedBy, Usage, UsageSource};
 
 use crate::assemble::StreamAssembler;
+use crate::auth::Caller;
 use crate::draft::{CallDraft, Outcome};
 use crate::feedback::CALL_ID_HEADER;
+use crate::limits::{Estimate, DEFAULT_ANSWER_TOKENS};
 use crate::request::{check_chat, parse_body, resolve_model, RequestBody};
-use crate::routing::{lead_cost_of, router_attempt};
+use crate::routing::lead_cost_of;
 use crate::{AppState, GatewayError};
 use understudy_providers::{AttemptOutcome, CostModel, Understudy, UnderstudyAttempt};
 
@@ -29,24 +31,32 @@ use understudy_providers::{AttemptOutcome, CostModel, Understudy, UnderstudyAtte
 /// or already in (a fallback); recorded beside the lead's.
 type PendingAttempt = BoxFuture<'static, Option<UnderstudyAttempt>>;
 
-pub(crate) async fn chat_completions(State(state): State<AppState>, body: RequestBody) -> Response {
-    let draft = CallDraft::start(Endpoint::ChatCompletions);
+pub(crate) async fn chat_completions(State(state): State<AppState>, caller: Caller, body: RequestBody) -> Response {
+    let draft = CallDraft::start(Endpoint::ChatCompletions, caller.key_ref());
     // The client learns the call's id, to send feedback on its answer.
     let call_id = draft.id;
-    state.inner.recent_calls.remember(call_id);
+    state.inner.recent_calls.remember(call_id, caller.key_id().map(str::to_string));
     let client = draft.client.clone();
-    let mut response = state.clone().serve_detached(client, serve_call(state, draft, body)).await;
+    let mut response = state.clone().serve_detached(client, serve_call(state.clone(), draft, caller, body)).await;
+    if !response.status().is_success() {
+        // A shadow call's record comes later; its client knows already.
+        state.inner.recent_calls.finished(call_id, false);
+    }
     if let Ok(value) = HeaderValue::from_str(&call_id.to_string()) {
         response.headers_mut().insert(CALL_ID_HEADER, value);
     }
     response
 }
 
-async fn serve_call(state: AppState, mut draft: CallDraft, body: RequestBody) -> Response {
-    let prepared = match prepare(&state, body, &mut draft) {
+async fn serve_call(state: AppState, mut draft: CallDraft, caller: Caller, body: RequestBody) -> Response {
+    let prepared = match prepare(&state, &caller, body, &mut draft) {
         Err(error) => return fail(&state, draft, error).await,
         Ok(prepared) => prepared,
     };
+    // The key's limits and budget, before anything is asked upstream.
+    if let Err(error) = state.admit(&caller, draft.id, || estimate(&prepared)).await {
+        return fail(&state, draft, error).await;
+    }
     let Some(task_name) = draft.task.clone() else {
         return serve_lead(state, draft, prepared, None).await;
     };
@@ -77,7 +87,7 @@ async fn serve_call(state: AppState, mut draft: CallDraft, body: RequestBody) ->
         }
         FirstStep::Understudy => {
             let attempt = understudy.attempt(prepared.request.clone(), timeout, labels.as_deref()).await;
-            match judge(route.policy, router_attempt(&attempt)) {
+            match judge(route.policy, attempt.router_attempt()) {
                 Verdict::ServeUnderstudy => {
                     serve_understudy(state, draft, prepared, routing, &understudy, attempt, &route).await
                 }
@@ -243,10 +253,32 @@ struct Prepared {
     include_usage: bool,
 }
 
-fn prepare(state: &AppState, body: RequestBody, draft: &mut CallDraft) -> Result<Prepared, GatewayError> {
+/// The most a call may cost and use: its prompt, counted, and its answer
+/// at `max_tokens` for each of its `n` choices, at the model's prices.
+fn estimate(prepared: &Prepared) -> Estimate {
+    let body = &prepared.request.body;
+    let answer_tokens = ["max_completion_tokens", "max_tokens"]
+        .iter()
+        .find_map(|field| body.get(*field).and_then(Value::as_u64))
+        .unwrap_or(DEFAULT_ANSWER_TOKENS);
+    let n_choices = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
+    let usage = Usage {
+        prompt_tokens: tokens::count_messages(&prepared.messages),
+        completion_tokens: answer_tokens.saturating_mul(n_choices),
+    };
+    Estimate { cost: prepared.model.price.cost(usage), tokens: usage.total_tokens() }
+}
+
+fn prepare(
+    state: &AppState,
+    caller: &Caller,
+    body: RequestBody,
+    draft: &mut CallDraft,
+) -> Result<Prepared, GatewayError> {
     let mut body = parse_body(body, draft)?;
     draft.stream = matches!(body.get("stream"), Some(Value::Bool(true)));
     let model = resolve_model(state, &mut body, draft)?.clone();
+    caller.check_scope(draft.task.as_deref(), &draft.model)?;
     let flags = check_chat(&body)?;
     let provider = state.provider(&model.provider)?.clone();
     let messages = body.get("messages").and_then(Value::as_array).cloned().unwrap_or_default();

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use axum::response::{IntoResponse, Response};
 
-use understudy_types::{CallRecord, Endpoint, Money, OffsetDateTime, Routing, Usage, UsageSource, Uuid};
+use understudy_types::{CallRecord, Endpoint, KeyRef, Money, OffsetDateTime, Routing, Usage, UsageSource, Uuid};
 
 use crate::{AppState, GatewayError};
 
@@ -27,6 +27,8 @@ pub(crate) struct CallDraft {
     pub routing: Option<Routing>,
     /// Whether the client still waits for the answer.
     pub client: ClientWatch,
+    /// The gateway key the call was made with.
+    pub key: Option<KeyRef>,
 }
 
 /// Set when the client went away before its answer was handed over.
@@ -71,7 +73,7 @@ pub(crate) struct Outcome {
 }
 
 impl CallDraft {
-    pub fn start(endpoint: Endpoint) -> CallDraft {
+    pub fn start(endpoint: Endpoint, key: Option<KeyRef>) -> CallDraft {
         CallDraft {
             id: CallRecord::new_id(),
             started: Instant::now(),
@@ -84,6 +86,7 @@ impl CallDraft {
             request: String::new(),
             routing: None,
             client: ClientWatch::default(),
+            key,
         }
     }
 
@@ -126,6 +129,7 @@ impl CallDraft {
             error,
             cost: outcome.cost,
             routing: self.routing,
+            key: self.key,
         }
     }
 
@@ -172,7 +176,14 @@ impl AppState {
 
     /// Queues a record, waiting if the queue is full. A recorder that has
     /// stopped is the only way to lose one, and that is logged loudly.
+    ///
+    /// Every record passes here, so this is where a call's reservation
+    /// against its key's limits becomes its real cost, where the metrics
+    /// count it, and where feedback learns how it ended.
     pub(crate) async fn record(&self, record: CallRecord) {
+        self.inner.limiter.settle(record.id, record.cost, record.usage.total_tokens()).await;
+        self.inner.metrics.observe(self.config(), &record);
+        self.inner.recent_calls.finished(record.id, record.is_success());
         if let Err(record) = self.recorder().record(record).await {
             tracing::error!(call_id = %record.id, "recorder has stopped; a call record could not be queued");
         }

@@ -8,19 +8,21 @@ use serde_json::Value;
 use understudy_providers::{tokens, EmbeddingRequest};
 use understudy_types::{Endpoint, Usage, UsageSource};
 
+use crate::auth::Caller;
 use crate::draft::{CallDraft, Outcome};
+use crate::limits::Estimate;
 use crate::request::{parse_body, resolve_model, RequestBody};
 use crate::{AppState, GatewayError};
 use understudy_providers::CostModel;
 
-pub(crate) async fn embeddings(State(state): State<AppState>, body: RequestBody) -> Response {
-    let draft = CallDraft::start(Endpoint::Embeddings);
+pub(crate) async fn embeddings(State(state): State<AppState>, caller: Caller, body: RequestBody) -> Response {
+    let draft = CallDraft::start(Endpoint::Embeddings, caller.key_ref());
     let client = draft.client.clone();
-    state.clone().serve_detached(client, serve_embeddings(state, draft, body)).await
+    state.clone().serve_detached(client, serve_embeddings(state, draft, caller, body)).await
 }
 
-async fn serve_embeddings(state: AppState, mut draft: CallDraft, body: RequestBody) -> Response {
-    match embed(&state, body, &mut draft).await {
+async fn serve_embeddings(state: AppState, mut draft: CallDraft, caller: Caller, body: RequestBody) -> Response {
+    match embed(&state, &caller, body, &mut draft).await {
         Ok((body, outcome)) => {
             state.record(draft.finish(outcome)).await;
             ([(header::CONTENT_TYPE, "application/json")], body).into_response()
@@ -32,14 +34,26 @@ async fn serve_embeddings(state: AppState, mut draft: CallDraft, body: RequestBo
     }
 }
 
-async fn embed(state: &AppState, body: RequestBody, draft: &mut CallDraft) -> Result<(Bytes, Outcome), GatewayError> {
+async fn embed(
+    state: &AppState,
+    caller: &Caller,
+    body: RequestBody,
+    draft: &mut CallDraft,
+) -> Result<(Bytes, Outcome), GatewayError> {
     let mut body = parse_body(body, draft)?;
     let model = resolve_model(state, &mut body, draft)?.clone();
+    caller.check_scope(draft.task.as_deref(), &draft.model)?;
     let input = match body.get("input") {
         Some(input @ (Value::String(_) | Value::Array(_))) => input.clone(),
         Some(_) => return Err(GatewayError::invalid("`input` must be a string or an array.", "input")),
         None => return Err(GatewayError::invalid("Missing required parameter: `input`.", "input")),
     };
+    state
+        .admit(caller, draft.id, || {
+            let tokens = tokens::count_embedding_input(&input);
+            Estimate { cost: model.price.cost(Usage { prompt_tokens: tokens, completion_tokens: 0 }), tokens }
+        })
+        .await?;
     let provider = state.provider(&model.provider)?.clone();
     let response = provider.embed(EmbeddingRequest { body }).await?;
     let (usage, usage_source) = match response.usage {

@@ -30,6 +30,23 @@ pub enum GatewayError {
     /// The detail (which may name the database) goes to the log only.
     #[error("The store failed to answer; the gateway's log has the details.")]
     Store(String),
+    #[error(
+        "You didn't provide an API key. Send `Authorization: Bearer <key>` with a key made by `understudy keys create`."
+    )]
+    MissingKey,
+    #[error("Incorrect API key provided: {0}. Keys are made with `understudy keys create`.")]
+    InvalidKey(String),
+    #[error("The key `{0}` was revoked.")]
+    RevokedKey(String),
+    #[error("The key `{name}` expired at {at}.")]
+    ExpiredKey { name: String, at: understudy_types::OffsetDateTime },
+    /// A key used outside its scope, or where an admin key is needed.
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{}", .0.message)]
+    LimitReached(crate::limits::Refusal),
+    #[error("The call `{0}` failed, so there is no answer to rate.")]
+    FeedbackOnFailedCall(String),
 }
 
 impl GatewayError {
@@ -39,7 +56,15 @@ impl GatewayError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            GatewayError::InvalidJson(_) | GatewayError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            GatewayError::InvalidJson(_)
+            | GatewayError::InvalidRequest { .. }
+            | GatewayError::FeedbackOnFailedCall(_) => StatusCode::BAD_REQUEST,
+            GatewayError::MissingKey
+            | GatewayError::InvalidKey(_)
+            | GatewayError::RevokedKey(_)
+            | GatewayError::ExpiredKey { .. } => StatusCode::UNAUTHORIZED,
+            GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
+            GatewayError::LimitReached(_) => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::ModelNotFound(_) | GatewayError::RouteNotFound { .. } | GatewayError::CallNotFound(_) => {
                 StatusCode::NOT_FOUND
             }
@@ -66,7 +91,19 @@ impl GatewayError {
             | GatewayError::PayloadTooLarge { .. }
             | GatewayError::BodyTimeout { .. }
             | GatewayError::RouteNotFound { .. }
-            | GatewayError::CallNotFound(_) => "invalid_request_error",
+            | GatewayError::CallNotFound(_)
+            | GatewayError::FeedbackOnFailedCall(_)
+            | GatewayError::MissingKey
+            | GatewayError::InvalidKey(_)
+            | GatewayError::RevokedKey(_)
+            | GatewayError::ExpiredKey { .. } => "invalid_request_error",
+            GatewayError::Forbidden(_) => "permission_error",
+            // As OpenAI types its 429s: by the limit that was reached.
+            GatewayError::LimitReached(refusal) => match refusal.kind {
+                crate::limits::LimitKind::Requests => "requests",
+                crate::limits::LimitKind::Tokens => "tokens",
+                crate::limits::LimitKind::Budget => "insufficient_quota",
+            },
             GatewayError::Store(_) | GatewayError::Internal => "server_error",
             GatewayError::Provider(ProviderError::ReplayNoMatch { .. } | ProviderError::Unsupported { .. }) => {
                 "invalid_request_error"
@@ -85,6 +122,16 @@ impl GatewayError {
             GatewayError::BodyTimeout { .. } => "request_timeout",
             GatewayError::RouteNotFound { .. } => "unknown_url",
             GatewayError::CallNotFound(_) => "call_not_found",
+            GatewayError::FeedbackOnFailedCall(_) => "call_failed",
+            GatewayError::MissingKey => "missing_api_key",
+            GatewayError::InvalidKey(_) | GatewayError::RevokedKey(_) | GatewayError::ExpiredKey { .. } => {
+                "invalid_api_key"
+            }
+            GatewayError::Forbidden(_) => "permission_denied",
+            GatewayError::LimitReached(refusal) => match refusal.kind {
+                crate::limits::LimitKind::Budget => "insufficient_quota",
+                _ => "rate_limit_exceeded",
+            },
             GatewayError::Store(_) => "store_error",
             GatewayError::Internal => "internal_error",
             GatewayError::Provider(error) => match error {
@@ -103,7 +150,7 @@ impl GatewayError {
         match self {
             GatewayError::InvalidRequest { param, .. } => param.as_deref(),
             GatewayError::ModelNotFound(_) => Some("model"),
-            GatewayError::CallNotFound(_) => Some("call_id"),
+            GatewayError::CallNotFound(_) | GatewayError::FeedbackOnFailedCall(_) => Some("call_id"),
             GatewayError::Provider(ProviderError::ReplayNoMatch { .. }) => Some("messages"),
             _ => None,
         }
@@ -135,6 +182,13 @@ impl GatewayError {
 
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
-        (self.status(), [(header::CONTENT_TYPE, "application/json")], self.body()).into_response()
+        let mut response = (self.status(), [(header::CONTENT_TYPE, "application/json")], self.body()).into_response();
+        if let GatewayError::LimitReached(refusal) = &self {
+            response.headers_mut().insert(header::RETRY_AFTER, refusal.retry_after_secs.into());
+        }
+        if matches!(self.status(), StatusCode::UNAUTHORIZED) {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+        }
+        response
     }
 }

@@ -6,8 +6,12 @@
 //! waits for the understudy too), so a call this gateway answered moments
 //! ago may not be written yet: the gateway remembers the ids it handed out
 //! recently and accepts feedback on those as well.
+//!
+//! With keys on, a key rates only the calls it made; an admin key rates any
+//! call. A call that failed has no answer to rate and is refused, whether
+//! the gateway still remembers it or the store says so.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
 use axum::extract::State;
@@ -16,6 +20,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 use understudy_types::{Feedback, FeedbackScore, OffsetDateTime, Uuid};
 
+use crate::auth::Caller;
 use crate::request::{json_object, RequestBody};
 use crate::{AppState, GatewayError};
 
@@ -25,32 +30,50 @@ pub const CALL_ID_HEADER: &str = "x-understudy-call-id";
 /// How many handed-out call ids the gateway remembers.
 const RECENT_CAPACITY: usize = 65_536;
 
-/// The ids of the calls this gateway answered most recently, oldest evicted first.
+/// What the gateway remembers of a call it answered lately: the key that
+/// made it, and once its record is made, whether it succeeded.
+#[derive(Debug, Clone)]
+pub(crate) struct RecentCall {
+    pub key_id: Option<String>,
+    pub succeeded: Option<bool>,
+}
+
+/// The calls this gateway answered most recently, oldest evicted first.
 #[derive(Default)]
 pub(crate) struct RecentCalls {
-    inner: Mutex<(VecDeque<Uuid>, HashSet<Uuid>)>,
+    inner: Mutex<(VecDeque<Uuid>, HashMap<Uuid, RecentCall>)>,
 }
 
 impl RecentCalls {
-    pub fn remember(&self, id: Uuid) {
+    pub fn remember(&self, id: Uuid, key_id: Option<String>) {
         let Ok(mut guard) = self.inner.lock() else { return };
-        let (order, set) = &mut *guard;
+        let (order, calls) = &mut *guard;
         if order.len() >= RECENT_CAPACITY {
             if let Some(oldest) = order.pop_front() {
-                set.remove(&oldest);
+                calls.remove(&oldest);
             }
         }
         order.push_back(id);
-        set.insert(id);
+        calls.insert(id, RecentCall { key_id, succeeded: None });
     }
 
-    pub fn contains(&self, id: &Uuid) -> bool {
-        self.inner.lock().map(|guard| guard.1.contains(id)).unwrap_or(false)
+    /// Notes how a remembered call ended (the first word counts: a
+    /// streamed call's 200 can still become a 502 in its record, which
+    /// comes later and says so).
+    pub fn finished(&self, id: Uuid, succeeded: bool) {
+        let Ok(mut guard) = self.inner.lock() else { return };
+        if let Some(call) = guard.1.get_mut(&id) {
+            call.succeeded = Some(call.succeeded.unwrap_or(true) && succeeded);
+        }
+    }
+
+    pub fn get(&self, id: &Uuid) -> Option<RecentCall> {
+        self.inner.lock().ok().and_then(|guard| guard.1.get(id).cloned())
     }
 }
 
-pub(crate) async fn feedback(State(state): State<AppState>, body: RequestBody) -> Response {
-    match add_feedback(&state, body).await {
+pub(crate) async fn feedback(State(state): State<AppState>, caller: Caller, body: RequestBody) -> Response {
+    match add_feedback(&state, &caller, body).await {
         Ok(feedback) => {
             let body = json!({
                 "object": "feedback",
@@ -66,7 +89,7 @@ pub(crate) async fn feedback(State(state): State<AppState>, body: RequestBody) -
     }
 }
 
-async fn add_feedback(state: &AppState, body: RequestBody) -> Result<Feedback, GatewayError> {
+async fn add_feedback(state: &AppState, caller: &Caller, body: RequestBody) -> Result<Feedback, GatewayError> {
     let body = json_object(&body.0?)?;
     let call_id = match body.get("call_id") {
         Some(Value::String(text)) => Uuid::parse_str(text.trim()).map_err(|_| {
@@ -93,10 +116,24 @@ async fn add_feedback(state: &AppState, body: RequestBody) -> Result<Feedback, G
         Some(_) => return Err(GatewayError::invalid("`comment` must be a string.", "comment")),
     };
     let store = state.recorder().store();
-    let known =
-        state.inner.recent_calls.contains(&call_id) || store.call_exists(call_id).await.map_err(store_failed)?;
-    if !known {
-        return Err(GatewayError::CallNotFound(call_id.to_string()));
+    // A call still queued is only known here; a written one is in the store.
+    let (key_id, succeeded) = match state.inner.recent_calls.get(&call_id) {
+        Some(recent) => (recent.key_id, recent.succeeded),
+        None => match store.call_owner(call_id).await.map_err(store_failed)? {
+            Some(owner) => (owner.key_id, Some(owner.succeeded)),
+            None => return Err(GatewayError::CallNotFound(call_id.to_string())),
+        },
+    };
+    // A key rates its own calls; an admin key any call.
+    if !caller.is_admin() && key_id.as_deref() != caller.key_id() {
+        return Err(GatewayError::Forbidden(format!(
+            "The call `{call_id}` was made with another key; only that key or an admin key may rate it."
+        )));
+    }
+    // A call in flight (a stream still relaying) has no verdict yet and is
+    // taken; one that failed has no answer to learn from.
+    if succeeded == Some(false) {
+        return Err(GatewayError::FeedbackOnFailedCall(call_id.to_string()));
     }
     let feedback = Feedback { id: Uuid::now_v7(), call_id, score, comment, created_at: OffsetDateTime::now_utc() };
     store.add_feedback(&feedback).await.map_err(store_failed)?;

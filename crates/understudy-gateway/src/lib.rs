@@ -1,20 +1,27 @@
 //! The gateway: an OpenAI-compatible HTTP front door that records every call.
 //!
-//! A request comes in on a socket, is checked against the OpenAI schema, has
-//! its `model` resolved (a model, or `task:NAME` for a task's lead), goes to
-//! the provider, and its answer goes back to the client. The finished
+//! A request comes in on a socket with a gateway key (`auth`; 401 without a
+//! usable one), is checked against the OpenAI schema, has its `model`
+//! resolved (a model, or `task:NAME` for a task's lead) and checked against
+//! the key's scope (403), is admitted by the key's limits and budget
+//! (`limits`; 429), goes to the provider, and its answer goes back to the
+//! client. The finished
 //! [`CallRecord`](understudy_types::CallRecord) is handed to the recorder's
 //! bounded queue; the store writes it later, off the response path.
 
 mod assemble;
 mod audit;
+pub mod auth;
 mod chat;
 mod draft;
 mod embeddings;
 mod error;
 mod feedback;
+pub mod limits;
+mod metrics;
 mod request;
 mod routing;
+mod shared_limits;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -31,6 +38,7 @@ use understudy_config::Config;
 use understudy_providers::{AnyProvider, LocalLoader, ProviderError};
 use understudy_store::Recorder;
 
+pub use auth::spawn_key_watch;
 pub use error::GatewayError;
 pub use feedback::CALL_ID_HEADER;
 pub use routing::spawn_policy_watch;
@@ -53,6 +61,11 @@ struct Inner {
     background: tokio_util::task::TaskTracker,
     /// Call ids handed to clients lately, whose records may still be queued.
     recent_calls: feedback::RecentCalls,
+    /// The gateway keys, by hash.
+    keys: auth::KeyCache,
+    /// Each key's rate limits and budget.
+    limiter: limits::Limiter,
+    metrics: metrics::Metrics,
 }
 
 impl AppState {
@@ -75,6 +88,9 @@ impl AppState {
             providers.insert(name.clone(), Arc::new(provider));
         }
         let models_body = models_list(&config);
+        let limiter = limits::Limiter::new(config.server.limits_redis_url.as_deref()).map_err(|error| {
+            ProviderError::Setup { provider: "limits_redis_url".into(), message: error.to_string() }
+        })?;
         let routes = routing::RouteTable::default();
         let state = AppState {
             inner: Arc::new(Inner {
@@ -86,6 +102,9 @@ impl AppState {
                 local_loader: loader,
                 background: tokio_util::task::TaskTracker::new(),
                 recent_calls: feedback::RecentCalls::default(),
+                keys: auth::KeyCache::default(),
+                limiter,
+                metrics: metrics::Metrics::default(),
             }),
         };
         state.install_config_routes()?;
@@ -98,6 +117,10 @@ impl AppState {
 
     pub fn recorder(&self) -> &Recorder {
         &self.inner.recorder
+    }
+
+    pub(crate) fn metrics(&self) -> &metrics::Metrics {
+        &self.inner.metrics
     }
 
     /// Runs work that outlives a response; `serve` waits for it on shutdown.
@@ -127,6 +150,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/feedback", post(feedback::feedback))
         .route("/v1/models", get(list_models))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_page))
         .fallback(route_not_found)
         .method_not_allowed_fallback(route_not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
@@ -200,11 +224,32 @@ fn models_list(config: &Config) -> Bytes {
     Bytes::from(json!({"object": "list", "data": data}).to_string())
 }
 
-async fn list_models(State(state): State<AppState>) -> Response {
+async fn list_models(State(state): State<AppState>, _caller: auth::Caller) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], state.inner.models_body.clone()).into_response()
 }
 
-async fn healthz(State(state): State<AppState>) -> Response {
+/// Prometheus' page; an admin key is needed when keys are on.
+async fn metrics_page(State(state): State<AppState>, caller: auth::Caller) -> Response {
+    if !caller.is_admin() {
+        return GatewayError::Forbidden("/metrics needs an admin key (`understudy keys create --admin`).".into())
+            .into_response();
+    }
+    match state.metrics().render(&state) {
+        Ok(page) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], page).into_response(),
+        Err(error) => {
+            tracing::error!(%error, "cannot render the metrics page");
+            GatewayError::Internal.into_response()
+        }
+    }
+}
+
+/// `{"status":"ok"}` for anyone (load balancers probe without a key); the
+/// queue, the tasks' routes and their audits for an admin key, or for
+/// anyone when keys are off.
+async fn healthz(State(state): State<AppState>, caller: Result<auth::Caller, GatewayError>) -> Response {
+    if !caller.as_ref().is_ok_and(auth::Caller::is_admin) {
+        return (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], r#"{"status":"ok"}"#).into_response();
+    }
     let policies: serde_json::Map<String, serde_json::Value> = state
         .config()
         .tasks

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use understudy_config::{Policy, ProviderConfig};
-use understudy_providers::{tokens, AnyProvider, LocalLoader, LocalModelSpec, LocalProvider, ProviderError};
-use understudy_providers::{AttemptOutcome, CostModel, Understudy, UnderstudyAttempt};
+use understudy_providers::{tokens, LocalLoader, LocalModelSpec, ProviderError};
+use understudy_providers::{CostModel, Understudy};
 use understudy_store::{PolicyChange, Store};
 use understudy_types::{Money, Price, Usage};
 
@@ -40,17 +40,6 @@ pub(crate) struct TaskRoute {
 impl TaskRoute {
     fn new(policy: Policy, understudy: Option<Arc<Understudy>>, understudy_path: Option<String>) -> TaskRoute {
         TaskRoute { policy, understudy, understudy_path, change_id: None, guardrail: Arc::default(), demotion: None }
-    }
-}
-
-/// The router's view of an attempt.
-pub(crate) fn router_attempt(attempt: &UnderstudyAttempt) -> understudy_router::Attempt {
-    match &attempt.outcome {
-        AttemptOutcome::Answered { confidence, valid, .. } => {
-            understudy_router::Attempt::Answered { confidence: *confidence, valid: *valid }
-        }
-        AttemptOutcome::Failed(_) => understudy_router::Attempt::Failed,
-        AttemptOutcome::TimedOut => understudy_router::Attempt::TimedOut,
     }
 }
 
@@ -136,16 +125,8 @@ impl AppState {
             message: format!("cannot load model version {name}: this gateway has no local model support"),
         })?;
         let spec = LocalModelSpec { name: name.to_string(), path: path.to_string(), adapter: None, weights: None };
-        let model = loader.load(&spec)?;
         let (provider_name, price_per_hour) = self.machine_price_per_hour();
-        let provider = LocalProvider::single(&provider_name, price_per_hour, name, model);
-        let understudy = Arc::new(Understudy {
-            name: name.to_string(),
-            provider_name,
-            provider: Arc::new(AnyProvider::Local(provider)),
-            request_model: name.to_string(),
-            cost: CostModel::MachineTime { price_per_hour },
-        });
+        let understudy = Arc::new(Understudy::local(&spec, loader, &provider_name, price_per_hour)?);
         if let Ok(mut loaded) = self.inner.routes.loaded.write() {
             loaded.insert(path.to_string(), understudy.clone());
         }
@@ -238,7 +219,7 @@ pub fn spawn_policy_watch(state: AppState, store: Store, interval: Duration) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use understudy_providers::ChatRequest;
+    use understudy_providers::{AnyProvider, ChatRequest, LocalProvider};
 
     /// A local model that answers with the `response_format` it was sent.
     #[derive(Debug)]

@@ -455,5 +455,6 @@ fn sample_call() -> understudy_types::CallRecord {
         error: None,
         cost: understudy_types::Money(0.0),
         routing: None,
+        key: None,
     }
 }

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use serde_json::Value;
 use understudy_types::{normalize_answer, Money, Price, Usage};
 
-use crate::{confidence_of, AnyProvider, ChatRequest};
+use crate::{confidence_of, AnyProvider, ChatRequest, LocalLoader, LocalModelSpec, LocalProvider, ProviderError};
 
 /// A model that can stand in for a task's lead.
 #[derive(Debug)]
@@ -81,9 +81,42 @@ impl UnderstudyAttempt {
             _ => None,
         }
     }
+
+    /// The router's view of the attempt, for [`understudy_router::judge`].
+    pub fn router_attempt(&self) -> understudy_router::Attempt {
+        match &self.outcome {
+            AttemptOutcome::Answered { confidence, valid, .. } => {
+                understudy_router::Attempt::Answered { confidence: *confidence, valid: *valid }
+            }
+            AttemptOutcome::Failed(_) => understudy_router::Attempt::Failed,
+            AttemptOutcome::TimedOut => understudy_router::Attempt::TimedOut,
+        }
+    }
 }
 
 impl Understudy {
+    /// A model that runs in this process: `spec` loaded by `loader` (a trained
+    /// model version's folder, or a base model), served by a local provider
+    /// named `provider_name` and priced by the machine time it takes at
+    /// `price_per_hour`. How the gateway serves a promoted model version and
+    /// how `eval` asks every candidate, so both ask the same model the same way.
+    pub fn local(
+        spec: &LocalModelSpec,
+        loader: &dyn LocalLoader,
+        provider_name: &str,
+        price_per_hour: f64,
+    ) -> Result<Understudy, ProviderError> {
+        let model = loader.load(spec)?;
+        let provider = LocalProvider::single(provider_name, price_per_hour, &spec.name, model);
+        Ok(Understudy {
+            name: spec.name.clone(),
+            provider_name: provider_name.to_string(),
+            provider: Arc::new(AnyProvider::Local(provider)),
+            request_model: spec.name.clone(),
+            cost: CostModel::MachineTime { price_per_hour },
+        })
+    }
+
     /// Asks the understudy for a complete answer, within `timeout`. An answer
     /// is valid when it has text and, if the task lists its labels, is one. A
     /// local understudy of a task with labels is asked to decode only those
@@ -108,7 +141,7 @@ impl Understudy {
         let started = Instant::now();
         let outcome = match tokio::time::timeout(timeout, self.provider.infer(request)).await {
             Err(_) => AttemptOutcome::TimedOut,
-            Ok(Err(error)) => AttemptOutcome::Failed(error.to_string()),
+            Ok(Err(error)) => AttemptOutcome::Failed(failure_text(&error)),
             Ok(Ok(response)) => match serde_json::from_slice::<Value>(&response.body) {
                 Err(error) => AttemptOutcome::Failed(format!("the understudy's answer is not JSON: {error}")),
                 Ok(completion) => {
@@ -140,10 +173,110 @@ impl Understudy {
     }
 }
 
+/// What went wrong, for logs and `eval`'s answers: a rejection carries its
+/// reason (a prompt longer than the context, say) in its body.
+fn failure_text(error: &ProviderError) -> String {
+    let ProviderError::Rejected { body, .. } = error else {
+        return error.to_string();
+    };
+    let reason = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|body| body.pointer("/error/message").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+    format!("{error}: {reason}")
+}
+
 /// The `response_format` that restricts a local model's answer to `labels`
 /// (a JSON schema whose root is an enum of strings; the answer is the bare label).
 fn labels_format(labels: &[String]) -> Value {
     serde_json::json!({"type": "json_schema", "json_schema": {
         "name": "label", "strict": true, "schema": {"type": "string", "enum": labels},
     }})
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use futures::future::BoxFuture;
+    use serde_json::json;
+
+    use super::*;
+    use crate::{LocalModel, ProviderResponse};
+
+    /// A local model that answers "Bug" with probability 0.8, or fails when
+    /// the prompt says "fail", and records the `response_format` it was sent.
+    #[derive(Debug, Default)]
+    struct Stub {
+        formats: std::sync::Mutex<Vec<Value>>,
+    }
+
+    impl LocalModel for Stub {
+        fn chat(&self, request: ChatRequest) -> BoxFuture<'_, Result<ProviderResponse, ProviderError>> {
+            self.formats.lock().unwrap().push(request.body.get("response_format").cloned().unwrap_or(Value::Null));
+            let fails = request.body.get("messages").is_some_and(|messages| messages.to_string().contains("fail"));
+            Box::pin(async move {
+                if fails {
+                    return Err(ProviderError::invalid_request("stub", "prompt has 9000 tokens, the context is 4096"));
+                }
+                let body = json!({"choices": [{"message": {"content": "Bug"},
+                    "logprobs": {"content": [{"token": "Bug", "logprob": 0.8f64.ln()}]}}]});
+                Ok(ProviderResponse { body: body.to_string().into(), usage: None })
+            })
+        }
+
+        fn kind(&self) -> &'static str {
+            "stub"
+        }
+    }
+
+    #[derive(Debug, Default)]
+    struct StubLoader(Arc<Stub>);
+
+    impl LocalLoader for StubLoader {
+        fn load(&self, spec: &LocalModelSpec) -> Result<Arc<dyn LocalModel>, ProviderError> {
+            assert_eq!(spec.path, "/models/mv-1");
+            Ok(self.0.clone())
+        }
+    }
+
+    fn request(prompt: &str) -> ChatRequest {
+        let body = json!({"messages": [{"role": "user", "content": prompt}], "temperature": 0});
+        ChatRequest { body: body.as_object().cloned().unwrap() }
+    }
+
+    #[tokio::test]
+    async fn a_local_understudy_is_asked_and_judged_one_way() {
+        let loader = StubLoader::default();
+        let spec = LocalModelSpec { name: "mv-1".into(), path: "/models/mv-1".into(), adapter: None, weights: None };
+        let understudy = Understudy::local(&spec, &loader, "local", 0.36).unwrap();
+        assert_eq!((understudy.name.as_str(), understudy.request_model.as_str()), ("mv-1", "mv-1"));
+        assert!(matches!(understudy.cost, CostModel::MachineTime { price_per_hour } if price_per_hour == 0.36));
+        let timeout = Duration::from_secs(60);
+        let labels = ["bug".to_string(), "billing".to_string()];
+
+        let answered = understudy.attempt(request("it crashes"), timeout, Some(&labels)).await;
+        let confidence = answered.confidence().unwrap();
+        assert!((confidence - 0.8).abs() < 1e-12, "{confidence}");
+        // "Bug" is the label "bug" under the one normalization.
+        assert_eq!(
+            answered.router_attempt(),
+            understudy_router::Attempt::Answered { confidence: Some(confidence), valid: true }
+        );
+        let format = loader.0.formats.lock().unwrap()[0].clone();
+        assert_eq!(format.pointer("/json_schema/schema/enum"), Some(&json!(labels)));
+
+        let outside = understudy.attempt(request("it crashes"), timeout, Some(&labels[1..])).await;
+        assert_eq!(
+            outside.router_attempt(),
+            understudy_router::Attempt::Answered { confidence: Some(confidence), valid: false }
+        );
+        let failed = understudy.attempt(request("fail"), timeout, None).await;
+        assert!(matches!(&failed.outcome, AttemptOutcome::Failed(error) if error.contains("9000 tokens")));
+        assert_eq!(failed.router_attempt(), understudy_router::Attempt::Failed);
+        assert_eq!(failed.content(), None);
+    }
 }

@@ -128,16 +128,30 @@ impl FallbackReason {
 /// timeout or an invalid answer falls back to the lead; a cascade also falls
 /// back below its threshold (and when no confidence came with the answer).
 pub fn judge(policy: Policy, attempt: Attempt) -> Verdict {
+    match (policy, cascade_confidence(attempt)) {
+        (Policy::Cascade { threshold }, Ok(confidence)) if confidence < threshold => {
+            Verdict::FallBack(FallbackReason::LowConfidence)
+        }
+        (_, Ok(_)) => Verdict::ServeUnderstudy,
+        (Policy::Cascade { .. }, Err(reason)) => Verdict::FallBack(reason),
+        // Only a cascade needs a confidence; the others serve a valid answer without one.
+        (_, Err(FallbackReason::LowConfidence)) => Verdict::ServeUnderstudy,
+        (_, Err(reason)) => Verdict::FallBack(reason),
+    }
+}
+
+/// The confidence a cascade compares with its threshold, or why the call
+/// falls back to the lead at every threshold: an error, a timeout, an invalid
+/// answer, or an answer without a (usable) confidence. [`judge`] serves a
+/// cascade's call exactly when this is at least the threshold, so `eval`,
+/// which scores every threshold at once, scores the cascade as it is served.
+pub fn cascade_confidence(attempt: Attempt) -> Result<f64, FallbackReason> {
     match attempt {
-        Attempt::Failed => Verdict::FallBack(FallbackReason::UnderstudyError),
-        Attempt::TimedOut => Verdict::FallBack(FallbackReason::UnderstudyTimeout),
-        Attempt::Answered { valid: false, .. } => Verdict::FallBack(FallbackReason::InvalidAnswer),
-        Attempt::Answered { confidence, valid: true } => match policy {
-            Policy::Cascade { threshold } if confidence.is_none_or(|confidence| confidence < threshold) => {
-                Verdict::FallBack(FallbackReason::LowConfidence)
-            }
-            _ => Verdict::ServeUnderstudy,
-        },
+        Attempt::Failed => Err(FallbackReason::UnderstudyError),
+        Attempt::TimedOut => Err(FallbackReason::UnderstudyTimeout),
+        Attempt::Answered { valid: false, .. } => Err(FallbackReason::InvalidAnswer),
+        Attempt::Answered { confidence: Some(confidence), valid: true } if !confidence.is_nan() => Ok(confidence),
+        Attempt::Answered { valid: true, .. } => Err(FallbackReason::LowConfidence),
     }
 }
 
@@ -186,5 +200,29 @@ mod tests {
         assert_eq!(judge(policy, answered(Some(0.79))), Verdict::FallBack(FallbackReason::LowConfidence));
         assert_eq!(judge(policy, answered(None)), Verdict::FallBack(FallbackReason::LowConfidence));
         assert_eq!(judge(Policy::Understudy, answered(None)), Verdict::ServeUnderstudy);
+        assert_eq!(judge(policy, answered(Some(f64::NAN))), Verdict::FallBack(FallbackReason::LowConfidence));
+        assert_eq!(judge(Policy::Understudy, answered(Some(f64::NAN))), Verdict::ServeUnderstudy);
+    }
+
+    #[test]
+    fn the_cascade_confidence_decides_every_threshold() {
+        let attempts = [
+            Attempt::Answered { confidence: Some(0.7), valid: true },
+            Attempt::Answered { confidence: None, valid: true },
+            Attempt::Answered { confidence: Some(0.99), valid: false },
+            Attempt::Failed,
+            Attempt::TimedOut,
+        ];
+        for attempt in attempts {
+            for threshold in [0.0, 0.5, 0.7, 0.71, 1.0] {
+                let served = judge(Policy::Cascade { threshold }, attempt) == Verdict::ServeUnderstudy;
+                assert_eq!(
+                    served,
+                    cascade_confidence(attempt).is_ok_and(|c| c >= threshold),
+                    "{attempt:?} at {threshold}"
+                );
+            }
+        }
+        assert_eq!(cascade_confidence(Attempt::TimedOut), Err(FallbackReason::UnderstudyTimeout));
     }
 }

@@ -44,6 +44,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             error: None,
             cost: Money(1e-6),
             routing: None,
+            key: None,
         })
         .collect();
     let started = Instant::now();

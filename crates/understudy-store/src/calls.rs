@@ -3,7 +3,7 @@
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row};
 use time::OffsetDateTime;
-use understudy_types::{CallRecord, Endpoint, Money, Routing, ServedBy, Usage, UsageSource, Uuid};
+use understudy_types::{CallRecord, Endpoint, KeyRef, Money, Routing, ServedBy, Usage, UsageSource, Uuid};
 
 use crate::{Backend, Store, StoreError};
 
@@ -11,8 +11,8 @@ const CALL_COLUMNS: &str = "id, created_at, task, model, provider, endpoint, str
      prompt_tokens, completion_tokens, usage_source, latency_ms, ttft_ms, status, error, cost, \
      policy, served_by, fallback_reason, understudy_model, understudy_answer, understudy_confidence, \
      understudy_latency_ms, understudy_cost, agreement, lead_cost_avoided, \
-     audit_answer, audit_agreement, audit_cost";
-const N_CALL_COLUMNS: usize = 30;
+     audit_answer, audit_agreement, audit_cost, key_id, key_name";
+const N_CALL_COLUMNS: usize = 32;
 /// Rows per INSERT statement; keeps bind parameters under SQLite's limit.
 const ROWS_PER_INSERT: usize = 100;
 
@@ -60,6 +60,19 @@ pub struct CostRow {
     pub cost: Money,
 }
 
+/// Calls, tokens and money for one gateway key and UTC day. Calls made
+/// without a key (`auth = "none"`, imports) have `key: None`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyCostRow {
+    pub key: Option<KeyRef>,
+    /// Midnight UTC of the day.
+    pub day: OffsetDateTime,
+    pub n_calls: u64,
+    pub n_errors: u64,
+    pub usage: Usage,
+    pub cost: Money,
+}
+
 /// What routing did for one task on one UTC day.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SavingsRow {
@@ -81,6 +94,13 @@ pub struct SavingsRow {
     pub cost: Money,
     pub understudy_cost: Money,
     pub lead_cost_avoided: Money,
+}
+
+/// Who made a stored call, and how it ended (for feedback on it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallOwner {
+    pub key_id: Option<String>,
+    pub succeeded: bool,
 }
 
 /// How a cost report groups its rows.
@@ -223,7 +243,9 @@ impl Store {
                 query = bind_optional_f64(query, routing.map(|routing| routing.lead_cost_avoided.dollars()))
                     .bind(routing.and_then(|routing| optional_text(&routing.audit_answer)))
                     .bind(routing.and_then(|routing| routing.audit_agreement).map(i64::from));
-                query = bind_optional_f64(query, routing.map(|routing| routing.audit_cost.dollars()));
+                query = bind_optional_f64(query, routing.map(|routing| routing.audit_cost.dollars()))
+                    .bind(call.key.as_ref().map(|key| storable_text(&key.id)))
+                    .bind(call.key.as_ref().map(|key| storable_text(&key.name)));
             }
             query.execute(&mut *transaction).await?;
         }
@@ -301,6 +323,66 @@ impl Store {
 }
 
 impl Store {
+    /// Calls, tokens and money per gateway key and UTC day.
+    pub async fn key_cost_report(&self, filter: &CallFilter) -> Result<Vec<KeyCostRow>, StoreError> {
+        let clause = WhereClause::new(filter, self.backend);
+        // A key's name is fixed at creation, so grouping by it too adds no
+        // rows. NULLs sort first on SQLite and last on Postgres: COALESCE
+        // gives both one order.
+        let sql = format!(
+            "SELECT key_id, key_name, created_at / {MS_PER_DAY} AS day, COUNT(*), \
+             CAST(SUM(CASE WHEN status >= 200 AND status < 300 AND error IS NULL THEN 0 ELSE 1 END) AS BIGINT), \
+             CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT), \
+             CAST(SUM(cost) AS DOUBLE PRECISION) \
+             FROM calls{} GROUP BY key_id, key_name, created_at / {MS_PER_DAY} \
+             ORDER BY day, COALESCE(key_name, ''), COALESCE(key_id, '')",
+            clause.sql
+        );
+        let rows = clause.bind_all(sqlx::query(&sql)).fetch_all(&self.pool()).await?;
+        rows.iter()
+            .map(|row| {
+                let day: i64 = row.try_get(2)?;
+                let id: Option<String> = row.try_get(0)?;
+                let name: Option<String> = row.try_get(1)?;
+                Ok(KeyCostRow {
+                    key: id.map(|id| KeyRef { id, name: name.unwrap_or_default() }),
+                    day: from_unix_ms(day * MS_PER_DAY),
+                    n_calls: nonnegative(row.try_get(3)?),
+                    n_errors: nonnegative(row.try_get(4)?),
+                    usage: Usage {
+                        prompt_tokens: nonnegative(row.try_get(5)?),
+                        completion_tokens: nonnegative(row.try_get(6)?),
+                    },
+                    cost: Money(row.try_get(7)?),
+                })
+            })
+            .collect()
+    }
+
+    /// What the calls of a key cost since `since`: the spend a budget
+    /// starts from after a restart.
+    pub async fn key_spend_since(&self, key_id: &str, since: OffsetDateTime) -> Result<Money, StoreError> {
+        let sql = format!(
+            "SELECT CAST(COALESCE(SUM(cost), 0) AS DOUBLE PRECISION) FROM calls \
+             WHERE key_id = {} AND created_at >= {}",
+            placeholder(self.backend, 1),
+            placeholder(self.backend, 2)
+        );
+        let row = sqlx::query(&sql).bind(key_id.to_string()).bind(unix_ms(since)).fetch_one(&self.pool()).await?;
+        Ok(Money(row.try_get(0)?))
+    }
+
+    /// The key a stored call was made with and whether it succeeded, or
+    /// `None` when no call has this id.
+    pub async fn call_owner(&self, id: Uuid) -> Result<Option<CallOwner>, StoreError> {
+        let sql = format!("SELECT key_id, status, error FROM calls WHERE id = {}", placeholder(self.backend, 1));
+        let row = sqlx::query(&sql).bind(id.to_string()).fetch_optional(&self.pool()).await?;
+        let Some(row) = row else { return Ok(None) };
+        let status: i64 = row.try_get(1)?;
+        let error: Option<String> = row.try_get(2)?;
+        Ok(Some(CallOwner { key_id: row.try_get(0)?, succeeded: (200..300).contains(&status) && error.is_none() }))
+    }
+
     /// Per task and UTC day: how many chat calls the understudy served, how
     /// often it agreed with the lead, and the money on each side.
     pub async fn savings_report(&self, filter: &CallFilter) -> Result<Vec<SavingsRow>, StoreError> {
@@ -479,7 +561,14 @@ fn call_from_row(row: &AnyRow) -> Result<CallRecord, StoreError> {
         error: row.try_get("error")?,
         cost: Money(row.try_get("cost")?),
         routing: routing_from_row(row, &corrupt)?,
+        key: key_from_row(row)?,
     })
+}
+
+fn key_from_row(row: &AnyRow) -> Result<Option<KeyRef>, StoreError> {
+    let id: Option<String> = row.try_get("key_id")?;
+    let name: Option<String> = row.try_get("key_name")?;
+    Ok(id.map(|id| KeyRef { id, name: name.unwrap_or_default() }))
 }
 
 fn routing_from_row(row: &AnyRow, corrupt: &dyn Fn(String) -> StoreError) -> Result<Option<Routing>, StoreError> {

@@ -9,6 +9,7 @@
 mod calls;
 mod datasets;
 mod feedback;
+mod keys;
 mod models;
 mod policies;
 pub mod record_file;
@@ -23,7 +24,7 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
-pub use calls::{CallFilter, CallOrder, CostGroup, CostRow, SavingsRow, StatusFilter};
+pub use calls::{CallFilter, CallOrder, CallOwner, CostGroup, CostRow, KeyCostRow, SavingsRow, StatusFilter};
 pub use datasets::DatasetRecord;
 pub use models::ModelVersionRecord;
 pub use policies::PolicyChange;
@@ -43,6 +44,8 @@ pub enum StoreError {
     NotWritable { path: PathBuf },
     #[error("store row {id} is corrupt: {message}")]
     CorruptRow { id: String, message: String },
+    #[error("a usable key is already named `{0}`: revoke it first, or choose another name")]
+    KeyNameTaken(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use std::io::{BufRead, Write};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use understudy_types::{CallRecord, Endpoint, Money, Routing, ServedBy, Usage, UsageSource, Uuid};
+use understudy_types::{CallRecord, Endpoint, KeyRef, Money, Routing, ServedBy, Usage, UsageSource, Uuid};
 
 use crate::calls::{from_unix_ms, unix_ms};
 
@@ -54,6 +54,16 @@ struct RecordLine {
     error: Option<String>,
     cost: f64,
     routing: Option<RoutingLine>,
+    /// The gateway key that made the call (absent in lines written before
+    /// keys existed).
+    #[serde(default)]
+    key: Option<KeyLine>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct KeyLine {
+    id: String,
+    name: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -110,6 +120,7 @@ fn to_line(record: &CallRecord) -> RecordLine {
             audit_agreement: routing.audit_agreement,
             audit_cost: routing.audit_cost.dollars(),
         }),
+        key: record.key.as_ref().map(|key| KeyLine { id: key.id.clone(), name: key.name.clone() }),
     }
 }
 
@@ -155,6 +166,7 @@ fn from_line(line: RecordLine) -> Result<CallRecord, String> {
         error: line.error,
         cost: Money(line.cost),
         routing,
+        key: line.key.map(|key| KeyRef { id: key.id, name: key.name }),
     })
 }
 
@@ -225,7 +237,16 @@ mod tests {
     fn records_survive_the_file_exactly() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("spill.jsonl");
-        let record = CallRecord {
+        let record = sample_record();
+        append(&path, std::slice::from_ref(&record), None).unwrap();
+        append(&path, std::slice::from_ref(&record), Some("refused")).unwrap();
+        let read_back = read(&path).unwrap();
+        assert_eq!(read_back, vec![(record.clone(), None), (record, Some("refused".to_string()))]);
+        assert!(read(&dir.path().join("absent.jsonl")).unwrap().is_empty());
+    }
+
+    fn sample_record() -> CallRecord {
+        CallRecord {
             id: CallRecord::new_id(),
             created_at: from_unix_ms(1_790_000_000_123),
             task: Some("t".into()),
@@ -243,11 +264,18 @@ mod tests {
             error: Some("client went away".into()),
             cost: Money(0.25),
             routing: Some(Routing { policy: "cascade:0.9".into(), agreement: Some(true), ..Routing::default() }),
-        };
-        append(&path, std::slice::from_ref(&record), None).unwrap();
-        append(&path, std::slice::from_ref(&record), Some("refused")).unwrap();
-        let read_back = read(&path).unwrap();
-        assert_eq!(read_back, vec![(record.clone(), None), (record, Some("refused".to_string()))]);
-        assert!(read(&dir.path().join("absent.jsonl")).unwrap().is_empty());
+            key: Some(KeyRef { id: "0190-key".into(), name: "team-a".into() }),
+        }
+    }
+
+    #[test]
+    fn lines_spilled_before_keys_existed_read_without_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old-spill.jsonl");
+        let record = CallRecord { key: None, routing: None, ..sample_record() };
+        let mut line: serde_json::Value = serde_json::from_str(&encode(&record, None)).unwrap();
+        line["record"].as_object_mut().unwrap().remove("key");
+        std::fs::write(&path, format!("{line}\n")).unwrap();
+        assert_eq!(read(&path).unwrap(), vec![(record, None)]);
     }
 }

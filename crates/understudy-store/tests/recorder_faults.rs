@@ -41,6 +41,7 @@ fn call(model: &str, ttft_ms: Option<f64>) -> CallRecord {
         error: ttft_ms.is_none().then(|| "model not found".to_string()),
         cost: Money(0.0),
         routing: None,
+        key: None,
     }
 }
 

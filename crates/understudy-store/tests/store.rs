@@ -52,6 +52,7 @@ fn call(task: &str, model: &str, at: OffsetDateTime, status: u16) -> CallRecord 
         error: if status == 200 { None } else { Some("upstream said no".to_string()) },
         cost: Money(0.001),
         routing: None,
+        key: None,
     }
 }
 
@@ -377,4 +378,113 @@ async fn the_latest_feedback_on_each_of_a_tasks_calls_counts() {
         assert_eq!(store.call_feedback(imported.id).await.unwrap().len(), 1);
     })
     .await;
+}
+
+fn gateway_key(name: &str, hash: &str) -> understudy_types::GatewayKey {
+    understudy_types::GatewayKey {
+        id: Uuid::now_v7().to_string(),
+        name: name.to_string(),
+        prefix: "us-abcdef".to_string(),
+        hash: hash.to_string(),
+        tasks: None,
+        models: None,
+        budget: None,
+        rpm: None,
+        tpm: None,
+        expires_at: None,
+        admin: false,
+        created_at: datetime!(2026-12-01 09:00:00.250 UTC),
+        revoked_at: None,
+    }
+}
+
+#[tokio::test]
+async fn keys_round_trip_and_a_live_name_is_taken_once() {
+    on_both_backends(|store| async move {
+        let scoped = understudy_types::GatewayKey {
+            tasks: Some(vec!["triage".into(), "summary".into()]),
+            models: Some(vec![]),
+            budget: Some(understudy_types::Budget { usd: 50.0, period: understudy_types::BudgetPeriod::Month }),
+            rpm: Some(600),
+            tpm: Some(200_000),
+            expires_at: Some(datetime!(2027-01-01 00:00 UTC)),
+            admin: true,
+            ..gateway_key("team-a", "aa11")
+        };
+        let plain = gateway_key("team-b", "bb22");
+        store.insert_key(&scoped).await.expect("insert");
+        store.insert_key(&plain).await.expect("insert");
+        assert_eq!(store.list_keys().await.expect("list"), vec![scoped.clone(), plain.clone()]);
+        assert_eq!(store.key_by_hash("aa11").await.expect("by hash"), Some(scoped.clone()));
+        assert_eq!(store.key_by_hash("cc33").await.expect("by hash"), None);
+        assert_eq!(store.find_keys("team-b").await.expect("by name"), vec![plain.clone()]);
+        assert_eq!(store.find_keys(&scoped.id).await.expect("by id"), vec![scoped.clone()]);
+        let all = store.find_keys(&scoped.id[..8]).await.expect("by prefix");
+        assert!(all.contains(&scoped) && all.contains(&plain), "ids made together share a prefix");
+
+        let again = gateway_key("team-a", "dd44");
+        let error = store.insert_key(&again).await.expect_err("name taken");
+        assert!(matches!(error, understudy_store::StoreError::KeyNameTaken(ref name) if name == "team-a"), "{error}");
+        // Revoked, the name is free for a replacement; the first revocation time stays.
+        let at = datetime!(2026-12-02 10:00 UTC);
+        assert!(store.revoke_key(&scoped.id, at).await.expect("revoke"));
+        assert!(store.revoke_key(&scoped.id, datetime!(2026-12-03 10:00 UTC)).await.expect("revoke again"));
+        assert!(!store.revoke_key("no-such-key", at).await.expect("revoke unknown"));
+        assert_eq!(store.key_by_hash("aa11").await.expect("by hash").and_then(|key| key.revoked_at), Some(at));
+        store.insert_key(&again).await.expect("a revoked key's name is free");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn calls_carry_their_key_and_costs_group_by_it() {
+    on_both_backends(|store| async move {
+        let team_a = understudy_types::KeyRef { id: "key-a".into(), name: "team-a".into() };
+        let team_b = understudy_types::KeyRef { id: "key-b".into(), name: "team-b".into() };
+        let with_key = |key: &understudy_types::KeyRef, at: OffsetDateTime, status: u16| CallRecord {
+            key: Some(key.clone()),
+            ..call("triage", "gpt-4o-mini", at, status)
+        };
+        let calls = vec![
+            with_key(&team_a, datetime!(2026-11-01 10:00 UTC), 200),
+            with_key(&team_a, datetime!(2026-11-01 11:00 UTC), 429),
+            with_key(&team_b, datetime!(2026-11-01 12:00 UTC), 200),
+            with_key(&team_a, datetime!(2026-11-02 10:00 UTC), 200),
+            call("triage", "gpt-4o-mini", datetime!(2026-11-02 11:00 UTC), 200),
+        ];
+        store.insert_calls(&calls).await.expect("insert");
+        let found = store.get_call(&calls[0].id.to_string()).await.expect("get");
+        assert_eq!(found, vec![calls[0].clone()]);
+
+        let rows = store.key_cost_report(&CallFilter::default()).await.expect("report");
+        let summary: Vec<(Option<String>, String, u64, u64)> = rows
+            .iter()
+            .map(|row| (row.key.as_ref().map(|key| key.name.clone()), format_day(row.day), row.n_calls, row.n_errors))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (Some("team-a".into()), "2026-11-01".into(), 2, 1),
+                (Some("team-b".into()), "2026-11-01".into(), 1, 0),
+                (None, "2026-11-02".into(), 1, 0),
+                (Some("team-a".into()), "2026-11-02".into(), 1, 0),
+            ]
+        );
+        assert!((rows[0].cost.dollars() - 0.002).abs() < 1e-12);
+
+        let spent = store.key_spend_since("key-a", datetime!(2026-11-01 10:30 UTC)).await.expect("spend");
+        assert!((spent.dollars() - 0.002).abs() < 1e-12, "{spent:?}");
+        assert_eq!(store.key_spend_since("key-z", datetime!(2026-01-01 00:00 UTC)).await.expect("spend"), Money(0.0));
+
+        let owner = store.call_owner(calls[1].id).await.expect("owner");
+        assert_eq!(owner, Some(understudy_store::CallOwner { key_id: Some("key-a".into()), succeeded: false }));
+        let owner = store.call_owner(calls[4].id).await.expect("owner");
+        assert_eq!(owner, Some(understudy_store::CallOwner { key_id: None, succeeded: true }));
+        assert_eq!(store.call_owner(Uuid::now_v7()).await.expect("owner"), None);
+    })
+    .await;
+}
+
+fn format_day(at: OffsetDateTime) -> String {
+    at.format(time::macros::format_description!("[year]-[month]-[day]")).expect("format")
 }

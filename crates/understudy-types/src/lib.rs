@@ -189,6 +189,146 @@ pub struct CallRecord {
     /// How a task's call was routed; `None` for calls that named a model
     /// directly and for calls recorded before routing existed.
     pub routing: Option<Routing>,
+    /// The gateway key the call was made with: its id and name, never the
+    /// key itself. `None` when the gateway runs without keys (`auth =
+    /// "none"`) and for imported calls.
+    pub key: Option<KeyRef>,
+}
+
+/// Which gateway key made a call.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KeyRef {
+    pub id: String,
+    pub name: String,
+}
+
+/// The period a key's budget is counted over, in UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetPeriod {
+    Day,
+    Month,
+}
+
+impl BudgetPeriod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BudgetPeriod::Day => "day",
+            BudgetPeriod::Month => "month",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<BudgetPeriod> {
+        match text {
+            "day" => Some(BudgetPeriod::Day),
+            "month" => Some(BudgetPeriod::Month),
+            _ => None,
+        }
+    }
+
+    /// The start of the period holding `at`: midnight UTC of its day, or of
+    /// the first day of its month.
+    pub fn start_of(self, at: OffsetDateTime) -> OffsetDateTime {
+        let at = at.to_offset(time::UtcOffset::UTC);
+        let date = match self {
+            BudgetPeriod::Day => at.date(),
+            BudgetPeriod::Month => at.date().replace_day(1).unwrap_or(at.date()),
+        };
+        date.midnight().assume_utc()
+    }
+
+    /// The start of the period after the one holding `at`.
+    pub fn end_of(self, at: OffsetDateTime) -> OffsetDateTime {
+        let start = self.start_of(at);
+        match self {
+            BudgetPeriod::Day => start + time::Duration::days(1),
+            BudgetPeriod::Month => {
+                let (year, month) = (start.year(), start.month());
+                let (year, month) = if month == time::Month::December {
+                    (year + 1, time::Month::January)
+                } else {
+                    (year, month.next())
+                };
+                time::Date::from_calendar_date(year, month, 1)
+                    .map(|date| date.midnight().assume_utc())
+                    .unwrap_or(start + time::Duration::days(31))
+            }
+        }
+    }
+}
+
+/// A spending limit in US dollars per period.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
+    pub usd: f64,
+    pub period: BudgetPeriod,
+}
+
+/// A key clients of the gateway authenticate with. The store keeps its
+/// SHA-256 hash and a short prefix (to tell keys apart in a list), never
+/// the key: it is shown once, when it is created.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayKey {
+    /// A UUIDv7: ids sort by creation time.
+    pub id: String,
+    pub name: String,
+    /// The key's first characters (`us-` and a few more), for lists.
+    pub prefix: String,
+    /// Lower-case hex SHA-256 of the whole key.
+    pub hash: String,
+    /// The tasks the key may call (`task:NAME`); `None` with `models` also
+    /// `None` means every task and model.
+    pub tasks: Option<Vec<String>>,
+    /// The models the key may call by name.
+    pub models: Option<Vec<String>>,
+    pub budget: Option<Budget>,
+    /// Requests per minute.
+    pub rpm: Option<u64>,
+    /// Tokens per minute (prompt tokens plus the answer's `max_tokens`).
+    pub tpm: Option<u64>,
+    pub expires_at: Option<OffsetDateTime>,
+    /// May rate any call, read `/metrics` and `/healthz` details.
+    pub admin: bool,
+    pub created_at: OffsetDateTime,
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+impl GatewayKey {
+    /// Whether a call to `task` (or, without a task, to `model` by name)
+    /// is within the key's scope.
+    pub fn may_call(&self, task: Option<&str>, model: &str) -> bool {
+        if self.tasks.is_none() && self.models.is_none() {
+            return true;
+        }
+        let listed = |list: &Option<Vec<String>>, name: &str| {
+            list.as_ref().is_some_and(|list| list.iter().any(|item| item == name))
+        };
+        match task {
+            Some(task) => listed(&self.tasks, task),
+            None => listed(&self.models, model),
+        }
+    }
+
+    /// Why the key cannot be used at `now`, if it cannot.
+    pub fn unusable_at(&self, now: OffsetDateTime) -> Option<KeyUnusable> {
+        if self.revoked_at.is_some() {
+            return Some(KeyUnusable::Revoked);
+        }
+        match self.expires_at {
+            Some(expires_at) if expires_at <= now => Some(KeyUnusable::Expired(expires_at)),
+            _ => None,
+        }
+    }
+
+    pub fn key_ref(&self) -> KeyRef {
+        KeyRef { id: self.id.clone(), name: self.name.clone() }
+    }
+}
+
+/// Why a known key is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyUnusable {
+    Revoked,
+    Expired(OffsetDateTime),
 }
 
 /// Who answered the client.
@@ -330,6 +470,52 @@ mod tests {
         let price = Price { input_per_million: 0.15, output_per_million: 0.60 };
         let cost = price.cost(Usage { prompt_tokens: 1_000_000, completion_tokens: 500_000 });
         assert!((cost.dollars() - 0.45).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_key_calls_what_its_scope_lists_or_everything_without_one() {
+        let key = |tasks: Option<&[&str]>, models: Option<&[&str]>| GatewayKey {
+            id: "k".into(),
+            name: "k".into(),
+            prefix: "us-".into(),
+            hash: String::new(),
+            tasks: tasks.map(|list| list.iter().map(|item| item.to_string()).collect()),
+            models: models.map(|list| list.iter().map(|item| item.to_string()).collect()),
+            budget: None,
+            rpm: None,
+            tpm: None,
+            expires_at: None,
+            admin: false,
+            created_at: OffsetDateTime::UNIX_EPOCH,
+            revoked_at: None,
+        };
+        let open = key(None, None);
+        assert!(open.may_call(Some("triage"), "gpt-4o") && open.may_call(None, "gpt-4o"));
+        let tasks = key(Some(&["triage"]), None);
+        assert!(tasks.may_call(Some("triage"), "gpt-4o"));
+        assert!(!tasks.may_call(Some("summary"), "gpt-4o") && !tasks.may_call(None, "gpt-4o"));
+        let models = key(None, Some(&["gpt-4o"]));
+        assert!(models.may_call(None, "gpt-4o") && !models.may_call(None, "o4-mini"));
+        assert!(!models.may_call(Some("triage"), "gpt-4o"), "a task is not a model");
+
+        let now = time::macros::datetime!(2026-12-01 12:00 UTC);
+        assert_eq!(open.unusable_at(now), None);
+        let expired = GatewayKey { expires_at: Some(now), ..open.clone() };
+        assert_eq!(expired.unusable_at(now), Some(KeyUnusable::Expired(now)));
+        let revoked = GatewayKey { revoked_at: Some(now), ..expired };
+        assert_eq!(revoked.unusable_at(now), Some(KeyUnusable::Revoked));
+    }
+
+    #[test]
+    fn budget_periods_are_utc_days_and_calendar_months() {
+        use time::macros::datetime;
+        let at = datetime!(2026-12-31 23:30 -02:00);
+        assert_eq!(BudgetPeriod::Day.start_of(at), datetime!(2027-01-01 00:00 UTC));
+        assert_eq!(BudgetPeriod::Day.end_of(at), datetime!(2027-01-02 00:00 UTC));
+        let at = datetime!(2026-12-15 08:00 UTC);
+        assert_eq!(BudgetPeriod::Month.start_of(at), datetime!(2026-12-01 00:00 UTC));
+        assert_eq!(BudgetPeriod::Month.end_of(at), datetime!(2027-01-01 00:00 UTC));
+        assert_eq!(BudgetPeriod::Month.end_of(datetime!(2027-02-10 00:00 UTC)), datetime!(2027-03-01 00:00 UTC));
     }
 
     #[test]

@@ -49,6 +49,8 @@ batch_size = 16
 
 [server]
 max_body_bytes = 65536
+# Tests of other things than keys; `Harness::start_with_keys` turns them on.
+auth = "none"
 
 [providers.cloud]
 type = "openai"
@@ -170,14 +172,37 @@ impl Harness {
         Harness::start_configured(dir, &url, extra).await
     }
 
+    /// A gateway over a fresh SQLite file that wants keys (`auth = "keys"`).
+    pub async fn start_with_keys() -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("gateway.db").display());
+        Harness::start_text(dir, &url, "", |text| text.replace("auth = \"none\"", "auth = \"keys\"")).await
+    }
+
+    /// A gateway that wants keys over `store_url`, counting their limits
+    /// in the Redis at `redis_url` (which other gateways may share).
+    pub async fn start_with_shared_limits(dir: tempfile::TempDir, store_url: &str, redis_url: &str) -> Harness {
+        let server = format!("auth = \"keys\"\nlimits_redis_url = \"{redis_url}\"");
+        Harness::start_text(dir, store_url, "", |text| text.replace("auth = \"none\"", &server)).await
+    }
+
     /// A gateway with `extra` appended to the test config; it polls the store
-    /// for policy changes every 50 ms.
+    /// for policy changes and keys every 50 ms.
     pub async fn start_configured(dir: tempfile::TempDir, store_url: &str, extra: &str) -> Harness {
+        Harness::start_text(dir, store_url, extra, |text| text).await
+    }
+
+    async fn start_text(
+        dir: tempfile::TempDir,
+        store_url: &str,
+        extra: &str,
+        edit: impl FnOnce(String) -> String,
+    ) -> Harness {
         std::env::set_var(TEST_KEY_VAR, TEST_KEY);
         let stub = stub::Stub { keep_log: true, ..Default::default() };
         let stub_url = stub.clone().start().await;
         std::fs::write(dir.path().join("calls.jsonl"), REPLAY_LINES).expect("write replay file");
-        let text = config_text(store_url, &stub_url, closed_port().await) + extra;
+        let text = edit(config_text(store_url, &stub_url, closed_port().await) + extra);
         let config_path: PathBuf = dir.path().join("understudy.toml");
         std::fs::write(&config_path, &text).expect("write config");
         let config = Config::load(&config_path).expect("config loads");
@@ -195,6 +220,7 @@ impl Harness {
         let state = AppState::new(config, recorder).expect("state");
         state.apply_policies(&store).await.expect("policies apply");
         let watch = understudy_gateway::spawn_policy_watch(state.clone(), store.clone(), Duration::from_millis(50));
+        let key_watch = understudy_gateway::spawn_key_watch(state.clone(), Duration::from_millis(50));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gateway");
         let addr = listener.local_addr().expect("gateway addr");
         let (shutdown, shutdown_rx) = oneshot::channel();
@@ -204,6 +230,7 @@ impl Harness {
             };
             understudy_gateway::serve(listener, state, signal).await.expect("serve");
             watch.abort();
+            key_watch.abort();
         });
         Harness {
             base_url: format!("http://{addr}/v1"),
@@ -230,6 +257,32 @@ impl Harness {
         let status = response.status().as_u16();
         let text = response.text().await.expect("body");
         (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// POSTs `body` with `key` as the bearer token (none when `None`);
+    /// returns the status, the `Retry-After` header and the JSON answer.
+    pub async fn post_as(&self, key: Option<&str>, path: &str, body: &Value) -> (u16, Option<String>, Value) {
+        let mut request = self.client.post(format!("{}{path}", self.base_url)).json(body);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.expect("request reaches the gateway");
+        let status = response.status().as_u16();
+        let retry_after =
+            response.headers().get("retry-after").and_then(|value| value.to_str().ok()).map(str::to_string);
+        let text = response.text().await.expect("body");
+        (status, retry_after, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// GETs `path` (from the server's root, not `/v1`) with `key`.
+    pub async fn get_as(&self, key: Option<&str>, path: &str) -> (u16, String) {
+        let root = self.base_url.trim_end_matches("/v1");
+        let mut request = self.client.get(format!("{root}{path}"));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.expect("request reaches the gateway");
+        (response.status().as_u16(), response.text().await.expect("body"))
     }
 
     pub async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {

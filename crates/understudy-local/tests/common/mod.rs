@@ -39,7 +39,11 @@ pub struct Gateway {
 
 impl Gateway {
     pub async fn start(dir: &Path, config: &str) -> Gateway {
-        let text = format!("[store]\nurl = \"sqlite://{}\"\n\n{config}", dir.join("gw.db").display());
+        // A loopback gateway for tests of models, not of keys.
+        let text = format!(
+            "[store]\nurl = \"sqlite://{}\"\n\n[server]\nauth = \"none\"\n\n{config}",
+            dir.join("gw.db").display()
+        );
         let config_path = dir.join("understudy.toml");
         std::fs::write(&config_path, text).unwrap();
         let config = understudy_config::Config::load(&config_path).unwrap();

@@ -4,10 +4,10 @@
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
-use understudy_datasets::kind::normalize_label;
 use understudy_models::chat::IM_END;
 use understudy_models::llama::{self, KvCache};
 use understudy_models::ops::cross_entropy_rows;
+use understudy_types::answers_agree;
 
 use super::SftExample;
 use crate::TrainError;
@@ -131,7 +131,8 @@ impl MetricSetup {
                 TaskMetric::None => 0.0,
                 TaskMetric::LabelAccuracy { labels } => {
                     let best = self.most_likely_label(model, &row.prompt)?;
-                    f64::from(labels[best] == normalize_label(&row.reference))
+                    // Agreement with the lead, by the rule the gateway and `eval` use.
+                    f64::from(answers_agree(&labels[best], &row.reference))
                 }
                 TaskMetric::TokenF1 { max_new_tokens } => {
                     let ids = self.greedy(model, &row.prompt, *max_new_tokens)?;
