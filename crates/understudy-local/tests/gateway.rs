@@ -184,6 +184,7 @@ understudy = "smollm2"
 policy = "understudy"
 labels = ["LOCATION", "PERSON", "NUMBER"]
 understudy_timeout_ms = 600000
+audit_rate = 0.0
 "#,
         local = local_models(&models)
     );

@@ -208,6 +208,7 @@ lead = "lead"
 understudy = "tiny"
 policy = "cascade:0.0"
 labels = ["animal", "colour"]
+audit_rate = 0.0
 
 [tasks.later]
 lead = "lead"
