@@ -15,9 +15,10 @@ use crate::output::{load_config, open_store};
 pub async fn run(config_path: &Path, command: ServeCommand) -> anyhow::Result<()> {
     let config = load_config(config_path)?;
     let listen = command.listen.unwrap_or(config.server.listen);
+    let signalled = shutdown_signal()?;
     let gateway = RunningGateway::start(config, listen).await?;
     eprintln!("understudy gateway listening on http://{}/v1", gateway.addr);
-    shutdown_signal().await;
+    signalled.await;
     eprintln!("signal received: finishing requests in flight");
     gateway.stop().await
 }
@@ -147,26 +148,17 @@ impl RunningGateway {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::error!(%error, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
+/// SIGTERM or Ctrl-C. The handlers are installed when this is called, not
+/// when the future is first polled: a signal that arrives between "listening"
+/// and the first poll would otherwise kill the process with its queue unwritten.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for Ctrl-C")?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
         }
-    };
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
-    }
+    })
 }
