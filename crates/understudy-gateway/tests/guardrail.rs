@@ -95,6 +95,7 @@ async fn issue_13_an_understudy_that_goes_wrong_is_demoted_by_the_guardrail() {
         settle(&harness).await;
     }
     assert!(n_wrong_served > 0, "the understudy served wrong answers at first");
+    eprintln!("demoted after {n_wrong_served} wrong served calls (200 good ones before)");
     assert!(n_wrong_served <= 60, "demoted within a bounded number of audited calls: took {n_wrong_served}");
     let after = health(&harness).await;
     assert_eq!(after["tasks"]["watched"]["policy"], "shadow", "{after}");
