@@ -1,8 +1,10 @@
 //! A call being served, and the record it becomes when it ends.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::response::{IntoResponse, Response};
@@ -41,18 +43,40 @@ impl ClientWatch {
     }
 }
 
-/// Held by the handler while the call is served on its own task; dropped
-/// unarmed (the client went away, and the handler with it) it marks the
-/// client gone.
-struct ClientGuard {
+/// A call being served on the handler's own task. If the handler is dropped
+/// before the call ends (the client hung up), the call is not cancelled: the
+/// rest of it moves to a task of its own, with the client marked gone. The
+/// call's future is boxed, so it can move without being moved in memory.
+/// Spawning only abandoned calls keeps a task spawn (and its hop between
+/// worker threads) off every other call: `bench/gateway-overhead` measured a
+/// spawn per call at 7 % of the saturated throughput.
+struct Detachable {
+    call: Option<Pin<Box<dyn Future<Output = Response> + Send>>>,
     watch: ClientWatch,
-    armed: bool,
+    background: tokio_util::task::TaskTracker,
 }
 
-impl Drop for ClientGuard {
+impl Future for Detachable {
+    type Output = Response;
+
+    fn poll(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Response> {
+        let Some(call) = self.call.as_mut() else {
+            return Poll::Ready(GatewayError::Internal.into_response());
+        };
+        let response = std::task::ready!(call.as_mut().poll(context));
+        self.call = None;
+        Poll::Ready(response)
+    }
+}
+
+impl Drop for Detachable {
     fn drop(&mut self) {
-        if self.armed {
+        if let Some(call) = self.call.take() {
             self.watch.0.store(true, Ordering::Relaxed);
+            // The new task polls the call at once, so its wakers move there.
+            self.background.spawn(async move {
+                let _response = call.await;
+            });
         }
     }
 }
@@ -155,23 +179,15 @@ fn now_ms() -> OffsetDateTime {
 }
 
 impl AppState {
-    /// Serves a call on a task of its own, so that a client that hangs up
-    /// cannot cancel it half-way: the upstream call goes on, is paid for, and
-    /// is recorded (as a 499) whether or not anyone waits for the answer.
+    /// Serves a call so that a client that hangs up cannot cancel it
+    /// half-way: the upstream call goes on (moved to a task of its own, see
+    /// [`Detachable`]), is paid for, and is recorded (as a 499) whether or not
+    /// anyone waits for the answer.
     pub(crate) async fn serve_detached<F>(&self, client: ClientWatch, serve: F) -> Response
     where
         F: Future<Output = Response> + Send + 'static,
     {
-        let mut guard = ClientGuard { watch: client, armed: true };
-        let served = self.inner.background.spawn(serve).await;
-        guard.armed = false;
-        match served {
-            Ok(response) => response,
-            Err(error) => {
-                tracing::error!(%error, "a call's task failed");
-                GatewayError::Internal.into_response()
-            }
-        }
+        Detachable { call: Some(Box::pin(serve)), watch: client, background: self.inner.background.clone() }.await
     }
 
     /// Queues a record, waiting if the queue is full. A recorder that has

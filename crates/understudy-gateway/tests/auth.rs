@@ -45,6 +45,15 @@ async fn requests_without_a_usable_key_get_401_and_are_not_recorded() {
     let unknown = format!("{good}x");
     let (status, _, answer) = harness.post_as(Some(&unknown), "/chat/completions", &body).await;
     assert_error(status, &answer, 401, "invalid_request_error", "invalid_api_key");
+    // A gateway that cached the key before its revocation refuses it by its
+    // next refresh (50 ms here); wait for that on an endpoint that records
+    // nothing, then check the chat answer.
+    for _ in 0..200 {
+        if harness.get_as(Some(&revoked), "/v1/models").await.0 == 401 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     let (status, _, answer) = harness.post_as(Some(&revoked), "/chat/completions", &body).await;
     assert_error(status, &answer, 401, "invalid_request_error", "invalid_api_key");
     assert!(answer["error"]["message"].as_str().unwrap().contains("revoked"), "{answer}");
