@@ -45,8 +45,26 @@ fn main() -> ExitCode {
         // Training re-allocates the same large tensors every step.
         understudy_trainer::keep_freed_memory();
     }
-    init_tracing(args.verbose);
-    match run(args) {
+    // `serve` exports traces when its config says so; the subscriber is built
+    // once, so its config is read here (a config error is `serve`'s to report).
+    let telemetry = match &args.command {
+        cli::Command::Serve(_) => output::load_config(&args.config).ok().map(|config| config.telemetry),
+        _ => None,
+    };
+    let traces = match init_tracing(args.verbose, telemetry.as_ref()) {
+        Ok(traces) => traces,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(traces) = &traces {
+        eprintln!("traces: one span per call, sent over OTLP/HTTP to {}", traces.endpoint());
+    }
+    let outcome = run(args);
+    // Sends the spans still buffered, after the gateway has stopped.
+    drop(traces);
+    match outcome {
         Ok(code) => code,
         Err(error) => {
             if output::is_broken_pipe(&error) {
@@ -91,9 +109,11 @@ pub(crate) async fn run_command_line(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_tracing(verbose: bool) {
+fn init_tracing(
+    verbose: bool,
+    telemetry: Option<&understudy_config::TelemetryConfig>,
+) -> Result<Option<understudy_gateway::telemetry::TraceExport>, understudy_gateway::telemetry::TelemetryError> {
     let default = if verbose { "info,understudy=debug" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("UNDERSTUDY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let directives = std::env::var("UNDERSTUDY_LOG").unwrap_or_else(|_| default.to_string());
+    understudy_gateway::telemetry::init(&directives, telemetry)
 }

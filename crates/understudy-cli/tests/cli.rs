@@ -618,3 +618,164 @@ fn issue_12_sigterm_with_the_store_locked_spills_by_its_deadline_and_the_next_st
     assert_eq!(listed.lines().count(), 35, "every answered call is in the store");
     assert!(!workdir.path("calls.db.spill.jsonl").exists());
 }
+
+/// What an OTLP/HTTP collector received: every span, flattened.
+#[derive(Clone, Default)]
+struct Collected(std::sync::Arc<std::sync::Mutex<Vec<CollectedSpan>>>);
+
+#[derive(Clone, Debug)]
+struct CollectedSpan {
+    service: String,
+    name: String,
+    trace_id: Vec<u8>,
+    span_id: Vec<u8>,
+    parent_span_id: Vec<u8>,
+    attributes: std::collections::BTreeMap<String, String>,
+}
+
+/// A collector on loopback that decodes `/v1/traces` as protobuf, as a real
+/// one would; returns its base URL.
+async fn start_otlp_collector(collected: Collected) -> String {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+    use prost::Message;
+    let receive = move |body: bytes::Bytes| {
+        let collected = collected.clone();
+        async move {
+            let request = ExportTraceServiceRequest::decode(body).expect("an OTLP protobuf body");
+            let text = |value: Option<&opentelemetry_proto::tonic::common::v1::AnyValue>| match value
+                .and_then(|value| value.value.as_ref())
+            {
+                Some(Any::StringValue(text)) => text.clone(),
+                Some(Any::IntValue(number)) => number.to_string(),
+                Some(Any::DoubleValue(number)) => number.to_string(),
+                Some(Any::BoolValue(flag)) => flag.to_string(),
+                other => format!("{other:?}"),
+            };
+            for resource_spans in request.resource_spans {
+                let service = resource_spans
+                    .resource
+                    .iter()
+                    .flat_map(|resource| &resource.attributes)
+                    .find(|attribute| attribute.key == "service.name")
+                    .map(|attribute| text(attribute.value.as_ref()))
+                    .unwrap_or_default();
+                for span in resource_spans.scope_spans.into_iter().flat_map(|scope| scope.spans) {
+                    let attributes =
+                        span.attributes.iter().map(|kv| (kv.key.clone(), text(kv.value.as_ref()))).collect();
+                    collected.0.lock().expect("lock").push(CollectedSpan {
+                        service: service.clone(),
+                        name: span.name,
+                        trace_id: span.trace_id,
+                        span_id: span.span_id,
+                        parent_span_id: span.parent_span_id,
+                        attributes,
+                    });
+                }
+            }
+            ([("content-type", "application/x-protobuf")], Vec::<u8>::new())
+        }
+    };
+    let app = axum::Router::new().route("/v1/traces", axum::routing::post(receive));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind collector");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("collector") });
+    format!("http://{addr}")
+}
+
+/// An OpenAI-compatible lead on loopback whose first answer is a 500 (so a
+/// call makes two upstream attempts) and every later one a completion.
+async fn start_flaky_lead() -> String {
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let answer = move || {
+        let calls = calls.clone();
+        async move {
+            if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "try again".to_string());
+            }
+            let completion = json!({
+                "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "lead-1",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": "NUM"}}],
+                "usage": {"prompt_tokens": 12, "completion_tokens": 1, "total_tokens": 13},
+            });
+            (axum::http::StatusCode::OK, completion.to_string())
+        }
+    };
+    let app = axum::Router::new().route("/v1/chat/completions", axum::routing::post(answer));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind lead");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("lead") });
+    format!("http://{addr}/v1")
+}
+
+#[test]
+fn calls_are_traced_to_an_otlp_collector_with_their_route_and_upstream_attempts() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let collected = Collected::default();
+    let (collector, lead) =
+        runtime.block_on(async { (start_otlp_collector(collected.clone()).await, start_flaky_lead().await) });
+    let workdir = Workdir::new(&format!(
+        r#"
+[providers.live]
+type = "openai"
+base_url = "{lead}"
+max_retries = 2
+retry_backoff_ms = 5
+
+[models.lead-1]
+provider = "live"
+input_per_million = 1.0
+output_per_million = 2.0
+
+[tasks.traced]
+lead = "lead-1"
+
+[telemetry]
+otlp_endpoint = "{collector}"
+service_name = "gateway-under-test"
+"#
+    ));
+    let (mut child, base_url, stderr) = workdir.serve();
+    let (served_id, missing_status) = runtime.block_on(async {
+        let client = reqwest::Client::new();
+        let ask = |model: &str| {
+            client.post(format!("{base_url}/chat/completions")).json(&json!({"model": model, "messages": [
+                {"role": "user", "content": "How many moons has Mars?"}]}))
+        };
+        let served = ask("task:traced").send().await.expect("served");
+        assert_eq!(served.status(), 200);
+        let served_id = served.headers()["x-understudy-call-id"].to_str().expect("id").to_string();
+        let missing = ask("no-such-model").send().await.expect("404");
+        (served_id, missing.status().as_u16())
+    });
+    assert_eq!(missing_status, 404);
+    // SIGTERM flushes the exporter's batch before the process exits.
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill").success());
+    assert!(child.wait().expect("wait").success());
+    let log = stderr.join().expect("log");
+    assert!(log.contains(&format!("sent over OTLP/HTTP to {collector}/v1/traces")), "{log}");
+
+    let spans = collected.0.lock().expect("lock").clone();
+    let calls: Vec<&CollectedSpan> = spans.iter().filter(|span| span.name == "chat").collect();
+    assert_eq!(calls.len(), 2, "one span per call: {spans:#?}");
+    assert!(spans.iter().all(|span| span.service == "gateway-under-test"));
+    let served = calls.iter().find(|span| span.attributes.get("call_id") == Some(&served_id)).expect("served span");
+    for (key, value) in
+        [("task", "traced"), ("model", "lead-1"), ("provider", "live"), ("status", "200"), ("served_by", "lead")]
+    {
+        assert_eq!(served.attributes.get(key).map(String::as_str), Some(value), "{key} of {served:#?}");
+    }
+    assert!(served.attributes["cost_usd"].parse::<f64>().expect("cost") > 0.0);
+    let attempts: Vec<&CollectedSpan> =
+        spans.iter().filter(|span| span.name == "upstream" && span.parent_span_id == served.span_id).collect();
+    assert_eq!(attempts.len(), 2, "the 500 and the retry, both children of the call: {spans:#?}");
+    assert!(attempts.iter().all(|span| span.trace_id == served.trace_id));
+    let mut statuses: Vec<&str> = attempts.iter().map(|span| span.attributes["http.status_code"].as_str()).collect();
+    statuses.sort_unstable();
+    assert_eq!(statuses, ["200", "500"]);
+    let missing = calls.iter().find(|span| span.span_id != served.span_id).expect("404 span");
+    assert_eq!(missing.attributes.get("status").map(String::as_str), Some("404"));
+    assert_eq!(missing.attributes.get("model").map(String::as_str), Some("no-such-model"));
+    assert!(spans.iter().all(|span| span.name == "chat" || span.name == "upstream"), "only calls are exported");
+}

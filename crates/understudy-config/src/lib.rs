@@ -37,6 +37,17 @@ pub struct Config {
     pub providers: BTreeMap<String, ProviderConfig>,
     pub models: BTreeMap<String, ModelConfig>,
     pub tasks: BTreeMap<String, TaskConfig>,
+    pub telemetry: TelemetryConfig,
+}
+
+/// Where the gateway sends its traces, if anywhere.
+#[derive(Debug, Clone, Default)]
+pub struct TelemetryConfig {
+    /// An OTLP/HTTP collector's base URL (`http://host:4318`); spans go to
+    /// its `/v1/traces` as protobuf. `None`: no traces are exported.
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` the spans carry.
+    pub service_name: String,
 }
 
 #[derive(Debug, Clone)]
@@ -299,6 +310,15 @@ struct RawConfig {
     models: BTreeMap<String, RawModel>,
     #[serde(default)]
     tasks: BTreeMap<String, RawTask>,
+    #[serde(default)]
+    telemetry: RawTelemetry,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTelemetry {
+    otlp_endpoint: Option<Spanned<String>>,
+    service_name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -697,8 +717,12 @@ impl Validator<'_> {
             }
             let policy = match Policy::parse(raw_task.policy.get_ref(), None) {
                 Ok(policy) => policy,
-                Err(message) => {
-                    return self.invalid(format!("tasks.{name}.policy"), raw_task.policy.span().start, message)
+                Err(error) => {
+                    return self.invalid(
+                        format!("tasks.{name}.policy"),
+                        raw_task.policy.span().start,
+                        error.to_string(),
+                    )
                 }
             };
             if policy != Policy::Lead && raw_task.understudy.is_none() {
@@ -771,7 +795,30 @@ impl Validator<'_> {
             );
         }
 
-        Ok(Config { store, server, providers, models, tasks })
+        let telemetry = self.validate_telemetry(raw.telemetry)?;
+        Ok(Config { store, server, providers, models, tasks, telemetry })
+    }
+
+    fn validate_telemetry(&self, raw: RawTelemetry) -> Result<TelemetryConfig, ConfigError> {
+        let otlp_endpoint = match raw.otlp_endpoint {
+            None => None,
+            Some(url) => {
+                let endpoint = url.get_ref().trim_end_matches('/');
+                if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                    return self.invalid(
+                        "telemetry.otlp_endpoint".into(),
+                        url.span().start,
+                        format!(
+                            "`{}` is not an http:// or https:// URL (an OTLP/HTTP collector, port 4318)",
+                            url.get_ref()
+                        ),
+                    );
+                }
+                Some(endpoint.to_string())
+            }
+        };
+        let service_name = raw.service_name.unwrap_or_else(|| "understudy".to_string());
+        Ok(TelemetryConfig { otlp_endpoint, service_name })
     }
 
     fn validate_store(&self, raw: RawStore) -> Result<StoreConfig, ConfigError> {

@@ -44,6 +44,14 @@ max_body_bytes = 4194304                # larger request bodies get HTTP 413
 # body_read_timeout_secs = 30            # a request's body; slow clients get HTTP 408
 # shutdown_timeout_secs = 30             # SIGTERM's deadline; the rest is spilled to a file
 
+# ---------------------------------------------------------------- telemetry --
+# OpenTelemetry traces: one span per call (task, model, route, served_by,
+# status, cost) with a child span per upstream attempt, sent over OTLP/HTTP
+# (protobuf) to a collector's /v1/traces. Off unless an endpoint is set.
+# [telemetry]
+# otlp_endpoint = "http://127.0.0.1:4318"
+# service_name = "understudy"
+
 # ---------------------------------------------------------------- providers --
 # An OpenAI-compatible upstream: OpenAI itself, or anything that speaks its API.
 [providers.cloud]

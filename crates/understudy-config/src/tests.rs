@@ -170,3 +170,15 @@ fn shared_limits_take_a_redis_url() {
     let error = parse(&with_server("limits_redis_url = \"http://127.0.0.1:6379\"")).expect_err("bad").to_string();
     assert_eq!(error, "understudy.toml:2: `server.limits_redis_url`: `http://127.0.0.1:6379` is not a redis:// URL");
 }
+
+#[test]
+fn traces_go_to_an_otlp_http_endpoint() {
+    let off = parse(CONTRACT).expect("parses").telemetry;
+    assert_eq!((off.otlp_endpoint, off.service_name.as_str()), (None, "understudy"));
+    let with = |telemetry: &str| format!("{CONTRACT}\n[telemetry]\n{telemetry}\n");
+    let on = parse(&with("otlp_endpoint = \"http://127.0.0.1:4318/\"\nservice_name = \"gw-a\"")).expect("otlp");
+    assert_eq!(on.telemetry.otlp_endpoint.as_deref(), Some("http://127.0.0.1:4318"));
+    assert_eq!(on.telemetry.service_name, "gw-a");
+    let error = parse(&with("otlp_endpoint = \"127.0.0.1:4317\"")).expect_err("bad").to_string();
+    assert!(error.contains("`telemetry.otlp_endpoint`: `127.0.0.1:4317` is not an http:// or https:// URL"), "{error}");
+}

@@ -36,8 +36,8 @@ pub(crate) async fn chat_completions(State(state): State<AppState>, caller: Call
     // The client learns the call's id, to send feedback on its answer.
     let call_id = draft.id;
     state.inner.recent_calls.remember(call_id, caller.key_id().map(str::to_string));
-    let client = draft.client.clone();
-    let mut response = state.clone().serve_detached(client, serve_call(state.clone(), draft, caller, body)).await;
+    let (client, span) = (draft.client.clone(), draft.span.clone());
+    let mut response = state.clone().serve_detached(client, span, serve_call(state.clone(), draft, caller, body)).await;
     if !response.status().is_success() {
         // A shadow call's record comes later; its client knows already.
         state.inner.recent_calls.finished(call_id, false);
@@ -86,10 +86,12 @@ async fn serve_call(state: AppState, mut draft: CallDraft, caller: Caller, body:
             serve_lead(state, draft, prepared, Some(Box::pin(async move { shadow.await.ok() }))).await
         }
         FirstStep::Understudy => {
-            let attempt = understudy.attempt(prepared.request.clone(), timeout, labels.as_deref()).await;
+            // Boxed, as the understudy's own path below: a lead-only call's
+            // future need not carry their state (it is moved once per call).
+            let attempt = Box::pin(understudy.attempt(prepared.request.clone(), timeout, labels.as_deref())).await;
             match judge(route.policy, attempt.router_attempt()) {
                 Verdict::ServeUnderstudy => {
-                    serve_understudy(state, draft, prepared, routing, &understudy, attempt, &route).await
+                    Box::pin(serve_understudy(state, draft, prepared, routing, &understudy, attempt, &route)).await
                 }
                 Verdict::FallBack(reason) => {
                     if let AttemptOutcome::Failed(error) = &attempt.outcome {

@@ -17,8 +17,8 @@ use understudy_providers::CostModel;
 
 pub(crate) async fn embeddings(State(state): State<AppState>, caller: Caller, body: RequestBody) -> Response {
     let draft = CallDraft::start(Endpoint::Embeddings, caller.key_ref());
-    let client = draft.client.clone();
-    state.clone().serve_detached(client, serve_embeddings(state, draft, caller, body)).await
+    let (client, span) = (draft.client.clone(), draft.span.clone());
+    state.clone().serve_detached(client, span, serve_embeddings(state, draft, caller, body)).await
 }
 
 async fn serve_embeddings(state: AppState, mut draft: CallDraft, caller: Caller, body: RequestBody) -> Response {

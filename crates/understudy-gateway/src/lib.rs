@@ -22,6 +22,7 @@ mod metrics;
 mod request;
 mod routing;
 mod shared_limits;
+pub mod telemetry;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -262,7 +262,8 @@ impl Limiter {
         let estimate = if key.tpm.is_some() || key.budget.is_some() { estimate() } else { Estimate::default() };
         let now = OffsetDateTime::now_utc();
         if let Some(shared) = &self.shared {
-            match self.admit_shared(shared, store, key, call_id, estimate, now).await {
+            // Boxed: Redis' futures are large, and every call's future would carry them.
+            match Box::pin(self.admit_shared(shared, store, key, call_id, estimate, now)).await {
                 Ok(admitted) => return admitted,
                 Err(error) => {
                     tracing::warn!(%error, "shared limits are out of reach; this gateway counts the key's limits alone")
@@ -274,7 +275,7 @@ impl Limiter {
         if let Some(period_start) = period_start {
             let mut seeded = limits.seeded.lock().await;
             if *seeded != Some(period_start) {
-                let spent = store.key_spend_since(&key.id, period_start).await.map_err(|error| {
+                let spent = Box::pin(store.key_spend_since(&key.id, period_start)).await.map_err(|error| {
                     tracing::error!(%error, key = %key.name, "cannot read a key's spend");
                     GatewayError::Store(error.to_string())
                 })?;
@@ -338,7 +339,7 @@ impl Limiter {
         let Some(reservation) = lock(&self.reservations).remove(&call_id) else { return };
         if let (true, Some(shared)) = (reservation.shared, &self.shared) {
             let Reservation { key_id, tpm, period_start, estimate, .. } = &reservation;
-            if let Err(error) = shared.settle(key_id, *tpm, *period_start, *estimate, cost, tokens).await {
+            if let Err(error) = Box::pin(shared.settle(key_id, *tpm, *period_start, *estimate, cost, tokens)).await {
                 tracing::warn!(%error, "cannot settle a call's reservation in the shared limits");
             }
             return;

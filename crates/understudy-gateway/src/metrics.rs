@@ -13,6 +13,7 @@
 //! else is `other`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -70,6 +71,55 @@ struct LimitLabels {
     limit: String,
 }
 
+/// The label set of one call's series, as the cache keeps it.
+#[derive(Hash, PartialEq, Eq)]
+struct SeriesKey {
+    endpoint: &'static str,
+    task: String,
+    model: String,
+    status: u16,
+    served_by: &'static str,
+}
+
+/// The same, borrowed from a record; hashes as [`SeriesKey`] does.
+#[derive(Hash)]
+struct SeriesRef<'a> {
+    endpoint: &'static str,
+    task: &'a str,
+    model: &'a str,
+    status: u16,
+    served_by: &'static str,
+}
+
+impl indexmap::Equivalent<SeriesKey> for SeriesRef<'_> {
+    fn equivalent(&self, key: &SeriesKey) -> bool {
+        self.endpoint == key.endpoint
+            && self.task == key.task
+            && self.model == key.model
+            && self.status == key.status
+            && self.served_by == key.served_by
+    }
+}
+
+/// Handles into the families for one label set; a handle shares its
+/// family's value, so counting through it is counting in the family.
+struct Series {
+    requests: Counter,
+    latency: Histogram,
+    ttft: Histogram,
+    prompt_tokens: Counter,
+    completion_tokens: Counter,
+    cost: FloatCounter,
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 type FloatCounter = Counter<f64, AtomicU64>;
 type FloatGauge = Gauge<f64, AtomicU64>;
@@ -81,6 +131,7 @@ fn latency_histogram() -> Histogram {
 
 pub(crate) struct Metrics {
     registry: Registry,
+    series: RwLock<indexmap::IndexMap<SeriesKey, Arc<Series>>>,
     requests: Family<RequestLabels, Counter>,
     latency: HistogramFamily<ModelLabels>,
     ttft: HistogramFamily<ModelLabels>,
@@ -150,6 +201,7 @@ impl Default for Metrics {
         registry.register("key_budget_limit_usd", "A key's budget per period", budget_limit.clone());
         Metrics {
             registry,
+            series: RwLock::default(),
             requests,
             latency,
             ttft,
@@ -172,45 +224,76 @@ impl Metrics {
     /// Counts a finished call from its record.
     pub fn observe(&self, config: &Config, record: &CallRecord) {
         let task = match &record.task {
-            Some(task) if config.tasks.contains_key(task) => task.clone(),
-            Some(_) => "other".to_string(),
-            None => String::new(),
+            Some(task) if config.tasks.contains_key(task) => task.as_str(),
+            Some(_) => "other",
+            None => "",
         };
         let served_by = record.routing.as_ref().map_or(ServedBy::Lead, |routing| routing.served_by);
         // A served understudy is a model of the config or a promoted model
         // version: a handful either way.
         let model = if config.models.contains_key(&record.model) || served_by == ServedBy::Understudy {
-            record.model.clone()
+            record.model.as_str()
         } else {
-            "other".to_string()
+            "other"
         };
-        let endpoint = record.endpoint.as_str().to_string();
-        self.requests
-            .get_or_create(&RequestLabels {
-                endpoint: endpoint.clone(),
-                task: task.clone(),
-                model: model.clone(),
-                status: record.status.to_string(),
-                served_by: served_by.as_str().to_string(),
-            })
-            .inc();
-        let labels = ModelLabels { endpoint, task: task.clone(), model: model.clone() };
-        self.latency.get_or_create(&labels).observe(record.latency_ms / 1000.0);
+        let key = SeriesRef {
+            endpoint: record.endpoint.as_str(),
+            task,
+            model,
+            status: record.status,
+            served_by: served_by.as_str(),
+        };
+        let series = self.series(&key);
+        series.requests.inc();
+        series.latency.observe(record.latency_ms / 1000.0);
         if let (true, Some(ttft_ms)) = (record.is_success(), record.ttft_ms) {
-            self.ttft.get_or_create(&labels).observe(ttft_ms / 1000.0);
+            series.ttft.observe(ttft_ms / 1000.0);
         }
-        for (kind, n_tokens) in [("prompt", record.usage.prompt_tokens), ("completion", record.usage.completion_tokens)]
-        {
-            if n_tokens > 0 {
-                self.tokens
-                    .get_or_create(&TokenLabels { task: task.clone(), model: model.clone(), kind: kind.to_string() })
-                    .inc_by(n_tokens);
-            }
+        if record.usage.prompt_tokens > 0 {
+            series.prompt_tokens.inc_by(record.usage.prompt_tokens);
         }
-        self.cost.get_or_create(&labels).inc_by(record.cost.dollars());
+        if record.usage.completion_tokens > 0 {
+            series.completion_tokens.inc_by(record.usage.completion_tokens);
+        }
+        series.cost.inc_by(record.cost.dollars());
         if let Some(reason) = record.routing.as_ref().and_then(|routing| routing.fallback_reason.clone()) {
-            self.fallbacks.get_or_create(&FallbackLabels { task, reason }).inc();
+            self.fallbacks.get_or_create(&FallbackLabels { task: task.to_string(), reason }).inc();
         }
+    }
+
+    /// The handles of one call's series: found with one lookup and no
+    /// allocation once the label set has been seen (the families behind
+    /// them hash and allocate their label strings per lookup, six times a call).
+    fn series(&self, key: &SeriesRef<'_>) -> Arc<Series> {
+        if let Some(series) = read(&self.series).get(key) {
+            return series.clone();
+        }
+        let (task, model) = (key.task.to_string(), key.model.to_string());
+        let labels = ModelLabels { endpoint: key.endpoint.to_string(), task: task.clone(), model: model.clone() };
+        let tokens = |kind: &str| {
+            self.tokens
+                .get_or_create(&TokenLabels { task: task.clone(), model: model.clone(), kind: kind.to_string() })
+                .clone()
+        };
+        let series = Arc::new(Series {
+            requests: self
+                .requests
+                .get_or_create(&RequestLabels {
+                    endpoint: key.endpoint.to_string(),
+                    task: task.clone(),
+                    model: model.clone(),
+                    status: key.status.to_string(),
+                    served_by: key.served_by.to_string(),
+                })
+                .clone(),
+            latency: self.latency.get_or_create(&labels).clone(),
+            ttft: self.ttft.get_or_create(&labels).clone(),
+            prompt_tokens: tokens("prompt"),
+            completion_tokens: tokens("completion"),
+            cost: self.cost.get_or_create(&labels).clone(),
+        });
+        let owned = SeriesKey { endpoint: key.endpoint, task, model, status: key.status, served_by: key.served_by };
+        write(&self.series).entry(owned).or_insert(series).clone()
     }
 
     pub fn auth_failure(&self, reason: &str) {

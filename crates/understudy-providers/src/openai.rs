@@ -91,7 +91,26 @@ impl OpenAiProvider {
             if let Some(key) = &self.api_key {
                 request = request.bearer_auth(&key.0);
             }
-            match tokio::time::timeout(self.timeout, request.send()).await {
+            // One span per attempt, a child of the call's (off unless traces are exported).
+            let span = tracing::info_span!(
+                target: understudy_types::CALL_SPAN_TARGET,
+                "upstream",
+                otel.kind = "client",
+                provider = %self.name,
+                attempt = attempt_idx + 1,
+                http.status_code = tracing::field::Empty,
+                error = tracing::field::Empty,
+            );
+            let sent =
+                tracing::Instrument::instrument(tokio::time::timeout(self.timeout, request.send()), span.clone()).await;
+            if !span.is_disabled() {
+                match &sent {
+                    Ok(Ok(response)) => span.record("http.status_code", response.status().as_u16()),
+                    Ok(Err(error)) => span.record("error", describe_request_error(error).as_str()),
+                    Err(_elapsed) => span.record("error", "timed out"),
+                };
+            }
+            match sent {
                 Err(_elapsed) => return Err(self.timeout_error()),
                 Ok(Ok(response)) if response.status().is_server_error() => {
                     let status = response.status();

@@ -13,8 +13,26 @@ const CALL_COLUMNS: &str = "id, created_at, task, model, provider, endpoint, str
      understudy_latency_ms, understudy_cost, agreement, lead_cost_avoided, \
      audit_answer, audit_agreement, audit_cost, key_id, key_name";
 const N_CALL_COLUMNS: usize = 32;
-/// Rows per INSERT statement; keeps bind parameters under SQLite's limit.
-const ROWS_PER_INSERT: usize = 100;
+/// The row counts an INSERT of calls is made with: a batch of n calls is
+/// written as the largest of these that fit, then the next, and so on (7
+/// calls: 5 + 1 + 1). With a handful of statement texts, every INSERT is a
+/// prepared statement from the connection's cache; one text per batch size
+/// made SQLite parse and plan a 32-column INSERT for nearly every batch
+/// (`bench/gateway-instructions`). 100 rows keep the bind parameters under
+/// SQLite's limit.
+const INSERT_SIZES: [usize; 4] = [100, 20, 5, 1];
+
+/// Splits `calls` into INSERTs of the sizes above: each chunk with the
+/// index of its size in [`INSERT_SIZES`].
+fn insert_chunks<T>(calls: &[T]) -> impl Iterator<Item = (usize, &[T])> {
+    let mut rest = calls;
+    std::iter::from_fn(move || {
+        let size_idx = INSERT_SIZES.iter().position(|size| *size <= rest.len())?;
+        let (chunk, tail) = rest.split_at(INSERT_SIZES[size_idx]);
+        rest = tail;
+        Some((size_idx, chunk))
+    })
+}
 
 /// Which calls a query covers. Empty fields match everything.
 #[derive(Debug, Clone, Default)]
@@ -205,9 +223,8 @@ impl Store {
             return Ok(());
         }
         let mut transaction = self.pool().begin().await?;
-        for chunk in calls.chunks(ROWS_PER_INSERT) {
-            let sql = insert_sql(chunk.len(), self.backend, on_conflict);
-            let mut query = sqlx::query(&sql);
+        for (size_idx, chunk) in insert_chunks(calls) {
+            let mut query = sqlx::query(insert_sql(size_idx, self.backend, on_conflict));
             for call in chunk {
                 let text = |value: &str| storable_text(value);
                 let optional_text = |value: &Option<String>| value.as_deref().map(storable_text);
@@ -507,7 +524,19 @@ fn bind_optional_f64<'q>(
     }
 }
 
-fn insert_sql(n_rows: usize, backend: Backend, on_conflict: OnConflict) -> String {
+/// The INSERT of `INSERT_SIZES[size_idx]` calls, built once.
+fn insert_sql(size_idx: usize, backend: Backend, on_conflict: OnConflict) -> &'static str {
+    const N_SIZES: usize = INSERT_SIZES.len();
+    static TEXTS: [[[std::sync::OnceLock<String>; N_SIZES]; 2]; 2] =
+        [const { [const { [const { std::sync::OnceLock::new() }; N_SIZES] }; 2] }; 2];
+    let backend_idx = usize::from(backend == Backend::Postgres);
+    let conflict_idx = usize::from(on_conflict == OnConflict::Skip);
+    TEXTS[backend_idx][conflict_idx][size_idx]
+        .get_or_init(|| build_insert_sql(INSERT_SIZES[size_idx], backend, on_conflict))
+        .as_str()
+}
+
+fn build_insert_sql(n_rows: usize, backend: Backend, on_conflict: OnConflict) -> String {
     let mut sql = format!("INSERT INTO calls ({CALL_COLUMNS}) VALUES ");
     for row_idx in 0..n_rows {
         if row_idx > 0 {
@@ -610,4 +639,34 @@ fn saturating_i64(value: u64) -> i64 {
 
 fn nonnegative(value: i64) -> u64 {
     u64::try_from(value).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_is_written_in_a_few_statement_shapes_covering_every_call_once() {
+        let calls: Vec<usize> = (0..257).collect();
+        for n_calls in [0, 1, 4, 7, 99, 100, 257] {
+            let chunks: Vec<(usize, &[usize])> = insert_chunks(&calls[..n_calls]).collect();
+            let sizes: Vec<usize> = chunks.iter().map(|(_, chunk)| chunk.len()).collect();
+            assert!(chunks.iter().all(|(size_idx, chunk)| INSERT_SIZES[*size_idx] == chunk.len()));
+            let covered: Vec<usize> = chunks.iter().flat_map(|(_, chunk)| chunk.iter().copied()).collect();
+            assert_eq!(covered, calls[..n_calls], "{n_calls} calls");
+            let expected: &[usize] = match n_calls {
+                0 => &[],
+                1 => &[1],
+                4 => &[1, 1, 1, 1],
+                7 => &[5, 1, 1],
+                99 => &[20, 20, 20, 20, 5, 5, 5, 1, 1, 1, 1],
+                100 => &[100],
+                _ => &[100, 100, 20, 20, 5, 5, 5, 1, 1],
+            };
+            assert_eq!(sizes, expected);
+        }
+        let text = insert_sql(2, Backend::Postgres, OnConflict::Skip);
+        assert!(text.ends_with("($129,$130,$131,$132,$133,$134,$135,$136,$137,$138,$139,$140,$141,$142,$143,$144,$145,$146,$147,$148,$149,$150,$151,$152,$153,$154,$155,$156,$157,$158,$159,$160) ON CONFLICT (id) DO NOTHING"), "{text}");
+        assert!(std::ptr::eq(text, insert_sql(2, Backend::Postgres, OnConflict::Skip)), "built once");
+    }
 }

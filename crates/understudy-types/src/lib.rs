@@ -5,6 +5,11 @@
 
 pub mod tensor_names;
 
+/// The tracing target of a call's span and of its upstream attempts'
+/// spans: the gateway exports this target, and only it, as OpenTelemetry
+/// traces (`[telemetry]`).
+pub const CALL_SPAN_TARGET: &str = "understudy::call";
+
 /// The form two answers are compared in: trimmed, lower-cased, single
 /// spaces. The one rule for agreement between the understudy and the lead,
 /// shared by the gateway (cascade validity, shadow and audit agreement),
