@@ -53,6 +53,46 @@ pub enum Command {
     Keys(KeysCommand),
     /// The demo: real traffic from the TREC question set through a replay lead.
     Quickstart(QuickstartCommand),
+    /// Run the loop by itself for every task with `[tasks.NAME.autopilot]`:
+    /// train, shadow, certify, promote, and retrain on new calls, drift or a
+    /// demotion. Runs beside `serve`, as its own process at a lower priority.
+    Autopilot(AutopilotCommand),
+    /// A task's history: policy changes (by hand, by the autopilot, by the
+    /// guardrail) and the autopilot's transitions, with their reasons.
+    History(HistoryCommand),
+}
+
+#[derive(Args)]
+pub struct AutopilotCommand {
+    /// Only this task (default: every task with an autopilot).
+    #[arg(long)]
+    pub task: Option<String>,
+    /// One pass over the tasks, then exit.
+    #[arg(long)]
+    pub once: bool,
+    /// Seconds between passes.
+    #[arg(long, default_value_t = 30)]
+    pub interval_secs: u64,
+    /// Threads training and evaluation may use, so that a gateway on the
+    /// same machine keeps its share.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub threads: u64,
+    /// How much lower than the default the process's CPU priority is (0-19).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub nice: i32,
+    /// Hand a task pinned by a promotion by hand back to the autopilot, and exit.
+    #[arg(long, value_name = "TASK")]
+    pub release: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct HistoryCommand {
+    #[arg(long)]
+    pub task: String,
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `understudy promote --task T --policy P`: hands the understudy (some of)
@@ -375,6 +415,22 @@ pub enum ReportCommand {
         /// Also write a self-contained HTML report with plots to this file.
         #[arg(long)]
         html: Option<PathBuf>,
+    },
+    /// Whether a task's traffic moved away from what its understudy learned:
+    /// new labels and shifted label shares in the lead's answers, and the
+    /// understudy's confidence and coverage falling, each a statistical test.
+    Drift {
+        #[arg(long)]
+        task: String,
+        /// Calls per window (the newest ones against the training set and
+        /// the first ones after the current promotion).
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..))]
+        window: u64,
+        /// The tests' level (false-alarm rate).
+        #[arg(long, default_value_t = 0.01)]
+        alpha: f64,
+        #[arg(long)]
+        json: bool,
     },
 }
 

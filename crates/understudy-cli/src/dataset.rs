@@ -1,26 +1,22 @@
 //! `understudy dataset build|import|export|list|show`.
 //!
-//! The build itself is `understudy_datasets::build`; this module reads its
-//! input (the store's calls, or a JSONL file), writes the version's files,
-//! registers it in the store and prints what happened.
+//! Building and importing are the loop's (`understudy_loop::build_dataset`,
+//! `import_dataset`); this module turns flags into options and prints what
+//! happened, and lists, shows and exports registered versions.
 
-use std::collections::HashMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context;
 use serde_json::{json, Value};
 use understudy_config::Config;
-use understudy_datasets::build::{
-    build_dataset, eligible_calls, eligible_examples, examples_from_calls, BuildConfig, BuildInput, BuiltDataset,
-    DatasetSource, Manifest,
-};
-use understudy_datasets::dedup::NearDupConfig;
-use understudy_datasets::files::{read_manifest, read_split, write_dataset};
-use understudy_datasets::jsonl::{format_time as rfc3339, read_examples, ChatExample};
+use understudy_datasets::build::Manifest;
+use understudy_datasets::files::{read_manifest, read_split};
+use understudy_datasets::jsonl::format_time as rfc3339;
 use understudy_datasets::split::SplitShares;
-use understudy_store::{CallFilter, DatasetRecord, StatusFilter, Store};
-use understudy_types::{Endpoint, OffsetDateTime, TaskKind};
+use understudy_loop::{find_dataset, DatasetOptions, SavedDataset};
+use understudy_store::{DatasetRecord, Store};
+use understudy_types::TaskKind;
 
 use crate::cli::{DatasetBuildArgs, DatasetCommand};
 use crate::output::{format_time, load_config, open_store, parse_time, table};
@@ -36,46 +32,13 @@ pub async fn run(config_path: &Path, command: DatasetCommand) -> anyhow::Result<
 async fn run_with_store(config: &Config, store: &Store, command: DatasetCommand) -> anyhow::Result<()> {
     match command {
         DatasetCommand::Build { task, options } => {
-            let build_config = build_config(config, &task, &options, DatasetSource::Calls)?;
-            let filter = CallFilter { task: Some(task.clone()), status: Some(StatusFilter::Ok), ..Default::default() };
-            let calls: Vec<_> = store
-                .list_calls(&filter)
-                .await?
-                .into_iter()
-                .filter(|call| call.endpoint == Endpoint::ChatCompletions)
-                .collect();
-            if calls.is_empty() {
-                let hint = if config.tasks.contains_key(&task) { "" } else { ", and it is not in the config" };
-                anyhow::bail!("task `{task}` has no successful chat calls in the store{hint}");
-            }
-            let verdicts = store.task_feedback(&task).await?;
-            let scores: HashMap<_, _> = verdicts.iter().map(|(call_id, feedback)| (*call_id, feedback.score)).collect();
-            let (calls, feedback) = eligible_calls(calls, &scores);
-            // Calls all rated negative leave nothing: the build says so, feedback counted.
-            let (examples, n_unreadable) = examples_from_calls(&calls, &verdicts);
-            let built_at = OffsetDateTime::now_utc();
-            let built =
-                build_dataset(BuildInput { task, examples, n_unreadable, feedback, config: build_config, built_at })?;
-            save_and_report(config, store, &built, built_at, options.json).await
+            let saved = understudy_loop::build_dataset(config, store, &task, &dataset_options(&options)?).await?;
+            report(&saved, options.json)
         }
         DatasetCommand::Import { task, file, options } => {
-            let build_config = build_config(config, &task, &options, DatasetSource::Import)?;
-            let examples = read_jsonl(&file)?;
-            if examples.is_empty() {
-                anyhow::bail!("{} holds no examples", file.display());
-            }
-            // Lines carrying feedback (`metadata.feedback`) count as calls rated so.
-            let (examples, feedback) = eligible_examples(examples);
-            let built_at = OffsetDateTime::now_utc();
-            let built = build_dataset(BuildInput {
-                task,
-                examples,
-                n_unreadable: 0,
-                feedback,
-                config: build_config,
-                built_at,
-            })?;
-            save_and_report(config, store, &built, built_at, options.json).await
+            let saved =
+                understudy_loop::import_dataset(config, store, &task, &file, &dataset_options(&options)?).await?;
+            report(&saved, options.json)
         }
         DatasetCommand::Export { id, output, split } => {
             let dataset = find_dataset(store, &id).await?;
@@ -146,78 +109,30 @@ async fn run_with_store(config: &Config, store: &Store, command: DatasetCommand)
     }
 }
 
-/// Raw flags, and the task's kind from the config, as a checked build config.
-fn build_config(
-    config: &Config,
-    task: &str,
-    options: &DatasetBuildArgs,
-    source: DatasetSource,
-) -> anyhow::Result<BuildConfig> {
-    let build_config = BuildConfig {
-        source,
+/// The build flags as the loop takes them.
+fn dataset_options(options: &DatasetBuildArgs) -> anyhow::Result<DatasetOptions> {
+    Ok(DatasetOptions {
         since: options.since.as_deref().map(|text| parse_time(text, "since")).transpose()?,
         until: options.until.as_deref().map(|text| parse_time(text, "until")).transpose()?,
         min_chars: options.min_chars,
         max_chars: options.max_chars,
-        near_dup: NearDupConfig { threshold: options.near_dup_threshold, ..NearDupConfig::default() },
+        near_dup_threshold: options.near_dup_threshold,
         scrub: options.scrub,
         shares: SplitShares { validation: options.validation_share, test: options.test_share },
-        kind_override: config.tasks.get(task).and_then(|task| task.kind),
-    };
-    // Checked here too, before any rows are read, so bad flags fail fast.
-    build_config.check()?;
-    Ok(build_config)
+    })
 }
 
-/// Every example in a JSONL file; a malformed line fails the whole import,
-/// since a dataset version with silently missing rows is worse than none.
-fn read_jsonl(file: &Path) -> anyhow::Result<Vec<ChatExample>> {
-    let opened = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
-    let read =
-        read_examples(std::io::BufReader::new(opened)).with_context(|| format!("cannot read {}", file.display()))?;
-    if !read.bad_lines.is_empty() {
-        for (line_no, error) in &read.bad_lines {
-            eprintln!("{}:{line_no}: {error}", file.display());
-        }
-        anyhow::bail!("{} malformed lines in {}; no dataset was made", read.bad_lines.len(), file.display());
-    }
-    Ok(read.examples.into_iter().map(|(_, example)| example).collect())
-}
-
-/// Writes the version's files, registers it, and prints the summary (or the manifest).
-async fn save_and_report(
-    config: &Config,
-    store: &Store,
-    built: &BuiltDataset,
-    built_at: OffsetDateTime,
-    json: bool,
-) -> anyhow::Result<()> {
-    let datasets_dir = &config.store.datasets_dir;
-    std::fs::create_dir_all(datasets_dir)
-        .with_context(|| format!("cannot create the datasets folder {}", datasets_dir.display()))?;
-    let (dataset_dir, _written) = write_dataset(datasets_dir, built)?;
-    let manifest = &built.manifest;
-    let record = DatasetRecord {
-        id: manifest.id.clone(),
-        task: manifest.task.clone(),
-        created_at: built_at,
-        kind: built.kind(),
-        labels: manifest.labels.clone(),
-        n_train: manifest.counts.train,
-        n_validation: manifest.counts.validation,
-        n_test: manifest.counts.test,
-        parameters: manifest.parameters.to_string(),
-        path: absolute(&dataset_dir).display().to_string(),
-    };
-    let is_new = store.register_dataset(&record).await?;
+/// Prints the summary of a saved version (or its manifest).
+fn report(saved: &SavedDataset, json: bool) -> anyhow::Result<()> {
+    let manifest = &saved.manifest;
     let mut stdout = std::io::stdout().lock();
     if json {
         writeln!(stdout, "{}", serde_json::to_string_pretty(manifest)?)?;
     } else {
-        let status = if is_new { "new" } else { "already registered: same rows, same parameters" };
+        let status = if saved.is_new { "new" } else { "already registered: same rows, same parameters" };
         writeln!(stdout, "dataset {} ({status})", manifest.id)?;
         write!(stdout, "{}", summary(manifest))?;
-        writeln!(stdout, "files: {}", record.path)?;
+        writeln!(stdout, "files: {}", saved.record.path)?;
     }
     stdout.flush()?;
     Ok(())
@@ -263,27 +178,6 @@ fn summary(manifest: &Manifest) -> String {
     text
 }
 
-/// The dataset a command on `task` works on: the one named, or the task's newest.
-pub(crate) async fn task_dataset(store: &Store, task: &str, id: Option<&str>) -> anyhow::Result<DatasetRecord> {
-    let dataset = match id {
-        Some(id) => find_dataset(store, id).await?,
-        None => store.list_datasets(Some(task)).await?.into_iter().next().with_context(|| {
-            format!("task `{task}` has no dataset yet; run `understudy dataset build --task {task}`")
-        })?,
-    };
-    anyhow::ensure!(dataset.task == task, "dataset {} belongs to task `{}`, not `{task}`", dataset.id, dataset.task);
-    Ok(dataset)
-}
-
-pub(crate) async fn find_dataset(store: &Store, id: &str) -> anyhow::Result<DatasetRecord> {
-    let mut found = store.get_dataset(id).await?;
-    match found.len() {
-        1 => Ok(found.remove(0)),
-        0 => anyhow::bail!("no dataset with id `{id}` (see `understudy dataset list`)"),
-        _ => anyhow::bail!("`{id}` is the prefix of more than one dataset id; give more of it"),
-    }
-}
-
 fn record_json(dataset: &DatasetRecord) -> Value {
     json!({
         "id": dataset.id,
@@ -295,8 +189,4 @@ fn record_json(dataset: &DatasetRecord) -> Value {
         "parameters": serde_json::from_str::<Value>(&dataset.parameters).unwrap_or(Value::Null),
         "path": dataset.path,
     })
-}
-
-fn absolute(path: &Path) -> PathBuf {
-    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }

@@ -1,12 +1,14 @@
 //! `understudy`: the one binary. `main` parses flags, runs, and maps errors
 //! to an exit code; the commands live in their own modules.
 
+mod autopilot;
 mod calls;
 mod cli;
 mod dataset;
 mod eval;
 mod feedback;
 mod fetch;
+mod history;
 mod html;
 mod import;
 mod init;
@@ -31,6 +33,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     // Candle sizes its matmul pool from this; unset, it re-reads /proc/cpuinfo
     // on every matmul (docs: ML-STACK-NOTES). Set it before any thread starts.
+    let args = cli::Cli::parse();
+    if let cli::Command::Autopilot(autopilot) = &args.command {
+        // The autopilot's thread budget: training and evaluation leave the
+        // rest of the machine to the gateway.
+        std::env::set_var("RAYON_NUM_THREADS", autopilot.threads.to_string());
+    }
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let n_threads = std::thread::available_parallelism().map_or(1, usize::from);
         std::env::set_var("RAYON_NUM_THREADS", n_threads.to_string());
@@ -40,8 +48,7 @@ fn main() -> ExitCode {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
-    let args = cli::Cli::parse();
-    if matches!(args.command, cli::Command::Train(_) | cli::Command::Quickstart(_)) {
+    if matches!(args.command, cli::Command::Train(_) | cli::Command::Quickstart(_) | cli::Command::Autopilot(_)) {
         // Training re-allocates the same large tensors every step.
         understudy_trainer::keep_freed_memory();
     }
@@ -98,6 +105,8 @@ async fn dispatch(config_path: std::path::PathBuf, command: cli::Command) -> any
         cli::Command::Promote(command) => promote::run(&config_path, command).await.map(done),
         cli::Command::Keys(command) => keys::run(&config_path, command).await.map(done),
         cli::Command::Quickstart(command) => Box::pin(quickstart::run(command)).await.map(done),
+        cli::Command::Autopilot(command) => autopilot::run(&config_path, command).await.map(done),
+        cli::Command::History(command) => history::run(&config_path, command).await.map(done),
     }
 }
 

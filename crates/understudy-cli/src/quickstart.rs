@@ -122,7 +122,7 @@ pub async fn run(command: QuickstartCommand) -> anyhow::Result<()> {
     // certified, the understudy is not ready: it goes to shadow, where the
     // lead keeps serving and the understudy keeps being scored.
     let calibrated = match store.list_model_versions(TASK).await?.first() {
-        Some(newest) => crate::promote::calibrated_threshold(&newest.path),
+        Some(newest) => understudy_loop::calibrated_threshold(&newest.path),
         None => None,
     };
     let policy = if calibrated.is_some() { "cascade" } else { "shadow" };
@@ -148,7 +148,7 @@ pub async fn run(command: QuickstartCommand) -> anyhow::Result<()> {
     let since_arg = since.format(&time::format_description::well_known::Rfc3339)?;
     crate::run_command_line(&understudy(&["report", "savings", "--task", TASK, "--since", &since_arg])).await?;
     let cascade_filter = CallFilter { task: Some(TASK.to_string()), since: Some(since), ..CallFilter::default() };
-    let (_, totals) = crate::savings::savings(&store, &cascade_filter, crate::report::machine_price(&config)).await?;
+    let totals = understudy_loop::ledger(&store, &cascade_filter, config.machine_price().1).await?.tasks;
     store.close().await;
     if let Some(total) = totals.first() {
         let agreement = ratio(newest.n_agree, newest.n_calls);

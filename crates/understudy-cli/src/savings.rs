@@ -1,83 +1,19 @@
-//! The savings ledger: what routing to the understudy saved, per task and day.
+//! `understudy report savings`: the ledger ([`understudy_loop::ledger`])
+//! rendered as tables, JSON or an HTML page.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
 use serde_json::{json, Value};
-use understudy_eval::ledger::{ledger, LedgerCounts, LedgerFigures, Share};
+use understudy_eval::ledger::{ledger, LedgerCounts, Share};
+use understudy_loop::ledger::{counts_of, CONFIDENCE};
+use understudy_loop::TaskSavings;
 use understudy_store::{CallFilter, SavingsRow, Store};
 
 use crate::html::{escape, page_start};
 use crate::output::{format_day, table};
-
-/// One task's totals over the report's days.
-#[derive(Debug, Clone, Default)]
-pub struct TaskSavings {
-    pub task: String,
-    pub counts: LedgerCounts,
-    /// Training runs of the task: wall time at the machine price.
-    pub training_cost: f64,
-    /// Net savings on the newest day, the "current volume".
-    pub net_last_day: f64,
-}
-
-impl TaskSavings {
-    pub fn figures(&self) -> LedgerFigures {
-        ledger(&self.counts, CONFIDENCE)
-    }
-
-    /// Days until net savings at the newest day's volume repay training.
-    pub fn payback_days(&self) -> Option<f64> {
-        (self.net_last_day > 0.0).then(|| self.training_cost / self.net_last_day)
-    }
-}
-
-/// The confidence of the ledger's intervals.
-const CONFIDENCE: f64 = 0.95;
-
-/// A day's row as the ledger counts it.
-fn counts_of(row: &SavingsRow) -> LedgerCounts {
-    LedgerCounts {
-        n_calls: row.n_calls,
-        n_served: row.n_served_by_understudy,
-        n_compared: row.n_compared,
-        n_compared_agreed: row.n_agreed,
-        n_audited: row.n_audited,
-        n_audit_agreed: row.n_audit_agreed,
-        cost: row.cost.dollars(),
-        understudy_cost: row.understudy_cost.dollars(),
-        lead_cost_avoided: row.lead_cost_avoided.dollars(),
-        audit_cost: row.audit_cost.dollars(),
-    }
-}
-
-/// Rows of the savings report, and every task's totals.
-pub async fn savings(
-    store: &Store,
-    filter: &CallFilter,
-    machine_price_per_hour: f64,
-) -> anyhow::Result<(Vec<SavingsRow>, Vec<TaskSavings>)> {
-    let rows = store.savings_report(filter).await?;
-    let mut totals: BTreeMap<String, TaskSavings> = BTreeMap::new();
-    for row in &rows {
-        let total = totals
-            .entry(row.task.clone())
-            .or_insert_with(|| TaskSavings { task: row.task.clone(), ..Default::default() });
-        let day = counts_of(row);
-        total.counts.add(&day);
-        // Rows come in day order per task: the last one seen is the newest.
-        total.net_last_day = day.net_savings();
-    }
-    for total in totals.values_mut() {
-        let versions = store.list_model_versions(&total.task).await?;
-        total.training_cost =
-            versions.iter().map(|version| version.wall_seconds).sum::<f64>() * machine_price_per_hour / 3600.0;
-    }
-    Ok((rows, totals.into_values().collect()))
-}
 
 pub async fn print_savings(
     store: &Store,
@@ -86,7 +22,8 @@ pub async fn print_savings(
     as_json: bool,
     html: Option<&Path>,
 ) -> anyhow::Result<()> {
-    let (rows, totals) = savings(store, filter, machine_price_per_hour).await?;
+    let understudy_loop::Ledger { days: rows, tasks: totals, .. } =
+        understudy_loop::ledger(store, filter, machine_price_per_hour).await?;
     if let Some(path) = html {
         std::fs::write(path, savings_html(&rows, &totals))
             .with_context(|| format!("cannot write the HTML report to {}", path.display()))?;

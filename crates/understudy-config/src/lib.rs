@@ -19,6 +19,10 @@ pub use template::TEMPLATE;
 /// The file name `understudy` looks for when no `--config` is given.
 pub const DEFAULT_CONFIG_FILE: &str = "understudy.toml";
 
+/// What an hour of the machine serving understudies costs, in dollars, when
+/// the config has no local provider to say: a 2-core cloud VM, roughly, in 2026.
+pub const DEFAULT_MACHINE_PRICE_PER_HOUR: f64 = 0.10;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -38,6 +42,9 @@ pub struct Config {
     pub models: BTreeMap<String, ModelConfig>,
     pub tasks: BTreeMap<String, TaskConfig>,
     pub telemetry: TelemetryConfig,
+    /// The folder the file's relative paths resolve against (the config
+    /// file's own); built-in model names (`models/...`) are looked up there.
+    pub base_dir: PathBuf,
 }
 
 /// Where the gateway sends its traces, if anywhere.
@@ -215,9 +222,50 @@ pub struct TaskConfig {
     /// The guardrail's error rate: the chance that it demotes an understudy
     /// that meets the target, over the whole life of a promotion.
     pub guardrail_delta: f64,
+    /// `[tasks.NAME.autopilot]`: the loop runs itself for this task.
+    pub autopilot: Option<AutopilotConfig>,
+}
+
+/// How `understudy autopilot` runs a task's loop.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutopilotConfig {
+    /// Successful calls before the first training.
+    pub min_calls: u64,
+    /// Shadow calls (both models answered) the cascade threshold is
+    /// certified on before the cascade is promoted.
+    pub shadow_calls: u64,
+    /// New successful calls since the last training that make a retrain due.
+    pub retrain_after_calls: u64,
+    /// The base model (as `train --base` takes it; default by task kind).
+    pub base: Option<String>,
+    pub epochs: Option<usize>,
+    pub learning_rate: Option<f64>,
+    /// A challenger replaces the champion unless its agreement is confidently
+    /// lower by more than this (the paired interval's lower bound).
+    pub challenger_margin: f64,
+    /// Whether drift makes a retrain due.
+    pub drift: bool,
+    /// The drift tests' level.
+    pub drift_alpha: f64,
+    /// Recent calls a drift test compares with the training data.
+    pub drift_window: u64,
 }
 
 impl Config {
+    /// The machine price that understudies' compute is charged at: the first
+    /// local provider's `machine_price_per_hour` (with that provider's name),
+    /// else [`DEFAULT_MACHINE_PRICE_PER_HOUR`] under the name `local`. The one
+    /// rule the gateway, `eval` and the savings ledger price compute by.
+    pub fn machine_price(&self) -> (&str, f64) {
+        self.providers
+            .iter()
+            .find_map(|(name, provider)| match provider {
+                ProviderConfig::Local(local) => Some((name.as_str(), local.machine_price_per_hour)),
+                _ => None,
+            })
+            .unwrap_or(("local", DEFAULT_MACHINE_PRICE_PER_HOUR))
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text =
@@ -434,9 +482,8 @@ enum RawProvider {
     },
 }
 
-/// A 2-core cloud VM, roughly, in 2026.
 fn default_machine_price_per_hour() -> f64 {
-    0.10
+    DEFAULT_MACHINE_PRICE_PER_HOUR
 }
 
 fn default_timeout_secs() -> f64 {
@@ -480,6 +527,53 @@ struct RawTask {
     audit_rate: f64,
     #[serde(default = "default_guardrail_delta")]
     guardrail_delta: f64,
+    autopilot: Option<Spanned<RawAutopilot>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAutopilot {
+    #[serde(default = "default_true")]
+    enabled: bool,
+    #[serde(default = "default_autopilot_min_calls")]
+    min_calls: u64,
+    #[serde(default = "default_autopilot_shadow_calls")]
+    shadow_calls: u64,
+    #[serde(default = "default_autopilot_retrain_after_calls")]
+    retrain_after_calls: u64,
+    base: Option<String>,
+    epochs: Option<usize>,
+    learning_rate: Option<f64>,
+    #[serde(default = "default_autopilot_challenger_margin")]
+    challenger_margin: f64,
+    #[serde(default = "default_true")]
+    drift: bool,
+    #[serde(default = "default_autopilot_drift_alpha")]
+    drift_alpha: f64,
+    #[serde(default = "default_autopilot_drift_window")]
+    drift_window: u64,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_autopilot_min_calls() -> u64 {
+    200
+}
+fn default_autopilot_shadow_calls() -> u64 {
+    100
+}
+fn default_autopilot_retrain_after_calls() -> u64 {
+    2000
+}
+fn default_autopilot_challenger_margin() -> f64 {
+    0.01
+}
+fn default_autopilot_drift_alpha() -> f64 {
+    0.01
+}
+fn default_autopilot_drift_window() -> u64 {
+    200
 }
 
 fn default_target_agreement() -> f64 {
@@ -779,6 +873,42 @@ impl Validator<'_> {
             let target_agreement = share("target_agreement", raw_task.target_agreement, true)?;
             let audit_rate = share("audit_rate", raw_task.audit_rate, false)?;
             let guardrail_delta = share("guardrail_delta", raw_task.guardrail_delta, true)?;
+            let autopilot = match raw_task.autopilot {
+                None => None,
+                Some(raw) => {
+                    let start = raw.span().start;
+                    let raw = raw.into_inner();
+                    let key = |field: &str| format!("tasks.{name}.autopilot.{field}");
+                    if raw.min_calls < 10 {
+                        return self.invalid(key("min_calls"), start, "at least 10 calls are needed to train".into());
+                    }
+                    if raw.shadow_calls == 0 || raw.retrain_after_calls == 0 || raw.drift_window < 10 {
+                        return self.invalid(
+                            key("shadow_calls"),
+                            start,
+                            "shadow_calls and retrain_after_calls must be positive, drift_window at least 10".into(),
+                        );
+                    }
+                    if !(raw.challenger_margin.is_finite() && (0.0..1.0).contains(&raw.challenger_margin)) {
+                        return self.invalid(key("challenger_margin"), start, "must be in [0, 1)".into());
+                    }
+                    if !(raw.drift_alpha > 0.0 && raw.drift_alpha < 1.0) {
+                        return self.invalid(key("drift_alpha"), start, "must be in (0, 1)".into());
+                    }
+                    raw.enabled.then_some(AutopilotConfig {
+                        min_calls: raw.min_calls,
+                        shadow_calls: raw.shadow_calls,
+                        retrain_after_calls: raw.retrain_after_calls,
+                        base: raw.base,
+                        epochs: raw.epochs,
+                        learning_rate: raw.learning_rate,
+                        challenger_margin: raw.challenger_margin,
+                        drift: raw.drift,
+                        drift_alpha: raw.drift_alpha,
+                        drift_window: raw.drift_window,
+                    })
+                }
+            };
             tasks.insert(
                 name,
                 TaskConfig {
@@ -791,12 +921,13 @@ impl Validator<'_> {
                     target_agreement,
                     audit_rate,
                     guardrail_delta,
+                    autopilot,
                 },
             );
         }
 
         let telemetry = self.validate_telemetry(raw.telemetry)?;
-        Ok(Config { store, server, providers, models, tasks, telemetry })
+        Ok(Config { store, server, providers, models, tasks, telemetry, base_dir: self.base_dir.to_path_buf() })
     }
 
     fn validate_telemetry(&self, raw: RawTelemetry) -> Result<TelemetryConfig, ConfigError> {

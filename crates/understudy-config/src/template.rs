@@ -135,6 +135,18 @@ policy = "lead"
 # target_agreement = 0.98               # the promise: served answers that agree with the lead
 # audit_rate = 0.05                     # share of served understudy answers re-asked of the lead
 # guardrail_delta = 0.05                # chance of demoting an understudy that meets the target
+#
+# `understudy autopilot` runs this task's loop by itself: trains once enough
+# calls are recorded, shadows, promotes a cascade certified on shadow calls,
+# and retrains on new calls, drift or a demotion (`understudy history`).
+# [tasks.triage.autopilot]
+# min_calls = 200                       # successful calls before the first training
+# shadow_calls = 100                    # shadow calls the cascade is certified on
+# retrain_after_calls = 2000            # new calls that make a retrain due
+# challenger_margin = 0.01              # a challenger may be at most this much worse (paired, 95 %)
+# drift = true                          # drift (answers, confidence) makes a retrain due
+# drift_alpha = 0.01                    # the drift tests' level
+# drift_window = 200                    # recent calls a drift test looks at
 
 # ---------------------------------------------------------- local models --
 # Models that run on this machine. A local call costs its measured compute

@@ -1,12 +1,14 @@
 //! Evaluation: metrics, bootstrap confidence intervals, the choice of a
 //! cascade threshold (certified by Learn-then-Test in [`certify`]), and the
-//! anytime-valid guardrail on audited agreement in [`sequential`]. Plain
-//! functions over values: no IO, no models.
+//! anytime-valid guardrail on audited agreement in [`sequential`], and the
+//! drift watch's two-sample tests in [`drift`]. Plain functions over values:
+//! no IO, no models.
 
 pub mod binomial;
 pub mod bootstrap;
 pub mod calibrate;
 pub mod certify;
+pub mod drift;
 pub mod generation;
 pub mod labels;
 pub mod ledger;
@@ -16,6 +18,11 @@ pub use binomial::{binomial_cdf, clopper_pearson, clopper_pearson_lower, clopper
 pub use bootstrap::{bootstrap, bootstrap_many, bootstrap_mean, bootstrap_quantile, ConfidenceInterval, Estimate};
 pub use calibrate::{cascade_report, choose_threshold, CascadeOutcome, CascadeReport, ScoredAnswer};
 pub use certify::{certify_threshold, check_target_agreement, Certification, ThresholdTest};
+pub use drift::{
+    answer_drift, chi_square_sf, confidence_drift, energy_distance, hypergeometric_cdf, input_drift, ks_smaller,
+    label_counts, AnswerDriftConfig, AnswerDriftTest, ConfidenceDriftConfig, ConfidenceDriftTest, CoverageTest,
+    DriftReport, DriftSignal, InputDriftConfig, InputDriftTest, KsTest, NewLabel, POOLED_LABEL,
+};
 pub use labels::{LabelMetrics, LabelReport};
 pub use sequential::{confidence_sequence, guardrail, AuditTally, GuardrailVerdict};
 
@@ -28,6 +35,19 @@ pub enum ParameterError {
     Delta(f64),
     /// More agreeing audits than audits.
     AgreedExceedsAudited { agreed: u64, audited: u64 },
+    /// A significance level (`alpha`) outside (0, 1).
+    Alpha(f64),
+    /// A two-sample test given a sample with nothing in it.
+    EmptySample { sample: &'static str },
+    /// Embeddings of different lengths within one test.
+    DimensionMismatch { expected: usize, found: usize },
+    /// A NaN or infinite value where the test needs finite numbers.
+    NonFinite { sample: &'static str },
+    /// A permutation test asked to draw no permutations, or to keep no
+    /// items on a side.
+    Permutations { n_permutations: usize, max_per_side: usize },
+    /// A coverage threshold that is NaN.
+    Threshold(f64),
 }
 
 impl std::fmt::Display for ParameterError {
@@ -38,6 +58,18 @@ impl std::fmt::Display for ParameterError {
             Self::AgreedExceedsAudited { agreed, audited } => {
                 write!(f, "{agreed} agreeing audits out of only {audited} audits")
             }
+            Self::Alpha(alpha) => write!(f, "significance level alpha {alpha} is outside (0, 1)"),
+            Self::EmptySample { sample } => write!(f, "the {sample} sample is empty"),
+            Self::DimensionMismatch { expected, found } => {
+                write!(f, "an embedding of dimension {found} among embeddings of dimension {expected}")
+            }
+            Self::NonFinite { sample } => write!(f, "the {sample} sample holds a NaN or infinite value"),
+            Self::Permutations { n_permutations, max_per_side } => write!(
+                f,
+                "a permutation test needs at least one permutation and one item a side \
+                 (asked for {n_permutations} permutations, at most {max_per_side} a side)"
+            ),
+            Self::Threshold(threshold) => write!(f, "coverage threshold {threshold} is not a number"),
         }
     }
 }
@@ -51,6 +83,16 @@ pub fn check_delta(delta: f64) -> Result<(), ParameterError> {
         Ok(())
     } else {
         Err(ParameterError::Delta(delta))
+    }
+}
+
+/// `alpha`, the false-alarm rate a drift test is run at, must lie strictly
+/// between 0 and 1.
+pub fn check_alpha(alpha: f64) -> Result<(), ParameterError> {
+    if alpha > 0.0 && alpha < 1.0 {
+        Ok(())
+    } else {
+        Err(ParameterError::Alpha(alpha))
     }
 }
 

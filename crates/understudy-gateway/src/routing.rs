@@ -11,16 +11,13 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde_json::Value;
-use understudy_config::{Policy, ProviderConfig};
+use understudy_config::Policy;
 use understudy_providers::{tokens, LocalLoader, LocalModelSpec, ProviderError};
 use understudy_providers::{CostModel, Understudy};
 use understudy_store::{PolicyChange, Store};
 use understudy_types::{Money, Price, Usage};
 
 use crate::AppState;
-
-/// What a machine hour costs when no local provider in the config says.
-const DEFAULT_MACHINE_PRICE_PER_HOUR: f64 = 0.10;
 
 /// A task's policy and the understudy it routes to.
 #[derive(Debug, Clone)]
@@ -103,18 +100,6 @@ impl AppState {
         }))
     }
 
-    /// The hourly price of this machine: the first local provider's, or a default.
-    fn machine_price_per_hour(&self) -> (String, f64) {
-        self.config()
-            .providers
-            .iter()
-            .find_map(|(name, provider)| match provider {
-                ProviderConfig::Local(local) => Some((name.clone(), local.machine_price_per_hour)),
-                _ => None,
-            })
-            .unwrap_or_else(|| ("local".to_string(), DEFAULT_MACHINE_PRICE_PER_HOUR))
-    }
-
     /// A trained model version, loaded through the local loader (once per path).
     fn version_understudy(&self, name: &str, path: &str) -> Result<Arc<Understudy>, ProviderError> {
         if let Some(loaded) = self.inner.routes.loaded.read().ok().and_then(|loaded| loaded.get(path).cloned()) {
@@ -125,8 +110,9 @@ impl AppState {
             message: format!("cannot load model version {name}: this gateway has no local model support"),
         })?;
         let spec = LocalModelSpec { name: name.to_string(), path: path.to_string(), adapter: None, weights: None };
-        let (provider_name, price_per_hour) = self.machine_price_per_hour();
-        let understudy = Arc::new(Understudy::local(&spec, loader, &provider_name, price_per_hour)?);
+        let config = self.config();
+        let (provider_name, price_per_hour) = config.machine_price();
+        let understudy = Arc::new(Understudy::local(&spec, loader, provider_name, price_per_hour)?);
         if let Ok(mut loaded) = self.inner.routes.loaded.write() {
             loaded.insert(path.to_string(), understudy.clone());
         }

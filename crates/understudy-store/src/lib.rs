@@ -6,6 +6,7 @@
 //! portable SQL; only the bind placeholders differ (`?` on SQLite, `$N` on
 //! Postgres).
 
+mod autopilot;
 mod calls;
 mod datasets;
 mod feedback;
@@ -24,6 +25,7 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
+pub use autopilot::AutopilotEvent;
 pub use calls::{CallFilter, CallOrder, CallOwner, CostGroup, CostRow, KeyCostRow, SavingsRow, StatusFilter};
 pub use datasets::DatasetRecord;
 pub use models::ModelVersionRecord;

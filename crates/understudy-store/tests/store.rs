@@ -7,7 +7,7 @@ use std::future::Future;
 use time::macros::datetime;
 use understudy_store::testing::TestDatabase;
 use understudy_store::{
-    CallFilter, CallOrder, DatasetRecord, PolicyChange, Recorder, RecorderConfig, StatusFilter, Store,
+    AutopilotEvent, CallFilter, CallOrder, DatasetRecord, PolicyChange, Recorder, RecorderConfig, StatusFilter, Store,
 };
 use understudy_types::{
     CallRecord, Endpoint, Feedback, FeedbackScore, Money, OffsetDateTime, Routing, ServedBy, TaskKind, Usage,
@@ -303,6 +303,33 @@ async fn the_newest_policy_change_of_a_task_is_current() {
         let history: Vec<String> =
             store.policy_history("a").await.expect("history").into_iter().map(|c| c.policy).collect();
         assert_eq!(history, vec!["lead", "cascade:0.9", "shadow"]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn autopilot_transitions_come_back_newest_first_with_their_evidence() {
+    on_both_backends(|store| async move {
+        let event = |task: &str, from: &str, to: &str, reason: &str| AutopilotEvent {
+            id: Uuid::now_v7().to_string(),
+            task: task.into(),
+            created_at: datetime!(2026-11-05 10:00 UTC),
+            stage_from: from.into(),
+            stage_to: to.into(),
+            reason: reason.into(),
+            evidence: r#"{"n_calls":200}"#.into(),
+        };
+        let first = event("a", "collecting", "training", "200 calls");
+        store.insert_autopilot_event(&first).await.unwrap();
+        store.insert_autopilot_event(&event("b", "collecting", "training", "x")).await.unwrap();
+        // Text is stored safely on both backends: a NUL does not fail the write.
+        store.insert_autopilot_event(&event("a", "training", "shadow", "certified\0 on validation")).await.unwrap();
+        let history = store.autopilot_history("a").await.unwrap();
+        let stages: Vec<(&str, &str)> = history.iter().map(|e| (e.stage_from.as_str(), e.stage_to.as_str())).collect();
+        assert_eq!(stages, vec![("training", "shadow"), ("collecting", "training")]);
+        assert_eq!(history[0].reason, "certified\u{FFFD} on validation");
+        assert_eq!(history[1], first);
+        assert!(store.autopilot_history("nobody").await.unwrap().is_empty());
     })
     .await;
 }

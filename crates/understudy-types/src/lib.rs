@@ -25,7 +25,7 @@ pub fn answers_agree(left: &str, right: &str) -> bool {
 
 use std::fmt;
 
-pub use time::OffsetDateTime;
+pub use time::{Duration, OffsetDateTime};
 pub use uuid::Uuid;
 
 /// Token counts of one call.
@@ -457,6 +457,12 @@ impl CallRecord {
 
     pub fn is_success(&self) -> bool {
         (200..300).contains(&self.status) && self.error.is_none()
+    }
+
+    /// What the lead was paid for this call: its cost less the understudy's
+    /// compute (the same rule as the savings ledger's `lead_cost`).
+    pub fn lead_cost(&self) -> Money {
+        Money(self.cost.dollars() - self.routing.as_ref().map_or(0.0, |routing| routing.understudy_cost.dollars()))
     }
 }
 

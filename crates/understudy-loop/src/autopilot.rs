@@ -1,0 +1,626 @@
+//! The autopilot: the loop run by itself for every task whose config has
+//! `[tasks.NAME.autopilot]`, as a per-task state machine whose transitions
+//! are recorded in the store (`autopilot_events`) with their reason and
+//! evidence.
+//!
+//! ```text
+//! collecting ──enough calls──▶ training ──trained, evaluated──▶ shadow
+//!     ▲                          │ failed                          │ cascade certified on shadow calls
+//!     └──────────────────────────┘                                 ▼
+//!                         challenger ◀──retrain due── cascade ◀────┘
+//!                         (not worse: promoted; else the champion stays)
+//! ```
+//!
+//! [`decide`] is the pure rule: what to do given the stage and what the
+//! store shows ([`Observation`]). [`tick`] observes, decides, acts (builds a
+//! dataset, trains, evaluates, promotes) and records each transition. The
+//! stage lives in the store, so a restarted autopilot resumes where it
+//! stood; a training resumes from its checkpoint (same dataset, same folder).
+//!
+//! A retrain is due when `retrain_after_calls` new calls arrived since the
+//! last training, when drift fired (at most one test per `drift_window` new
+//! calls, so repeated looks do not pile up false alarms), or when the
+//! guardrail demoted the cascade. A human's `understudy promote` pins the
+//! task: the autopilot holds until `understudy autopilot --release TASK`.
+//! The autopilot's own policy changes carry a note starting with
+//! [`AUTOPILOT_NOTE`], the guardrail's with [`GUARDRAIL_NOTE`]; any other
+//! change is a human's.
+
+use serde_json::{json, Value};
+use understudy_config::{AutopilotConfig, Config};
+use understudy_eval::bootstrap::DEFAULT_RESAMPLES;
+use understudy_eval::{bootstrap_mean, certify_threshold, Certification, ScoredAnswer};
+use understudy_providers::LocalLoader;
+use understudy_router::Policy;
+use understudy_store::{AutopilotEvent, CallFilter, PolicyChange, StatusFilter, Store};
+use understudy_types::{OffsetDateTime, Uuid};
+
+use crate::error::{LoopError, Result};
+use crate::{build_dataset, evaluate, promote, DatasetOptions, EvalRequest, PromoteRequest, TrainRequest};
+
+/// How the autopilot's policy changes' notes begin.
+pub const AUTOPILOT_NOTE: &str = "autopilot:";
+/// How the guardrail's demotions' notes begin (`understudy-gateway::audit`).
+pub const GUARDRAIL_NOTE: &str = "guardrail:";
+/// The reason of the event that hands a pinned task back.
+const RELEASED: &str = "released";
+/// The error rate of thresholds certified on shadow calls (as `eval`'s default).
+const SHADOW_DELTA: f64 = 0.05;
+/// Transitions one tick may make before it stops (each acts at most once).
+const MAX_STEPS_PER_TICK: usize = 6;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Collecting,
+    Training,
+    Shadow,
+    Cascade,
+    Challenger,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Collecting => "collecting",
+            Stage::Training => "training",
+            Stage::Shadow => "shadow",
+            Stage::Cascade => "cascade",
+            Stage::Challenger => "challenger",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Stage> {
+        [Stage::Collecting, Stage::Training, Stage::Shadow, Stage::Cascade, Stage::Challenger]
+            .into_iter()
+            .find(|stage| stage.as_str() == text)
+    }
+}
+
+/// What the autopilot sees of a task at a tick.
+#[derive(Debug, Clone, Default)]
+pub struct Observation {
+    /// Successful calls of the task since the last training began (all of
+    /// them before the first).
+    pub n_calls_since_training: u64,
+    /// The human's policy change that pins the task, if one does.
+    pub pinned_by: Option<String>,
+    /// The guardrail's demotion, when the current policy is one.
+    pub demoted: Option<String>,
+    /// In shadow: the shadow calls so far and the threshold they certify.
+    pub shadow: Option<ShadowEvidence>,
+    /// Drift signals that fired.
+    pub drift: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ShadowEvidence {
+    pub n_calls: u64,
+    pub certification: Certification,
+}
+
+/// What to do next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Nothing; the reason says what is awaited.
+    Hold(String),
+    /// Enter `to` (training or challenger start with a new dataset).
+    Move { to: Stage, reason: String },
+    /// Run the stage's work (train and evaluate).
+    Run,
+    /// Promote the cascade at a threshold certified on shadow calls.
+    PromoteCascade { threshold: f64, reason: String },
+}
+
+/// The rule: the next step of a task at `stage`, given `seen`.
+pub fn decide(stage: Stage, seen: &Observation, config: &AutopilotConfig) -> Decision {
+    if let Some(by) = &seen.pinned_by {
+        return Decision::Hold(format!("pinned by a promotion by hand ({by}); release it to hand the task back"));
+    }
+    match stage {
+        Stage::Collecting if seen.n_calls_since_training >= config.min_calls => Decision::Move {
+            to: Stage::Training,
+            reason: format!(
+                "{} successful calls, at least the {} to train on",
+                seen.n_calls_since_training, config.min_calls
+            ),
+        },
+        Stage::Collecting => Decision::Hold(format!(
+            "{} of the {} successful calls needed to train",
+            seen.n_calls_since_training, config.min_calls
+        )),
+        Stage::Training | Stage::Challenger => Decision::Run,
+        Stage::Shadow => {
+            if let Some(reason) = retrain_due(seen, config) {
+                return Decision::Move { to: Stage::Challenger, reason };
+            }
+            match &seen.shadow {
+                Some(shadow) if shadow.n_calls >= config.shadow_calls => match shadow.certification.threshold {
+                    Some(threshold) => Decision::PromoteCascade {
+                        threshold,
+                        reason: format!(
+                            "cascade threshold {threshold:.4} certified on {} shadow calls (target agreement {}, \
+                             delta {}): {} served, {} of them disagreeing",
+                            shadow.n_calls,
+                            shadow.certification.target_agreement,
+                            shadow.certification.delta,
+                            shadow.certification.n_served,
+                            shadow.certification.n_errors
+                        ),
+                    },
+                    None => Decision::Hold(format!(
+                        "{} shadow calls certify no cascade threshold yet{}",
+                        shadow.n_calls,
+                        shadow
+                            .certification
+                            .more_calls_needed
+                            .map_or(String::new(), |more| format!("; about {more} more would"))
+                    )),
+                },
+                Some(shadow) => {
+                    Decision::Hold(format!("{} of {} shadow calls to certify on", shadow.n_calls, config.shadow_calls))
+                }
+                None => Decision::Hold("waiting for shadow calls".to_string()),
+            }
+        }
+        Stage::Cascade => match retrain_due(seen, config) {
+            Some(reason) => Decision::Move { to: Stage::Challenger, reason },
+            None => Decision::Hold("serving the cascade".to_string()),
+        },
+    }
+}
+
+/// Why a retrain is due, if it is.
+fn retrain_due(seen: &Observation, config: &AutopilotConfig) -> Option<String> {
+    if let Some(demotion) = &seen.demoted {
+        return Some(format!("retrain due: the guardrail demoted the cascade ({demotion})"));
+    }
+    if !seen.drift.is_empty() {
+        return Some(format!("retrain due: drift: {}", seen.drift.join("; ")));
+    }
+    (seen.n_calls_since_training >= config.retrain_after_calls).then(|| {
+        format!(
+            "retrain due: {} new calls since the last training (retrain_after_calls {})",
+            seen.n_calls_since_training, config.retrain_after_calls
+        )
+    })
+}
+
+/// The autopilot of one process: what it needs, and the drift checks it
+/// made (in memory; a restart checks again).
+pub struct Autopilot<'a> {
+    pub config: &'a Config,
+    pub store: &'a Store,
+    pub loader: &'a dyn LocalLoader,
+    /// Per task: `n_calls_since_training` at the last drift check.
+    drift_checked_at: std::collections::HashMap<String, u64>,
+}
+
+impl<'a> Autopilot<'a> {
+    pub fn new(config: &'a Config, store: &'a Store, loader: &'a dyn LocalLoader) -> Autopilot<'a> {
+        Autopilot { config, store, loader, drift_checked_at: Default::default() }
+    }
+
+    /// The tasks the config puts on autopilot.
+    pub fn tasks(&self) -> Vec<String> {
+        self.config.tasks.iter().filter(|(_, task)| task.autopilot.is_some()).map(|(name, _)| name.clone()).collect()
+    }
+
+    /// Moves `task` on as far as it can go now, recording each transition;
+    /// returns them, and what it waits for.
+    pub async fn tick(&mut self, task: &str) -> Result<(Vec<AutopilotEvent>, String)> {
+        let settings = self.config.tasks.get(task).and_then(|task| task.autopilot.clone()).ok_or_else(|| {
+            LoopError::NotFound(format!("task `{task}` has no [tasks.{task}.autopilot] in the config"))
+        })?;
+        let mut events = Vec::new();
+        for _ in 0..MAX_STEPS_PER_TICK {
+            let (stage, last) = current_stage(self.store, task).await?;
+            let seen = self.observe(task, stage, &settings).await?;
+            match decide(stage, &seen, &settings) {
+                Decision::Hold(reason) => return Ok((events, reason)),
+                Decision::Move { to, reason } => {
+                    let evidence = self.enter(task, to, &seen).await?;
+                    events.push(record(self.store, task, stage, to, &reason, evidence).await?);
+                }
+                Decision::PromoteCascade { threshold, reason } => {
+                    let current = self.store.policy_history(task).await?.into_iter().next();
+                    let change = self
+                        .promote(task, &format!("cascade:{threshold}"), current.and_then(|c| c.understudy), &reason)
+                        .await?;
+                    let evidence =
+                        json!({"policy": change.policy, "understudy": change.understudy, "policy_change": change.id});
+                    events.push(record(self.store, task, stage, Stage::Cascade, &reason, evidence).await?);
+                }
+                Decision::Run => {
+                    let evidence: Value =
+                        last.map_or(Value::Null, |event| serde_json::from_str(&event.evidence).unwrap_or(Value::Null));
+                    let (to, reason, evidence) = match stage {
+                        Stage::Training => self.train_first(task, &settings, &evidence).await,
+                        _ => self.challenge(task, &settings, &evidence).await,
+                    };
+                    events.push(record(self.store, task, stage, to, &reason, evidence).await?);
+                }
+            }
+        }
+        Ok((events, "stopped after the most transitions one tick makes".to_string()))
+    }
+
+    /// Hands a pinned task back to the autopilot, at the stage its current
+    /// policy stands for.
+    pub async fn release(&self, task: &str) -> Result<AutopilotEvent> {
+        let (stage, _) = current_stage(self.store, task).await?;
+        let current = self.store.policy_history(task).await?.into_iter().next();
+        let to = match current.as_ref().and_then(|change| Policy::parse(&change.policy, None).ok()) {
+            Some(Policy::Cascade { .. }) => Stage::Cascade,
+            Some(Policy::Shadow) => Stage::Shadow,
+            _ => Stage::Collecting,
+        };
+        let evidence = json!({"policy": current.as_ref().map(|c| c.policy.clone())});
+        record(
+            self.store,
+            task,
+            stage,
+            to,
+            &format!("{RELEASED} by hand: the autopilot drives the task again"),
+            evidence,
+        )
+        .await
+    }
+
+    async fn observe(&mut self, task: &str, stage: Stage, settings: &AutopilotConfig) -> Result<Observation> {
+        let history = self.store.autopilot_history(task).await?;
+        let changes = self.store.policy_history(task).await?;
+        let current = changes.first();
+        let trained_at = history
+            .iter()
+            .find(|event| matches!(Stage::parse(&event.stage_to), Some(Stage::Training | Stage::Challenger)))
+            .map(|event| event.created_at);
+        let filter = CallFilter {
+            task: Some(task.to_string()),
+            status: Some(StatusFilter::Ok),
+            since: trained_at,
+            ..CallFilter::default()
+        };
+        let n_calls_since_training = self.store.count_calls(&filter).await?;
+        let released_at = history.iter().find(|event| event.reason.starts_with(RELEASED)).map(|event| event.created_at);
+        let by_hand = |change: &PolicyChange| {
+            !change
+                .note
+                .as_deref()
+                .is_some_and(|note| note.starts_with(AUTOPILOT_NOTE) || note.starts_with(GUARDRAIL_NOTE))
+        };
+        let pinned_by = current
+            .filter(|change| by_hand(change) && released_at.is_none_or(|released| change.created_at > released))
+            .map(|change| format!("policy {} at {}", change.policy, change.created_at));
+        let last_event_at = history.first().map(|event| event.created_at);
+        let demoted = current
+            .filter(|change| change.note.as_deref().is_some_and(|note| note.starts_with(GUARDRAIL_NOTE)))
+            .filter(|change| last_event_at.is_none_or(|at| change.created_at > at))
+            .and_then(|change| change.note.clone());
+        let shadow = match (stage, current) {
+            (Stage::Shadow, Some(change)) if change.policy == Policy::Shadow.name() => {
+                Some(self.shadow_evidence(task, change.created_at).await?)
+            }
+            _ => None,
+        };
+        let mut drift = Vec::new();
+        let checked = self.drift_checked_at.get(task).copied();
+        let window_passed = checked.is_none_or(|at| n_calls_since_training >= at + settings.drift_window)
+            || checked.is_some_and(|at| n_calls_since_training < at);
+        if settings.drift && stage == Stage::Cascade && pinned_by.is_none() && window_passed {
+            let found = crate::drift::task_drift(self.store, task, settings.drift_window, settings.drift_alpha).await?;
+            if found.report.answers.is_some() || found.report.confidence.is_some() {
+                self.drift_checked_at.insert(task.to_string(), n_calls_since_training);
+            }
+            drift = found.report.reasons();
+        }
+        Ok(Observation { n_calls_since_training, pinned_by, demoted, shadow, drift })
+    }
+
+    /// The cascade threshold the shadow calls since `since` certify: each
+    /// call where the understudy answered with a confidence counts as served
+    /// at that confidence, agreeing or not; one it could not answer is never served.
+    async fn shadow_evidence(&self, task: &str, since: OffsetDateTime) -> Result<ShadowEvidence> {
+        let filter = CallFilter {
+            task: Some(task.to_string()),
+            status: Some(StatusFilter::Ok),
+            since: Some(since),
+            ..CallFilter::default()
+        };
+        let shadow = Policy::Shadow.name();
+        let scored: Vec<ScoredAnswer> = self
+            .store
+            .list_calls(&filter)
+            .await?
+            .iter()
+            .filter_map(|call| call.routing.as_ref())
+            .filter(|routing| routing.policy == shadow)
+            .map(|routing| match (routing.understudy_confidence, routing.agreement) {
+                (Some(confidence), Some(agrees)) if confidence.is_finite() => ScoredAnswer { confidence, agrees },
+                _ => ScoredAnswer::never_served(),
+            })
+            .collect();
+        let target = self.config.tasks.get(task).map_or(0.98, |task| task.target_agreement);
+        let certification = certify_threshold(&scored, target, SHADOW_DELTA)?;
+        Ok(ShadowEvidence { n_calls: scored.len() as u64, certification })
+    }
+
+    /// Entering training or a challenger: the dataset it trains on is built
+    /// now and named in the transition, so a restart trains on the same rows.
+    async fn enter(&self, task: &str, to: Stage, seen: &Observation) -> Result<Value> {
+        let saved = build_dataset(self.config, self.store, task, &DatasetOptions::default()).await?;
+        let champion = self.store.policy_history(task).await?.into_iter().next().and_then(|change| change.understudy);
+        Ok(json!({
+            "dataset": saved.record.id, "n_train": saved.record.n_train, "n_validation": saved.record.n_validation,
+            "n_test": saved.record.n_test, "calls_since_training": seen.n_calls_since_training,
+            "champion": if to == Stage::Challenger { champion } else { None }, "drift": seen.drift,
+        }))
+    }
+
+    fn train_request(&self, task: &str, settings: &AutopilotConfig, dataset: Option<&str>) -> TrainRequest {
+        let mut request = TrainRequest::new(task);
+        request.dataset = dataset.map(str::to_string);
+        request.base = settings.base.clone();
+        request.epochs = settings.epochs;
+        request.learning_rate = settings.learning_rate;
+        // Same dataset, same folder: a training cut short goes on from its checkpoint.
+        request.resume = true;
+        request.progress = false;
+        request
+    }
+
+    /// Training → shadow (or back to collecting when it fails).
+    async fn train_first(&self, task: &str, settings: &AutopilotConfig, entered: &Value) -> (Stage, String, Value) {
+        let dataset = entered.get("dataset").and_then(Value::as_str);
+        let outcome = async {
+            let trained = crate::train(self.config, self.store, &self.train_request(task, settings, dataset)).await?;
+            let mut request = EvalRequest::new(task);
+            request.models = vec![trained.version.id.clone()];
+            request.dataset = Some(trained.version.dataset_id.clone());
+            let evaluation = evaluate(self.config, self.store, self.loader, &request, &mut |_| {}).await?;
+            let result = &evaluation.results[0];
+            let reason = format!(
+                "trained {} on dataset {}; shadow until {} shadow calls certify a cascade",
+                trained.version.id, trained.version.dataset_id, settings.shadow_calls
+            );
+            let change = self.promote(task, "shadow", Some(trained.version.id.clone()), &reason).await?;
+            let evidence = json!({
+                "model_version": trained.version.id, "dataset": trained.version.dataset_id,
+                "train_seconds": trained.version.wall_seconds, "test_agreement": agreement(&result.agrees),
+                "validation_threshold": result.certification.threshold, "policy_change": change.id,
+            });
+            Ok::<_, LoopError>((Stage::Shadow, reason, evidence))
+        }
+        .await;
+        outcome.unwrap_or_else(|error| {
+            (
+                Stage::Collecting,
+                format!("training failed: {error}"),
+                json!({"dataset": dataset, "error": error.to_string()}),
+            )
+        })
+    }
+
+    /// A challenger trained on the newest data against the champion, paired
+    /// on the same test rows; promoted only when it is not worse.
+    async fn challenge(&self, task: &str, settings: &AutopilotConfig, entered: &Value) -> (Stage, String, Value) {
+        let dataset = entered.get("dataset").and_then(Value::as_str);
+        let champion = entered.get("champion").and_then(Value::as_str).map(str::to_string);
+        let outcome = async {
+            let trained = crate::train(self.config, self.store, &self.train_request(task, settings, dataset)).await?;
+            let challenger = trained.version.id.clone();
+            let mut request = EvalRequest::new(task);
+            request.dataset = Some(trained.version.dataset_id.clone());
+            request.models = champion.iter().cloned().chain([challenger.clone()]).collect();
+            let evaluation = evaluate(self.config, self.store, self.loader, &request, &mut |_| {}).await?;
+            let new = evaluation.results.last().ok_or_else(|| LoopError::NotFound("no evaluation".into()))?;
+            let old = (evaluation.results.len() == 2).then(|| &evaluation.results[0]);
+            let difference = old.map(|old| {
+                let paired: Vec<f64> = new
+                    .agrees
+                    .iter()
+                    .zip(&old.agrees)
+                    .map(|(new, old)| f64::from(u8::from(*new)) - f64::from(u8::from(*old)))
+                    .collect();
+                bootstrap_mean(&paired, DEFAULT_RESAMPLES, 0.95, 29)
+            });
+            let not_worse = difference.is_none_or(|difference| difference.interval.low >= -settings.challenger_margin);
+            let mut evidence = json!({
+                "challenger": challenger, "champion": champion, "dataset": trained.version.dataset_id,
+                "train_seconds": trained.version.wall_seconds,
+                "challenger_agreement": agreement(&new.agrees), "champion_agreement": old.map(|old| agreement(&old.agrees)),
+                "difference": difference.map(|d| json!({"value": d.value, "ci95": [d.interval.low, d.interval.high]})),
+                "margin": settings.challenger_margin, "certified_threshold": new.certification.threshold,
+            });
+            let compared = match difference {
+                Some(d) => format!(
+                    "agreement {:+.4} [{:+.4}, {:+.4}] against {} on {} test calls",
+                    d.value,
+                    d.interval.low,
+                    d.interval.high,
+                    champion.as_deref().unwrap_or("-"),
+                    new.n_test
+                ),
+                None => "no champion to compare with".to_string(),
+            };
+            match (not_worse, new.certification.threshold) {
+                (true, Some(threshold)) => {
+                    let reason = format!(
+                        "challenger {challenger} promoted at its certified threshold {threshold:.4}: {compared}"
+                    );
+                    let change = self.promote(task, &format!("cascade:{threshold}"), Some(challenger.clone()), &reason).await?;
+                    evidence["policy_change"] = json!(change.id);
+                    Ok::<_, LoopError>((Stage::Cascade, reason, evidence))
+                }
+                (not_worse, _) => {
+                    let why = if not_worse {
+                        "no cascade threshold certified on validation".to_string()
+                    } else {
+                        format!("worse by more than {}", settings.challenger_margin)
+                    };
+                    let back = self.serving_stage(task).await?;
+                    Ok((back, format!("challenger {challenger} not promoted ({why}): {compared}; the champion stays"), evidence))
+                }
+            }
+        }
+        .await;
+        match outcome {
+            Ok(done) => done,
+            Err(error) => {
+                let back = self.serving_stage(task).await.unwrap_or(Stage::Cascade);
+                (
+                    back,
+                    format!("challenger training failed: {error}"),
+                    json!({"dataset": dataset, "error": error.to_string()}),
+                )
+            }
+        }
+    }
+
+    /// The stage the current policy stands for.
+    async fn serving_stage(&self, task: &str) -> Result<Stage> {
+        let current = self.store.policy_history(task).await?.into_iter().next();
+        Ok(match current.as_ref().and_then(|change| Policy::parse(&change.policy, None).ok()) {
+            Some(Policy::Cascade { .. }) => Stage::Cascade,
+            Some(Policy::Shadow) => Stage::Shadow,
+            _ => Stage::Collecting,
+        })
+    }
+
+    async fn promote(&self, task: &str, policy: &str, model: Option<String>, reason: &str) -> Result<PolicyChange> {
+        let (policy, threshold) = match policy.split_once(':') {
+            Some(("cascade", threshold)) => ("cascade".to_string(), threshold.parse::<f64>().ok()),
+            _ => (policy.to_string(), None),
+        };
+        let request = PromoteRequest {
+            task: task.to_string(),
+            policy,
+            model,
+            threshold,
+            note: Some(format!("{AUTOPILOT_NOTE} {reason}")),
+        };
+        Ok(promote(self.config, self.store, &request).await?.change)
+    }
+}
+
+fn agreement(agrees: &[bool]) -> f64 {
+    agrees.iter().filter(|agrees| **agrees).count() as f64 / agrees.len().max(1) as f64
+}
+
+/// A task's stage: its newest transition's, or collecting.
+pub async fn current_stage(store: &Store, task: &str) -> Result<(Stage, Option<AutopilotEvent>)> {
+    let last = store.autopilot_history(task).await?.into_iter().next();
+    let stage = last.as_ref().and_then(|event| Stage::parse(&event.stage_to)).unwrap_or(Stage::Collecting);
+    Ok((stage, last))
+}
+
+async fn record(
+    store: &Store,
+    task: &str,
+    from: Stage,
+    to: Stage,
+    reason: &str,
+    evidence: Value,
+) -> Result<AutopilotEvent> {
+    let event = AutopilotEvent {
+        id: Uuid::now_v7().to_string(),
+        task: task.to_string(),
+        created_at: OffsetDateTime::now_utc(),
+        stage_from: from.as_str().to_string(),
+        stage_to: to.as_str().to_string(),
+        reason: reason.to_string(),
+        evidence: evidence.to_string(),
+    };
+    store.insert_autopilot_event(&event).await?;
+    Ok(event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> AutopilotConfig {
+        AutopilotConfig {
+            min_calls: 100,
+            shadow_calls: 50,
+            retrain_after_calls: 1000,
+            base: None,
+            epochs: None,
+            learning_rate: None,
+            challenger_margin: 0.01,
+            drift: true,
+            drift_alpha: 0.01,
+            drift_window: 200,
+        }
+    }
+
+    fn certification(threshold: Option<f64>) -> Certification {
+        // 60 shadow calls, all agreeing at confidence 0.9: certifies 0.9 at a low target.
+        let agreeing = vec![ScoredAnswer { confidence: 0.9, agrees: true }; 60];
+        let mut certification = certify_threshold(&agreeing, 0.9, 0.05).expect("certify");
+        if threshold.is_none() {
+            certification = certify_threshold(&[ScoredAnswer::never_served(); 60], 0.9, 0.05).expect("certify");
+        }
+        certification
+    }
+
+    #[test]
+    fn collecting_waits_for_enough_calls_then_trains() {
+        let seen = Observation { n_calls_since_training: 99, ..Observation::default() };
+        assert!(
+            matches!(decide(Stage::Collecting, &seen, &settings()), Decision::Hold(reason) if reason.contains("99 of the 100"))
+        );
+        let seen = Observation { n_calls_since_training: 100, ..Observation::default() };
+        assert!(matches!(decide(Stage::Collecting, &seen, &settings()), Decision::Move { to: Stage::Training, .. }));
+        // Training and a challenger are work, resumed at every tick until done.
+        assert_eq!(decide(Stage::Training, &seen, &settings()), Decision::Run);
+        assert_eq!(decide(Stage::Challenger, &seen, &settings()), Decision::Run);
+    }
+
+    #[test]
+    fn shadow_promotes_the_cascade_only_when_enough_shadow_calls_certify_it() {
+        let shadow = |n_calls, threshold| Observation {
+            shadow: Some(ShadowEvidence { n_calls, certification: certification(threshold) }),
+            ..Observation::default()
+        };
+        assert!(
+            matches!(decide(Stage::Shadow, &shadow(40, Some(0.9)), &settings()), Decision::Hold(r) if r.contains("40 of 50"))
+        );
+        match decide(Stage::Shadow, &shadow(60, Some(0.9)), &settings()) {
+            Decision::PromoteCascade { threshold, reason } => {
+                assert!((threshold - 0.9).abs() < 1e-12);
+                assert!(reason.contains("certified on 60 shadow calls"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            matches!(decide(Stage::Shadow, &shadow(60, None), &settings()), Decision::Hold(r) if r.contains("certify no"))
+        );
+    }
+
+    #[test]
+    fn a_retrain_is_due_on_new_calls_drift_or_a_demotion_and_a_pin_holds_everything() {
+        let serving = Observation { n_calls_since_training: 10, ..Observation::default() };
+        assert!(matches!(decide(Stage::Cascade, &serving, &settings()), Decision::Hold(_)));
+        let cases = [
+            (Observation { n_calls_since_training: 1000, ..Observation::default() }, "1000 new calls"),
+            (Observation { drift: vec!["a new label".into()], ..Observation::default() }, "drift: a new label"),
+            (Observation { demoted: Some("guardrail: low".into()), ..Observation::default() }, "guardrail demoted"),
+        ];
+        for (seen, why) in cases {
+            match decide(Stage::Cascade, &seen, &settings()) {
+                Decision::Move { to: Stage::Challenger, reason } => assert!(reason.contains(why), "{reason}"),
+                other => panic!("{other:?}"),
+            }
+            let pinned = Observation { pinned_by: Some("policy lead".into()), ..seen };
+            assert!(matches!(decide(Stage::Cascade, &pinned, &settings()), Decision::Hold(r) if r.contains("pinned")));
+        }
+    }
+
+    #[test]
+    fn stages_round_trip_through_their_names() {
+        for stage in [Stage::Collecting, Stage::Training, Stage::Shadow, Stage::Cascade, Stage::Challenger] {
+            assert_eq!(Stage::parse(stage.as_str()), Some(stage));
+        }
+        assert_eq!(Stage::parse("flying"), None);
+    }
+}
