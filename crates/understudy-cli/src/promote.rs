@@ -65,7 +65,9 @@ async fn promote(config: &Config, store: &Store, command: &PromoteCommand) -> an
         None => Calibration::Missing,
     };
     let policy = match (command.threshold, command.policy.split_once(':')) {
-        (Some(threshold), None) if command.policy == "cascade" => Policy::parse(&format!("cascade:{threshold}"), None),
+        (Some(threshold), None) if command.policy == "cascade" => {
+            Policy::parse(&format!("cascade:{threshold}"), None).map_err(|error| error.to_string())
+        }
         (Some(_), _) => Err("--threshold goes with `--policy cascade`".to_string()),
         (None, _) if command.policy == "cascade" => {
             let threshold = calibration
@@ -73,7 +75,7 @@ async fn promote(config: &Config, store: &Store, command: &PromoteCommand) -> an
                 .ok_or_else(|| uncertified(&command.task, chosen.as_ref(), &calibration))?;
             Ok(Policy::Cascade { threshold })
         }
-        (None, _) => Policy::parse(&command.policy, None),
+        (None, _) => Policy::parse(&command.policy, None).map_err(|error| error.to_string()),
     }
     .map_err(|message| anyhow::anyhow!(message))?;
     let chosen_by_user = command.threshold.is_some() || command.policy.starts_with("cascade:");
