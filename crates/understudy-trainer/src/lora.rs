@@ -19,9 +19,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use understudy_models::bert::Dropout;
 use understudy_models::causal_lm::{self, CausalLmFiles};
 use understudy_models::chat::ChatTemplate;
+use understudy_models::dropout::Dropout;
 use understudy_models::llama::{self, LoraConfig};
 use understudy_models::peft::{self, AdapterConfig};
 
@@ -208,8 +208,9 @@ pub fn encode_rows(
 ) -> Result<Vec<SftExample>, TrainError> {
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
-        let (mut ids, mut loss_mask) =
-            template.encode_for_training(tokenizer, &row.prompt, &row.answer).map_err(TrainError::Tokenizer)?;
+        let (mut ids, mut loss_mask) = template
+            .encode_for_training(tokenizer, &row.prompt, &row.answer)
+            .map_err(|error| TrainError::Tokenizer(error.to_string()))?;
         if ids.len() > seq_len {
             let cut = ids.len() - seq_len;
             ids.drain(..cut);
@@ -272,7 +273,7 @@ fn check_config(config: &LoraTrainConfig) -> Result<(), TrainError> {
         return Err(TrainError::Config(String::from("max_steps and checkpoint_every_steps must be at least 1")));
     }
     config.task_metric.check()?;
-    config.lora.check().map_err(TrainError::Config)
+    config.lora.check().map_err(|error| TrainError::Config(error.to_string()))
 }
 
 /// Trains LoRA on already tokenized examples over the model in `files`.
@@ -308,7 +309,9 @@ pub fn train_lora_on(
                 )));
             }
             model.load_lora(&saved.weights).map_err(|error| TrainError::Checkpoint(error.to_string()))?;
-            optimizer.load_state(&saved.optimizer, saved.state.global_step as u64).map_err(TrainError::Checkpoint)?;
+            optimizer
+                .load_state(&saved.optimizer, saved.state.global_step as u64)
+                .map_err(|error| TrainError::Checkpoint(error.to_string()))?;
             state = Some(saved.state);
         }
     }

@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use understudy_models::bert::Dropout;
+use understudy_models::dropout::Dropout;
 use understudy_models::hf::{self, HfDir};
 
 use crate::checkpoint::{self, LoopState};
@@ -235,7 +235,9 @@ pub fn train_classifier(
                     .ok_or_else(|| TrainError::Checkpoint(format!("the checkpoint has no weight {}", param.name)))?;
                 param.var.set(saved_value)?;
             }
-            optimizer.load_state(&saved.optimizer, saved.state.global_step as u64).map_err(TrainError::Checkpoint)?;
+            optimizer
+                .load_state(&saved.optimizer, saved.state.global_step as u64)
+                .map_err(|error| TrainError::Checkpoint(error.to_string()))?;
             state = saved.state;
         }
     }
