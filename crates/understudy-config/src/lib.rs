@@ -120,16 +120,23 @@ impl ServerConfig {
     /// Refuses to serve without keys on an address other machines can
     /// reach: anyone there could spend the lead's budget and read nothing
     /// less than every answer. `serve --listen` is checked here too.
-    pub fn check_exposure(&self, listen: SocketAddr) -> Result<(), String> {
+    pub fn check_exposure(&self, listen: SocketAddr) -> Result<(), ExposedWithoutKeys> {
         if self.auth == Auth::None && !listen.ip().is_loopback() {
-            return Err(format!(
-                "auth = \"none\" lets anyone who can reach {listen} call the lead on your account; it is only \
-                 allowed on a loopback address (127.0.0.1 or ::1). Keep auth = \"keys\" (the default) and give \
-                 clients keys made with `understudy keys create`"
-            ));
+            return Err(ExposedWithoutKeys { listen });
         }
         Ok(())
     }
+}
+
+/// `auth = "none"` on an address other machines can reach.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "auth = \"none\" lets anyone who can reach {listen} call the lead on your account; it is only allowed on a \
+     loopback address (127.0.0.1 or ::1). Keep auth = \"keys\" (the default) and give clients keys made with \
+     `understudy keys create`"
+)]
+pub struct ExposedWithoutKeys {
+    pub listen: SocketAddr,
 }
 
 #[derive(Debug, Clone)]
@@ -670,8 +677,8 @@ impl Validator<'_> {
             auth,
             limits_redis_url,
         };
-        if let Err(message) = server.check_exposure(listen) {
-            return self.invalid("server.auth".into(), raw.server.auth.span().start, message);
+        if let Err(error) = server.check_exposure(listen) {
+            return self.invalid("server.auth".into(), raw.server.auth.span().start, error.to_string());
         }
 
         let mut providers = BTreeMap::new();
@@ -852,8 +859,8 @@ impl Validator<'_> {
                         );
                     }
                     let labels = labels.into_inner();
-                    if let Err(message) = check_labels(&labels) {
-                        return self.invalid(key, start, message);
+                    if let Err(error) = check_labels(&labels) {
+                        return self.invalid(key, start, error.to_string());
                     }
                     Some(labels)
                 }
@@ -1016,22 +1023,33 @@ impl Validator<'_> {
 
 /// A task's allowed answers: at least one, none blank, no two the same
 /// without case or surrounding spaces (the gateway could not tell them apart).
-fn check_labels(labels: &[String]) -> Result<(), String> {
+fn check_labels(labels: &[String]) -> Result<(), LabelsError> {
     if labels.is_empty() {
-        return Err("the list of labels is empty; leave `labels` out to allow any answer".into());
+        return Err(LabelsError::Empty);
     }
     let mut seen = std::collections::HashSet::new();
     for label in labels {
         // The one rule for comparing answers: labels that agree under it are one label.
         let key = understudy_types::normalize_answer(label);
         if key.is_empty() {
-            return Err("a label is blank".into());
+            return Err(LabelsError::Blank);
         }
         if !seen.insert(key) {
-            return Err(format!("the label `{label}` appears twice"));
+            return Err(LabelsError::Duplicate(label.clone()));
         }
     }
     Ok(())
+}
+
+/// Why a task's `labels` are refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum LabelsError {
+    #[error("the list of labels is empty; leave `labels` out to allow any answer")]
+    Empty,
+    #[error("a label is blank")]
+    Blank,
+    #[error("the label `{0}` appears twice")]
+    Duplicate(String),
 }
 
 fn known<'a>(names: impl Iterator<Item = &'a String>) -> String {

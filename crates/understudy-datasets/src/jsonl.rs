@@ -310,24 +310,41 @@ pub fn prompt_key(messages: &[Value]) -> String {
 }
 
 /// Checks one message against the OpenAI chat schema; the error names the field.
-pub fn check_message(message: &Value) -> Result<(), String> {
+pub fn check_message(message: &Value) -> Result<(), MessageError> {
     let Some(object) = message.as_object() else {
-        return Err("a message must be an object".into());
+        return Err(MessageError::NotAnObject);
     };
     let role = match object.get("role") {
         Some(Value::String(role)) => role.as_str(),
-        Some(_) => return Err("`role` must be a string".into()),
-        None => return Err("`role` is missing".into()),
+        Some(_) => return Err(MessageError::RoleNotAString),
+        None => return Err(MessageError::MissingRole),
     };
     if !KNOWN_ROLES.contains(&role) {
-        return Err(format!("unknown role `{role}` (known: {})", KNOWN_ROLES.join(", ")));
+        return Err(MessageError::UnknownRole(role.to_string()));
     }
     match object.get("content") {
         Some(Value::String(_)) | Some(Value::Array(_)) => Ok(()),
         None | Some(Value::Null) if role == "assistant" => Ok(()),
-        None => Err("`content` is missing".into()),
-        Some(_) => Err("`content` must be a string or an array of parts".into()),
+        None => Err(MessageError::MissingContent),
+        Some(_) => Err(MessageError::BadContent),
     }
+}
+
+/// How a message breaks the OpenAI chat schema.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    #[error("a message must be an object")]
+    NotAnObject,
+    #[error("`role` must be a string")]
+    RoleNotAString,
+    #[error("`role` is missing")]
+    MissingRole,
+    #[error("unknown role `{0}` (known: {known})", known = KNOWN_ROLES.join(", "))]
+    UnknownRole(String),
+    #[error("`content` is missing")]
+    MissingContent,
+    #[error("`content` must be a string or an array of parts")]
+    BadContent,
 }
 
 /// RFC 3339 in UTC, with milliseconds when there are any (the store keeps

@@ -78,7 +78,7 @@ impl HfArchitecture {
 
 /// The architecture a parsed `config.json` describes (`architectures`
 /// first, then `model_type`), or a message naming what it holds instead.
-pub fn architecture_of(config: &Value) -> Result<HfArchitecture, String> {
+pub fn architecture_of(config: &Value) -> Result<HfArchitecture, UnsupportedArchitecture> {
     let names: Vec<&str> =
         config.get("architectures").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
     for name in &names {
@@ -92,13 +92,22 @@ pub fn architecture_of(config: &Value) -> Result<HfArchitecture, String> {
     match model_type {
         Some("llama") => Ok(HfArchitecture::Llama),
         Some("qwen2") => Ok(HfArchitecture::Qwen2),
-        _ => Err(format!(
-            "model_type `{}` (architectures {:?}) is not served by the llama.cpp engine: it converts llama and qwen2 \
-             causal LMs (LlamaForCausalLM, Qwen2ForCausalLM)",
-            model_type.unwrap_or("(none)"),
-            names
-        )),
+        _ => Err(UnsupportedArchitecture {
+            model_type: model_type.unwrap_or("(none)").to_string(),
+            architectures: names.iter().map(|name| name.to_string()).collect(),
+        }),
     }
+}
+
+/// A `config.json` whose architecture the llama.cpp engine does not serve.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "model_type `{model_type}` (architectures {architectures:?}) is not served by the llama.cpp engine: it converts \
+     llama and qwen2 causal LMs (LlamaForCausalLM, Qwen2ForCausalLM)"
+)]
+pub struct UnsupportedArchitecture {
+    pub model_type: String,
+    pub architectures: Vec<String>,
 }
 
 /// Reads `dir/config.json` as JSON.
@@ -238,7 +247,7 @@ struct ModelConfig {
 
 fn read_config(path: &Path) -> Result<(ModelConfig, Value), ConvertError> {
     let config = read_json(path)?;
-    let arch = architecture_of(&config).map_err(|message| invalid(path, message))?;
+    let arch = architecture_of(&config).map_err(|error| invalid(path, error.to_string()))?;
     let usize_of = |key: &str| config.get(key).and_then(Value::as_u64).map(|value| value as usize);
     let required = |key: &str| usize_of(key).ok_or_else(|| invalid(path, format!("`{key}` is missing")));
     let hidden_size = required("hidden_size")?;
@@ -567,14 +576,17 @@ fn post_processor_adds(post: Option<&Value>, bos: Option<&str>) -> bool {
 
 /// The llama.cpp name of an HF tensor, `Ok(None)` for tensors llama.cpp
 /// does not use, and an error for names this converter does not know.
-fn gguf_tensor_name(name: &str) -> Result<Option<String>, String> {
+fn gguf_tensor_name(name: &str) -> Result<Option<String>, UnknownTensor> {
     if name.starts_with("model.layers.") && name.ends_with("rotary_emb.inv_freq") {
         return Ok(None);
     }
-    understudy_types::tensor_names::gguf_tensor_name(name)
-        .map(Some)
-        .ok_or_else(|| format!("tensor `{name}` is not part of a Llama/Qwen2 decoder"))
+    understudy_types::tensor_names::gguf_tensor_name(name).map(Some).ok_or_else(|| UnknownTensor(name.to_string()))
 }
+
+/// An HF tensor name this converter does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("tensor `{0}` is not part of a Llama/Qwen2 decoder")]
+struct UnknownTensor(String);
 
 /// The safetensors files holding the weights: those the index names, else all of them.
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ConvertError> {
@@ -645,7 +657,7 @@ fn add_weights(writer: &mut GgufWriter, dir: &Path, config: &ModelConfig) -> Res
         let mut names: Vec<String> = tensors.names().into_iter().map(str::to_string).collect();
         names.sort();
         for hf_name in names {
-            let Some(gguf_name) = gguf_tensor_name(&hf_name).map_err(|message| invalid(&file, message))? else {
+            let Some(gguf_name) = gguf_tensor_name(&hf_name).map_err(|error| invalid(&file, error.to_string()))? else {
                 continue;
             };
             if gguf_name == "output.weight" && config.tie_word_embeddings {
@@ -712,7 +724,7 @@ mod tests {
         assert_eq!(gguf_tensor_name("model.layers.1.mlp.down_proj.weight").unwrap().unwrap(), "blk.1.ffn_down.weight");
         assert_eq!(gguf_tensor_name("lm_head.weight").unwrap().unwrap(), "output.weight");
         assert_eq!(gguf_tensor_name("model.layers.0.self_attn.rotary_emb.inv_freq").unwrap(), None);
-        assert!(gguf_tensor_name("model.vision_tower.weight").unwrap_err().contains("vision_tower"));
+        assert!(gguf_tensor_name("model.vision_tower.weight").unwrap_err().to_string().contains("vision_tower"));
     }
 
     #[test]
@@ -738,7 +750,7 @@ mod tests {
         assert_eq!(architecture_of(&json!({"architectures": ["Qwen2ForCausalLM"]})), Ok(HfArchitecture::Qwen2));
         assert_eq!(architecture_of(&json!({"model_type": "llama"})), Ok(HfArchitecture::Llama));
         let error = architecture_of(&json!({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}));
-        assert!(error.unwrap_err().contains("mistral"));
+        assert!(error.unwrap_err().to_string().contains("mistral"));
     }
 
     #[test]

@@ -204,9 +204,10 @@ impl Fetcher<'_> {
         let sharded = self.dir.join(index).is_file()
             || (!self.get(&client, "model.safetensors", false).await? && self.get(&client, index, false).await?);
         if sharded {
-            for shard in shards(&self.dir.join(index))
-                .map_err(|message| HubError::Download { url: self.model.url(&self.options.endpoint, index), message })?
-            {
+            for shard in shards(&self.dir.join(index)).map_err(|error| HubError::Download {
+                url: self.model.url(&self.options.endpoint, index),
+                message: error.to_string(),
+            })? {
                 self.get(&client, &shard, true).await?;
             }
         } else if !self.dir.join("model.safetensors").is_file() {
@@ -277,20 +278,35 @@ impl Fetcher<'_> {
 }
 
 /// The shard files a `model.safetensors.index.json` names (plain file names only).
-fn shards(index: &Path) -> Result<Vec<String>, String> {
-    let text = std::fs::read_to_string(index).map_err(|error| error.to_string())?;
-    let value: Value = serde_json::from_str(&text).map_err(|error| format!("not JSON: {error}"))?;
-    let map = value.get("weight_map").and_then(Value::as_object).ok_or("no `weight_map`")?;
+fn shards(index: &Path) -> Result<Vec<String>, BadIndex> {
+    let text = std::fs::read_to_string(index)?;
+    let value: Value = serde_json::from_str(&text)?;
+    let map = value.get("weight_map").and_then(Value::as_object).ok_or(BadIndex::NoWeightMap)?;
     let mut files: Vec<String> = map.values().filter_map(Value::as_str).map(str::to_string).collect();
     files.sort();
     files.dedup();
     if let Some(bad) = files.iter().find(|file| file.contains('/') || file.contains('\\') || file.starts_with('.')) {
-        return Err(format!("the index names `{bad}`, which is not a file next to it"));
+        return Err(BadIndex::NotNextToIt(bad.clone()));
     }
     if files.is_empty() {
-        return Err("the index names no shards".into());
+        return Err(BadIndex::NoShards);
     }
     Ok(files)
+}
+
+/// Why a `model.safetensors.index.json` names no usable shards.
+#[derive(Debug, thiserror::Error)]
+enum BadIndex {
+    #[error("{0}")]
+    Read(#[from] std::io::Error),
+    #[error("not JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("no `weight_map`")]
+    NoWeightMap,
+    #[error("the index names `{0}`, which is not a file next to it")]
+    NotNextToIt(String),
+    #[error("the index names no shards")]
+    NoShards,
 }
 
 #[cfg(test)]

@@ -94,14 +94,28 @@ impl From<EngineError> for ProviderError {
     }
 }
 
+/// Why a chat's messages could not become prompt tokens.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PromptError {
+    #[error("a message cannot be passed to the chat template: {0}")]
+    Message(String),
+    #[error("the model's chat template failed: {0}")]
+    Template(String),
+}
+
+/// llama.cpp's backend failed to initialize (the message is llama.cpp's).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BackendError(String);
+
 /// The process-wide llama.cpp backend (it may be initialized only once).
-pub fn backend() -> Result<&'static LlamaBackend, String> {
-    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+pub fn backend() -> Result<&'static LlamaBackend, BackendError> {
+    static BACKEND: OnceLock<Result<LlamaBackend, BackendError>> = OnceLock::new();
     BACKEND
         .get_or_init(|| {
             // llama.cpp's own logging goes to `tracing` (target `llama-cpp-2`), not stderr.
             llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
-            LlamaBackend::init().map_err(|error| error.to_string())
+            LlamaBackend::init().map_err(|error| BackendError(error.to_string()))
         })
         .as_ref()
         .map_err(Clone::clone)
@@ -158,13 +172,14 @@ impl LlamaCppModel {
                 message: format!("not JSON: {error}"),
             })?;
             hf::architecture_of(&config)
-                .map_err(|message| EngineError::Setup { path: config_path.clone(), message })?;
+                .map_err(|error| EngineError::Setup { path: config_path.clone(), message: error.to_string() })?;
             hf::gguf_for_dir(&path)?
         } else {
             path
         };
         check_gguf_file(&path)?;
-        let backend = backend().map_err(|message| EngineError::Setup { path: path.clone(), message })?;
+        let backend =
+            backend().map_err(|error| EngineError::Setup { path: path.clone(), message: error.to_string() })?;
         let params = LlamaModelParams::default().with_use_mmap(true);
         let mut model = LlamaModel::load_from_file(backend, &path, &params)
             .map_err(|_| EngineError::LoadFailed { path: path.clone() })?;
@@ -275,16 +290,16 @@ impl LlamaCppModel {
     }
 
     /// The prompt tokens of `messages` rendered with the model's chat template.
-    pub fn prompt_tokens(&self, messages: &[(String, String)]) -> Result<Vec<LlamaToken>, String> {
+    pub fn prompt_tokens(&self, messages: &[(String, String)]) -> Result<Vec<LlamaToken>, PromptError> {
         let chat = messages
             .iter()
             .map(|(role, content)| LlamaChatMessage::new(role.clone(), content.clone()))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|error| format!("a message cannot be passed to the chat template: {error}"))?;
+            .map_err(|error| PromptError::Message(error.to_string()))?;
         let prompt = self
             .model
             .apply_chat_template(&self.template, &chat, true)
-            .map_err(|error| format!("the model's chat template failed: {error}"))?;
+            .map_err(|error| PromptError::Template(error.to_string()))?;
         Ok(self.model.vocab().tokenize(prompt.as_bytes(), true, true))
     }
 
@@ -297,8 +312,8 @@ impl LlamaCppModel {
         &self,
         request: &ChatRequest,
     ) -> Result<(ParsedChat, Job, tokio::sync::mpsc::UnboundedReceiver<Event>), ProviderError> {
-        let parsed = parse_chat(&request.body).map_err(|message| self.invalid(message))?;
-        let prompt = self.prompt_tokens(&parsed.messages).map_err(|message| self.invalid(message))?;
+        let parsed = parse_chat(&request.body).map_err(|error| self.invalid(error.0))?;
+        let prompt = self.prompt_tokens(&parsed.messages).map_err(|error| self.invalid(error.to_string()))?;
         if prompt.len() >= self.n_ctx {
             return Err(self.invalid(format!(
                 "prompt has {} tokens, the model's context is {}",

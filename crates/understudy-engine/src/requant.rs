@@ -40,15 +40,20 @@ pub enum WeightFormat {
     Iq4Nl,
 }
 
+/// A `weights` value that names no [`WeightFormat`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown weight format `{0}` (expected auto, as-stored, q8_0, q4_0 or iq4_nl)")]
+pub struct UnknownWeightFormat(pub String);
+
 impl WeightFormat {
-    pub fn parse(text: &str) -> Result<WeightFormat, String> {
+    pub fn parse(text: &str) -> Result<WeightFormat, UnknownWeightFormat> {
         match text.to_ascii_lowercase().as_str() {
             "auto" => Ok(WeightFormat::Auto),
             "as-stored" | "as_stored" | "stored" => Ok(WeightFormat::AsStored),
             "q8_0" | "q8-0" => Ok(WeightFormat::Q8_0),
             "q4_0" | "q4-0" => Ok(WeightFormat::Q4_0),
             "iq4_nl" | "iq4-nl" => Ok(WeightFormat::Iq4Nl),
-            other => Err(format!("unknown weight format `{other}` (expected auto, as-stored, q8_0, q4_0 or iq4_nl)")),
+            other => Err(UnknownWeightFormat(other.to_string())),
         }
     }
 
@@ -117,7 +122,7 @@ pub fn serving_copy(source: &Path, format: WeightFormat, n_threads: usize) -> Re
     if target.is_file() {
         return Ok(target);
     }
-    crate::backend().map_err(|message| failed(source, message))?;
+    crate::backend().map_err(|error| failed(source, error.to_string()))?;
     let folder = target.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(folder).map_err(|error| failed(&target, error.to_string()))?;
     // Written under a temporary name and renamed: a killed run leaves no
@@ -194,7 +199,7 @@ mod tests {
         assert_eq!(WeightFormat::parse("as-stored"), Ok(WeightFormat::AsStored));
         assert_eq!(WeightFormat::parse("IQ4_NL"), Ok(WeightFormat::Iq4Nl));
         assert_eq!(WeightFormat::parse("q4_0"), Ok(WeightFormat::Q4_0));
-        let error = WeightFormat::parse("q3").unwrap_err();
+        let error = WeightFormat::parse("q3").unwrap_err().to_string();
         assert!(error.contains("`q3`"), "{error}");
     }
 }

@@ -17,6 +17,12 @@ pub struct Sampling {
     pub logprobs: Option<usize>,
 }
 
+/// A chat request the engine cannot honour; the message is the one the
+/// client gets in a 400.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidChat(pub String);
+
 /// A chat request, read and checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParsedChat {
@@ -26,25 +32,27 @@ pub struct ParsedChat {
     pub choices: Option<Vec<String>>,
 }
 
-pub fn parse_chat(body: &Map<String, Value>) -> Result<ParsedChat, String> {
+pub fn parse_chat(body: &Map<String, Value>) -> Result<ParsedChat, InvalidChat> {
     let messages = parse_messages(body.get("messages"))?;
     let temperature = number(body, "temperature", 1.0)?;
     if !(0.0..=2.0).contains(&temperature) {
-        return Err(format!("temperature must be between 0 and 2, got {temperature}"));
+        return Err(InvalidChat(format!("temperature must be between 0 and 2, got {temperature}")));
     }
     let top_p = number(body, "top_p", 1.0)?;
     if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(format!("top_p must be in (0, 1], got {top_p}"));
+        return Err(InvalidChat(format!("top_p must be in (0, 1], got {top_p}")));
     }
     for penalty in ["frequency_penalty", "presence_penalty"] {
         let value = number(body, penalty, 0.0)?;
         if value != 0.0 {
-            return Err(format!("{penalty} is not supported by local models (got {value}; only 0 is accepted)"));
+            return Err(InvalidChat(format!(
+                "{penalty} is not supported by local models (got {value}; only 0 is accepted)"
+            )));
         }
     }
     if let Some(n) = body.get("n").filter(|n| !n.is_null()) {
         if n.as_u64() != Some(1) {
-            return Err(format!("n must be 1 for local models, got {n}"));
+            return Err(InvalidChat(format!("n must be 1 for local models, got {n}")));
         }
     }
     let seed = match body.get("seed") {
@@ -52,7 +60,7 @@ pub fn parse_chat(body: &Map<String, Value>) -> Result<ParsedChat, String> {
         Some(seed) => match (seed.as_u64(), seed.as_i64()) {
             (Some(seed), _) => Some(seed),
             (None, Some(seed)) => Some(seed as u64),
-            _ => return Err(format!("seed must be an integer, got {seed}")),
+            _ => return Err(InvalidChat(format!("seed must be an integer, got {seed}"))),
         },
     };
     let mut max_tokens = None;
@@ -63,7 +71,7 @@ pub fn parse_chat(body: &Map<String, Value>) -> Result<ParsedChat, String> {
                 Some(n) if n >= 1 => {
                     max_tokens = max_tokens.or(Some(n as usize));
                 }
-                _ => return Err(format!("{key} must be a positive integer, got {value}")),
+                _ => return Err(InvalidChat(format!("{key} must be a positive integer, got {value}"))),
             },
         }
     }
@@ -75,34 +83,34 @@ pub fn parse_chat(body: &Map<String, Value>) -> Result<ParsedChat, String> {
             for stop in stops {
                 match stop.as_str() {
                     Some(stop) => out.push(stop.to_string()),
-                    None => return Err(format!("stop must be a string or a list of strings, got {stop}")),
+                    None => return Err(InvalidChat(format!("stop must be a string or a list of strings, got {stop}"))),
                 }
             }
             out
         }
-        Some(other) => return Err(format!("stop must be a string or a list of strings, got {other}")),
+        Some(other) => return Err(InvalidChat(format!("stop must be a string or a list of strings, got {other}"))),
     };
     if stop.iter().any(String::is_empty) {
-        return Err("stop sequences must not be empty".to_string());
+        return Err(InvalidChat("stop sequences must not be empty".to_string()));
     }
     let want_logprobs = match body.get("logprobs") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(flag)) => *flag,
-        Some(other) => return Err(format!("logprobs must be a boolean, got {other}")),
+        Some(other) => return Err(InvalidChat(format!("logprobs must be a boolean, got {other}"))),
     };
     let top_logprobs = match body.get("top_logprobs") {
         None | Some(Value::Null) => 0,
         Some(value) => match value.as_u64() {
             Some(n) if n <= 20 => n as usize,
-            _ => return Err(format!("top_logprobs must be an integer between 0 and 20, got {value}")),
+            _ => return Err(InvalidChat(format!("top_logprobs must be an integer between 0 and 20, got {value}"))),
         },
     };
     if top_logprobs > 0 && !want_logprobs {
-        return Err("top_logprobs requires logprobs to be true".to_string());
+        return Err(InvalidChat("top_logprobs requires logprobs to be true".to_string()));
     }
     if let Some(tools) = body.get("tools").and_then(Value::as_array) {
         if !tools.is_empty() {
-            return Err("tools are not supported by local models".to_string());
+            return Err(InvalidChat("tools are not supported by local models".to_string()));
         }
     }
     let choices = parse_response_format(body.get("response_format"))?;
@@ -120,23 +128,26 @@ pub fn parse_chat(body: &Map<String, Value>) -> Result<ParsedChat, String> {
     })
 }
 
-fn number(body: &Map<String, Value>, key: &str, default: f64) -> Result<f64, String> {
+fn number(body: &Map<String, Value>, key: &str, default: f64) -> Result<f64, InvalidChat> {
     match body.get(key) {
         None | Some(Value::Null) => Ok(default),
-        Some(value) => value.as_f64().ok_or_else(|| format!("{key} must be a number, got {value}")),
+        Some(value) => value.as_f64().ok_or_else(|| InvalidChat(format!("{key} must be a number, got {value}"))),
     }
 }
 
-fn parse_messages(messages: Option<&Value>) -> Result<Vec<(String, String)>, String> {
+fn parse_messages(messages: Option<&Value>) -> Result<Vec<(String, String)>, InvalidChat> {
     let Some(messages) = messages.and_then(Value::as_array) else {
-        return Err("messages must be a list".to_string());
+        return Err(InvalidChat("messages must be a list".to_string()));
     };
     if messages.is_empty() {
-        return Err("messages must not be empty".to_string());
+        return Err(InvalidChat("messages must not be empty".to_string()));
     }
     let mut out = Vec::with_capacity(messages.len());
     for (idx, message) in messages.iter().enumerate() {
-        let role = message.get("role").and_then(Value::as_str).ok_or_else(|| format!("messages[{idx}] has no role"))?;
+        let role = message
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or_else(|| InvalidChat(format!("messages[{idx}] has no role")))?;
         let role = if role == "developer" { "system" } else { role };
         match message.get("content") {
             None | Some(Value::Null) | Some(Value::String(_)) => {}
@@ -144,11 +155,15 @@ fn parse_messages(messages: Option<&Value>) -> Result<Vec<(String, String)>, Str
                 // A part the shared rendering would leave out (an image) is
                 // refused, not silently dropped.
                 if let Some(part) = parts.iter().find(|part| !is_text_part(part)) {
-                    return Err(format!("messages[{idx}] has a content part local models cannot read: {part}"));
+                    return Err(InvalidChat(format!(
+                        "messages[{idx}] has a content part local models cannot read: {part}"
+                    )));
                 }
             }
             Some(other) => {
-                return Err(format!("messages[{idx}].content must be a string or a list of parts, got {other}"))
+                return Err(InvalidChat(format!(
+                    "messages[{idx}].content must be a string or a list of parts, got {other}"
+                )))
             }
         }
         // The text the model was trained on: the rendering training uses.
@@ -160,42 +175,43 @@ fn parse_messages(messages: Option<&Value>) -> Result<Vec<(String, String)>, Str
 /// `{"type": "json_schema", "json_schema": {"schema": {"enum": [...]}}}` (or a
 /// schema `{"type": "string", "enum": [...]}`) restricts the answer to those
 /// strings. The answer is the bare string, not its JSON encoding.
-fn parse_response_format(format: Option<&Value>) -> Result<Option<Vec<String>>, String> {
+fn parse_response_format(format: Option<&Value>) -> Result<Option<Vec<String>>, InvalidChat> {
     let Some(format) = format.filter(|format| !format.is_null()) else {
         return Ok(None);
     };
     match format.get("type").and_then(Value::as_str) {
         Some("text") => Ok(None),
         Some("json_schema") => {
-            let schema =
-                format.pointer("/json_schema/schema").ok_or("response_format json_schema needs json_schema.schema")?;
+            let schema = format
+                .pointer("/json_schema/schema")
+                .ok_or_else(|| InvalidChat(String::from("response_format json_schema needs json_schema.schema")))?;
             let Some(values) = schema.get("enum").and_then(Value::as_array) else {
-                return Err(
+                return Err(InvalidChat(
                     "local models support response_format json_schema only with an enum of strings: {\"enum\": [...]}"
                         .to_string(),
-                );
+                ));
             };
             if let Some(kind) = schema.get("type") {
                 if kind != "string" {
-                    return Err(format!("an enum schema must have type string, got {kind}"));
+                    return Err(InvalidChat(format!("an enum schema must have type string, got {kind}")));
                 }
             }
             let mut choices: Vec<String> = Vec::new();
             for value in values {
                 match value.as_str() {
-                    Some("") => return Err("enum values must not be empty strings".to_string()),
+                    Some("") => return Err(InvalidChat("enum values must not be empty strings".to_string())),
                     Some(text) if !choices.iter().any(|choice| choice == text) => choices.push(text.to_string()),
                     Some(_) => {}
-                    None => return Err(format!("enum values must be strings, got {value}")),
+                    None => return Err(InvalidChat(format!("enum values must be strings, got {value}"))),
                 }
             }
             if choices.is_empty() {
-                return Err("the enum of allowed answers is empty".to_string());
+                return Err(InvalidChat("the enum of allowed answers is empty".to_string()));
             }
             Ok(Some(choices))
         }
-        Some(other) => Err(format!("response_format type `{other}` is not supported by local models")),
-        None => Err("response_format needs a type".to_string()),
+        Some(other) => Err(InvalidChat(format!("response_format type `{other}` is not supported by local models"))),
+        None => Err(InvalidChat("response_format needs a type".to_string())),
     }
 }
 
@@ -204,7 +220,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn parse(body: Value) -> Result<ParsedChat, String> {
+    fn parse(body: Value) -> Result<ParsedChat, InvalidChat> {
         parse_chat(body.as_object().unwrap())
     }
 
@@ -235,7 +251,7 @@ mod tests {
             (json!({"messages": []}), "empty"),
         ] {
             let error = parse(body).unwrap_err();
-            assert!(error.contains(needle), "{error}");
+            assert!(error.0.contains(needle), "{error}");
         }
     }
 
@@ -249,7 +265,7 @@ mod tests {
         assert_eq!(parsed.messages[1], ("user".to_string(), "Who wrote\nHamlet?".to_string()));
         let image = json!({"type": "image_url", "image_url": {"url": "http://x"}});
         let error = parse(json!({"messages": [{"role": "user", "content": [image]}]})).unwrap_err();
-        assert!(error.contains("cannot read"), "{error}");
+        assert!(error.0.contains("cannot read"), "{error}");
     }
 
     #[test]

@@ -170,7 +170,7 @@ impl AppState {
 
     fn route_of_change(&self, change: &PolicyChange) -> Result<TaskRoute, ProviderError> {
         let bad = |message: String| ProviderError::Setup { provider: format!("task {}", change.task), message };
-        let policy = Policy::parse(&change.policy, None).map_err(bad)?;
+        let policy = Policy::parse(&change.policy, None).map_err(|error| bad(error.to_string()))?;
         let understudy = match (&change.understudy, &change.understudy_path) {
             (Some(name), Some(path)) => Some(self.version_understudy(name, path)?),
             (Some(name), None) => Some(self.config_understudy(name)?),

@@ -44,8 +44,10 @@ impl LocalLoader for Loader {
 /// The engine options a spec asks for (its `weights` format).
 fn engine_options(spec: &LocalModelSpec) -> Result<understudy_engine::EngineOptions, ProviderError> {
     let weights = match &spec.weights {
-        Some(text) => understudy_engine::requant::WeightFormat::parse(text)
-            .map_err(|message| ProviderError::Setup { provider: format!("local model `{}`", spec.name), message })?,
+        Some(text) => understudy_engine::requant::WeightFormat::parse(text).map_err(|error| ProviderError::Setup {
+            provider: format!("local model `{}`", spec.name),
+            message: error.to_string(),
+        })?,
         None => understudy_engine::requant::WeightFormat::Auto,
     };
     Ok(understudy_engine::EngineOptions { weights, ..Default::default() })

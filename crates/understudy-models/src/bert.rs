@@ -16,11 +16,10 @@ use std::sync::Arc;
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 
 use crate::attention::AttentionSpec;
+use crate::dropout::Dropout;
 
 /// The subset of HF `config.json` a BERT encoder needs.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -73,61 +72,41 @@ pub enum HiddenAct {
     Relu,
 }
 
+/// Why a [`Config`] describes an encoder this file does not implement.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "model_type {model_type:?} (architectures {architectures:?}) is not supported: only BERT encoders \
+         (model_type \"bert\") are"
+    )]
+    NotBert { model_type: Option<String>, architectures: Option<Vec<String>> },
+    #[error("position_embedding_type {0:?} is not supported: only \"absolute\" is")]
+    PositionEmbedding(String),
+    #[error("hidden_size {hidden_size} is not a multiple of num_attention_heads {heads}")]
+    HeadSplit { hidden_size: usize, heads: usize },
+}
+
 impl Config {
     /// Whether this config describes an encoder this file implements: a BERT
     /// with absolute position embeddings.
-    pub fn check_supported(&self) -> std::result::Result<(), String> {
+    pub fn check_supported(&self) -> std::result::Result<(), ConfigError> {
         let model_type = self.model_type.as_deref().unwrap_or("");
         let is_bert_arch = self.architectures.as_ref().is_some_and(|archs| archs.iter().any(|a| a.starts_with("Bert")));
         if model_type != "bert" && !is_bert_arch {
-            return Err(format!(
-                "model_type {:?} (architectures {:?}) is not supported: only BERT encoders (model_type \"bert\") are",
-                self.model_type, self.architectures
-            ));
+            return Err(ConfigError::NotBert {
+                model_type: self.model_type.clone(),
+                architectures: self.architectures.clone(),
+            });
         }
         if let Some(kind) = self.position_embedding_type.as_deref() {
             if kind != "absolute" {
-                return Err(format!("position_embedding_type {kind:?} is not supported: only \"absolute\" is"));
+                return Err(ConfigError::PositionEmbedding(kind.to_string()));
             }
         }
         if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return Err(format!(
-                "hidden_size {} is not a multiple of num_attention_heads {}",
-                self.hidden_size, self.num_attention_heads
-            ));
+            return Err(ConfigError::HeadSplit { hidden_size: self.hidden_size, heads: self.num_attention_heads });
         }
         Ok(())
-    }
-}
-
-/// Inverted dropout with its own seeded generator, so that a training run is
-/// reproducible (candle's CPU device cannot be seeded).
-#[derive(Debug, Clone)]
-pub struct Dropout {
-    rng: StdRng,
-}
-
-impl Dropout {
-    pub fn new(seed: u64) -> Dropout {
-        Dropout { rng: StdRng::seed_from_u64(seed) }
-    }
-
-    /// Zeroes each element with probability `p` and scales the rest by 1/(1-p).
-    pub fn apply(&mut self, xs: &Tensor, p: f64) -> Result<Tensor> {
-        let Some(mask) = self.mask(xs.elem_count(), p) else { return Ok(xs.clone()) };
-        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
-        xs.mul(&mask)
-    }
-
-    /// The multiplier [`Dropout::apply`] would use for `n` values: 0 or
-    /// 1/(1-p) each; `None` when `p` is 0.
-    pub fn mask(&mut self, n: usize, p: f64) -> Option<Vec<f32>> {
-        if p <= 0.0 {
-            return None;
-        }
-        let keep = 1.0 - p;
-        let scale = (1.0 / keep) as f32;
-        Some((0..n).map(|_| if self.rng.gen::<f64>() < keep { scale } else { 0.0 }).collect())
     }
 }
 

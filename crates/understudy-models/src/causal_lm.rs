@@ -40,7 +40,7 @@ pub fn load(path: &Path) -> Result<CausalLmFiles, LoadError> {
     };
     let model = gguf::load(&file)?;
     let chat_template = ChatTemplate::from_jinja(model.chat_template.as_deref())
-        .map_err(|message| LoadError::Unsupported { path: file.clone(), message })?;
+        .map_err(|error| LoadError::Unsupported { path: file.clone(), message: error.to_string() })?;
     Ok(CausalLmFiles {
         config: model.config,
         weights: model.weights,
@@ -59,7 +59,9 @@ fn load_hf(dir: &Path) -> Result<CausalLmFiles, LoadError> {
         .map_err(|source| LoadError::Io { path: files.config_path.clone(), source })?;
     let config: llama::Config = serde_json::from_str(&text)
         .map_err(|error| LoadError::Config { path: files.config_path.clone(), message: error.to_string() })?;
-    config.check_supported().map_err(|message| LoadError::Unsupported { path: files.config_path.clone(), message })?;
+    config
+        .check_supported()
+        .map_err(|error| LoadError::Unsupported { path: files.config_path.clone(), message: error.to_string() })?;
     let tokenizer = Tokenizer::from_file(&files.tokenizer_path)
         .map_err(|error| LoadError::Tokenizer { path: files.tokenizer_path.clone(), message: error.to_string() })?;
     let tokenizer_config_path = dir.join("tokenizer_config.json");
@@ -68,7 +70,7 @@ fn load_hf(dir: &Path) -> Result<CausalLmFiles, LoadError> {
         .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
         .and_then(|value| value.get("chat_template").and_then(|t| t.as_str()).map(str::to_string));
     let chat_template = ChatTemplate::from_jinja(template.as_deref())
-        .map_err(|message| LoadError::Unsupported { path: tokenizer_config_path, message })?;
+        .map_err(|error| LoadError::Unsupported { path: tokenizer_config_path, message: error.to_string() })?;
     let weights = files.weights(DType::F32, &Device::Cpu)?;
     let eos_token_id = tokenizer.token_to_id(crate::chat::IM_END);
     Ok(CausalLmFiles {

@@ -9,6 +9,11 @@ use tokenizers::Tokenizer;
 pub const IM_START: &str = "<|im_start|>";
 pub const IM_END: &str = "<|im_end|>";
 
+/// A model's chat template is not ChatML, the only one implemented.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the model's chat template is not ChatML (<|im_start|>role ... <|im_end|>); only ChatML is supported")]
+pub struct NotChatMl;
+
 /// A ChatML template, with the system prompt the model's template inserts
 /// when a conversation has none (SmolLM2 has one).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,12 +24,10 @@ pub struct ChatTemplate {
 impl ChatTemplate {
     /// Recognises a ChatML Jinja template; `None` (no template in the model
     /// files) is taken as plain ChatML.
-    pub fn from_jinja(template: Option<&str>) -> Result<ChatTemplate, String> {
+    pub fn from_jinja(template: Option<&str>) -> Result<ChatTemplate, NotChatMl> {
         let Some(template) = template else { return Ok(ChatTemplate { default_system: None }) };
         if !template.contains(IM_START) {
-            return Err(String::from(
-                "the model's chat template is not ChatML (<|im_start|>role ... <|im_end|>); only ChatML is supported",
-            ));
+            return Err(NotChatMl);
         }
         // The newline after `system` is a real one or a `\n` escape inside a Jinja string.
         let markers = [format!("{IM_START}system\n"), format!("{IM_START}system\\n")];
@@ -68,9 +71,9 @@ impl ChatTemplate {
         tokenizer: &Tokenizer,
         prompt: &[(String, String)],
         answer: &str,
-    ) -> Result<(Vec<u32>, Vec<bool>), String> {
-        let encode = |text: &str| -> Result<Vec<u32>, String> {
-            tokenizer.encode(text, false).map(|encoding| encoding.get_ids().to_vec()).map_err(|error| error.to_string())
+    ) -> Result<(Vec<u32>, Vec<bool>), tokenizers::Error> {
+        let encode = |text: &str| -> Result<Vec<u32>, tokenizers::Error> {
+            tokenizer.encode(text, false).map(|encoding| encoding.get_ids().to_vec())
         };
         let context = self.render(prompt, true);
         let mut ids = encode(&context)?;

@@ -113,7 +113,9 @@ pub fn load(path: &Path) -> Result<GgufModel, LoadError> {
         architectures: Some(vec![if arch == "llama" { "LlamaForCausalLM" } else { "Qwen2ForCausalLM" }.to_string()]),
         model_type: Some(arch.clone()),
     };
-    config.check_supported().map_err(|message| LoadError::Unsupported { path: path.to_path_buf(), message })?;
+    config
+        .check_supported()
+        .map_err(|error| LoadError::Unsupported { path: path.to_path_buf(), message: error.to_string() })?;
 
     let device = Device::Cpu;
     let mut weights = HashMap::new();

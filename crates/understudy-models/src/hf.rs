@@ -82,7 +82,7 @@ impl HfDir {
             .map_err(|error| LoadError::Config { path: self.config_path.clone(), message: error.to_string() })?;
         config
             .check_supported()
-            .map_err(|message| LoadError::Unsupported { path: self.config_path.clone(), message })?;
+            .map_err(|error| LoadError::Unsupported { path: self.config_path.clone(), message: error.to_string() })?;
         Ok(config)
     }
 

@@ -11,6 +11,7 @@ pub mod attention;
 pub mod bert;
 pub mod causal_lm;
 pub mod chat;
+pub mod dropout;
 pub mod gguf;
 pub mod hf;
 pub mod llama;

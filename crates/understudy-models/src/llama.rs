@@ -28,7 +28,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::attention::{AttentionSpec, RopeTables};
-use crate::bert::Dropout;
+use crate::dropout::Dropout;
 
 /// Which HF architecture a config describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,7 +72,7 @@ fn default_rope_theta() -> f64 {
 impl Config {
     /// The architecture named by `architectures` (or `model_type`), or an
     /// error that names what was found.
-    pub fn architecture(&self) -> std::result::Result<Architecture, String> {
+    pub fn architecture(&self) -> std::result::Result<Architecture, ConfigError> {
         let names: Vec<&str> = self.architectures.iter().flatten().map(String::as_str).collect();
         for name in &names {
             match *name {
@@ -84,12 +84,10 @@ impl Config {
         match (names.first(), self.model_type.as_deref()) {
             (None, Some("llama")) => Ok(Architecture::Llama),
             (None, Some("qwen2")) => Ok(Architecture::Qwen2),
-            (first, model_type) => Err(format!(
-                "architecture {} (model_type {:?}) is not supported: LoRA training supports LlamaForCausalLM and \
-                 Qwen2ForCausalLM",
-                first.map_or_else(|| String::from("(none)"), |name| format!("{name:?}")),
-                model_type
-            )),
+            (first, model_type) => Err(ConfigError::UnsupportedArchitecture {
+                architecture: first.map_or_else(|| String::from("(none)"), |name| format!("{name:?}")),
+                model_type: model_type.map(str::to_string),
+            }),
         }
     }
 
@@ -103,21 +101,48 @@ impl Config {
 
     /// Whether q/k/v projections carry a bias.
     pub fn qkv_bias(&self) -> bool {
-        self.attention_bias || self.architecture() == Ok(Architecture::Qwen2)
+        self.attention_bias || matches!(self.architecture(), Ok(Architecture::Qwen2))
     }
 
     /// Checks the shapes fit together.
-    pub fn check_supported(&self) -> std::result::Result<Architecture, String> {
+    pub fn check_supported(&self) -> std::result::Result<Architecture, ConfigError> {
         let arch = self.architecture()?;
         let heads = self.num_attention_heads;
         if heads == 0 || !self.hidden_size.is_multiple_of(heads) || !self.head_dim().is_multiple_of(2) {
-            return Err(format!("hidden_size {} does not split into {heads} heads of even size", self.hidden_size));
+            return Err(ConfigError::HeadSplit { hidden_size: self.hidden_size, heads });
         }
         if self.num_kv_heads() == 0 || !heads.is_multiple_of(self.num_kv_heads()) {
-            return Err(format!("num_attention_heads {heads} is not a multiple of num_key_value_heads"));
+            return Err(ConfigError::KvHeads { heads });
         }
         Ok(arch)
     }
+}
+
+/// Why a [`Config`] describes a model this file cannot build.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "architecture {architecture} (model_type {model_type:?}) is not supported: LoRA training supports \
+         LlamaForCausalLM and Qwen2ForCausalLM"
+    )]
+    UnsupportedArchitecture { architecture: String, model_type: Option<String> },
+    #[error("hidden_size {hidden_size} does not split into {heads} heads of even size")]
+    HeadSplit { hidden_size: usize, heads: usize },
+    #[error("num_attention_heads {heads} is not a multiple of num_key_value_heads")]
+    KvHeads { heads: usize },
+}
+
+/// Why a [`LoraConfig`] is refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LoraConfigError {
+    #[error("the LoRA rank must be at least 1")]
+    ZeroRank,
+    #[error("LoRA dropout must be in [0, 1), got {0}")]
+    Dropout(f64),
+    #[error("LoRA needs at least one target module")]
+    NoTargetModules,
+    #[error("unknown LoRA target module {0:?}; known: {known}", known = TARGET_MODULES.join(", "))]
+    UnknownTargetModule(String),
 }
 
 /// The projections LoRA can adapt, by their HF names.
@@ -143,18 +168,18 @@ impl LoraConfig {
         self.alpha / self.rank.max(1) as f64
     }
 
-    pub fn check(&self) -> std::result::Result<(), String> {
+    pub fn check(&self) -> std::result::Result<(), LoraConfigError> {
         if self.rank == 0 {
-            return Err(String::from("the LoRA rank must be at least 1"));
+            return Err(LoraConfigError::ZeroRank);
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(format!("LoRA dropout must be in [0, 1), got {}", self.dropout));
+            return Err(LoraConfigError::Dropout(self.dropout));
         }
         if self.target_modules.is_empty() {
-            return Err(String::from("LoRA needs at least one target module"));
+            return Err(LoraConfigError::NoTargetModules);
         }
         if let Some(bad) = self.target_modules.iter().find(|name| !TARGET_MODULES.contains(&name.as_str())) {
-            return Err(format!("unknown LoRA target module {bad:?}; known: {}", TARGET_MODULES.join(", ")));
+            return Err(LoraConfigError::UnknownTargetModule(bad.clone()));
         }
         Ok(())
     }
@@ -1063,7 +1088,7 @@ mod tests {
     fn unsupported_architecture_is_named() {
         let mut cfg = tiny_config(10);
         cfg.architectures = Some(vec!["MistralForCausalLM".into()]);
-        let error = cfg.check_supported().unwrap_err();
+        let error = cfg.check_supported().unwrap_err().to_string();
         assert!(error.contains("MistralForCausalLM"), "{error}");
     }
 }

@@ -17,18 +17,35 @@ pub enum Policy {
     Understudy,
 }
 
+/// Why a policy's text does not parse.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("`{name}` needs {what}, as `{name}:VALUE`")]
+    MissingArgument { name: String, what: &'static str },
+    #[error("`{0}` is not a number")]
+    NotANumber(String),
+    #[error("a canary share must be between 0 and 100, not {0}")]
+    CanaryShare(f64),
+    #[error("`cascade` needs a calibrated threshold (run eval) or `cascade:THRESHOLD`")]
+    Uncalibrated,
+    #[error("a cascade threshold must be between 0 and 1, not {0}")]
+    CascadeThreshold(f64),
+    #[error("unknown policy `{0}` (known: lead, shadow, canary:PCT, cascade[:THRESHOLD], understudy)")]
+    Unknown(String),
+}
+
 impl Policy {
     /// Parses `lead`, `shadow`, `canary:PCT`, `cascade`, `cascade:THRESHOLD` or
     /// `understudy`. A bare `cascade` takes `calibrated` (the threshold chosen
     /// on validation data), and fails without one.
-    pub fn parse(text: &str, calibrated: Option<f64>) -> Result<Policy, String> {
+    pub fn parse(text: &str, calibrated: Option<f64>) -> Result<Policy, PolicyError> {
         let (name, argument) = match text.split_once(':') {
             Some((name, argument)) => (name, Some(argument)),
             None => (text, None),
         };
-        let number = |what: &str| -> Result<f64, String> {
-            let argument = argument.ok_or_else(|| format!("`{name}` needs {what}, as `{name}:VALUE`"))?;
-            argument.parse::<f64>().map_err(|_| format!("`{argument}` is not a number"))
+        let number = |what: &'static str| -> Result<f64, PolicyError> {
+            let argument = argument.ok_or_else(|| PolicyError::MissingArgument { name: name.to_string(), what })?;
+            argument.parse::<f64>().map_err(|_| PolicyError::NotANumber(argument.to_string()))
         };
         match (name, argument) {
             ("lead", None) => Ok(Policy::Lead),
@@ -37,23 +54,21 @@ impl Policy {
             ("canary", _) => {
                 let percent = number("a percentage")?;
                 if !(0.0..=100.0).contains(&percent) {
-                    return Err(format!("a canary share must be between 0 and 100, not {percent}"));
+                    return Err(PolicyError::CanaryShare(percent));
                 }
                 Ok(Policy::Canary { percent })
             }
-            ("cascade", None) => calibrated
-                .map(|threshold| Policy::Cascade { threshold })
-                .ok_or_else(|| "`cascade` needs a calibrated threshold (run eval) or `cascade:THRESHOLD`".to_string()),
+            ("cascade", None) => {
+                calibrated.map(|threshold| Policy::Cascade { threshold }).ok_or(PolicyError::Uncalibrated)
+            }
             ("cascade", Some(_)) => {
                 let threshold = number("a threshold")?;
                 if !(0.0..=1.0).contains(&threshold) {
-                    return Err(format!("a cascade threshold must be between 0 and 1, not {threshold}"));
+                    return Err(PolicyError::CascadeThreshold(threshold));
                 }
                 Ok(Policy::Cascade { threshold })
             }
-            _ => Err(format!(
-                "unknown policy `{text}` (known: lead, shadow, canary:PCT, cascade[:THRESHOLD], understudy)"
-            )),
+            _ => Err(PolicyError::Unknown(text.to_string())),
         }
     }
 
@@ -168,7 +183,7 @@ mod tests {
         assert!(Policy::parse("cascade", None).is_err());
         assert!(Policy::parse("canary:120", None).is_err());
         assert!(Policy::parse("canary", None).is_err());
-        assert!(Policy::parse("yolo", None).unwrap_err().contains("unknown policy"));
+        assert!(Policy::parse("yolo", None).unwrap_err().to_string().contains("unknown policy"));
         assert_eq!(Policy::Canary { percent: 10.0 }.name(), "canary:10");
     }
 

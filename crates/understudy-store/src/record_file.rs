@@ -124,16 +124,29 @@ fn to_line(record: &CallRecord) -> RecordLine {
     }
 }
 
-fn from_line(line: RecordLine) -> Result<CallRecord, String> {
-    let id = Uuid::parse_str(&line.id).map_err(|error| format!("bad id: {error}"))?;
-    let endpoint = Endpoint::parse(&line.endpoint).ok_or_else(|| format!("unknown endpoint `{}`", line.endpoint))?;
-    let usage_source = UsageSource::parse(&line.usage_source)
-        .ok_or_else(|| format!("unknown usage source `{}`", line.usage_source))?;
+/// A record line that parses as JSON but holds a value no record can have.
+#[derive(Debug, thiserror::Error)]
+enum BadField {
+    #[error("bad id: {0}")]
+    Id(#[from] uuid::Error),
+    #[error("unknown endpoint `{0}`")]
+    Endpoint(String),
+    #[error("unknown usage source `{0}`")]
+    UsageSource(String),
+    #[error("unknown served_by `{0}`")]
+    ServedBy(String),
+}
+
+fn from_line(line: RecordLine) -> Result<CallRecord, BadField> {
+    let id = Uuid::parse_str(&line.id)?;
+    let endpoint = Endpoint::parse(&line.endpoint).ok_or_else(|| BadField::Endpoint(line.endpoint.clone()))?;
+    let usage_source =
+        UsageSource::parse(&line.usage_source).ok_or_else(|| BadField::UsageSource(line.usage_source.clone()))?;
     let routing = match line.routing {
         None => None,
         Some(routing) => Some(Routing {
             served_by: ServedBy::parse(&routing.served_by)
-                .ok_or_else(|| format!("unknown served_by `{}`", routing.served_by))?,
+                .ok_or_else(|| BadField::ServedBy(routing.served_by.clone()))?,
             policy: routing.policy,
             fallback_reason: routing.fallback_reason,
             understudy_model: routing.understudy_model,
@@ -215,7 +228,7 @@ pub fn read(path: &Path) -> Result<Vec<(CallRecord, Option<String>)>, RecordFile
         }
         let parsed = serde_json::from_str::<Line>(&text)
             .map_err(|error| error.to_string())
-            .and_then(|line| Ok((from_line(line.record)?, line.error)));
+            .and_then(|line| Ok((from_line(line.record).map_err(|error| error.to_string())?, line.error)));
         match parsed {
             Ok(record) => records.push(record),
             Err(message) if line_idx + 1 == n_lines => {

@@ -1,15 +1,15 @@
 //! Training checkpoints: trainable weights, optimizer moments and the loop's
 //! position, in `output_dir/checkpoint/`, written atomically (a temporary
 //! directory renamed into place) so that a run killed at any moment leaves
-//! either the previous checkpoint or the new one.
+//! either the previous checkpoint or the new one; and the other atomic writes
+//! of the output directory (a temporary file renamed into place).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::train::EpochMetrics;
 use crate::TrainError;
 
 const DIR: &str = "checkpoint";
@@ -17,28 +17,9 @@ const STATE: &str = "state.json";
 const WEIGHTS: &str = "weights.safetensors";
 const OPTIMIZER: &str = "optimizer.safetensors";
 
-/// Where the training loop stands.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct LoopState {
-    /// The epoch to run next (0-based).
-    pub epoch: usize,
-    /// Optimizer steps already done within `epoch`.
-    pub step_in_epoch: usize,
-    pub global_step: usize,
-    pub seed: u64,
-    pub labels: Vec<String>,
-    pub history: Vec<EpochMetrics>,
-    /// 1-based epoch whose weights are in the output directory.
-    pub best_epoch: Option<usize>,
-    pub epochs_without_improvement: usize,
-    pub stopped_early: bool,
-    /// Wall time spent before this process (resumed runs add up).
-    pub elapsed_seconds: f64,
-    /// Sum of the step losses so far in `epoch`.
-    pub epoch_loss_sum: f64,
-}
-
-pub(crate) struct Checkpoint<S = LoopState> {
+/// A checkpoint as [`load`] reads it: the loop state `S` (see
+/// `crate::epochs`), the trainable weights and the optimizer's moments.
+pub(crate) struct Checkpoint<S> {
     pub state: S,
     pub weights: HashMap<String, Tensor>,
     pub optimizer: HashMap<String, Tensor>,
@@ -97,5 +78,13 @@ pub(crate) fn load<S: serde::de::DeserializeOwned>(output_dir: &Path) -> Result<
 pub(crate) fn save_tensors_atomically(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<(), TrainError> {
     let tmp = path.with_extension("safetensors.tmp");
     candle_core::safetensors::save(tensors, &tmp)?;
+    std::fs::rename(&tmp, path).map_err(io_error(path))
+}
+
+/// Writes `value` as pretty JSON to `path` through a temporary file and a rename.
+pub(crate) fn write_json_atomically<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<(), TrainError> {
+    let tmp = path.with_extension("json.tmp");
+    let json = serde_json::to_vec_pretty(value).map_err(|error| TrainError::Model(error.to_string()))?;
+    std::fs::write(&tmp, json).map_err(io_error(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io_error(path))
 }

@@ -8,7 +8,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
-use understudy_models::bert::{self, Dropout};
+use understudy_models::bert;
+use understudy_models::dropout::Dropout;
 use understudy_models::hf;
 
 use crate::data::{self, Batch, Encoded};

@@ -12,6 +12,7 @@
 mod checkpoint;
 mod classifier;
 mod data;
+mod epochs;
 mod lora;
 mod optim;
 mod text;

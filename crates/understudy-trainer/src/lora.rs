@@ -9,7 +9,8 @@
 //! best epoch (highest task metric, ties broken by the lower loss; the lowest
 //! loss without a metric) is written as a PEFT adapter in the output
 //! directory, next to `manifest.json`, and `patience` epochs without a better
-//! one stop the run.
+//! one stop the run. The loop itself is `crate::epochs`, shared with the
+//! classifier.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,16 +20,16 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use understudy_models::bert::Dropout;
 use understudy_models::causal_lm::{self, CausalLmFiles};
 use understudy_models::chat::ChatTemplate;
+use understudy_models::dropout::Dropout;
 use understudy_models::llama::{self, LoraConfig};
 use understudy_models::peft::{self, AdapterConfig};
 
 use crate::checkpoint;
 use crate::data;
-use crate::optim::{self, AdamW};
-use crate::train::{erased, progress_bar};
+use crate::epochs::{self, EpochEnd, EpochScore, LoopConfig, Step, Trainee};
+use crate::optim::AdamW;
 use crate::TrainError;
 
 mod metric;
@@ -145,9 +146,12 @@ pub struct LoraEpochMetrics {
     pub task_metric: Option<f64>,
 }
 
-impl LoraEpochMetrics {
-    /// Whether this epoch beats `best`: a higher task metric, or the same
-    /// (or none) and a lower validation loss.
+impl EpochScore for LoraEpochMetrics {
+    fn epoch(&self) -> usize {
+        self.epoch
+    }
+
+    /// A higher task metric, or the same (or none) and a lower validation loss.
     fn beats(&self, best: &LoraEpochMetrics) -> bool {
         match (self.task_metric, best.task_metric) {
             (Some(metric), Some(best_metric)) if metric != best_metric => metric > best_metric,
@@ -179,22 +183,13 @@ pub struct LoraTrainReport {
     pub wall_seconds: f64,
 }
 
+/// LoRA's part of a checkpoint (next to the loop's position).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct LoraLoopState {
-    epoch: usize,
-    step_in_epoch: usize,
-    global_step: usize,
-    seed: u64,
+struct LoraSaved {
     lora: LoraConfig,
     initial_validation_loss: f64,
     #[serde(default)]
     initial_task_metric: Option<f64>,
-    history: Vec<LoraEpochMetrics>,
-    best_epoch: Option<usize>,
-    epochs_without_improvement: usize,
-    stopped_early: bool,
-    elapsed_seconds: f64,
-    epoch_loss_sum: f64,
     train_tokens: usize,
 }
 
@@ -208,8 +203,9 @@ pub fn encode_rows(
 ) -> Result<Vec<SftExample>, TrainError> {
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
-        let (mut ids, mut loss_mask) =
-            template.encode_for_training(tokenizer, &row.prompt, &row.answer).map_err(TrainError::Tokenizer)?;
+        let (mut ids, mut loss_mask) = template
+            .encode_for_training(tokenizer, &row.prompt, &row.answer)
+            .map_err(|error| TrainError::Tokenizer(error.to_string()))?;
         if ids.len() > seq_len {
             let cut = ids.len() - seq_len;
             ids.drain(..cut);
@@ -272,7 +268,7 @@ fn check_config(config: &LoraTrainConfig) -> Result<(), TrainError> {
         return Err(TrainError::Config(String::from("max_steps and checkpoint_every_steps must be at least 1")));
     }
     config.task_metric.check()?;
-    config.lora.check().map_err(TrainError::Config)
+    config.lora.check().map_err(|error| TrainError::Config(error.to_string()))
 }
 
 /// Trains LoRA on already tokenized examples over the model in `files`.
@@ -294,163 +290,182 @@ pub fn train_lora_on(
     let mut optimizer = AdamW::new(vars, config.weight_decay);
     let metric =
         MetricSetup::new(&config.task_metric, &files.tokenizer, files.eos_token_id, validation, config.metric_rows)?;
-    let score = |model: &llama::Model| metric.as_ref().map(|metric| metric.score(model)).transpose();
-
-    let output_dir = &config.output_dir;
-    std::fs::create_dir_all(output_dir).map_err(|source| TrainError::Io { path: output_dir.clone(), source })?;
-    let mut state = None;
-    if config.resume {
-        if let Some(saved) = checkpoint::load::<LoraLoopState>(output_dir)? {
-            if saved.state.seed != config.seed || saved.state.lora != config.lora {
-                return Err(TrainError::Checkpoint(format!(
-                    "the checkpoint in {} is for another seed or LoRA config; remove it or do not resume",
-                    output_dir.display()
-                )));
-            }
-            model.load_lora(&saved.weights).map_err(|error| TrainError::Checkpoint(error.to_string()))?;
-            optimizer.load_state(&saved.optimizer, saved.state.global_step as u64).map_err(TrainError::Checkpoint)?;
-            state = Some(saved.state);
-        }
-    }
-    let mut state = match state {
-        Some(state) => state,
-        None => LoraLoopState {
-            epoch: 0,
-            step_in_epoch: 0,
-            global_step: 0,
-            seed: config.seed,
-            lora: config.lora.clone(),
-            initial_validation_loss: validation_loss(&model, validation, pad_id, config.batch_size)?,
-            initial_task_metric: score(&model)?,
-            history: Vec::new(),
-            best_epoch: None,
-            epochs_without_improvement: 0,
-            stopped_early: false,
-            elapsed_seconds: 0.0,
-            epoch_loss_sum: 0.0,
-            train_tokens: 0,
-        },
+    let mut trainee = LoraTrainee {
+        model: &model,
+        config,
+        train,
+        validation,
+        pad_id,
+        metric,
+        base_name: &files.name,
+        initial_validation_loss: 0.0,
+        initial_task_metric: None,
+        train_tokens: 0,
     };
-    let previous_seconds = state.elapsed_seconds;
-    let elapsed = || previous_seconds + started.elapsed().as_secs_f64();
-
     let lengths: Vec<usize> = train.iter().map(|row| row.ids.len()).collect();
-    let batches_per_epoch = train.len().div_ceil(config.batch_size);
-    let steps_per_epoch = batches_per_epoch.div_ceil(config.grad_accum_steps);
-    let total_steps = match config.max_steps {
-        Some(max) => max.min(steps_per_epoch * config.epochs),
-        None => steps_per_epoch * config.epochs,
+    let loop_config = LoopConfig {
+        output_dir: &config.output_dir,
+        epochs: config.epochs,
+        max_steps: config.max_steps,
+        batch_size: config.batch_size,
+        grad_accum_steps: config.grad_accum_steps,
+        learning_rate: config.learning_rate,
+        warmup_ratio: config.warmup_ratio,
+        max_grad_norm: config.max_grad_norm,
+        seed: config.seed,
+        patience: config.patience,
+        checkpoint_every_steps: config.checkpoint_every_steps,
+        resume: config.resume,
+        progress: config.progress,
+        stop_after_steps: config.stop_after_steps,
+        stop_at_last_step_interrupts: false,
     };
-    let epochs = total_steps.div_ceil(steps_per_epoch);
-    let warmup = ((total_steps as f64) * config.warmup_ratio).round() as usize;
+    let outcome = epochs::run(&mut trainee, &mut optimizer, &lengths, &loop_config, started)?;
+    let state = outcome.state;
 
-    let bar = progress_bar(config.progress, total_steps, state.global_step);
-    let loop_started = Instant::now();
-    let mut tokens_this_run = 0usize;
-    let mut interrupted = false;
-    'epochs: while state.epoch < epochs && !state.stopped_early && state.global_step < total_steps {
-        let batches = data::epoch_batches(&lengths, config.batch_size, config.seed, state.epoch);
-        while state.step_in_epoch < steps_per_epoch && state.global_step < total_steps {
-            let first = state.step_in_epoch * config.grad_accum_steps;
-            let micro = &batches[first..(first + config.grad_accum_steps).min(batches.len())];
-            let lr = optim::learning_rate(config.learning_rate, state.global_step, warmup, total_steps);
-            let (loss, tokens) =
-                train_step(&model, &mut optimizer, micro, train, pad_id, config, lr, state.global_step)?;
-            state.epoch_loss_sum += loss;
-            state.step_in_epoch += 1;
-            state.global_step += 1;
-            state.train_tokens += tokens;
-            tokens_this_run += tokens;
-            let rate = tokens_this_run as f64 / loop_started.elapsed().as_secs_f64().max(1e-9);
-            bar.set_position(state.global_step as u64);
-            bar.set_message(format!("epoch {}/{epochs} loss {loss:.4} {rate:.0} tok/s", state.epoch + 1));
-            let at_epoch_end = state.step_in_epoch == steps_per_epoch || state.global_step == total_steps;
-            if !at_epoch_end
-                && config.checkpoint_every_steps.is_some_and(|every| state.global_step.is_multiple_of(every))
-            {
-                state.elapsed_seconds = elapsed();
-                save_checkpoint(output_dir, &state, &optimizer)?;
-            }
-            if !at_epoch_end && config.stop_after_steps == Some(state.global_step) {
-                interrupted = true;
-                break 'epochs;
-            }
-        }
-
-        let metrics = LoraEpochMetrics {
-            epoch: state.epoch + 1,
-            steps: state.step_in_epoch,
-            train_loss: state.epoch_loss_sum / state.step_in_epoch.max(1) as f64,
-            validation_loss: validation_loss(&model, validation, pad_id, config.batch_size)?,
-            task_metric: score(&model)?,
-        };
-        let metric_text = match (config.task_metric.name(), metrics.task_metric, state.initial_task_metric) {
-            (Some(name), Some(value), Some(initial)) => format!(", {name} {value:.4} (before training {initial:.4})"),
-            _ => String::new(),
-        };
-        let line = format!(
-            "epoch {}: train loss {:.4}, validation loss {:.4} (before training {:.4}){metric_text} ({:.0}s)",
-            metrics.epoch,
-            metrics.train_loss,
-            metrics.validation_loss,
-            state.initial_validation_loss,
-            elapsed()
-        );
-        if bar.is_hidden() {
-            if config.progress {
-                eprintln!("{line}");
-            }
-        } else {
-            bar.println(line);
-        }
-        let best = state.best_epoch.and_then(|epoch| state.history.iter().find(|m| m.epoch == epoch));
-        if best.is_none_or(|best| metrics.beats(best)) {
-            write_adapter(output_dir, &model, &files.name, &config.lora)?;
-            state.best_epoch = Some(metrics.epoch);
-            state.epochs_without_improvement = 0;
-        } else {
-            state.epochs_without_improvement += 1;
-            if state.epochs_without_improvement >= config.patience.max(1) {
-                state.stopped_early = true;
-            }
-        }
-        state.history.push(metrics);
-        state.epoch += 1;
-        state.step_in_epoch = 0;
-        state.epoch_loss_sum = 0.0;
-        state.elapsed_seconds = elapsed();
-        save_checkpoint(output_dir, &state, &optimizer)?;
-        if config.stop_after_steps == Some(state.global_step) && state.global_step < total_steps {
-            interrupted = true;
-            break;
-        }
-    }
-    bar.finish_and_clear();
-
-    let wall_seconds = elapsed();
-    let best = state.best_epoch.and_then(|epoch| state.history.iter().find(|m| m.epoch == epoch));
+    let best = state.best();
     let report = LoraTrainReport {
-        output_dir: output_dir.clone(),
+        output_dir: config.output_dir.clone(),
         base_model: files.name.clone(),
-        initial_validation_loss: state.initial_validation_loss,
+        initial_validation_loss: trainee.initial_validation_loss,
         task_metric_name: config.task_metric.name(),
-        initial_task_metric: state.initial_task_metric,
+        initial_task_metric: trainee.initial_task_metric,
         epochs: state.history.clone(),
         best_epoch: state.best_epoch,
         best_validation_loss: best.map(|metrics| metrics.validation_loss),
         best_task_metric: best.and_then(|metrics| metrics.task_metric),
         steps: state.global_step,
         trained_parameters,
-        train_tokens: state.train_tokens,
-        tokens_per_second: tokens_this_run as f64 / loop_started.elapsed().as_secs_f64().max(1e-9),
+        train_tokens: trainee.train_tokens,
+        tokens_per_second: outcome.work_this_run as f64 / outcome.loop_seconds.max(1e-9),
         stopped_early: state.stopped_early,
-        interrupted,
-        wall_seconds,
+        interrupted: outcome.interrupted,
+        wall_seconds: outcome.wall_seconds,
     };
-    if !interrupted {
+    if !outcome.interrupted {
         write_manifest(config, &files.config, &report, train.len(), validation.len())?;
     }
     Ok(report)
+}
+
+/// The LoRA adapter as [`epochs::run`] trains it.
+struct LoraTrainee<'a> {
+    model: &'a llama::Model,
+    config: &'a LoraTrainConfig,
+    train: &'a [SftExample],
+    validation: &'a [SftExample],
+    pad_id: u32,
+    metric: Option<MetricSetup>,
+    /// The base model's name, for the adapter's config.
+    base_name: &'a str,
+    /// The base model's validation loss and task metric.
+    initial_validation_loss: f64,
+    initial_task_metric: Option<f64>,
+    /// Tokens trained on, resumed runs included.
+    train_tokens: usize,
+}
+
+impl LoraTrainee<'_> {
+    fn score(&self) -> Result<Option<f64>, TrainError> {
+        self.metric.as_ref().map(|metric| metric.score(self.model)).transpose()
+    }
+
+    fn validation_loss(&self) -> Result<f64, TrainError> {
+        validation_loss(self.model, self.validation, self.pad_id, self.config.batch_size)
+    }
+}
+
+impl Trainee for LoraTrainee<'_> {
+    type Metrics = LoraEpochMetrics;
+    type Saved = LoraSaved;
+
+    fn start(&mut self) -> Result<(), TrainError> {
+        self.initial_validation_loss = self.validation_loss()?;
+        self.initial_task_metric = self.score()?;
+        Ok(())
+    }
+
+    fn resume(
+        &mut self,
+        seed: u64,
+        saved: LoraSaved,
+        weights: &HashMap<String, Tensor>,
+        _optimizer: &AdamW,
+    ) -> Result<(), TrainError> {
+        if seed != self.config.seed || saved.lora != self.config.lora {
+            return Err(TrainError::Checkpoint(format!(
+                "the checkpoint in {} is for another seed or LoRA config; remove it or do not resume",
+                self.config.output_dir.display()
+            )));
+        }
+        self.model.load_lora(weights).map_err(|error| TrainError::Checkpoint(error.to_string()))?;
+        self.initial_validation_loss = saved.initial_validation_loss;
+        self.initial_task_metric = saved.initial_task_metric;
+        self.train_tokens = saved.train_tokens;
+        Ok(())
+    }
+
+    fn checkpoint_state(&self) -> LoraSaved {
+        LoraSaved {
+            lora: self.config.lora.clone(),
+            initial_validation_loss: self.initial_validation_loss,
+            initial_task_metric: self.initial_task_metric,
+            train_tokens: self.train_tokens,
+        }
+    }
+
+    fn train_step(&mut self, micro_batches: &[Vec<usize>], step: &mut Step<'_>) -> Result<usize, TrainError> {
+        let device = Device::Cpu;
+        let batches: Vec<SftBatch> = micro_batches
+            .iter()
+            .map(|indices| {
+                let rows: Vec<&SftExample> = indices.iter().map(|&index| &self.train[index]).collect();
+                make_batch(&rows, self.pad_id, &device)
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let total_targets: usize = batches.iter().map(|batch| batch.n_targets).sum();
+        let mut tokens = 0usize;
+        for (k, batch) in batches.iter().enumerate() {
+            tokens += batch.n_tokens;
+            if batch.n_targets == 0 {
+                continue;
+            }
+            let mut dropout = step.dropout(k);
+            let loss = (batch_nll(self.model, batch, Some(&mut dropout))? / total_targets as f64)?;
+            step.backward(&loss)?;
+        }
+        self.train_tokens += tokens;
+        Ok(tokens)
+    }
+
+    fn rate_text(rate: f64) -> String {
+        format!("{rate:.0} tok/s")
+    }
+
+    fn evaluate(&mut self, end: EpochEnd) -> Result<LoraEpochMetrics, TrainError> {
+        Ok(LoraEpochMetrics {
+            epoch: end.epoch,
+            steps: end.steps,
+            train_loss: end.train_loss,
+            validation_loss: self.validation_loss()?,
+            task_metric: self.score()?,
+        })
+    }
+
+    fn epoch_line(&self, metrics: &LoraEpochMetrics, elapsed_seconds: f64) -> String {
+        let metric_text = match (self.config.task_metric.name(), metrics.task_metric, self.initial_task_metric) {
+            (Some(name), Some(value), Some(initial)) => format!(", {name} {value:.4} (before training {initial:.4})"),
+            _ => String::new(),
+        };
+        format!(
+            "epoch {}: train loss {:.4}, validation loss {:.4} (before training {:.4}){metric_text} ({elapsed_seconds:.0}s)",
+            metrics.epoch, metrics.train_loss, metrics.validation_loss, self.initial_validation_loss,
+        )
+    }
+
+    fn export_best(&mut self) -> Result<(), TrainError> {
+        write_adapter(&self.config.output_dir, self.model, self.base_name, &self.config.lora)
+    }
 }
 
 /// A padded batch of inputs (`ids[..-1]`) and the positions whose next token
@@ -503,43 +518,6 @@ fn batch_nll(model: &llama::Model, batch: &SftBatch, dropout: Option<&mut Dropou
     understudy_models::ops::cross_entropy_rows(&logits, &batch.targets)?.sum_all()
 }
 
-#[allow(clippy::too_many_arguments)]
-fn train_step(
-    model: &llama::Model,
-    optimizer: &mut AdamW,
-    micro_batches: &[Vec<usize>],
-    examples: &[SftExample],
-    pad_id: u32,
-    config: &LoraTrainConfig,
-    lr: f64,
-    global_step: usize,
-) -> Result<(f64, usize), TrainError> {
-    let device = Device::Cpu;
-    let batches: Vec<SftBatch> = micro_batches
-        .iter()
-        .map(|indices| {
-            let rows: Vec<&SftExample> = indices.iter().map(|&index| &examples[index]).collect();
-            make_batch(&rows, pad_id, &device)
-        })
-        .collect::<candle_core::Result<_>>()?;
-    let total_targets: usize = batches.iter().map(|batch| batch.n_targets).sum();
-    let mut grads: Vec<Option<Tensor>> = vec![None; optimizer.params.len()];
-    let mut loss_sum = 0f64;
-    let mut tokens = 0usize;
-    for (k, batch) in batches.iter().enumerate() {
-        tokens += batch.n_tokens;
-        if batch.n_targets == 0 {
-            continue;
-        }
-        let mut dropout = Dropout::new(data::mix(config.seed, (global_step as u64) << 16 | k as u64));
-        let loss = (batch_nll(model, batch, Some(&mut dropout))? / total_targets as f64)?;
-        loss_sum += loss.to_scalar::<f32>()? as f64;
-        optimizer.accumulate(&mut grads, &loss.backward()?)?;
-    }
-    optimizer.step_accumulated(grads, config.max_grad_norm, lr)?;
-    Ok((loss_sum, tokens))
-}
-
 /// Mean loss per target token over `examples`, without dropout.
 pub fn validation_loss(
     model: &llama::Model,
@@ -560,12 +538,6 @@ pub fn validation_loss(
         count += batch.n_targets;
     }
     Ok(nll / count.max(1) as f64)
-}
-
-fn save_checkpoint(output_dir: &Path, state: &LoraLoopState, optimizer: &AdamW) -> Result<(), TrainError> {
-    let weights: HashMap<String, Tensor> =
-        optimizer.params.iter().map(|param| (param.name.clone(), param.var.as_tensor().clone())).collect();
-    checkpoint::save(output_dir, state, &weights, &optimizer.state_tensors()?)
 }
 
 /// The model's current LoRA weights as a PEFT adapter in `dir`.
@@ -616,14 +588,7 @@ fn write_manifest(
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default(),
     };
-    let path = config.output_dir.join(MANIFEST_FILE);
-    let tmp = path.with_extension("json.tmp");
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| TrainError::Io { path, source }
-    };
-    std::fs::write(&tmp, erased::Json::to_json(&manifest)?).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io(&path))
+    checkpoint::write_json_atomically(&config.output_dir.join(MANIFEST_FILE), &manifest)
 }
 
 #[cfg(test)]

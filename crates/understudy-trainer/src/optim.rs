@@ -108,14 +108,17 @@ impl AdamW {
     }
 
     /// Restores what [`AdamW::state_tensors`] saved.
-    pub fn load_state(&mut self, state: &HashMap<String, Tensor>, step: u64) -> std::result::Result<(), String> {
+    pub fn load_state(&mut self, state: &HashMap<String, Tensor>, step: u64) -> std::result::Result<(), StateError> {
         for param in &mut self.params {
             for (prefix, slot) in [("m", &mut param.m), ("v", &mut param.v)] {
                 let name = format!("{prefix}.{}", param.name);
-                let tensor = state.get(&name).ok_or_else(|| format!("the optimizer state has no {name}"))?;
-                let values = tensor.to_vec1::<f32>().map_err(|error| format!("{name}: {error}"))?;
+                let Some(tensor) = state.get(&name) else { return Err(StateError::Missing(name)) };
+                let values = match tensor.to_vec1::<f32>() {
+                    Ok(values) => values,
+                    Err(source) => return Err(StateError::Unreadable { name, source }),
+                };
                 if values.len() != slot.len() {
-                    return Err(format!("{name} has {} values, expected {}", values.len(), slot.len()));
+                    return Err(StateError::Length { name, found: values.len(), expected: slot.len() });
                 }
                 *slot = values;
             }
@@ -123,6 +126,17 @@ impl AdamW {
         self.step = step;
         Ok(())
     }
+}
+
+/// Why a saved optimizer state does not fit the optimizer.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StateError {
+    #[error("the optimizer state has no {0}")]
+    Missing(String),
+    #[error("{name}: {source}")]
+    Unreadable { name: String, source: candle_core::Error },
+    #[error("{name} has {found} values, expected {expected}")]
+    Length { name: String, found: usize, expected: usize },
 }
 
 /// Linear warmup from 0 to `peak` over `warmup` steps, then cosine decay to 0

