@@ -29,7 +29,9 @@ async fn drive(
     store: &understudy_store::Store,
     command: &AutopilotCommand,
 ) -> anyhow::Result<()> {
+    let encoder = crate::output::drift_encoder(config, command.encoder.as_deref())?;
     let mut autopilot = Autopilot::new(config, store, &understudy_local::Loader);
+    autopilot.encoder = encoder.as_deref().map(|model| understudy_loop::Encoder { model, name: "drift-encoder" });
     if let Some(task) = &command.release {
         let event = autopilot.release(task).await?;
         println!("task {task}: {} ({} → {})", event.reason, event.stage_from, event.stage_to);

@@ -83,6 +83,10 @@ pub struct AutopilotCommand {
     /// Hand a task pinned by a promotion by hand back to the autopilot, and exit.
     #[arg(long, value_name = "TASK")]
     pub release: Option<String>,
+    /// The encoder the input-drift test embeds prompts with (as `report
+    /// drift --encoder`; default `minilm` when it is on this machine).
+    #[arg(long)]
+    pub encoder: Option<String>,
     #[arg(long)]
     pub json: bool,
 }
@@ -429,6 +433,11 @@ pub enum ReportCommand {
         /// The tests' level (false-alarm rate).
         #[arg(long, default_value_t = 0.01)]
         alpha: f64,
+        /// The encoder the input-drift test embeds prompts with: an HF
+        /// encoder folder, a config model with a path, or `minilm` (the
+        /// default; the test is skipped when it is not on this machine).
+        #[arg(long)]
+        encoder: Option<String>,
         #[arg(long)]
         json: bool,
     },

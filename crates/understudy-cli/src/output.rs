@@ -94,3 +94,25 @@ pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
         cause.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
 }
+
+/// The drift watch's encoder, loaded: the one `name` names (an error if it
+/// is not there), or the built-in MiniLM when it is on this machine.
+pub fn drift_encoder(
+    config: &Config,
+    name: Option<&str>,
+) -> anyhow::Result<Option<std::sync::Arc<dyn understudy_providers::LocalModel>>> {
+    let path = match (understudy_loop::resolve_encoder(config, name), name) {
+        (Ok(path), _) => path,
+        (Err(_), None) => return Ok(None),
+        (Err(error), Some(_)) => return Err(error.into()),
+    };
+    let spec = understudy_providers::LocalModelSpec {
+        name: "drift-encoder".into(),
+        path: path.display().to_string(),
+        adapter: None,
+        weights: None,
+    };
+    let model = understudy_providers::LocalLoader::load(&understudy_local::Loader, &spec)
+        .with_context(|| format!("cannot load the drift encoder {}", path.display()))?;
+    Ok(Some(model))
+}

@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::Path;
 
 use serde_json::json;
+use understudy_loop::Encoder;
 use understudy_store::{CallFilter, Store};
 use understudy_types::Money;
 
@@ -23,7 +24,15 @@ pub async fn run(config_path: &Path, command: ReportCommand) -> anyhow::Result<(
             let price = machine_price_per_hour.unwrap_or_else(|| config.machine_price().1);
             print_savings(&store, &call_filter(&filter)?, price, json, html.as_deref()).await
         }
-        ReportCommand::Drift { task, window, alpha, json } => print_drift(&store, &task, window, alpha, json).await,
+        ReportCommand::Drift { task, window, alpha, encoder, json } => {
+            match crate::output::drift_encoder(&config, encoder.as_deref()) {
+                Ok(encoder) => {
+                    let encoder = encoder.as_deref().map(|model| Encoder { model, name: "drift-encoder" });
+                    print_drift(&store, &task, window, alpha, encoder, json).await
+                }
+                Err(error) => Err(error),
+            }
+        }
     };
     store.close().await;
     result
@@ -137,9 +146,16 @@ pub async fn print_costs_by_key(store: &Store, filter: &CallFilter, json: bool) 
 }
 
 /// Prints the drift watch's signals for a task, as text or JSON.
-async fn print_drift(store: &Store, task: &str, window: u64, alpha: f64, json: bool) -> anyhow::Result<()> {
+async fn print_drift(
+    store: &Store,
+    task: &str,
+    window: u64,
+    alpha: f64,
+    encoder: Option<Encoder<'_>>,
+    json: bool,
+) -> anyhow::Result<()> {
     anyhow::ensure!(alpha > 0.0 && alpha < 1.0, "--alpha {alpha} must be in (0, 1)");
-    let drift = understudy_loop::task_drift(store, task, window, alpha).await?;
+    let drift = understudy_loop::task_drift(store, task, window, alpha, encoder).await?;
     let report = &drift.report;
     let fired: Vec<&str> = report.fired().iter().map(|signal| signal.name()).collect();
     let mut stdout = std::io::stdout().lock();
@@ -163,16 +179,34 @@ async fn print_drift(store: &Store, task: &str, window: u64, alpha: f64, json: b
                 "alpha": test.alpha,
             })
         });
+        let input = report.input.as_ref().map(|test| {
+            json!({
+                "drifted": test.drifted, "p_value": test.p_value, "energy_distance": test.statistic,
+                "n_training": test.n_reference, "n_recent": test.n_recent, "permutations": test.n_permutations,
+                "alpha": test.alpha,
+            })
+        });
         let value = json!({
             "task": drift.task, "at": format_time(drift.at), "policy": drift.policy, "understudy": drift.understudy,
             "window": window, "alpha": alpha, "drifted": report.drifted(), "fired": fired, "reasons": report.reasons(),
-            "answers": answers, "confidence": confidence, "input": null, "skipped": drift.skipped,
+            "answers": answers, "confidence": confidence, "input": input, "skipped": drift.skipped,
             "representative_answers": drift.n_representative_answers, "fallback_answers": drift.n_fallback_answers,
         });
         writeln!(stdout, "{}", serde_json::to_string_pretty(&value)?)?;
         return Ok(());
     }
     let mut rows = Vec::new();
+    if let Some(test) = &report.input {
+        rows.push(vec![
+            "input".to_string(),
+            if test.drifted { "DRIFT".into() } else { "ok".into() },
+            format!("{:.4}", test.p_value),
+            format!(
+                "energy distance {:.4} between {} recent and {} training prompts' embeddings ({} permutations)",
+                test.statistic, test.n_recent, test.n_reference, test.n_permutations
+            ),
+        ]);
+    }
     if let Some(test) = &report.answers {
         let new: Vec<String> =
             test.new_labels.iter().map(|label| format!("{} ×{}", label.label, label.count)).collect();

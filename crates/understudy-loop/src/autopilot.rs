@@ -193,11 +193,13 @@ pub struct Autopilot<'a> {
     pub loader: &'a dyn LocalLoader,
     /// Per task: `n_calls_since_training` at the last drift check.
     drift_checked_at: std::collections::HashMap<String, u64>,
+    /// The encoder the input-drift test embeds prompts with, if any.
+    pub encoder: Option<crate::drift::Encoder<'a>>,
 }
 
 impl<'a> Autopilot<'a> {
     pub fn new(config: &'a Config, store: &'a Store, loader: &'a dyn LocalLoader) -> Autopilot<'a> {
-        Autopilot { config, store, loader, drift_checked_at: Default::default() }
+        Autopilot { config, store, loader, drift_checked_at: Default::default(), encoder: None }
     }
 
     /// The tasks the config puts on autopilot.
@@ -294,7 +296,8 @@ impl<'a> Autopilot<'a> {
         let last_event_at = history.first().map(|event| event.created_at);
         let demoted = current
             .filter(|change| change.note.as_deref().is_some_and(|note| note.starts_with(GUARDRAIL_NOTE)))
-            .filter(|change| last_event_at.is_none_or(|at| change.created_at > at))
+            // At or after the last transition: a clock tick (ms) can hold both.
+            .filter(|change| last_event_at.is_none_or(|at| change.created_at >= at))
             .and_then(|change| change.note.clone());
         let shadow = match (stage, current) {
             (Stage::Shadow, Some(change)) if change.policy == Policy::Shadow.name() => {
@@ -307,8 +310,10 @@ impl<'a> Autopilot<'a> {
         let window_passed = checked.is_none_or(|at| n_calls_since_training >= at + settings.drift_window)
             || checked.is_some_and(|at| n_calls_since_training < at);
         if settings.drift && stage == Stage::Cascade && pinned_by.is_none() && window_passed {
-            let found = crate::drift::task_drift(self.store, task, settings.drift_window, settings.drift_alpha).await?;
-            if found.report.answers.is_some() || found.report.confidence.is_some() {
+            let found =
+                crate::drift::task_drift(self.store, task, settings.drift_window, settings.drift_alpha, self.encoder)
+                    .await?;
+            if found.report.input.is_some() || found.report.answers.is_some() || found.report.confidence.is_some() {
                 self.drift_checked_at.insert(task.to_string(), n_calls_since_training);
             }
             drift = found.report.reasons();

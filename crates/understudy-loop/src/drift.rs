@@ -12,20 +12,31 @@
 //!   calls against the first `window` calls after the current policy was
 //!   promoted, and coverage at the cascade's threshold (Fisher, one-sided;
 //!   a one-sided Kolmogorov–Smirnov test; Bonferroni-combined).
-//! - **Input** drift (embeddings of prompts) needs a local encoder and is
-//!   not part of this report yet.
+//! - **Input**: the newest `window` prompts against (at most 256 of) the
+//!   training split's prompts, both as a local encoder embeds them (the text
+//!   a classifier reads, `prompt_text`), by the energy distance with a
+//!   seeded permutation test. Without an encoder this signal is skipped.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use serde_json::{json, Value};
 use understudy_datasets::files::read_split;
 use understudy_datasets::jsonl::ChatExample;
-use understudy_eval::drift::{answer_drift, confidence_drift, AnswerDriftConfig, ConfidenceDriftConfig, DriftReport};
+use understudy_eval::drift::{
+    answer_drift, confidence_drift, input_drift, AnswerDriftConfig, ConfidenceDriftConfig, DriftReport,
+    InputDriftConfig,
+};
+use understudy_providers::{EmbeddingRequest, LocalModel};
 use understudy_router::Policy;
 use understudy_store::{CallFilter, CallOrder, StatusFilter, Store};
+use understudy_trainer::prompt_text;
 use understudy_types::{CallRecord, OffsetDateTime, ServedBy, TaskKind};
 
-use crate::error::Result;
+use crate::error::{LoopError, Result};
+
+/// Texts per embeddings request.
+const EMBED_BATCH: usize = 32;
 
 /// What the drift watch looked at, and what it found.
 #[derive(Debug, Clone)]
@@ -43,8 +54,22 @@ pub struct TaskDrift {
     pub skipped: Vec<String>,
 }
 
+/// A local encoder that embeds prompts for the input-drift test, and the
+/// model name its embeddings requests carry.
+#[derive(Clone, Copy)]
+pub struct Encoder<'a> {
+    pub model: &'a dyn LocalModel,
+    pub name: &'a str,
+}
+
 /// The drift signals of `task` over its newest `window` calls, at level `alpha`.
-pub async fn task_drift(store: &Store, task: &str, window: u64, alpha: f64) -> Result<TaskDrift> {
+pub async fn task_drift(
+    store: &Store,
+    task: &str,
+    window: u64,
+    alpha: f64,
+    encoder: Option<Encoder<'_>>,
+) -> Result<TaskDrift> {
     let current = store.policy_history(task).await?.into_iter().next();
     let mut skipped = Vec::new();
     let recent = newest_calls(store, task, None, window).await?;
@@ -137,12 +162,41 @@ pub async fn task_drift(store: &Store, task: &str, window: u64, alpha: f64) -> R
         }
     };
 
+    let input = match (&dataset, encoder) {
+        (Some(dataset), Some(encoder)) => {
+            let training = training_prompts(&dataset.path)?;
+            let recent_prompts: Vec<String> = recent.iter().filter_map(request_prompt).collect();
+            if training.is_empty() || recent_prompts.len() < 10 {
+                skipped.push(format!(
+                    "input: {} recent prompts, {} training prompts",
+                    recent_prompts.len(),
+                    training.len()
+                ));
+                None
+            } else {
+                let config = InputDriftConfig { alpha, ..InputDriftConfig::default() };
+                let sample: Vec<String> = training.into_iter().take(config.max_per_side).collect();
+                let reference = embed(encoder, &sample).await?;
+                let recent_embedded = embed(encoder, &recent_prompts).await?;
+                Some(input_drift(&reference, &recent_embedded, &config)?)
+            }
+        }
+        (None, _) => {
+            skipped.push("input: no model version serves the task, so there is no training set".to_string());
+            None
+        }
+        (_, None) => {
+            skipped.push("input: no local encoder to embed prompts with".to_string());
+            None
+        }
+    };
+
     Ok(TaskDrift {
         task: task.to_string(),
         at: OffsetDateTime::now_utc(),
         policy: current.as_ref().map(|change| change.policy.clone()),
         understudy: current.and_then(|change| change.understudy),
-        report: DriftReport { input: None, answers, confidence },
+        report: DriftReport { input, answers, confidence },
         n_representative_answers,
         n_fallback_answers,
         skipped,
@@ -200,4 +254,50 @@ fn lead_answers(calls: &[CallRecord]) -> (Vec<String>, Vec<String>) {
 fn response_text(call: &CallRecord) -> Option<String> {
     let response: serde_json::Value = serde_json::from_str(call.response.as_deref()?).ok()?;
     response.pointer("/choices/0/message/content").and_then(serde_json::Value::as_str).map(str::to_string)
+}
+
+/// Prompts of a dataset's train split, as a classifier reads them.
+fn training_prompts(dir: &str) -> Result<Vec<String>> {
+    let text = read_split(Path::new(dir), "train")?;
+    Ok(text
+        .lines()
+        .filter_map(|line| ChatExample::parse(line).ok())
+        .map(|example| prompt_text(&example.prompt))
+        .collect())
+}
+
+/// A recorded call's prompt, as a classifier reads it.
+fn request_prompt(call: &CallRecord) -> Option<String> {
+    let request: Value = serde_json::from_str(&call.request).ok()?;
+    let text = prompt_text(request.get("messages")?.as_array()?);
+    (!text.is_empty()).then_some(text)
+}
+
+/// Embeddings of `texts`, in order, from the encoder's OpenAI-style answers.
+async fn embed(encoder: Encoder<'_>, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+    let mut vectors = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(EMBED_BATCH) {
+        let body = json!({"model": encoder.name, "input": chunk});
+        let request = EmbeddingRequest { body: body.as_object().cloned().unwrap_or_default() };
+        let response = encoder.model.embed(request).await.map_err(LoopError::Encoder)?;
+        let answer: Value = serde_json::from_slice(&response.body)
+            .map_err(|error| LoopError::Refused(format!("the encoder's answer is not JSON: {error}")))?;
+        let data = answer.get("data").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+        if data.len() != chunk.len() {
+            return Err(LoopError::Refused(format!(
+                "the encoder answered {} embeddings for {} texts",
+                data.len(),
+                chunk.len()
+            )));
+        }
+        for item in data {
+            let vector = item
+                .get("embedding")
+                .and_then(Value::as_array)
+                .map(|values| values.iter().filter_map(Value::as_f64).map(|value| value as f32).collect::<Vec<f32>>())
+                .unwrap_or_default();
+            vectors.push(vector);
+        }
+    }
+    Ok(vectors)
 }

@@ -36,6 +36,9 @@ pub enum LoopError {
     /// A model that could not be loaded to be evaluated.
     #[error("cannot load {name}: {source}")]
     Load { name: String, source: ProviderError },
+    /// The encoder the drift watch embeds prompts with failed.
+    #[error("the drift watch's encoder: {0}")]
+    Encoder(ProviderError),
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
     /// Training ended at its step limit or interrupt, leaving a checkpoint.

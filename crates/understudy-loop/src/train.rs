@@ -398,6 +398,12 @@ fn read_rows<T>(dataset: &DatasetRecord, row: impl Fn(&ChatExample) -> T) -> Res
     Ok((read("train")?, read("validation")?))
 }
 
+/// The encoder `name` names (as a classifier's base is named: a config
+/// model with a path, a path, or `minilm`); `None` is the built-in MiniLM.
+pub fn resolve_encoder(config: &Config, name: Option<&str>) -> Result<PathBuf> {
+    resolve_base(config, name, BaseKind::Encoder)
+}
+
 /// What kind of base model a method needs.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum BaseKind {
