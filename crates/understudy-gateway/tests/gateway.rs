@@ -266,6 +266,40 @@ async fn models_and_health_are_served() {
 }
 
 #[tokio::test]
+async fn a_model_is_retrieved_as_it_is_listed() {
+    let harness = Harness::start().await;
+    let get = |path: String| {
+        let client = harness.client.clone();
+        async move {
+            let response = client.get(path).send().await.expect("get");
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.expect("json"))
+        }
+    };
+    let (_, models) = get(format!("{}/models", harness.base_url)).await;
+    let listed = models["data"].as_array().expect("data").clone();
+    assert!(listed.len() >= 3, "{models}");
+    for object in &listed {
+        let id = object["id"].as_str().expect("id");
+        let (status, retrieved) = get(format!("{}/models/{id}", harness.base_url)).await;
+        assert_eq!((status, &retrieved), (200, object), "{id}");
+    }
+    // Clients that percent-encode the id (`task%3Atriage`) get the same object.
+    let (status, retrieved) = get(format!("{}/models/task%3Atriage", harness.base_url)).await;
+    assert_eq!((status, retrieved["id"].as_str()), (200, Some("task:triage")));
+    assert_eq!(retrieved["lead"], "gpt-4o-mini");
+
+    let (status, body) = get(format!("{}/models/no-such-model", harness.base_url)).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "model_not_found");
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert_eq!(body["error"]["param"], "model");
+    assert!(body["error"]["message"].as_str().unwrap_or("").contains("no-such-model"), "{body}");
+    let (status, _) = get(format!("{}/models/task:nope", harness.base_url)).await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
 async fn embeddings_pass_through_and_are_recorded() {
     let harness = Harness::start().await;
     let (status, body) =
