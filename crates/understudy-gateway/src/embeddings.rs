@@ -1,7 +1,7 @@
 //! `POST /v1/embeddings`, passed through to the model's provider.
 
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde_json::Value;
@@ -10,6 +10,7 @@ use understudy_types::{Endpoint, Usage, UsageSource};
 
 use crate::auth::Caller;
 use crate::draft::{CallDraft, Outcome};
+use crate::feedback::CALL_ID_HEADER;
 use crate::limits::Estimate;
 use crate::request::{parse_body, resolve_model, RequestBody};
 use crate::{AppState, GatewayError};
@@ -17,8 +18,15 @@ use understudy_providers::CostModel;
 
 pub(crate) async fn embeddings(State(state): State<AppState>, caller: Caller, body: RequestBody) -> Response {
     let draft = CallDraft::start(Endpoint::Embeddings, caller.key_ref());
+    // As for chat: the client learns the call's id, to send feedback on it.
+    let call_id = draft.id;
+    state.inner.recent_calls.remember(call_id, caller.key_id().map(str::to_string));
     let (client, span) = (draft.client.clone(), draft.span.clone());
-    state.clone().serve_detached(client, span, serve_embeddings(state, draft, caller, body)).await
+    let mut response = state.clone().serve_detached(client, span, serve_embeddings(state, draft, caller, body)).await;
+    if let Ok(value) = HeaderValue::from_str(&call_id.to_string()) {
+        response.headers_mut().insert(CALL_ID_HEADER, value);
+    }
+    response
 }
 
 async fn serve_embeddings(state: AppState, mut draft: CallDraft, caller: Caller, body: RequestBody) -> Response {

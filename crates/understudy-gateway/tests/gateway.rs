@@ -312,7 +312,19 @@ async fn embeddings_pass_through_and_are_recorded() {
     );
     let (status, body) = harness.post_json("/embeddings", &json!({"model": "embedder"})).await;
     assert_eq!((status, body["error"]["param"].as_str()), (400, Some("input")));
+    // Like chat completions, embeddings name their record in a header.
+    let response = harness
+        .client
+        .post(format!("{}/embeddings", harness.base_url))
+        .json(&json!({"model": "embedder", "input": "three"}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status().as_u16(), 200);
+    let call_id = response.headers().get(understudy_gateway::CALL_ID_HEADER).expect("call id").to_str().expect("text");
+    let call_id = call_id.to_string();
     let (calls, _harness) = harness.finish().await;
+    assert_eq!(calls[2].id.to_string(), call_id);
     let call = &calls[0];
     assert_eq!((call.endpoint, call.usage.prompt_tokens), (Endpoint::Embeddings, 8));
     assert!((call.cost.dollars() - 8.0 * 0.02 / 1e6).abs() < 1e-18);

@@ -165,9 +165,17 @@ impl ProviderError {
     /// A request the model cannot serve as asked: the gateway answers 400 with
     /// an OpenAI-style error naming the problem.
     pub fn invalid_request(provider: &str, message: impl Into<String>) -> ProviderError {
-        let body = json!({"error": {
-            "message": message.into(), "type": "invalid_request_error", "param": null, "code": null,
-        }});
+        ProviderError::bad_request(provider, message.into(), None)
+    }
+
+    /// Like [`ProviderError::invalid_request`], naming the field at fault.
+    pub fn invalid_param(provider: &str, message: impl Into<String>, param: &str) -> ProviderError {
+        ProviderError::bad_request(provider, message.into(), Some(param))
+    }
+
+    fn bad_request(provider: &str, message: String, param: Option<&str>) -> ProviderError {
+        let body =
+            json!({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": null}});
         ProviderError::Rejected { provider: provider.to_string(), status: 400, body: body.to_string().into() }
     }
 }
