@@ -13,7 +13,7 @@ use futures::StreamExt;
 use serde_json::Value;
 use tokio::sync::mpsc;
 use understudy_config::{ModelConfig, Policy};
-use understudy_providers::{tokens, AnyProvider, ChatRequest, ChunkStream, ProviderResponse};
+use understudy_providers::{tokens, AnyProvider, ChatRequest, ChunkStream, ProviderResponse, StreamResponse};
 use understudy_router::{first_step, judge, FirstStep, Verdict};
 use understudy_types::{CallRecord, Endpoint, Routing, ServedBy, Usage, UsageSource};
 
@@ -321,7 +321,7 @@ fn usage_or_counted(
 }
 
 async fn complete(state: AppState, draft: CallDraft, prepared: Prepared, pending: Option<PendingAttempt>) -> Response {
-    let ProviderResponse { body, usage } = match prepared.provider.infer(prepared.request).await {
+    let ProviderResponse { body, usage, headers } = match prepared.provider.infer(prepared.request).await {
         Ok(response) => response,
         Err(error) => return fail(&state, draft, error.into()).await,
     };
@@ -353,12 +353,12 @@ async fn complete(state: AppState, draft: CallDraft, prepared: Prepared, pending
             });
         }
     }
-    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+    (headers, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 async fn stream(state: AppState, draft: CallDraft, prepared: Prepared, pending: Option<PendingAttempt>) -> Response {
-    let chunks = match prepared.provider.infer_stream(prepared.request.clone()).await {
-        Ok(chunks) => chunks,
+    let StreamResponse { chunks, headers } = match prepared.provider.infer_stream(prepared.request.clone()).await {
+        Ok(response) => response,
         Err(error) => return fail(&state, draft, error.into()).await,
     };
     // The relay runs in its own task so that the call is recorded even when
@@ -368,7 +368,11 @@ async fn stream(state: AppState, draft: CallDraft, prepared: Prepared, pending: 
     let body = futures::stream::poll_fn(move |context| {
         receiver.poll_recv(context).map(|bytes| bytes.map(Ok::<_, Infallible>))
     });
-    ([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], Body::from_stream(body))
+    (
+        headers,
+        [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")],
+        Body::from_stream(body),
+    )
         .into_response()
 }
 

@@ -1,7 +1,7 @@
 //! `POST /v1/embeddings`, passed through to the model's provider.
 
 use axum::extract::State;
-use axum::http::{header, HeaderValue};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde_json::Value;
@@ -31,9 +31,9 @@ pub(crate) async fn embeddings(State(state): State<AppState>, caller: Caller, bo
 
 async fn serve_embeddings(state: AppState, mut draft: CallDraft, caller: Caller, body: RequestBody) -> Response {
     match embed(&state, &caller, body, &mut draft).await {
-        Ok((body, outcome)) => {
+        Ok((body, headers, outcome)) => {
             state.record(draft.finish(outcome)).await;
-            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+            (headers, [(header::CONTENT_TYPE, "application/json")], body).into_response()
         }
         Err(error) => {
             state.record(draft.fail(&error)).await;
@@ -47,7 +47,7 @@ async fn embed(
     caller: &Caller,
     body: RequestBody,
     draft: &mut CallDraft,
-) -> Result<(Bytes, Outcome), GatewayError> {
+) -> Result<(Bytes, HeaderMap, Outcome), GatewayError> {
     let mut body = parse_body(body, draft)?;
     let model = resolve_model(state, &mut body, draft)?.clone();
     caller.check_scope(draft.task.as_deref(), &draft.model)?;
@@ -79,7 +79,7 @@ async fn embed(
         ttft_ms: Some(draft.elapsed_ms()),
         error: None,
     };
-    Ok((response.body, outcome))
+    Ok((response.body, response.headers, outcome))
 }
 
 /// The response as recorded: vectors are replaced by their length, because a

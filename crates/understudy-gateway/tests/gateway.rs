@@ -156,37 +156,112 @@ async fn unknown_routes_get_openai_404s() {
     assert_eq!(response.status().as_u16(), 404);
 }
 
+/// Issue "Every client, every endpoint": the client's SDK retries statuses
+/// itself, so the gateway passes a 5xx on after one upstream request; a
+/// retry the client makes then succeeds.
 #[tokio::test]
-async fn upstream_5xx_is_retried_until_it_answers() {
+async fn an_upstream_500_is_passed_on_and_not_retried() {
     let harness = Harness::start().await;
     let (status, body) = harness.post_json("/chat/completions", &chat_body("flaky", "retry me")).await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"]["message"], "try again", "the upstream's own error body");
+    assert_eq!(harness.stub.requests().len(), 1, "a status is the client's to retry");
+    let (status, body) = harness.post_json("/chat/completions", &chat_body("flaky", "retry me")).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(harness.stub.requests().len(), 2, "one failure, one retry");
+    assert_eq!(harness.stub.requests().len(), 2);
     let (calls, _harness) = harness.finish().await;
-    assert_eq!(calls[0].status, 200);
+    assert_eq!((calls[0].status, calls[1].status), (500, 200));
 }
 
 #[tokio::test]
-async fn an_upstream_that_stays_down_gets_a_502_after_retries() {
+async fn an_upstream_503_makes_one_request_and_reaches_the_client_with_its_headers() {
     let harness = Harness::start().await;
-    let (status, body) = harness.post_json("/chat/completions", &chat_body("down", "hello")).await;
-    assert_eq!(status, 502, "{body}");
-    assert_eq!(body["error"]["code"], "upstream_unavailable");
-    assert!(body["error"]["message"].as_str().unwrap_or("").contains("3 attempts"), "{body}");
-    assert_eq!(harness.stub.requests().len(), 3, "max_retries = 2");
+    let (status, headers, text) = harness.post_full("/chat/completions", &chat_body("down", "hello")).await;
+    assert_eq!(status, 503, "{text}");
+    let body: Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(body["error"]["message"], "overloaded");
+    assert_eq!(harness.stub.requests().len(), 1, "max_retries = 2, and still one request");
+    assert_eq!(headers.get("retry-after").map(|value| value.as_bytes()), Some(&b"2"[..]));
+    assert_eq!(headers.get("retry-after-ms").map(|value| value.as_bytes()), Some(&b"1500"[..]));
+    assert_eq!(headers.get("x-request-id").map(|value| value.as_bytes()), Some(&b"req-stub-1"[..]));
+    // Streamed requests get the same status and headers.
+    let mut streamed = chat_body("down", "hello");
+    streamed["stream"] = json!(true);
+    let (status, headers, _) = harness.post_full("/chat/completions", &streamed).await;
+    assert_eq!(status, 503);
+    assert_eq!(headers.get("retry-after").map(|value| value.as_bytes()), Some(&b"2"[..]));
+    assert_eq!(harness.stub.requests().len(), 2);
     let (calls, _harness) = harness.finish().await;
-    assert_eq!(calls[0].status, 502);
-    assert!(calls[0].error.as_deref().unwrap_or("").contains("HTTP 503"));
+    assert_eq!((calls[0].status, calls[1].status), (503, 503));
+    assert!(calls[0].error.as_deref().unwrap_or("").contains("HTTP 503"), "{:?}", calls[0].error);
 }
 
 #[tokio::test]
-async fn a_refused_connection_gets_a_502() {
+async fn a_refused_connection_is_retried_then_gets_a_502() {
     let harness = Harness::start().await;
     let (status, body) = harness.post_json("/chat/completions", &chat_body("ghost", "hello")).await;
     assert_eq!(status, 502, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap_or("").contains("connection"), "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or("");
+    assert!(message.contains("connection") && message.contains("after 2 attempts"), "max_retries = 1: {body}");
     let (calls, _harness) = harness.finish().await;
     assert_eq!((calls[0].status, calls[0].provider.as_str()), (502, "dead"));
+}
+
+/// A connection closed before any answer is retried: 1 + `max_retries`
+/// connections reach the upstream for one client call.
+#[tokio::test]
+async fn a_connection_closed_before_headers_is_retried_max_retries_times() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(socket);
+        }
+    });
+    let extra = format!(
+        "\n[providers.hangup]\ntype = \"openai\"\nbase_url = \"http://127.0.0.1:{port}/v1\"\nmax_retries = 3\nretry_backoff_ms = 1\n\n[models.hangup]\nprovider = \"hangup\"\n"
+    );
+    let harness = Harness::start_routed(&extra).await;
+    let (status, body) = harness.post_json("/chat/completions", &chat_body("hangup", "hello")).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 4, "1 + max_retries");
+    let _ = harness.finish().await;
+}
+
+/// Headers clients act on reach them from the upstream, on answers and
+/// errors, streamed or not; others do not.
+#[tokio::test]
+async fn upstream_rate_limit_and_request_id_headers_reach_the_client() {
+    let harness = Harness::start().await;
+    let mut streamed = chat_body("gpt-4o-mini", "hello");
+    streamed["stream"] = json!(true);
+    let calls = [
+        ("/chat/completions", chat_body("gpt-4o-mini", "hello"), 200),
+        ("/chat/completions", streamed, 200),
+        ("/chat/completions", chat_body("rate-limited", "hello"), 429),
+        ("/embeddings", json!({"model": "embedder", "input": "hello"}), 200),
+    ];
+    for (path, body, expected) in calls {
+        let (status, headers, text) = harness.post_full(path, &body).await;
+        assert_eq!(status, expected, "{text}");
+        for (name, value) in support::stub::CLIENT_HEADERS {
+            assert_eq!(headers.get(name).and_then(|value| value.to_str().ok()), Some(value), "{name} on {body}");
+        }
+        assert!(headers.get("x-stub-private").is_none(), "only the headers clients act on pass");
+        assert!(headers.get(understudy_gateway::CALL_ID_HEADER).is_some());
+        if status == 429 {
+            assert_eq!(headers.get("retry-after").and_then(|value| value.to_str().ok()), Some("1"));
+            let body: Value = serde_json::from_str(&text).expect("json");
+            assert_eq!(body["error"]["code"], "rate_limit_exceeded", "the upstream's body");
+        } else {
+            assert!(headers.get("retry-after").is_none());
+        }
+    }
+    assert_eq!(harness.stub.requests().len(), 4, "a 429 is not retried either");
+    let _ = harness.finish().await;
 }
 
 #[tokio::test]

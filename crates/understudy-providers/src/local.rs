@@ -18,7 +18,7 @@ use futures::future::BoxFuture;
 use serde_json::{json, Value};
 use understudy_config::{LocalProviderConfig, ModelConfig};
 
-use crate::{ChatRequest, ChunkStream, EmbeddingRequest, ProviderError, ProviderResponse};
+use crate::{ChatRequest, ChunkStream, EmbeddingRequest, ProviderError, ProviderResponse, StreamResponse};
 
 /// What to load: a configured local model, or a trained model version.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,8 +152,8 @@ impl LocalProvider {
         self.model(&request.body)?.chat(request).await
     }
 
-    pub async fn infer_stream(&self, request: ChatRequest) -> Result<ChunkStream, ProviderError> {
-        self.model(&request.body)?.chat_stream(request).await
+    pub async fn infer_stream(&self, request: ChatRequest) -> Result<StreamResponse, ProviderError> {
+        self.model(&request.body)?.chat_stream(request).await.map(StreamResponse::of_chunks)
     }
 
     pub async fn embed(&self, request: EmbeddingRequest) -> Result<ProviderResponse, ProviderError> {
@@ -176,7 +176,12 @@ impl ProviderError {
     fn bad_request(provider: &str, message: String, param: Option<&str>) -> ProviderError {
         let body =
             json!({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": null}});
-        ProviderError::Rejected { provider: provider.to_string(), status: 400, body: body.to_string().into() }
+        ProviderError::Rejected {
+            provider: provider.to_string(),
+            status: 400,
+            body: body.to_string().into(),
+            headers: Default::default(),
+        }
     }
 }
 

@@ -24,6 +24,11 @@
 //!
 //! With `"stream": true` it answers in SSE chunks, with a usage chunk when
 //! `stream_options.include_usage` is set.
+//!
+//! Every answer carries the headers OpenAI sends and clients act on
+//! ([`CLIENT_HEADERS`]; error statuses add `retry-after` and
+//! `retry-after-ms`), and one that must not reach the client
+//! (`x-stub-private`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
 #![allow(dead_code)]
@@ -59,11 +64,39 @@ pub struct Stub {
 
 pub const ANSWER: &str = "Paris is the capital of France.";
 
+/// Headers on every answer of the stub, as OpenAI names them.
+pub const CLIENT_HEADERS: [(&str, &str); 5] = [
+    ("x-request-id", "req-stub-1"),
+    ("openai-processing-ms", "7"),
+    ("x-ratelimit-limit-requests", "100"),
+    ("x-ratelimit-remaining-requests", "99"),
+    ("x-ratelimit-reset-tokens", "6ms"),
+];
+
+/// Added to answers with an error status.
+pub const RETRY_HEADERS: [(&str, &str); 2] = [("retry-after", "2"), ("retry-after-ms", "1500")];
+
+async fn add_client_headers(mut response: Response) -> Response {
+    let is_error = !response.status().is_success();
+    let headers = response.headers_mut();
+    for (name, value) in CLIENT_HEADERS {
+        headers.insert(name, value.parse().expect("header value"));
+    }
+    if is_error && !headers.contains_key("retry-after") {
+        for (name, value) in RETRY_HEADERS {
+            headers.insert(name, value.parse().expect("header value"));
+        }
+    }
+    headers.insert("x-stub-private", "not for clients".parse().expect("header value"));
+    response
+}
+
 impl Stub {
     pub fn router(self) -> Router {
         Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/embeddings", post(embeddings))
+            .layer(axum::middleware::map_response(add_client_headers))
             .with_state(self)
     }
 
