@@ -190,15 +190,13 @@ async fn serve_understudy(
         Err(error) => return GatewayError::from(error).into_response(),
     };
     let mut events = Vec::with_capacity(chunks.len() + 1);
-    for chunk in chunks {
-        let usage_only = serde_json::from_str::<Value>(&chunk)
-            .ok()
-            .and_then(|chunk| chunk.get("choices").and_then(Value::as_array).map(Vec::is_empty))
-            .unwrap_or(false);
-        if usage_only && !prepared.include_usage {
+    for data in chunks {
+        let Ok(chunk) = serde_json::from_str::<Value>(&data) else {
             continue;
+        };
+        if let Some(data) = chunk_for_client(data, &chunk, prepared.include_usage) {
+            events.push(Ok::<_, Infallible>(sse_event(&data)));
         }
-        events.push(Ok::<_, Infallible>(sse_event(&chunk)));
     }
     events.push(Ok(sse_event("[DONE]")));
     (
@@ -384,6 +382,24 @@ fn bad_stream(prepared: &Prepared, message: String) -> GatewayError {
     })
 }
 
+/// A chunk as the client is sent it, or `None` for a chunk it is not sent.
+/// A client that did not ask for usage (`stream_options.include_usage`)
+/// gets chunks without a `usage` field, as OpenAI sends them: the gateway
+/// asks upstreams for usage anyway, and they then put `"usage": null` in
+/// every chunk and `usage` alone in a last one, which is held back.
+fn chunk_for_client(data: String, chunk: &Value, include_usage: bool) -> Option<String> {
+    let Some(object) = chunk.as_object().filter(|object| !include_usage && object.contains_key("usage")) else {
+        return Some(data);
+    };
+    let usage_only = object.get("choices").and_then(Value::as_array).is_some_and(Vec::is_empty);
+    if usage_only {
+        return None;
+    }
+    let mut object = object.clone();
+    object.remove("usage");
+    Some(Value::Object(object).to_string())
+}
+
 fn sse_event(data: &str) -> Bytes {
     Bytes::from(format!("data: {data}\n\n"))
 }
@@ -423,11 +439,9 @@ async fn relay(
         if assembler.push(&chunk) && ttft_ms.is_none() {
             ttft_ms = Some(draft.elapsed_ms());
         }
-        let usage_only = chunk.get("choices").and_then(Value::as_array).is_some_and(Vec::is_empty)
-            && chunk.get("usage").is_some_and(|usage| !usage.is_null());
-        if usage_only && !prepared.include_usage {
+        let Some(data) = chunk_for_client(data, &chunk, prepared.include_usage) else {
             continue;
-        }
+        };
         if sender.send(sse_event(&data)).await.is_err() {
             client_gone = true;
             break;

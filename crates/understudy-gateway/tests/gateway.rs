@@ -86,11 +86,22 @@ async fn usage_the_client_did_not_ask_for_is_recorded_but_not_sent() {
     let mut request = chat_body("gpt-4o-mini", "Capital of France?");
     request["stream"] = json!(true);
     let (_status, sse) = harness.post_stream(&request).await;
-    assert!(!sse.contains("\"usage\":{"), "unasked usage chunk leaked: {sse}");
+    assert!(sse.contains(ANSWER.split(' ').next().unwrap_or_default()), "{sse}");
+    assert!(!sse.contains("\"usage\""), "no usage chunk nor `usage: null` unless asked for: {sse}");
+    // A replayed (non-HTTP) lead's stream too.
+    let replayed = json!({"model": "task:trec", "stream": true, "messages": [
+        {"role": "system", "content": "Label the question."}, {"role": "user", "content": "How far is the Moon?"}]});
+    let (_status, sse) = harness.post_stream(&replayed).await;
+    assert!(sse.contains("NUM") && !sse.contains("\"usage\""), "{sse}");
+    // Asked for: `usage: null` on chunks, then the usage chunk, as OpenAI sends them.
+    request["stream_options"] = json!({"include_usage": true});
+    let (_status, sse) = harness.post_stream(&request).await;
+    assert!(sse.contains("\"usage\":null") && sse.contains("\"usage\":{"), "{sse}");
     // The gateway asked the upstream for usage on the client's behalf.
     assert_eq!(harness.stub.requests()[0]["stream_options"]["include_usage"], json!(true));
     let (calls, _harness) = harness.finish().await;
     assert_eq!((calls[0].usage.prompt_tokens, calls[0].usage_source), (21, UsageSource::Provider));
+    assert_eq!(calls.len(), 3);
 }
 
 #[tokio::test]

@@ -225,9 +225,14 @@ async fn chat(State(stub): State<Stub>, headers: HeaderMap, body: Bytes) -> Resp
     let usage = json!({"prompt_tokens": 21, "completion_tokens": 7, "total_tokens": 28});
     if request.get("stream").and_then(Value::as_bool) == Some(true) {
         let include_usage = request.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true);
+        // As OpenAI does: with usage asked for, every chunk has `"usage": null`.
         let chunk = |delta: Value, finish: Value| {
-            json!({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model,
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+            let mut chunk = json!({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": 1_700_000_000,
+                   "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+            if include_usage {
+                chunk["usage"] = Value::Null;
+            }
+            chunk
         };
         let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
         for word in ANSWER.split_inclusive(' ') {
