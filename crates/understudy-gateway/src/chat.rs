@@ -387,7 +387,7 @@ fn bad_stream(prepared: &Prepared, message: String) -> GatewayError {
 /// gets chunks without a `usage` field, as OpenAI sends them: the gateway
 /// asks upstreams for usage anyway, and they then put `"usage": null` in
 /// every chunk and `usage` alone in a last one, which is held back.
-fn chunk_for_client(data: String, chunk: &Value, include_usage: bool) -> Option<String> {
+pub(crate) fn chunk_for_client(data: String, chunk: &Value, include_usage: bool) -> Option<String> {
     let Some(object) = chunk.as_object().filter(|object| !include_usage && object.contains_key("usage")) else {
         return Some(data);
     };

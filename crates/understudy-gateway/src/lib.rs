@@ -13,6 +13,7 @@ mod assemble;
 mod audit;
 pub mod auth;
 mod chat;
+mod completions;
 mod draft;
 mod embeddings;
 mod error;
@@ -155,6 +156,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/v1/completions", post(completions::completions))
         .route("/v1/feedback", post(feedback::feedback))
         .route("/v1/models", get(list_models))
         // A wildcard, because model names may hold slashes (`org/model`).

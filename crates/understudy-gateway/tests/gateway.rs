@@ -157,10 +157,54 @@ async fn bad_requests_get_openai_errors_and_are_recorded() {
     assert!(calls.iter().all(|call| call.error.is_some() && call.cost.dollars() == 0.0));
 }
 
+/// Legacy `/v1/completions` passes through to the lead, streamed or not,
+/// and is recorded (a stream assembled into one `text_completion`).
+#[tokio::test]
+async fn legacy_completions_pass_through_and_are_recorded() {
+    let harness = Harness::start().await;
+    let (status, headers, text) =
+        harness.post_full("/completions", &json!({"model": "gpt-4o-mini", "prompt": "Capital of France?"})).await;
+    assert_eq!(status, 200, "{text}");
+    let body: Value = serde_json::from_str(&text).expect("json");
+    assert_eq!((body["object"].as_str(), body["choices"][0]["text"].as_str()), (Some("text_completion"), Some(ANSWER)));
+    assert!(headers.get(understudy_gateway::CALL_ID_HEADER).is_some());
+    assert_eq!(headers.get("x-request-id").and_then(|value| value.to_str().ok()), Some("req-stub-1"));
+
+    let streamed = json!({"model": "task:triage", "prompt": ["Capital of France?"], "stream": true, "max_tokens": 9});
+    let (status, _, sse) = harness.post_full("/completions", &streamed).await;
+    assert_eq!(status, 200, "{sse}");
+    assert!(sse.contains("\"text\":\"Paris \"") && sse.ends_with("data: [DONE]\n\n"), "{sse}");
+    assert!(!sse.contains("\"usage\""), "usage only when asked for: {sse}");
+    let requests = harness.stub.requests();
+    assert_eq!(requests[0], json!({"model": "ok", "prompt": "Capital of France?"}), "passed through as sent");
+    assert_eq!(requests[1]["stream_options"]["include_usage"], true, "usage asked for the record");
+
+    // A model whose provider is no OpenAI-compatible upstream: a 400.
+    let (status, body) = harness.post_json("/completions", &json!({"model": "replayed", "prompt": "hi"})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("unsupported_endpoint")), "{body}");
+    let (status, body) = harness.post_json("/completions", &json!({"model": "gpt-4o-mini"})).await;
+    assert_eq!((status, body["error"]["param"].as_str()), (400, Some("prompt")), "{body}");
+
+    let (calls, _harness) = harness.finish().await;
+    assert_eq!(calls.len(), 4);
+    assert!(calls.iter().all(|call| call.endpoint == Endpoint::Completions), "{calls:?}");
+    assert_eq!((calls[0].status, calls[0].usage.prompt_tokens, calls[0].usage_source), (200, 5, UsageSource::Provider));
+    assert!(calls[0].cost.dollars() > 0.0);
+    let recorded: Value = serde_json::from_str(calls[1].response.as_deref().expect("response")).expect("json");
+    assert_eq!(recorded["object"], "text_completion");
+    assert_eq!(recorded["choices"][0]["text"], ANSWER, "the stream assembled");
+    assert_eq!(recorded["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        (calls[1].stream, calls[1].task.as_deref(), calls[1].usage.completion_tokens),
+        (true, Some("triage"), 7)
+    );
+    assert_eq!((calls[2].status, calls[3].status), (400, 400));
+}
+
 #[tokio::test]
 async fn unknown_routes_get_openai_404s() {
     let harness = Harness::start().await;
-    let (status, body) = harness.post("/completions", "{}").await;
+    let (status, body) = harness.post("/edits", "{}").await;
     assert_eq!(status, 404);
     assert_eq!(body["error"]["code"], "unknown_url");
     let response = harness.client.get(format!("{}/chat/completions", harness.base_url)).send().await.expect("get");

@@ -104,7 +104,8 @@ pub trait Provider {
 /// A configured provider of any type.
 #[derive(Debug)]
 pub enum AnyProvider {
-    OpenAi(OpenAiProvider),
+    /// Boxed: its client and URLs are several times the size of the others.
+    OpenAi(Box<OpenAiProvider>),
     Replay(ReplayProvider),
     Local(LocalProvider),
 }
@@ -120,7 +121,7 @@ impl AnyProvider {
         loader: Option<&dyn LocalLoader>,
     ) -> Result<AnyProvider, ProviderError> {
         Ok(match config {
-            ProviderConfig::OpenAi(config) => AnyProvider::OpenAi(OpenAiProvider::new(name, config)?),
+            ProviderConfig::OpenAi(config) => AnyProvider::OpenAi(Box::new(OpenAiProvider::new(name, config)?)),
             ProviderConfig::Replay(config) => AnyProvider::Replay(ReplayProvider::load(name, config)?),
             ProviderConfig::Local(config) => AnyProvider::Local(LocalProvider::new(name, config, models, loader)?),
         })
@@ -147,6 +148,32 @@ impl AnyProvider {
             AnyProvider::OpenAi(provider) => provider.infer_stream(request).await,
             AnyProvider::Replay(provider) => provider.infer_stream(request).await,
             AnyProvider::Local(provider) => provider.infer_stream(request).await,
+        }
+    }
+
+    /// A legacy text completion (`/v1/completions`): OpenAI-compatible
+    /// upstreams only.
+    pub async fn text_completion(&self, request: ChatRequest) -> Result<ProviderResponse, ProviderError> {
+        match self {
+            AnyProvider::OpenAi(provider) => provider.text_completion(request).await,
+            _ => Err(self.no_text_completions(&request)),
+        }
+    }
+
+    /// A streamed legacy text completion, as [`AnyProvider::text_completion`].
+    pub async fn text_completion_stream(&self, request: ChatRequest) -> Result<StreamResponse, ProviderError> {
+        match self {
+            AnyProvider::OpenAi(provider) => provider.text_completion_stream(request).await,
+            _ => Err(self.no_text_completions(&request)),
+        }
+    }
+
+    fn no_text_completions(&self, request: &ChatRequest) -> ProviderError {
+        let model = request.body.get("model").and_then(Value::as_str).unwrap_or_default();
+        ProviderError::Unsupported {
+            provider: format!("for model `{model}`"),
+            provider_type: self.provider_type(),
+            what: "legacy text completions (/v1/completions)",
         }
     }
 

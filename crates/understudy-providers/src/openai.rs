@@ -36,6 +36,7 @@ pub struct OpenAiProvider {
     client: reqwest::Client,
     chat_url: reqwest::Url,
     embeddings_url: reqwest::Url,
+    completions_url: reqwest::Url,
     api_key: Option<ApiKey>,
     timeout: Duration,
     max_retries: u32,
@@ -66,6 +67,7 @@ impl OpenAiProvider {
             client,
             chat_url: parse_url(name, &format!("{}/chat/completions", config.base_url))?,
             embeddings_url: parse_url(name, &format!("{}/embeddings", config.base_url))?,
+            completions_url: parse_url(name, &format!("{}/completions", config.base_url))?,
             api_key,
             timeout: config.timeout,
             max_retries: config.max_retries,
@@ -185,44 +187,22 @@ impl OpenAiProvider {
         })?;
         Ok(ProviderResponse { usage, body, headers })
     }
-}
 
-/// The headers of an upstream's answer that reach the client, because
-/// clients act on them: when to retry (`retry-after`, `retry-after-ms`),
-/// how much of their rate limits is left (`x-ratelimit-*`), and what they
-/// log to trace a call with the upstream (`x-request-id`,
-/// `openai-processing-ms`). Others (cookies, the upstream's organization,
-/// its framing) stay here.
-pub fn passed_headers(headers: &HeaderMap) -> HeaderMap {
-    let mut passed = HeaderMap::new();
-    for (name, value) in headers {
-        let name_text = name.as_str();
-        let passes = matches!(name_text, "retry-after" | "retry-after-ms" | "x-request-id" | "openai-processing-ms")
-            || name_text.starts_with("x-ratelimit-");
-        if passes {
-            passed.append(name.clone(), value.clone());
-        }
-    }
-    passed
-}
-
-impl Provider for OpenAiProvider {
-    const PROVIDER_TYPE: &'static str = "openai";
-
-    async fn infer(&self, request: ChatRequest) -> Result<ProviderResponse, ProviderError> {
-        let body = encode(&Value::Object(request.body))?;
-        self.complete(&self.chat_url, body).await
-    }
-
-    async fn infer_stream(&self, request: ChatRequest) -> Result<StreamResponse, ProviderError> {
-        let mut body = request.body;
+    /// A streamed answer from `url`: its chunks' `data:` payloads, after the
+    /// same retries and checks for chat and legacy completions.
+    async fn stream(
+        &self,
+        url: &reqwest::Url,
+        body: serde_json::Map<String, Value>,
+    ) -> Result<StreamResponse, ProviderError> {
+        let mut body = body;
         // Ask for usage even when the client did not, so that the record has
         // the upstream's own counts; the gateway hides that chunk if unasked.
         let stream_options = body.entry("stream_options").or_insert_with(|| json!({}));
         if let Value::Object(options) = stream_options {
             options.insert("include_usage".into(), Value::Bool(true));
         }
-        let (response, deadline) = self.send_with_retries(&self.chat_url, encode(&Value::Object(body))?).await?;
+        let (response, deadline) = self.send_with_retries(url, encode(&Value::Object(body))?).await?;
         let headers = passed_headers(response.headers());
         if !response.status().is_success() {
             return Err(self.rejection(response, deadline, headers).await);
@@ -263,6 +243,49 @@ impl Provider for OpenAiProvider {
         // Keep-alive comments and empty events carry no chunk.
         .filter(|item| futures::future::ready(!matches!(item, Ok(data) if data.trim().is_empty())));
         Ok(StreamResponse { chunks: Box::pin(chunks), headers })
+    }
+
+    /// `POST /completions` (OpenAI's legacy text completions), not streamed.
+    pub async fn text_completion(&self, request: ChatRequest) -> Result<ProviderResponse, ProviderError> {
+        let body = encode(&Value::Object(request.body))?;
+        self.complete(&self.completions_url, body).await
+    }
+
+    /// `POST /completions`, streamed (the body asks for it); usage is asked for as in chat.
+    pub async fn text_completion_stream(&self, request: ChatRequest) -> Result<StreamResponse, ProviderError> {
+        self.stream(&self.completions_url, request.body).await
+    }
+}
+
+/// The headers of an upstream's answer that reach the client, because
+/// clients act on them: when to retry (`retry-after`, `retry-after-ms`),
+/// how much of their rate limits is left (`x-ratelimit-*`), and what they
+/// log to trace a call with the upstream (`x-request-id`,
+/// `openai-processing-ms`). Others (cookies, the upstream's organization,
+/// its framing) stay here.
+pub fn passed_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut passed = HeaderMap::new();
+    for (name, value) in headers {
+        let name_text = name.as_str();
+        let passes = matches!(name_text, "retry-after" | "retry-after-ms" | "x-request-id" | "openai-processing-ms")
+            || name_text.starts_with("x-ratelimit-");
+        if passes {
+            passed.append(name.clone(), value.clone());
+        }
+    }
+    passed
+}
+
+impl Provider for OpenAiProvider {
+    const PROVIDER_TYPE: &'static str = "openai";
+
+    async fn infer(&self, request: ChatRequest) -> Result<ProviderResponse, ProviderError> {
+        let body = encode(&Value::Object(request.body))?;
+        self.complete(&self.chat_url, body).await
+    }
+
+    async fn infer_stream(&self, request: ChatRequest) -> Result<StreamResponse, ProviderError> {
+        self.stream(&self.chat_url, request.body).await
     }
 
     async fn embed(&self, request: EmbeddingRequest) -> Result<ProviderResponse, ProviderError> {

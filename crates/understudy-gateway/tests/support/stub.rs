@@ -96,6 +96,7 @@ impl Stub {
         Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/embeddings", post(embeddings))
+            .route("/v1/completions", post(completions))
             .layer(axum::middleware::map_response(add_client_headers))
             .with_state(self)
     }
@@ -278,4 +279,39 @@ async fn embeddings(State(stub): State<Stub>, body: Bytes) -> Response {
         json!({"object": "list", "data": data, "model": request.get("model"),
                "usage": {"prompt_tokens": 4 * n_inputs, "total_tokens": 4 * n_inputs}}),
     )
+}
+
+/// Legacy text completions: the answer's words, streamed or not.
+async fn completions(State(stub): State<Stub>, body: Bytes) -> Response {
+    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if stub.keep_log {
+        stub.log.lock().expect("stub log").requests.push(request.clone());
+    }
+    let model = request.get("model").cloned().unwrap_or(Value::Null);
+    let usage = json!({"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12});
+    if request.get("stream").and_then(Value::as_bool) != Some(true) {
+        return json_response(
+            StatusCode::OK,
+            json!({"id": "cmpl-stub", "object": "text_completion", "created": 1_700_000_000, "model": model,
+                   "choices": [{"text": ANSWER, "index": 0, "logprobs": null, "finish_reason": "stop"}], "usage": usage}),
+        );
+    }
+    let include_usage = request.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true);
+    let chunk = |text: &str, finish: Value| {
+        let mut chunk = json!({"id": "cmpl-stub", "object": "text_completion", "created": 1_700_000_000, "model": model,
+               "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}]});
+        if include_usage {
+            chunk["usage"] = Value::Null;
+        }
+        chunk
+    };
+    let mut events: Vec<Value> = ANSWER.split_inclusive(' ').map(|word| chunk(word, Value::Null)).collect();
+    events.push(chunk("", json!("stop")));
+    if include_usage {
+        events.push(json!({"id": "cmpl-stub", "object": "text_completion", "created": 1_700_000_000, "model": model,
+                           "choices": [], "usage": usage}));
+    }
+    let mut body: String = events.iter().map(|event| format!("data: {event}\n\n")).collect();
+    body.push_str("data: [DONE]\n\n");
+    (StatusCode::OK, [("content-type", "text/event-stream")], body).into_response()
 }
