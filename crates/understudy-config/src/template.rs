@@ -59,7 +59,11 @@ type = "openai"
 base_url = "https://api.openai.com/v1"
 api_key_env = "OPENAI_API_KEY"          # the variable's name, never the key
 timeout_secs = 60                       # past this, the client gets HTTP 504
-max_retries = 2                         # on 5xx or a refused connection, then 502
+# Retries only failures before any answer (a refused or reset connection, no
+# headers within timeout_secs), then 502 (504 after a timeout). An answer
+# with an error status (429, 500, 503...) is never retried here: it goes to
+# the client with its status and `retry-after`, and the client's SDK retries.
+max_retries = 2
 retry_backoff_ms = 200                  # doubled on each retry
 
 # A replay provider answers from recorded calls (the `understudy import` JSONL

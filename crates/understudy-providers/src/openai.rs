@@ -1,9 +1,13 @@
 //! Any OpenAI-compatible upstream: OpenAI itself, vLLM, llama.cpp's server,
 //! or a stub on loopback.
 //!
-//! Requests go out as JSON with the caller's fields intact. A 5xx answer or a
-//! refused connection is retried with exponential backoff; a 4xx answer is the
-//! upstream's verdict on the request and is passed back unchanged.
+//! Requests go out as JSON with the caller's fields intact. Only failures
+//! before any answer arrives (a refused or reset connection, no headers
+//! within the timeout) are retried, with exponential backoff. An answer with
+//! an error status, 4xx or 5xx, is passed back with its status, body and the
+//! headers clients act on ([`passed_headers`]): the client's SDK decides
+//! whether to retry it (OpenAI's do, on 408, 409, 429 and 5xx, honouring
+//! `retry-after`), so retrying here as well would multiply the attempts.
 
 use std::fmt;
 use std::time::Duration;
@@ -14,7 +18,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use understudy_config::OpenAiProviderConfig;
 
-use crate::{ChatRequest, ChunkStream, EmbeddingRequest, Provider, ProviderError, ProviderResponse};
+use crate::{ChatRequest, EmbeddingRequest, HeaderMap, Provider, ProviderError, ProviderResponse, StreamResponse};
 
 /// An API key that never prints.
 #[derive(Clone)]
@@ -32,6 +36,7 @@ pub struct OpenAiProvider {
     client: reqwest::Client,
     chat_url: reqwest::Url,
     embeddings_url: reqwest::Url,
+    completions_url: reqwest::Url,
     api_key: Option<ApiKey>,
     timeout: Duration,
     max_retries: u32,
@@ -62,6 +67,7 @@ impl OpenAiProvider {
             client,
             chat_url: parse_url(name, &format!("{}/chat/completions", config.base_url))?,
             embeddings_url: parse_url(name, &format!("{}/embeddings", config.base_url))?,
+            completions_url: parse_url(name, &format!("{}/completions", config.base_url))?,
             api_key,
             timeout: config.timeout,
             max_retries: config.max_retries,
@@ -73,10 +79,17 @@ impl OpenAiProvider {
         ProviderError::Timeout { provider: self.name.clone(), timeout: self.timeout }
     }
 
-    /// Sends `body` until an answer other than 5xx arrives, or retries run out.
-    /// Returns the response with its headers read and its body not yet read.
-    async fn send_with_retries(&self, url: &reqwest::Url, body: Bytes) -> Result<reqwest::Response, ProviderError> {
+    /// Sends `body` until an answer arrives, whatever its status, or retries
+    /// run out. Returns the response with its headers read and its body not
+    /// yet read, and the deadline for reading that body (the attempt's
+    /// start plus the timeout).
+    async fn send_with_retries(
+        &self,
+        url: &reqwest::Url,
+        body: Bytes,
+    ) -> Result<(reqwest::Response, tokio::time::Instant), ProviderError> {
         let mut last_error = String::new();
+        let mut timed_out = false;
         let n_attempts = self.max_retries + 1;
         for attempt_idx in 0..n_attempts {
             if attempt_idx > 0 {
@@ -101,8 +114,9 @@ impl OpenAiProvider {
                 http.status_code = tracing::field::Empty,
                 error = tracing::field::Empty,
             );
+            let deadline = tokio::time::Instant::now() + self.timeout;
             let sent =
-                tracing::Instrument::instrument(tokio::time::timeout(self.timeout, request.send()), span.clone()).await;
+                tracing::Instrument::instrument(tokio::time::timeout_at(deadline, request.send()), span.clone()).await;
             if !span.is_disabled() {
                 match &sent {
                     Ok(Ok(response)) => span.record("http.status_code", response.status().as_u16()),
@@ -111,67 +125,87 @@ impl OpenAiProvider {
                 };
             }
             match sent {
-                Err(_elapsed) => return Err(self.timeout_error()),
-                Ok(Ok(response)) if response.status().is_server_error() => {
-                    let status = response.status();
-                    let text = response.text().await.unwrap_or_default();
-                    last_error = format!("HTTP {status}: {}", truncate(&text, 300));
+                // An answer, whatever its status: the client's to act on.
+                Ok(Ok(response)) => return Ok((response, deadline)),
+                Err(_elapsed) => {
+                    timed_out = true;
+                    last_error = format!("no answer within {:?}", self.timeout);
                 }
-                Ok(Ok(response)) => return Ok(response),
-                Ok(Err(error)) if error.is_timeout() => return Err(self.timeout_error()),
-                // Without the URL: it may carry credentials in some setups.
-                Ok(Err(error)) => last_error = describe_request_error(&error),
+                Ok(Err(error)) => {
+                    timed_out = error.is_timeout();
+                    // Without the URL: it may carry credentials in some setups.
+                    last_error = describe_request_error(&error);
+                }
             }
             tracing::warn!(provider = %self.name, attempt = attempt_idx + 1, error = %last_error, "upstream attempt failed");
+        }
+        if timed_out {
+            return Err(self.timeout_error());
         }
         Err(ProviderError::Unavailable { provider: self.name.clone(), attempts: n_attempts, last_error })
     }
 
-    /// A complete JSON answer: retries, then reads the body within the timeout.
-    async fn complete(&self, url: &reqwest::Url, body: Bytes) -> Result<ProviderResponse, ProviderError> {
-        let read = async {
-            let response = self.send_with_retries(url, body).await?;
-            let status = response.status();
-            let body = response.bytes().await.map_err(|error| ProviderError::Unavailable {
+    /// The body of an answer whose headers are in, read by `deadline`.
+    async fn read_body(
+        &self,
+        response: reqwest::Response,
+        deadline: tokio::time::Instant,
+    ) -> Result<Bytes, ProviderError> {
+        tokio::time::timeout_at(deadline, response.bytes()).await.map_err(|_| self.timeout_error())?.map_err(|error| {
+            ProviderError::Unavailable {
                 provider: self.name.clone(),
                 attempts: 1,
                 last_error: format!("reading the answer failed: {}", describe_request_error(&error)),
-            })?;
-            Ok::<_, ProviderError>((status, body))
-        };
-        let (status, body) = tokio::time::timeout(self.timeout, read).await.map_err(|_| self.timeout_error())??;
-        if !status.is_success() {
-            return Err(ProviderError::Rejected { provider: self.name.clone(), status: status.as_u16(), body });
+            }
+        })
+    }
+
+    /// An answer with an error status, passed on as it came.
+    async fn rejection(
+        &self,
+        response: reqwest::Response,
+        deadline: tokio::time::Instant,
+        headers: HeaderMap,
+    ) -> ProviderError {
+        let status = response.status().as_u16();
+        // A body that cannot be read still leaves the status to pass on.
+        let body = self.read_body(response, deadline).await.unwrap_or_default();
+        ProviderError::Rejected { provider: self.name.clone(), status, body, headers: Box::new(headers) }
+    }
+
+    /// A complete JSON answer: retries, then reads the body within the timeout.
+    async fn complete(&self, url: &reqwest::Url, body: Bytes) -> Result<ProviderResponse, ProviderError> {
+        let (response, deadline) = self.send_with_retries(url, body).await?;
+        let headers = passed_headers(response.headers());
+        if !response.status().is_success() {
+            return Err(self.rejection(response, deadline, headers).await);
         }
+        let body = self.read_body(response, deadline).await?;
         let usage = crate::usage_of_body(&body).map_err(|error| ProviderError::BadResponse {
             provider: self.name.clone(),
             message: format!("the answer is not JSON: {error}"),
         })?;
-        Ok(ProviderResponse { usage, body })
-    }
-}
-
-impl Provider for OpenAiProvider {
-    const PROVIDER_TYPE: &'static str = "openai";
-
-    async fn infer(&self, request: ChatRequest) -> Result<ProviderResponse, ProviderError> {
-        let body = encode(&Value::Object(request.body))?;
-        self.complete(&self.chat_url, body).await
+        Ok(ProviderResponse { usage, body, headers })
     }
 
-    async fn infer_stream(&self, request: ChatRequest) -> Result<ChunkStream, ProviderError> {
-        let mut body = request.body;
+    /// A streamed answer from `url`: its chunks' `data:` payloads, after the
+    /// same retries and checks for chat and legacy completions.
+    async fn stream(
+        &self,
+        url: &reqwest::Url,
+        body: serde_json::Map<String, Value>,
+    ) -> Result<StreamResponse, ProviderError> {
+        let mut body = body;
         // Ask for usage even when the client did not, so that the record has
         // the upstream's own counts; the gateway hides that chunk if unasked.
         let stream_options = body.entry("stream_options").or_insert_with(|| json!({}));
         if let Value::Object(options) = stream_options {
             options.insert("include_usage".into(), Value::Bool(true));
         }
-        let response = self.send_with_retries(&self.chat_url, encode(&Value::Object(body))?).await?;
-        let status = response.status();
-        if !status.is_success() {
-            let body = response.bytes().await.unwrap_or_default();
-            return Err(ProviderError::Rejected { provider: self.name.clone(), status: status.as_u16(), body });
+        let (response, deadline) = self.send_with_retries(url, encode(&Value::Object(body))?).await?;
+        let headers = passed_headers(response.headers());
+        if !response.status().is_success() {
+            return Err(self.rejection(response, deadline, headers).await);
         }
         // An upstream that ignores `stream` answers with one JSON body; read
         // as events it would look like an empty stream, so it is refused here,
@@ -208,7 +242,50 @@ impl Provider for OpenAiProvider {
         })
         // Keep-alive comments and empty events carry no chunk.
         .filter(|item| futures::future::ready(!matches!(item, Ok(data) if data.trim().is_empty())));
-        Ok(Box::pin(chunks))
+        Ok(StreamResponse { chunks: Box::pin(chunks), headers })
+    }
+
+    /// `POST /completions` (OpenAI's legacy text completions), not streamed.
+    pub async fn text_completion(&self, request: ChatRequest) -> Result<ProviderResponse, ProviderError> {
+        let body = encode(&Value::Object(request.body))?;
+        self.complete(&self.completions_url, body).await
+    }
+
+    /// `POST /completions`, streamed (the body asks for it); usage is asked for as in chat.
+    pub async fn text_completion_stream(&self, request: ChatRequest) -> Result<StreamResponse, ProviderError> {
+        self.stream(&self.completions_url, request.body).await
+    }
+}
+
+/// The headers of an upstream's answer that reach the client, because
+/// clients act on them: when to retry (`retry-after`, `retry-after-ms`),
+/// how much of their rate limits is left (`x-ratelimit-*`), and what they
+/// log to trace a call with the upstream (`x-request-id`,
+/// `openai-processing-ms`). Others (cookies, the upstream's organization,
+/// its framing) stay here.
+pub fn passed_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut passed = HeaderMap::new();
+    for (name, value) in headers {
+        let name_text = name.as_str();
+        let passes = matches!(name_text, "retry-after" | "retry-after-ms" | "x-request-id" | "openai-processing-ms")
+            || name_text.starts_with("x-ratelimit-");
+        if passes {
+            passed.append(name.clone(), value.clone());
+        }
+    }
+    passed
+}
+
+impl Provider for OpenAiProvider {
+    const PROVIDER_TYPE: &'static str = "openai";
+
+    async fn infer(&self, request: ChatRequest) -> Result<ProviderResponse, ProviderError> {
+        let body = encode(&Value::Object(request.body))?;
+        self.complete(&self.chat_url, body).await
+    }
+
+    async fn infer_stream(&self, request: ChatRequest) -> Result<StreamResponse, ProviderError> {
+        self.stream(&self.chat_url, request.body).await
     }
 
     async fn embed(&self, request: EmbeddingRequest) -> Result<ProviderResponse, ProviderError> {
@@ -246,13 +323,6 @@ fn describe_request_error(error: &reqwest::Error) -> String {
         source = cause.source();
     }
     message
-}
-
-fn truncate(text: &str, max_chars: usize) -> String {
-    match text.char_indices().nth(max_chars) {
-        Some((byte_idx, _)) => format!("{}…", &text[..byte_idx]),
-        None => text.to_string(),
-    }
 }
 
 #[cfg(test)]
