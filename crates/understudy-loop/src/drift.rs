@@ -4,10 +4,12 @@
 //! - **Answers** (label tasks): the lead's answers on recent calls against
 //!   the labels of the serving version's training split. Only a random
 //!   sample of the traffic is compared by the chi-square test: calls the
-//!   lead served under `lead`/`shadow` (every call) and audits (a random
-//!   share of served calls). A cascade's fallbacks are the understudy's
-//!   least confident calls, not a random sample, so they count only for new
-//!   labels, a rule without a p-value (`min_new` occurrences).
+//!   lead served under `lead`/`shadow` (every call). Under a cascade, the
+//!   fallbacks are the understudy's least confident calls and the audits a
+//!   random share of its most confident (served) ones: neither is a random
+//!   sample of the traffic (measured: audits alone fired the chi-square
+//!   test on traffic that had not moved), so they count only for new labels,
+//!   a rule without a p-value (`min_new` occurrences).
 //! - **Confidence**: the understudy's confidence on the newest `window`
 //!   calls against the first `window` calls after the current policy was
 //!   promoted, and coverage at the cascade's threshold (Fisher, one-sided;
@@ -331,7 +333,8 @@ fn training_labels(dir: &str) -> Result<BTreeMap<String, u64>> {
 }
 
 /// The lead's answers on `calls`: from a random sample of the traffic
-/// (every call under lead or shadow, and audits), and from fallbacks.
+/// (every call under lead or shadow), and from the cascade's fallbacks and
+/// audits (not a random sample: for new labels only).
 fn lead_answers(calls: &[CallRecord]) -> (Vec<String>, Vec<String>) {
     let mut representative = Vec::new();
     let mut fallbacks = Vec::new();
@@ -341,7 +344,7 @@ fn lead_answers(calls: &[CallRecord]) -> (Vec<String>, Vec<String>) {
             continue;
         };
         if let Some(audit) = &routing.audit_answer {
-            representative.push(audit.clone());
+            fallbacks.push(audit.clone());
             continue;
         }
         if routing.served_by != ServedBy::Lead {
