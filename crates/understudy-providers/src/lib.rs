@@ -5,6 +5,7 @@
 //! serde-tagged `ProviderConfig` enum of the config crate. Providers make no
 //! routing decisions: they answer the request they are given.
 
+pub mod anthropic;
 pub mod local;
 pub mod openai;
 pub mod replay;
@@ -21,6 +22,7 @@ use serde_json::{Map, Value};
 use understudy_config::{ModelConfig, ProviderConfig};
 use understudy_types::Usage;
 
+pub use anthropic::AnthropicProvider;
 pub use local::{confidence_of, LocalLoader, LocalModel, LocalModelSpec, LocalProvider};
 pub use openai::OpenAiProvider;
 pub use replay::ReplayProvider;
@@ -85,6 +87,7 @@ pub trait Provider {
 #[derive(Debug)]
 pub enum AnyProvider {
     OpenAi(OpenAiProvider),
+    Anthropic(AnthropicProvider),
     Replay(ReplayProvider),
     Local(LocalProvider),
 }
@@ -101,6 +104,7 @@ impl AnyProvider {
     ) -> Result<AnyProvider, ProviderError> {
         Ok(match config {
             ProviderConfig::OpenAi(config) => AnyProvider::OpenAi(OpenAiProvider::new(name, config)?),
+            ProviderConfig::Anthropic(config) => AnyProvider::Anthropic(AnthropicProvider::new(name, config)?),
             ProviderConfig::Replay(config) => AnyProvider::Replay(ReplayProvider::load(name, config)?),
             ProviderConfig::Local(config) => AnyProvider::Local(LocalProvider::new(name, config, models, loader)?),
         })
@@ -109,6 +113,7 @@ impl AnyProvider {
     pub fn provider_type(&self) -> &'static str {
         match self {
             AnyProvider::OpenAi(_) => OpenAiProvider::PROVIDER_TYPE,
+            AnyProvider::Anthropic(_) => AnthropicProvider::PROVIDER_TYPE,
             AnyProvider::Replay(_) => ReplayProvider::PROVIDER_TYPE,
             AnyProvider::Local(_) => LocalProvider::PROVIDER_TYPE,
         }
@@ -117,6 +122,7 @@ impl AnyProvider {
     pub async fn infer(&self, request: ChatRequest) -> Result<ProviderResponse, ProviderError> {
         match self {
             AnyProvider::OpenAi(provider) => provider.infer(request).await,
+            AnyProvider::Anthropic(provider) => provider.infer(request).await,
             AnyProvider::Replay(provider) => provider.infer(request).await,
             AnyProvider::Local(provider) => provider.infer(request).await,
         }
@@ -125,6 +131,7 @@ impl AnyProvider {
     pub async fn infer_stream(&self, request: ChatRequest) -> Result<ChunkStream, ProviderError> {
         match self {
             AnyProvider::OpenAi(provider) => provider.infer_stream(request).await,
+            AnyProvider::Anthropic(provider) => provider.infer_stream(request).await,
             AnyProvider::Replay(provider) => provider.infer_stream(request).await,
             AnyProvider::Local(provider) => provider.infer_stream(request).await,
         }
@@ -133,6 +140,7 @@ impl AnyProvider {
     pub async fn embed(&self, request: EmbeddingRequest) -> Result<ProviderResponse, ProviderError> {
         match self {
             AnyProvider::OpenAi(provider) => provider.embed(request).await,
+            AnyProvider::Anthropic(provider) => provider.embed(request).await,
             AnyProvider::Replay(provider) => provider.embed(request).await,
             AnyProvider::Local(provider) => provider.embed(request).await,
         }

@@ -5,7 +5,6 @@
 //! refused connection is retried with exponential backoff; a 4xx answer is the
 //! upstream's verdict on the request and is passed back unchanged.
 
-use std::fmt;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,66 +15,100 @@ use understudy_config::OpenAiProviderConfig;
 
 use crate::{ChatRequest, ChunkStream, EmbeddingRequest, Provider, ProviderError, ProviderResponse};
 
-/// An API key that never prints.
-#[derive(Clone)]
-struct ApiKey(String);
+/// An API key as a header value that never prints (`Debug` shows `Sensitive`).
+pub(crate) fn secret_header(provider: &str, value: &str) -> Result<reqwest::header::HeaderValue, ProviderError> {
+    let mut header = reqwest::header::HeaderValue::from_str(value).map_err(|_| ProviderError::Setup {
+        provider: provider.to_string(),
+        message: "the API key holds characters a header cannot carry".to_string(),
+    })?;
+    header.set_sensitive(true);
+    Ok(header)
+}
 
-impl fmt::Debug for ApiKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ApiKey(***)")
+/// The key in `variable`, if it is set and not empty (a warning otherwise).
+pub(crate) fn api_key_from_env(provider: &str, variable: &str) -> Option<String> {
+    match std::env::var(variable) {
+        Ok(key) if !key.is_empty() => Some(key),
+        _ => {
+            tracing::warn!(provider, variable, "API key variable is not set; sending no key");
+            None
+        }
     }
 }
 
 #[derive(Debug)]
 pub struct OpenAiProvider {
-    name: String,
-    client: reqwest::Client,
+    upstream: Upstream,
     chat_url: reqwest::Url,
     embeddings_url: reqwest::Url,
-    api_key: Option<ApiKey>,
-    timeout: Duration,
-    max_retries: u32,
-    retry_backoff: Duration,
 }
 
 impl OpenAiProvider {
     pub fn new(name: &str, config: &OpenAiProviderConfig) -> Result<OpenAiProvider, ProviderError> {
-        let api_key = match &config.api_key_env {
-            None => None,
-            Some(variable) => match std::env::var(variable) {
-                Ok(key) if !key.is_empty() => Some(ApiKey(key)),
-                _ => {
-                    tracing::warn!(provider = name, variable, "API key variable is not set; sending no key");
-                    None
-                }
-            },
-        };
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(key) = config.api_key_env.as_deref().and_then(|variable| api_key_from_env(name, variable)) {
+            headers.insert(reqwest::header::AUTHORIZATION, secret_header(name, &format!("Bearer {key}"))?);
+        }
+        let upstream = Upstream::new(name, headers, config.timeout, config.max_retries, config.retry_backoff)?;
+        Ok(OpenAiProvider {
+            upstream,
+            chat_url: parse_url(name, &format!("{}/chat/completions", config.base_url))?,
+            embeddings_url: parse_url(name, &format!("{}/embeddings", config.base_url))?,
+        })
+    }
+
+    /// A complete JSON answer, with the upstream's `usage`.
+    async fn complete(&self, url: &reqwest::Url, body: Bytes) -> Result<ProviderResponse, ProviderError> {
+        let body = self.upstream.complete(url, body).await?;
+        let usage = crate::usage_of_body(&body).map_err(|error| ProviderError::BadResponse {
+            provider: self.upstream.name.clone(),
+            message: format!("the answer is not JSON: {error}"),
+        })?;
+        Ok(ProviderResponse { usage, body })
+    }
+}
+
+/// An HTTP upstream: a client, the headers every request carries (the key),
+/// and the timeout and retry policy.
+#[derive(Debug)]
+pub(crate) struct Upstream {
+    pub(crate) name: String,
+    client: reqwest::Client,
+    headers: reqwest::header::HeaderMap,
+    pub(crate) timeout: Duration,
+    max_retries: u32,
+    retry_backoff: Duration,
+}
+
+impl Upstream {
+    pub(crate) fn new(
+        name: &str,
+        headers: reqwest::header::HeaderMap,
+        timeout: Duration,
+        max_retries: u32,
+        retry_backoff: Duration,
+    ) -> Result<Upstream, ProviderError> {
         let client = reqwest::Client::builder()
             .tcp_nodelay(true)
             .pool_max_idle_per_host(1024)
             .pool_idle_timeout(Duration::from_secs(90))
-            .connect_timeout(config.timeout.min(Duration::from_secs(10)))
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
             .build()
             .map_err(|error| ProviderError::Setup { provider: name.to_string(), message: error.to_string() })?;
-        Ok(OpenAiProvider {
-            name: name.to_string(),
-            client,
-            chat_url: parse_url(name, &format!("{}/chat/completions", config.base_url))?,
-            embeddings_url: parse_url(name, &format!("{}/embeddings", config.base_url))?,
-            api_key,
-            timeout: config.timeout,
-            max_retries: config.max_retries,
-            retry_backoff: config.retry_backoff,
-        })
+        Ok(Upstream { name: name.to_string(), client, headers, timeout, max_retries, retry_backoff })
     }
 
-    fn timeout_error(&self) -> ProviderError {
+    pub(crate) fn timeout_error(&self) -> ProviderError {
         ProviderError::Timeout { provider: self.name.clone(), timeout: self.timeout }
     }
 
     /// Sends `body` until an answer other than 5xx arrives, or retries run out.
     /// Returns the response with its headers read and its body not yet read.
-    async fn send_with_retries(&self, url: &reqwest::Url, body: Bytes) -> Result<reqwest::Response, ProviderError> {
+    pub(crate) async fn send_with_retries(
+        &self,
+        url: &reqwest::Url,
+        body: Bytes,
+    ) -> Result<reqwest::Response, ProviderError> {
         let mut last_error = String::new();
         let n_attempts = self.max_retries + 1;
         for attempt_idx in 0..n_attempts {
@@ -83,14 +116,12 @@ impl OpenAiProvider {
                 let backoff = self.retry_backoff * 2u32.saturating_pow(attempt_idx - 1);
                 tokio::time::sleep(backoff).await;
             }
-            let mut request = self
+            let request = self
                 .client
                 .post(url.clone())
+                .headers(self.headers.clone())
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(body.clone());
-            if let Some(key) = &self.api_key {
-                request = request.bearer_auth(&key.0);
-            }
             // One span per attempt, a child of the call's (off unless traces are exported).
             let span = tracing::info_span!(
                 target: understudy_types::CALL_SPAN_TARGET,
@@ -127,8 +158,9 @@ impl OpenAiProvider {
         Err(ProviderError::Unavailable { provider: self.name.clone(), attempts: n_attempts, last_error })
     }
 
-    /// A complete JSON answer: retries, then reads the body within the timeout.
-    async fn complete(&self, url: &reqwest::Url, body: Bytes) -> Result<ProviderResponse, ProviderError> {
+    /// A complete answer's body: retries, then reads the body within the
+    /// timeout. Any status other than 2xx is `Rejected` with the body as sent.
+    pub(crate) async fn complete(&self, url: &reqwest::Url, body: Bytes) -> Result<Bytes, ProviderError> {
         let read = async {
             let response = self.send_with_retries(url, body).await?;
             let status = response.status();
@@ -143,31 +175,20 @@ impl OpenAiProvider {
         if !status.is_success() {
             return Err(ProviderError::Rejected { provider: self.name.clone(), status: status.as_u16(), body });
         }
-        let usage = crate::usage_of_body(&body).map_err(|error| ProviderError::BadResponse {
-            provider: self.name.clone(),
-            message: format!("the answer is not JSON: {error}"),
-        })?;
-        Ok(ProviderResponse { usage, body })
-    }
-}
-
-impl Provider for OpenAiProvider {
-    const PROVIDER_TYPE: &'static str = "openai";
-
-    async fn infer(&self, request: ChatRequest) -> Result<ProviderResponse, ProviderError> {
-        let body = encode(&Value::Object(request.body))?;
-        self.complete(&self.chat_url, body).await
+        Ok(body)
     }
 
-    async fn infer_stream(&self, request: ChatRequest) -> Result<ChunkStream, ProviderError> {
-        let mut body = request.body;
-        // Ask for usage even when the client did not, so that the record has
-        // the upstream's own counts; the gateway hides that chunk if unasked.
-        let stream_options = body.entry("stream_options").or_insert_with(|| json!({}));
-        if let Value::Object(options) = stream_options {
-            options.insert("include_usage".into(), Value::Bool(true));
-        }
-        let response = self.send_with_retries(&self.chat_url, encode(&Value::Object(body))?).await?;
+    /// Sends a stream request; returns its events once the answer is known
+    /// to be a 2xx event stream. Each event waits at most the timeout.
+    pub(crate) async fn open_stream(
+        &self,
+        url: &reqwest::Url,
+        body: Bytes,
+    ) -> Result<
+        impl futures::Stream<Item = Result<eventsource_stream::Event, ProviderError>> + Send + 'static,
+        ProviderError,
+    > {
+        let response = self.send_with_retries(url, body).await?;
         let status = response.status();
         if !status.is_success() {
             let body = response.bytes().await.unwrap_or_default();
@@ -190,24 +211,46 @@ impl Provider for OpenAiProvider {
         let provider = self.name.clone();
         let idle_timeout = self.timeout;
         let events = response.bytes_stream().eventsource();
-        let chunks = futures::stream::unfold(Some(Box::pin(events)), move |events| {
+        Ok(futures::stream::unfold(Some(Box::pin(events)), move |events| {
             let provider = provider.clone();
             async move {
                 let mut events = events?;
                 match tokio::time::timeout(idle_timeout, events.next()).await {
                     Err(_elapsed) => Some((Err(ProviderError::Timeout { provider, timeout: idle_timeout }), None)),
                     Ok(None) => None,
-                    Ok(Some(Ok(event))) if event.data.trim() == "[DONE]" => None,
-                    Ok(Some(Ok(event))) => Some((Ok(event.data), Some(events))),
+                    Ok(Some(Ok(event))) => Some((Ok(event), Some(events))),
                     Ok(Some(Err(error))) => Some((
                         Err(ProviderError::BadResponse { provider, message: format!("stream broke: {error}") }),
                         None,
                     )),
                 }
             }
-        })
-        // Keep-alive comments and empty events carry no chunk.
-        .filter(|item| futures::future::ready(!matches!(item, Ok(data) if data.trim().is_empty())));
+        }))
+    }
+}
+
+impl Provider for OpenAiProvider {
+    const PROVIDER_TYPE: &'static str = "openai";
+
+    async fn infer(&self, request: ChatRequest) -> Result<ProviderResponse, ProviderError> {
+        let body = encode(&Value::Object(request.body))?;
+        self.complete(&self.chat_url, body).await
+    }
+
+    async fn infer_stream(&self, request: ChatRequest) -> Result<ChunkStream, ProviderError> {
+        let mut body = request.body;
+        // Ask for usage even when the client did not, so that the record has
+        // the upstream's own counts; the gateway hides that chunk if unasked.
+        let stream_options = body.entry("stream_options").or_insert_with(|| json!({}));
+        if let Value::Object(options) = stream_options {
+            options.insert("include_usage".into(), Value::Bool(true));
+        }
+        let events = self.upstream.open_stream(&self.chat_url, encode(&Value::Object(body))?).await?;
+        let chunks = events
+            .take_while(|item| futures::future::ready(!matches!(item, Ok(event) if event.data.trim() == "[DONE]")))
+            .map(|item| item.map(|event| event.data))
+            // Keep-alive comments and empty events carry no chunk.
+            .filter(|item| futures::future::ready(!matches!(item, Ok(data) if data.trim().is_empty())));
         Ok(Box::pin(chunks))
     }
 
@@ -217,14 +260,14 @@ impl Provider for OpenAiProvider {
     }
 }
 
-fn parse_url(provider: &str, url: &str) -> Result<reqwest::Url, ProviderError> {
+pub(crate) fn parse_url(provider: &str, url: &str) -> Result<reqwest::Url, ProviderError> {
     reqwest::Url::parse(url).map_err(|error| ProviderError::Setup {
         provider: provider.to_string(),
         message: format!("`{url}` is not a valid URL: {error}"),
     })
 }
 
-fn encode(body: &Value) -> Result<Bytes, ProviderError> {
+pub(crate) fn encode(body: &Value) -> Result<Bytes, ProviderError> {
     serde_json::to_vec(body)
         .map(Bytes::from)
         .map_err(|error| ProviderError::Setup { provider: String::new(), message: error.to_string() })
@@ -248,7 +291,7 @@ fn describe_request_error(error: &reqwest::Error) -> String {
     message
 }
 
-fn truncate(text: &str, max_chars: usize) -> String {
+pub(crate) fn truncate(text: &str, max_chars: usize) -> String {
     match text.char_indices().nth(max_chars) {
         Some((byte_idx, _)) => format!("{}…", &text[..byte_idx]),
         None => text.to_string(),
