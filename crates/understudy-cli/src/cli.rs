@@ -438,6 +438,13 @@ pub enum ReportCommand {
         /// default; the test is skipped when it is not on this machine).
         #[arg(long)]
         encoder: Option<String>,
+        /// Also the signals over time: the calls since the current promotion
+        /// in consecutive windows, at most this many (the newest).
+        #[arg(long, default_value_t = 20)]
+        windows: usize,
+        /// Also write a self-contained HTML page plotting the signals over time.
+        #[arg(long)]
+        html: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },

@@ -173,17 +173,37 @@ fn the_autopilot_takes_a_task_to_a_certified_cascade_beside_a_running_gateway() 
     let text = workdir.run_ok(&["history", "--task", "questions"]);
     assert!(text.contains("shadow → cascade") && text.contains("autopilot"), "{text}");
 
+    // Drift on the live record: the newest window, and the windows since the
+    // cascade's promotion (60 calls: the reference window and two more).
+    runtime.block_on(written(&client, &base_url, 210));
+    let drift = workdir.run_json(&[
+        "report",
+        "drift",
+        "--task",
+        "questions",
+        "--window",
+        "20",
+        "--encoder",
+        "tiny-bert",
+        "--json",
+        "--html",
+        "drift.html",
+    ]);
+    assert_eq!(drift["task"], "questions");
+    assert_eq!(drift["understudy"], json!(version), "{drift}");
+    assert!(drift["input"]["p_value"].is_number() && drift["confidence"]["p_value"].is_number(), "{drift}");
+    assert_eq!(drift["over_time"].as_array().map(Vec::len), Some(2), "{drift}");
+    let page = std::fs::read_to_string(workdir.path("drift.html")).expect("drift page");
+    assert!(page.contains("<svg") && page.contains("polyline"), "{page}");
+    let text = workdir.run_ok(&["report", "drift", "--task", "questions", "--window", "20", "--encoder", "tiny-bert"]);
+    assert!(text.contains("over time, since the current promotion") && text.contains("confidence"), "{text}");
+
     // A promotion by hand pins the task until it is released.
     workdir.run_ok(&["promote", "--task", "questions", "--policy", "lead"]);
     let pinned = workdir.run_ok(&["autopilot", "--once"]);
     assert!(pinned.contains("pinned"), "{pinned}");
     let released = workdir.run_ok(&["autopilot", "--release", "questions"]);
     assert!(released.contains("released by hand") && released.contains("cascade → collecting"), "{released}");
-
-    // Drift: the report runs on the live record, as a table and as JSON.
-    let drift = workdir.run_json(&["report", "drift", "--task", "questions", "--window", "20", "--json"]);
-    assert_eq!(drift["task"], "questions");
-    assert!(drift["skipped"].is_array(), "{drift}");
 
     let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
     assert!(killed.success());

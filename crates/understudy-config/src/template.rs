@@ -59,7 +59,11 @@ type = "openai"
 base_url = "https://api.openai.com/v1"
 api_key_env = "OPENAI_API_KEY"          # the variable's name, never the key
 timeout_secs = 60                       # past this, the client gets HTTP 504
-max_retries = 2                         # on 5xx or a refused connection, then 502
+# Retries only failures before any answer (a refused or reset connection, no
+# headers within timeout_secs), then 502 (504 after a timeout). An answer
+# with an error status (429, 500, 503...) is never retried here: it goes to
+# the client with its status and `retry-after`, and the client's SDK retries.
+max_retries = 2
 retry_backoff_ms = 200                  # doubled on each retry
 
 # Anthropic's Messages API (POST {base_url}/v1/messages). Clients still speak
@@ -71,7 +75,9 @@ base_url = "https://api.anthropic.com"  # without /v1
 api_key_env = "ANTHROPIC_API_KEY"       # sent as x-api-key
 anthropic_version = "2023-06-01"        # the anthropic-version header
 timeout_secs = 60
-max_retries = 2                         # on 5xx (529 overloaded too) or a refused connection
+# As for cloud: only failures before any answer are retried; an error status
+# (429, 529 overloaded...) goes to the client with its `retry-after`.
+max_retries = 2
 retry_backoff_ms = 200
 # Anthropic requires max_tokens: a request without max_tokens or
 # max_completion_tokens is sent with max_tokens = 4096.

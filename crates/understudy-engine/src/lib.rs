@@ -416,7 +416,11 @@ impl LocalModel for LlamaCppModel {
                             prompt_tokens: prompt_tokens as u64,
                             completion_tokens: completion_tokens as u64,
                         };
-                        return Ok(ProviderResponse { body: body.to_string().into(), usage: Some(usage) });
+                        return Ok(ProviderResponse {
+                            body: body.to_string().into(),
+                            usage: Some(usage),
+                            headers: Default::default(),
+                        });
                     }
                     Some(Event::Failed(message)) => return Err(self.failed(message)),
                     None => return Err(self.failed("the scheduler dropped the request".to_string())),

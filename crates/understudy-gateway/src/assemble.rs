@@ -159,7 +159,15 @@ impl StreamAssembler {
 fn message_of(parts: &ChoiceParts) -> Value {
     let mut message = Map::new();
     message.insert("role".into(), Value::String(parts.role.clone().unwrap_or_else(|| "assistant".into())));
-    message.insert("content".into(), parts.content.clone().map_or(Value::Null, Value::String));
+    // A tool call or a refusal with no text is `"content": null`, as in a
+    // non-streamed answer, even when the stream sent `"content": ""` first.
+    let no_text = parts.content.as_deref().is_none_or(str::is_empty);
+    let content = match &parts.content {
+        Some(_) if no_text && (!parts.tool_calls.is_empty() || parts.refusal.is_some()) => Value::Null,
+        Some(text) => Value::String(text.clone()),
+        None => Value::Null,
+    };
+    message.insert("content".into(), content);
     if let Some(refusal) = &parts.refusal {
         message.insert("refusal".into(), Value::String(refusal.clone()));
     }
@@ -204,5 +212,28 @@ mod tests {
         assert_eq!(completion["choices"][0]["finish_reason"], "tool_calls");
         assert_eq!(completion["usage"]["total_tokens"], 8);
         assert_eq!(assembler.usage(), Some(Usage { prompt_tokens: 5, completion_tokens: 3 }));
+    }
+
+    /// A streamed tool call is recorded as a non-streamed one reads:
+    /// `"content": null`, though the first delta carried `"content": ""`.
+    #[test]
+    fn a_streamed_tool_call_has_null_content() {
+        let mut assembler = StreamAssembler::default();
+        for chunk in [
+            json!({"id":"c2","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}),
+            json!({"id":"c2","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"t1","type":"function","function":{"name":"get","arguments":"{}"}}]}}]}),
+            json!({"id":"c2","choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}),
+        ] {
+            assembler.push(&chunk);
+        }
+        let message = &assembler.finish()["choices"][0]["message"];
+        assert!(message.get("content").is_some_and(Value::is_null), "{message}");
+        assert_eq!(message["tool_calls"][0]["function"]["name"], "get");
+
+        // An empty answer with no tool call stays an empty string.
+        let mut assembler = StreamAssembler::default();
+        assembler
+            .push(&json!({"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":"stop"}]}));
+        assert_eq!(assembler.finish()["choices"][0]["message"]["content"], "");
     }
 }

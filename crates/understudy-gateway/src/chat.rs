@@ -13,7 +13,7 @@ use futures::StreamExt;
 use serde_json::Value;
 use tokio::sync::mpsc;
 use understudy_config::{ModelConfig, Policy};
-use understudy_providers::{tokens, AnyProvider, ChatRequest, ChunkStream, ProviderResponse};
+use understudy_providers::{tokens, AnyProvider, ChatRequest, ChunkStream, ProviderResponse, StreamResponse};
 use understudy_router::{first_step, judge, FirstStep, Verdict};
 use understudy_types::{CallRecord, Endpoint, Routing, ServedBy, Usage, UsageSource};
 
@@ -190,15 +190,13 @@ async fn serve_understudy(
         Err(error) => return GatewayError::from(error).into_response(),
     };
     let mut events = Vec::with_capacity(chunks.len() + 1);
-    for chunk in chunks {
-        let usage_only = serde_json::from_str::<Value>(&chunk)
-            .ok()
-            .and_then(|chunk| chunk.get("choices").and_then(Value::as_array).map(Vec::is_empty))
-            .unwrap_or(false);
-        if usage_only && !prepared.include_usage {
+    for data in chunks {
+        let Ok(chunk) = serde_json::from_str::<Value>(&data) else {
             continue;
+        };
+        if let Some(data) = chunk_for_client(data, &chunk, prepared.include_usage) {
+            events.push(Ok::<_, Infallible>(sse_event(&data)));
         }
-        events.push(Ok::<_, Infallible>(sse_event(&chunk)));
     }
     events.push(Ok(sse_event("[DONE]")));
     (
@@ -321,7 +319,7 @@ fn usage_or_counted(
 }
 
 async fn complete(state: AppState, draft: CallDraft, prepared: Prepared, pending: Option<PendingAttempt>) -> Response {
-    let ProviderResponse { body, usage } = match prepared.provider.infer(prepared.request).await {
+    let ProviderResponse { body, usage, headers } = match prepared.provider.infer(prepared.request).await {
         Ok(response) => response,
         Err(error) => return fail(&state, draft, error.into()).await,
     };
@@ -353,12 +351,12 @@ async fn complete(state: AppState, draft: CallDraft, prepared: Prepared, pending
             });
         }
     }
-    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+    (headers, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 async fn stream(state: AppState, draft: CallDraft, prepared: Prepared, pending: Option<PendingAttempt>) -> Response {
-    let chunks = match prepared.provider.infer_stream(prepared.request.clone()).await {
-        Ok(chunks) => chunks,
+    let StreamResponse { chunks, headers } = match prepared.provider.infer_stream(prepared.request.clone()).await {
+        Ok(response) => response,
         Err(error) => return fail(&state, draft, error.into()).await,
     };
     // The relay runs in its own task so that the call is recorded even when
@@ -368,7 +366,11 @@ async fn stream(state: AppState, draft: CallDraft, prepared: Prepared, pending: 
     let body = futures::stream::poll_fn(move |context| {
         receiver.poll_recv(context).map(|bytes| bytes.map(Ok::<_, Infallible>))
     });
-    ([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], Body::from_stream(body))
+    (
+        headers,
+        [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")],
+        Body::from_stream(body),
+    )
         .into_response()
 }
 
@@ -378,6 +380,24 @@ fn bad_stream(prepared: &Prepared, message: String) -> GatewayError {
         provider: prepared.model.provider.clone(),
         message,
     })
+}
+
+/// A chunk as the client is sent it, or `None` for a chunk it is not sent.
+/// A client that did not ask for usage (`stream_options.include_usage`)
+/// gets chunks without a `usage` field, as OpenAI sends them: the gateway
+/// asks upstreams for usage anyway, and they then put `"usage": null` in
+/// every chunk and `usage` alone in a last one, which is held back.
+pub(crate) fn chunk_for_client(data: String, chunk: &Value, include_usage: bool) -> Option<String> {
+    let Some(object) = chunk.as_object().filter(|object| !include_usage && object.contains_key("usage")) else {
+        return Some(data);
+    };
+    let usage_only = object.get("choices").and_then(Value::as_array).is_some_and(Vec::is_empty);
+    if usage_only {
+        return None;
+    }
+    let mut object = object.clone();
+    object.remove("usage");
+    Some(Value::Object(object).to_string())
 }
 
 fn sse_event(data: &str) -> Bytes {
@@ -419,11 +439,9 @@ async fn relay(
         if assembler.push(&chunk) && ttft_ms.is_none() {
             ttft_ms = Some(draft.elapsed_ms());
         }
-        let usage_only = chunk.get("choices").and_then(Value::as_array).is_some_and(Vec::is_empty)
-            && chunk.get("usage").is_some_and(|usage| !usage.is_null());
-        if usage_only && !prepared.include_usage {
+        let Some(data) = chunk_for_client(data, &chunk, prepared.include_usage) else {
             continue;
-        }
+        };
         if sender.send(sse_event(&data)).await.is_err() {
             client_gone = true;
             break;

@@ -1,7 +1,7 @@
 //! `POST /v1/embeddings`, passed through to the model's provider.
 
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde_json::Value;
@@ -10,6 +10,7 @@ use understudy_types::{Endpoint, Usage, UsageSource};
 
 use crate::auth::Caller;
 use crate::draft::{CallDraft, Outcome};
+use crate::feedback::CALL_ID_HEADER;
 use crate::limits::Estimate;
 use crate::request::{parse_body, resolve_model, RequestBody};
 use crate::{AppState, GatewayError};
@@ -17,15 +18,22 @@ use understudy_providers::CostModel;
 
 pub(crate) async fn embeddings(State(state): State<AppState>, caller: Caller, body: RequestBody) -> Response {
     let draft = CallDraft::start(Endpoint::Embeddings, caller.key_ref());
+    // As for chat: the client learns the call's id, to send feedback on it.
+    let call_id = draft.id;
+    state.inner.recent_calls.remember(call_id, caller.key_id().map(str::to_string));
     let (client, span) = (draft.client.clone(), draft.span.clone());
-    state.clone().serve_detached(client, span, serve_embeddings(state, draft, caller, body)).await
+    let mut response = state.clone().serve_detached(client, span, serve_embeddings(state, draft, caller, body)).await;
+    if let Ok(value) = HeaderValue::from_str(&call_id.to_string()) {
+        response.headers_mut().insert(CALL_ID_HEADER, value);
+    }
+    response
 }
 
 async fn serve_embeddings(state: AppState, mut draft: CallDraft, caller: Caller, body: RequestBody) -> Response {
     match embed(&state, &caller, body, &mut draft).await {
-        Ok((body, outcome)) => {
+        Ok((body, headers, outcome)) => {
             state.record(draft.finish(outcome)).await;
-            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+            (headers, [(header::CONTENT_TYPE, "application/json")], body).into_response()
         }
         Err(error) => {
             state.record(draft.fail(&error)).await;
@@ -39,7 +47,7 @@ async fn embed(
     caller: &Caller,
     body: RequestBody,
     draft: &mut CallDraft,
-) -> Result<(Bytes, Outcome), GatewayError> {
+) -> Result<(Bytes, HeaderMap, Outcome), GatewayError> {
     let mut body = parse_body(body, draft)?;
     let model = resolve_model(state, &mut body, draft)?.clone();
     caller.check_scope(draft.task.as_deref(), &draft.model)?;
@@ -71,7 +79,7 @@ async fn embed(
         ttft_ms: Some(draft.elapsed_ms()),
         error: None,
     };
-    Ok((response.body, outcome))
+    Ok((response.body, response.headers, outcome))
 }
 
 /// The response as recorded: vectors are replaced by their length, because a

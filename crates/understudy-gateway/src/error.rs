@@ -1,7 +1,7 @@
 //! The one place where errors become HTTP responses, in OpenAI's error shape:
 //! `{"error":{"message","type","param","code"}}`.
 
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde_json::json;
@@ -158,14 +158,29 @@ impl GatewayError {
 
     /// The JSON error body a client receives.
     pub fn body(&self) -> Bytes {
-        // An upstream's own 4xx answer is passed on unchanged when it is
-        // already an OpenAI-style error.
+        // An upstream's own error answer (4xx or 5xx) is passed on unchanged
+        // when it is already an OpenAI-style error; one whose `error` object
+        // lacks some of OpenAI's fields gets them, so clients can read it.
         if let GatewayError::Provider(ProviderError::Rejected { body, .. }) = self {
-            let is_openai_error = serde_json::from_slice::<serde_json::Value>(body)
-                .map(|value| value.get("error").is_some_and(serde_json::Value::is_object))
-                .unwrap_or(false);
-            if is_openai_error {
-                return body.clone();
+            if let Ok(serde_json::Value::Object(mut outer)) = serde_json::from_slice::<serde_json::Value>(body) {
+                if let Some(serde_json::Value::Object(error)) = outer.get_mut("error") {
+                    let is_complete = error.get("message").is_some_and(serde_json::Value::is_string)
+                        && error.get("type").is_some_and(serde_json::Value::is_string)
+                        && error.contains_key("param")
+                        && error.contains_key("code");
+                    if is_complete {
+                        return body.clone();
+                    }
+                    if !error.get("message").is_some_and(serde_json::Value::is_string) {
+                        error.insert("message".into(), self.to_string().into());
+                    }
+                    if !error.get("type").is_some_and(serde_json::Value::is_string) {
+                        error.insert("type".into(), self.error_type().into());
+                    }
+                    error.entry("param").or_insert(serde_json::Value::Null);
+                    error.entry("code").or_insert(serde_json::Value::Null);
+                    return Bytes::from(serde_json::Value::Object(outer).to_string());
+                }
             }
         }
         let body = json!({
@@ -185,6 +200,10 @@ impl IntoResponse for GatewayError {
         let mut response = (self.status(), [(header::CONTENT_TYPE, "application/json")], self.body()).into_response();
         if let GatewayError::LimitReached(refusal) = &self {
             response.headers_mut().insert(header::RETRY_AFTER, refusal.retry_after_secs.into());
+        }
+        // An upstream's `retry-after` and rate-limit headers, for the client's SDK to act on.
+        if let GatewayError::Provider(ProviderError::Rejected { headers, .. }) = &self {
+            response.headers_mut().extend(HeaderMap::clone(headers));
         }
         if matches!(self.status(), StatusCode::UNAUTHORIZED) {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));

@@ -13,6 +13,7 @@ mod assemble;
 mod audit;
 pub mod auth;
 mod chat;
+mod completions;
 mod draft;
 mod embeddings;
 mod error;
@@ -55,6 +56,8 @@ struct Inner {
     providers: HashMap<String, Arc<AnyProvider>>,
     recorder: Recorder,
     models_body: Bytes,
+    /// Each listed model's object, by id, for `GET /v1/models/{id}`.
+    model_objects: HashMap<String, Bytes>,
     routes: routing::RouteTable,
     local_loader: Option<Arc<dyn LocalLoader>>,
     /// Work that outlives a response (stream relays, records waiting for a
@@ -88,7 +91,8 @@ impl AppState {
             let provider = AnyProvider::from_config(name, provider_config, &config.models, loader.as_deref())?;
             providers.insert(name.clone(), Arc::new(provider));
         }
-        let models_body = models_list(&config);
+        let model_objects = model_objects(&config);
+        let models_body = models_list(&model_objects);
         let limiter = limits::Limiter::new(config.server.limits_redis_url.as_deref()).map_err(|error| {
             ProviderError::Setup { provider: "limits_redis_url".into(), message: error.to_string() }
         })?;
@@ -99,6 +103,10 @@ impl AppState {
                 providers,
                 recorder,
                 models_body,
+                model_objects: model_objects
+                    .into_iter()
+                    .map(|(id, object)| (id, Bytes::from(object.to_string())))
+                    .collect(),
                 routes,
                 local_loader: loader,
                 background: tokio_util::task::TaskTracker::new(),
@@ -148,8 +156,11 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/v1/completions", post(completions::completions))
         .route("/v1/feedback", post(feedback::feedback))
         .route("/v1/models", get(list_models))
+        // A wildcard, because model names may hold slashes (`org/model`).
+        .route("/v1/models/{*id}", get(retrieve_model))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_page))
         .fallback(route_not_found)
@@ -211,22 +222,43 @@ pub async fn serve(
     Ok(())
 }
 
-fn models_list(config: &Config) -> Bytes {
-    let mut data = Vec::new();
+/// The object `/v1/models` lists for each id, in the config's order:
+/// configured models, then `task:NAME` for each task.
+fn model_objects(config: &Config) -> Vec<(String, serde_json::Value)> {
+    let mut objects = Vec::new();
     for (name, model) in &config.models {
-        data.push(json!({"id": name, "object": "model", "created": 0, "owned_by": model.provider}));
+        objects.push((name.clone(), json!({"id": name, "object": "model", "created": 0, "owned_by": model.provider})));
     }
     for (name, task) in &config.tasks {
-        data.push(json!({
-            "id": format!("task:{name}"), "object": "model", "created": 0,
+        let id = format!("task:{name}");
+        let object = json!({
+            "id": id, "object": "model", "created": 0,
             "owned_by": "understudy", "lead": task.lead, "understudy": task.understudy,
-        }));
+        });
+        objects.push((id, object));
     }
+    objects
+}
+
+fn models_list(objects: &[(String, serde_json::Value)]) -> Bytes {
+    let data: Vec<&serde_json::Value> = objects.iter().map(|(_, object)| object).collect();
     Bytes::from(json!({"object": "list", "data": data}).to_string())
 }
 
 async fn list_models(State(state): State<AppState>, _caller: auth::Caller) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], state.inner.models_body.clone()).into_response()
+}
+
+/// `GET /v1/models/{id}`: the object `/v1/models` lists for `id`, or 404.
+async fn retrieve_model(
+    State(state): State<AppState>,
+    _caller: auth::Caller,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    match state.inner.model_objects.get(&id) {
+        Some(object) => ([(header::CONTENT_TYPE, "application/json")], object.clone()).into_response(),
+        None => GatewayError::ModelNotFound(id).into_response(),
+    }
 }
 
 /// Prometheus' page; an admin key is needed when keys are on.

@@ -219,7 +219,11 @@ mod tests {
             let format = request.body.get("response_format").cloned().unwrap_or(Value::Null);
             let body = serde_json::json!({"choices": [{"message": {"content": format.to_string()}}]});
             Box::pin(async move {
-                Ok(understudy_providers::ProviderResponse { body: body.to_string().into(), usage: None })
+                Ok(understudy_providers::ProviderResponse {
+                    body: body.to_string().into(),
+                    usage: None,
+                    headers: Default::default(),
+                })
             })
         }
 

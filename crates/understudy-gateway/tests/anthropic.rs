@@ -46,8 +46,22 @@ async fn messages(State(seen): State<Seen>, headers: HeaderMap, Json(body): Json
     if model == "claude-reject" {
         let error =
             json!({"type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens: too large"}});
-        return (StatusCode::BAD_REQUEST, Json(error)).into_response();
+        return (StatusCode::BAD_REQUEST, [("request-id", "req_400")], Json(error)).into_response();
     }
+    if model == "claude-overloaded" {
+        let error = json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}});
+        let status = StatusCode::from_u16(529).unwrap();
+        return (status, [("retry-after", "3"), ("request-id", "req_529"), ("x-should-retry", "true")], Json(error))
+            .into_response();
+    }
+    // What Anthropic sends beside an answer: a request id, rate limits and
+    // headers of its own (this one must not reach the client).
+    let answer_headers = [
+        ("request-id", "req_ok"),
+        ("anthropic-ratelimit-requests-remaining", "49"),
+        ("anthropic-ratelimit-tokens-reset", "2025-06-01T00:00:00Z"),
+        ("anthropic-organization-id", "org_private"),
+    ];
     let (content, stop_reason) = answer_of(&model);
     if body["stream"] != json!(true) {
         let message = json!({
@@ -55,7 +69,7 @@ async fn messages(State(seen): State<Seen>, headers: HeaderMap, Json(body): Json
             "stop_reason": stop_reason, "stop_sequence": null,
             "usage": {"input_tokens": 30, "output_tokens": 12},
         });
-        return Json(message).into_response();
+        return (answer_headers, Json(message)).into_response();
     }
     let mut events = vec![
         (
@@ -88,7 +102,7 @@ async fn messages(State(seen): State<Seen>, headers: HeaderMap, Json(body): Json
     events.push(("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": null}, "usage": {"output_tokens": 12}})));
     events.push(("message_stop", json!({"type": "message_stop"})));
     let text: String = events.iter().map(|(name, data)| format!("event: {name}\ndata: {data}\n\n")).collect();
-    ([("content-type", "text/event-stream")], text).into_response()
+    ([("content-type", "text/event-stream")], answer_headers, text).into_response()
 }
 
 async fn start_stub() -> (String, Seen) {
@@ -109,7 +123,9 @@ async fn start() -> (Harness, Seen) {
 type = "anthropic"
 base_url = "{stub_url}"
 api_key_env = "{KEY_VAR}"
-max_retries = 0
+# Retries cover failures before an answer only: an error status is one request.
+max_retries = 2
+retry_backoff_ms = 10
 
 [models.claude-sonnet-4]
 provider = "claude"
@@ -124,6 +140,9 @@ input_per_million = 3.0
 output_per_million = 15.0
 
 [models.claude-reject]
+provider = "claude"
+
+[models.claude-overloaded]
 provider = "claude"
 
 [tasks.support]
@@ -319,4 +338,58 @@ async fn an_anthropic_error_reaches_the_client_as_an_openai_error_with_its_statu
     assert!(body.get("type").is_none(), "{body}");
     let (calls, _harness) = harness.finish().await;
     assert_eq!(calls[0].status, 400);
+}
+
+fn header_of(headers: &reqwest::header::HeaderMap, name: &str) -> Option<String> {
+    headers.get(name).and_then(|value| value.to_str().ok()).map(str::to_string)
+}
+
+/// 529 overloaded is an upstream status like any other: not retried by the
+/// gateway (max_retries covers failures before an answer), passed on with
+/// its status, an OpenAI error body, `retry-after` and the request id, so
+/// the client's SDK retries it, streamed or not.
+#[tokio::test]
+async fn an_overloaded_anthropic_answer_is_passed_on_after_one_request_with_its_headers() {
+    let (harness, seen) = start().await;
+    let request = json!({"model": "claude-overloaded", "messages": [{"role": "user", "content": "hi"}]});
+    let mut streamed = request.clone();
+    streamed["stream"] = json!(true);
+    for (request_idx, request) in [request, streamed].iter().enumerate() {
+        let (status, headers, text) = harness.post_full("/chat/completions", request).await;
+        assert_eq!(status, 529, "{text}");
+        let body: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(body["error"]["type"], "overloaded_error");
+        assert_eq!(body["error"]["message"], "Overloaded");
+        assert_eq!(header_of(&headers, "retry-after").as_deref(), Some("3"));
+        assert_eq!(header_of(&headers, "x-request-id").as_deref(), Some("req_529"));
+        assert_eq!(header_of(&headers, "request-id"), None);
+        assert_eq!(seen.lock().unwrap().len(), request_idx + 1, "one upstream request per call");
+    }
+    // A 400's request id reaches the client too.
+    let reject = json!({"model": "claude-reject", "messages": [{"role": "user", "content": "hi"}]});
+    let (status, headers, _) = harness.post_full("/chat/completions", &reject).await;
+    assert_eq!((status, header_of(&headers, "x-request-id").as_deref()), (400, Some("req_400")));
+    let (calls, _harness) = harness.finish().await;
+    let statuses: Vec<u16> = calls.iter().map(|call| call.status).collect();
+    assert_eq!(statuses, vec![529, 529, 400]);
+}
+
+/// An answer's request id and rate limits reach the client under OpenAI's
+/// names, streamed or not; Anthropic's other headers do not.
+#[tokio::test]
+async fn an_anthropic_answer_carries_its_request_id_and_rate_limits_under_openai_names() {
+    let (harness, _seen) = start().await;
+    let request = json!({"model": "claude-sonnet-4", "messages": [{"role": "user", "content": "Capital of France?"}]});
+    let mut streamed = request.clone();
+    streamed["stream"] = json!(true);
+    for request in [request, streamed] {
+        let (status, headers, text) = harness.post_full("/chat/completions", &request).await;
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(header_of(&headers, "x-request-id").as_deref(), Some("req_ok"));
+        assert_eq!(header_of(&headers, "x-ratelimit-remaining-requests").as_deref(), Some("49"));
+        for private in ["request-id", "anthropic-organization-id", "anthropic-ratelimit-requests-remaining"] {
+            assert_eq!(header_of(&headers, private), None, "{private}");
+        }
+        assert!(headers.keys().all(|name| !name.as_str().starts_with("anthropic-")), "{headers:?}");
+    }
 }

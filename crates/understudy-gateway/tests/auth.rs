@@ -189,7 +189,7 @@ async fn a_key_rates_only_its_own_successful_calls() {
     assert_eq!(answered.status(), 200);
     let good_call = call_of(answered.headers());
     let failed = ask("down").await.expect("call");
-    assert_eq!(failed.status(), 502);
+    assert_eq!(failed.status(), 503, "the upstream's status");
     let failed_call = call_of(failed.headers());
 
     let rate = |key: String, call: String| {

@@ -95,7 +95,7 @@ fn scenario(rng: &mut StdRng) -> Scenario {
         14 => Scenario { body: chat("huge", false), stream: false, expect: Expect::Answer, faulty_upstream: false },
         15 => upstream("reset", Expect::Error(502)),
         16 => upstream("rate-limited", Expect::Error(429)),
-        _ => upstream("down", Expect::Error(502)),
+        _ => upstream("down", Expect::Error(503)),
     }
 }
 

@@ -86,11 +86,22 @@ async fn usage_the_client_did_not_ask_for_is_recorded_but_not_sent() {
     let mut request = chat_body("gpt-4o-mini", "Capital of France?");
     request["stream"] = json!(true);
     let (_status, sse) = harness.post_stream(&request).await;
-    assert!(!sse.contains("\"usage\":{"), "unasked usage chunk leaked: {sse}");
+    assert!(sse.contains(ANSWER.split(' ').next().unwrap_or_default()), "{sse}");
+    assert!(!sse.contains("\"usage\""), "no usage chunk nor `usage: null` unless asked for: {sse}");
+    // A replayed (non-HTTP) lead's stream too.
+    let replayed = json!({"model": "task:trec", "stream": true, "messages": [
+        {"role": "system", "content": "Label the question."}, {"role": "user", "content": "How far is the Moon?"}]});
+    let (_status, sse) = harness.post_stream(&replayed).await;
+    assert!(sse.contains("NUM") && !sse.contains("\"usage\""), "{sse}");
+    // Asked for: `usage: null` on chunks, then the usage chunk, as OpenAI sends them.
+    request["stream_options"] = json!({"include_usage": true});
+    let (_status, sse) = harness.post_stream(&request).await;
+    assert!(sse.contains("\"usage\":null") && sse.contains("\"usage\":{"), "{sse}");
     // The gateway asked the upstream for usage on the client's behalf.
     assert_eq!(harness.stub.requests()[0]["stream_options"]["include_usage"], json!(true));
     let (calls, _harness) = harness.finish().await;
     assert_eq!((calls[0].usage.prompt_tokens, calls[0].usage_source), (21, UsageSource::Provider));
+    assert_eq!(calls.len(), 3);
 }
 
 #[tokio::test]
@@ -146,47 +157,166 @@ async fn bad_requests_get_openai_errors_and_are_recorded() {
     assert!(calls.iter().all(|call| call.error.is_some() && call.cost.dollars() == 0.0));
 }
 
+/// Legacy `/v1/completions` passes through to the lead, streamed or not,
+/// and is recorded (a stream assembled into one `text_completion`).
+#[tokio::test]
+async fn legacy_completions_pass_through_and_are_recorded() {
+    let harness = Harness::start().await;
+    let (status, headers, text) =
+        harness.post_full("/completions", &json!({"model": "gpt-4o-mini", "prompt": "Capital of France?"})).await;
+    assert_eq!(status, 200, "{text}");
+    let body: Value = serde_json::from_str(&text).expect("json");
+    assert_eq!((body["object"].as_str(), body["choices"][0]["text"].as_str()), (Some("text_completion"), Some(ANSWER)));
+    assert!(headers.get(understudy_gateway::CALL_ID_HEADER).is_some());
+    assert_eq!(headers.get("x-request-id").and_then(|value| value.to_str().ok()), Some("req-stub-1"));
+
+    let streamed = json!({"model": "task:triage", "prompt": ["Capital of France?"], "stream": true, "max_tokens": 9});
+    let (status, _, sse) = harness.post_full("/completions", &streamed).await;
+    assert_eq!(status, 200, "{sse}");
+    assert!(sse.contains("\"text\":\"Paris \"") && sse.ends_with("data: [DONE]\n\n"), "{sse}");
+    assert!(!sse.contains("\"usage\""), "usage only when asked for: {sse}");
+    let requests = harness.stub.requests();
+    assert_eq!(requests[0], json!({"model": "ok", "prompt": "Capital of France?"}), "passed through as sent");
+    assert_eq!(requests[1]["stream_options"]["include_usage"], true, "usage asked for the record");
+
+    // A model whose provider is no OpenAI-compatible upstream: a 400.
+    let (status, body) = harness.post_json("/completions", &json!({"model": "replayed", "prompt": "hi"})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("unsupported_endpoint")), "{body}");
+    let (status, body) = harness.post_json("/completions", &json!({"model": "gpt-4o-mini"})).await;
+    assert_eq!((status, body["error"]["param"].as_str()), (400, Some("prompt")), "{body}");
+
+    let (calls, _harness) = harness.finish().await;
+    assert_eq!(calls.len(), 4);
+    assert!(calls.iter().all(|call| call.endpoint == Endpoint::Completions), "{calls:?}");
+    assert_eq!((calls[0].status, calls[0].usage.prompt_tokens, calls[0].usage_source), (200, 5, UsageSource::Provider));
+    assert!(calls[0].cost.dollars() > 0.0);
+    let recorded: Value = serde_json::from_str(calls[1].response.as_deref().expect("response")).expect("json");
+    assert_eq!(recorded["object"], "text_completion");
+    assert_eq!(recorded["choices"][0]["text"], ANSWER, "the stream assembled");
+    assert_eq!(recorded["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        (calls[1].stream, calls[1].task.as_deref(), calls[1].usage.completion_tokens),
+        (true, Some("triage"), 7)
+    );
+    assert_eq!((calls[2].status, calls[3].status), (400, 400));
+}
+
 #[tokio::test]
 async fn unknown_routes_get_openai_404s() {
     let harness = Harness::start().await;
-    let (status, body) = harness.post("/completions", "{}").await;
+    let (status, body) = harness.post("/edits", "{}").await;
     assert_eq!(status, 404);
     assert_eq!(body["error"]["code"], "unknown_url");
     let response = harness.client.get(format!("{}/chat/completions", harness.base_url)).send().await.expect("get");
     assert_eq!(response.status().as_u16(), 404);
 }
 
+/// Issue "Every client, every endpoint": the client's SDK retries statuses
+/// itself, so the gateway passes a 5xx on after one upstream request; a
+/// retry the client makes then succeeds.
 #[tokio::test]
-async fn upstream_5xx_is_retried_until_it_answers() {
+async fn an_upstream_500_is_passed_on_and_not_retried() {
     let harness = Harness::start().await;
     let (status, body) = harness.post_json("/chat/completions", &chat_body("flaky", "retry me")).await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"]["message"], "try again", "the upstream's own error body");
+    assert_eq!(harness.stub.requests().len(), 1, "a status is the client's to retry");
+    let (status, body) = harness.post_json("/chat/completions", &chat_body("flaky", "retry me")).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(harness.stub.requests().len(), 2, "one failure, one retry");
+    assert_eq!(harness.stub.requests().len(), 2);
     let (calls, _harness) = harness.finish().await;
-    assert_eq!(calls[0].status, 200);
+    assert_eq!((calls[0].status, calls[1].status), (500, 200));
 }
 
 #[tokio::test]
-async fn an_upstream_that_stays_down_gets_a_502_after_retries() {
+async fn an_upstream_503_makes_one_request_and_reaches_the_client_with_its_headers() {
     let harness = Harness::start().await;
-    let (status, body) = harness.post_json("/chat/completions", &chat_body("down", "hello")).await;
-    assert_eq!(status, 502, "{body}");
-    assert_eq!(body["error"]["code"], "upstream_unavailable");
-    assert!(body["error"]["message"].as_str().unwrap_or("").contains("3 attempts"), "{body}");
-    assert_eq!(harness.stub.requests().len(), 3, "max_retries = 2");
+    let (status, headers, text) = harness.post_full("/chat/completions", &chat_body("down", "hello")).await;
+    assert_eq!(status, 503, "{text}");
+    let body: Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(body["error"]["message"], "overloaded");
+    assert_eq!(harness.stub.requests().len(), 1, "max_retries = 2, and still one request");
+    assert_eq!(headers.get("retry-after").map(|value| value.as_bytes()), Some(&b"2"[..]));
+    assert_eq!(headers.get("retry-after-ms").map(|value| value.as_bytes()), Some(&b"1500"[..]));
+    assert_eq!(headers.get("x-request-id").map(|value| value.as_bytes()), Some(&b"req-stub-1"[..]));
+    // Streamed requests get the same status and headers.
+    let mut streamed = chat_body("down", "hello");
+    streamed["stream"] = json!(true);
+    let (status, headers, _) = harness.post_full("/chat/completions", &streamed).await;
+    assert_eq!(status, 503);
+    assert_eq!(headers.get("retry-after").map(|value| value.as_bytes()), Some(&b"2"[..]));
+    assert_eq!(harness.stub.requests().len(), 2);
     let (calls, _harness) = harness.finish().await;
-    assert_eq!(calls[0].status, 502);
-    assert!(calls[0].error.as_deref().unwrap_or("").contains("HTTP 503"));
+    assert_eq!((calls[0].status, calls[1].status), (503, 503));
+    assert!(calls[0].error.as_deref().unwrap_or("").contains("HTTP 503"), "{:?}", calls[0].error);
 }
 
 #[tokio::test]
-async fn a_refused_connection_gets_a_502() {
+async fn a_refused_connection_is_retried_then_gets_a_502() {
     let harness = Harness::start().await;
     let (status, body) = harness.post_json("/chat/completions", &chat_body("ghost", "hello")).await;
     assert_eq!(status, 502, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap_or("").contains("connection"), "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or("");
+    assert!(message.contains("connection") && message.contains("after 2 attempts"), "max_retries = 1: {body}");
     let (calls, _harness) = harness.finish().await;
     assert_eq!((calls[0].status, calls[0].provider.as_str()), (502, "dead"));
+}
+
+/// A connection closed before any answer is retried: 1 + `max_retries`
+/// connections reach the upstream for one client call.
+#[tokio::test]
+async fn a_connection_closed_before_headers_is_retried_max_retries_times() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(socket);
+        }
+    });
+    let extra = format!(
+        "\n[providers.hangup]\ntype = \"openai\"\nbase_url = \"http://127.0.0.1:{port}/v1\"\nmax_retries = 3\nretry_backoff_ms = 1\n\n[models.hangup]\nprovider = \"hangup\"\n"
+    );
+    let harness = Harness::start_routed(&extra).await;
+    let (status, body) = harness.post_json("/chat/completions", &chat_body("hangup", "hello")).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 4, "1 + max_retries");
+    let _ = harness.finish().await;
+}
+
+/// Headers clients act on reach them from the upstream, on answers and
+/// errors, streamed or not; others do not.
+#[tokio::test]
+async fn upstream_rate_limit_and_request_id_headers_reach_the_client() {
+    let harness = Harness::start().await;
+    let mut streamed = chat_body("gpt-4o-mini", "hello");
+    streamed["stream"] = json!(true);
+    let calls = [
+        ("/chat/completions", chat_body("gpt-4o-mini", "hello"), 200),
+        ("/chat/completions", streamed, 200),
+        ("/chat/completions", chat_body("rate-limited", "hello"), 429),
+        ("/embeddings", json!({"model": "embedder", "input": "hello"}), 200),
+    ];
+    for (path, body, expected) in calls {
+        let (status, headers, text) = harness.post_full(path, &body).await;
+        assert_eq!(status, expected, "{text}");
+        for (name, value) in support::stub::CLIENT_HEADERS {
+            assert_eq!(headers.get(name).and_then(|value| value.to_str().ok()), Some(value), "{name} on {body}");
+        }
+        assert!(headers.get("x-stub-private").is_none(), "only the headers clients act on pass");
+        assert!(headers.get(understudy_gateway::CALL_ID_HEADER).is_some());
+        if status == 429 {
+            assert_eq!(headers.get("retry-after").and_then(|value| value.to_str().ok()), Some("1"));
+            let body: Value = serde_json::from_str(&text).expect("json");
+            assert_eq!(body["error"]["code"], "rate_limit_exceeded", "the upstream's body");
+        } else {
+            assert!(headers.get("retry-after").is_none());
+        }
+    }
+    assert_eq!(harness.stub.requests().len(), 4, "a 429 is not retried either");
+    let _ = harness.finish().await;
 }
 
 #[tokio::test]
@@ -266,6 +396,40 @@ async fn models_and_health_are_served() {
 }
 
 #[tokio::test]
+async fn a_model_is_retrieved_as_it_is_listed() {
+    let harness = Harness::start().await;
+    let get = |path: String| {
+        let client = harness.client.clone();
+        async move {
+            let response = client.get(path).send().await.expect("get");
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.expect("json"))
+        }
+    };
+    let (_, models) = get(format!("{}/models", harness.base_url)).await;
+    let listed = models["data"].as_array().expect("data").clone();
+    assert!(listed.len() >= 3, "{models}");
+    for object in &listed {
+        let id = object["id"].as_str().expect("id");
+        let (status, retrieved) = get(format!("{}/models/{id}", harness.base_url)).await;
+        assert_eq!((status, &retrieved), (200, object), "{id}");
+    }
+    // Clients that percent-encode the id (`task%3Atriage`) get the same object.
+    let (status, retrieved) = get(format!("{}/models/task%3Atriage", harness.base_url)).await;
+    assert_eq!((status, retrieved["id"].as_str()), (200, Some("task:triage")));
+    assert_eq!(retrieved["lead"], "gpt-4o-mini");
+
+    let (status, body) = get(format!("{}/models/no-such-model", harness.base_url)).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "model_not_found");
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert_eq!(body["error"]["param"], "model");
+    assert!(body["error"]["message"].as_str().unwrap_or("").contains("no-such-model"), "{body}");
+    let (status, _) = get(format!("{}/models/task:nope", harness.base_url)).await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
 async fn embeddings_pass_through_and_are_recorded() {
     let harness = Harness::start().await;
     let (status, body) =
@@ -278,7 +442,19 @@ async fn embeddings_pass_through_and_are_recorded() {
     );
     let (status, body) = harness.post_json("/embeddings", &json!({"model": "embedder"})).await;
     assert_eq!((status, body["error"]["param"].as_str()), (400, Some("input")));
+    // Like chat completions, embeddings name their record in a header.
+    let response = harness
+        .client
+        .post(format!("{}/embeddings", harness.base_url))
+        .json(&json!({"model": "embedder", "input": "three"}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status().as_u16(), 200);
+    let call_id = response.headers().get(understudy_gateway::CALL_ID_HEADER).expect("call id").to_str().expect("text");
+    let call_id = call_id.to_string();
     let (calls, _harness) = harness.finish().await;
+    assert_eq!(calls[2].id.to_string(), call_id);
     let call = &calls[0];
     assert_eq!((call.endpoint, call.usage.prompt_tokens), (Endpoint::Embeddings, 8));
     assert!((call.cost.dollars() - 8.0 * 0.02 / 1e6).abs() < 1e-18);

@@ -27,6 +27,8 @@ pub struct EncoderLocal {
 
 struct Inner {
     model: bert::Model,
+    /// The length of the vectors the model makes.
+    n_dims: usize,
     tokenizer: Tokenizer,
     pad_id: u32,
 }
@@ -49,7 +51,7 @@ impl EncoderLocal {
         let model = bert::Model::new(&cfg, vb).map_err(|error| setup(format!("{}: {error}", dir.display())))?;
         Ok(EncoderLocal {
             name: name.to_string(),
-            inner: Arc::new(Inner { model, tokenizer, pad_id: cfg.pad_token_id as u32 }),
+            inner: Arc::new(Inner { model, n_dims: cfg.hidden_size, tokenizer, pad_id: cfg.pad_token_id as u32 }),
         })
     }
 
@@ -70,9 +72,32 @@ impl EncoderLocal {
             Some(Value::Array(_)) => return Err(invalid("`input` must not be empty")),
             _ => return Err(invalid("`input` must be a string or an array of strings")),
         };
-        if request.body.get("encoding_format").and_then(Value::as_str).is_some_and(|format| format != "float") {
-            return Err(invalid("a local encoder answers with `encoding_format` float only"));
-        }
+        let encoding = match request.body.get("encoding_format") {
+            None | Some(Value::Null) => Encoding::Float,
+            Some(Value::String(format)) if format == "float" => Encoding::Float,
+            Some(Value::String(format)) if format == "base64" => Encoding::Base64,
+            Some(_) => {
+                return Err(ProviderError::invalid_param(
+                    &self.name,
+                    "`encoding_format` must be \"float\" or \"base64\"",
+                    "encoding_format",
+                ))
+            }
+        };
+        let n_dims = self.inner.n_dims;
+        let dimensions = match request.body.get("dimensions") {
+            None | Some(Value::Null) => n_dims,
+            Some(value) => match value.as_u64().and_then(|dims| usize::try_from(dims).ok()) {
+                Some(dims) if (1..=n_dims).contains(&dims) => dims,
+                _ => {
+                    return Err(ProviderError::invalid_param(
+                        &self.name,
+                        format!("`dimensions` must be an integer from 1 to {n_dims} for `{}`, not {value}", self.name),
+                        "dimensions",
+                    ))
+                }
+            },
+        };
         let inner = self.inner.clone();
         let name = self.name.clone();
         let (vectors, tokens) = tokio::task::spawn_blocking(move || inner.embed(&texts))
@@ -82,7 +107,14 @@ impl EncoderLocal {
         let data: Vec<Value> = vectors
             .into_iter()
             .enumerate()
-            .map(|(index, embedding)| json!({"object": "embedding", "index": index, "embedding": embedding}))
+            .map(|(index, embedding)| {
+                let embedding = shorten(embedding, dimensions);
+                let embedding = match encoding {
+                    Encoding::Float => json!(embedding),
+                    Encoding::Base64 => json!(base64_of(&embedding)),
+                };
+                json!({"object": "embedding", "index": index, "embedding": embedding})
+            })
             .collect();
         let body = json!({
             "object": "list", "data": data, "model": self.name,
@@ -90,6 +122,40 @@ impl EncoderLocal {
         });
         Ok(response_of(&body))
     }
+}
+
+/// How vectors are written in the answer.
+#[derive(Debug, Clone, Copy)]
+enum Encoding {
+    /// A JSON array of numbers.
+    Float,
+    /// The vector's float32 values as little-endian bytes, base64-encoded:
+    /// what OpenAI's clients ask for by default and decode.
+    Base64,
+}
+
+/// The first `n_dims` values of a normalized vector, normalized again: how
+/// OpenAI's `text-embedding-3` models answer `dimensions`. Those models were
+/// trained for it (Matryoshka representation learning); MiniLM was not, so
+/// a shortened vector keeps less of the meaning than theirs would. Still,
+/// a client that needs a fixed width gets one, and a full-length request is
+/// unchanged.
+pub fn shorten(mut vector: Vec<f32>, n_dims: usize) -> Vec<f32> {
+    if n_dims >= vector.len() {
+        return vector;
+    }
+    vector.truncate(n_dims);
+    let norm = vector.iter().map(|value| value * value).sum::<f32>().sqrt().max(1e-12);
+    for value in &mut vector {
+        *value /= norm;
+    }
+    vector
+}
+
+fn base64_of(vector: &[f32]) -> String {
+    use base64::Engine;
+    let bytes: Vec<u8> = vector.iter().flat_map(|value| value.to_le_bytes()).collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 impl Inner {

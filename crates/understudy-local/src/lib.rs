@@ -200,6 +200,7 @@ fn response_of(body: &Value) -> understudy_providers::ProviderResponse {
     understudy_providers::ProviderResponse {
         body: body.to_string().into_bytes().into(),
         usage: understudy_providers::usage_of(body),
+        headers: Default::default(),
     }
 }
 

@@ -157,6 +157,81 @@ async fn local_gguf_and_encoder_models_serve_openai_requests() {
     assert!(calls.iter().any(|call| call.endpoint.as_str() == "embeddings" && call.status == 200));
 }
 
+/// What the official Python client sends by default (`encoding_format:
+/// "base64"`) decodes to the vector a float request gets; `dimensions`
+/// shortens and re-normalizes; the call's id comes back in a header.
+#[tokio::test]
+async fn local_embeddings_answer_base64_and_dimensions_like_openai() {
+    use base64::Engine;
+    let Some(models) = models_dir() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[providers.local]\ntype = \"local\"\n\n[models.minilm]\nprovider = \"local\"\npath = \"{}\"\n",
+        models.join("all-MiniLM-L6-v2").display()
+    );
+    let gateway = Gateway::start(dir.path(), &config).await;
+    let input = json!(["How do I reset my password?", "Hello"]);
+    let floats_of = |item: &Value| -> Vec<f32> {
+        item["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    };
+
+    let response = gateway
+        .client
+        .post(gateway.url("/v1/embeddings"))
+        .json(&json!({"model": "minilm", "input": input, "encoding_format": "float"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let call_id = response.headers().get("x-understudy-call-id").expect("the call's id").to_str().unwrap().to_string();
+    let floats: Value = response.json().await.unwrap();
+
+    let (status, encoded) =
+        gateway.post("/v1/embeddings", &json!({"model": "minilm", "input": input, "encoding_format": "base64"})).await;
+    assert_eq!(status, 200, "{encoded}");
+    for (float_item, encoded_item) in floats["data"].as_array().unwrap().iter().zip(encoded["data"].as_array().unwrap())
+    {
+        let bytes =
+            base64::engine::general_purpose::STANDARD.decode(encoded_item["embedding"].as_str().unwrap()).unwrap();
+        let decoded: Vec<f32> =
+            bytes.chunks_exact(4).map(|four| f32::from_le_bytes([four[0], four[1], four[2], four[3]])).collect();
+        assert_eq!(decoded, floats_of(float_item));
+        assert_eq!(decoded.len(), 384);
+    }
+
+    // `dimensions`: the first N values of the full vector, normalized again.
+    let (status, short) =
+        gateway.post("/v1/embeddings", &json!({"model": "minilm", "input": input, "dimensions": 64})).await;
+    assert_eq!(status, 200, "{short}");
+    for (full_item, short_item) in floats["data"].as_array().unwrap().iter().zip(short["data"].as_array().unwrap()) {
+        let (full, short) = (floats_of(full_item), floats_of(short_item));
+        assert_eq!(short.len(), 64);
+        let norm = full[..64].iter().map(|x| x * x).sum::<f32>().sqrt();
+        for (short_value, full_value) in short.iter().zip(&full[..64]) {
+            assert!((short_value - full_value / norm).abs() < 1e-6, "{short_value} vs {}", full_value / norm);
+        }
+    }
+
+    // Bad values are 400s naming the field, and recorded.
+    for (field, value) in [
+        ("dimensions", json!(0)),
+        ("dimensions", json!(385)),
+        ("dimensions", json!(1.5)),
+        ("encoding_format", json!("int8")),
+    ] {
+        let mut body = json!({"model": "minilm", "input": "hi"});
+        body[field] = value;
+        let (status, error) = gateway.post("/v1/embeddings", &body).await;
+        assert_eq!(status, 400, "{error}");
+        assert_eq!(error["error"]["param"], field, "{error}");
+    }
+
+    let calls = gateway.finish().await;
+    assert_eq!(calls.len(), 7);
+    assert!(calls.iter().any(|call| call.id.to_string() == call_id && call.status == 200));
+    assert_eq!(calls.iter().filter(|call| call.status == 400).count(), 4);
+}
+
 /// SmolLM2 as the understudy of a task with labels: the gateway asks it to
 /// decode only the labels, so with policy `understudy` every answer is one
 /// of them and the understudy serves every call (an answer outside the

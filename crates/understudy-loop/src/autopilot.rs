@@ -307,8 +307,11 @@ impl<'a> Autopilot<'a> {
         };
         let mut drift = Vec::new();
         let checked = self.drift_checked_at.get(task).copied();
-        let window_passed = checked.is_none_or(|at| n_calls_since_training >= at + settings.drift_window)
-            || checked.is_some_and(|at| n_calls_since_training < at);
+        // A window of new calls since the last training, and since the last
+        // check (a training resets the count): one test per window of calls.
+        let window_passed = n_calls_since_training >= settings.drift_window
+            && checked
+                .is_none_or(|at| n_calls_since_training >= at + settings.drift_window || n_calls_since_training < at);
         if settings.drift && stage == Stage::Cascade && pinned_by.is_none() && window_passed {
             let found =
                 crate::drift::task_drift(self.store, task, settings.drift_window, settings.drift_alpha, self.encoder)
@@ -460,7 +463,10 @@ impl<'a> Autopilot<'a> {
                     let why = if not_worse {
                         "no cascade threshold certified on validation".to_string()
                     } else {
-                        format!("worse by more than {}", settings.challenger_margin)
+                        format!(
+                            "not shown to be within {} of the champion: the interval's lower bound is below -{}",
+                            settings.challenger_margin, settings.challenger_margin
+                        )
                     };
                     let back = self.serving_stage(task).await?;
                     Ok((back, format!("challenger {challenger} not promoted ({why}): {compared}; the champion stays"), evidence))

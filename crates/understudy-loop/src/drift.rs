@@ -62,6 +62,176 @@ pub struct Encoder<'a> {
     pub name: &'a str,
 }
 
+/// What a window of calls is compared with: the serving version's training
+/// labels and prompts, and the understudy's confidence on the first window
+/// of calls after the current promotion.
+struct Baseline {
+    policy: Option<String>,
+    understudy: Option<String>,
+    /// The cascade's threshold, when the policy is a cascade.
+    threshold: Option<f64>,
+    /// Label counts of the training split (label tasks).
+    labels: Option<BTreeMap<String, u64>>,
+    /// Embeddings of (up to `max_per_side` of) the training prompts.
+    prompts: Option<Vec<Vec<f32>>>,
+    /// The first `window` calls after the promotion, and their confidences.
+    reference: Vec<CallRecord>,
+    confidences: Vec<f64>,
+    /// Why a signal cannot be tested at all.
+    skipped: Vec<String>,
+}
+
+impl Baseline {
+    async fn of(store: &Store, task: &str, window: u64, encoder: Option<Encoder<'_>>) -> Result<Baseline> {
+        let current = store.policy_history(task).await?.into_iter().next();
+        let mut skipped = Vec::new();
+        let version = match current.as_ref().and_then(|change| change.understudy.as_deref()) {
+            Some(id) => store.get_model_version(id).await?.into_iter().find(|version| version.id == id),
+            None => None,
+        };
+        let dataset = match &version {
+            Some(version) => store.get_dataset(&version.dataset_id).await?.into_iter().next(),
+            None => None,
+        };
+        let labels = match &dataset {
+            Some(dataset) if dataset.kind == TaskKind::Label => Some(training_labels(&dataset.path)?),
+            Some(_) => {
+                skipped.push("answers: a generation task has no labels to compare".to_string());
+                None
+            }
+            None => {
+                skipped.push("answers: no model version serves the task, so there is no training set".to_string());
+                None
+            }
+        };
+        let prompts = match (&dataset, encoder) {
+            (Some(dataset), Some(encoder)) => {
+                let training = training_prompts(&dataset.path)?;
+                let sample: Vec<String> = training.into_iter().take(InputDriftConfig::default().max_per_side).collect();
+                if sample.is_empty() {
+                    skipped.push("input: the training split has no prompts".to_string());
+                    None
+                } else {
+                    Some(embed(encoder, &sample).await?)
+                }
+            }
+            (None, _) => {
+                skipped.push("input: no model version serves the task, so there is no training set".to_string());
+                None
+            }
+            (_, None) => {
+                skipped.push("input: no local encoder to embed prompts with".to_string());
+                None
+            }
+        };
+        let (threshold, reference) = match &current {
+            Some(change) => {
+                let threshold = match Policy::parse(&change.policy, None) {
+                    Ok(Policy::Cascade { threshold }) => Some(threshold),
+                    _ => None,
+                };
+                (threshold, newest_calls(store, task, Some(change.created_at), window).await?)
+            }
+            None => {
+                skipped.push("confidence: the task has never been promoted".to_string());
+                (None, Vec::new())
+            }
+        };
+        let confidences = confidences(&reference);
+        Ok(Baseline {
+            policy: current.as_ref().map(|change| change.policy.clone()),
+            understudy: current.and_then(|change| change.understudy),
+            threshold,
+            labels,
+            prompts,
+            reference,
+            confidences,
+            skipped,
+        })
+    }
+
+    /// The three signals on `calls`; what could not be tested is said in `skipped`.
+    async fn test(
+        &self,
+        calls: &[CallRecord],
+        window: u64,
+        alpha: f64,
+        encoder: Option<Encoder<'_>>,
+        skipped: &mut Vec<String>,
+    ) -> Result<(DriftReport, u64, u64)> {
+        let mut n_representative = 0;
+        let mut n_fallbacks = 0;
+        let answers = match &self.labels {
+            Some(training) => {
+                let (representative, fallbacks) = lead_answers(calls);
+                n_representative = representative.len() as u64;
+                n_fallbacks = fallbacks.len() as u64;
+                let config = AnswerDriftConfig { alpha, ..AnswerDriftConfig::default() };
+                let representative = understudy_eval::drift::label_counts(&representative);
+                let fallbacks = understudy_eval::drift::label_counts(&fallbacks);
+                let mut test = if representative.is_empty() {
+                    None
+                } else {
+                    Some(answer_drift(training, &representative, &config)?)
+                };
+                if !fallbacks.is_empty() {
+                    let on_fallbacks = answer_drift(training, &fallbacks, &config)?;
+                    if on_fallbacks.new_label_fired {
+                        // Only the new labels of fallbacks count (see the module's note).
+                        let merged = test.get_or_insert_with(|| {
+                            let mut only_new = on_fallbacks.clone();
+                            only_new.shares_shifted = false;
+                            only_new.p_value = 1.0;
+                            only_new
+                        });
+                        merged.new_labels = on_fallbacks.new_labels.clone();
+                        merged.new_share = on_fallbacks.new_share;
+                        merged.new_label_fired = true;
+                        merged.drifted = true;
+                    }
+                }
+                if test.is_none() {
+                    skipped.push("answers: no recent lead answers".to_string());
+                }
+                test
+            }
+            None => None,
+        };
+        let reference_ids: std::collections::HashSet<_> = self.reference.iter().map(|call| call.id).collect();
+        let overlap = calls.iter().any(|call| reference_ids.contains(&call.id));
+        let recent = confidences(calls);
+        let confidence = match &self.policy {
+            Some(policy) if overlap || self.confidences.len() < window as usize || recent.len() < window as usize => {
+                skipped.push(format!(
+                    "confidence: needs {} calls with an understudy confidence since the policy `{policy}` began, and \
+                     has {}",
+                    2 * window,
+                    if overlap { self.confidences.len() } else { self.confidences.len() + recent.len() }
+                ));
+                None
+            }
+            Some(_) => {
+                Some(confidence_drift(&self.confidences, &recent, self.threshold, &ConfidenceDriftConfig { alpha })?)
+            }
+            None => None,
+        };
+        let input = match (&self.prompts, encoder) {
+            (Some(reference), Some(encoder)) => {
+                let prompts: Vec<String> = calls.iter().filter_map(request_prompt).collect();
+                if prompts.len() < 10 {
+                    skipped.push(format!("input: {} recent prompts", prompts.len()));
+                    None
+                } else {
+                    let config = InputDriftConfig { alpha, ..InputDriftConfig::default() };
+                    Some(input_drift(reference, &embed(encoder, &prompts).await?, &config)?)
+                }
+            }
+            _ => None,
+        };
+        Ok((DriftReport { input, answers, confidence }, n_representative, n_fallbacks))
+    }
+}
+
 /// The drift signals of `task` over its newest `window` calls, at level `alpha`.
 pub async fn task_drift(
     store: &Store,
@@ -70,137 +240,79 @@ pub async fn task_drift(
     alpha: f64,
     encoder: Option<Encoder<'_>>,
 ) -> Result<TaskDrift> {
-    let current = store.policy_history(task).await?.into_iter().next();
-    let mut skipped = Vec::new();
+    let baseline = Baseline::of(store, task, window, encoder).await?;
     let recent = newest_calls(store, task, None, window).await?;
-
-    // The serving version's training labels.
-    let version = match current.as_ref().and_then(|change| change.understudy.as_deref()) {
-        Some(id) => store.get_model_version(id).await?.into_iter().find(|version| version.id == id),
-        None => None,
-    };
-    let dataset = match &version {
-        Some(version) => store.get_dataset(&version.dataset_id).await?.into_iter().next(),
-        None => None,
-    };
-    let mut n_representative_answers = 0;
-    let mut n_fallback_answers = 0;
-    let answers = match &dataset {
-        Some(dataset) if dataset.kind == TaskKind::Label => {
-            let training = training_labels(&dataset.path)?;
-            let (representative, fallbacks) = lead_answers(&recent);
-            n_representative_answers = representative.len() as u64;
-            n_fallback_answers = fallbacks.len() as u64;
-            let config = AnswerDriftConfig { alpha, ..AnswerDriftConfig::default() };
-            let representative = understudy_eval::drift::label_counts(&representative);
-            let fallbacks = understudy_eval::drift::label_counts(&fallbacks);
-            let mut test =
-                if representative.is_empty() { None } else { Some(answer_drift(&training, &representative, &config)?) };
-            if !fallbacks.is_empty() {
-                let on_fallbacks = answer_drift(&training, &fallbacks, &config)?;
-                if on_fallbacks.new_label_fired {
-                    // Only the new labels of fallbacks count (see the module's note).
-                    let merged = test.get_or_insert_with(|| {
-                        let mut only_new = on_fallbacks.clone();
-                        only_new.shares_shifted = false;
-                        only_new.p_value = 1.0;
-                        only_new
-                    });
-                    merged.new_labels = on_fallbacks.new_labels.clone();
-                    merged.new_share = on_fallbacks.new_share;
-                    merged.new_label_fired = true;
-                    merged.drifted = true;
-                }
-            }
-            if test.is_none() {
-                skipped.push("answers: no recent lead answers".to_string());
-            }
-            test
-        }
-        Some(_) => {
-            skipped.push("answers: a generation task has no labels to compare".to_string());
-            None
-        }
-        None => {
-            skipped.push("answers: no model version serves the task, so there is no training set".to_string());
-            None
-        }
-    };
-
-    let confidence = match &current {
-        Some(change) => {
-            let threshold = match Policy::parse(&change.policy, None) {
-                Ok(Policy::Cascade { threshold }) => Some(threshold),
-                _ => None,
-            };
-            let reference = newest_calls(store, task, Some(change.created_at), window).await?;
-            let confidences = |calls: &[CallRecord]| -> Vec<f64> {
-                calls
-                    .iter()
-                    .filter_map(|call| call.routing.as_ref().and_then(|routing| routing.understudy_confidence))
-                    .filter(|confidence| confidence.is_finite())
-                    .collect()
-            };
-            let reference_ids: std::collections::HashSet<_> = reference.iter().map(|call| call.id).collect();
-            let overlap = recent.iter().any(|call| reference_ids.contains(&call.id));
-            let (reference, recent) = (confidences(&reference), confidences(&recent));
-            if overlap || reference.len() < window as usize || recent.len() < window as usize {
-                skipped.push(format!(
-                    "confidence: needs {} calls with an understudy confidence since the policy `{}` began, and has {}",
-                    2 * window,
-                    change.policy,
-                    if overlap { reference.len() } else { reference.len() + recent.len() }
-                ));
-                None
-            } else {
-                Some(confidence_drift(&reference, &recent, threshold, &ConfidenceDriftConfig { alpha })?)
-            }
-        }
-        None => {
-            skipped.push("confidence: the task has never been promoted".to_string());
-            None
-        }
-    };
-
-    let input = match (&dataset, encoder) {
-        (Some(dataset), Some(encoder)) => {
-            let training = training_prompts(&dataset.path)?;
-            let recent_prompts: Vec<String> = recent.iter().filter_map(request_prompt).collect();
-            if training.is_empty() || recent_prompts.len() < 10 {
-                skipped.push(format!(
-                    "input: {} recent prompts, {} training prompts",
-                    recent_prompts.len(),
-                    training.len()
-                ));
-                None
-            } else {
-                let config = InputDriftConfig { alpha, ..InputDriftConfig::default() };
-                let sample: Vec<String> = training.into_iter().take(config.max_per_side).collect();
-                let reference = embed(encoder, &sample).await?;
-                let recent_embedded = embed(encoder, &recent_prompts).await?;
-                Some(input_drift(&reference, &recent_embedded, &config)?)
-            }
-        }
-        (None, _) => {
-            skipped.push("input: no model version serves the task, so there is no training set".to_string());
-            None
-        }
-        (_, None) => {
-            skipped.push("input: no local encoder to embed prompts with".to_string());
-            None
-        }
-    };
-
+    let mut skipped = baseline.skipped.clone();
+    let (report, n_representative_answers, n_fallback_answers) =
+        baseline.test(&recent, window, alpha, encoder, &mut skipped).await?;
     Ok(TaskDrift {
         task: task.to_string(),
         at: OffsetDateTime::now_utc(),
-        policy: current.as_ref().map(|change| change.policy.clone()),
-        understudy: current.and_then(|change| change.understudy),
-        report: DriftReport { input, answers, confidence },
+        policy: baseline.policy,
+        understudy: baseline.understudy,
+        report,
         n_representative_answers,
         n_fallback_answers,
         skipped,
     })
+}
+
+/// One window of the drift watch over time.
+#[derive(Debug, Clone)]
+pub struct DriftPoint {
+    /// The window's first and last call.
+    pub from: OffsetDateTime,
+    pub to: OffsetDateTime,
+    pub n_calls: usize,
+    pub report: DriftReport,
+}
+
+/// The drift signals over time: the calls since the current promotion in
+/// consecutive windows of `window`, each tested as [`task_drift`] tests the
+/// newest (the first window is the confidence test's reference). At most
+/// `max_windows`, the newest ones. Each window is one test per signal, so
+/// over many windows some will fire by chance at rate `alpha`: the plot is
+/// for seeing *when* a shift began, the autopilot acts on one test per
+/// window of new calls.
+pub async fn drift_history(
+    store: &Store,
+    task: &str,
+    window: u64,
+    alpha: f64,
+    max_windows: usize,
+    encoder: Option<Encoder<'_>>,
+) -> Result<Vec<DriftPoint>> {
+    let baseline = Baseline::of(store, task, window, encoder).await?;
+    let Some(first) = baseline.reference.first() else { return Ok(Vec::new()) };
+    let filter = CallFilter {
+        task: Some(task.to_string()),
+        status: Some(StatusFilter::Ok),
+        since: Some(first.created_at),
+        ..CallFilter::default()
+    };
+    let calls = store.list_calls(&filter).await?;
+    let windows: Vec<&[CallRecord]> =
+        calls.chunks(window as usize).skip(1).filter(|chunk| chunk.len() == window as usize).collect();
+    let mut points = Vec::new();
+    for chunk in windows.iter().rev().take(max_windows).rev() {
+        let mut skipped = Vec::new();
+        let (report, _, _) = baseline.test(chunk, window, alpha, encoder, &mut skipped).await?;
+        points.push(DriftPoint {
+            from: chunk[0].created_at,
+            to: chunk[chunk.len() - 1].created_at,
+            n_calls: chunk.len(),
+            report,
+        });
+    }
+    Ok(points)
+}
+
+fn confidences(calls: &[CallRecord]) -> Vec<f64> {
+    calls
+        .iter()
+        .filter_map(|call| call.routing.as_ref().and_then(|routing| routing.understudy_confidence))
+        .filter(|confidence| confidence.is_finite())
+        .collect()
 }
 
 /// The task's newest successful chat calls (or, from `since`, its oldest

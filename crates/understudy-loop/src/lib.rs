@@ -21,7 +21,7 @@ pub mod train;
 pub use autopilot::{Autopilot, Stage};
 pub use calibration::{calibrated_threshold, Calibration, CALIBRATION_FILE};
 pub use datasets::{build_dataset, find_dataset, import_dataset, task_dataset, DatasetOptions, SavedDataset};
-pub use drift::{task_drift, Encoder, TaskDrift};
+pub use drift::{drift_history, task_drift, DriftPoint, Encoder, TaskDrift};
 pub use error::{LoopError, Result};
 pub use evaluate::{evaluate, find_model_version, EvalEvent, EvalRequest, Evaluation};
 pub use import::{import_calls, Imported};

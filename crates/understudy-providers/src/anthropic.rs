@@ -4,8 +4,11 @@
 //! into a Messages request (`POST {base_url}/v1/messages`) and the answer
 //! (a message, or its SSE events) back into a `chat.completion` or
 //! `chat.completion.chunk`s, so the gateway and the records only ever see
-//! OpenAI's shape. Anthropic's error bodies become OpenAI error bodies with
-//! the upstream's status. Retries and timeouts are the OpenAI provider's.
+//! OpenAI's shape. Anthropic's error answers (4xx and 5xx, 529 overloaded
+//! too) become OpenAI error bodies with the upstream's status, after one
+//! request: retries and timeouts are the OpenAI provider's (`Upstream`),
+//! which retries only failures before an answer. The headers clients act on
+//! reach them under OpenAI's names ([`passed_headers`]).
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -16,7 +19,7 @@ use understudy_config::AnthropicProviderConfig;
 use understudy_types::Usage;
 
 use crate::openai::{api_key_from_env, encode, parse_url, secret_header, Upstream};
-use crate::{ChatRequest, ChunkStream, EmbeddingRequest, Provider, ProviderError, ProviderResponse};
+use crate::{ChatRequest, EmbeddingRequest, HeaderMap, Provider, ProviderError, ProviderResponse, StreamResponse};
 
 /// Anthropic requires `max_tokens`; this is sent when the client gave none.
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;
@@ -29,7 +32,7 @@ pub struct AnthropicProvider {
 
 impl AnthropicProvider {
     pub fn new(name: &str, config: &AnthropicProviderConfig) -> Result<AnthropicProvider, ProviderError> {
-        let mut headers = reqwest::header::HeaderMap::new();
+        let mut headers = HeaderMap::new();
         if let Some(key) = api_key_from_env(name, &config.api_key_env) {
             headers.insert("x-api-key", secret_header(name, &key)?);
         }
@@ -39,7 +42,8 @@ impl AnthropicProvider {
                 message: "anthropic_version is not a header value".into(),
             })?;
         headers.insert("anthropic-version", version);
-        let upstream = Upstream::new(name, headers, config.timeout, config.max_retries, config.retry_backoff)?;
+        let upstream =
+            Upstream::new(name, headers, passed_headers, config.timeout, config.max_retries, config.retry_backoff)?;
         Ok(AnthropicProvider { upstream, messages_url: parse_url(name, &format!("{}/v1/messages", config.base_url))? })
     }
 
@@ -50,8 +54,8 @@ impl AnthropicProvider {
     /// Anthropic's own error body as an OpenAI one, with the same status.
     fn openai_error(&self, error: ProviderError) -> ProviderError {
         match error {
-            ProviderError::Rejected { provider, status, body } => {
-                ProviderError::Rejected { provider, status, body: openai_error_body(&body) }
+            ProviderError::Rejected { provider, status, body, headers } => {
+                ProviderError::Rejected { provider, status, body: openai_error_body(&body), headers }
             }
             other => other,
         }
@@ -63,7 +67,7 @@ impl Provider for AnthropicProvider {
 
     async fn infer(&self, request: ChatRequest) -> Result<ProviderResponse, ProviderError> {
         let body = encode(&to_messages_request(self.name(), &request.body, false)?)?;
-        let answer =
+        let (answer, headers) =
             self.upstream.complete(&self.messages_url, body).await.map_err(|error| self.openai_error(error))?;
         let message: Value = serde_json::from_slice(&answer).map_err(|error| ProviderError::BadResponse {
             provider: self.name().to_string(),
@@ -71,12 +75,12 @@ impl Provider for AnthropicProvider {
         })?;
         let (completion, usage) = to_completion(&message, unix_now());
         let body = Bytes::from(completion.to_string());
-        Ok(ProviderResponse { body, usage })
+        Ok(ProviderResponse { body, usage, headers })
     }
 
-    async fn infer_stream(&self, request: ChatRequest) -> Result<ChunkStream, ProviderError> {
+    async fn infer_stream(&self, request: ChatRequest) -> Result<StreamResponse, ProviderError> {
         let body = encode(&to_messages_request(self.name(), &request.body, true)?)?;
-        let events =
+        let (events, headers) =
             self.upstream.open_stream(&self.messages_url, body).await.map_err(|error| self.openai_error(error))?;
         let provider = self.name().to_string();
         let state = (Box::pin(events), StreamTranslator::new(unix_now()), VecDeque::<String>::new(), false);
@@ -111,7 +115,7 @@ impl Provider for AnthropicProvider {
                 }
             }
         });
-        Ok(Box::pin(chunks))
+        Ok(StreamResponse { chunks: Box::pin(chunks), headers })
     }
 
     async fn embed(&self, _request: EmbeddingRequest) -> Result<ProviderResponse, ProviderError> {
@@ -121,6 +125,31 @@ impl Provider for AnthropicProvider {
             what: "embeddings",
         })
     }
+}
+
+/// The headers of an Anthropic answer that reach the client, under the names
+/// OpenAI's clients read: `retry-after` (and `retry-after-ms`) as they are,
+/// `request-id` as `x-request-id`, and the requests and tokens limits and
+/// what is left of them (`anthropic-ratelimit-{requests,tokens}-{limit,remaining}`)
+/// as `x-ratelimit-{limit,remaining}-{requests,tokens}`. Anthropic's reset
+/// times are instants where OpenAI sends durations, and its input and output
+/// token limits have no OpenAI name: they, like all other headers, stay here.
+pub fn passed_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut passed = HeaderMap::new();
+    for (name, value) in headers {
+        let passed_name = match name.as_str() {
+            "retry-after" => "retry-after",
+            "retry-after-ms" => "retry-after-ms",
+            "request-id" => "x-request-id",
+            "anthropic-ratelimit-requests-limit" => "x-ratelimit-limit-requests",
+            "anthropic-ratelimit-requests-remaining" => "x-ratelimit-remaining-requests",
+            "anthropic-ratelimit-tokens-limit" => "x-ratelimit-limit-tokens",
+            "anthropic-ratelimit-tokens-remaining" => "x-ratelimit-remaining-tokens",
+            _ => continue,
+        };
+        passed.append(passed_name, value.clone());
+    }
+    passed
 }
 
 fn unix_now() -> u64 {
@@ -570,6 +599,31 @@ mod tests {
         let Value::Object(body) = json!({"model": "c", "n": 2, "messages": []}) else { unreachable!() };
         let error = to_messages_request("p", &body, false).err();
         assert!(matches!(error, Some(ProviderError::Rejected { status: 400, .. })), "{error:?}");
+    }
+
+    #[test]
+    fn anthropic_headers_reach_the_client_under_openai_names() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("retry-after", "7"),
+            ("request-id", "req_1"),
+            ("anthropic-ratelimit-requests-limit", "50"),
+            ("anthropic-ratelimit-requests-remaining", "0"),
+            ("anthropic-ratelimit-tokens-remaining", "1000"),
+            ("anthropic-ratelimit-tokens-reset", "2025-06-01T00:00:00Z"),
+            ("set-cookie", "a=b"),
+            ("anthropic-organization-id", "org"),
+        ] {
+            headers.insert(name, reqwest::header::HeaderValue::from_static(value));
+        }
+        let passed = passed_headers(&headers);
+        let get = |name: &str| passed.get(name).and_then(|value| value.to_str().ok()).map(str::to_string);
+        assert_eq!(get("retry-after").as_deref(), Some("7"));
+        assert_eq!(get("x-request-id").as_deref(), Some("req_1"));
+        assert_eq!(get("x-ratelimit-limit-requests").as_deref(), Some("50"));
+        assert_eq!(get("x-ratelimit-remaining-requests").as_deref(), Some("0"));
+        assert_eq!(get("x-ratelimit-remaining-tokens").as_deref(), Some("1000"));
+        assert_eq!(passed.len(), 5, "{passed:?}");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::Stream;
+pub use reqwest::header::HeaderMap;
 use serde_json::{Map, Value};
 use understudy_config::{ModelConfig, ProviderConfig};
 use understudy_types::Usage;
@@ -48,10 +49,28 @@ pub struct ProviderResponse {
     pub body: Bytes,
     /// The provider's own `usage`, when it reported one.
     pub usage: Option<Usage>,
+    /// The upstream's headers that clients act on ([`openai::passed_headers`],
+    /// [`anthropic::passed_headers`] under OpenAI's names); empty for
+    /// providers that are no HTTP upstream.
+    pub headers: HeaderMap,
 }
 
 /// The `data:` payloads of a streamed answer, each one chunk of JSON text.
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<String, ProviderError>> + Send>>;
+
+/// A streamed answer: its chunks, and the headers that came before them.
+pub struct StreamResponse {
+    pub chunks: ChunkStream,
+    /// As [`ProviderResponse::headers`].
+    pub headers: HeaderMap,
+}
+
+impl StreamResponse {
+    /// A stream with no upstream headers (a local model, a replay).
+    pub fn of_chunks(chunks: ChunkStream) -> StreamResponse {
+        StreamResponse { chunks, headers: HeaderMap::new() }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
@@ -59,9 +78,11 @@ pub enum ProviderError {
     Timeout { provider: String, timeout: Duration },
     #[error("provider `{provider}` is unavailable after {attempts} attempts: {last_error}")]
     Unavailable { provider: String, attempts: u32, last_error: String },
-    /// The upstream rejected the request (4xx); its body is passed on as is.
+    /// The upstream answered with an error status (4xx or 5xx); its status,
+    /// body and the headers clients act on are passed on as they are (boxed:
+    /// a header map would make every `Result` of this crate large).
     #[error("provider `{provider}` answered HTTP {status}")]
-    Rejected { provider: String, status: u16, body: Bytes },
+    Rejected { provider: String, status: u16, body: Bytes, headers: Box<HeaderMap> },
     #[error("provider `{provider}` sent a malformed answer: {message}")]
     BadResponse { provider: String, message: String },
     #[error("replay provider `{provider}` has no recording matching these messages ({n_recordings} recordings loaded from {file})")]
@@ -78,7 +99,7 @@ pub trait Provider {
 
     fn infer(&self, request: ChatRequest) -> impl Future<Output = Result<ProviderResponse, ProviderError>> + Send;
 
-    fn infer_stream(&self, request: ChatRequest) -> impl Future<Output = Result<ChunkStream, ProviderError>> + Send;
+    fn infer_stream(&self, request: ChatRequest) -> impl Future<Output = Result<StreamResponse, ProviderError>> + Send;
 
     fn embed(&self, request: EmbeddingRequest) -> impl Future<Output = Result<ProviderResponse, ProviderError>> + Send;
 }
@@ -86,8 +107,10 @@ pub trait Provider {
 /// A configured provider of any type.
 #[derive(Debug)]
 pub enum AnyProvider {
-    OpenAi(OpenAiProvider),
-    Anthropic(AnthropicProvider),
+    /// Boxed, as `Anthropic`: its client and URLs are several times the
+    /// size of the others.
+    OpenAi(Box<OpenAiProvider>),
+    Anthropic(Box<AnthropicProvider>),
     Replay(ReplayProvider),
     Local(LocalProvider),
 }
@@ -103,8 +126,10 @@ impl AnyProvider {
         loader: Option<&dyn LocalLoader>,
     ) -> Result<AnyProvider, ProviderError> {
         Ok(match config {
-            ProviderConfig::OpenAi(config) => AnyProvider::OpenAi(OpenAiProvider::new(name, config)?),
-            ProviderConfig::Anthropic(config) => AnyProvider::Anthropic(AnthropicProvider::new(name, config)?),
+            ProviderConfig::OpenAi(config) => AnyProvider::OpenAi(Box::new(OpenAiProvider::new(name, config)?)),
+            ProviderConfig::Anthropic(config) => {
+                AnyProvider::Anthropic(Box::new(AnthropicProvider::new(name, config)?))
+            }
             ProviderConfig::Replay(config) => AnyProvider::Replay(ReplayProvider::load(name, config)?),
             ProviderConfig::Local(config) => AnyProvider::Local(LocalProvider::new(name, config, models, loader)?),
         })
@@ -128,12 +153,38 @@ impl AnyProvider {
         }
     }
 
-    pub async fn infer_stream(&self, request: ChatRequest) -> Result<ChunkStream, ProviderError> {
+    pub async fn infer_stream(&self, request: ChatRequest) -> Result<StreamResponse, ProviderError> {
         match self {
             AnyProvider::OpenAi(provider) => provider.infer_stream(request).await,
             AnyProvider::Anthropic(provider) => provider.infer_stream(request).await,
             AnyProvider::Replay(provider) => provider.infer_stream(request).await,
             AnyProvider::Local(provider) => provider.infer_stream(request).await,
+        }
+    }
+
+    /// A legacy text completion (`/v1/completions`): OpenAI-compatible
+    /// upstreams only.
+    pub async fn text_completion(&self, request: ChatRequest) -> Result<ProviderResponse, ProviderError> {
+        match self {
+            AnyProvider::OpenAi(provider) => provider.text_completion(request).await,
+            _ => Err(self.no_text_completions(&request)),
+        }
+    }
+
+    /// A streamed legacy text completion, as [`AnyProvider::text_completion`].
+    pub async fn text_completion_stream(&self, request: ChatRequest) -> Result<StreamResponse, ProviderError> {
+        match self {
+            AnyProvider::OpenAi(provider) => provider.text_completion_stream(request).await,
+            _ => Err(self.no_text_completions(&request)),
+        }
+    }
+
+    fn no_text_completions(&self, request: &ChatRequest) -> ProviderError {
+        let model = request.body.get("model").and_then(Value::as_str).unwrap_or_default();
+        ProviderError::Unsupported {
+            provider: format!("for model `{model}`"),
+            provider_type: self.provider_type(),
+            what: "legacy text completions (/v1/completions)",
         }
     }
 

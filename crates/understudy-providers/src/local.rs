@@ -18,7 +18,7 @@ use futures::future::BoxFuture;
 use serde_json::{json, Value};
 use understudy_config::{LocalProviderConfig, ModelConfig};
 
-use crate::{ChatRequest, ChunkStream, EmbeddingRequest, ProviderError, ProviderResponse};
+use crate::{ChatRequest, ChunkStream, EmbeddingRequest, ProviderError, ProviderResponse, StreamResponse};
 
 /// What to load: a configured local model, or a trained model version.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,8 +152,8 @@ impl LocalProvider {
         self.model(&request.body)?.chat(request).await
     }
 
-    pub async fn infer_stream(&self, request: ChatRequest) -> Result<ChunkStream, ProviderError> {
-        self.model(&request.body)?.chat_stream(request).await
+    pub async fn infer_stream(&self, request: ChatRequest) -> Result<StreamResponse, ProviderError> {
+        self.model(&request.body)?.chat_stream(request).await.map(StreamResponse::of_chunks)
     }
 
     pub async fn embed(&self, request: EmbeddingRequest) -> Result<ProviderResponse, ProviderError> {
@@ -165,10 +165,23 @@ impl ProviderError {
     /// A request the model cannot serve as asked: the gateway answers 400 with
     /// an OpenAI-style error naming the problem.
     pub fn invalid_request(provider: &str, message: impl Into<String>) -> ProviderError {
-        let body = json!({"error": {
-            "message": message.into(), "type": "invalid_request_error", "param": null, "code": null,
-        }});
-        ProviderError::Rejected { provider: provider.to_string(), status: 400, body: body.to_string().into() }
+        ProviderError::bad_request(provider, message.into(), None)
+    }
+
+    /// Like [`ProviderError::invalid_request`], naming the field at fault.
+    pub fn invalid_param(provider: &str, message: impl Into<String>, param: &str) -> ProviderError {
+        ProviderError::bad_request(provider, message.into(), Some(param))
+    }
+
+    fn bad_request(provider: &str, message: String, param: Option<&str>) -> ProviderError {
+        let body =
+            json!({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": null}});
+        ProviderError::Rejected {
+            provider: provider.to_string(),
+            status: 400,
+            body: body.to_string().into(),
+            headers: Default::default(),
+        }
     }
 }
 

@@ -1,9 +1,14 @@
 //! Any OpenAI-compatible upstream: OpenAI itself, vLLM, llama.cpp's server,
-//! or a stub on loopback.
+//! or a stub on loopback; and `Upstream`, the HTTP client, retry and
+//! timeout policy it shares with the Anthropic provider.
 //!
-//! Requests go out as JSON with the caller's fields intact. A 5xx answer or a
-//! refused connection is retried with exponential backoff; a 4xx answer is the
-//! upstream's verdict on the request and is passed back unchanged.
+//! Requests go out as JSON with the caller's fields intact. Only failures
+//! before any answer arrives (a refused or reset connection, no headers
+//! within the timeout) are retried, with exponential backoff. An answer with
+//! an error status, 4xx or 5xx, is passed back with its status, body and the
+//! headers clients act on ([`passed_headers`]): the client's SDK decides
+//! whether to retry it (OpenAI's do, on 408, 409, 429 and 5xx, honouring
+//! `retry-after`), so retrying here as well would multiply the attempts.
 
 use std::time::Duration;
 
@@ -13,7 +18,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use understudy_config::OpenAiProviderConfig;
 
-use crate::{ChatRequest, ChunkStream, EmbeddingRequest, Provider, ProviderError, ProviderResponse};
+use crate::{ChatRequest, EmbeddingRequest, HeaderMap, Provider, ProviderError, ProviderResponse, StreamResponse};
 
 /// An API key as a header value that never prints (`Debug` shows `Sensitive`).
 pub(crate) fn secret_header(provider: &str, value: &str) -> Result<reqwest::header::HeaderValue, ProviderError> {
@@ -41,41 +46,101 @@ pub struct OpenAiProvider {
     upstream: Upstream,
     chat_url: reqwest::Url,
     embeddings_url: reqwest::Url,
+    completions_url: reqwest::Url,
 }
 
 impl OpenAiProvider {
     pub fn new(name: &str, config: &OpenAiProviderConfig) -> Result<OpenAiProvider, ProviderError> {
-        let mut headers = reqwest::header::HeaderMap::new();
+        let mut headers = HeaderMap::new();
         if let Some(key) = config.api_key_env.as_deref().and_then(|variable| api_key_from_env(name, variable)) {
             headers.insert(reqwest::header::AUTHORIZATION, secret_header(name, &format!("Bearer {key}"))?);
         }
-        let upstream = Upstream::new(name, headers, config.timeout, config.max_retries, config.retry_backoff)?;
+        let upstream =
+            Upstream::new(name, headers, passed_headers, config.timeout, config.max_retries, config.retry_backoff)?;
         Ok(OpenAiProvider {
             upstream,
             chat_url: parse_url(name, &format!("{}/chat/completions", config.base_url))?,
             embeddings_url: parse_url(name, &format!("{}/embeddings", config.base_url))?,
+            completions_url: parse_url(name, &format!("{}/completions", config.base_url))?,
         })
     }
 
-    /// A complete JSON answer, with the upstream's `usage`.
+    /// A complete JSON answer, with the upstream's `usage` and passed headers.
     async fn complete(&self, url: &reqwest::Url, body: Bytes) -> Result<ProviderResponse, ProviderError> {
-        let body = self.upstream.complete(url, body).await?;
+        let (body, headers) = self.upstream.complete(url, body).await?;
         let usage = crate::usage_of_body(&body).map_err(|error| ProviderError::BadResponse {
             provider: self.upstream.name.clone(),
             message: format!("the answer is not JSON: {error}"),
         })?;
-        Ok(ProviderResponse { usage, body })
+        Ok(ProviderResponse { usage, body, headers })
+    }
+
+    /// A streamed answer from `url`: its chunks' `data:` payloads, after the
+    /// same retries and checks for chat and legacy completions.
+    async fn stream(
+        &self,
+        url: &reqwest::Url,
+        body: serde_json::Map<String, Value>,
+    ) -> Result<StreamResponse, ProviderError> {
+        let mut body = body;
+        // Ask for usage even when the client did not, so that the record has
+        // the upstream's own counts; the gateway hides that chunk if unasked.
+        let stream_options = body.entry("stream_options").or_insert_with(|| json!({}));
+        if let Value::Object(options) = stream_options {
+            options.insert("include_usage".into(), Value::Bool(true));
+        }
+        let (events, headers) = self.upstream.open_stream(url, encode(&Value::Object(body))?).await?;
+        let chunks = events
+            .take_while(|item| futures::future::ready(!matches!(item, Ok(event) if event.data.trim() == "[DONE]")))
+            .map(|item| item.map(|event| event.data))
+            // Keep-alive comments and empty events carry no chunk.
+            .filter(|item| futures::future::ready(!matches!(item, Ok(data) if data.trim().is_empty())));
+        Ok(StreamResponse { chunks: Box::pin(chunks), headers })
+    }
+
+    /// `POST /completions` (OpenAI's legacy text completions), not streamed.
+    pub async fn text_completion(&self, request: ChatRequest) -> Result<ProviderResponse, ProviderError> {
+        let body = encode(&Value::Object(request.body))?;
+        self.complete(&self.completions_url, body).await
+    }
+
+    /// `POST /completions`, streamed (the body asks for it); usage is asked for as in chat.
+    pub async fn text_completion_stream(&self, request: ChatRequest) -> Result<StreamResponse, ProviderError> {
+        self.stream(&self.completions_url, request.body).await
     }
 }
 
+/// The headers of an upstream's answer that reach the client, because
+/// clients act on them: when to retry (`retry-after`, `retry-after-ms`),
+/// how much of their rate limits is left (`x-ratelimit-*`), and what they
+/// log to trace a call with the upstream (`x-request-id`,
+/// `openai-processing-ms`). Others (cookies, the upstream's organization,
+/// its framing) stay here.
+pub fn passed_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut passed = HeaderMap::new();
+    for (name, value) in headers {
+        let name_text = name.as_str();
+        let passes = matches!(name_text, "retry-after" | "retry-after-ms" | "x-request-id" | "openai-processing-ms")
+            || name_text.starts_with("x-ratelimit-");
+        if passes {
+            passed.append(name.clone(), value.clone());
+        }
+    }
+    passed
+}
+
 /// An HTTP upstream: a client, the headers every request carries (the key),
-/// and the timeout and retry policy.
+/// which of an answer's headers reach the client, and the timeout and retry
+/// policy (the module's: only failures before an answer are retried).
 #[derive(Debug)]
 pub(crate) struct Upstream {
     pub(crate) name: String,
     client: reqwest::Client,
-    headers: reqwest::header::HeaderMap,
-    pub(crate) timeout: Duration,
+    headers: HeaderMap,
+    /// The headers of an answer (or error answer) that reach the client, in
+    /// the names OpenAI's clients read.
+    passed: fn(&HeaderMap) -> HeaderMap,
+    timeout: Duration,
     max_retries: u32,
     retry_backoff: Duration,
 }
@@ -83,7 +148,8 @@ pub(crate) struct Upstream {
 impl Upstream {
     pub(crate) fn new(
         name: &str,
-        headers: reqwest::header::HeaderMap,
+        headers: HeaderMap,
+        passed: fn(&HeaderMap) -> HeaderMap,
         timeout: Duration,
         max_retries: u32,
         retry_backoff: Duration,
@@ -95,21 +161,24 @@ impl Upstream {
             .connect_timeout(timeout.min(Duration::from_secs(10)))
             .build()
             .map_err(|error| ProviderError::Setup { provider: name.to_string(), message: error.to_string() })?;
-        Ok(Upstream { name: name.to_string(), client, headers, timeout, max_retries, retry_backoff })
+        Ok(Upstream { name: name.to_string(), client, headers, passed, timeout, max_retries, retry_backoff })
     }
 
-    pub(crate) fn timeout_error(&self) -> ProviderError {
+    fn timeout_error(&self) -> ProviderError {
         ProviderError::Timeout { provider: self.name.clone(), timeout: self.timeout }
     }
 
-    /// Sends `body` until an answer other than 5xx arrives, or retries run out.
-    /// Returns the response with its headers read and its body not yet read.
-    pub(crate) async fn send_with_retries(
+    /// Sends `body` until an answer arrives, whatever its status, or retries
+    /// run out. Returns the response with its headers read and its body not
+    /// yet read, and the deadline for reading that body (the attempt's
+    /// start plus the timeout).
+    async fn send_with_retries(
         &self,
         url: &reqwest::Url,
         body: Bytes,
-    ) -> Result<reqwest::Response, ProviderError> {
+    ) -> Result<(reqwest::Response, tokio::time::Instant), ProviderError> {
         let mut last_error = String::new();
+        let mut timed_out = false;
         let n_attempts = self.max_retries + 1;
         for attempt_idx in 0..n_attempts {
             if attempt_idx > 0 {
@@ -132,8 +201,9 @@ impl Upstream {
                 http.status_code = tracing::field::Empty,
                 error = tracing::field::Empty,
             );
+            let deadline = tokio::time::Instant::now() + self.timeout;
             let sent =
-                tracing::Instrument::instrument(tokio::time::timeout(self.timeout, request.send()), span.clone()).await;
+                tracing::Instrument::instrument(tokio::time::timeout_at(deadline, request.send()), span.clone()).await;
             if !span.is_disabled() {
                 match &sent {
                     Ok(Ok(response)) => span.record("http.status_code", response.status().as_u16()),
@@ -142,57 +212,82 @@ impl Upstream {
                 };
             }
             match sent {
-                Err(_elapsed) => return Err(self.timeout_error()),
-                Ok(Ok(response)) if response.status().is_server_error() => {
-                    let status = response.status();
-                    let text = response.text().await.unwrap_or_default();
-                    last_error = format!("HTTP {status}: {}", truncate(&text, 300));
+                // An answer, whatever its status: the client's to act on.
+                Ok(Ok(response)) => return Ok((response, deadline)),
+                Err(_elapsed) => {
+                    timed_out = true;
+                    last_error = format!("no answer within {:?}", self.timeout);
                 }
-                Ok(Ok(response)) => return Ok(response),
-                Ok(Err(error)) if error.is_timeout() => return Err(self.timeout_error()),
-                // Without the URL: it may carry credentials in some setups.
-                Ok(Err(error)) => last_error = describe_request_error(&error),
+                Ok(Err(error)) => {
+                    timed_out = error.is_timeout();
+                    // Without the URL: it may carry credentials in some setups.
+                    last_error = describe_request_error(&error);
+                }
             }
             tracing::warn!(provider = %self.name, attempt = attempt_idx + 1, error = %last_error, "upstream attempt failed");
+        }
+        if timed_out {
+            return Err(self.timeout_error());
         }
         Err(ProviderError::Unavailable { provider: self.name.clone(), attempts: n_attempts, last_error })
     }
 
-    /// A complete answer's body: retries, then reads the body within the
-    /// timeout. Any status other than 2xx is `Rejected` with the body as sent.
-    pub(crate) async fn complete(&self, url: &reqwest::Url, body: Bytes) -> Result<Bytes, ProviderError> {
-        let read = async {
-            let response = self.send_with_retries(url, body).await?;
-            let status = response.status();
-            let body = response.bytes().await.map_err(|error| ProviderError::Unavailable {
+    /// The body of an answer whose headers are in, read by `deadline`.
+    async fn read_body(
+        &self,
+        response: reqwest::Response,
+        deadline: tokio::time::Instant,
+    ) -> Result<Bytes, ProviderError> {
+        tokio::time::timeout_at(deadline, response.bytes()).await.map_err(|_| self.timeout_error())?.map_err(|error| {
+            ProviderError::Unavailable {
                 provider: self.name.clone(),
                 attempts: 1,
                 last_error: format!("reading the answer failed: {}", describe_request_error(&error)),
-            })?;
-            Ok::<_, ProviderError>((status, body))
-        };
-        let (status, body) = tokio::time::timeout(self.timeout, read).await.map_err(|_| self.timeout_error())??;
-        if !status.is_success() {
-            return Err(ProviderError::Rejected { provider: self.name.clone(), status: status.as_u16(), body });
-        }
-        Ok(body)
+            }
+        })
     }
 
-    /// Sends a stream request; returns its events once the answer is known
-    /// to be a 2xx event stream. Each event waits at most the timeout.
+    /// An answer with an error status, passed on as it came.
+    async fn rejection(
+        &self,
+        response: reqwest::Response,
+        deadline: tokio::time::Instant,
+        headers: HeaderMap,
+    ) -> ProviderError {
+        let status = response.status().as_u16();
+        // A body that cannot be read still leaves the status to pass on.
+        let body = self.read_body(response, deadline).await.unwrap_or_default();
+        ProviderError::Rejected { provider: self.name.clone(), status, body, headers: Box::new(headers) }
+    }
+
+    /// A complete answer's body and passed headers: retries, then reads the
+    /// body within the timeout. Any status other than 2xx is `Rejected` with
+    /// the body as sent.
+    pub(crate) async fn complete(&self, url: &reqwest::Url, body: Bytes) -> Result<(Bytes, HeaderMap), ProviderError> {
+        let (response, deadline) = self.send_with_retries(url, body).await?;
+        let headers = (self.passed)(response.headers());
+        if !response.status().is_success() {
+            return Err(self.rejection(response, deadline, headers).await);
+        }
+        let body = self.read_body(response, deadline).await?;
+        Ok((body, headers))
+    }
+
+    /// Sends a stream request; returns its events, and the passed headers,
+    /// once the answer is known to be a 2xx event stream. Each event waits
+    /// at most the timeout.
     pub(crate) async fn open_stream(
         &self,
         url: &reqwest::Url,
         body: Bytes,
     ) -> Result<
-        impl futures::Stream<Item = Result<eventsource_stream::Event, ProviderError>> + Send + 'static,
+        (impl futures::Stream<Item = Result<eventsource_stream::Event, ProviderError>> + Send + 'static, HeaderMap),
         ProviderError,
     > {
-        let response = self.send_with_retries(url, body).await?;
-        let status = response.status();
-        if !status.is_success() {
-            let body = response.bytes().await.unwrap_or_default();
-            return Err(ProviderError::Rejected { provider: self.name.clone(), status: status.as_u16(), body });
+        let (response, deadline) = self.send_with_retries(url, body).await?;
+        let headers = (self.passed)(response.headers());
+        if !response.status().is_success() {
+            return Err(self.rejection(response, deadline, headers).await);
         }
         // An upstream that ignores `stream` answers with one JSON body; read
         // as events it would look like an empty stream, so it is refused here,
@@ -211,7 +306,7 @@ impl Upstream {
         let provider = self.name.clone();
         let idle_timeout = self.timeout;
         let events = response.bytes_stream().eventsource();
-        Ok(futures::stream::unfold(Some(Box::pin(events)), move |events| {
+        let events = futures::stream::unfold(Some(Box::pin(events)), move |events| {
             let provider = provider.clone();
             async move {
                 let mut events = events?;
@@ -225,7 +320,8 @@ impl Upstream {
                     )),
                 }
             }
-        }))
+        });
+        Ok((events, headers))
     }
 }
 
@@ -237,21 +333,8 @@ impl Provider for OpenAiProvider {
         self.complete(&self.chat_url, body).await
     }
 
-    async fn infer_stream(&self, request: ChatRequest) -> Result<ChunkStream, ProviderError> {
-        let mut body = request.body;
-        // Ask for usage even when the client did not, so that the record has
-        // the upstream's own counts; the gateway hides that chunk if unasked.
-        let stream_options = body.entry("stream_options").or_insert_with(|| json!({}));
-        if let Value::Object(options) = stream_options {
-            options.insert("include_usage".into(), Value::Bool(true));
-        }
-        let events = self.upstream.open_stream(&self.chat_url, encode(&Value::Object(body))?).await?;
-        let chunks = events
-            .take_while(|item| futures::future::ready(!matches!(item, Ok(event) if event.data.trim() == "[DONE]")))
-            .map(|item| item.map(|event| event.data))
-            // Keep-alive comments and empty events carry no chunk.
-            .filter(|item| futures::future::ready(!matches!(item, Ok(data) if data.trim().is_empty())));
-        Ok(Box::pin(chunks))
+    async fn infer_stream(&self, request: ChatRequest) -> Result<StreamResponse, ProviderError> {
+        self.stream(&self.chat_url, request.body).await
     }
 
     async fn embed(&self, request: EmbeddingRequest) -> Result<ProviderResponse, ProviderError> {
@@ -289,13 +372,6 @@ fn describe_request_error(error: &reqwest::Error) -> String {
         source = cause.source();
     }
     message
-}
-
-pub(crate) fn truncate(text: &str, max_chars: usize) -> String {
-    match text.char_indices().nth(max_chars) {
-        Some((byte_idx, _)) => format!("{}…", &text[..byte_idx]),
-        None => text.to_string(),
-    }
 }
 
 #[cfg(test)]

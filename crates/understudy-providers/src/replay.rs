@@ -15,7 +15,7 @@ use understudy_config::ReplayProviderConfig;
 use understudy_datasets::jsonl::{prompt_key, usage_json, ChatExample};
 use understudy_types::Usage;
 
-use crate::{tokens, ChatRequest, ChunkStream, EmbeddingRequest, Provider, ProviderError, ProviderResponse};
+use crate::{tokens, ChatRequest, EmbeddingRequest, Provider, ProviderError, ProviderResponse, StreamResponse};
 
 #[derive(Debug)]
 pub struct ReplayProvider {
@@ -112,10 +112,10 @@ impl Provider for ReplayProvider {
             }],
             "usage": usage_json(usage),
         });
-        Ok(ProviderResponse { body: Bytes::from(body.to_string()), usage: Some(usage) })
+        Ok(ProviderResponse { body: Bytes::from(body.to_string()), usage: Some(usage), headers: Default::default() })
     }
 
-    async fn infer_stream(&self, request: ChatRequest) -> Result<ChunkStream, ProviderError> {
+    async fn infer_stream(&self, request: ChatRequest) -> Result<StreamResponse, ProviderError> {
         let (recording, messages) = self.find(&request)?;
         let usage = Self::usage(recording, &messages);
         let id = completion_id();
@@ -138,7 +138,7 @@ impl Provider for ReplayProvider {
             ),
             chunk(json!([]), usage_json(usage)),
         ];
-        Ok(Box::pin(futures::stream::iter(chunks.into_iter().map(Ok))))
+        Ok(StreamResponse::of_chunks(Box::pin(futures::stream::iter(chunks.into_iter().map(Ok)))))
     }
 
     async fn embed(&self, _request: EmbeddingRequest) -> Result<ProviderResponse, ProviderError> {

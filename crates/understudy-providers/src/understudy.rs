@@ -224,7 +224,7 @@ mod tests {
                 }
                 let body = json!({"choices": [{"message": {"content": "Bug"},
                     "logprobs": {"content": [{"token": "Bug", "logprob": 0.8f64.ln()}]}}]});
-                Ok(ProviderResponse { body: body.to_string().into(), usage: None })
+                Ok(ProviderResponse { body: body.to_string().into(), usage: None, headers: Default::default() })
             })
         }
 

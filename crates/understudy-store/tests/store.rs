@@ -70,6 +70,11 @@ async fn calls_round_trip_exactly() {
         assert_eq!(found, vec![original.clone()]);
         let by_prefix = store.get_call(&original.id.to_string()[..13]).await.expect("prefix");
         assert_eq!(by_prefix.len(), 1);
+        // Legacy text completions are recorded under an endpoint of their own.
+        let mut legacy = call("triage", "gpt-4o-mini", datetime!(2026-11-01 10:00:01 UTC), 200);
+        legacy.endpoint = Endpoint::Completions;
+        store.insert_calls(std::slice::from_ref(&legacy)).await.expect("insert");
+        assert_eq!(store.get_call(&legacy.id.to_string()).await.expect("get"), vec![legacy]);
     })
     .await;
 }

@@ -122,6 +122,8 @@ impl Price {
 pub enum Endpoint {
     ChatCompletions,
     Embeddings,
+    /// OpenAI's legacy text completions (`/v1/completions`).
+    Completions,
 }
 
 impl Endpoint {
@@ -129,6 +131,7 @@ impl Endpoint {
         match self {
             Endpoint::ChatCompletions => "chat",
             Endpoint::Embeddings => "embeddings",
+            Endpoint::Completions => "completions",
         }
     }
 
@@ -136,6 +139,7 @@ impl Endpoint {
         match text {
             "chat" => Some(Endpoint::ChatCompletions),
             "embeddings" => Some(Endpoint::Embeddings),
+            "completions" => Some(Endpoint::Completions),
             _ => None,
         }
     }

@@ -285,6 +285,19 @@ impl Harness {
         (response.status().as_u16(), response.text().await.expect("body"))
     }
 
+    /// POSTs `body` to `path`; returns the status, every header and the body's text.
+    pub async fn post_full(&self, path: &str, body: &Value) -> (u16, reqwest::header::HeaderMap, String) {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.base_url))
+            .json(body)
+            .send()
+            .await
+            .expect("request reaches the gateway");
+        let (status, headers) = (response.status().as_u16(), response.headers().clone());
+        (status, headers, response.text().await.expect("body"))
+    }
+
     pub async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
         self.post(path, &body.to_string()).await
     }

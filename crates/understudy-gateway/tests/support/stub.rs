@@ -24,6 +24,11 @@
 //!
 //! With `"stream": true` it answers in SSE chunks, with a usage chunk when
 //! `stream_options.include_usage` is set.
+//!
+//! Every answer carries the headers OpenAI sends and clients act on
+//! ([`CLIENT_HEADERS`]; error statuses add `retry-after` and
+//! `retry-after-ms`), and one that must not reach the client
+//! (`x-stub-private`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
 #![allow(dead_code)]
@@ -59,11 +64,40 @@ pub struct Stub {
 
 pub const ANSWER: &str = "Paris is the capital of France.";
 
+/// Headers on every answer of the stub, as OpenAI names them.
+pub const CLIENT_HEADERS: [(&str, &str); 5] = [
+    ("x-request-id", "req-stub-1"),
+    ("openai-processing-ms", "7"),
+    ("x-ratelimit-limit-requests", "100"),
+    ("x-ratelimit-remaining-requests", "99"),
+    ("x-ratelimit-reset-tokens", "6ms"),
+];
+
+/// Added to answers with an error status.
+pub const RETRY_HEADERS: [(&str, &str); 2] = [("retry-after", "2"), ("retry-after-ms", "1500")];
+
+async fn add_client_headers(mut response: Response) -> Response {
+    let is_error = !response.status().is_success();
+    let headers = response.headers_mut();
+    for (name, value) in CLIENT_HEADERS {
+        headers.insert(name, value.parse().expect("header value"));
+    }
+    if is_error && !headers.contains_key("retry-after") {
+        for (name, value) in RETRY_HEADERS {
+            headers.insert(name, value.parse().expect("header value"));
+        }
+    }
+    headers.insert("x-stub-private", "not for clients".parse().expect("header value"));
+    response
+}
+
 impl Stub {
     pub fn router(self) -> Router {
         Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/embeddings", post(embeddings))
+            .route("/v1/completions", post(completions))
+            .layer(axum::middleware::map_response(add_client_headers))
             .with_state(self)
     }
 
@@ -192,9 +226,14 @@ async fn chat(State(stub): State<Stub>, headers: HeaderMap, body: Bytes) -> Resp
     let usage = json!({"prompt_tokens": 21, "completion_tokens": 7, "total_tokens": 28});
     if request.get("stream").and_then(Value::as_bool) == Some(true) {
         let include_usage = request.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true);
+        // As OpenAI does: with usage asked for, every chunk has `"usage": null`.
         let chunk = |delta: Value, finish: Value| {
-            json!({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model,
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+            let mut chunk = json!({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": 1_700_000_000,
+                   "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+            if include_usage {
+                chunk["usage"] = Value::Null;
+            }
+            chunk
         };
         let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
         for word in ANSWER.split_inclusive(' ') {
@@ -240,4 +279,39 @@ async fn embeddings(State(stub): State<Stub>, body: Bytes) -> Response {
         json!({"object": "list", "data": data, "model": request.get("model"),
                "usage": {"prompt_tokens": 4 * n_inputs, "total_tokens": 4 * n_inputs}}),
     )
+}
+
+/// Legacy text completions: the answer's words, streamed or not.
+async fn completions(State(stub): State<Stub>, body: Bytes) -> Response {
+    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if stub.keep_log {
+        stub.log.lock().expect("stub log").requests.push(request.clone());
+    }
+    let model = request.get("model").cloned().unwrap_or(Value::Null);
+    let usage = json!({"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12});
+    if request.get("stream").and_then(Value::as_bool) != Some(true) {
+        return json_response(
+            StatusCode::OK,
+            json!({"id": "cmpl-stub", "object": "text_completion", "created": 1_700_000_000, "model": model,
+                   "choices": [{"text": ANSWER, "index": 0, "logprobs": null, "finish_reason": "stop"}], "usage": usage}),
+        );
+    }
+    let include_usage = request.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true);
+    let chunk = |text: &str, finish: Value| {
+        let mut chunk = json!({"id": "cmpl-stub", "object": "text_completion", "created": 1_700_000_000, "model": model,
+               "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}]});
+        if include_usage {
+            chunk["usage"] = Value::Null;
+        }
+        chunk
+    };
+    let mut events: Vec<Value> = ANSWER.split_inclusive(' ').map(|word| chunk(word, Value::Null)).collect();
+    events.push(chunk("", json!("stop")));
+    if include_usage {
+        events.push(json!({"id": "cmpl-stub", "object": "text_completion", "created": 1_700_000_000, "model": model,
+                           "choices": [], "usage": usage}));
+    }
+    let mut body: String = events.iter().map(|event| format!("data: {event}\n\n")).collect();
+    body.push_str("data: [DONE]\n\n");
+    (StatusCode::OK, [("content-type", "text/event-stream")], body).into_response()
 }
