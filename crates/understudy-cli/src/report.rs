@@ -315,8 +315,16 @@ fn drift_html(task: &str, alpha: f64, points: &[understudy_loop::DriftPoint]) ->
     let (width, height, pad) = (720.0, 260.0, 40.0);
     let score = |p: Option<f64>| p.map(|p| -(p.max(1e-12)).log10());
     let series: [(&str, &str, Vec<Option<f64>>); 3] = [
-        ("input", "#337ab7", points.iter().map(|point| score(point.report.input.as_ref().map(|t| t.p_value))).collect()),
-        ("answers", "#d9534f", points.iter().map(|point| score(point.report.answers.as_ref().map(|t| t.p_value))).collect()),
+        (
+            "input",
+            "#337ab7",
+            points.iter().map(|point| score(point.report.input.as_ref().map(|t| t.p_value))).collect(),
+        ),
+        (
+            "answers",
+            "#d9534f",
+            points.iter().map(|point| score(point.report.answers.as_ref().map(|t| t.p_value))).collect(),
+        ),
         (
             "confidence",
             "#5cb85c",
@@ -368,9 +376,11 @@ fn drift_html(task: &str, alpha: f64, points: &[understudy_loop::DriftPoint]) ->
             format_time(last.to)
         );
     }
-    html.push_str("</svg><p><span style=\"color:#337ab7\">input</span> · <span style=\"color:#d9534f\">answers</span> · \
+    html.push_str(
+        "</svg><p><span style=\"color:#337ab7\">input</span> · <span style=\"color:#d9534f\">answers</span> · \
                    <span style=\"color:#5cb85c\">confidence</span></p><table>\
-                   <tr><th>from</th><th>to</th><th>calls</th><th>fired</th><th>why</th></tr>");
+                   <tr><th>from</th><th>to</th><th>calls</th><th>fired</th><th>why</th></tr>",
+    );
     for point in points {
         let fired: Vec<&str> = point.report.fired().iter().map(|signal| signal.name()).collect();
         let _ = write!(

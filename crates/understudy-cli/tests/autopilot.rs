@@ -177,7 +177,16 @@ fn the_autopilot_takes_a_task_to_a_certified_cascade_beside_a_running_gateway() 
     // cascade's promotion (60 calls: the reference window and two more).
     runtime.block_on(written(&client, &base_url, 210));
     let drift = workdir.run_json(&[
-        "report", "drift", "--task", "questions", "--window", "20", "--encoder", "tiny-bert", "--json", "--html",
+        "report",
+        "drift",
+        "--task",
+        "questions",
+        "--window",
+        "20",
+        "--encoder",
+        "tiny-bert",
+        "--json",
+        "--html",
         "drift.html",
     ]);
     assert_eq!(drift["task"], "questions");
@@ -195,7 +204,6 @@ fn the_autopilot_takes_a_task_to_a_certified_cascade_beside_a_running_gateway() 
     assert!(pinned.contains("pinned"), "{pinned}");
     let released = workdir.run_ok(&["autopilot", "--release", "questions"]);
     assert!(released.contains("released by hand") && released.contains("cascade → collecting"), "{released}");
-
 
     let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
     assert!(killed.success());

@@ -142,6 +142,7 @@ pub struct ExposedWithoutKeys {
 #[derive(Debug, Clone)]
 pub enum ProviderConfig {
     OpenAi(OpenAiProviderConfig),
+    Anthropic(AnthropicProviderConfig),
     Replay(ReplayProviderConfig),
     Local(LocalProviderConfig),
 }
@@ -150,6 +151,7 @@ impl ProviderConfig {
     pub fn provider_type(&self) -> &'static str {
         match self {
             ProviderConfig::OpenAi(_) => "openai",
+            ProviderConfig::Anthropic(_) => "anthropic",
             ProviderConfig::Replay(_) => "replay",
             ProviderConfig::Local(_) => "local",
         }
@@ -166,6 +168,26 @@ pub struct OpenAiProviderConfig {
     pub max_retries: u32,
     pub retry_backoff: Duration,
 }
+
+/// Anthropic's Messages API; the provider translates OpenAI-shaped chat
+/// requests and answers both ways.
+#[derive(Debug, Clone)]
+pub struct AnthropicProviderConfig {
+    /// Base URL without `/v1` and without a trailing slash
+    /// (default `https://api.anthropic.com`).
+    pub base_url: String,
+    /// The environment variable that holds the API key (default `ANTHROPIC_API_KEY`).
+    pub api_key_env: String,
+    /// The `anthropic-version` header (default `2023-06-01`).
+    pub anthropic_version: String,
+    pub timeout: Duration,
+    pub max_retries: u32,
+    pub retry_backoff: Duration,
+}
+
+pub const DEFAULT_ANTHROPIC_BASE_URL: &str = "https://api.anthropic.com";
+pub const DEFAULT_ANTHROPIC_API_KEY_ENV: &str = "ANTHROPIC_API_KEY";
+pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
 
 #[derive(Debug, Clone)]
 pub struct ReplayProviderConfig {
@@ -480,6 +502,21 @@ enum RawProvider {
         #[serde(default = "default_retry_backoff_ms")]
         retry_backoff_ms: u64,
     },
+    #[serde(rename = "anthropic")]
+    Anthropic {
+        #[serde(default = "default_anthropic_base_url")]
+        base_url: String,
+        #[serde(default = "default_anthropic_api_key_env")]
+        api_key_env: String,
+        #[serde(default = "default_anthropic_version")]
+        anthropic_version: String,
+        #[serde(default = "default_timeout_secs")]
+        timeout_secs: f64,
+        #[serde(default = "default_max_retries")]
+        max_retries: u32,
+        #[serde(default = "default_retry_backoff_ms")]
+        retry_backoff_ms: u64,
+    },
     #[serde(rename = "replay")]
     Replay { file: String },
     #[serde(rename = "local")]
@@ -491,6 +528,16 @@ enum RawProvider {
 
 fn default_machine_price_per_hour() -> f64 {
     DEFAULT_MACHINE_PRICE_PER_HOUR
+}
+
+fn default_anthropic_base_url() -> String {
+    DEFAULT_ANTHROPIC_BASE_URL.to_string()
+}
+fn default_anthropic_api_key_env() -> String {
+    DEFAULT_ANTHROPIC_API_KEY_ENV.to_string()
+}
+fn default_anthropic_version() -> String {
+    DEFAULT_ANTHROPIC_VERSION.to_string()
 }
 
 fn default_timeout_secs() -> f64 {
@@ -621,6 +668,25 @@ impl Validator<'_> {
         Err(ConfigError::Invalid { location, key, message })
     }
 
+    /// Checks what every HTTP upstream's table holds: its URL and timeout.
+    fn check_upstream(&self, name: &str, base_url: &str, timeout_secs: f64) -> Result<(), ConfigError> {
+        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+            return self.invalid(
+                format!("providers.{name}.base_url"),
+                0,
+                format!("`{base_url}` must start with http:// or https://"),
+            );
+        }
+        if !(timeout_secs.is_finite() && timeout_secs > 0.0) {
+            return self.invalid(
+                format!("providers.{name}.timeout_secs"),
+                0,
+                "must be a positive number of seconds".into(),
+            );
+        }
+        Ok(())
+    }
+
     fn resolve_path(&self, path: &str) -> PathBuf {
         let path = Path::new(path);
         if path.is_absolute() {
@@ -685,23 +751,42 @@ impl Validator<'_> {
         for (name, raw_provider) in raw.providers {
             let provider = match raw_provider {
                 RawProvider::OpenAi { base_url, api_key_env, timeout_secs, max_retries, retry_backoff_ms } => {
-                    if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
-                        return self.invalid(
-                            format!("providers.{name}.base_url"),
-                            0,
-                            format!("`{base_url}` must start with http:// or https://"),
-                        );
-                    }
-                    if !(timeout_secs.is_finite() && timeout_secs > 0.0) {
-                        return self.invalid(
-                            format!("providers.{name}.timeout_secs"),
-                            0,
-                            "must be a positive number of seconds".into(),
-                        );
-                    }
+                    self.check_upstream(&name, &base_url, timeout_secs)?;
                     ProviderConfig::OpenAi(OpenAiProviderConfig {
                         base_url: base_url.trim_end_matches('/').to_string(),
                         api_key_env,
+                        timeout: Duration::from_secs_f64(timeout_secs),
+                        max_retries,
+                        retry_backoff: Duration::from_millis(retry_backoff_ms),
+                    })
+                }
+                RawProvider::Anthropic {
+                    base_url,
+                    api_key_env,
+                    anthropic_version,
+                    timeout_secs,
+                    max_retries,
+                    retry_backoff_ms,
+                } => {
+                    self.check_upstream(&name, &base_url, timeout_secs)?;
+                    if api_key_env.trim().is_empty() {
+                        return self.invalid(
+                            format!("providers.{name}.api_key_env"),
+                            0,
+                            "must name an environment variable".into(),
+                        );
+                    }
+                    if anthropic_version.trim().is_empty() {
+                        return self.invalid(
+                            format!("providers.{name}.anthropic_version"),
+                            0,
+                            format!("must be an API version such as \"{DEFAULT_ANTHROPIC_VERSION}\""),
+                        );
+                    }
+                    ProviderConfig::Anthropic(AnthropicProviderConfig {
+                        base_url: base_url.trim_end_matches('/').to_string(),
+                        api_key_env,
+                        anthropic_version,
                         timeout: Duration::from_secs_f64(timeout_secs),
                         max_retries,
                         retry_backoff: Duration::from_millis(retry_backoff_ms),

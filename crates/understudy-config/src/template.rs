@@ -66,6 +66,22 @@ timeout_secs = 60                       # past this, the client gets HTTP 504
 max_retries = 2
 retry_backoff_ms = 200                  # doubled on each retry
 
+# Anthropic's Messages API (POST {base_url}/v1/messages). Clients still speak
+# OpenAI's chat format: requests and answers (tools, streams, usage, errors)
+# are translated both ways, and records keep OpenAI's shape.
+[providers.anthropic]
+type = "anthropic"
+base_url = "https://api.anthropic.com"  # without /v1
+api_key_env = "ANTHROPIC_API_KEY"       # sent as x-api-key
+anthropic_version = "2023-06-01"        # the anthropic-version header
+timeout_secs = 60
+# As for cloud: only failures before any answer are retried; an error status
+# (429, 529 overloaded...) goes to the client with its `retry-after`.
+max_retries = 2
+retry_backoff_ms = 200
+# Anthropic requires max_tokens: a request without max_tokens or
+# max_completion_tokens is sent with max_tokens = 4096.
+
 # A replay provider answers from recorded calls (the `understudy import` JSONL
 # format), matching requests by their messages after whitespace normalization.
 # [providers.recorded]
@@ -110,6 +126,32 @@ provider = "cloud"
 name = "o4-mini"
 input_per_million = 1.10
 output_per_million = 4.40
+
+# Anthropic list prices (USD per 1M tokens, taken on 2025-06-01; prompt
+# caching's reads and writes are priced differently and not counted here).
+[models.claude-opus-4]
+provider = "anthropic"
+name = "claude-opus-4-0"
+input_per_million = 15.00
+output_per_million = 75.00
+
+[models.claude-sonnet-4]
+provider = "anthropic"
+name = "claude-sonnet-4-0"
+input_per_million = 3.00
+output_per_million = 15.00
+
+[models.claude-3-7-sonnet]
+provider = "anthropic"
+name = "claude-3-7-sonnet-latest"
+input_per_million = 3.00
+output_per_million = 15.00
+
+[models.claude-haiku-3_5]
+provider = "anthropic"
+name = "claude-3-5-haiku-latest"
+input_per_million = 0.80
+output_per_million = 4.00
 
 [models.text-embedding-3-small]
 provider = "cloud"

@@ -182,3 +182,70 @@ fn traces_go_to_an_otlp_http_endpoint() {
     let error = parse(&with("otlp_endpoint = \"127.0.0.1:4317\"")).expect_err("bad").to_string();
     assert!(error.contains("`telemetry.otlp_endpoint`: `127.0.0.1:4317` is not an http:// or https:// URL"), "{error}");
 }
+
+const ANTHROPIC: &str = r#"
+[providers.claude]
+type = "anthropic"
+
+[providers.claude-proxy]
+type = "anthropic"
+base_url = "http://127.0.0.1:9100/"
+api_key_env = "PROXY_KEY"
+anthropic_version = "2024-01-01"
+timeout_secs = 5
+max_retries = 0
+retry_backoff_ms = 50
+
+[models.claude-sonnet-4]
+provider = "claude"
+name = "claude-sonnet-4-0"
+input_per_million = 3.0
+output_per_million = 15.0
+"#;
+
+#[test]
+fn an_anthropic_provider_has_defaults_and_takes_its_keys() {
+    let config = parse(ANTHROPIC).expect("anthropic config parses");
+    let ProviderConfig::Anthropic(claude) = &config.providers["claude"] else { panic!("claude is anthropic") };
+    assert_eq!(claude.base_url, "https://api.anthropic.com");
+    assert_eq!(claude.api_key_env, "ANTHROPIC_API_KEY");
+    assert_eq!(claude.anthropic_version, "2023-06-01");
+    assert_eq!((claude.timeout, claude.max_retries), (Duration::from_secs(60), 2));
+    assert_eq!(config.providers["claude"].provider_type(), "anthropic");
+    let ProviderConfig::Anthropic(proxy) = &config.providers["claude-proxy"] else { panic!("proxy is anthropic") };
+    assert_eq!(proxy.base_url, "http://127.0.0.1:9100");
+    assert_eq!(proxy.api_key_env, "PROXY_KEY");
+    assert_eq!(proxy.anthropic_version, "2024-01-01");
+    assert_eq!((proxy.timeout, proxy.max_retries), (Duration::from_secs(5), 0));
+    assert_eq!(proxy.retry_backoff, Duration::from_millis(50));
+    assert_eq!(config.models["claude-sonnet-4"].price.output_per_million, 15.0);
+}
+
+#[test]
+fn a_bad_anthropic_value_names_the_key_and_line() {
+    let text = ANTHROPIC.replace("base_url = \"http://127.0.0.1:9100/\"", "base_url = \"api.anthropic.com\"");
+    let error = parse(&text).expect_err("a base_url without a scheme").to_string();
+    assert!(error.contains("providers.claude-proxy.base_url"), "{error}");
+    assert!(error.contains("understudy.toml:7"), "{error}");
+
+    let text = ANTHROPIC.replace("anthropic_version = \"2024-01-01\"", "anthropic_version = \" \"");
+    let error = parse(&text).expect_err("a blank version").to_string();
+    assert!(error.contains("providers.claude-proxy.anthropic_version") && error.contains(":9"), "{error}");
+
+    let text = ANTHROPIC.replace("max_retries = 0", "max_retries = 0\nmax_token = 5");
+    let error = parse(&text).expect_err("an unknown key").to_string();
+    assert!(error.contains("max_token"), "{error}");
+}
+
+#[test]
+fn the_init_template_prices_claude_models() {
+    let config = parse(TEMPLATE).expect("template parses");
+    assert!(matches!(config.providers["anthropic"], ProviderConfig::Anthropic(_)));
+    let sonnet = &config.models["claude-sonnet-4"];
+    assert_eq!(
+        (sonnet.provider.as_str(), sonnet.price.input_per_million, sonnet.price.output_per_million),
+        ("anthropic", 3.0, 15.0)
+    );
+    let haiku = &config.models["claude-haiku-3_5"];
+    assert_eq!((haiku.price.input_per_million, haiku.price.output_per_million), (0.80, 4.0));
+}

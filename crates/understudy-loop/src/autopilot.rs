@@ -310,7 +310,8 @@ impl<'a> Autopilot<'a> {
         // A window of new calls since the last training, and since the last
         // check (a training resets the count): one test per window of calls.
         let window_passed = n_calls_since_training >= settings.drift_window
-            && checked.is_none_or(|at| n_calls_since_training >= at + settings.drift_window || n_calls_since_training < at);
+            && checked
+                .is_none_or(|at| n_calls_since_training >= at + settings.drift_window || n_calls_since_training < at);
         if settings.drift && stage == Stage::Cascade && pinned_by.is_none() && window_passed {
             let found =
                 crate::drift::task_drift(self.store, task, settings.drift_window, settings.drift_alpha, self.encoder)

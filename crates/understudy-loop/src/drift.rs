@@ -171,8 +171,11 @@ impl Baseline {
                 let config = AnswerDriftConfig { alpha, ..AnswerDriftConfig::default() };
                 let representative = understudy_eval::drift::label_counts(&representative);
                 let fallbacks = understudy_eval::drift::label_counts(&fallbacks);
-                let mut test =
-                    if representative.is_empty() { None } else { Some(answer_drift(training, &representative, &config)?) };
+                let mut test = if representative.is_empty() {
+                    None
+                } else {
+                    Some(answer_drift(training, &representative, &config)?)
+                };
                 if !fallbacks.is_empty() {
                     let on_fallbacks = answer_drift(training, &fallbacks, &config)?;
                     if on_fallbacks.new_label_fired {
@@ -209,7 +212,9 @@ impl Baseline {
                 ));
                 None
             }
-            Some(_) => Some(confidence_drift(&self.confidences, &recent, self.threshold, &ConfidenceDriftConfig { alpha })?),
+            Some(_) => {
+                Some(confidence_drift(&self.confidences, &recent, self.threshold, &ConfidenceDriftConfig { alpha })?)
+            }
             None => None,
         };
         let input = match (&self.prompts, encoder) {
@@ -288,7 +293,8 @@ pub async fn drift_history(
         ..CallFilter::default()
     };
     let calls = store.list_calls(&filter).await?;
-    let windows: Vec<&[CallRecord]> = calls.chunks(window as usize).skip(1).filter(|chunk| chunk.len() == window as usize).collect();
+    let windows: Vec<&[CallRecord]> =
+        calls.chunks(window as usize).skip(1).filter(|chunk| chunk.len() == window as usize).collect();
     let mut points = Vec::new();
     for chunk in windows.iter().rev().take(max_windows).rev() {
         let mut skipped = Vec::new();

@@ -5,6 +5,7 @@
 //! serde-tagged `ProviderConfig` enum of the config crate. Providers make no
 //! routing decisions: they answer the request they are given.
 
+pub mod anthropic;
 pub mod local;
 pub mod openai;
 pub mod replay;
@@ -22,6 +23,7 @@ use serde_json::{Map, Value};
 use understudy_config::{ModelConfig, ProviderConfig};
 use understudy_types::Usage;
 
+pub use anthropic::AnthropicProvider;
 pub use local::{confidence_of, LocalLoader, LocalModel, LocalModelSpec, LocalProvider};
 pub use openai::OpenAiProvider;
 pub use replay::ReplayProvider;
@@ -47,8 +49,9 @@ pub struct ProviderResponse {
     pub body: Bytes,
     /// The provider's own `usage`, when it reported one.
     pub usage: Option<Usage>,
-    /// The upstream's headers that clients act on ([`openai::passed_headers`]);
-    /// empty for providers that are no HTTP upstream.
+    /// The upstream's headers that clients act on ([`openai::passed_headers`],
+    /// [`anthropic::passed_headers`] under OpenAI's names); empty for
+    /// providers that are no HTTP upstream.
     pub headers: HeaderMap,
 }
 
@@ -104,8 +107,10 @@ pub trait Provider {
 /// A configured provider of any type.
 #[derive(Debug)]
 pub enum AnyProvider {
-    /// Boxed: its client and URLs are several times the size of the others.
+    /// Boxed, as `Anthropic`: its client and URLs are several times the
+    /// size of the others.
     OpenAi(Box<OpenAiProvider>),
+    Anthropic(Box<AnthropicProvider>),
     Replay(ReplayProvider),
     Local(LocalProvider),
 }
@@ -122,6 +127,9 @@ impl AnyProvider {
     ) -> Result<AnyProvider, ProviderError> {
         Ok(match config {
             ProviderConfig::OpenAi(config) => AnyProvider::OpenAi(Box::new(OpenAiProvider::new(name, config)?)),
+            ProviderConfig::Anthropic(config) => {
+                AnyProvider::Anthropic(Box::new(AnthropicProvider::new(name, config)?))
+            }
             ProviderConfig::Replay(config) => AnyProvider::Replay(ReplayProvider::load(name, config)?),
             ProviderConfig::Local(config) => AnyProvider::Local(LocalProvider::new(name, config, models, loader)?),
         })
@@ -130,6 +138,7 @@ impl AnyProvider {
     pub fn provider_type(&self) -> &'static str {
         match self {
             AnyProvider::OpenAi(_) => OpenAiProvider::PROVIDER_TYPE,
+            AnyProvider::Anthropic(_) => AnthropicProvider::PROVIDER_TYPE,
             AnyProvider::Replay(_) => ReplayProvider::PROVIDER_TYPE,
             AnyProvider::Local(_) => LocalProvider::PROVIDER_TYPE,
         }
@@ -138,6 +147,7 @@ impl AnyProvider {
     pub async fn infer(&self, request: ChatRequest) -> Result<ProviderResponse, ProviderError> {
         match self {
             AnyProvider::OpenAi(provider) => provider.infer(request).await,
+            AnyProvider::Anthropic(provider) => provider.infer(request).await,
             AnyProvider::Replay(provider) => provider.infer(request).await,
             AnyProvider::Local(provider) => provider.infer(request).await,
         }
@@ -146,6 +156,7 @@ impl AnyProvider {
     pub async fn infer_stream(&self, request: ChatRequest) -> Result<StreamResponse, ProviderError> {
         match self {
             AnyProvider::OpenAi(provider) => provider.infer_stream(request).await,
+            AnyProvider::Anthropic(provider) => provider.infer_stream(request).await,
             AnyProvider::Replay(provider) => provider.infer_stream(request).await,
             AnyProvider::Local(provider) => provider.infer_stream(request).await,
         }
@@ -180,6 +191,7 @@ impl AnyProvider {
     pub async fn embed(&self, request: EmbeddingRequest) -> Result<ProviderResponse, ProviderError> {
         match self {
             AnyProvider::OpenAi(provider) => provider.embed(request).await,
+            AnyProvider::Anthropic(provider) => provider.embed(request).await,
             AnyProvider::Replay(provider) => provider.embed(request).await,
             AnyProvider::Local(provider) => provider.embed(request).await,
         }

@@ -1,5 +1,6 @@
 //! Any OpenAI-compatible upstream: OpenAI itself, vLLM, llama.cpp's server,
-//! or a stub on loopback.
+//! or a stub on loopback; and `Upstream`, the HTTP client, retry and
+//! timeout policy it shares with the Anthropic provider.
 //!
 //! Requests go out as JSON with the caller's fields intact. Only failures
 //! before any answer arrives (a refused or reset connection, no headers
@@ -9,7 +10,6 @@
 //! whether to retry it (OpenAI's do, on 408, 409, 429 and 5xx, honouring
 //! `retry-after`), so retrying here as well would multiply the attempts.
 
-use std::fmt;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,59 +20,148 @@ use understudy_config::OpenAiProviderConfig;
 
 use crate::{ChatRequest, EmbeddingRequest, HeaderMap, Provider, ProviderError, ProviderResponse, StreamResponse};
 
-/// An API key that never prints.
-#[derive(Clone)]
-struct ApiKey(String);
+/// An API key as a header value that never prints (`Debug` shows `Sensitive`).
+pub(crate) fn secret_header(provider: &str, value: &str) -> Result<reqwest::header::HeaderValue, ProviderError> {
+    let mut header = reqwest::header::HeaderValue::from_str(value).map_err(|_| ProviderError::Setup {
+        provider: provider.to_string(),
+        message: "the API key holds characters a header cannot carry".to_string(),
+    })?;
+    header.set_sensitive(true);
+    Ok(header)
+}
 
-impl fmt::Debug for ApiKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ApiKey(***)")
+/// The key in `variable`, if it is set and not empty (a warning otherwise).
+pub(crate) fn api_key_from_env(provider: &str, variable: &str) -> Option<String> {
+    match std::env::var(variable) {
+        Ok(key) if !key.is_empty() => Some(key),
+        _ => {
+            tracing::warn!(provider, variable, "API key variable is not set; sending no key");
+            None
+        }
     }
 }
 
 #[derive(Debug)]
 pub struct OpenAiProvider {
-    name: String,
-    client: reqwest::Client,
+    upstream: Upstream,
     chat_url: reqwest::Url,
     embeddings_url: reqwest::Url,
     completions_url: reqwest::Url,
-    api_key: Option<ApiKey>,
+}
+
+impl OpenAiProvider {
+    pub fn new(name: &str, config: &OpenAiProviderConfig) -> Result<OpenAiProvider, ProviderError> {
+        let mut headers = HeaderMap::new();
+        if let Some(key) = config.api_key_env.as_deref().and_then(|variable| api_key_from_env(name, variable)) {
+            headers.insert(reqwest::header::AUTHORIZATION, secret_header(name, &format!("Bearer {key}"))?);
+        }
+        let upstream =
+            Upstream::new(name, headers, passed_headers, config.timeout, config.max_retries, config.retry_backoff)?;
+        Ok(OpenAiProvider {
+            upstream,
+            chat_url: parse_url(name, &format!("{}/chat/completions", config.base_url))?,
+            embeddings_url: parse_url(name, &format!("{}/embeddings", config.base_url))?,
+            completions_url: parse_url(name, &format!("{}/completions", config.base_url))?,
+        })
+    }
+
+    /// A complete JSON answer, with the upstream's `usage` and passed headers.
+    async fn complete(&self, url: &reqwest::Url, body: Bytes) -> Result<ProviderResponse, ProviderError> {
+        let (body, headers) = self.upstream.complete(url, body).await?;
+        let usage = crate::usage_of_body(&body).map_err(|error| ProviderError::BadResponse {
+            provider: self.upstream.name.clone(),
+            message: format!("the answer is not JSON: {error}"),
+        })?;
+        Ok(ProviderResponse { usage, body, headers })
+    }
+
+    /// A streamed answer from `url`: its chunks' `data:` payloads, after the
+    /// same retries and checks for chat and legacy completions.
+    async fn stream(
+        &self,
+        url: &reqwest::Url,
+        body: serde_json::Map<String, Value>,
+    ) -> Result<StreamResponse, ProviderError> {
+        let mut body = body;
+        // Ask for usage even when the client did not, so that the record has
+        // the upstream's own counts; the gateway hides that chunk if unasked.
+        let stream_options = body.entry("stream_options").or_insert_with(|| json!({}));
+        if let Value::Object(options) = stream_options {
+            options.insert("include_usage".into(), Value::Bool(true));
+        }
+        let (events, headers) = self.upstream.open_stream(url, encode(&Value::Object(body))?).await?;
+        let chunks = events
+            .take_while(|item| futures::future::ready(!matches!(item, Ok(event) if event.data.trim() == "[DONE]")))
+            .map(|item| item.map(|event| event.data))
+            // Keep-alive comments and empty events carry no chunk.
+            .filter(|item| futures::future::ready(!matches!(item, Ok(data) if data.trim().is_empty())));
+        Ok(StreamResponse { chunks: Box::pin(chunks), headers })
+    }
+
+    /// `POST /completions` (OpenAI's legacy text completions), not streamed.
+    pub async fn text_completion(&self, request: ChatRequest) -> Result<ProviderResponse, ProviderError> {
+        let body = encode(&Value::Object(request.body))?;
+        self.complete(&self.completions_url, body).await
+    }
+
+    /// `POST /completions`, streamed (the body asks for it); usage is asked for as in chat.
+    pub async fn text_completion_stream(&self, request: ChatRequest) -> Result<StreamResponse, ProviderError> {
+        self.stream(&self.completions_url, request.body).await
+    }
+}
+
+/// The headers of an upstream's answer that reach the client, because
+/// clients act on them: when to retry (`retry-after`, `retry-after-ms`),
+/// how much of their rate limits is left (`x-ratelimit-*`), and what they
+/// log to trace a call with the upstream (`x-request-id`,
+/// `openai-processing-ms`). Others (cookies, the upstream's organization,
+/// its framing) stay here.
+pub fn passed_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut passed = HeaderMap::new();
+    for (name, value) in headers {
+        let name_text = name.as_str();
+        let passes = matches!(name_text, "retry-after" | "retry-after-ms" | "x-request-id" | "openai-processing-ms")
+            || name_text.starts_with("x-ratelimit-");
+        if passes {
+            passed.append(name.clone(), value.clone());
+        }
+    }
+    passed
+}
+
+/// An HTTP upstream: a client, the headers every request carries (the key),
+/// which of an answer's headers reach the client, and the timeout and retry
+/// policy (the module's: only failures before an answer are retried).
+#[derive(Debug)]
+pub(crate) struct Upstream {
+    pub(crate) name: String,
+    client: reqwest::Client,
+    headers: HeaderMap,
+    /// The headers of an answer (or error answer) that reach the client, in
+    /// the names OpenAI's clients read.
+    passed: fn(&HeaderMap) -> HeaderMap,
     timeout: Duration,
     max_retries: u32,
     retry_backoff: Duration,
 }
 
-impl OpenAiProvider {
-    pub fn new(name: &str, config: &OpenAiProviderConfig) -> Result<OpenAiProvider, ProviderError> {
-        let api_key = match &config.api_key_env {
-            None => None,
-            Some(variable) => match std::env::var(variable) {
-                Ok(key) if !key.is_empty() => Some(ApiKey(key)),
-                _ => {
-                    tracing::warn!(provider = name, variable, "API key variable is not set; sending no key");
-                    None
-                }
-            },
-        };
+impl Upstream {
+    pub(crate) fn new(
+        name: &str,
+        headers: HeaderMap,
+        passed: fn(&HeaderMap) -> HeaderMap,
+        timeout: Duration,
+        max_retries: u32,
+        retry_backoff: Duration,
+    ) -> Result<Upstream, ProviderError> {
         let client = reqwest::Client::builder()
             .tcp_nodelay(true)
             .pool_max_idle_per_host(1024)
             .pool_idle_timeout(Duration::from_secs(90))
-            .connect_timeout(config.timeout.min(Duration::from_secs(10)))
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
             .build()
             .map_err(|error| ProviderError::Setup { provider: name.to_string(), message: error.to_string() })?;
-        Ok(OpenAiProvider {
-            name: name.to_string(),
-            client,
-            chat_url: parse_url(name, &format!("{}/chat/completions", config.base_url))?,
-            embeddings_url: parse_url(name, &format!("{}/embeddings", config.base_url))?,
-            completions_url: parse_url(name, &format!("{}/completions", config.base_url))?,
-            api_key,
-            timeout: config.timeout,
-            max_retries: config.max_retries,
-            retry_backoff: config.retry_backoff,
-        })
+        Ok(Upstream { name: name.to_string(), client, headers, passed, timeout, max_retries, retry_backoff })
     }
 
     fn timeout_error(&self) -> ProviderError {
@@ -96,14 +185,12 @@ impl OpenAiProvider {
                 let backoff = self.retry_backoff * 2u32.saturating_pow(attempt_idx - 1);
                 tokio::time::sleep(backoff).await;
             }
-            let mut request = self
+            let request = self
                 .client
                 .post(url.clone())
+                .headers(self.headers.clone())
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(body.clone());
-            if let Some(key) = &self.api_key {
-                request = request.bearer_auth(&key.0);
-            }
             // One span per attempt, a child of the call's (off unless traces are exported).
             let span = tracing::info_span!(
                 target: understudy_types::CALL_SPAN_TARGET,
@@ -173,37 +260,32 @@ impl OpenAiProvider {
         ProviderError::Rejected { provider: self.name.clone(), status, body, headers: Box::new(headers) }
     }
 
-    /// A complete JSON answer: retries, then reads the body within the timeout.
-    async fn complete(&self, url: &reqwest::Url, body: Bytes) -> Result<ProviderResponse, ProviderError> {
+    /// A complete answer's body and passed headers: retries, then reads the
+    /// body within the timeout. Any status other than 2xx is `Rejected` with
+    /// the body as sent.
+    pub(crate) async fn complete(&self, url: &reqwest::Url, body: Bytes) -> Result<(Bytes, HeaderMap), ProviderError> {
         let (response, deadline) = self.send_with_retries(url, body).await?;
-        let headers = passed_headers(response.headers());
+        let headers = (self.passed)(response.headers());
         if !response.status().is_success() {
             return Err(self.rejection(response, deadline, headers).await);
         }
         let body = self.read_body(response, deadline).await?;
-        let usage = crate::usage_of_body(&body).map_err(|error| ProviderError::BadResponse {
-            provider: self.name.clone(),
-            message: format!("the answer is not JSON: {error}"),
-        })?;
-        Ok(ProviderResponse { usage, body, headers })
+        Ok((body, headers))
     }
 
-    /// A streamed answer from `url`: its chunks' `data:` payloads, after the
-    /// same retries and checks for chat and legacy completions.
-    async fn stream(
+    /// Sends a stream request; returns its events, and the passed headers,
+    /// once the answer is known to be a 2xx event stream. Each event waits
+    /// at most the timeout.
+    pub(crate) async fn open_stream(
         &self,
         url: &reqwest::Url,
-        body: serde_json::Map<String, Value>,
-    ) -> Result<StreamResponse, ProviderError> {
-        let mut body = body;
-        // Ask for usage even when the client did not, so that the record has
-        // the upstream's own counts; the gateway hides that chunk if unasked.
-        let stream_options = body.entry("stream_options").or_insert_with(|| json!({}));
-        if let Value::Object(options) = stream_options {
-            options.insert("include_usage".into(), Value::Bool(true));
-        }
-        let (response, deadline) = self.send_with_retries(url, encode(&Value::Object(body))?).await?;
-        let headers = passed_headers(response.headers());
+        body: Bytes,
+    ) -> Result<
+        (impl futures::Stream<Item = Result<eventsource_stream::Event, ProviderError>> + Send + 'static, HeaderMap),
+        ProviderError,
+    > {
+        let (response, deadline) = self.send_with_retries(url, body).await?;
+        let headers = (self.passed)(response.headers());
         if !response.status().is_success() {
             return Err(self.rejection(response, deadline, headers).await);
         }
@@ -224,56 +306,23 @@ impl OpenAiProvider {
         let provider = self.name.clone();
         let idle_timeout = self.timeout;
         let events = response.bytes_stream().eventsource();
-        let chunks = futures::stream::unfold(Some(Box::pin(events)), move |events| {
+        let events = futures::stream::unfold(Some(Box::pin(events)), move |events| {
             let provider = provider.clone();
             async move {
                 let mut events = events?;
                 match tokio::time::timeout(idle_timeout, events.next()).await {
                     Err(_elapsed) => Some((Err(ProviderError::Timeout { provider, timeout: idle_timeout }), None)),
                     Ok(None) => None,
-                    Ok(Some(Ok(event))) if event.data.trim() == "[DONE]" => None,
-                    Ok(Some(Ok(event))) => Some((Ok(event.data), Some(events))),
+                    Ok(Some(Ok(event))) => Some((Ok(event), Some(events))),
                     Ok(Some(Err(error))) => Some((
                         Err(ProviderError::BadResponse { provider, message: format!("stream broke: {error}") }),
                         None,
                     )),
                 }
             }
-        })
-        // Keep-alive comments and empty events carry no chunk.
-        .filter(|item| futures::future::ready(!matches!(item, Ok(data) if data.trim().is_empty())));
-        Ok(StreamResponse { chunks: Box::pin(chunks), headers })
+        });
+        Ok((events, headers))
     }
-
-    /// `POST /completions` (OpenAI's legacy text completions), not streamed.
-    pub async fn text_completion(&self, request: ChatRequest) -> Result<ProviderResponse, ProviderError> {
-        let body = encode(&Value::Object(request.body))?;
-        self.complete(&self.completions_url, body).await
-    }
-
-    /// `POST /completions`, streamed (the body asks for it); usage is asked for as in chat.
-    pub async fn text_completion_stream(&self, request: ChatRequest) -> Result<StreamResponse, ProviderError> {
-        self.stream(&self.completions_url, request.body).await
-    }
-}
-
-/// The headers of an upstream's answer that reach the client, because
-/// clients act on them: when to retry (`retry-after`, `retry-after-ms`),
-/// how much of their rate limits is left (`x-ratelimit-*`), and what they
-/// log to trace a call with the upstream (`x-request-id`,
-/// `openai-processing-ms`). Others (cookies, the upstream's organization,
-/// its framing) stay here.
-pub fn passed_headers(headers: &HeaderMap) -> HeaderMap {
-    let mut passed = HeaderMap::new();
-    for (name, value) in headers {
-        let name_text = name.as_str();
-        let passes = matches!(name_text, "retry-after" | "retry-after-ms" | "x-request-id" | "openai-processing-ms")
-            || name_text.starts_with("x-ratelimit-");
-        if passes {
-            passed.append(name.clone(), value.clone());
-        }
-    }
-    passed
 }
 
 impl Provider for OpenAiProvider {
@@ -294,14 +343,14 @@ impl Provider for OpenAiProvider {
     }
 }
 
-fn parse_url(provider: &str, url: &str) -> Result<reqwest::Url, ProviderError> {
+pub(crate) fn parse_url(provider: &str, url: &str) -> Result<reqwest::Url, ProviderError> {
     reqwest::Url::parse(url).map_err(|error| ProviderError::Setup {
         provider: provider.to_string(),
         message: format!("`{url}` is not a valid URL: {error}"),
     })
 }
 
-fn encode(body: &Value) -> Result<Bytes, ProviderError> {
+pub(crate) fn encode(body: &Value) -> Result<Bytes, ProviderError> {
     serde_json::to_vec(body)
         .map(Bytes::from)
         .map_err(|error| ProviderError::Setup { provider: String::new(), message: error.to_string() })
