@@ -251,11 +251,7 @@ impl<'a> Autopilot<'a> {
     pub async fn release(&self, task: &str) -> Result<AutopilotEvent> {
         let (stage, _) = current_stage(self.store, task).await?;
         let current = self.store.policy_history(task).await?.into_iter().next();
-        let to = match current.as_ref().and_then(|change| Policy::parse(&change.policy, None).ok()) {
-            Some(Policy::Cascade { .. }) => Stage::Cascade,
-            Some(Policy::Shadow) => Stage::Shadow,
-            _ => Stage::Collecting,
-        };
+        let to = stage_of(current.as_ref());
         let evidence = json!({"policy": current.as_ref().map(|c| c.policy.clone())});
         record(
             self.store,
@@ -489,12 +485,7 @@ impl<'a> Autopilot<'a> {
 
     /// The stage the current policy stands for.
     async fn serving_stage(&self, task: &str) -> Result<Stage> {
-        let current = self.store.policy_history(task).await?.into_iter().next();
-        Ok(match current.as_ref().and_then(|change| Policy::parse(&change.policy, None).ok()) {
-            Some(Policy::Cascade { .. }) => Stage::Cascade,
-            Some(Policy::Shadow) => Stage::Shadow,
-            _ => Stage::Collecting,
-        })
+        Ok(stage_of(self.store.policy_history(task).await?.first()))
     }
 
     async fn promote(&self, task: &str, policy: &str, model: Option<String>, reason: &str) -> Result<PolicyChange> {
@@ -515,6 +506,16 @@ impl<'a> Autopilot<'a> {
 
 fn agreement(agrees: &[bool]) -> f64 {
     agrees.iter().filter(|agrees| **agrees).count() as f64 / agrees.len().max(1) as f64
+}
+
+/// The stage a policy change stands for: a cascade, a shadow, or (lead,
+/// canary, understudy, nothing) collecting.
+fn stage_of(change: Option<&PolicyChange>) -> Stage {
+    match change.and_then(|change| Policy::parse(&change.policy, None).ok()) {
+        Some(Policy::Cascade { .. }) => Stage::Cascade,
+        Some(Policy::Shadow) => Stage::Shadow,
+        _ => Stage::Collecting,
+    }
 }
 
 /// A task's stage: its newest transition's, or collecting.

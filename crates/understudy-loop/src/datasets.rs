@@ -11,7 +11,7 @@ use understudy_datasets::build::{
     BuiltDataset, DatasetSource, Manifest,
 };
 use understudy_datasets::dedup::NearDupConfig;
-use understudy_datasets::files::write_dataset;
+use understudy_datasets::files::{read_split, write_dataset};
 use understudy_datasets::jsonl::{read_examples, ChatExample};
 use understudy_datasets::split::SplitShares;
 use understudy_store::{CallFilter, DatasetRecord, StatusFilter, Store};
@@ -206,6 +206,25 @@ pub async fn find_dataset(store: &Store, id: &str) -> Result<DatasetRecord> {
         0 => Err(LoopError::NotFound(format!("no dataset with id `{id}` (see `understudy dataset list`)"))),
         _ => Err(LoopError::Refused(format!("`{id}` is the prefix of more than one dataset id; give more of it"))),
     }
+}
+
+/// The rows of a dataset version's split, each line's chat example made into
+/// a row by `row`; a line that is not one is an error naming its file and line.
+pub(crate) fn split_rows<T>(dataset_dir: &str, split: &str, row: impl Fn(ChatExample) -> T) -> Result<Vec<T>> {
+    let dir = Path::new(dataset_dir);
+    read_split(dir, split)?
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .enumerate()
+        .map(|(line_idx, line)| {
+            let example = ChatExample::parse(line).map_err(|error| LoopError::Row {
+                path: dir.join(format!("{split}.jsonl")),
+                line: line_idx + 1,
+                message: error.to_string(),
+            })?;
+            Ok(row(example))
+        })
+        .collect()
 }
 
 fn absolute(path: &Path) -> PathBuf {

@@ -20,11 +20,8 @@
 //!   seeded permutation test. Without an encoder this signal is skipped.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use serde_json::{json, Value};
-use understudy_datasets::files::read_split;
-use understudy_datasets::jsonl::ChatExample;
 use understudy_eval::drift::{
     answer_drift, confidence_drift, input_drift, AnswerDriftConfig, ConfidenceDriftConfig, DriftReport,
     InputDriftConfig,
@@ -35,6 +32,7 @@ use understudy_store::{CallFilter, CallOrder, StatusFilter, Store};
 use understudy_trainer::prompt_text;
 use understudy_types::{CallRecord, OffsetDateTime, ServedBy, TaskKind};
 
+use crate::datasets::split_rows;
 use crate::error::{LoopError, Result};
 
 /// Texts per embeddings request.
@@ -333,9 +331,7 @@ async fn newest_calls(store: &Store, task: &str, since: Option<OffsetDateTime>, 
 
 /// Label counts of a dataset's train split.
 fn training_labels(dir: &str) -> Result<BTreeMap<String, u64>> {
-    let text = read_split(Path::new(dir), "train")?;
-    let answers = text.lines().filter_map(|line| ChatExample::parse(line).ok()).map(|example| example.answer_text());
-    Ok(understudy_eval::drift::label_counts(answers))
+    Ok(understudy_eval::drift::label_counts(split_rows(dir, "train", |example| example.answer_text())?))
 }
 
 /// The lead's answers on `calls`: from a random sample of the traffic
@@ -373,12 +369,7 @@ fn response_text(call: &CallRecord) -> Option<String> {
 
 /// Prompts of a dataset's train split, as a classifier reads them.
 fn training_prompts(dir: &str) -> Result<Vec<String>> {
-    let text = read_split(Path::new(dir), "train")?;
-    Ok(text
-        .lines()
-        .filter_map(|line| ChatExample::parse(line).ok())
-        .map(|example| prompt_text(&example.prompt))
-        .collect())
+    split_rows(dir, "train", |example| prompt_text(&example.prompt))
 }
 
 /// A recorded call's prompt, as a classifier reads it.

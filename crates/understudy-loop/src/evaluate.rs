@@ -25,8 +25,6 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use understudy_config::Config;
-use understudy_datasets::files::read_split;
-use understudy_datasets::jsonl::ChatExample;
 use understudy_eval::bootstrap::DEFAULT_RESAMPLES;
 use understudy_eval::calibrate::{cascade_report, coverage_curve, CascadeReport, ScoredAnswer};
 use understudy_eval::generation::{generation_report, GenerationReport};
@@ -38,7 +36,7 @@ use understudy_store::{CallFilter, DatasetRecord, ModelVersionRecord, StatusFilt
 use understudy_trainer::prompt_text;
 use understudy_types::{answers_agree, ServedBy, TaskKind};
 
-use crate::datasets::task_dataset;
+use crate::datasets::{split_rows, task_dataset};
 use crate::error::{io, LoopError, Result};
 
 /// Bounds of the default `max_tokens` of an answer.
@@ -403,20 +401,11 @@ struct Row {
 }
 
 fn read_rows(dataset: &DatasetRecord, split: &str) -> Result<Vec<Row>> {
-    let dir = Path::new(&dataset.path);
-    read_split(dir, split)?
-        .lines()
-        .filter(|line| !line.trim().is_empty())
-        .enumerate()
-        .map(|(line_idx, line)| {
-            let example = ChatExample::parse(line).map_err(|error| LoopError::Row {
-                path: dir.join(format!("{split}.jsonl")),
-                line: line_idx + 1,
-                message: error.to_string(),
-            })?;
-            Ok(Row { text: prompt_text(&example.prompt), reference: example.answer_text(), messages: example.prompt })
-        })
-        .collect()
+    split_rows(&dataset.path, split, |example| Row {
+        text: prompt_text(&example.prompt),
+        reference: example.answer_text(),
+        messages: example.prompt,
+    })
 }
 
 /// How every candidate is asked: what a client's call to the gateway would

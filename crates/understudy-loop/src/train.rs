@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 use understudy_config::Config;
-use understudy_datasets::files::read_split;
 use understudy_datasets::jsonl::ChatExample;
 use understudy_datasets::kind::normalize_label;
 use understudy_store::{DatasetRecord, ModelVersionRecord, Store};
@@ -18,7 +17,7 @@ use understudy_trainer::{
 };
 use understudy_types::{OffsetDateTime, TaskKind, Uuid};
 
-use crate::datasets::task_dataset;
+use crate::datasets::{split_rows, task_dataset};
 use crate::error::{LoopError, Result};
 
 /// Where `scripts/fetch-models.sh` puts MiniLM, relative to the config's folder.
@@ -379,22 +378,7 @@ pub fn understudies_dir(config: &Config) -> PathBuf {
 
 /// The train and validation splits' rows, each line made into a row by `row`.
 fn read_rows<T>(dataset: &DatasetRecord, row: impl Fn(&ChatExample) -> T) -> Result<(Vec<T>, Vec<T>)> {
-    let dir = Path::new(&dataset.path);
-    let read = |split: &str| -> Result<Vec<T>> {
-        let text = read_split(dir, split)?;
-        text.lines()
-            .filter(|line| !line.trim().is_empty())
-            .enumerate()
-            .map(|(line_idx, line)| {
-                let example = ChatExample::parse(line).map_err(|error| LoopError::Row {
-                    path: dir.join(format!("{split}.jsonl")),
-                    line: line_idx + 1,
-                    message: error.to_string(),
-                })?;
-                Ok(row(&example))
-            })
-            .collect()
-    };
+    let read = |split: &str| split_rows(&dataset.path, split, |example| row(&example));
     Ok((read("train")?, read("validation")?))
 }
 
