@@ -237,3 +237,13 @@ mod tests {
         assert_eq!(assembler.finish()["choices"][0]["message"]["content"], "");
     }
 }
+
+impl crate::relay::Assemble for StreamAssembler {
+    fn push(&mut self, chunk: &Value) -> bool {
+        StreamAssembler::push(self, chunk)
+    }
+
+    fn incomplete(&self) -> Option<String> {
+        StreamAssembler::incomplete(self)
+    }
+}

@@ -9,7 +9,6 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use futures::StreamExt;
 use serde_json::Value;
 use tokio::sync::mpsc;
 use understudy_config::{ModelConfig, Policy};
@@ -22,6 +21,7 @@ use crate::auth::Caller;
 use crate::draft::{CallDraft, Outcome};
 use crate::feedback::CALL_ID_HEADER;
 use crate::limits::{Estimate, DEFAULT_ANSWER_TOKENS};
+use crate::relay::{sse_event, Relayed};
 use crate::request::{check_chat, parse_body, resolve_model, RequestBody};
 use crate::routing::lead_cost_of;
 use crate::{AppState, GatewayError};
@@ -374,14 +374,6 @@ async fn stream(state: AppState, draft: CallDraft, prepared: Prepared, pending: 
         .into_response()
 }
 
-/// A stream that broke in a way the upstream did not report: a 502.
-fn bad_stream(prepared: &Prepared, message: String) -> GatewayError {
-    GatewayError::Provider(understudy_providers::ProviderError::BadResponse {
-        provider: prepared.model.provider.clone(),
-        message,
-    })
-}
-
 /// A chunk as the client is sent it, or `None` for a chunk it is not sent.
 /// A client that did not ask for usage (`stream_options.include_usage`)
 /// gets chunks without a `usage` field, as OpenAI sends them: the gateway
@@ -400,68 +392,26 @@ pub(crate) fn chunk_for_client(data: String, chunk: &Value, include_usage: bool)
     Some(Value::Object(object).to_string())
 }
 
-fn sse_event(data: &str) -> Bytes {
-    Bytes::from(format!("data: {data}\n\n"))
-}
-
 async fn relay(
     state: AppState,
     draft: CallDraft,
     prepared: Prepared,
-    mut chunks: ChunkStream,
+    chunks: ChunkStream,
     sender: mpsc::Sender<Bytes>,
     pending: Option<PendingAttempt>,
 ) {
     let mut assembler = StreamAssembler::default();
-    let mut ttft_ms = None;
-    let mut error = None;
-    let mut client_gone = false;
-    while let Some(item) = chunks.next().await {
-        let data = match item {
-            Ok(data) => data,
-            Err(provider_error) => {
-                let gateway_error = GatewayError::from(provider_error);
-                // The status line is gone already; the error goes in-band.
-                let _ = sender.send(sse_event(&String::from_utf8_lossy(&gateway_error.body()))).await;
-                error = Some(gateway_error.to_string());
-                break;
-            }
-        };
-        let chunk: Value = match serde_json::from_str(&data) {
-            Ok(chunk) => chunk,
-            Err(parse_error) => {
-                let gateway_error = bad_stream(&prepared, format!("a chunk that is not JSON: {parse_error}"));
-                let _ = sender.send(sse_event(&String::from_utf8_lossy(&gateway_error.body()))).await;
-                error = Some(gateway_error.to_string());
-                break;
-            }
-        };
-        if assembler.push(&chunk) && ttft_ms.is_none() {
-            ttft_ms = Some(draft.elapsed_ms());
-        }
-        let Some(data) = chunk_for_client(data, &chunk, prepared.include_usage) else {
-            continue;
-        };
-        if sender.send(sse_event(&data)).await.is_err() {
-            client_gone = true;
-            break;
-        }
-    }
-    if error.is_none() && !client_gone {
-        // A stream cut off early (or a body that was no stream) is an error
-        // for the client and the record alike, never a short success.
-        if let Some(problem) = assembler.incomplete() {
-            let gateway_error = bad_stream(&prepared, problem);
-            let _ = sender.send(sse_event(&String::from_utf8_lossy(&gateway_error.body()))).await;
-            error = Some(gateway_error.to_string());
-        } else if sender.send(sse_event("[DONE]")).await.is_err() {
-            client_gone = true;
-        }
-    }
+    let relayed = crate::relay::forward(
+        &draft,
+        &prepared.model.provider,
+        prepared.include_usage,
+        chunks,
+        &sender,
+        &mut assembler,
+    )
+    .await;
     drop(sender);
-    if client_gone {
-        error = Some("client disconnected before the stream ended".to_string());
-    }
+    let Relayed { ttft_ms, error, client_gone } = relayed;
     let (usage, usage_source) = usage_or_counted(assembler.usage(), &prepared.messages, || assembler.first_message());
     let completion = assembler.finish();
     let status = if client_gone {

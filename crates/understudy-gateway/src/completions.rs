@@ -11,7 +11,6 @@ use axum::extract::State;
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures::StreamExt;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 use understudy_providers::{tokens, ChatRequest, ChunkStream, CostModel, Provider, ProviderResponse, StreamResponse};
@@ -21,6 +20,7 @@ use crate::auth::Caller;
 use crate::draft::{CallDraft, Outcome};
 use crate::feedback::CALL_ID_HEADER;
 use crate::limits::Estimate;
+use crate::relay::{Assemble, Relayed};
 use crate::request::{parse_body, resolve_model, RequestBody};
 use crate::{AppState, GatewayError};
 
@@ -173,19 +173,16 @@ async fn stream(state: AppState, draft: CallDraft, prepared: Prepared) -> Respon
         .into_response()
 }
 
-/// A stream that broke in a way the upstream did not report: an error
-/// event for the client (the status line is gone), and the record's error.
-async fn send_stream_error(sender: &mpsc::Sender<Bytes>, prepared: &Prepared, message: String) -> String {
-    let error = GatewayError::Provider(understudy_providers::ProviderError::BadResponse {
-        provider: prepared.provider_name.clone(),
-        message,
-    });
-    let _ = sender.send(sse_event(&String::from_utf8_lossy(&error.body()))).await;
-    error.to_string()
-}
+impl Assemble for TextAssembler {
+    /// Every chunk counts for the time to first token (a legacy stream has no role-only chunk).
+    fn push(&mut self, chunk: &Value) -> bool {
+        self.push_chunk(chunk);
+        true
+    }
 
-fn sse_event(data: &str) -> Bytes {
-    Bytes::from(format!("data: {data}\n\n"))
+    fn incomplete(&self) -> Option<String> {
+        self.missing()
+    }
 }
 
 /// A legacy stream's chunks joined into one `text_completion`.
@@ -197,7 +194,7 @@ struct TextAssembler {
 }
 
 impl TextAssembler {
-    fn push(&mut self, chunk: &Value) {
+    fn push_chunk(&mut self, chunk: &Value) {
         if self.first.is_none() {
             self.first = Some(chunk.clone());
         }
@@ -216,7 +213,7 @@ impl TextAssembler {
         }
     }
 
-    fn incomplete(&self) -> Option<String> {
+    fn missing(&self) -> Option<String> {
         if self.texts.is_empty() {
             return Some("the upstream's stream ended without any answer chunk".to_string());
         }
@@ -248,52 +245,21 @@ async fn relay(
     state: AppState,
     draft: CallDraft,
     prepared: Prepared,
-    mut chunks: ChunkStream,
+    chunks: ChunkStream,
     sender: mpsc::Sender<Bytes>,
 ) {
     let mut assembler = TextAssembler::default();
-    let mut ttft_ms = None;
-    let mut error = None;
-    let mut client_gone = false;
-    while let Some(item) = chunks.next().await {
-        let data = match item {
-            Ok(data) => data,
-            Err(provider_error) => {
-                let gateway_error = GatewayError::from(provider_error);
-                let _ = sender.send(sse_event(&String::from_utf8_lossy(&gateway_error.body()))).await;
-                error = Some(gateway_error.to_string());
-                break;
-            }
-        };
-        let Ok(chunk) = serde_json::from_str::<Value>(&data) else {
-            error = Some(send_stream_error(&sender, &prepared, "a chunk that is not JSON".to_string()).await);
-            break;
-        };
-        assembler.push(&chunk);
-        ttft_ms.get_or_insert_with(|| draft.elapsed_ms());
-        let Some(data) = crate::chat::chunk_for_client(data, &chunk, prepared.include_usage) else {
-            continue;
-        };
-        if sender.send(sse_event(&data)).await.is_err() {
-            client_gone = true;
-            break;
-        }
-    }
-    if error.is_none() && !client_gone {
-        if let Some(problem) = assembler.incomplete() {
-            error = Some(send_stream_error(&sender, &prepared, problem).await);
-        } else if sender.send(sse_event("[DONE]")).await.is_err() {
-            client_gone = true;
-        }
-    }
+    let relayed =
+        crate::relay::forward(&draft, &prepared.provider_name, prepared.include_usage, chunks, &sender, &mut assembler)
+            .await;
     drop(sender);
+    let Relayed { ttft_ms, error, client_gone } = relayed;
     let completion = assembler.finish();
     let usage = assembler.usage.as_ref().and_then(|usage| understudy_providers::usage_of(&json!({"usage": usage})));
     let (usage, usage_source) = usage_or_counted(usage, &prepared.prompt, || {
         completion.pointer("/choices/0/text").and_then(Value::as_str).unwrap_or_default().to_string()
     });
     let status = if client_gone {
-        error = Some("client disconnected before the stream ended".to_string());
         crate::draft::CLIENT_GONE_STATUS
     } else if error.is_some() {
         502

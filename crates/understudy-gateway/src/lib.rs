@@ -20,6 +20,7 @@ mod error;
 mod feedback;
 pub mod limits;
 mod metrics;
+mod relay;
 mod request;
 mod routing;
 mod shared_limits;
