@@ -6,6 +6,8 @@
 #   - the official `openai` Python package in a venv, for the client
 #     compatibility test (UNDERSTUDY_PYTHON points at its interpreter)
 #   - the real models under $cache/models (UNDERSTUDY_MODELS_DIR)
+#   - Debian's Chromium and playwright-core from npm, for the dashboard's
+#     browser test (UNDERSTUDY_PLAYWRIGHT_DIR)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +20,8 @@ bash scripts/ensure-redis.sh
 # The real models (SmolLM2 GGUF, MiniLM) for the tests that use them.
 bash scripts/fetch-models.sh "$cache/models"
 export UNDERSTUDY_MODELS_DIR="$cache/models"
+bash scripts/ensure-browser.sh "$cache/playwright"
+export UNDERSTUDY_PLAYWRIGHT_DIR="$cache/playwright"
 
 venv="$cache/venv"
 if ! "$venv/bin/python" -c 'import openai' >/dev/null 2>&1; then

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use anyhow::Context;
 use serde_json::{json, Value};
-use understudy_datasets::jsonl::{format_time as rfc3339, ChatExample};
-use understudy_store::{CallOrder, StatusFilter};
+use understudy_datasets::jsonl::format_time as rfc3339;
+use understudy_store::CallOrder;
 use understudy_types::CallRecord;
 
 use crate::cli::CallsCommand;
@@ -64,20 +64,7 @@ pub async fn run(config_path: &Path, command: CallsCommand) -> anyhow::Result<()
             }
         }
         CallsCommand::Export { filter, output } => {
-            let mut filter = call_filter(&filter)?;
-            filter.status.get_or_insert(StatusFilter::Ok);
-            let calls = store.list_calls(&filter).await?;
-            let ids: Vec<_> = calls.iter().map(|call| call.id).collect();
-            let feedback = store.latest_feedback(&ids).await?;
-            let mut lines = String::new();
-            let mut n_exported = 0;
-            for call in &calls {
-                if let Some(example) = ChatExample::from_call(call) {
-                    lines.push_str(&example.with_feedback(feedback.get(&call.id)).to_line());
-                    lines.push('\n');
-                    n_exported += 1;
-                }
-            }
+            let (lines, n_exported) = understudy_loop::export_calls(&store, &call_filter(&filter)?).await?;
             match output {
                 Some(path) => {
                     std::fs::write(&path, lines).with_context(|| format!("cannot write {}", path.display()))?;

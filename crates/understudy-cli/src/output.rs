@@ -54,9 +54,7 @@ pub fn format_time(at: OffsetDateTime) -> String {
     at.format(format_description!("[year]-[month]-[day] [hour]:[minute]:[second]")).unwrap_or_default()
 }
 
-pub fn format_day(at: OffsetDateTime) -> String {
-    at.format(format_description!("[year]-[month]-[day]")).unwrap_or_default()
-}
+pub use understudy_loop::ledger::format_day;
 
 /// Renders rows as a plain-text table with aligned columns; numbers align right.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {

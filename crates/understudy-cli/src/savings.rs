@@ -6,8 +6,7 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
-use serde_json::{json, Value};
-use understudy_eval::ledger::{ledger, LedgerCounts, Share};
+use understudy_eval::ledger::{ledger, Share};
 use understudy_loop::ledger::{counts_of, CONFIDENCE};
 use understudy_loop::TaskSavings;
 use understudy_store::{CallFilter, SavingsRow, Store};
@@ -22,65 +21,20 @@ pub async fn print_savings(
     as_json: bool,
     html: Option<&Path>,
 ) -> anyhow::Result<()> {
-    let understudy_loop::Ledger { days: rows, tasks: totals, .. } =
-        understudy_loop::ledger(store, filter, machine_price_per_hour).await?;
+    let found = understudy_loop::ledger(store, filter, machine_price_per_hour).await?;
+    let (rows, totals) = (&found.days, &found.tasks);
     if let Some(path) = html {
-        std::fs::write(path, savings_html(&rows, &totals))
+        std::fs::write(path, savings_html(rows, totals))
             .with_context(|| format!("cannot write the HTML report to {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
     let mut stdout = std::io::stdout().lock();
     if as_json {
-        let value = json!({
-            "machine_price_per_hour": machine_price_per_hour,
-            "days": rows.iter().map(row_json).collect::<Vec<_>>(),
-            "tasks": totals.iter().map(total_json).collect::<Vec<_>>(),
-        });
-        writeln!(stdout, "{}", serde_json::to_string_pretty(&value)?)?;
+        writeln!(stdout, "{}", serde_json::to_string_pretty(&found.to_json())?)?;
         return Ok(());
     }
-    write!(stdout, "{}", savings_table(&rows, &totals))?;
+    write!(stdout, "{}", savings_table(rows, totals))?;
     Ok(())
-}
-
-fn share_json(share: Option<Share>) -> Value {
-    share.map_or(Value::Null, |share| {
-        json!({"value": share.value, "interval": [share.lower, share.upper], "n": share.n, "confidence": CONFIDENCE})
-    })
-}
-
-fn figures_json(counts: &LedgerCounts) -> serde_json::Map<String, Value> {
-    let figures = ledger(counts, CONFIDENCE);
-    let value = json!({
-        "calls": counts.n_calls, "served_by_understudy": counts.n_served,
-        "served_share": share_json(Some(figures.coverage)),
-        "served_agreement": share_json(figures.served_agreement),
-        "audited": counts.n_audited,
-        "fallback_agreement": share_json(figures.fallback_agreement),
-        "lead_cost": counts.lead_cost(), "lead_cost_avoided": counts.lead_cost_avoided,
-        "lead_cost_cut": counts.lead_cost_cut(), "understudy_cost": counts.understudy_cost,
-        "audit_cost": counts.audit_cost, "net_savings": figures.net_savings,
-        "net_savings_interval": [figures.net_savings_interval.0, figures.net_savings_interval.1],
-    });
-    match value {
-        Value::Object(map) => map,
-        _ => serde_json::Map::new(),
-    }
-}
-
-fn row_json(row: &SavingsRow) -> Value {
-    let mut value = figures_json(&counts_of(row));
-    value.insert("day".into(), json!(format_day(row.day)));
-    value.insert("task".into(), json!(row.task));
-    Value::Object(value)
-}
-
-fn total_json(total: &TaskSavings) -> Value {
-    let mut value = figures_json(&total.counts);
-    value.insert("task".into(), json!(total.task));
-    value.insert("training_cost".into(), json!(total.training_cost));
-    value.insert("payback_days".into(), json!(total.payback_days()));
-    Value::Object(value)
 }
 
 /// A share as text: "98.7% [97.1, 99.5] of 312".

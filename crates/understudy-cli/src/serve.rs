@@ -83,9 +83,11 @@ impl RunningGateway {
             tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(understudy_gateway::serve(listener, state, async move {
-            let _ = stopped.await;
-        }));
+        // The dashboard (`/ui`) shares the port, the keys and the store.
+        let server =
+            tokio::spawn(understudy_gateway::serve_with(listener, state, understudy_dashboard::routes(), async move {
+                let _ = stopped.await;
+            }));
         Ok(RunningGateway {
             addr,
             store,

@@ -278,6 +278,10 @@ pub struct AutopilotConfig {
     pub drift_alpha: f64,
     /// Recent calls a drift test compares with the training data.
     pub drift_window: u64,
+    /// The newest successful calls a training's dataset is built from (all
+    /// of them when unset): a retrain learns from recent traffic, and a label
+    /// that appeared lately reaches the training split sooner.
+    pub train_window: Option<u64>,
 }
 
 impl Config {
@@ -606,6 +610,7 @@ struct RawAutopilot {
     drift_alpha: f64,
     #[serde(default = "default_autopilot_drift_window")]
     drift_window: u64,
+    train_window: Option<u64>,
 }
 
 fn default_true() -> bool {
@@ -987,6 +992,13 @@ impl Validator<'_> {
                     if !(raw.drift_alpha > 0.0 && raw.drift_alpha < 1.0) {
                         return self.invalid(key("drift_alpha"), start, "must be in (0, 1)".into());
                     }
+                    if raw.train_window.is_some_and(|window| window < raw.min_calls) {
+                        return self.invalid(
+                            key("train_window"),
+                            start,
+                            format!("must be at least min_calls ({})", raw.min_calls),
+                        );
+                    }
                     raw.enabled.then_some(AutopilotConfig {
                         min_calls: raw.min_calls,
                         shadow_calls: raw.shadow_calls,
@@ -998,6 +1010,7 @@ impl Validator<'_> {
                         drift: raw.drift,
                         drift_alpha: raw.drift_alpha,
                         drift_window: raw.drift_window,
+                        train_window: raw.train_window,
                     })
                 }
             };

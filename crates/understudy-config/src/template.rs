@@ -193,6 +193,7 @@ policy = "lead"
 # drift = true                          # drift (answers, confidence) makes a retrain due
 # drift_alpha = 0.01                    # the drift tests' level
 # drift_window = 200                    # recent calls a drift test looks at
+# train_window = 5000                   # train on the newest calls only (default: all)
 
 # ---------------------------------------------------------- local models --
 # Models that run on this machine. A local call costs its measured compute

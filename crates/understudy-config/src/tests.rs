@@ -249,3 +249,26 @@ fn the_init_template_prices_claude_models() {
     let haiku = &config.models["claude-haiku-3_5"];
     assert_eq!((haiku.price.input_per_million, haiku.price.output_per_million), (0.80, 4.0));
 }
+
+#[test]
+fn autopilot_settings_have_defaults_and_a_bad_one_names_the_key_and_line() {
+    let config = parse(&format!("{CONTRACT}\n[tasks.triage.autopilot]\nmin_calls = 300\n")).expect("defaults");
+    let settings = config.tasks["triage"].autopilot.as_ref().expect("autopilot on");
+    assert_eq!((settings.min_calls, settings.shadow_calls, settings.drift_window), (300, 100, 200));
+    assert_eq!(settings.train_window, None, "trains on every call unless told");
+
+    let text = format!("{CONTRACT}\n[tasks.triage.autopilot]\nmin_calls = 300\ntrain_window = 1200\n");
+    let settings = parse(&text).expect("a window").tasks["triage"].autopilot.clone().expect("on");
+    assert_eq!(settings.train_window, Some(1200));
+
+    let text = format!("{CONTRACT}\n[tasks.triage.autopilot]\nmin_calls = 300\ntrain_window = 100\n");
+    let error = parse(&text).expect_err("a window below min_calls").to_string();
+    assert!(
+        error.contains("tasks.triage.autopilot.train_window") && error.contains("at least min_calls (300)"),
+        "{error}"
+    );
+    assert!(error.contains("understudy.toml:23"), "{error}");
+
+    let off = parse(&format!("{CONTRACT}\n[tasks.triage.autopilot]\nenabled = false\n")).expect("off");
+    assert!(off.tasks["triage"].autopilot.is_none());
+}

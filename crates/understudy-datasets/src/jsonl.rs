@@ -261,6 +261,21 @@ pub fn read_examples(reader: impl std::io::BufRead) -> std::io::Result<ReadExamp
     Ok(read)
 }
 
+/// The classifier's input for a chat prompt (the messages before the answer,
+/// as in [`ChatExample::prompt`]), and the prompt the dashboard shows: the
+/// text of the user messages, joined by newlines. The system prompt is
+/// skipped: it is the same for every call of a task, so it carries no signal
+/// and costs tokens. Each message's text is [`content_text`], the rendering
+/// every model shares.
+pub fn prompt_text(messages: &[Value]) -> String {
+    messages
+        .iter()
+        .filter(|message| message.get("role").and_then(Value::as_str) == Some("user"))
+        .map(message_text)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// The text of a message's `content`; see [`content_text`].
 pub fn message_text(message: &Value) -> String {
     content_text(message.get("content"))

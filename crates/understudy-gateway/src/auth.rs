@@ -218,7 +218,7 @@ pub fn spawn_key_watch(state: AppState, interval: Duration) -> tokio::task::Join
 
 /// Who is calling: the key, or nobody when auth is off.
 #[derive(Debug, Clone)]
-pub(crate) struct Caller {
+pub struct Caller {
     pub key: Option<Arc<GatewayKey>>,
     auth: Auth,
 }
@@ -259,7 +259,7 @@ impl Caller {
 }
 
 /// The bearer token of an `Authorization` header.
-fn bearer(parts: &Parts) -> Option<&str> {
+pub fn bearer(parts: &Parts) -> Option<&str> {
     let value = parts.headers.get(AUTHORIZATION)?.to_str().ok()?.trim();
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|token| !token.is_empty())
@@ -279,18 +279,26 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = GatewayError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Caller, GatewayError> {
-        let auth = state.config().server.auth;
+        state.caller(bearer(parts)).await
+    }
+}
+
+impl AppState {
+    /// Who holds `secret` (a request's bearer token, or the key the
+    /// dashboard keeps in its cookie): the one rule for every way in.
+    pub async fn caller(&self, secret: Option<&str>) -> Result<Caller, GatewayError> {
+        let auth = self.config().server.auth;
         if auth == Auth::None {
             return Ok(Caller { key: None, auth });
         }
         let refused = |error: GatewayError, reason: &str| {
-            state.metrics().auth_failure(reason);
+            self.metrics().auth_failure(reason);
             error
         };
-        let Some(secret) = bearer(parts) else {
+        let Some(secret) = secret.map(str::trim).filter(|secret| !secret.is_empty()) else {
             return Err(refused(GatewayError::MissingKey, "missing"));
         };
-        let key = state.inner.keys.lookup(state.recorder().store(), &hash_secret(secret)).await.map_err(|error| {
+        let key = self.inner.keys.lookup(self.recorder().store(), &hash_secret(secret)).await.map_err(|error| {
             tracing::error!(%error, "cannot look a gateway key up");
             GatewayError::Store(error.to_string())
         })?;

@@ -153,6 +153,12 @@ impl AppState {
 
 /// The gateway's routes.
 pub fn app(state: AppState) -> Router {
+    app_with(state, Router::new())
+}
+
+/// The gateway's routes and `extra` ones (the dashboard's), which share the
+/// state, its keys and the body limit.
+pub fn app_with(state: AppState, extra: Router<AppState>) -> Router {
     let max_body_bytes = state.config().server.max_body_bytes;
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
@@ -164,6 +170,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/models/{*id}", get(retrieve_model))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_page))
+        .merge(extra)
         .fallback(route_not_found)
         .method_not_allowed_fallback(route_not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
@@ -183,9 +190,19 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(listener, state, Router::new(), shutdown).await
+}
+
+/// [`serve`] with `extra` routes beside the gateway's ([`app_with`]).
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    extra: Router<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let header_read_timeout = state.config().server.header_read_timeout;
     let background = state.inner.background.clone();
-    let service = hyper_util::service::TowerToHyperService::new(app(state));
+    let service = hyper_util::service::TowerToHyperService::new(app_with(state, extra));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_read_timeout).keep_alive(true);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -284,22 +301,8 @@ async fn healthz(State(state): State<AppState>, caller: Result<auth::Caller, Gat
     if !caller.as_ref().is_ok_and(auth::Caller::is_admin) {
         return (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], r#"{"status":"ok"}"#).into_response();
     }
-    let policies: serde_json::Map<String, serde_json::Value> = state
-        .config()
-        .tasks
-        .keys()
-        .filter_map(|task| {
-            let route = state.route(task)?;
-            let understudy = route.understudy.as_ref().map(|understudy| understudy.name.clone());
-            let config = state.config().tasks.get(task)?;
-            let audits = route.guardrail.summary(config.target_agreement, config.guardrail_delta);
-            Some((
-                task.clone(),
-                json!({"policy": route.policy.name(), "understudy": understudy, "audits": audits,
-                       "demoted": route.demotion}),
-            ))
-        })
-        .collect();
+    let policies: serde_json::Map<String, serde_json::Value> =
+        state.config().tasks.keys().filter_map(|task| Some((task.clone(), state.task_status(task)?))).collect();
     let stats = state.recorder().stats();
     let body = json!({
         "status": "ok",
@@ -310,6 +313,20 @@ async fn healthz(State(state): State<AppState>, caller: Result<auth::Caller, Gat
         "tasks": policies,
     });
     (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+impl AppState {
+    /// A task's route as this gateway serves it now: policy, understudy, the
+    /// audits' figures against its target, and a standing demotion. What
+    /// `/healthz` and the dashboard show.
+    pub fn task_status(&self, task: &str) -> Option<serde_json::Value> {
+        let route = self.route(task)?;
+        let understudy = route.understudy.as_ref().map(|understudy| understudy.name.clone());
+        let config = self.config().tasks.get(task)?;
+        let audits = route.guardrail.summary(config.target_agreement, config.guardrail_delta);
+        Some(json!({"policy": route.policy.name(), "understudy": understudy, "audits": audits,
+                    "demoted": route.demotion}))
+    }
 }
 
 async fn route_not_found(request: Request) -> GatewayError {

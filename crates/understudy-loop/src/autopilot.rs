@@ -32,7 +32,7 @@ use understudy_eval::bootstrap::DEFAULT_RESAMPLES;
 use understudy_eval::{bootstrap_mean, certify_threshold, Certification, ScoredAnswer};
 use understudy_providers::LocalLoader;
 use understudy_router::Policy;
-use understudy_store::{AutopilotEvent, CallFilter, PolicyChange, StatusFilter, Store};
+use understudy_store::{AutopilotEvent, CallFilter, CallOrder, PolicyChange, StatusFilter, Store};
 use understudy_types::{OffsetDateTime, Uuid};
 
 use crate::error::{LoopError, Result};
@@ -220,7 +220,16 @@ impl<'a> Autopilot<'a> {
             match decide(stage, &seen, &settings) {
                 Decision::Hold(reason) => return Ok((events, reason)),
                 Decision::Move { to, reason } => {
-                    let evidence = self.enter(task, to, &seen).await?;
+                    let mut evidence = self.enter(task, to, &seen).await?;
+                    if stage == Stage::Cascade && to == Stage::Challenger && !seen.drift.is_empty() {
+                        // The certificate was for traffic that has moved: the
+                        // lead serves (the champion in shadow) until live
+                        // shadow calls certify a cascade again.
+                        let current = self.store.policy_history(task).await?.into_iter().next();
+                        let why = format!("drift, shadow while a challenger trains: {}", seen.drift.join("; "));
+                        let change = self.promote(task, "shadow", current.and_then(|c| c.understudy), &why).await?;
+                        evidence["shadowed"] = json!(change.id);
+                    }
                     events.push(record(self.store, task, stage, to, &reason, evidence).await?);
                 }
                 Decision::PromoteCascade { threshold, reason } => {
@@ -280,12 +289,8 @@ impl<'a> Autopilot<'a> {
         };
         let n_calls_since_training = self.store.count_calls(&filter).await?;
         let released_at = history.iter().find(|event| event.reason.starts_with(RELEASED)).map(|event| event.created_at);
-        let by_hand = |change: &PolicyChange| {
-            !change
-                .note
-                .as_deref()
-                .is_some_and(|note| note.starts_with(AUTOPILOT_NOTE) || note.starts_with(GUARDRAIL_NOTE))
-        };
+        let by_hand =
+            |change: &PolicyChange| crate::history::changed_by(change.note.as_deref().unwrap_or("")) == "by hand";
         let pinned_by = current
             .filter(|change| by_hand(change) && released_at.is_none_or(|released| change.created_at > released))
             .map(|change| format!("policy {} at {}", change.policy, change.created_at));
@@ -308,7 +313,10 @@ impl<'a> Autopilot<'a> {
         let window_passed = n_calls_since_training >= settings.drift_window
             && checked
                 .is_none_or(|at| n_calls_since_training >= at + settings.drift_window || n_calls_since_training < at);
-        if settings.drift && stage == Stage::Cascade && pinned_by.is_none() && window_passed {
+        // Watched in shadow too: a challenger shadowed after drift that has
+        // still not learned what moved gets a retrain, not a cascade.
+        let watched = matches!(stage, Stage::Cascade | Stage::Shadow);
+        if settings.drift && watched && pinned_by.is_none() && window_passed {
             let found =
                 crate::drift::task_drift(self.store, task, settings.drift_window, settings.drift_alpha, self.encoder)
                     .await?;
@@ -351,7 +359,20 @@ impl<'a> Autopilot<'a> {
     /// Entering training or a challenger: the dataset it trains on is built
     /// now and named in the transition, so a restart trains on the same rows.
     async fn enter(&self, task: &str, to: Stage, seen: &Observation) -> Result<Value> {
-        let saved = build_dataset(self.config, self.store, task, &DatasetOptions::default()).await?;
+        let settings = self.config.tasks.get(task).and_then(|task| task.autopilot.as_ref());
+        let mut options = DatasetOptions::default();
+        if let Some(window) = settings.and_then(|settings| settings.train_window) {
+            // The window's oldest call bounds the rows: `since` is inclusive.
+            let filter = CallFilter {
+                task: Some(task.to_string()),
+                status: Some(StatusFilter::Ok),
+                limit: Some(window),
+                order: CallOrder::NewestFirst,
+                ..CallFilter::default()
+            };
+            options.since = self.store.list_calls(&filter).await?.last().map(|call| call.created_at);
+        }
+        let saved = build_dataset(self.config, self.store, task, &options).await?;
         let champion = self.store.policy_history(task).await?.into_iter().next().and_then(|change| change.understudy);
         Ok(json!({
             "dataset": saved.record.id, "n_train": saved.record.n_train, "n_validation": saved.record.n_validation,
@@ -446,14 +467,25 @@ impl<'a> Autopilot<'a> {
                 ),
                 None => "no champion to compare with".to_string(),
             };
+            let drifted = entered.get("drift").and_then(Value::as_array).is_some_and(|drift| !drift.is_empty());
             match (not_worse, new.certification.threshold) {
+                (true, Some(_)) if drifted => {
+                    // Its test split is older than the drift: live shadow
+                    // calls, the newest traffic there is, certify its cascade.
+                    let reason = format!(
+                        "challenger {challenger} shadowed until live shadow calls certify its cascade (drift): {compared}"
+                    );
+                    let change = self.promote(task, "shadow", Some(challenger.clone()), &reason).await?;
+                    evidence["policy_change"] = json!(change.id);
+                    Ok::<_, LoopError>((Stage::Shadow, reason, evidence))
+                }
                 (true, Some(threshold)) => {
                     let reason = format!(
                         "challenger {challenger} promoted at its certified threshold {threshold:.4}: {compared}"
                     );
                     let change = self.promote(task, &format!("cascade:{threshold}"), Some(challenger.clone()), &reason).await?;
                     evidence["policy_change"] = json!(change.id);
-                    Ok::<_, LoopError>((Stage::Cascade, reason, evidence))
+                    Ok((Stage::Cascade, reason, evidence))
                 }
                 (not_worse, _) => {
                     let why = if not_worse {
@@ -562,6 +594,7 @@ mod tests {
             drift: true,
             drift_alpha: 0.01,
             drift_window: 200,
+            train_window: None,
         }
     }
 

@@ -5,8 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use understudy_eval::ledger::{ledger as figures_of, LedgerCounts, LedgerFigures};
+use serde_json::{json, Value};
+use understudy_eval::ledger::{ledger as figures_of, LedgerCounts, LedgerFigures, Share};
 use understudy_store::{CallFilter, SavingsRow, Store};
+use understudy_types::OffsetDateTime;
 
 use crate::error::Result;
 
@@ -84,4 +86,61 @@ pub async fn ledger(store: &Store, filter: &CallFilter, machine_price_per_hour: 
             versions.iter().map(|version| version.wall_seconds).sum::<f64>() * machine_price_per_hour / 3600.0;
     }
     Ok(Ledger { machine_price_per_hour, days, tasks: totals.into_values().collect() })
+}
+
+impl Ledger {
+    /// The ledger as `report savings --json` prints it and the dashboard
+    /// shows it: one rendering, so the two always agree.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "machine_price_per_hour": self.machine_price_per_hour,
+            "days": self.days.iter().map(day_json).collect::<Vec<_>>(),
+            "tasks": self.tasks.iter().map(task_json).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// A day as `YYYY-MM-DD` (UTC), as the ledger's rows name it.
+pub fn format_day(at: OffsetDateTime) -> String {
+    format!("{:04}-{:02}-{:02}", at.year(), u8::from(at.month()), at.day())
+}
+
+fn share_json(share: Option<Share>) -> Value {
+    share.map_or(Value::Null, |share| {
+        json!({"value": share.value, "interval": [share.lower, share.upper], "n": share.n, "confidence": CONFIDENCE})
+    })
+}
+
+fn figures_json(counts: &LedgerCounts) -> serde_json::Map<String, Value> {
+    let figures = figures_of(counts, CONFIDENCE);
+    let value = json!({
+        "calls": counts.n_calls, "served_by_understudy": counts.n_served,
+        "served_share": share_json(Some(figures.coverage)),
+        "served_agreement": share_json(figures.served_agreement),
+        "audited": counts.n_audited,
+        "fallback_agreement": share_json(figures.fallback_agreement),
+        "lead_cost": counts.lead_cost(), "lead_cost_avoided": counts.lead_cost_avoided,
+        "lead_cost_cut": counts.lead_cost_cut(), "understudy_cost": counts.understudy_cost,
+        "audit_cost": counts.audit_cost, "net_savings": figures.net_savings,
+        "net_savings_interval": [figures.net_savings_interval.0, figures.net_savings_interval.1],
+    });
+    match value {
+        Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    }
+}
+
+fn day_json(row: &SavingsRow) -> Value {
+    let mut value = figures_json(&counts_of(row));
+    value.insert("day".into(), json!(format_day(row.day)));
+    value.insert("task".into(), json!(row.task));
+    Value::Object(value)
+}
+
+fn task_json(total: &TaskSavings) -> Value {
+    let mut value = figures_json(&total.counts);
+    value.insert("task".into(), json!(total.task));
+    value.insert("training_cost".into(), json!(total.training_cost));
+    value.insert("payback_days".into(), json!(total.payback_days()));
+    Value::Object(value)
 }

@@ -13,6 +13,8 @@ pub mod datasets;
 pub mod drift;
 mod error;
 pub mod evaluate;
+pub mod export;
+pub mod history;
 pub mod import;
 pub mod ledger;
 pub mod promote;
@@ -24,6 +26,8 @@ pub use datasets::{build_dataset, find_dataset, import_dataset, task_dataset, Da
 pub use drift::{drift_history, task_drift, DriftPoint, Encoder, TaskDrift};
 pub use error::{LoopError, Result};
 pub use evaluate::{evaluate, find_model_version, EvalEvent, EvalRequest, Evaluation};
+pub use export::export_calls;
+pub use history::{history, HistoryEntry};
 pub use import::{import_calls, Imported};
 pub use ledger::{ledger, Ledger, TaskSavings};
 pub use promote::{promote, PromoteRequest, Promotion};

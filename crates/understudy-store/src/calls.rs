@@ -44,7 +44,13 @@ pub struct CallFilter {
     /// Exclusive upper bound on `created_at`.
     pub until: Option<OffsetDateTime>,
     pub status: Option<StatusFilter>,
+    /// Who answered the client (calls without routing: the lead).
+    pub served_by: Option<ServedBy>,
+    /// Text the request holds (case-insensitive for ASCII letters).
+    pub text: Option<String>,
     pub limit: Option<u64>,
+    /// Rows skipped before the first one listed (a page's start).
+    pub offset: Option<u64>,
     pub order: CallOrder,
 }
 
@@ -162,6 +168,18 @@ impl WhereClause {
             Some(StatusFilter::Ok) => clause.push_raw("status >= 200 AND status < 300 AND error IS NULL"),
             Some(StatusFilter::Error) => clause.push_raw("(status < 200 OR status >= 300 OR error IS NOT NULL)"),
             Some(StatusFilter::Code(code)) => clause.push("status = ", Bind::Int(i64::from(code))),
+        }
+        match filter.served_by {
+            None => {}
+            Some(ServedBy::Understudy) => clause.push("served_by = ", Bind::Text(ServedBy::Understudy.as_str().into())),
+            Some(ServedBy::Lead) => clause.push_raw("(served_by IS NULL OR served_by <> 'understudy')"),
+        }
+        if let Some(text) = filter.text.as_deref().filter(|text| !text.is_empty()) {
+            // LIKE's wildcards in the text match themselves.
+            let escaped = text.to_lowercase().replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+            clause.binds.push(Bind::Text(format!("%{escaped}%")));
+            let placeholder = placeholder(clause.backend, clause.binds.len());
+            clause.push_raw(&format!("LOWER(request) LIKE {placeholder} ESCAPE '\\'"));
         }
         clause
     }
@@ -281,8 +299,14 @@ impl Store {
             CallOrder::NewestFirst => "DESC",
         };
         let mut sql = format!("SELECT {CALL_COLUMNS} FROM calls{} ORDER BY created_at {order}, id {order}", clause.sql);
-        if let Some(limit) = filter.limit {
-            sql.push_str(&format!(" LIMIT {limit}"));
+        match (filter.limit, filter.offset) {
+            (Some(limit), _) => sql.push_str(&format!(" LIMIT {limit}")),
+            // SQLite takes no OFFSET without a LIMIT; -1 is its "no limit".
+            (None, Some(_)) if self.backend == Backend::Sqlite => sql.push_str(" LIMIT -1"),
+            (None, _) => {}
+        }
+        if let Some(offset) = filter.offset {
+            sql.push_str(&format!(" OFFSET {offset}"));
         }
         let rows = clause.bind_all(sqlx::query(&sql)).fetch_all(&self.pool()).await?;
         rows.iter().map(call_from_row).collect()

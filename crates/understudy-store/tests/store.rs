@@ -80,6 +80,43 @@ async fn calls_round_trip_exactly() {
 }
 
 #[tokio::test]
+async fn filters_select_by_who_served_by_text_and_by_page() {
+    on_both_backends(|store| async move {
+        let mut calls: Vec<CallRecord> = (0..5)
+            .map(|idx| {
+                call("triage", "gpt-4o-mini", datetime!(2026-11-01 10:00 UTC) + time::Duration::minutes(idx), 200)
+            })
+            .collect();
+        calls[1].request = r#"{"messages":[{"role":"user","content":"Where is 100% Lake_Baikal?"}]}"#.to_string();
+        calls[3].routing =
+            Some(Routing { policy: "cascade:0.9".into(), served_by: ServedBy::Understudy, ..Routing::default() });
+        store.insert_calls(&calls).await.expect("insert");
+        let ids = |found: Vec<CallRecord>| found.into_iter().map(|c| c.id).collect::<Vec<_>>();
+
+        let understudy = CallFilter { served_by: Some(ServedBy::Understudy), ..Default::default() };
+        assert_eq!(ids(store.list_calls(&understudy).await.expect("list")), vec![calls[3].id]);
+        let lead = CallFilter { served_by: Some(ServedBy::Lead), ..Default::default() };
+        assert_eq!(store.count_calls(&lead).await.expect("count"), 4);
+
+        // Case-insensitive, and LIKE's wildcards match only themselves.
+        for text in ["lake_baikal", "100% LAKE", "WHERE IS"] {
+            let found = CallFilter { text: Some(text.into()), ..Default::default() };
+            assert_eq!(ids(store.list_calls(&found).await.expect("list")), vec![calls[1].id], "{text}");
+        }
+        for text in ["lake%baikal", "lakexbaikal", "1000"] {
+            let found = CallFilter { text: Some(text.into()), ..Default::default() };
+            assert_eq!(store.count_calls(&found).await.expect("count"), 0, "{text}");
+        }
+
+        let page = CallFilter { limit: Some(2), offset: Some(2), order: CallOrder::NewestFirst, ..Default::default() };
+        assert_eq!(ids(store.list_calls(&page).await.expect("list")), vec![calls[2].id, calls[1].id]);
+        let rest = CallFilter { offset: Some(3), ..Default::default() };
+        assert_eq!(ids(store.list_calls(&rest).await.expect("list")), vec![calls[3].id, calls[4].id]);
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn filters_select_by_task_model_time_and_status() {
     on_both_backends(|store| async move {
         let calls = vec![

@@ -1,22 +1,6 @@
 //! Turning a recorded chat prompt into the text a classifier reads.
 
-use serde_json::Value;
-use understudy_datasets::jsonl::message_text;
-
-/// The classifier's input for a chat prompt (the messages before the answer,
-/// as in `understudy_datasets::jsonl::ChatExample::prompt`): the text of the
-/// user messages, joined by newlines. The system prompt is skipped: it is the
-/// same for every call of a task, so it carries no signal and costs tokens.
-/// Each message's text is [`understudy_datasets::jsonl::content_text`], the
-/// rendering every model shares.
-pub fn prompt_text(messages: &[Value]) -> String {
-    messages
-        .iter()
-        .filter(|message| message.get("role").and_then(Value::as_str) == Some("user"))
-        .map(message_text)
-        .collect::<Vec<_>>()
-        .join("\n")
-}
+pub use understudy_datasets::jsonl::prompt_text;
 
 #[cfg(test)]
 mod tests {

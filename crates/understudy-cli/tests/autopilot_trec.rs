@@ -1,0 +1,312 @@
+//! The loop running itself on TREC, end to end over real sockets, with the
+//! real MiniLM: no command but `serve` and `autopilot --once` (which the test
+//! runs after every 100 calls, where a deployment runs `autopilot` in a loop).
+//!
+//! A replay lead answers each TREC question with its true coarse label. NUM is
+//! held out of the first phase of traffic:
+//!
+//!   1. the autopilot trains MiniLM, shadows it and promotes a cascade
+//!      certified on its shadow calls;
+//!   2. NUM appears at its share of the file: the understudy has never seen
+//!      it. The fallbacks and the guardrail must keep served agreement at the
+//!      target, the drift watch must see the new label, and a retrain on the
+//!      newest calls (`train_window`) must learn it and restore coverage.
+//!
+//! Every answer is checked against the true label on the client's side. The
+//! figures the issue asks for are printed (`--nocapture` shows them).
+//!
+//! Gated on `UNDERSTUDY_AUTOPILOT_SCENARIO=1` (with
+//! `UNDERSTUDY_SLOW_TESTS_CACHE` for the data and the model). CI does not set
+//! it yet: its first run (before the autopilot shadowed challengers after
+//! drift) kept served agreement at 85.3 % between the onset and the retrain,
+//! below the 0.9 target, so issue 14 stays open until it passes in CI.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
+
+use std::path::Path;
+use std::time::Duration;
+
+mod common;
+
+use common::Workdir;
+use serde_json::{json, Value};
+
+const SYSTEM: &str = "Classify the question by the kind of answer it expects. Answer with the label only.";
+const HELD_OUT: &str = "NUM";
+const TARGET: f64 = 0.9;
+/// Calls between two runs of `autopilot --once`.
+const STEP: usize = 100;
+
+/// One call as the client saw it.
+#[derive(Clone, Copy)]
+struct Seen {
+    held_out: bool,
+    by_understudy: bool,
+    agrees: bool,
+}
+
+struct Window<'a>(&'a [Seen]);
+
+impl Window<'_> {
+    fn coverage(&self) -> f64 {
+        self.0.iter().filter(|seen| seen.by_understudy).count() as f64 / self.0.len().max(1) as f64
+    }
+    fn served(&self) -> (usize, usize) {
+        let served: Vec<_> = self.0.iter().filter(|seen| seen.by_understudy).collect();
+        (served.iter().filter(|seen| seen.agrees).count(), served.len())
+    }
+    fn agreement(&self) -> f64 {
+        let (agreeing, served) = self.served();
+        agreeing as f64 / served.max(1) as f64
+    }
+    fn describe(&self) -> String {
+        let (agreeing, served) = self.served();
+        format!(
+            "coverage {:.1} %, served agreement {:.1} % ({agreeing}/{served}) over {} calls",
+            100.0 * self.coverage(),
+            100.0 * self.agreement(),
+            self.0.len()
+        )
+    }
+}
+
+struct Scenario {
+    workdir: Workdir,
+    runtime: tokio::runtime::Runtime,
+    client: reqwest::Client,
+    base_url: String,
+    seen: Vec<Seen>,
+    /// Each autopilot transition with the number of calls sent before it.
+    transitions: Vec<(usize, Value)>,
+}
+
+impl Scenario {
+    /// Sends `questions` one at a time (the record's order is the file's, so
+    /// the run is the same every time), waits for their records, then runs
+    /// the autopilot once.
+    fn step(&mut self, questions: &[(String, String)]) {
+        let (client, base_url) = (&self.client, &self.base_url);
+        let seen = self.runtime.block_on(async {
+            let mut seen = Vec::new();
+            for (label, question) in questions {
+                let body = json!({"model": "task:trec", "messages": [
+                    {"role": "system", "content": SYSTEM}, {"role": "user", "content": question},
+                ]});
+                let response =
+                    client.post(format!("{base_url}/chat/completions")).json(&body).send().await.expect("send");
+                assert_eq!(response.status(), 200);
+                let answer: Value = response.json().await.expect("json");
+                seen.push(Seen {
+                    held_out: label == HELD_OUT,
+                    by_understudy: answer["model"].as_str().unwrap_or_default().starts_with("mv-"),
+                    agrees: answer["choices"][0]["message"]["content"].as_str().map(str::trim) == Some(label.as_str()),
+                });
+            }
+            seen
+        });
+        self.seen.extend(seen);
+        self.written(self.seen.len() as u64);
+        let ticked = self.workdir.run_ok(&["autopilot", "--once", "--json", "--threads", "2", "--nice", "0"]);
+        for line in ticked.lines() {
+            let line: Value = serde_json::from_str(line).expect("json line");
+            if line.get("to").is_some() {
+                eprintln!("after {} calls: {} → {}: {}", self.seen.len(), line["from"], line["to"], line["reason"]);
+                self.transitions.push((self.seen.len(), line));
+            }
+        }
+    }
+
+    fn written(&self, n: u64) {
+        let url = format!("{}/healthz", self.base_url.trim_end_matches("/v1"));
+        self.runtime.block_on(async {
+            for _ in 0..3000 {
+                let health: Value = self.client.get(&url).send().await.expect("healthz").json().await.expect("json");
+                if health["records_written"].as_u64().unwrap_or(0) >= n {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("the gateway did not write {n} records");
+        });
+    }
+
+    fn reached(&self, to: &str, after: usize) -> Option<&(usize, Value)> {
+        self.transitions.iter().find(|(at, line)| *at > after && line["to"] == to)
+    }
+}
+
+#[test]
+fn on_trec_the_autopilot_reaches_a_cascade_sees_a_new_label_and_retrains_on_it() {
+    let (Some(cache), Some(_)) =
+        (std::env::var_os("UNDERSTUDY_SLOW_TESTS_CACHE"), std::env::var_os("UNDERSTUDY_AUTOPILOT_SCENARIO"))
+    else {
+        eprintln!(
+            "skipped: set UNDERSTUDY_AUTOPILOT_SCENARIO=1 and UNDERSTUDY_SLOW_TESTS_CACHE to run the TREC scenario"
+        );
+        return;
+    };
+    let (data, minilm) = understudy_trainer::testing::ensure_trec_and_minilm(Path::new(&cache)).expect("TREC, MiniLM");
+    let rows: Vec<(String, String)> =
+        understudy_trainer::testing::parse_trec(&String::from_utf8_lossy(&std::fs::read(&data).expect("TREC")))
+            .into_iter()
+            .map(|row| (row.label, row.text))
+            .collect();
+    let held: Vec<_> = rows.iter().filter(|(label, _)| label == HELD_OUT).cloned().collect();
+    let others: Vec<_> = rows.iter().filter(|(label, _)| label != HELD_OUT).cloned().collect();
+
+    let workdir = Workdir::with_config(&format!(
+        r#"
+[store]
+url = "sqlite://calls.db"
+
+[server]
+auth = "none"
+
+[providers.replay]
+type = "replay"
+file = "lead.jsonl"
+
+[providers.local]
+type = "local"
+machine_price_per_hour = 0.10
+
+[models.lead]
+provider = "replay"
+input_per_million = 2.5
+output_per_million = 10.0
+
+[tasks.trec]
+lead = "lead"
+target_agreement = {TARGET}
+audit_rate = 0.2
+
+[tasks.trec.autopilot]
+min_calls = 600
+shadow_calls = 150
+retrain_after_calls = 1000000
+base = "{minilm}"
+epochs = 3
+drift_window = 200
+train_window = 1200
+"#,
+        minilm = minilm.display()
+    ));
+    let lead: Vec<Value> = rows
+        .iter()
+        .map(|(label, question)| {
+            json!({"messages": [
+                {"role": "system", "content": SYSTEM}, {"role": "user", "content": question},
+                {"role": "assistant", "content": label},
+            ]})
+        })
+        .collect();
+    workdir.write_lines("lead.jsonl", &lead);
+    let (mut child, base_url, log) = workdir.serve();
+    let mut scenario = Scenario {
+        workdir,
+        runtime: tokio::runtime::Runtime::new().expect("runtime"),
+        client: reqwest::Client::new(),
+        base_url,
+        seen: Vec::new(),
+        transitions: Vec::new(),
+    };
+
+    // Phase 1: no NUM, until the cascade, then 400 calls under it.
+    let mut next_other = others.iter().cycle();
+    let mut take = |n: usize| -> Vec<(String, String)> { next_other.by_ref().take(n).cloned().collect() };
+    while scenario.reached("cascade", 0).is_none() {
+        assert!(scenario.seen.len() < 3000, "no cascade after {} calls", scenario.seen.len());
+        let batch = take(STEP);
+        scenario.step(&batch);
+    }
+    let cascade_at = scenario.reached("cascade", 0).expect("cascade").0;
+    let shadow_at = scenario.reached("shadow", 0).expect("shadow first").0;
+    for _ in 0..4 {
+        let batch = take(STEP);
+        scenario.step(&batch);
+    }
+    let onset = scenario.seen.len();
+    let before_calls = scenario.seen[cascade_at..onset].to_vec();
+    let before = Window(&before_calls);
+    assert!(before.coverage() > 0.2, "the cascade serves: {}", before.describe());
+
+    // Phase 2: every label, NUM at its share of the file, until a retrained
+    // understudy serves NUM, then 400 calls more.
+    let share = held.len() as f64 / rows.len() as f64;
+    let mut next_held = held.iter().cycle();
+    let mut position = 0usize;
+    let mut learned_at = None;
+    let mut mixed = |n: usize| -> Vec<(String, String)> {
+        (0..n)
+            .map(|_| {
+                position += 1;
+                let due = (position as f64 * share) as usize > ((position - 1) as f64 * share) as usize;
+                if due { next_held.next() } else { next_other.next() }.cloned().expect("cycled")
+            })
+            .collect()
+    };
+    loop {
+        let sent = scenario.seen.len() - onset;
+        assert!(sent < 4000, "no retrained understudy served {HELD_OUT} in {sent} calls after the onset");
+        let batch = mixed(STEP);
+        scenario.step(&batch);
+        let last = &scenario.seen[scenario.seen.len() - STEP..];
+        if learned_at.is_none() && last.iter().any(|seen| seen.held_out && seen.by_understudy && seen.agrees) {
+            learned_at = Some(scenario.seen.len());
+        }
+        if learned_at.is_some_and(|at| scenario.seen.len() >= at + 400) {
+            break;
+        }
+    }
+    let learned_at = learned_at.expect("learned");
+
+    // The drift watch saw the new label: a retrain became due on drift.
+    let drifted = scenario
+        .transitions
+        .iter()
+        .find(|(at, line)| *at > onset && line["to"] == "challenger")
+        .unwrap_or_else(|| panic!("no retrain after the onset: {:?}", scenario.transitions));
+    let why = drifted.1["reason"].as_str().unwrap_or_default();
+    assert!(why.contains("drift") || why.contains("guardrail"), "the retrain's reason: {why}");
+    // Between the onset and the promotion of a retrained understudy that knows
+    // NUM, fallbacks and the guardrail keep served agreement at the target.
+    let exposed = Window(&scenario.seen[onset..learned_at]);
+    let wrong = exposed.served().1 - exposed.served().0;
+    assert!(exposed.agreement() >= TARGET, "served agreement fell below {TARGET}: {}", exposed.describe());
+    // The retrain restores coverage, NUM included.
+    let after = Window(&scenario.seen[learned_at..]);
+    assert!(after.agreement() >= TARGET, "after the retrain: {}", after.describe());
+    assert!(
+        after.coverage() >= before.coverage() - 0.05,
+        "coverage {} against {}",
+        after.describe(),
+        before.describe()
+    );
+    let held_after: Vec<Seen> = scenario.seen[learned_at..].iter().filter(|seen| seen.held_out).copied().collect();
+    assert!(
+        Window(&held_after).coverage() > 0.0,
+        "the understudy serves {HELD_OUT}: {}",
+        Window(&held_after).describe()
+    );
+
+    // The history tells the same story.
+    let history = scenario.workdir.run_json(&["history", "--task", "trec", "--json"]);
+    let whats: Vec<&str> =
+        history.as_array().expect("entries").iter().filter_map(|entry| entry["what"].as_str()).collect();
+    assert!(whats.contains(&"shadow → cascade") && whats.contains(&"cascade → challenger"), "{history}");
+
+    eprintln!("calls until the first promotion (shadow): {shadow_at}; until the cascade: {cascade_at}");
+    eprintln!("under the cascade before the onset: {}", before.describe());
+    eprintln!(
+        "onset at call {onset}; retrain due after {} calls: {why}",
+        drifted.0 - onset,
+        why = why.chars().take(200).collect::<String>()
+    );
+    eprintln!("onset to the retrain that serves {HELD_OUT}: {} ({wrong} disagreed)", exposed.describe());
+    eprintln!("after it: {}; on {HELD_OUT}: {}", after.describe(), Window(&held_after).describe());
+
+    let killed = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(killed.success());
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{}", log.join().unwrap_or_default());
+}
