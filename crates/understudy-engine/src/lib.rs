@@ -130,6 +130,7 @@ pub struct LlamaCppModel {
     jobs: Mutex<mpsc::Sender<Job>>,
     n_ctx: usize,
     n_batch: usize,
+    n_seq_max: usize,
 }
 
 impl std::fmt::Debug for LlamaCppModel {
@@ -264,6 +265,7 @@ impl LlamaCppModel {
             jobs: Mutex::new(jobs),
             n_ctx: n_ctx as usize,
             n_batch: n_batch as usize,
+            n_seq_max: n_seq_max as usize,
         })
     }
 
@@ -420,6 +422,7 @@ impl LocalModel for LlamaCppModel {
                             body: body.to_string().into(),
                             usage: Some(usage),
                             headers: Default::default(),
+                            compute: None,
                         });
                     }
                     Some(Event::Failed(message)) => return Err(self.failed(message)),
@@ -475,6 +478,11 @@ impl LocalModel for LlamaCppModel {
 
     fn kind(&self) -> &'static str {
         "llama.cpp"
+    }
+
+    /// The sequences one decode step serves (`n_seq_max`).
+    fn max_concurrency(&self) -> usize {
+        self.n_seq_max
     }
 }
 

@@ -4,7 +4,8 @@
 //! version), [`train`] (a dataset version into a registered model version),
 //! [`evaluate`] (the understudy against the lead, as served, with its
 //! cascade threshold certified), [`promote`] (a policy change the gateways
-//! pick up) and [`ledger`] (what the understudy saved). The CLI is flags, one
+//! pick up) and [`ledger`] (what the understudy saved), and before any of it [`plan`]
+//! (whether the task will pay). The CLI is flags, one
 //! call here, and rendering; a daemon or a test calls the same functions.
 
 pub mod autopilot;
@@ -15,6 +16,7 @@ mod error;
 pub mod evaluate;
 pub mod import;
 pub mod ledger;
+pub mod plan;
 pub mod promote;
 pub mod train;
 
@@ -26,5 +28,6 @@ pub use error::{LoopError, Result};
 pub use evaluate::{evaluate, find_model_version, EvalEvent, EvalRequest, Evaluation};
 pub use import::{import_calls, Imported};
 pub use ledger::{ledger, Ledger, TaskSavings};
+pub use plan::{plan, Plan, PlanRequest};
 pub use promote::{promote, PromoteRequest, Promotion};
 pub use train::{resolve_encoder, train, Method, TrainJob, TrainRequest, TrainSummary, TrainedVersion};
