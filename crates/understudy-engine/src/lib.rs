@@ -130,7 +130,6 @@ pub struct LlamaCppModel {
     jobs: Mutex<mpsc::Sender<Job>>,
     n_ctx: usize,
     n_batch: usize,
-    n_seq_max: usize,
 }
 
 impl std::fmt::Debug for LlamaCppModel {
@@ -265,7 +264,6 @@ impl LlamaCppModel {
             jobs: Mutex::new(jobs),
             n_ctx: n_ctx as usize,
             n_batch: n_batch as usize,
-            n_seq_max: n_seq_max as usize,
         })
     }
 
@@ -480,9 +478,12 @@ impl LocalModel for LlamaCppModel {
         "llama.cpp"
     }
 
-    /// The sequences one decode step serves (`n_seq_max`).
+    /// One: llama.cpp's logits for a sequence decoded in a batch differ in the
+    /// last bits from the sequence's alone, so a greedy answer could depend
+    /// on what else was in flight; `eval` asks it one row at a time to stay
+    /// reproducible (the gateway still batches concurrent calls).
     fn max_concurrency(&self) -> usize {
-        self.n_seq_max
+        1
     }
 }
 

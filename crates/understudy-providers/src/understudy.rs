@@ -118,7 +118,7 @@ impl Understudy {
     }
 
     /// How many calls to keep in flight to use it fully: a local model's
-    /// batch (a classifier's `max_batch`, the engine's sequences), else 1.
+    /// [`crate::LocalModel::max_concurrency`] (a classifier's `max_batch`), else 1.
     pub fn max_concurrency(&self) -> usize {
         match &*self.provider {
             AnyProvider::Local(local) => local.max_concurrency(&self.request_model),
