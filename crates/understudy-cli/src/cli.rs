@@ -42,6 +42,10 @@ pub enum Command {
     /// Rate a recorded call's answer; datasets learn only from calls not rated
     /// negative, and only from positively rated ones once a task has any.
     Feedback(FeedbackCommand),
+    /// Before training: what the understudy would cost per call (timed on
+    /// this machine), what the lead costs, the break-even coverage and the
+    /// training run's payback; warns when the understudy cannot pay.
+    Plan(PlanCommand),
     /// Fine-tune an understudy on a task's dataset.
     Train(TrainCommand),
     /// Compare model versions with the lead on the task's newest test split.
@@ -205,6 +209,41 @@ pub enum TrainMethod {
     Classifier,
     /// LoRA on a causal LM.
     Lora,
+}
+
+impl From<TrainMethod> for understudy_loop::Method {
+    fn from(method: TrainMethod) -> understudy_loop::Method {
+        match method {
+            TrainMethod::Auto => understudy_loop::Method::Auto,
+            TrainMethod::Classifier => understudy_loop::Method::Classifier,
+            TrainMethod::Lora => understudy_loop::Method::Lora,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct PlanCommand {
+    #[arg(long)]
+    pub task: String,
+    /// The base model training would start from, named as `train --base`
+    /// names it (default: minilm for a classifier, smollm2 for LoRA).
+    #[arg(long)]
+    pub base: Option<String>,
+    #[arg(long, value_enum, default_value_t = TrainMethod::Auto)]
+    pub method: TrainMethod,
+    /// How many of the task's newest recorded prompts to time the understudy on.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub sample: u64,
+    /// Epochs the training would run (default: the trainer's; with it, the
+    /// training time is estimated even when the task has an earlier run).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// What an hour of the machine costs, in dollars (default: the config's
+    /// local provider's `machine_price_per_hour`, else 0.10).
+    #[arg(long)]
+    pub machine_price_per_hour: Option<f64>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]

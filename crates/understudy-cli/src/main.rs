@@ -14,6 +14,7 @@ mod import;
 mod init;
 mod keys;
 mod output;
+mod plan;
 mod promote;
 mod quickstart;
 mod report;
@@ -100,6 +101,7 @@ async fn dispatch(config_path: std::path::PathBuf, command: cli::Command) -> any
         cli::Command::Report(command) => report::run(&config_path, command).await.map(done),
         cli::Command::Dataset(command) => dataset::run(&config_path, command).await.map(done),
         cli::Command::Feedback(command) => feedback::run(&config_path, command).await.map(done),
+        cli::Command::Plan(command) => plan::run(&config_path, command).await.map(done),
         cli::Command::Train(command) => train::run(&config_path, command).await.map(done),
         cli::Command::Eval(command) => eval::run(&config_path, command).await.map(done),
         cli::Command::Promote(command) => promote::run(&config_path, command).await.map(done),

@@ -109,6 +109,7 @@ pub fn drift_encoder(
         path: path.display().to_string(),
         adapter: None,
         weights: None,
+        max_batch: None,
     };
     let model = understudy_providers::LocalLoader::load(&understudy_local::Loader, &spec)
         .with_context(|| format!("cannot load the drift encoder {}", path.display()))?;

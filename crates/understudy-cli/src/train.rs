@@ -4,9 +4,9 @@
 use std::path::Path;
 
 use serde_json::json;
-use understudy_loop::{Method, TrainRequest, TrainSummary};
+use understudy_loop::{TrainRequest, TrainSummary};
 
-use crate::cli::{TrainCommand, TrainMethod};
+use crate::cli::TrainCommand;
 use crate::output::{load_config, open_store};
 
 pub async fn run(config_path: &Path, command: TrainCommand) -> anyhow::Result<()> {
@@ -15,11 +15,7 @@ pub async fn run(config_path: &Path, command: TrainCommand) -> anyhow::Result<()
     let request = TrainRequest {
         task: command.task.clone(),
         dataset: command.dataset.clone(),
-        method: match command.method {
-            TrainMethod::Auto => Method::Auto,
-            TrainMethod::Classifier => Method::Classifier,
-            TrainMethod::Lora => Method::Lora,
-        },
+        method: command.method.into(),
         base: command.base.clone(),
         output: command.output.clone(),
         resume: command.resume,

@@ -23,6 +23,13 @@ pub const DEFAULT_CONFIG_FILE: &str = "understudy.toml";
 /// the config has no local provider to say: a 2-core cloud VM, roughly, in 2026.
 pub const DEFAULT_MACHINE_PRICE_PER_HOUR: f64 = 0.10;
 
+/// How many concurrent requests a local classifier or encoder answers in one
+/// forward pass at most, when the config does not say (`max_batch`).
+pub const DEFAULT_LOCAL_MAX_BATCH: usize = 32;
+
+/// The largest `max_batch` the config accepts.
+pub const MAX_LOCAL_MAX_BATCH: usize = 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -200,6 +207,9 @@ pub struct LocalProviderConfig {
     /// What an hour of this machine costs; a local call costs its measured
     /// compute time at this rate.
     pub machine_price_per_hour: f64,
+    /// The most concurrent requests a classifier or encoder answers in one
+    /// forward pass (1: each on its own).
+    pub max_batch: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -290,13 +300,22 @@ impl Config {
     /// else [`DEFAULT_MACHINE_PRICE_PER_HOUR`] under the name `local`. The one
     /// rule the gateway, `eval` and the savings ledger price compute by.
     pub fn machine_price(&self) -> (&str, f64) {
-        self.providers
-            .iter()
-            .find_map(|(name, provider)| match provider {
-                ProviderConfig::Local(local) => Some((name.as_str(), local.machine_price_per_hour)),
-                _ => None,
-            })
-            .unwrap_or(("local", DEFAULT_MACHINE_PRICE_PER_HOUR))
+        self.first_local()
+            .map_or(("local", DEFAULT_MACHINE_PRICE_PER_HOUR), |(name, local)| (name, local.machine_price_per_hour))
+    }
+
+    /// The largest batch a trained model version (a classifier) is served
+    /// with: the first local provider's `max_batch`, as [`Config::machine_price`]
+    /// takes its price, else [`DEFAULT_LOCAL_MAX_BATCH`].
+    pub fn local_max_batch(&self) -> usize {
+        self.first_local().map_or(DEFAULT_LOCAL_MAX_BATCH, |(_, local)| local.max_batch)
+    }
+
+    fn first_local(&self) -> Option<(&str, &LocalProviderConfig)> {
+        self.providers.iter().find_map(|(name, provider)| match provider {
+            ProviderConfig::Local(local) => Some((name.as_str(), local)),
+            _ => None,
+        })
     }
 
     /// Reads and validates a config file.
@@ -527,7 +546,13 @@ enum RawProvider {
     Local {
         #[serde(default = "default_machine_price_per_hour")]
         machine_price_per_hour: f64,
+        #[serde(default = "default_local_max_batch")]
+        max_batch: i64,
     },
+}
+
+fn default_local_max_batch() -> i64 {
+    DEFAULT_LOCAL_MAX_BATCH as i64
 }
 
 fn default_machine_price_per_hour() -> f64 {
@@ -800,7 +825,7 @@ impl Validator<'_> {
                 RawProvider::Replay { file } => {
                     ProviderConfig::Replay(ReplayProviderConfig { file: self.resolve_path(&file) })
                 }
-                RawProvider::Local { machine_price_per_hour } => {
+                RawProvider::Local { machine_price_per_hour, max_batch } => {
                     if !(machine_price_per_hour.is_finite() && machine_price_per_hour >= 0.0) {
                         return self.invalid(
                             format!("providers.{name}.machine_price_per_hour"),
@@ -808,7 +833,17 @@ impl Validator<'_> {
                             "a price must be a number of at least 0".into(),
                         );
                     }
-                    ProviderConfig::Local(LocalProviderConfig { machine_price_per_hour })
+                    let max_batch = match usize::try_from(max_batch) {
+                        Ok(max_batch) if (1..=MAX_LOCAL_MAX_BATCH).contains(&max_batch) => max_batch,
+                        _ => {
+                            return self.invalid(
+                                format!("providers.{name}.max_batch"),
+                                0,
+                                format!("must be a whole number from 1 to {MAX_LOCAL_MAX_BATCH}, not {max_batch}"),
+                            )
+                        }
+                    };
+                    ProviderConfig::Local(LocalProviderConfig { machine_price_per_hour, max_batch })
                 }
             };
             providers.insert(name, provider);

@@ -201,6 +201,8 @@ policy = "lead"
 # [providers.local]
 # type = "local"
 # machine_price_per_hour = 0.10
+# max_batch = 32          # concurrent requests a classifier or encoder answers in one
+#                         # forward pass (whatever is queued when it frees up; 1: one at a time)
 #
 # [models.triage-minilm]
 # provider = "local"

@@ -271,4 +271,20 @@ fn autopilot_settings_have_defaults_and_a_bad_one_names_the_key_and_line() {
 
     let off = parse(&format!("{CONTRACT}\n[tasks.triage.autopilot]\nenabled = false\n")).expect("off");
     assert!(off.tasks["triage"].autopilot.is_none());
+
+fn a_local_providers_max_batch_is_checked_and_named_by_its_line() {
+    let local = |extra: &str| format!("{CONTRACT}\n[providers.local]\ntype = \"local\"\n{extra}\n");
+    assert_eq!(parse(CONTRACT).unwrap().local_max_batch(), DEFAULT_LOCAL_MAX_BATCH);
+    assert_eq!(parse(&local("")).unwrap().local_max_batch(), DEFAULT_LOCAL_MAX_BATCH);
+    let config = parse(&local("max_batch = 1")).unwrap();
+    assert_eq!(config.local_max_batch(), 1);
+    let ProviderConfig::Local(provider) = &config.providers["local"] else { panic!("local") };
+    assert_eq!(provider.max_batch, 1);
+    for bad in ["max_batch = 0", "max_batch = -3", "max_batch = 5000"] {
+        let text = local(bad);
+        let line = text.lines().position(|line| line == bad).unwrap() + 1;
+        let error = parse(&text).expect_err(bad).to_string();
+        assert!(error.contains("providers.local.max_batch"), "{error}");
+        assert!(error.contains(&format!("understudy.toml:{line}")), "{error}");
+    }
 }

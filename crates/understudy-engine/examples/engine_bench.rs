@@ -121,7 +121,8 @@ async fn main() -> Result<()> {
     };
 
     let rss_before_kb = status_kb("VmRSS:");
-    let spec = LocalModelSpec { name: "bench".into(), path: path.clone(), adapter: None, weights: None };
+    let spec =
+        LocalModelSpec { name: "bench".into(), path: path.clone(), adapter: None, weights: None, max_batch: None };
     let options =
         EngineOptions { n_threads: Some(threads), n_ctx: 4096, n_seq_max: concurrency as u32, n_batch: 512, weights };
     let model = LlamaCppModel::load(&spec, &options)?;

@@ -420,6 +420,7 @@ impl LocalModel for LlamaCppModel {
                             body: body.to_string().into(),
                             usage: Some(usage),
                             headers: Default::default(),
+                            compute: None,
                         });
                     }
                     Some(Event::Failed(message)) => return Err(self.failed(message)),
@@ -475,6 +476,14 @@ impl LocalModel for LlamaCppModel {
 
     fn kind(&self) -> &'static str {
         "llama.cpp"
+    }
+
+    /// One: llama.cpp's logits for a sequence decoded in a batch differ in the
+    /// last bits from the sequence's alone, so a greedy answer could depend
+    /// on what else was in flight; `eval` asks it one row at a time to stay
+    /// reproducible (the gateway still batches concurrent calls).
+    fn max_concurrency(&self) -> usize {
+        1
     }
 }
 

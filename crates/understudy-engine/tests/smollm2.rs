@@ -37,8 +37,13 @@ fn load(path: &std::path::Path) -> LlamaCppModel {
 }
 
 fn load_as(path: &std::path::Path, weights: WeightFormat) -> LlamaCppModel {
-    let spec =
-        LocalModelSpec { name: "smollm2".into(), path: path.display().to_string(), adapter: None, weights: None };
+    let spec = LocalModelSpec {
+        name: "smollm2".into(),
+        path: path.display().to_string(),
+        adapter: None,
+        weights: None,
+        max_batch: None,
+    };
     LlamaCppModel::load(&spec, &EngineOptions { n_ctx: 2048, weights, ..EngineOptions::default() }).unwrap()
 }
 

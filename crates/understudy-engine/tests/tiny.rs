@@ -34,7 +34,7 @@ fn flat_model_file(dir: &Path) -> PathBuf {
 }
 
 fn spec(path: &Path, adapter: Option<PathBuf>) -> LocalModelSpec {
-    LocalModelSpec { name: "tiny".into(), path: path.display().to_string(), adapter, weights: None }
+    LocalModelSpec { name: "tiny".into(), path: path.display().to_string(), adapter, weights: None, max_batch: None }
 }
 
 fn options() -> EngineOptions {

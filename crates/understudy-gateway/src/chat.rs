@@ -319,7 +319,7 @@ fn usage_or_counted(
 }
 
 async fn complete(state: AppState, draft: CallDraft, prepared: Prepared, pending: Option<PendingAttempt>) -> Response {
-    let ProviderResponse { body, usage, headers } = match prepared.provider.infer(prepared.request).await {
+    let ProviderResponse { body, usage, headers, .. } = match prepared.provider.infer(prepared.request).await {
         Ok(response) => response,
         Err(error) => return fail(&state, draft, error.into()).await,
     };

@@ -120,7 +120,7 @@ fn usage_or_counted(reported: Option<Usage>, prompt: &Value, answer: impl FnOnce
 
 async fn complete(state: AppState, draft: CallDraft, prepared: Prepared) -> Response {
     let request = ChatRequest { body: prepared.body };
-    let ProviderResponse { body, usage, headers } = match prepared.provider.text_completion(request).await {
+    let ProviderResponse { body, usage, headers, .. } = match prepared.provider.text_completion(request).await {
         Ok(response) => response,
         Err(error) => {
             let error = GatewayError::from(error);

@@ -109,8 +109,8 @@ impl AppState {
             provider: "local".to_string(),
             message: format!("cannot load model version {name}: this gateway has no local model support"),
         })?;
-        let spec = LocalModelSpec { name: name.to_string(), path: path.to_string(), adapter: None, weights: None };
         let config = self.config();
+        let spec = LocalModelSpec { max_batch: Some(config.local_max_batch()), ..LocalModelSpec::new(name, path) };
         let (provider_name, price_per_hour) = config.machine_price();
         let understudy = Arc::new(Understudy::local(&spec, loader, provider_name, price_per_hour)?);
         if let Ok(mut loaded) = self.inner.routes.loaded.write() {
@@ -223,6 +223,7 @@ mod tests {
                     body: body.to_string().into(),
                     usage: None,
                     headers: Default::default(),
+                    compute: None,
                 })
             })
         }

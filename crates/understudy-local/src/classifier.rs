@@ -6,31 +6,44 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use serde_json::{json, Value};
 use understudy_providers::{ChatRequest, LocalModel, ProviderError, ProviderResponse};
-use understudy_trainer::{prompt_text, ClassifierModel};
+use understudy_trainer::{prompt_text, ClassifierModel, Prediction};
 
+use crate::batcher::Batcher;
 use crate::{completion_body, internal, response_of};
 
 /// A label task's understudy: the classifier's top label is the answer, and
 /// with `logprobs` the answer carries that label's log-probability (and with
 /// `top_logprobs`, the runners-up), which is the cascade's confidence.
+/// Concurrent requests are answered together, up to `max_batch` in one
+/// forward pass ([`Batcher`]); the padding mask makes a batched answer the
+/// one the request would get alone.
 pub struct ClassifierLocal {
     name: String,
     model: Arc<ClassifierModel>,
+    batcher: Batcher<String, Prediction>,
 }
 
 impl std::fmt::Debug for ClassifierLocal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClassifierLocal").field("name", &self.name).field("labels", &self.model.labels()).finish()
+        f.debug_struct("ClassifierLocal")
+            .field("name", &self.name)
+            .field("labels", &self.model.labels())
+            .field("max_batch", &self.batcher.max_batch())
+            .finish()
     }
 }
 
 impl ClassifierLocal {
-    pub fn load(name: &str, dir: &Path) -> Result<ClassifierLocal, ProviderError> {
-        let model = ClassifierModel::load(dir).map_err(|error| ProviderError::Setup {
-            provider: format!("local model `{name}`"),
-            message: format!("cannot load the classifier in {}: {error}", dir.display()),
-        })?;
-        Ok(ClassifierLocal { name: name.to_string(), model: Arc::new(model) })
+    /// Loads the classifier in `dir`, answering up to `max_batch` concurrent requests in one pass.
+    pub fn load(name: &str, dir: &Path, max_batch: usize) -> Result<ClassifierLocal, ProviderError> {
+        let setup = |message: String| ProviderError::Setup { provider: format!("local model `{name}`"), message };
+        let model = ClassifierModel::load(dir)
+            .map_err(|error| setup(format!("cannot load the classifier in {}: {error}", dir.display())))?;
+        let model = Arc::new(model);
+        let forward_model = model.clone();
+        let batcher = Batcher::start(name, max_batch, move |texts: Vec<String>| forward_model.predict(&texts))
+            .map_err(|error| setup(format!("cannot start the batching thread: {error}")))?;
+        Ok(ClassifierLocal { name: name.to_string(), model, batcher })
     }
 
     pub fn labels(&self) -> &[String] {
@@ -52,16 +65,8 @@ impl ClassifierLocal {
                 _ => return Err(invalid("`top_logprobs` must be an integer from 0 to 20".into())),
             },
         };
-        let model = self.model.clone();
-        let name = self.name.clone();
-        let input = text.clone();
-        let prediction = tokio::task::spawn_blocking(move || model.predict(&[input]))
-            .await
-            .map_err(|error| internal(&name, error))?
-            .map_err(|error| internal(&name, error))?
-            .into_iter()
-            .next()
-            .ok_or_else(|| internal(&self.name, "the classifier returned no prediction"))?;
+        let answered = self.batcher.call(text.clone()).await.map_err(|error| internal(&self.name, error))?;
+        let prediction = answered.output;
         let logprobs = want_logprobs.then(|| {
             let mut ranked: Vec<(usize, f32)> = prediction.probabilities.iter().copied().enumerate().collect();
             ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -77,7 +82,7 @@ impl ClassifierLocal {
         });
         let prompt_tokens = text.split_whitespace().count();
         let body = completion_body(&self.name, &prediction.label, logprobs, prompt_tokens);
-        Ok(response_of(&body))
+        Ok(ProviderResponse { compute: Some(answered.compute), ..response_of(&body) })
     }
 }
 
@@ -88,5 +93,9 @@ impl LocalModel for ClassifierLocal {
 
     fn kind(&self) -> &'static str {
         "classifier"
+    }
+
+    fn max_concurrency(&self) -> usize {
+        self.batcher.max_batch()
     }
 }

@@ -18,6 +18,7 @@
 //! - `hf:org/name[@revision]` or `hf:org/name/file.gguf`: fetched from the
 //!   hub into a cache first (`understudy_engine::hub`), then any of the above.
 
+mod batcher;
 mod classifier;
 mod encoder;
 
@@ -28,6 +29,7 @@ use serde_json::{json, Value};
 use understudy_engine::hub::HubOptions;
 use understudy_providers::{LocalLoader, LocalModel, LocalModelSpec, ProviderError};
 
+pub use batcher::BatchError;
 pub use classifier::ClassifierLocal;
 pub use encoder::EncoderLocal;
 
@@ -115,6 +117,7 @@ impl Loader {
                 path: base_model_path(base),
                 adapter: Some(path.to_path_buf()),
                 weights: spec.weights.clone(),
+                max_batch: spec.max_batch,
             };
             return self.load_from(&base_spec, hub);
         }
@@ -122,7 +125,7 @@ impl Loader {
             if spec.adapter.is_some() {
                 return Err(setup("an adapter applies to causal LMs, not to a classifier".into()));
             }
-            return Ok(Arc::new(ClassifierLocal::load(&spec.name, path)?));
+            return Ok(Arc::new(ClassifierLocal::load(&spec.name, path, spec.max_batch())?));
         }
         if path.join("config.json").is_file() {
             let config_path = path.join("config.json");
@@ -201,6 +204,7 @@ fn response_of(body: &Value) -> understudy_providers::ProviderResponse {
         body: body.to_string().into_bytes().into(),
         usage: understudy_providers::usage_of(body),
         headers: Default::default(),
+        compute: None,
     }
 }
 
@@ -223,8 +227,7 @@ mod tests {
 
     #[test]
     fn an_unknown_weight_format_fails_at_load_naming_it() {
-        let spec =
-            LocalModelSpec { name: "m".into(), path: "m.gguf".into(), adapter: None, weights: Some("q3".into()) };
+        let spec = LocalModelSpec { weights: Some("q3".into()), ..LocalModelSpec::new("m", "m.gguf") };
         let error = engine_options(&spec).unwrap_err().to_string();
         assert!(error.contains("`q3`") && error.contains("iq4_nl"), "{error}");
         let spec = LocalModelSpec { weights: Some("iq4_nl".into()), ..spec };

@@ -64,7 +64,7 @@ fn options(endpoint: &str, cache: &Path) -> HubOptions {
 }
 
 fn spec(path: &str) -> LocalModelSpec {
-    LocalModelSpec { name: "m".into(), path: path.into(), adapter: None, weights: None }
+    LocalModelSpec { name: "m".into(), path: path.into(), adapter: None, weights: None, max_batch: None }
 }
 
 fn object(value: Value) -> Map<String, Value> {

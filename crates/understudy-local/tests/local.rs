@@ -52,7 +52,13 @@ fn tiny_classifier(dir: &Path) -> PathBuf {
 
 fn load(name: &str, path: &Path) -> Arc<dyn LocalModel> {
     Loader
-        .load(&LocalModelSpec { name: name.into(), path: path.display().to_string(), adapter: None, weights: None })
+        .load(&LocalModelSpec {
+            name: name.into(),
+            path: path.display().to_string(),
+            adapter: None,
+            weights: None,
+            max_batch: None,
+        })
         .unwrap()
 }
 
@@ -127,7 +133,13 @@ fn bad_paths_fail_at_load_naming_the_path() {
     let dir = tempfile::tempdir().unwrap();
     let error = |path: &str| {
         Loader
-            .load(&LocalModelSpec { name: "m".into(), path: path.into(), adapter: None, weights: None })
+            .load(&LocalModelSpec {
+                name: "m".into(),
+                path: path.into(),
+                adapter: None,
+                weights: None,
+                max_batch: None,
+            })
             .unwrap_err()
             .to_string()
     };
@@ -433,8 +445,13 @@ async fn an_hf_llama_directory_serves_like_its_gguf() {
     let cached = std::fs::metadata(&cache.0).unwrap();
     let ratio = cached.len() as f64 / weights_bytes as f64;
     assert!(ratio > 0.45 && ratio < 0.6, "converted file is {ratio} of the checkpoint");
-    let spec =
-        LocalModelSpec { name: "smollm2-hf".into(), path: hf.display().to_string(), adapter: None, weights: None };
+    let spec = LocalModelSpec {
+        name: "smollm2-hf".into(),
+        path: hf.display().to_string(),
+        adapter: None,
+        weights: None,
+        max_batch: None,
+    };
     let engine = understudy_engine::LlamaCppModel::load(&spec, &engine_options()).unwrap();
     assert_eq!(engine.gguf_path(), cache.0.as_path());
     assert_eq!(std::fs::metadata(&cache.0).unwrap().modified().unwrap(), cached.modified().unwrap(), "reconverted");
@@ -603,8 +620,13 @@ async fn a_tiny_hf_qwen2_directory_matches_candle() {
     .unwrap();
 
     let model = load("tiny-qwen2", &hf);
-    let spec =
-        LocalModelSpec { name: "tiny-qwen2".into(), path: hf.display().to_string(), adapter: None, weights: None };
+    let spec = LocalModelSpec {
+        name: "tiny-qwen2".into(),
+        path: hf.display().to_string(),
+        adapter: None,
+        weights: None,
+        max_batch: None,
+    };
     let engine = understudy_engine::LlamaCppModel::load(&spec, &engine_options()).unwrap();
     assert_eq!(engine.llama_model().meta_val_str("tokenizer.ggml.pre").unwrap(), "qwen2");
     assert_eq!(engine.llama_model().meta_val_str("general.architecture").unwrap(), "qwen2");
@@ -682,8 +704,13 @@ async fn a_peft_adapter_on_an_hf_llama_directory_matches_candle() {
     understudy_models::peft::save(&adapter_dir, &adapter_config, &tensors).unwrap();
 
     let model = load("tiny-lora", &adapter_dir);
-    let spec =
-        LocalModelSpec { name: "tiny-llama".into(), path: hf.display().to_string(), adapter: None, weights: None };
+    let spec = LocalModelSpec {
+        name: "tiny-llama".into(),
+        path: hf.display().to_string(),
+        adapter: None,
+        weights: None,
+        max_batch: None,
+    };
     let engine = understudy_engine::LlamaCppModel::load(&spec, &engine_options()).unwrap();
     assert_eq!(engine.llama_model().meta_val_str("general.architecture").unwrap(), "llama");
     let user = "hello world";
@@ -719,8 +746,127 @@ fn an_unsupported_hf_architecture_is_named() {
             path: dir.path().display().to_string(),
             adapter: None,
             weights: None,
+            max_batch: None,
         })
         .unwrap_err()
         .to_string();
     assert!(error.contains("mistral") && error.contains("config.json"), "{error}");
+}
+
+/// Prompts of different lengths (so a batch of them is padded), each with
+/// the tiny vocabulary's words.
+fn varied_prompts() -> Vec<String> {
+    (0..24)
+        .map(|i| {
+            let key = if i % 2 == 0 { ANIMALS[i % 4] } else { COLOURS[(i / 2) % 4] };
+            let filler: Vec<&str> = (0..(i % 9)).map(|j| FILLER[(i + j) % 4]).collect();
+            format!("{} {key} {}", FILLER[i % 4], filler.join(" "))
+        })
+        .collect()
+}
+
+/// The label and its log-probability a classifier answers `prompt` with.
+async fn label_and_logprob(model: &dyn LocalModel, name: &str, prompt: &str) -> (String, f64) {
+    let body = ask(
+        model,
+        json!({"model": name, "logprobs": true, "messages": [
+        {"role": "system", "content": "Label it."}, {"role": "user", "content": prompt}]}),
+    )
+    .await;
+    let content = body.pointer("/choices/0/message/content").unwrap().as_str().unwrap().to_string();
+    let logprob = body.pointer("/choices/0/logprobs/content/0/logprob").unwrap().as_f64().unwrap();
+    (content, logprob)
+}
+
+/// Asks every prompt alone (a model with `max_batch = 1`, one call at a
+/// time), then all at once of a batching model, and checks the answers
+/// agree; also the forward pass itself, one batch against one row at a time.
+async fn batched_answers_equal_unbatched(classifier: &Path, prompts: &[String], tolerance: f64, labels_vary: bool) {
+    let spec = |max_batch| LocalModelSpec {
+        max_batch: Some(max_batch),
+        ..LocalModelSpec::new("clf", classifier.display().to_string())
+    };
+    let alone_model = Loader.load(&spec(1)).unwrap();
+    assert_eq!(alone_model.max_concurrency(), 1);
+    let mut alone = Vec::new();
+    for prompt in prompts {
+        alone.push(label_and_logprob(alone_model.as_ref(), "clf", prompt).await);
+    }
+    let batching = Loader.load(&spec(32)).unwrap();
+    assert_eq!(batching.max_concurrency(), 32);
+    let together =
+        futures::future::join_all(prompts.iter().map(|prompt| label_and_logprob(batching.as_ref(), "clf", prompt)))
+            .await;
+    for ((prompt, alone), together) in prompts.iter().zip(&alone).zip(&together) {
+        assert_eq!(alone.0, together.0, "{prompt}");
+        assert!((alone.1 - together.1).abs() <= tolerance, "{prompt}: {} alone, {} batched", alone.1, together.1);
+    }
+
+    // One forward pass over every prompt (padded to the longest) against each alone.
+    let model = understudy_trainer::ClassifierModel::load(classifier).unwrap();
+    let texts: Vec<String> = prompts.iter().map(|prompt| format!("Label it.\n{prompt}")).collect();
+    let batched = model.predict(&texts).unwrap();
+    let mut labels = std::collections::BTreeSet::new();
+    for (text, batched) in texts.iter().zip(&batched) {
+        let single = model.predict(std::slice::from_ref(text)).unwrap().remove(0);
+        assert_eq!(single.label, batched.label, "{text}");
+        for (a, b) in single.probabilities.iter().zip(&batched.probabilities) {
+            assert!((f64::from(*a) - f64::from(*b)).abs() <= tolerance, "{text}: {a} alone, {b} batched");
+        }
+        labels.insert(batched.label.clone());
+    }
+    if labels_vary {
+        assert!(labels.len() > 1, "the prompts should not all get one label: {labels:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_tiny_classifier_answers_batched_calls_as_it_answers_each_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let classifier = tiny_classifier(dir.path());
+    batched_answers_equal_unbatched(&classifier, &varied_prompts(), 1e-5, true).await;
+}
+
+/// The real MiniLM under a classifier head (one short epoch on the top layer),
+/// so the weights are mostly MiniLM's, on questions of TREC's lengths.
+#[tokio::test]
+async fn a_minilm_classifier_answers_batched_calls_as_it_answers_each_alone() {
+    let Some(models) = models_dir() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let questions = [
+        "How far is it from Denver to Aspen ?",
+        "What county is Modesto , California in ?",
+        "Who was Galileo ?",
+        "What is an atom ?",
+        "When did Hawaii become a state ?",
+        "How tall is the Sears Building ?",
+        "George Bush purchased a small interest in which baseball team ?",
+        "What is Australia 's national flower ?",
+        "Why does the moon turn orange ?",
+        "What is autism ?",
+        "What city had a world fair in 1900 ?",
+        "What person 's head is on a dime ?",
+        "What is the average weight of a Yellow Labrador ?",
+        "Who was the first man to fly across the Pacific Ocean ?",
+        "How many Great Lakes are there ?",
+        "Name a food high in zinc .",
+    ];
+    let labels = ["NUM", "LOC", "HUM", "DESC"];
+    let rows: Vec<LabeledText> = questions
+        .iter()
+        .enumerate()
+        .map(|(i, question)| LabeledText { text: question.to_string(), label: labels[i % 4].to_string() })
+        .collect();
+    let out = dir.path().join("classifier");
+    let mut config = ClassifierTrainConfig::new(models.join("all-MiniLM-L6-v2"), &out);
+    config.epochs = 1;
+    config.batch_size = 8;
+    config.train_top_layers = Some(1);
+    config.progress = false;
+    // The trainer wants at least 20 rows; the questions twice over.
+    let train: Vec<LabeledText> =
+        rows.iter().chain(&rows).map(|row| LabeledText { text: row.text.clone(), label: row.label.clone() }).collect();
+    train_classifier(&config, &train, &rows[..4]).unwrap();
+    let prompts: Vec<String> = questions.iter().map(|question| question.to_string()).collect();
+    batched_answers_equal_unbatched(&out, &prompts, 1e-4, false).await;
 }

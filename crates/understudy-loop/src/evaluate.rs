@@ -1,10 +1,11 @@
 //! The evaluation run: the understudy against the lead on the newest traffic.
 //!
 //! The reference is the lead's recorded answer on the dataset's test split.
-//! Each model version (and a base model zero-shot) answers every test prompt
-//! on its own, asked exactly as the gateway asks a promoted understudy
+//! Each model version (and a base model zero-shot) answers every test prompt,
+//! asked exactly as the gateway asks a promoted understudy
 //! ([`Understudy::local`], [`Understudy::attempt`], with the task's labels
-//! and timeout from the config): label tasks are scored with accuracy,
+//! and timeout from the config) and with as many rows in flight as it
+//! answers together, so they are batched as concurrent calls are: label tasks are scored with accuracy,
 //! macro-F1, per-label precision/recall and a confusion matrix, generation
 //! tasks with exact/normalized match, token F1, ROUGE-L and JSON
 //! validity/field match, and agreement with the lead is
@@ -45,7 +46,7 @@ const MAX_MAX_TOKENS: u64 = 1024;
 
 /// The deadline of a task the config does not route: the gateway never asks
 /// its understudy, so no timeout of its applies, and eval waits for answers.
-const UNROUTED_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const UNROUTED_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// What a label report shows as the prediction of a call the understudy did
 /// not answer.
@@ -154,7 +155,9 @@ pub async fn evaluate(
     let ask = Ask {
         labels: task_config.and_then(|task| task.labels.clone()),
         timeout: task_config.map_or(UNROUTED_TIMEOUT, |task| task.understudy_timeout),
-        max_tokens: request.max_tokens.unwrap_or_else(|| default_max_tokens(test.iter().chain(&validation))),
+        max_tokens: request
+            .max_tokens
+            .unwrap_or_else(|| max_tokens_for(test.iter().chain(&validation).map(|row| row.reference.as_str()))),
     };
 
     let mut results = Vec::new();
@@ -166,7 +169,7 @@ pub async fn evaluate(
             n_validation: validation.len(),
             n_test: test.len(),
         });
-        let understudy = candidate.load(&dataset, loader, machine_price)?;
+        let understudy = candidate.load(&dataset, loader, machine_price, config.local_max_batch())?;
         let scored = ask.score(&understudy, &test).await;
         let validation_scored = ask.score(&understudy, &validation).await;
         for (row, answer) in test.iter().zip(&scored) {
@@ -269,14 +272,14 @@ impl JudgeSettings {
 
 /// Room for the longest reference answer, with a margin for another
 /// tokenizer than the counting one.
-fn default_max_tokens<'a>(rows: impl Iterator<Item = &'a Row>) -> u64 {
-    let longest = rows.map(|row| understudy_providers::tokens::count_text(&row.reference)).max().unwrap_or(0);
+pub(crate) fn max_tokens_for<'a>(answers: impl Iterator<Item = &'a str>) -> u64 {
+    let longest = answers.map(understudy_providers::tokens::count_text).max().unwrap_or(0);
     (longest * 3 / 2 + 8).clamp(MIN_MAX_TOKENS, MAX_MAX_TOKENS)
 }
 
 /// One understudy attempt at one row, timed on the wall clock and on the
 /// process's CPU clock.
-struct Answer {
+pub(crate) struct Answer {
     /// The answer's text; `None` when the understudy gave none (an error or a timeout).
     text: Option<String>,
     confidence: Option<f64>,
@@ -290,6 +293,11 @@ struct Answer {
 }
 
 impl Answer {
+    /// Whether the understudy gave no answer (an error or a timeout).
+    pub(crate) fn failed(&self) -> bool {
+        self.error.is_some()
+    }
+
     /// Whether the understudy's answer agrees with the lead's.
     fn agrees_with(&self, row: &Row) -> bool {
         self.text.as_deref().is_some_and(|text| answers_agree(text, &row.reference))
@@ -411,15 +419,15 @@ fn read_rows(dataset: &DatasetRecord, split: &str) -> Result<Vec<Row>> {
 /// How every candidate is asked: what a client's call to the gateway would
 /// carry (the prompt, temperature 0, room for the answer), with the task's
 /// labels and timeout as the gateway applies them.
-struct Ask {
-    labels: Option<Vec<String>>,
-    timeout: Duration,
-    max_tokens: u64,
+pub(crate) struct Ask {
+    pub labels: Option<Vec<String>>,
+    pub timeout: Duration,
+    pub max_tokens: u64,
 }
 
 /// CPU time of this process so far, all threads (the engine's and candle's
 /// pools included), in seconds.
-fn process_cpu_seconds() -> f64 {
+pub(crate) fn process_cpu_seconds() -> f64 {
     let now = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
     now.tv_sec as f64 + now.tv_nsec as f64 * 1e-9
 }
@@ -430,29 +438,51 @@ impl Ask {
         ChatRequest { body: body.as_object().cloned().unwrap_or_default() }
     }
 
-    /// Each row answered on its own, as a served call would be, and timed. A
-    /// row the understudy cannot answer is a fallback, never an error of eval.
+    /// Every row asked as a served call would be, with as many in flight as
+    /// the understudy answers together ([`Understudy::max_concurrency`]: a
+    /// classifier's batch; one for the engine), so rows are batched the
+    /// way concurrent calls are; answers come back in row order. A row the
+    /// understudy cannot answer is a fallback, never an error of eval. The
+    /// process CPU time of the whole split is shared among its rows in
+    /// proportion to their latency (rows answered together take about the
+    /// same time and split their pass's cost).
     async fn score(&self, understudy: &Understudy, rows: &[Row]) -> Vec<Answer> {
-        let mut answers = Vec::with_capacity(rows.len());
-        for row in rows {
-            let cpu_started = process_cpu_seconds();
-            let attempt = understudy.attempt(self.request(&row.messages), self.timeout, self.labels.as_deref()).await;
-            let cpu_seconds = (process_cpu_seconds() - cpu_started).max(0.0);
-            let error = match &attempt.outcome {
-                AttemptOutcome::Failed(error) => Some(error.clone()),
-                AttemptOutcome::TimedOut => Some(format!("no answer within {:?}", self.timeout)),
-                AttemptOutcome::Answered { .. } => None,
-            };
-            answers.push(Answer {
-                text: attempt.content().map(str::to_string),
-                confidence: attempt.confidence(),
-                cascade: cascade_confidence(attempt.router_attempt()),
-                error,
-                latency_ms: attempt.latency_ms,
-                cpu_seconds,
-            });
-        }
-        answers
+        let prompts: Vec<&[Value]> = rows.iter().map(|row| row.messages.as_slice()).collect();
+        self.score_prompts(understudy, &prompts).await
+    }
+
+    /// [`Ask::score`] over prompts (each a list of messages).
+    pub(crate) async fn score_prompts<P: AsRef<[Value]>>(&self, understudy: &Understudy, prompts: &[P]) -> Vec<Answer> {
+        use futures::StreamExt;
+
+        let in_flight = understudy.max_concurrency().max(1);
+        let cpu_started = process_cpu_seconds();
+        let attempts: Vec<_> = futures::stream::iter(prompts)
+            .map(|prompt| understudy.attempt(self.request(prompt.as_ref()), self.timeout, self.labels.as_deref()))
+            .buffered(in_flight)
+            .collect()
+            .await;
+        let cpu_seconds = (process_cpu_seconds() - cpu_started).max(0.0);
+        let total_ms: f64 = attempts.iter().map(|attempt| attempt.latency_ms).sum();
+        attempts
+            .into_iter()
+            .map(|attempt| {
+                let error = match &attempt.outcome {
+                    AttemptOutcome::Failed(error) => Some(error.clone()),
+                    AttemptOutcome::TimedOut => Some(format!("no answer within {:?}", self.timeout)),
+                    AttemptOutcome::Answered { .. } => None,
+                };
+                let share = if total_ms > 0.0 { attempt.latency_ms / total_ms } else { 1.0 / prompts.len() as f64 };
+                Answer {
+                    text: attempt.content().map(str::to_string),
+                    confidence: attempt.confidence(),
+                    cascade: cascade_confidence(attempt.router_attempt()),
+                    error,
+                    latency_ms: attempt.latency_ms,
+                    cpu_seconds: cpu_seconds * share,
+                }
+            })
+            .collect()
     }
 }
 
@@ -470,8 +500,13 @@ impl Candidate {
     /// folder, which the loader recognizes (a classifier, or a LoRA adapter
     /// on its base model).
     fn of_version(version: &ModelVersionRecord) -> Candidate {
-        let spec =
-            LocalModelSpec { name: version.id.clone(), path: version.path.clone(), adapter: None, weights: None };
+        let spec = LocalModelSpec {
+            name: version.id.clone(),
+            path: version.path.clone(),
+            adapter: None,
+            weights: None,
+            max_batch: None,
+        };
         Candidate { name: version.id.clone(), method: version.method.clone(), path: Some(version.path.clone()), spec }
     }
 
@@ -483,11 +518,19 @@ impl Candidate {
         };
         let name =
             format!("zero-shot:{}", Path::new(&path).file_name().map_or(path.clone(), |n| n.to_string_lossy().into()));
-        let spec = LocalModelSpec { name: name.clone(), path, adapter: None, weights: None };
+        let spec = LocalModelSpec { name: name.clone(), path, adapter: None, weights: None, max_batch: None };
         Ok(Candidate { name, method: "zero-shot".into(), path: None, spec })
     }
 
-    fn load(&self, dataset: &DatasetRecord, loader: &dyn LocalLoader, machine_price: f64) -> Result<Understudy> {
+    /// Loads the model as the gateway would serve it: a classifier batches
+    /// up to the config's `max_batch` concurrent calls.
+    fn load(
+        &self,
+        dataset: &DatasetRecord,
+        loader: &dyn LocalLoader,
+        machine_price: f64,
+        max_batch: usize,
+    ) -> Result<Understudy> {
         if self.method == "classifier" && dataset.kind != TaskKind::Label {
             return Err(LoopError::Refused(format!(
                 "model version {} is a classifier ({}), which only answers label tasks, but dataset {} of task `{}` \
@@ -496,7 +539,8 @@ impl Candidate {
                 self.name, self.method, dataset.id, dataset.task, dataset.task
             )));
         }
-        Understudy::local(&self.spec, loader, "local", machine_price)
+        let spec = LocalModelSpec { max_batch: Some(max_batch), ..self.spec.clone() };
+        Understudy::local(&spec, loader, "local", machine_price)
             .map_err(|source| LoopError::Load { name: self.name.clone(), source })
     }
 }
@@ -506,7 +550,7 @@ impl Candidate {
 /// taken off the cost of calls it was asked first. Only calls where the lead
 /// was asked directly count for latency (imported calls carry none, and a
 /// fallback's includes the understudy's attempt).
-async fn lead_figures(store: &Store, task: &str, seed: u64) -> Result<LeadFigures> {
+pub(crate) async fn lead_figures(store: &Store, task: &str, seed: u64) -> Result<LeadFigures> {
     let filter = CallFilter { task: Some(task.to_string()), status: Some(StatusFilter::Ok), ..CallFilter::default() };
     let calls: Vec<_> = store
         .list_calls(&filter)

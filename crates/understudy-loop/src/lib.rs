@@ -4,7 +4,8 @@
 //! version), [`train`] (a dataset version into a registered model version),
 //! [`evaluate`] (the understudy against the lead, as served, with its
 //! cascade threshold certified), [`promote`] (a policy change the gateways
-//! pick up) and [`ledger`] (what the understudy saved). The CLI is flags, one
+//! pick up) and [`ledger`] (what the understudy saved), and before any of it [`plan`]
+//! (whether the task will pay). The CLI is flags, one
 //! call here, and rendering; a daemon or a test calls the same functions.
 
 pub mod autopilot;
@@ -17,6 +18,7 @@ pub mod export;
 pub mod history;
 pub mod import;
 pub mod ledger;
+pub mod plan;
 pub mod promote;
 pub mod train;
 
@@ -30,5 +32,6 @@ pub use export::export_calls;
 pub use history::{history, HistoryEntry};
 pub use import::{import_calls, Imported};
 pub use ledger::{ledger, Ledger, TaskSavings};
+pub use plan::{plan, Plan, PlanRequest};
 pub use promote::{promote, PromoteRequest, Promotion};
 pub use train::{resolve_encoder, train, Method, TrainJob, TrainRequest, TrainSummary, TrainedVersion};

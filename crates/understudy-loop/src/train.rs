@@ -390,7 +390,7 @@ pub fn resolve_encoder(config: &Config, name: Option<&str>) -> Result<PathBuf> {
 
 /// What kind of base model a method needs.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum BaseKind {
+pub(crate) enum BaseKind {
     /// An HF encoder folder.
     Encoder,
     /// A GGUF file or folder, or an HF causal LM folder.
@@ -400,7 +400,7 @@ enum BaseKind {
 /// The base model `base` names: a model of the config with a `path`, a path
 /// that holds a model, or a built-in name under `models/` next to the config
 /// (or the working folder). Without one, the method's built-in.
-fn resolve_base(config: &Config, base: Option<&str>, kind: BaseKind) -> Result<PathBuf> {
+pub(crate) fn resolve_base(config: &Config, base: Option<&str>, kind: BaseKind) -> Result<PathBuf> {
     let is_model = |candidate: &Path| {
         candidate.join("config.json").is_file() || (kind == BaseKind::CausalLm && holds_gguf(candidate))
     };

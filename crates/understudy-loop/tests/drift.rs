@@ -145,6 +145,7 @@ async fn scenario(dir: &Path, config: &Config) {
         path: dir.join("tiny-bert").display().to_string(),
         adapter: None,
         weights: None,
+        max_batch: None,
     };
     let model = understudy_local::Loader.load(&spec).unwrap();
     let encoder = Some(Encoder { model: model.as_ref(), name: "encoder" });

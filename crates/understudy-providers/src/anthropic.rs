@@ -75,7 +75,7 @@ impl Provider for AnthropicProvider {
         })?;
         let (completion, usage) = to_completion(&message, unix_now());
         let body = Bytes::from(completion.to_string());
-        Ok(ProviderResponse { body, usage, headers })
+        Ok(ProviderResponse { body, usage, headers, compute: None })
     }
 
     async fn infer_stream(&self, request: ChatRequest) -> Result<StreamResponse, ProviderError> {

@@ -53,6 +53,10 @@ pub struct ProviderResponse {
     /// [`anthropic::passed_headers`] under OpenAI's names); empty for
     /// providers that are no HTTP upstream.
     pub headers: HeaderMap,
+    /// The machine time the answer took, for a local model that answers
+    /// concurrent calls together (a batched classifier: its pass's time over
+    /// the calls in it); `None` when the call's own wall time is its compute.
+    pub compute: Option<std::time::Duration>,
 }
 
 /// The `data:` payloads of a streamed answer, each one chunk of JSON text.

@@ -32,6 +32,21 @@ pub struct LocalModelSpec {
     /// How a causal LM's GGUF weights are served (`auto`, `as-stored`,
     /// `q8_0`, `q4_0`, `iq4_nl`); `None` is `auto`.
     pub weights: Option<String>,
+    /// The most concurrent requests a classifier or encoder answers in one
+    /// forward pass; `None` is [`understudy_config::DEFAULT_LOCAL_MAX_BATCH`].
+    pub max_batch: Option<usize>,
+}
+
+impl LocalModelSpec {
+    /// A spec with the defaults: no adapter, weights as `auto`, the default batch.
+    pub fn new(name: impl Into<String>, path: impl Into<String>) -> LocalModelSpec {
+        LocalModelSpec { name: name.into(), path: path.into(), adapter: None, weights: None, max_batch: None }
+    }
+
+    /// The batch size this spec asks for, with the default filled in.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch.unwrap_or(understudy_config::DEFAULT_LOCAL_MAX_BATCH).max(1)
+    }
 }
 
 /// A model running in this process.
@@ -66,6 +81,13 @@ pub trait LocalModel: Send + Sync + Debug {
 
     /// A short name for what this model is (`llama.cpp`, `classifier`, `encoder`), for errors and logs.
     fn kind(&self) -> &'static str;
+
+    /// How many requests it answers together (in one batch, or one forward
+    /// pass): what a caller with many requests to make, such as `eval`,
+    /// should keep in flight. Requests beyond it wait.
+    fn max_concurrency(&self) -> usize {
+        1
+    }
 }
 
 /// Builds local models from paths; supplied by the binary that links the ML crates.
@@ -112,6 +134,7 @@ impl LocalProvider {
                 path: path.clone(),
                 adapter: model.adapter.clone(),
                 weights: model.weights.clone(),
+                max_batch: Some(config.max_batch),
             };
             loaded.insert(model.name.clone(), loader.load(&spec)?);
         }
@@ -139,6 +162,11 @@ impl LocalProvider {
 
     pub fn machine_price_per_hour(&self) -> f64 {
         self.machine_price_per_hour
+    }
+
+    /// How many requests the model `model_name` answers together (1 for a model it has not loaded).
+    pub fn max_concurrency(&self, model_name: &str) -> usize {
+        self.models.get(model_name).map_or(1, |model| model.max_concurrency())
     }
 
     fn model(&self, body: &serde_json::Map<String, Value>) -> Result<&Arc<dyn LocalModel>, ProviderError> {

@@ -72,7 +72,7 @@ impl OpenAiProvider {
             provider: self.upstream.name.clone(),
             message: format!("the answer is not JSON: {error}"),
         })?;
-        Ok(ProviderResponse { usage, body, headers })
+        Ok(ProviderResponse { usage, body, headers, compute: None })
     }
 
     /// A streamed answer from `url`: its chunks' `data:` payloads, after the

@@ -112,7 +112,12 @@ impl Provider for ReplayProvider {
             }],
             "usage": usage_json(usage),
         });
-        Ok(ProviderResponse { body: Bytes::from(body.to_string()), usage: Some(usage), headers: Default::default() })
+        Ok(ProviderResponse {
+            body: Bytes::from(body.to_string()),
+            usage: Some(usage),
+            headers: Default::default(),
+            compute: None,
+        })
     }
 
     async fn infer_stream(&self, request: ChatRequest) -> Result<StreamResponse, ProviderError> {

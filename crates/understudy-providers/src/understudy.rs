@@ -117,6 +117,15 @@ impl Understudy {
         })
     }
 
+    /// How many calls to keep in flight to use it fully: a local model's
+    /// [`crate::LocalModel::max_concurrency`] (a classifier's `max_batch`), else 1.
+    pub fn max_concurrency(&self) -> usize {
+        match &*self.provider {
+            AnyProvider::Local(local) => local.max_concurrency(&self.request_model),
+            _ => 1,
+        }
+    }
+
     /// Asks the understudy for a complete answer, within `timeout`. An answer
     /// is valid when it has text and, if the task lists its labels, is one. A
     /// local understudy of a task with labels is asked to decode only those
@@ -139,7 +148,12 @@ impl Understudy {
             }
         }
         let started = Instant::now();
-        let outcome = match tokio::time::timeout(timeout, self.provider.infer(request)).await {
+        let answer = tokio::time::timeout(timeout, self.provider.infer(request)).await;
+        let compute = match &answer {
+            Ok(Ok(response)) => response.compute,
+            _ => None,
+        };
+        let outcome = match answer {
             Err(_) => AttemptOutcome::TimedOut,
             Ok(Err(error)) => AttemptOutcome::Failed(failure_text(&error)),
             Ok(Ok(response)) => match serde_json::from_slice::<Value>(&response.body) {
@@ -164,11 +178,14 @@ impl Understudy {
             AttemptOutcome::Answered { body, .. } => crate::usage_of_body(body).ok().flatten(),
             _ => None,
         };
+        // A model that answers calls together says what this one cost it;
+        // otherwise the call's wall time is its compute.
+        let compute = compute.unwrap_or(elapsed);
         UnderstudyAttempt {
             model: self.name.clone(),
             outcome,
             latency_ms: elapsed.as_secs_f64() * 1000.0,
-            cost: self.cost.cost(usage, elapsed),
+            cost: self.cost.cost(usage, compute),
         }
     }
 }
@@ -224,7 +241,12 @@ mod tests {
                 }
                 let body = json!({"choices": [{"message": {"content": "Bug"},
                     "logprobs": {"content": [{"token": "Bug", "logprob": 0.8f64.ln()}]}}]});
-                Ok(ProviderResponse { body: body.to_string().into(), usage: None, headers: Default::default() })
+                Ok(ProviderResponse {
+                    body: body.to_string().into(),
+                    usage: None,
+                    headers: Default::default(),
+                    compute: None,
+                })
             })
         }
 
@@ -251,7 +273,7 @@ mod tests {
     #[tokio::test]
     async fn a_local_understudy_is_asked_and_judged_one_way() {
         let loader = StubLoader::default();
-        let spec = LocalModelSpec { name: "mv-1".into(), path: "/models/mv-1".into(), adapter: None, weights: None };
+        let spec = LocalModelSpec::new("mv-1", "/models/mv-1");
         let understudy = Understudy::local(&spec, &loader, "local", 0.36).unwrap();
         assert_eq!((understudy.name.as_str(), understudy.request_model.as_str()), ("mv-1", "mv-1"));
         assert!(matches!(understudy.cost, CostModel::MachineTime { price_per_hour } if price_per_hour == 0.36));
