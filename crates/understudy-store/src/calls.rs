@@ -400,11 +400,11 @@ impl Store {
         Ok(Some(CallOwner { key_id: row.try_get(0)?, succeeded: (200..300).contains(&status) && error.is_none() }))
     }
 
-    /// Per task and UTC day: how many chat calls the understudy served, how
+    /// Per task and UTC day: how many conversation calls (chat, responses) the understudy served, how
     /// often it agreed with the lead, and the money on each side.
     pub async fn savings_report(&self, filter: &CallFilter) -> Result<Vec<SavingsRow>, StoreError> {
         let mut clause = WhereClause::new(filter, self.backend);
-        clause.push_raw("task IS NOT NULL AND endpoint = 'chat'");
+        clause.push_raw("task IS NOT NULL AND endpoint IN ('chat', 'responses')");
         let sql = format!(
             "SELECT task, created_at / {MS_PER_DAY} AS day, COUNT(*), \
              CAST(SUM(CASE WHEN served_by = 'understudy' THEN 1 ELSE 0 END) AS BIGINT), \
