@@ -201,6 +201,7 @@ impl ChatExample {
             cost: context.cost,
             routing: None,
             key: None,
+            upstream_request_id: None,
         }
     }
 

@@ -387,11 +387,17 @@ fn usage_or_counted(
     }
 }
 
-async fn complete(state: AppState, draft: CallDraft, prepared: Prepared, pending: Option<PendingAttempt>) -> Response {
+async fn complete(
+    state: AppState,
+    mut draft: CallDraft,
+    prepared: Prepared,
+    pending: Option<PendingAttempt>,
+) -> Response {
     let ProviderResponse { body, usage, headers } = match prepared.provider.infer(prepared.request).await {
         Ok(response) => response,
         Err(error) => return fail(&state, draft, error.into()).await,
     };
+    draft.note_upstream(&headers);
     let (usage, usage_source) = usage_or_counted(usage, &prepared.messages, || {
         serde_json::from_slice::<Value>(&body)
             .ok()
@@ -423,11 +429,17 @@ async fn complete(state: AppState, draft: CallDraft, prepared: Prepared, pending
     (headers, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-async fn stream(state: AppState, draft: CallDraft, prepared: Prepared, pending: Option<PendingAttempt>) -> Response {
+async fn stream(
+    state: AppState,
+    mut draft: CallDraft,
+    prepared: Prepared,
+    pending: Option<PendingAttempt>,
+) -> Response {
     let StreamResponse { chunks, headers } = match prepared.provider.infer_stream(prepared.request.clone()).await {
         Ok(response) => response,
         Err(error) => return fail(&state, draft, error.into()).await,
     };
+    draft.note_upstream(&headers);
     // The relay runs in its own task so that the call is recorded even when
     // the client goes away mid-stream.
     let (sender, mut receiver) = mpsc::channel::<Bytes>(32);

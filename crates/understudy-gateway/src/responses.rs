@@ -203,11 +203,17 @@ fn usage_or_counted(
     }
 }
 
-async fn complete(state: AppState, draft: CallDraft, prepared: Prepared, pending: Option<PendingAttempt>) -> Response {
+async fn complete(
+    state: AppState,
+    mut draft: CallDraft,
+    prepared: Prepared,
+    pending: Option<PendingAttempt>,
+) -> Response {
     let ProviderResponse { body, usage, headers } = match prepared.provider.responses(prepared.request.clone()).await {
         Ok(response) => response,
         Err(error) => return fail(&state, draft, error.into()).await,
     };
+    draft.note_upstream(&headers);
     let response = serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null);
     let (usage, usage_source) = usage_or_counted(usage, &prepared, &response);
     let (cost, ttft_ms) = (prepared.cost.cost(Some(usage), draft.elapsed()), Some(draft.elapsed_ms()));
@@ -234,11 +240,17 @@ async fn complete(state: AppState, draft: CallDraft, prepared: Prepared, pending
     (headers, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-async fn stream(state: AppState, draft: CallDraft, prepared: Prepared, pending: Option<PendingAttempt>) -> Response {
+async fn stream(
+    state: AppState,
+    mut draft: CallDraft,
+    prepared: Prepared,
+    pending: Option<PendingAttempt>,
+) -> Response {
     let StreamResponse { chunks, headers } = match prepared.provider.responses_stream(prepared.request.clone()).await {
         Ok(response) => response,
         Err(error) => return fail(&state, draft, error.into()).await,
     };
+    draft.note_upstream(&headers);
     let (sender, mut receiver) = mpsc::channel::<Bytes>(32);
     state.clone().spawn_background(relay(state, draft, prepared, chunks, sender, pending));
     let body = futures::stream::poll_fn(move |context| {

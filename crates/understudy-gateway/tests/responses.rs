@@ -85,6 +85,7 @@ async fn a_plain_call_reaches_the_lead_and_is_recorded_with_its_usage_and_cost()
     assert_eq!((call.status, call.stream), (200, false));
     assert_eq!((call.usage.prompt_tokens, call.usage.completion_tokens), (12, 7));
     assert_eq!(call.usage_source, UsageSource::Provider);
+    assert_eq!(call.upstream_request_id.as_deref(), Some("req-stub-1"));
     let expected_cost = 0.15 * 12.0 / 1e6 + 0.60 * 7.0 / 1e6;
     assert!((call.cost.dollars() - expected_cost).abs() < 1e-15, "{:?}", call.cost);
     assert_eq!(serde_json::from_str::<Value>(&call.request).unwrap(), request);
@@ -130,6 +131,7 @@ async fn a_stream_is_relayed_as_named_events_and_recorded_as_its_completed_respo
     assert_eq!((call.endpoint, call.status, call.stream), (Endpoint::Responses, 200, true));
     assert_eq!((call.usage.prompt_tokens, call.usage.completion_tokens), (12, 7));
     assert!(call.ttft_ms.is_some());
+    assert_eq!(call.upstream_request_id.as_deref(), Some("req-stub-1"));
     let recorded: Value = serde_json::from_str(call.response.as_deref().unwrap()).unwrap();
     assert_eq!(recorded["status"], "completed");
     assert_eq!(output_text(&recorded), ANSWER);
@@ -177,6 +179,9 @@ async fn bad_input_is_a_400_naming_the_field_and_is_recorded() {
     let (calls, _harness) = harness.finish().await;
     assert_eq!(calls.len(), 6);
     assert!(calls.iter().all(|call| call.endpoint == Endpoint::Responses && call.status == 400));
+    // Only the call the upstream answered has its request id.
+    let ids: Vec<Option<&str>> = calls.iter().map(|call| call.upstream_request_id.as_deref()).collect();
+    assert_eq!(ids, vec![None, None, None, None, None, Some("req-stub-1")]);
 }
 
 #[tokio::test]
@@ -211,6 +216,7 @@ async fn a_task_text_call_is_answered_by_its_understudy_as_a_response() {
         let routing = call.routing.as_ref().unwrap();
         assert_eq!(routing.served_by, ServedBy::Understudy);
         assert_eq!(call.model, "student");
+        assert_eq!(call.upstream_request_id, None, "no lead answered");
         assert!(routing.lead_cost_avoided.dollars() > 0.0);
         // Recorded as a response object, so it is a dataset row too.
         let example = ChatExample::from_call(call).unwrap();

@@ -213,6 +213,11 @@ pub struct CallRecord {
     /// key itself. `None` when the gateway runs without keys (`auth =
     /// "none"`) and for imported calls.
     pub key: Option<KeyRef>,
+    /// The upstream's id for the call (its `x-request-id` answer header, or
+    /// Anthropic's `request-id`), to trace a call with the provider; `None`
+    /// when no HTTP upstream answered (a local model, a replay, an error
+    /// before the upstream).
+    pub upstream_request_id: Option<String>,
 }
 
 /// Which gateway key made a call.
