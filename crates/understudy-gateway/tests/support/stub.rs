@@ -20,7 +20,9 @@
 //! - `non-sse`: a stream request answered with one JSON completion;
 //! - `huge`: a 1 MB answer;
 //! - `reset`: the connection breaks after the status line;
-//! - `rate-limited`: HTTP 429 with `Retry-After`.
+//! - `rate-limited`: HTTP 429 with `Retry-After`;
+//! - `rate-limited-once`: HTTP 429 with `Retry-After: 2` for the first
+//!   request of each prompt text, then `ok`.
 //!
 //! `/v1/responses` answers the Responses API's way (a `response` object
 //! with `input_tokens`/`output_tokens`, or its named events, without
@@ -165,7 +167,7 @@ async fn chat(State(stub): State<Stub>, headers: HeaderMap, body: Bytes) -> Resp
         let mut log = stub.log.lock().expect("stub log");
         log.requests.push(request.clone());
         log.authorizations.push(headers.get("authorization").and_then(|value| value.to_str().ok()).map(str::to_string));
-        if model == "flaky" {
+        if model == "flaky" || model == "rate-limited-once" {
             let seen = log.flaky_seen.entry(prompt.clone()).or_insert(0);
             *seen += 1;
             first_flaky_attempt = *seen == 1;
@@ -175,6 +177,15 @@ async fn chat(State(stub): State<Stub>, headers: HeaderMap, body: Bytes) -> Resp
         "down" => return json_response(StatusCode::SERVICE_UNAVAILABLE, json!({"error": {"message": "overloaded"}})),
         "flaky" if first_flaky_attempt => {
             return json_response(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": {"message": "try again"}}))
+        }
+        "rate-limited-once" if first_flaky_attempt => {
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("content-type", "application/json"), ("retry-after", "2")],
+                json!({"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}})
+                    .to_string(),
+            )
+                .into_response()
         }
         "slow" => tokio::time::sleep(Duration::from_secs(2)).await,
         "garbage" => return (StatusCode::OK, [("content-type", "text/html")], "<html>oops</html>").into_response(),
