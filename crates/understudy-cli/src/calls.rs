@@ -96,6 +96,7 @@ fn call_json(call: &CallRecord, with_bodies: bool) -> Value {
         "latency_ms": call.latency_ms,
         "ttft_ms": call.ttft_ms,
         "cost": call.cost.dollars(),
+        "upstream_request_id": call.upstream_request_id,
     });
     if with_bodies {
         value["request"] = parse(&call.request);

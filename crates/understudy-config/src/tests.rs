@@ -271,7 +271,9 @@ fn autopilot_settings_have_defaults_and_a_bad_one_names_the_key_and_line() {
 
     let off = parse(&format!("{CONTRACT}\n[tasks.triage.autopilot]\nenabled = false\n")).expect("off");
     assert!(off.tasks["triage"].autopilot.is_none());
+}
 
+#[test]
 fn a_local_providers_max_batch_is_checked_and_named_by_its_line() {
     let local = |extra: &str| format!("{CONTRACT}\n[providers.local]\ntype = \"local\"\n{extra}\n");
     assert_eq!(parse(CONTRACT).unwrap().local_max_batch(), DEFAULT_LOCAL_MAX_BATCH);

@@ -764,6 +764,7 @@ mod tests {
             cost: understudy_types::Money(0.0),
             routing: None,
             key: None,
+            upstream_request_id: None,
         }
     }
 

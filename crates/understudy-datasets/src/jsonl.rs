@@ -201,19 +201,28 @@ impl ChatExample {
             cost: context.cost,
             routing: None,
             key: None,
+            upstream_request_id: None,
         }
     }
 
     /// The example a recorded chat call holds, if it succeeded and has an answer.
     pub fn from_call(call: &CallRecord) -> Option<ChatExample> {
-        if call.endpoint != Endpoint::ChatCompletions || !call.is_success() {
+        if !call.endpoint.is_conversation() || !call.is_success() {
             return None;
         }
         let request: Value = serde_json::from_str(&call.request).ok()?;
         let response: Value = serde_json::from_str(call.response.as_deref()?).ok()?;
-        let prompt = request.get("messages")?.as_array()?.clone();
-        let answer = response.pointer("/choices/0/message")?.as_object()?.clone();
-        let mut answer = answer;
+        let (prompt, mut answer, tools) = if call.endpoint == Endpoint::Responses {
+            // The one conversion of a Responses call into chat messages.
+            let request = request.as_object()?;
+            let prompt = crate::responses::chat_messages(request).ok()?;
+            let answer = crate::responses::assistant_message(&response).ok()?;
+            (prompt, answer, crate::responses::chat_tools(request).ok()?)
+        } else {
+            let prompt = request.get("messages")?.as_array()?.clone();
+            let answer = response.pointer("/choices/0/message")?.as_object()?.clone();
+            (prompt, answer, request.get("tools").cloned())
+        };
         // Streamed answers are assembled with nulls for absent fields; drop them
         // so that the line is the same as for the non-streamed answer.
         answer.retain(|_, value| !value.is_null());
@@ -223,7 +232,7 @@ impl ChatExample {
         Some(ChatExample {
             prompt,
             answer,
-            tools: request.get("tools").cloned(),
+            tools,
             model: Some(call.model.clone()),
             created_at: Some(call.created_at),
             usage: Some(call.usage),

@@ -7,5 +7,6 @@ pub mod dedup;
 pub mod files;
 pub mod jsonl;
 pub mod kind;
+pub mod responses;
 pub mod scrub;
 pub mod split;

@@ -13,7 +13,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use understudy_config::{ModelConfig, Policy};
 use understudy_providers::{tokens, AnyProvider, ChatRequest, ChunkStream, ProviderResponse, StreamResponse};
-use understudy_router::{first_step, judge, FirstStep, Verdict};
+use understudy_router::{first_step, judge, FallbackReason, FirstStep, Verdict};
 use understudy_types::{CallRecord, Endpoint, Routing, ServedBy, Usage, UsageSource};
 
 use crate::assemble::StreamAssembler;
@@ -29,7 +29,7 @@ use understudy_providers::{AttemptOutcome, CostModel, Understudy, UnderstudyAtte
 
 /// The understudy's answer to a call the lead serves, still coming (shadow)
 /// or already in (a fallback); recorded beside the lead's.
-type PendingAttempt = BoxFuture<'static, Option<UnderstudyAttempt>>;
+pub(crate) type PendingAttempt = BoxFuture<'static, Option<UnderstudyAttempt>>;
 
 pub(crate) async fn chat_completions(State(state): State<AppState>, caller: Caller, body: RequestBody) -> Response {
     let draft = CallDraft::start(Endpoint::ChatCompletions, caller.key_ref());
@@ -57,49 +57,87 @@ async fn serve_call(state: AppState, mut draft: CallDraft, caller: Caller, body:
     if let Err(error) = state.admit(&caller, draft.id, || estimate(&prepared)).await {
         return fail(&state, draft, error).await;
     }
+    match route_call(&state, &mut draft, &prepared.request, None).await {
+        Routed::Lead(pending) => serve_lead(state, draft, prepared, pending).await,
+        Routed::Understudy(served) => Box::pin(serve_understudy(state, draft, prepared, served)).await,
+    }
+}
+
+/// Who serves a call of a task (chat's and the Responses API's alike).
+pub(crate) enum Routed {
+    /// The lead serves. The understudy's answer, if one is pending (shadow)
+    /// or in (a fallback), is recorded beside the lead's. `draft.routing`
+    /// says how it went.
+    Lead(Option<PendingAttempt>),
+    /// The understudy's answer is served.
+    Understudy(ServedAttempt),
+}
+
+/// An understudy's answer that is served, with what its record needs.
+pub(crate) struct ServedAttempt {
+    pub routing: Routing,
+    pub understudy: Arc<Understudy>,
+    pub attempt: UnderstudyAttempt,
+    pub route: Arc<crate::routing::TaskRoute>,
+}
+
+/// The routing path of a task's call: the task's current route and a
+/// uniform draw give the first step; the understudy is asked `request` (a
+/// chat request) and `judge` serves its answer or falls back. `blocked` is
+/// why the understudy may not be asked this call at all: a policy other
+/// than lead then serves the lead, and the record says why.
+pub(crate) async fn route_call(
+    state: &AppState,
+    draft: &mut CallDraft,
+    request: &ChatRequest,
+    blocked: Option<FallbackReason>,
+) -> Routed {
     let Some(task_name) = draft.task.clone() else {
-        return serve_lead(state, draft, prepared, None).await;
+        return Routed::Lead(None);
     };
     let (Some(route), Some(task)) = (state.route(&task_name), state.config().tasks.get(&task_name)) else {
-        return serve_lead(state, draft, prepared, None).await;
+        return Routed::Lead(None);
     };
     let mut routing = Routing { policy: route.policy.name(), ..Routing::default() };
     let understudy = match (&route.understudy, route.policy) {
         (Some(understudy), policy) if policy != Policy::Lead => understudy.clone(),
         _ => {
             draft.routing = Some(routing);
-            return serve_lead(state, draft, prepared, None).await;
+            return Routed::Lead(None);
         }
     };
     routing.understudy_model = Some(understudy.name.clone());
+    if let Some(reason) = blocked {
+        routing.fallback_reason = Some(reason.as_str().to_string());
+        draft.routing = Some(routing);
+        return Routed::Lead(None);
+    }
     let timeout = task.understudy_timeout;
     let labels = task.labels.clone();
     match first_step(route.policy, rand::random::<f64>()) {
         FirstStep::Lead => {
             draft.routing = Some(routing);
-            serve_lead(state, draft, prepared, None).await
+            Routed::Lead(None)
         }
         FirstStep::LeadWithShadow => {
-            let request = prepared.request.clone();
+            let request = request.clone();
             let shadow = tokio::spawn(async move { understudy.attempt(request, timeout, labels.as_deref()).await });
             draft.routing = Some(routing);
-            serve_lead(state, draft, prepared, Some(Box::pin(async move { shadow.await.ok() }))).await
+            Routed::Lead(Some(Box::pin(async move { shadow.await.ok() })))
         }
         FirstStep::Understudy => {
-            // Boxed, as the understudy's own path below: a lead-only call's
+            // Boxed, as the understudy's own path: a lead-only call's
             // future need not carry their state (it is moved once per call).
-            let attempt = Box::pin(understudy.attempt(prepared.request.clone(), timeout, labels.as_deref())).await;
+            let attempt = Box::pin(understudy.attempt(request.clone(), timeout, labels.as_deref())).await;
             match judge(route.policy, attempt.router_attempt()) {
-                Verdict::ServeUnderstudy => {
-                    Box::pin(serve_understudy(state, draft, prepared, routing, &understudy, attempt, &route)).await
-                }
+                Verdict::ServeUnderstudy => Routed::Understudy(ServedAttempt { routing, understudy, attempt, route }),
                 Verdict::FallBack(reason) => {
                     if let AttemptOutcome::Failed(error) = &attempt.outcome {
                         tracing::warn!(task = %task_name, understudy = %understudy.name, %error, "understudy failed; the lead serves");
                     }
                     routing.fallback_reason = Some(reason.as_str().to_string());
                     draft.routing = Some(routing);
-                    serve_lead(state, draft, prepared, Some(Box::pin(futures::future::ready(Some(attempt))))).await
+                    Routed::Lead(Some(Box::pin(futures::future::ready(Some(attempt)))))
                 }
             }
         }
@@ -120,68 +158,21 @@ async fn serve_lead(
 }
 
 /// Serves the understudy's answer, in the shape the client asked for.
-async fn serve_understudy(
-    state: AppState,
-    mut draft: CallDraft,
-    prepared: Prepared,
-    mut routing: Routing,
-    understudy: &Understudy,
-    attempt: UnderstudyAttempt,
-    route: &Arc<crate::routing::TaskRoute>,
-) -> Response {
-    let AttemptOutcome::Answered { body, content, confidence, .. } = attempt.outcome else {
+async fn serve_understudy(state: AppState, draft: CallDraft, prepared: Prepared, served: ServedAttempt) -> Response {
+    let AttemptOutcome::Answered { body, .. } = &served.attempt.outcome else {
         // `judge` serves only answers; anything else is the lead's.
         return serve_lead(state, draft, prepared, None).await;
     };
-    routing.served_by = ServedBy::Understudy;
-    routing.understudy_confidence = confidence;
-    routing.understudy_latency_ms = Some(attempt.latency_ms);
-    routing.understudy_cost = attempt.cost;
-    routing.lead_cost_avoided = lead_cost_of(prepared.model.price, &prepared.messages, &content);
-    routing.understudy_answer = Some(content.clone());
-    draft.model = understudy.name.clone();
-    draft.provider = understudy.provider_name.clone();
-    draft.routing = Some(routing);
-    let usage = Usage {
-        prompt_tokens: tokens::count_messages(&prepared.messages),
-        completion_tokens: tokens::count_answer(&serde_json::json!({"role": "assistant", "content": content})),
+    let body = body.clone();
+    let lead = LeadSide {
+        provider: &prepared.provider,
+        cost: prepared.cost,
+        request: &prepared.request,
+        price: prepared.model.price,
+        messages: &prepared.messages,
     };
-    let ttft_ms = Some(draft.elapsed_ms());
-    let record = draft.finish(Outcome {
-        status: StatusCode::OK.as_u16(),
-        response: Some(String::from_utf8_lossy(&body).into_owned()),
-        usage,
-        usage_source: UsageSource::Counted,
-        cost: attempt.cost,
-        ttft_ms,
-        error: None,
-    });
-    let task = record.task.clone().unwrap_or_default();
-    if state.should_audit(&task) {
-        // The lead is asked too, off the response path; the record waits for
-        // its answer, and the guardrail counts it.
-        let (audit_state, route) = (state.clone(), route.clone());
-        let (provider, cost, request) = (prepared.provider.clone(), prepared.cost, prepared.request.clone());
-        state.spawn_background(async move {
-            let mut record = record;
-            match crate::audit::ask_lead(&provider, cost, request).await {
-                Ok(audit) => {
-                    if let Some(routing) = record.routing.as_mut() {
-                        crate::audit::apply_audit(routing, &audit);
-                    }
-                    record.cost = record.cost + audit.cost;
-                }
-                Err(error) => tracing::warn!(%error, task, "the lead failed to answer an audit"),
-            }
-            let agreement = record.routing.as_ref().and_then(|routing| routing.audit_agreement);
-            audit_state.record(record).await;
-            if let Some(agreed) = agreement {
-                audit_state.count_audit(&task, &route, agreed).await;
-            }
-        });
-    } else {
-        state.record(record).await;
-    }
+    let response = String::from_utf8_lossy(&body).into_owned();
+    record_served(&state, draft, served, &lead, response).await;
     if !prepared.stream {
         return ([(header::CONTENT_TYPE, "application/json")], body).into_response();
     }
@@ -206,9 +197,87 @@ async fn serve_understudy(
         .into_response()
 }
 
+/// The lead of a call the understudy served: what its audit asks, and
+/// what the lead would have cost.
+pub(crate) struct LeadSide<'a> {
+    pub provider: &'a Arc<AnyProvider>,
+    pub cost: CostModel,
+    /// The call as a chat request (what the understudy was asked).
+    pub request: &'a ChatRequest,
+    pub price: understudy_types::Price,
+    pub messages: &'a [Value],
+}
+
+/// Records a call the understudy served (`response` is the record's answer,
+/// in the endpoint's shape): who served, its confidence, cost and the lead
+/// cost it avoided; when an audit is due the lead is asked too, off the
+/// response path, and the record waits for it.
+pub(crate) async fn record_served(
+    state: &AppState,
+    mut draft: CallDraft,
+    served: ServedAttempt,
+    lead: &LeadSide<'_>,
+    response: String,
+) {
+    let ServedAttempt { mut routing, understudy, attempt, route } = served;
+    let (content, confidence) = match &attempt.outcome {
+        AttemptOutcome::Answered { content, confidence, .. } => (content.clone(), *confidence),
+        _ => (String::new(), None),
+    };
+    routing.served_by = ServedBy::Understudy;
+    routing.understudy_confidence = confidence;
+    routing.understudy_latency_ms = Some(attempt.latency_ms);
+    routing.understudy_cost = attempt.cost;
+    routing.lead_cost_avoided = lead_cost_of(lead.price, lead.messages, &content);
+    routing.understudy_answer = Some(content.clone());
+    draft.model = understudy.name.clone();
+    draft.provider = understudy.provider_name.clone();
+    draft.routing = Some(routing);
+    let usage = Usage {
+        prompt_tokens: tokens::count_messages(lead.messages),
+        completion_tokens: tokens::count_answer(&serde_json::json!({"role": "assistant", "content": content})),
+    };
+    let ttft_ms = Some(draft.elapsed_ms());
+    let record = draft.finish(Outcome {
+        status: StatusCode::OK.as_u16(),
+        response: Some(response),
+        usage,
+        usage_source: UsageSource::Counted,
+        cost: attempt.cost,
+        ttft_ms,
+        error: None,
+    });
+    let task = record.task.clone().unwrap_or_default();
+    if !state.should_audit(&task) {
+        state.record(record).await;
+        return;
+    }
+    // The lead is asked too, off the response path; the record waits for
+    // its answer, and the guardrail counts it.
+    let audit_state = state.clone();
+    let (provider, cost, request) = (lead.provider.clone(), lead.cost, lead.request.clone());
+    state.spawn_background(async move {
+        let mut record = record;
+        match crate::audit::ask_lead(&provider, cost, request).await {
+            Ok(audit) => {
+                if let Some(routing) = record.routing.as_mut() {
+                    crate::audit::apply_audit(routing, &audit);
+                }
+                record.cost = record.cost + audit.cost;
+            }
+            Err(error) => tracing::warn!(%error, task, "the lead failed to answer an audit"),
+        }
+        let agreement = record.routing.as_ref().and_then(|routing| routing.audit_agreement);
+        audit_state.record(record).await;
+        if let Some(agreed) = agreement {
+            audit_state.count_audit(&task, &route, agreed).await;
+        }
+    });
+}
+
 /// Records a lead-served call once the understudy's answer (if one is
 /// pending) is in, with the agreement of the two.
-async fn record_with_understudy(
+pub(crate) async fn record_with_understudy(
     state: &AppState,
     mut record: CallRecord,
     pending: Option<PendingAttempt>,
@@ -318,11 +387,17 @@ fn usage_or_counted(
     }
 }
 
-async fn complete(state: AppState, draft: CallDraft, prepared: Prepared, pending: Option<PendingAttempt>) -> Response {
+async fn complete(
+    state: AppState,
+    mut draft: CallDraft,
+    prepared: Prepared,
+    pending: Option<PendingAttempt>,
+) -> Response {
     let ProviderResponse { body, usage, headers, .. } = match prepared.provider.infer(prepared.request).await {
         Ok(response) => response,
         Err(error) => return fail(&state, draft, error.into()).await,
     };
+    draft.note_upstream(&headers);
     let (usage, usage_source) = usage_or_counted(usage, &prepared.messages, || {
         serde_json::from_slice::<Value>(&body)
             .ok()
@@ -354,11 +429,17 @@ async fn complete(state: AppState, draft: CallDraft, prepared: Prepared, pending
     (headers, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-async fn stream(state: AppState, draft: CallDraft, prepared: Prepared, pending: Option<PendingAttempt>) -> Response {
+async fn stream(
+    state: AppState,
+    mut draft: CallDraft,
+    prepared: Prepared,
+    pending: Option<PendingAttempt>,
+) -> Response {
     let StreamResponse { chunks, headers } = match prepared.provider.infer_stream(prepared.request.clone()).await {
         Ok(response) => response,
         Err(error) => return fail(&state, draft, error.into()).await,
     };
+    draft.note_upstream(&headers);
     // The relay runs in its own task so that the call is recorded even when
     // the client goes away mid-stream.
     let (sender, mut receiver) = mpsc::channel::<Bytes>(32);

@@ -118,7 +118,7 @@ fn usage_or_counted(reported: Option<Usage>, prompt: &Value, answer: impl FnOnce
     }
 }
 
-async fn complete(state: AppState, draft: CallDraft, prepared: Prepared) -> Response {
+async fn complete(state: AppState, mut draft: CallDraft, prepared: Prepared) -> Response {
     let request = ChatRequest { body: prepared.body };
     let ProviderResponse { body, usage, headers, .. } = match prepared.provider.text_completion(request).await {
         Ok(response) => response,
@@ -128,6 +128,7 @@ async fn complete(state: AppState, draft: CallDraft, prepared: Prepared) -> Resp
             return error.into_response();
         }
     };
+    draft.note_upstream(&headers);
     let (usage, usage_source) = usage_or_counted(usage, &prepared.prompt, || {
         serde_json::from_slice::<Value>(&body)
             .ok()
@@ -148,7 +149,7 @@ async fn complete(state: AppState, draft: CallDraft, prepared: Prepared) -> Resp
     (headers, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-async fn stream(state: AppState, draft: CallDraft, prepared: Prepared) -> Response {
+async fn stream(state: AppState, mut draft: CallDraft, prepared: Prepared) -> Response {
     // The provider asks for usage, for the record; a client that did not
     // ask for it is not sent it (`chat::chunk_for_client`).
     let request = ChatRequest { body: prepared.body.clone() };
@@ -160,6 +161,7 @@ async fn stream(state: AppState, draft: CallDraft, prepared: Prepared) -> Respon
             return error.into_response();
         }
     };
+    draft.note_upstream(&headers);
     let (sender, mut receiver) = mpsc::channel::<Bytes>(32);
     state.clone().spawn_background(relay(state, draft, prepared, chunks, sender));
     let body = futures::stream::poll_fn(move |context| {

@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::response::{IntoResponse, Response};
+use understudy_providers::HeaderMap;
 
 use understudy_types::{CallRecord, Endpoint, KeyRef, Money, OffsetDateTime, Routing, Usage, UsageSource, Uuid};
 
@@ -31,6 +32,8 @@ pub(crate) struct CallDraft {
     pub client: ClientWatch,
     /// The gateway key the call was made with.
     pub key: Option<KeyRef>,
+    /// The upstream's id for the call ([`UPSTREAM_REQUEST_ID`] of its answer).
+    pub upstream_request_id: Option<String>,
     /// The call's trace span (`telemetry`): filled in by `finish`, and the
     /// parent of the upstream attempts' spans. Disabled, and free, unless
     /// traces are exported.
@@ -84,6 +87,11 @@ impl Drop for Detachable {
         }
     }
 }
+
+/// The answer header holding the upstream's id for a call, as OpenAI names
+/// it (Anthropic's `request-id` reaches the gateway under this name too,
+/// `anthropic::passed_headers`).
+pub(crate) const UPSTREAM_REQUEST_ID: &str = "x-request-id";
 
 /// The status a call is recorded with when its client left before the
 /// answer (nginx's "client closed request").
@@ -140,6 +148,7 @@ impl CallDraft {
             routing: None,
             client: ClientWatch::default(),
             key,
+            upstream_request_id: None,
             span,
         }
     }
@@ -184,13 +193,25 @@ impl CallDraft {
             cost: outcome.cost,
             routing: self.routing,
             key: self.key,
+            upstream_request_id: self.upstream_request_id,
         };
         trace_outcome(&self.span, &record);
         record
     }
 
+    /// Keeps the upstream's id for the call from its answer's passed headers.
+    pub fn note_upstream(&mut self, headers: &HeaderMap) {
+        if let Some(id) = headers.get(UPSTREAM_REQUEST_ID).and_then(|value| value.to_str().ok()) {
+            self.upstream_request_id = Some(id.to_string());
+        }
+    }
+
     /// The record of a call that ended in `error`.
-    pub fn fail(self, error: &GatewayError) -> CallRecord {
+    pub fn fail(mut self, error: &GatewayError) -> CallRecord {
+        // An upstream's error answer has its request id too.
+        if let GatewayError::Provider(understudy_providers::ProviderError::Rejected { headers, .. }) = error {
+            self.note_upstream(headers);
+        }
         let response = Some(String::from_utf8_lossy(&error.body()).into_owned());
         self.finish(Outcome {
             status: error.status().as_u16(),

@@ -64,6 +64,7 @@ async fn embed(
         .await?;
     let provider = state.provider(&model.provider)?.clone();
     let response = provider.embed(EmbeddingRequest { body }).await?;
+    draft.note_upstream(&response.headers);
     let (usage, usage_source) = match response.usage {
         Some(usage) => (usage, UsageSource::Provider),
         None => {

@@ -22,6 +22,7 @@ pub mod limits;
 mod metrics;
 mod relay;
 mod request;
+mod responses;
 mod routing;
 mod shared_limits;
 pub mod telemetry;
@@ -164,6 +165,7 @@ pub fn app_with(state: AppState, extra: Router<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/completions", post(completions::completions))
+        .route("/v1/responses", post(responses::responses))
         .route("/v1/feedback", post(feedback::feedback))
         .route("/v1/models", get(list_models))
         // A wildcard, because model names may hold slashes (`org/model`).

@@ -1,8 +1,9 @@
-//! The one loop that forwards an upstream's SSE stream to the client (chat
-//! and legacy completions alike): each chunk parsed, assembled for the
-//! record, and sent on (without `usage` the client did not ask for); a
-//! broken or cut-off stream becomes an in-band error event, since the
-//! status line is gone; `[DONE]` ends a whole one.
+//! The one loop that forwards an upstream's SSE stream to the client (chat,
+//! legacy completions and responses alike): each chunk parsed, assembled for
+//! the record, and sent on as the endpoint renders it (chat's without
+//! `usage` the client did not ask for, a Responses event under its `event:`
+//! name); a broken or cut-off stream becomes an in-band error event, since
+//! the status line is gone; chat's `[DONE]` ends a whole one.
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -13,12 +14,26 @@ use understudy_providers::{ChunkStream, ProviderError};
 use crate::draft::CallDraft;
 use crate::GatewayError;
 
-/// What an endpoint's assembler does with the chunks.
+/// What an endpoint's assembler does with the chunks, and how its stream's
+/// events are written for the client (by default, chat's).
 pub(crate) trait Assemble {
     /// Takes one chunk; true when it carried the first answer content.
     fn push(&mut self, chunk: &Value) -> bool;
     /// Why the stream so far is not a whole answer, if it is not.
     fn incomplete(&self) -> Option<String>;
+    /// The event the client is sent for a chunk (`data` is its text), or
+    /// `None` for one it is not sent.
+    fn client_event(&self, data: String, chunk: &Value, include_usage: bool) -> Option<Bytes> {
+        crate::chat::chunk_for_client(data, chunk, include_usage).map(|data| sse_event(&data))
+    }
+    /// The event that ends a whole stream, if the endpoint has one.
+    fn end_event(&self) -> Option<Bytes> {
+        Some(sse_event("[DONE]"))
+    }
+    /// The in-band event for an error once the stream has started.
+    fn error_event(&self, error: &GatewayError) -> Bytes {
+        sse_event(&String::from_utf8_lossy(&error.body()))
+    }
 }
 
 /// How a forwarded stream ended.
@@ -45,8 +60,8 @@ pub(crate) async fn forward(
     assembler: &mut impl Assemble,
 ) -> Relayed {
     let mut relayed = Relayed { ttft_ms: None, error: None, client_gone: false };
-    let send_error = |error: GatewayError| async move {
-        let _ = sender.send(sse_event(&String::from_utf8_lossy(&error.body()))).await;
+    let send_error = |error: GatewayError, event: Bytes| async move {
+        let _ = sender.send(event).await;
         error.to_string()
     };
     let bad_stream = |message: String| {
@@ -56,25 +71,28 @@ pub(crate) async fn forward(
         let data = match item {
             Ok(data) => data,
             Err(provider_error) => {
-                relayed.error = Some(send_error(GatewayError::from(provider_error)).await);
+                let error = GatewayError::from(provider_error);
+                let event = assembler.error_event(&error);
+                relayed.error = Some(send_error(error, event).await);
                 break;
             }
         };
         let chunk: Value = match serde_json::from_str(&data) {
             Ok(chunk) => chunk,
             Err(parse_error) => {
-                let message = format!("a chunk that is not JSON: {parse_error}");
-                relayed.error = Some(send_error(bad_stream(message)).await);
+                let error = bad_stream(format!("a chunk that is not JSON: {parse_error}"));
+                let event = assembler.error_event(&error);
+                relayed.error = Some(send_error(error, event).await);
                 break;
             }
         };
         if assembler.push(&chunk) && relayed.ttft_ms.is_none() {
             relayed.ttft_ms = Some(draft.elapsed_ms());
         }
-        let Some(data) = crate::chat::chunk_for_client(data, &chunk, include_usage) else {
+        let Some(event) = assembler.client_event(data, &chunk, include_usage) else {
             continue;
         };
-        if sender.send(sse_event(&data)).await.is_err() {
+        if sender.send(event).await.is_err() {
             relayed.client_gone = true;
             break;
         }
@@ -83,9 +101,13 @@ pub(crate) async fn forward(
         // A stream cut off early (or a body that was no stream) is an error
         // for the client and the record alike, never a short success.
         if let Some(problem) = assembler.incomplete() {
-            relayed.error = Some(send_error(bad_stream(problem)).await);
-        } else if sender.send(sse_event("[DONE]")).await.is_err() {
-            relayed.client_gone = true;
+            let error = bad_stream(problem);
+            let event = assembler.error_event(&error);
+            relayed.error = Some(send_error(error, event).await);
+        } else if let Some(end) = assembler.end_event() {
+            if sender.send(end).await.is_err() {
+                relayed.client_gone = true;
+            }
         }
     }
     if relayed.client_gone {

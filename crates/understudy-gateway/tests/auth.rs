@@ -240,6 +240,7 @@ fn stored_call(at: OffsetDateTime, cost: Money, status: u16) -> CallRecord {
         cost,
         routing: None,
         key: None,
+        upstream_request_id: None,
     }
 }
 

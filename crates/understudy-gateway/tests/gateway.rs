@@ -632,5 +632,31 @@ fn sample_call() -> understudy_types::CallRecord {
         cost: understudy_types::Money(0.0),
         routing: None,
         key: None,
+        upstream_request_id: None,
     }
+}
+
+/// The upstream's `x-request-id` is kept in the record, for answers,
+/// streams and error answers alike (issue 16).
+#[tokio::test]
+async fn the_upstream_request_id_is_kept_in_the_record() {
+    let harness = Harness::start().await;
+    let (status, _) = harness.post_json("/chat/completions", &chat_body("gpt-4o-mini", "plain")).await;
+    assert_eq!(status, 200);
+    let mut streamed = chat_body("gpt-4o-mini", "streamed");
+    streamed["stream"] = json!(true);
+    let (status, _) = harness.post_stream(&streamed).await;
+    assert_eq!(status, 200);
+    let (status, _) = harness.post_json("/completions", &json!({"model": "gpt-4o-mini", "prompt": "legacy"})).await;
+    assert_eq!(status, 200);
+    let (status, _) = harness.post_json("/embeddings", &json!({"model": "gpt-4o-mini", "input": "vectors"})).await;
+    assert_eq!(status, 200);
+    let (status, _) = harness.post_json("/chat/completions", &chat_body("down", "failing")).await;
+    assert_eq!(status, 503);
+    let (status, _) = harness.post_json("/chat/completions", &chat_body("ghost", "unreachable")).await;
+    assert_eq!(status, 502);
+    let (calls, _harness) = harness.finish().await;
+    let ids: Vec<Option<&str>> = calls.iter().map(|call| call.upstream_request_id.as_deref()).collect();
+    let answered = Some("req-stub-1");
+    assert_eq!(ids, vec![answered, answered, answered, answered, answered, None], "{calls:?}");
 }

@@ -15,7 +15,7 @@ use understudy_datasets::files::{read_split, write_dataset};
 use understudy_datasets::jsonl::{read_examples, ChatExample};
 use understudy_datasets::split::SplitShares;
 use understudy_store::{CallFilter, DatasetRecord, StatusFilter, Store};
-use understudy_types::{Endpoint, OffsetDateTime};
+use understudy_types::OffsetDateTime;
 
 use crate::error::{io, LoopError, Result};
 
@@ -89,12 +89,8 @@ pub async fn build_dataset(
 ) -> Result<SavedDataset> {
     let build_config = options.build_config(config, task, DatasetSource::Calls)?;
     let filter = CallFilter { task: Some(task.to_string()), status: Some(StatusFilter::Ok), ..Default::default() };
-    let calls: Vec<_> = store
-        .list_calls(&filter)
-        .await?
-        .into_iter()
-        .filter(|call| call.endpoint == Endpoint::ChatCompletions)
-        .collect();
+    let calls: Vec<_> =
+        store.list_calls(&filter).await?.into_iter().filter(|call| call.endpoint.is_conversation()).collect();
     if calls.is_empty() {
         let hint = if config.tasks.contains_key(task) { "" } else { ", and it is not in the config" };
         return Err(LoopError::NotFound(format!("task `{task}` has no successful chat calls in the store{hint}")));

@@ -103,6 +103,7 @@ fn shadow_call(confidence: f64, agrees: bool) -> CallRecord {
             ..Routing::default()
         }),
         key: None,
+        upstream_request_id: None,
     }
 }
 

@@ -77,6 +77,7 @@ fn call(
             ..Routing::default()
         }),
         key: None,
+        upstream_request_id: None,
     }
 }
 

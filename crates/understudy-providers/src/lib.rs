@@ -108,6 +108,9 @@ pub trait Provider {
     fn embed(&self, request: EmbeddingRequest) -> impl Future<Output = Result<ProviderResponse, ProviderError>> + Send;
 }
 
+const TEXT_COMPLETIONS: &str = "legacy text completions (/v1/completions)";
+const RESPONSES: &str = "the Responses API (/v1/responses)";
+
 /// A configured provider of any type.
 #[derive(Debug)]
 pub enum AnyProvider {
@@ -171,7 +174,7 @@ impl AnyProvider {
     pub async fn text_completion(&self, request: ChatRequest) -> Result<ProviderResponse, ProviderError> {
         match self {
             AnyProvider::OpenAi(provider) => provider.text_completion(request).await,
-            _ => Err(self.no_text_completions(&request)),
+            _ => Err(self.unsupported(&request, TEXT_COMPLETIONS)),
         }
     }
 
@@ -179,16 +182,34 @@ impl AnyProvider {
     pub async fn text_completion_stream(&self, request: ChatRequest) -> Result<StreamResponse, ProviderError> {
         match self {
             AnyProvider::OpenAi(provider) => provider.text_completion_stream(request).await,
-            _ => Err(self.no_text_completions(&request)),
+            _ => Err(self.unsupported(&request, TEXT_COMPLETIONS)),
         }
     }
 
-    fn no_text_completions(&self, request: &ChatRequest) -> ProviderError {
+    /// A Responses API call (`/v1/responses`) passed through: OpenAI-compatible
+    /// upstreams only (the gateway answers text-only calls from an
+    /// understudy by converting them to chat instead).
+    pub async fn responses(&self, request: ChatRequest) -> Result<ProviderResponse, ProviderError> {
+        match self {
+            AnyProvider::OpenAi(provider) => provider.responses(request).await,
+            _ => Err(self.unsupported(&request, RESPONSES)),
+        }
+    }
+
+    /// A streamed Responses API call, as [`AnyProvider::responses`].
+    pub async fn responses_stream(&self, request: ChatRequest) -> Result<StreamResponse, ProviderError> {
+        match self {
+            AnyProvider::OpenAi(provider) => provider.responses_stream(request).await,
+            _ => Err(self.unsupported(&request, RESPONSES)),
+        }
+    }
+
+    fn unsupported(&self, request: &ChatRequest, what: &'static str) -> ProviderError {
         let model = request.body.get("model").and_then(Value::as_str).unwrap_or_default();
         ProviderError::Unsupported {
             provider: format!("for model `{model}`"),
             provider_type: self.provider_type(),
-            what: "legacy text completions (/v1/completions)",
+            what,
         }
     }
 
@@ -213,11 +234,14 @@ pub fn usage_of_body(body: &[u8]) -> Result<Option<Usage>, serde_json::Error> {
     Ok(parsed.usage.and_then(|usage| usage_of(&serde_json::json!({ "usage": usage }))))
 }
 
-/// Reads `usage` out of an OpenAI response or chunk, if it has one.
+/// Reads `usage` out of an OpenAI response or chunk, if it has one: chat's
+/// and legacy completions' `prompt_tokens`/`completion_tokens`, or the
+/// Responses API's `input_tokens`/`output_tokens`.
 pub fn usage_of(body: &Value) -> Option<Usage> {
     let usage = body.get("usage")?;
+    let count = |names: [&str; 2]| names.iter().find_map(|name| usage.get(*name).and_then(Value::as_u64));
     Some(Usage {
-        prompt_tokens: usage.get("prompt_tokens")?.as_u64()?,
-        completion_tokens: usage.get("completion_tokens").and_then(Value::as_u64).unwrap_or(0),
+        prompt_tokens: count(["prompt_tokens", "input_tokens"])?,
+        completion_tokens: count(["completion_tokens", "output_tokens"]).unwrap_or(0),
     })
 }

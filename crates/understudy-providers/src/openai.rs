@@ -47,6 +47,7 @@ pub struct OpenAiProvider {
     chat_url: reqwest::Url,
     embeddings_url: reqwest::Url,
     completions_url: reqwest::Url,
+    responses_url: reqwest::Url,
 }
 
 impl OpenAiProvider {
@@ -62,6 +63,7 @@ impl OpenAiProvider {
             chat_url: parse_url(name, &format!("{}/chat/completions", config.base_url))?,
             embeddings_url: parse_url(name, &format!("{}/embeddings", config.base_url))?,
             completions_url: parse_url(name, &format!("{}/completions", config.base_url))?,
+            responses_url: parse_url(name, &format!("{}/responses", config.base_url))?,
         })
     }
 
@@ -76,18 +78,21 @@ impl OpenAiProvider {
     }
 
     /// A streamed answer from `url`: its chunks' `data:` payloads, after the
-    /// same retries and checks for chat and legacy completions.
+    /// same retries and checks for chat, legacy completions and responses.
     async fn stream(
         &self,
         url: &reqwest::Url,
         body: serde_json::Map<String, Value>,
+        ask_usage: bool,
     ) -> Result<StreamResponse, ProviderError> {
         let mut body = body;
         // Ask for usage even when the client did not, so that the record has
         // the upstream's own counts; the gateway hides that chunk if unasked.
-        let stream_options = body.entry("stream_options").or_insert_with(|| json!({}));
-        if let Value::Object(options) = stream_options {
-            options.insert("include_usage".into(), Value::Bool(true));
+        if ask_usage {
+            let stream_options = body.entry("stream_options").or_insert_with(|| json!({}));
+            if let Value::Object(options) = stream_options {
+                options.insert("include_usage".into(), Value::Bool(true));
+            }
         }
         let (events, headers) = self.upstream.open_stream(url, encode(&Value::Object(body))?).await?;
         let chunks = events
@@ -106,7 +111,21 @@ impl OpenAiProvider {
 
     /// `POST /completions`, streamed (the body asks for it); usage is asked for as in chat.
     pub async fn text_completion_stream(&self, request: ChatRequest) -> Result<StreamResponse, ProviderError> {
-        self.stream(&self.completions_url, request.body).await
+        self.stream(&self.completions_url, request.body, true).await
+    }
+
+    /// `POST /responses` (OpenAI's Responses API), not streamed. The body is
+    /// a Responses request in a [`ChatRequest`]'s shape (a JSON object).
+    pub async fn responses(&self, request: ChatRequest) -> Result<ProviderResponse, ProviderError> {
+        let body = encode(&Value::Object(request.body))?;
+        self.complete(&self.responses_url, body).await
+    }
+
+    /// `POST /responses`, streamed. A Responses stream always ends with the
+    /// whole response and its usage (`response.completed`), so no
+    /// `stream_options` is added (the API refuses `include_usage`).
+    pub async fn responses_stream(&self, request: ChatRequest) -> Result<StreamResponse, ProviderError> {
+        self.stream(&self.responses_url, request.body, false).await
     }
 }
 
@@ -334,7 +353,7 @@ impl Provider for OpenAiProvider {
     }
 
     async fn infer_stream(&self, request: ChatRequest) -> Result<StreamResponse, ProviderError> {
-        self.stream(&self.chat_url, request.body).await
+        self.stream(&self.chat_url, request.body, true).await
     }
 
     async fn embed(&self, request: EmbeddingRequest) -> Result<ProviderResponse, ProviderError> {

@@ -126,6 +126,12 @@ pub enum FallbackReason {
     UnderstudyTimeout,
     InvalidAnswer,
     LowConfidence,
+    /// The call holds what the understudy cannot be asked (a Responses call
+    /// with images, files or tools): the lead serves it without an attempt.
+    UnsupportedInput,
+    /// The call uses the lead's stored state (a Responses call with
+    /// `previous_response_id`, or `store: true`): only the lead can serve it.
+    Stateful,
 }
 
 impl FallbackReason {
@@ -135,6 +141,8 @@ impl FallbackReason {
             FallbackReason::UnderstudyTimeout => "understudy_timeout",
             FallbackReason::InvalidAnswer => "invalid_answer",
             FallbackReason::LowConfidence => "low_confidence",
+            FallbackReason::UnsupportedInput => "unsupported_input",
+            FallbackReason::Stateful => "stateful",
         }
     }
 }

@@ -45,6 +45,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             cost: Money(1e-6),
             routing: None,
             key: None,
+            upstream_request_id: None,
         })
         .collect();
     let started = Instant::now();

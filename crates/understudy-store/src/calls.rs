@@ -11,8 +11,8 @@ const CALL_COLUMNS: &str = "id, created_at, task, model, provider, endpoint, str
      prompt_tokens, completion_tokens, usage_source, latency_ms, ttft_ms, status, error, cost, \
      policy, served_by, fallback_reason, understudy_model, understudy_answer, understudy_confidence, \
      understudy_latency_ms, understudy_cost, agreement, lead_cost_avoided, \
-     audit_answer, audit_agreement, audit_cost, key_id, key_name";
-const N_CALL_COLUMNS: usize = 32;
+     audit_answer, audit_agreement, audit_cost, key_id, key_name, upstream_request_id";
+const N_CALL_COLUMNS: usize = 33;
 /// The row counts an INSERT of calls is made with: a batch of n calls is
 /// written as the largest of these that fit, then the next, and so on (7
 /// calls: 5 + 1 + 1). With a handful of statement texts, every INSERT is a
@@ -280,7 +280,8 @@ impl Store {
                     .bind(routing.and_then(|routing| routing.audit_agreement).map(i64::from));
                 query = bind_optional_f64(query, routing.map(|routing| routing.audit_cost.dollars()))
                     .bind(call.key.as_ref().map(|key| storable_text(&key.id)))
-                    .bind(call.key.as_ref().map(|key| storable_text(&key.name)));
+                    .bind(call.key.as_ref().map(|key| storable_text(&key.name)))
+                    .bind(optional_text(&call.upstream_request_id));
             }
             query.execute(&mut *transaction).await?;
         }
@@ -424,11 +425,11 @@ impl Store {
         Ok(Some(CallOwner { key_id: row.try_get(0)?, succeeded: (200..300).contains(&status) && error.is_none() }))
     }
 
-    /// Per task and UTC day: how many chat calls the understudy served, how
+    /// Per task and UTC day: how many conversation calls (chat, responses) the understudy served, how
     /// often it agreed with the lead, and the money on each side.
     pub async fn savings_report(&self, filter: &CallFilter) -> Result<Vec<SavingsRow>, StoreError> {
         let mut clause = WhereClause::new(filter, self.backend);
-        clause.push_raw("task IS NOT NULL AND endpoint = 'chat'");
+        clause.push_raw("task IS NOT NULL AND endpoint IN ('chat', 'responses')");
         let sql = format!(
             "SELECT task, created_at / {MS_PER_DAY} AS day, COUNT(*), \
              CAST(SUM(CASE WHEN served_by = 'understudy' THEN 1 ELSE 0 END) AS BIGINT), \
@@ -615,6 +616,7 @@ fn call_from_row(row: &AnyRow) -> Result<CallRecord, StoreError> {
         cost: Money(row.try_get("cost")?),
         routing: routing_from_row(row, &corrupt)?,
         key: key_from_row(row)?,
+        upstream_request_id: row.try_get("upstream_request_id")?,
     })
 }
 
@@ -690,7 +692,7 @@ mod tests {
             assert_eq!(sizes, expected);
         }
         let text = insert_sql(2, Backend::Postgres, OnConflict::Skip);
-        assert!(text.ends_with("($129,$130,$131,$132,$133,$134,$135,$136,$137,$138,$139,$140,$141,$142,$143,$144,$145,$146,$147,$148,$149,$150,$151,$152,$153,$154,$155,$156,$157,$158,$159,$160) ON CONFLICT (id) DO NOTHING"), "{text}");
+        assert!(text.ends_with("($133,$134,$135,$136,$137,$138,$139,$140,$141,$142,$143,$144,$145,$146,$147,$148,$149,$150,$151,$152,$153,$154,$155,$156,$157,$158,$159,$160,$161,$162,$163,$164,$165) ON CONFLICT (id) DO NOTHING"), "{text}");
         assert!(std::ptr::eq(text, insert_sql(2, Backend::Postgres, OnConflict::Skip)), "built once");
     }
 }

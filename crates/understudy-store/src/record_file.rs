@@ -58,6 +58,9 @@ struct RecordLine {
     /// keys existed).
     #[serde(default)]
     key: Option<KeyLine>,
+    /// Absent from lines written before the field existed.
+    #[serde(default)]
+    upstream_request_id: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -121,6 +124,7 @@ fn to_line(record: &CallRecord) -> RecordLine {
             audit_cost: routing.audit_cost.dollars(),
         }),
         key: record.key.as_ref().map(|key| KeyLine { id: key.id.clone(), name: key.name.clone() }),
+        upstream_request_id: record.upstream_request_id.clone(),
     }
 }
 
@@ -180,6 +184,7 @@ fn from_line(line: RecordLine) -> Result<CallRecord, BadField> {
         cost: Money(line.cost),
         routing,
         key: line.key.map(|key| KeyRef { id: key.id, name: key.name }),
+        upstream_request_id: line.upstream_request_id,
     })
 }
 
@@ -278,6 +283,7 @@ mod tests {
             cost: Money(0.25),
             routing: Some(Routing { policy: "cascade:0.9".into(), agreement: Some(true), ..Routing::default() }),
             key: Some(KeyRef { id: "0190-key".into(), name: "team-a".into() }),
+            upstream_request_id: Some("req-abc".into()),
         }
     }
 

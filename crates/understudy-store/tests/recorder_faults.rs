@@ -42,6 +42,7 @@ fn call(model: &str, ttft_ms: Option<f64>) -> CallRecord {
         cost: Money(0.0),
         routing: None,
         key: None,
+        upstream_request_id: None,
     }
 }
 

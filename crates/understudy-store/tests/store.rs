@@ -53,6 +53,7 @@ fn call(task: &str, model: &str, at: OffsetDateTime, status: u16) -> CallRecord 
         cost: Money(0.001),
         routing: None,
         key: None,
+        upstream_request_id: None,
     }
 }
 
@@ -75,6 +76,12 @@ async fn calls_round_trip_exactly() {
         legacy.endpoint = Endpoint::Completions;
         store.insert_calls(std::slice::from_ref(&legacy)).await.expect("insert");
         assert_eq!(store.get_call(&legacy.id.to_string()).await.expect("get"), vec![legacy]);
+        // A Responses API call keeps its endpoint and the upstream's request id.
+        let mut responses = call("triage", "gpt-4o-mini", datetime!(2026-11-01 10:00:02 UTC), 200);
+        responses.endpoint = Endpoint::Responses;
+        responses.upstream_request_id = Some("req_0123abcd".into());
+        store.insert_calls(std::slice::from_ref(&responses)).await.expect("insert");
+        assert_eq!(store.get_call(&responses.id.to_string()).await.expect("get"), vec![responses]);
     })
     .await;
 }

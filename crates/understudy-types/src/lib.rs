@@ -124,6 +124,9 @@ pub enum Endpoint {
     Embeddings,
     /// OpenAI's legacy text completions (`/v1/completions`).
     Completions,
+    /// OpenAI's Responses API (`/v1/responses`): a conversation like chat,
+    /// in another shape.
+    Responses,
 }
 
 impl Endpoint {
@@ -132,6 +135,7 @@ impl Endpoint {
             Endpoint::ChatCompletions => "chat",
             Endpoint::Embeddings => "embeddings",
             Endpoint::Completions => "completions",
+            Endpoint::Responses => "responses",
         }
     }
 
@@ -140,8 +144,15 @@ impl Endpoint {
             "chat" => Some(Endpoint::ChatCompletions),
             "embeddings" => Some(Endpoint::Embeddings),
             "completions" => Some(Endpoint::Completions),
+            "responses" => Some(Endpoint::Responses),
             _ => None,
         }
+    }
+
+    /// A conversation (messages in, an assistant message out): what a task's
+    /// understudy can answer and a dataset's rows are made of.
+    pub fn is_conversation(self) -> bool {
+        matches!(self, Endpoint::ChatCompletions | Endpoint::Responses)
     }
 }
 
@@ -202,6 +213,11 @@ pub struct CallRecord {
     /// key itself. `None` when the gateway runs without keys (`auth =
     /// "none"`) and for imported calls.
     pub key: Option<KeyRef>,
+    /// The upstream's id for the call (its `x-request-id` answer header, or
+    /// Anthropic's `request-id`), to trace a call with the provider; `None`
+    /// when no HTTP upstream answered (a local model, a replay, an error
+    /// before the upstream).
+    pub upstream_request_id: Option<String>,
 }
 
 /// Which gateway key made a call.

@@ -20,7 +20,13 @@
 //! - `non-sse`: a stream request answered with one JSON completion;
 //! - `huge`: a 1 MB answer;
 //! - `reset`: the connection breaks after the status line;
-//! - `rate-limited`: HTTP 429 with `Retry-After`.
+//! - `rate-limited`: HTTP 429 with `Retry-After`;
+//! - `rate-limited-once`: HTTP 429 with `Retry-After: 2` for the first
+//!   request of each prompt text, then `ok`.
+//!
+//! `/v1/responses` answers the Responses API's way (a `response` object
+//! with `input_tokens`/`output_tokens`, or its named events, without
+//! `[DONE]`); `reject`, `down` and `cut-stream` behave as in chat.
 //!
 //! With `"stream": true` it answers in SSE chunks, with a usage chunk when
 //! `stream_options.include_usage` is set.
@@ -97,6 +103,7 @@ impl Stub {
             .route("/v1/chat/completions", post(chat))
             .route("/v1/embeddings", post(embeddings))
             .route("/v1/completions", post(completions))
+            .route("/v1/responses", post(responses))
             .layer(axum::middleware::map_response(add_client_headers))
             .with_state(self)
     }
@@ -160,7 +167,7 @@ async fn chat(State(stub): State<Stub>, headers: HeaderMap, body: Bytes) -> Resp
         let mut log = stub.log.lock().expect("stub log");
         log.requests.push(request.clone());
         log.authorizations.push(headers.get("authorization").and_then(|value| value.to_str().ok()).map(str::to_string));
-        if model == "flaky" {
+        if model == "flaky" || model == "rate-limited-once" {
             let seen = log.flaky_seen.entry(prompt.clone()).or_insert(0);
             *seen += 1;
             first_flaky_attempt = *seen == 1;
@@ -170,6 +177,15 @@ async fn chat(State(stub): State<Stub>, headers: HeaderMap, body: Bytes) -> Resp
         "down" => return json_response(StatusCode::SERVICE_UNAVAILABLE, json!({"error": {"message": "overloaded"}})),
         "flaky" if first_flaky_attempt => {
             return json_response(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": {"message": "try again"}}))
+        }
+        "rate-limited-once" if first_flaky_attempt => {
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("content-type", "application/json"), ("retry-after", "2")],
+                json!({"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}})
+                    .to_string(),
+            )
+                .into_response()
         }
         "slow" => tokio::time::sleep(Duration::from_secs(2)).await,
         "garbage" => return (StatusCode::OK, [("content-type", "text/html")], "<html>oops</html>").into_response(),
@@ -313,5 +329,69 @@ async fn completions(State(stub): State<Stub>, body: Bytes) -> Response {
     }
     let mut body: String = events.iter().map(|event| format!("data: {event}\n\n")).collect();
     body.push_str("data: [DONE]\n\n");
+    (StatusCode::OK, [("content-type", "text/event-stream")], body).into_response()
+}
+
+/// The Responses API: [`ANSWER`] as one output message, streamed word by word or not.
+async fn responses(State(stub): State<Stub>, body: Bytes) -> Response {
+    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if stub.keep_log {
+        stub.log.lock().expect("stub log").requests.push(request.clone());
+    }
+    let model = request.get("model").and_then(Value::as_str).unwrap_or("ok").to_string();
+    match model.as_str() {
+        "down" => return json_response(StatusCode::SERVICE_UNAVAILABLE, json!({"error": {"message": "overloaded"}})),
+        "reject" => {
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                json!({"error": {"message": "Invalid value for temperature", "type": "invalid_request_error", "param": "temperature", "code": null}}),
+            )
+        }
+        _ => {}
+    }
+    let item = |text: &str, status: &str| {
+        json!({"id": "msg_stub", "type": "message", "status": status, "role": "assistant",
+               "content": [{"type": "output_text", "text": text, "annotations": []}]})
+    };
+    let response = |status: &str, output: Value, usage: Value| {
+        json!({"id": "resp_stub", "object": "response", "created_at": 1_700_000_000, "status": status,
+               "error": null, "incomplete_details": null, "instructions": request.get("instructions"),
+               "model": model, "output": output, "parallel_tool_calls": true, "tool_choice": "auto", "tools": [],
+               "temperature": 1.0, "top_p": 1.0, "usage": usage, "metadata": {}})
+    };
+    let usage = json!({"input_tokens": 12, "output_tokens": 7, "total_tokens": 19,
+                       "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}});
+    if request.get("stream").and_then(Value::as_bool) != Some(true) {
+        return json_response(StatusCode::OK, response("completed", json!([item(ANSWER, "completed")]), usage));
+    }
+    let at = |kind: &str, extra: Value| {
+        let mut event = json!({"type": kind, "item_id": "msg_stub", "output_index": 0, "content_index": 0});
+        if let (Some(event), Value::Object(extra)) = (event.as_object_mut(), extra) {
+            event.extend(extra);
+        }
+        event
+    };
+    let started = response("in_progress", json!([]), Value::Null);
+    let mut events = vec![
+        json!({"type": "response.created", "response": started}),
+        json!({"type": "response.in_progress", "response": started}),
+        json!({"type": "response.output_item.added", "output_index": 0, "item": item("", "in_progress")}),
+        at("response.content_part.added", json!({"part": {"type": "output_text", "text": "", "annotations": []}})),
+    ];
+    for word in ANSWER.split_inclusive(' ') {
+        events.push(at("response.output_text.delta", json!({"delta": word, "logprobs": []})));
+    }
+    if model != "cut-stream" {
+        events.push(at("response.output_text.done", json!({"text": ANSWER, "logprobs": []})));
+        events.push(json!({"type": "response.output_item.done", "output_index": 0, "item": item(ANSWER, "completed")}));
+        events.push(json!({"type": "response.completed",
+                           "response": response("completed", json!([item(ANSWER, "completed")]), usage)}));
+    }
+    let mut body = String::new();
+    for (sequence_number, mut event) in events.into_iter().enumerate() {
+        event["sequence_number"] = json!(sequence_number);
+        let kind = event["type"].as_str().unwrap_or_default().to_string();
+        body.push_str(&format!("event: {kind}\ndata: {event}\n\n"));
+    }
     (StatusCode::OK, [("content-type", "text/event-stream")], body).into_response()
 }
