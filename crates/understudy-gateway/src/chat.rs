@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -21,7 +21,7 @@ use crate::auth::Caller;
 use crate::draft::{CallDraft, Outcome};
 use crate::feedback::CALL_ID_HEADER;
 use crate::limits::{Estimate, DEFAULT_ANSWER_TOKENS};
-use crate::relay::{sse_event, Relayed};
+use crate::relay::sse_event;
 use crate::request::{check_chat, parse_body, resolve_model, RequestBody};
 use crate::routing::lead_cost_of;
 use crate::{AppState, GatewayError};
@@ -404,8 +404,34 @@ async fn complete(
             .and_then(|completion| completion.pointer("/choices/0/message").cloned())
             .unwrap_or(Value::Null)
     });
+    let lead_answer =
+        pending.is_some().then(|| serde_json::from_slice::<Value>(&body).ok().as_ref().and_then(answer_text));
+    answered(state, draft, &prepared.cost, Answered { body, headers, usage, usage_source, lead_answer }, pending).await
+}
+
+/// A lead's whole (non-streamed) answer, as any endpoint hands it on.
+pub(crate) struct Answered {
+    pub body: Bytes,
+    pub headers: HeaderMap,
+    pub usage: Usage,
+    pub usage_source: UsageSource,
+    /// The answer's text, for comparing with a pending understudy's.
+    pub lead_answer: Option<Option<String>>,
+}
+
+/// The one ending of a call the lead answered whole: priced, recorded (after
+/// a pending understudy's answer, off the response path), and sent on with
+/// the upstream's headers.
+pub(crate) async fn answered(
+    state: AppState,
+    draft: CallDraft,
+    cost_model: &CostModel,
+    answer: Answered,
+    pending: Option<PendingAttempt>,
+) -> Response {
+    let Answered { body, headers, usage, usage_source, lead_answer } = answer;
     let ttft_ms = Some(draft.elapsed_ms());
-    let cost = prepared.cost.cost(Some(usage), draft.elapsed());
+    let cost = cost_model.cost(Some(usage), draft.elapsed());
     let record = draft.finish(Outcome {
         status: StatusCode::OK.as_u16(),
         response: Some(String::from_utf8_lossy(&body).into_owned()),
@@ -419,7 +445,7 @@ async fn complete(
         None => state.record(record).await,
         Some(pending) => {
             // The client has its answer now; the record waits for the understudy's.
-            let lead_answer = serde_json::from_slice::<Value>(&body).ok().as_ref().and_then(answer_text);
+            let lead_answer = lead_answer.flatten();
             let background = state.clone();
             background.spawn_background(async move {
                 record_with_understudy(&state, record, Some(pending), lead_answer).await
@@ -427,6 +453,20 @@ async fn complete(
         }
     }
     (headers, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// The client's side of a relayed stream: what the relay task sends, as an
+/// SSE body with the upstream's headers.
+pub(crate) fn event_stream(headers: HeaderMap, mut receiver: mpsc::Receiver<Bytes>) -> Response {
+    let body = futures::stream::poll_fn(move |context| {
+        receiver.poll_recv(context).map(|bytes| bytes.map(Ok::<_, Infallible>))
+    });
+    (
+        headers,
+        [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")],
+        Body::from_stream(body),
+    )
+        .into_response()
 }
 
 async fn stream(
@@ -442,17 +482,9 @@ async fn stream(
     draft.note_upstream(&headers);
     // The relay runs in its own task so that the call is recorded even when
     // the client goes away mid-stream.
-    let (sender, mut receiver) = mpsc::channel::<Bytes>(32);
+    let (sender, receiver) = mpsc::channel::<Bytes>(32);
     state.clone().spawn_background(relay(state, draft, prepared, chunks, sender, pending));
-    let body = futures::stream::poll_fn(move |context| {
-        receiver.poll_recv(context).map(|bytes| bytes.map(Ok::<_, Infallible>))
-    });
-    (
-        headers,
-        [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")],
-        Body::from_stream(body),
-    )
-        .into_response()
+    event_stream(headers, receiver)
 }
 
 /// A chunk as the client is sent it, or `None` for a chunk it is not sent.
@@ -492,27 +524,11 @@ async fn relay(
     )
     .await;
     drop(sender);
-    let Relayed { ttft_ms, error, client_gone } = relayed;
     let (usage, usage_source) = usage_or_counted(assembler.usage(), &prepared.messages, || assembler.first_message());
     let completion = assembler.finish();
-    let status = if client_gone {
-        crate::draft::CLIENT_GONE_STATUS
-    } else if error.is_some() {
-        StatusCode::BAD_GATEWAY.as_u16()
-    } else {
-        200
-    };
     // Tokens the upstream produced are paid for even if the stream broke.
     let cost = prepared.cost.cost(Some(usage), draft.elapsed());
-    let record = draft.finish(Outcome {
-        status,
-        response: Some(completion.to_string()),
-        usage,
-        usage_source,
-        cost,
-        ttft_ms,
-        error,
-    });
+    let record = draft.finish(relayed.outcome(completion.to_string(), usage, usage_source, cost));
     let lead_answer = answer_text(&completion);
     record_with_understudy(&state, record, pending, lead_answer).await;
 }

@@ -20,7 +20,7 @@ use crate::auth::Caller;
 use crate::draft::{CallDraft, Outcome};
 use crate::feedback::CALL_ID_HEADER;
 use crate::limits::Estimate;
-use crate::relay::{Assemble, Relayed};
+use crate::relay::Assemble;
 use crate::request::{parse_body, resolve_model, RequestBody};
 use crate::{AppState, GatewayError};
 
@@ -255,28 +255,12 @@ async fn relay(
         crate::relay::forward(&draft, &prepared.provider_name, prepared.include_usage, chunks, &sender, &mut assembler)
             .await;
     drop(sender);
-    let Relayed { ttft_ms, error, client_gone } = relayed;
     let completion = assembler.finish();
     let usage = assembler.usage.as_ref().and_then(|usage| understudy_providers::usage_of(&json!({"usage": usage})));
     let (usage, usage_source) = usage_or_counted(usage, &prepared.prompt, || {
         completion.pointer("/choices/0/text").and_then(Value::as_str).unwrap_or_default().to_string()
     });
-    let status = if client_gone {
-        crate::draft::CLIENT_GONE_STATUS
-    } else if error.is_some() {
-        502
-    } else {
-        200
-    };
     let cost = prepared.cost.cost(Some(usage), draft.elapsed());
-    let record = draft.finish(Outcome {
-        status,
-        response: Some(completion.to_string()),
-        usage,
-        usage_source,
-        cost,
-        ttft_ms,
-        error,
-    });
+    let record = draft.finish(relayed.outcome(completion.to_string(), usage, usage_source, cost));
     state.record(record).await;
 }

@@ -10,8 +10,9 @@ use futures::StreamExt;
 use serde_json::Value;
 use tokio::sync::mpsc;
 use understudy_providers::{ChunkStream, ProviderError};
+use understudy_types::{Money, Usage, UsageSource};
 
-use crate::draft::CallDraft;
+use crate::draft::{CallDraft, Outcome};
 use crate::GatewayError;
 
 /// What an endpoint's assembler does with the chunks, and how its stream's
@@ -43,6 +44,30 @@ pub(crate) struct Relayed {
     pub error: Option<String>,
     /// The client went away before the end.
     pub client_gone: bool,
+}
+
+impl Relayed {
+    /// How a relayed call ends in its record: 499 when the client left, 502
+    /// when the stream broke, else 200. The tokens the upstream produced are
+    /// paid for either way (`cost`).
+    pub(crate) fn outcome(self, response: String, usage: Usage, usage_source: UsageSource, cost: Money) -> Outcome {
+        let status = if self.client_gone {
+            crate::draft::CLIENT_GONE_STATUS
+        } else if self.error.is_some() {
+            502
+        } else {
+            200
+        };
+        Outcome {
+            status,
+            response: Some(response),
+            usage,
+            usage_source,
+            cost,
+            ttft_ms: self.ttft_ms,
+            error: self.error,
+        }
+    }
 }
 
 pub(crate) fn sse_event(data: &str) -> Bytes {

@@ -36,11 +36,14 @@ use understudy_router::FallbackReason;
 use understudy_types::{Endpoint, Usage};
 
 use crate::auth::Caller;
-use crate::chat::{record_served, record_with_understudy, route_call, LeadSide, PendingAttempt, Routed, ServedAttempt};
-use crate::draft::{CallDraft, Outcome};
+use crate::chat::{
+    answered, event_stream, record_served, record_with_understudy, route_call, Answered, LeadSide, PendingAttempt,
+    Routed, ServedAttempt,
+};
+use crate::draft::CallDraft;
 use crate::feedback::CALL_ID_HEADER;
 use crate::limits::{Estimate, DEFAULT_ANSWER_TOKENS};
-use crate::relay::{Assemble, Relayed};
+use crate::relay::Assemble;
 use crate::request::{parse_body, resolve_model, RequestBody};
 use crate::{AppState, GatewayError};
 
@@ -217,28 +220,8 @@ async fn complete(
     draft.note_upstream(&headers);
     let response = serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null);
     let (usage, usage_source) = usage_or_counted(usage, &prepared, &response);
-    let (cost, ttft_ms) = (prepared.cost.cost(Some(usage), draft.elapsed()), Some(draft.elapsed_ms()));
-    let record = draft.finish(Outcome {
-        status: 200,
-        response: Some(String::from_utf8_lossy(&body).into_owned()),
-        usage,
-        usage_source,
-        cost,
-        ttft_ms,
-        error: None,
-    });
-    match pending {
-        None => state.record(record).await,
-        Some(pending) => {
-            // The client has its answer now; the record waits for the understudy's.
-            let lead_answer = answer_text(&response);
-            let background = state.clone();
-            background.spawn_background(async move {
-                record_with_understudy(&state, record, Some(pending), lead_answer).await
-            });
-        }
-    }
-    (headers, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+    let lead_answer = pending.is_some().then(|| answer_text(&response));
+    answered(state, draft, &prepared.cost, Answered { body, headers, usage, usage_source, lead_answer }, pending).await
 }
 
 async fn stream(
@@ -252,17 +235,9 @@ async fn stream(
         Err(error) => return fail(&state, draft, error.into()).await,
     };
     draft.note_upstream(&headers);
-    let (sender, mut receiver) = mpsc::channel::<Bytes>(32);
+    let (sender, receiver) = mpsc::channel::<Bytes>(32);
     state.clone().spawn_background(relay(state, draft, prepared, chunks, sender, pending));
-    let body = futures::stream::poll_fn(move |context| {
-        receiver.poll_recv(context).map(|bytes| bytes.map(Ok::<_, Infallible>))
-    });
-    (
-        headers,
-        [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")],
-        Body::from_stream(body),
-    )
-        .into_response()
+    event_stream(headers, receiver)
 }
 
 async fn relay(
@@ -276,27 +251,11 @@ async fn relay(
     let mut assembler = ResponsesAssembler::default();
     let relayed = crate::relay::forward(&draft, &prepared.model.provider, false, chunks, &sender, &mut assembler).await;
     drop(sender);
-    let Relayed { ttft_ms, error, client_gone } = relayed;
     let response = assembler.finish();
     let reported = assembler.response.as_ref().and_then(understudy_providers::usage_of);
     let (usage, usage_source) = usage_or_counted(reported, &prepared, &response);
-    let status = if client_gone {
-        crate::draft::CLIENT_GONE_STATUS
-    } else if error.is_some() {
-        502
-    } else {
-        200
-    };
     let cost = prepared.cost.cost(Some(usage), draft.elapsed());
-    let record = draft.finish(Outcome {
-        status,
-        response: Some(response.to_string()),
-        usage,
-        usage_source,
-        cost,
-        ttft_ms,
-        error,
-    });
+    let record = draft.finish(relayed.outcome(response.to_string(), usage, usage_source, cost));
     let lead_answer = answer_text(&response);
     record_with_understudy(&state, record, pending, lead_answer).await;
 }
