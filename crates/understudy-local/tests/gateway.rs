@@ -306,3 +306,46 @@ audit_rate = 0.0
     let fallback = calls.iter().find_map(|call| call.routing.as_ref()?.fallback_reason.clone());
     assert_eq!(fallback.as_deref(), Some("invalid_answer"));
 }
+
+/// The official Python client asks for embeddings in its default encoding
+/// (base64) and gets MiniLM's vectors, the same as a float request's; the
+/// record keeps the client's request (issue 16's compatibility suite).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_python_client_gets_local_embeddings_in_its_default_encoding() {
+    let Some(models) = models_dir() else { return };
+    let Some(python) = std::env::var_os("UNDERSTUDY_PYTHON") else {
+        assert!(std::env::var_os("CI").is_none(), "CI must set UNDERSTUDY_PYTHON (scripts/test.sh does)");
+        eprintln!("skipped: set UNDERSTUDY_PYTHON to a Python with the openai package");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[providers.local]\ntype = \"local\"\n\n[models.minilm]\nprovider = \"local\"\npath = \"{}\"\n",
+        models.join("all-MiniLM-L6-v2").display()
+    );
+    let gateway = Gateway::start(dir.path(), &config).await;
+    let input = json!(["How do I reset my password?", "Hello"]);
+    let (status, floats) =
+        gateway.post("/v1/embeddings", &json!({"model": "minilm", "input": input, "encoding_format": "float"})).await;
+    assert_eq!(status, 200, "{floats}");
+    let script = "import json, sys, openai\n\
+        client = openai.OpenAI(base_url=sys.argv[1], api_key='client-side-key', max_retries=0)\n\
+        answer = client.embeddings.create(model='minilm', input=json.loads(sys.argv[2]))\n\
+        print(json.dumps([item.embedding for item in answer.data]))\n";
+    let mut command = std::process::Command::new(python);
+    command.arg("-c").arg(script).arg(gateway.url("/v1")).arg(input.to_string());
+    let output = tokio::task::spawn_blocking(move || command.output()).await.unwrap().expect("python runs");
+    assert!(output.status.success(), "the client failed: {}", String::from_utf8_lossy(&output.stderr));
+    let vectors: Vec<Vec<f64>> = serde_json::from_slice(&output.stdout).expect("the vectors as JSON");
+    assert_eq!(vectors.len(), 2);
+    for (vector, float_item) in vectors.iter().zip(floats["data"].as_array().unwrap()) {
+        let expected: Vec<f32> =
+            float_item["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        let got: Vec<f32> = vector.iter().map(|x| *x as f32).collect();
+        assert_eq!(got, expected, "the base64 vector decodes to the float one");
+    }
+    let calls = gateway.finish().await;
+    assert_eq!(calls.len(), 2);
+    let client_call = calls.iter().find(|call| call.request.contains("base64")).expect("the client's call, as sent");
+    assert_eq!((client_call.status, client_call.model.as_str()), (200, "minilm"));
+}
