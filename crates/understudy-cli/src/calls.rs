@@ -1,4 +1,4 @@
-//! `understudy calls list|show|export`.
+//! `understudy calls list|show|export|prune`.
 
 use std::io::Write;
 use std::path::Path;
@@ -72,6 +72,20 @@ pub async fn run(config_path: &Path, command: CallsCommand) -> anyhow::Result<()
                 }
                 None => stdout.write_all(lines.as_bytes())?,
             }
+        }
+        CallsCommand::Prune => {
+            let (keep_bodies, keep_calls) = (config.store.keep_bodies, config.store.keep_calls);
+            anyhow::ensure!(
+                keep_bodies.is_some() || keep_calls.is_some(),
+                "no retention is set: add keep_bodies_days or keep_calls_days to [store] in {}",
+                config_path.display()
+            );
+            let pruned = store.prune(understudy_types::OffsetDateTime::now_utc(), keep_bodies, keep_calls).await?;
+            writeln!(
+                stdout,
+                "cleared the bodies of {} calls; deleted {} calls",
+                pruned.bodies_cleared, pruned.calls_deleted
+            )?;
         }
     }
     stdout.flush()?;

@@ -429,6 +429,10 @@ pub enum CallsCommand {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
+    /// Applies `[store]` retention now (`serve` also does, hourly): clears
+    /// the bodies of calls older than `keep_bodies_days` and deletes calls
+    /// older than `keep_calls_days`. The savings ledger keeps counting them.
+    Prune,
 }
 
 #[derive(Subcommand)]

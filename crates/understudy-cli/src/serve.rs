@@ -33,6 +33,7 @@ pub struct RunningGateway {
     stats: std::sync::Arc<RecorderStats>,
     watch: tokio::task::JoinHandle<()>,
     key_watch: tokio::task::JoinHandle<()>,
+    retention: Option<tokio::task::JoinHandle<()>>,
     shutdown_timeout: std::time::Duration,
     spill_file: std::path::PathBuf,
     dead_letter_file: std::path::PathBuf,
@@ -53,6 +54,8 @@ pub fn recorder_config(config: &Config) -> RecorderConfig {
 const POLICY_POLL: std::time::Duration = std::time::Duration::from_millis(500);
 /// How often a gateway reloads its keys (a revocation takes effect within it).
 const KEY_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often `[store]` retention runs (and once at start).
+const RETENTION_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 impl RunningGateway {
     pub async fn start(config: Config, listen: SocketAddr) -> anyhow::Result<RunningGateway> {
@@ -79,6 +82,7 @@ impl RunningGateway {
             );
         }
         let key_watch = understudy_gateway::spawn_key_watch(state.clone(), KEY_POLL);
+        let retention = understudy_gateway::spawn_retention(store.clone(), &state.config().store, RETENTION_EVERY);
         let listener =
             tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
         let addr = listener.local_addr()?;
@@ -97,6 +101,7 @@ impl RunningGateway {
             stats,
             watch,
             key_watch,
+            retention,
             shutdown_timeout,
             spill_file,
             dead_letter_file,
@@ -120,6 +125,9 @@ impl RunningGateway {
         }
         self.watch.abort();
         self.key_watch.abort();
+        if let Some(retention) = &self.retention {
+            retention.abort();
+        }
         eprintln!("shutting down: writing {} queued records", self.stats.pending());
         // Spilling what is left takes a moment; leave it that much.
         let report = self.recorder_handle.shutdown_by(deadline).await;

@@ -158,6 +158,54 @@ fn import_then_export_round_trips_losslessly() {
 }
 
 #[test]
+fn calls_prune_clears_old_bodies_and_the_ledger_keeps_counting_them() {
+    let config = |store: &str| {
+        format!(
+            r#"
+[store]
+url = "sqlite://calls.db"
+{store}
+
+[providers.recorded]
+type = "replay"
+file = "recorded.jsonl"
+
+[models.gpt-4o-mini]
+provider = "recorded"
+input_per_million = 0.15
+output_per_million = 0.60
+
+[tasks.trec]
+lead = "gpt-4o-mini"
+"#
+        )
+    };
+    let workdir = Workdir::with_config(&config(""));
+    let rfc3339 = |at: time::OffsetDateTime| at.format(&time::format_description::well_known::Rfc3339).unwrap();
+    // Whole seconds: the store keeps milliseconds.
+    let now = time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let lines = vec![
+        example("Who wrote Hamlet?", "HUM", &rfc3339(now - time::Duration::days(60))),
+        example("How far is the Moon?", "NUM", &rfc3339(now - time::Duration::days(1))),
+    ];
+    lines_file(&workdir.path("in.jsonl"), &lines);
+    workdir.run_ok(&["import", "--task", "trec", "in.jsonl"]);
+    // No retention set: said so, and nothing changes.
+    let refused = workdir.run_err(&["calls", "prune"]);
+    assert!(refused.contains("no retention is set") && refused.contains("keep_bodies_days"), "{refused}");
+
+    std::fs::write(workdir.path("understudy.toml"), config("keep_bodies_days = 30")).unwrap();
+    let pruned = workdir.run_ok(&["calls", "prune"]);
+    assert!(pruned.contains("cleared the bodies of 1 calls; deleted 0 calls"), "{pruned}");
+    // The cleared call no longer makes an example; the costs still count it.
+    assert_eq!(workdir.run_ok(&["calls", "export", "--task", "trec"]), format!("{}\n", lines[1]));
+    let costs = workdir.run_json(&["report", "costs", "--json", "--task", "trec"]);
+    let n_calls: u64 = costs.as_array().unwrap().iter().map(|row| row["calls"].as_u64().unwrap_or(0)).sum();
+    assert_eq!(n_calls, 2, "{costs}");
+    assert!(workdir.run_ok(&["calls", "prune"]).contains("cleared the bodies of 0 calls"));
+}
+
+#[test]
 fn import_lists_bad_lines_and_strict_imports_nothing() {
     let workdir = Workdir::new("");
     let good = example("Who wrote Hamlet?", "HUM", "2026-10-01T09:00:00Z").to_string();

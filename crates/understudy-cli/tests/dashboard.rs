@@ -30,6 +30,50 @@ fn question(idx: usize) -> String {
     format!("Question number {idx}: how many people live in city {idx}?")
 }
 
+/// The evaluated version's confusion matrix on test (rows: the lead).
+const CONFUSION: [[u64; 3]; 3] = [[40, 2, 1], [3, 30, 0], [0, 1, 23]];
+
+/// A model version of task `news` with the calibration file `understudy
+/// eval` writes into a version's folder (certificate, test figures,
+/// confusion matrix, coverage–agreement curve), for the task page's eval
+/// section. No training here: the page reads the file, whoever wrote it.
+fn register_evaluated_version(workdir: &Workdir) {
+    let folder = workdir.path("mv-news");
+    std::fs::create_dir_all(&folder).unwrap();
+    let curve: Vec<Value> = (0..=10)
+        .map(|step| {
+            let threshold = 1.0 - f64::from(step) * 0.05;
+            json!({"threshold": threshold, "coverage": f64::from(step) / 10.0,
+                   "served_agreement": 1.0 - f64::from(step) * 0.006})
+        })
+        .collect();
+    let calibration = json!({
+        "dataset": "ds-news", "certified": true, "threshold": 0.75, "target_agreement": 0.95, "delta": 0.05,
+        "n_validation": 400, "n_served": 250, "n_errors": 4, "risk_upper_bound": 0.041, "more_calls_needed": null,
+        "test_coverage": 0.5, "test_served_agreement": 0.97, "test_overall_agreement": 0.985,
+        "labels": ["business", "sport", "tech"], "confusion": CONFUSION, "curve": curve,
+    });
+    std::fs::write(folder.join("calibration.json"), calibration.to_string()).unwrap();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let url = format!("sqlite://{}", workdir.path("calls.db").display());
+        let store = understudy_store::Store::connect(&url).await.expect("store");
+        let version = understudy_store::ModelVersionRecord {
+            id: "mv-news-1".into(),
+            task: "news".into(),
+            dataset_id: "ds-news".into(),
+            method: "classifier".into(),
+            base_model: "minilm".into(),
+            path: folder.display().to_string(),
+            created_at: understudy_types::OffsetDateTime::now_utc(),
+            wall_seconds: 12.0,
+            metrics: "{}".into(),
+        };
+        store.register_model_version(&version).await.expect("register");
+        store.close().await;
+    });
+}
+
 struct KillOnDrop(std::process::Child);
 
 impl Drop for KillOnDrop {
@@ -73,8 +117,13 @@ output_per_million = 0.4
 lead = "replayed"
 understudy = "cheap"
 target_agreement = 0.9
+
+[tasks.news]
+lead = "replayed"
+target_agreement = 0.95
 "#,
     );
+    register_evaluated_version(&workdir);
     let lines: Vec<Value> = (0..N_GOOD)
         .map(|idx| {
             json!({"messages": [
@@ -139,7 +188,9 @@ target_agreement = 0.9
         .env("SAVINGS_JSON", workdir.path("savings.json"))
         .env("N_CALLS", (N_GOOD + N_FAILED).to_string())
         .env("N_FAILED", N_FAILED.to_string())
-        .env("PROBE", PROBE);
+        .env("PROBE", PROBE)
+        .env("EVAL_TASK", "news")
+        .env("EVAL_CONFUSION", serde_json::to_string(&CONFUSION.concat()).unwrap());
     if let Some(dir) = std::env::var_os("UNDERSTUDY_SCREENSHOT_DIR") {
         node.env("SCREENSHOT_DIR", dir);
     }

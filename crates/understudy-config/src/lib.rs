@@ -81,6 +81,12 @@ pub struct StoreConfig {
     pub spill_file: PathBuf,
     /// Records the store refused even in their safe form.
     pub dead_letter_file: PathBuf,
+    /// Calls older than this lose their bodies (request and answers); the
+    /// row, with its tokens, cost and route, stays. `None`: kept forever.
+    pub keep_bodies: Option<Duration>,
+    /// Calls older than this are deleted; the ledger's daily totals keep
+    /// counting them. `None`: kept forever.
+    pub keep_calls: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -433,6 +439,8 @@ struct RawStore {
     datasets_dir: Option<String>,
     spill_file: Option<String>,
     dead_letter_file: Option<String>,
+    keep_bodies_days: Option<Spanned<u32>>,
+    keep_calls_days: Option<Spanned<u32>>,
 }
 
 impl Default for RawStore {
@@ -444,6 +452,8 @@ impl Default for RawStore {
             datasets_dir: None,
             spill_file: None,
             dead_letter_file: None,
+            keep_bodies_days: None,
+            keep_calls_days: None,
         }
     }
 }
@@ -1127,7 +1137,19 @@ impl Validator<'_> {
         let spill_file = self.resolve_path(raw.spill_file.as_deref().unwrap_or(&default_file("spill")));
         let dead_letter_file =
             self.resolve_path(raw.dead_letter_file.as_deref().unwrap_or(&default_file("dead-letter")));
+        let days = |key: &str, value: Option<Spanned<u32>>| -> Result<Option<Duration>, ConfigError> {
+            let Some(value) = value else { return Ok(None) };
+            let days = *value.get_ref();
+            if days == 0 {
+                return self.invalid(format!("store.{key}"), value.span().start, "must be at least 1 day".into());
+            }
+            Ok(Some(Duration::from_secs(u64::from(days) * 86_400)))
+        };
+        let keep_bodies = days("keep_bodies_days", raw.keep_bodies_days)?;
+        let keep_calls = days("keep_calls_days", raw.keep_calls_days)?;
         Ok(StoreConfig {
+            keep_bodies,
+            keep_calls,
             url,
             queue_capacity: raw.queue_capacity,
             batch_size: raw.batch_size,

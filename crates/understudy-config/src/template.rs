@@ -22,6 +22,12 @@ batch_size = 512
 # dead_letter_file = "understudy.db.dead-letter.jsonl"
 # `understudy dataset build` writes each dataset version's files here.
 # datasets_dir = "datasets"            # relative to this config
+# Retention, applied by `serve` hourly and by `understudy calls prune`:
+# bodies (request and answers) of older calls are cleared, the row with its
+# tokens, cost and route stays; older calls are deleted. The savings ledger
+# keeps counting both. Unset: kept forever.
+# keep_bodies_days = 30
+# keep_calls_days = 365
 
 [server]
 listen = "127.0.0.1:8080"

@@ -97,6 +97,19 @@ fn datasets_dir_defaults_next_to_the_config_and_resolves_relative_paths() {
 }
 
 #[test]
+fn retention_is_in_whole_days_and_zero_names_the_line() {
+    let config = parse(CONTRACT).expect("contract parses");
+    assert_eq!((config.store.keep_bodies, config.store.keep_calls), (None, None));
+    let text = CONTRACT.replace("[store]\n", "[store]\nkeep_bodies_days = 30\nkeep_calls_days = 365\n");
+    let config = parse(&text).expect("retention parses");
+    assert_eq!(config.store.keep_bodies, Some(std::time::Duration::from_secs(30 * 86_400)));
+    assert_eq!(config.store.keep_calls, Some(std::time::Duration::from_secs(365 * 86_400)));
+    let text = CONTRACT.replace("[store]\n", "[store]\nkeep_bodies_days = 0\n");
+    let error = parse(&text).expect_err("zero days").to_string();
+    assert!(error.contains(":3:") && error.contains("store.keep_bodies_days"), "{error}");
+}
+
+#[test]
 fn a_task_kind_overrides_detection_and_a_bad_one_names_the_key_and_line() {
     let config = parse(CONTRACT).expect("contract parses");
     assert_eq!(config.tasks["triage"].kind, None);

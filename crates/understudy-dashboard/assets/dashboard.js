@@ -68,3 +68,27 @@
     }, data, quality);
   }
 })();
+
+// Each model version's coverage–agreement curve on test (<div class="curve"
+// data-curve="[…]">), from the eval's calibration file: served agreement
+// against coverage, one point per threshold, with the certified one marked.
+(function () {
+  "use strict";
+  if (typeof uPlot === "undefined") return;
+  document.querySelectorAll("div.curve[data-curve]").forEach(function (element) {
+    var points = JSON.parse(element.dataset.curve).slice().sort(function (a, b) { return a.coverage - b.coverage; });
+    if (points.length === 0) return;
+    var chosen = element.dataset.threshold === "" ? null : Number(element.dataset.threshold);
+    var coverage = points.map(function (p) { return p.coverage; });
+    var agreement = points.map(function (p) { return p.served_agreement; });
+    var marked = points.map(function (p) { return chosen !== null && p.threshold === chosen ? p.served_agreement : null; });
+    var percent = function (u, ticks) { return ticks.map(function (v) { return Math.round(v * 100) + " %"; }); };
+    new uPlot({
+      title: element.dataset.title, width: 420, height: 240,
+      scales: { x: { time: false, range: [0, 1] }, y: { range: [Math.min.apply(null, agreement.concat([element.dataset.target * 1])) - 0.02, 1] } },
+      axes: [{ label: "coverage", values: percent }, { label: "served agreement", values: percent }],
+      series: [{}, { label: "served agreement", stroke: "#337ab7" },
+               { label: "certified", stroke: "#d9534f", points: { size: 9, fill: "#d9534f" }, paths: function () { return null; } }],
+    }, [coverage, agreement, marked], element);
+  });
+})();

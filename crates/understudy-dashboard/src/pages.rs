@@ -23,6 +23,8 @@ use crate::view::render;
 const KEY_COOKIE: &str = "understudy_key";
 /// Calls on one page of the list.
 const PAGE_SIZE: u64 = 50;
+/// The call list counts matches up to this many.
+const COUNT_CAP: u64 = 1_000;
 
 /// Why a page is not shown.
 #[derive(Debug, thiserror::Error)]
@@ -176,21 +178,56 @@ pub async fn task(
             let calibration = understudy_loop::Calibration::read(&version.path);
             json!({"id": version.id, "created_at": format_time(version.created_at), "method": version.method,
                    "base": version.base_model, "dataset": version.dataset_id, "train_seconds": version.wall_seconds,
-                   "certified_threshold": calibration.certified_threshold()})
+                   "certified_threshold": calibration.certified_threshold(),
+                   "report": understudy_loop::Calibration::report(&version.path)})
         })
         .collect();
     let (stage, _) = understudy_loop::autopilot::current_stage(store, &task).await?;
+    let drift = drift_signals(store, &task, task_config).await;
     let page = render(
         "task.html",
         context! {
             viewer => viewer.context(), page => "task", task => task, status => state.task_status(&task),
             target => task_config.target_agreement, audit_rate => task_config.audit_rate,
             autopilot => task_config.autopilot.is_some(), stage => stage.as_str(),
-            ledger, history, previous, versions, done => notice.done,
+            ledger, history, previous, versions, drift, done => notice.done,
         },
     )?;
     Ok(Html(page))
 }
+
+/// The drift watch's signals over the task's newest calls, as the
+/// autopilot tests them (its window and level, or `report drift`'s
+/// defaults). No encoder is loaded for a page, so input drift is not tested
+/// here; `understudy report drift` tests it.
+async fn drift_signals(store: &understudy_store::Store, task: &str, config: &understudy_config::TaskConfig) -> Value {
+    let (window, alpha) = config
+        .autopilot
+        .as_ref()
+        .map_or((DRIFT_WINDOW, DRIFT_ALPHA), |autopilot| (autopilot.drift_window, autopilot.drift_alpha));
+    let drift = match understudy_loop::task_drift(store, task, window, alpha, None).await {
+        Ok(drift) => drift,
+        Err(error) => return json!({"window": window, "alpha": alpha, "error": error.to_string()}),
+    };
+    let signal = |name: &str, test: Option<(bool, f64)>| {
+        test.map(|(drifted, p_value)| json!({"signal": name, "drifted": drifted, "p_value": p_value}))
+    };
+    let report = &drift.report;
+    let signals: Vec<Value> = [
+        signal("input", report.input.as_ref().map(|test| (test.drifted, test.p_value))),
+        signal("answers", report.answers.as_ref().map(|test| (test.drifted, test.p_value))),
+        signal("confidence", report.confidence.as_ref().map(|test| (test.drifted, test.p_value))),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    json!({"window": window, "alpha": alpha, "signals": signals, "skipped": drift.skipped,
+           "understudy": drift.understudy})
+}
+
+/// `understudy report drift`'s defaults, for a task without an autopilot.
+const DRIFT_WINDOW: u64 = 200;
+const DRIFT_ALPHA: f64 = 0.01;
 
 #[derive(Deserialize)]
 pub struct PromoteForm {
@@ -338,21 +375,26 @@ pub async fn calls(
     viewer.require_admin("The call list")?;
     let store = state.recorder().store();
     let mut filter = query.filter()?;
-    let n_calls = store.count_calls(&filter).await?;
-    filter.limit = Some(PAGE_SIZE);
+    // Counted no further than COUNT_CAP, so that a page of a store of ten
+    // million calls never counts them all.
+    let n_calls = store.count_calls_up_to(&filter, COUNT_CAP).await?;
+    filter.limit = Some(PAGE_SIZE + 1);
     filter.offset = Some(query.page * PAGE_SIZE);
     filter.order = CallOrder::NewestFirst;
-    let rows: Vec<Value> = store.list_calls(&filter).await?.iter().map(call_row).collect();
-    let n_pages = n_calls.div_ceil(PAGE_SIZE).max(1);
+    let mut listed = store.list_calls(&filter).await?;
+    let more = listed.len() as u64 > PAGE_SIZE;
+    listed.truncate(PAGE_SIZE as usize);
+    let rows: Vec<Value> = listed.iter().map(call_row).collect();
     let page = render(
         "calls.html",
         context! {
-            viewer => viewer.context(), page => "calls", rows, n_calls, n_pages, current => query.page,
+            viewer => viewer.context(), page => "calls", rows, n_calls, capped => n_calls >= COUNT_CAP,
+            current => query.page,
             filters => json!({"task": query.task, "model": query.model, "status": query.status,
                               "served_by": query.served_by, "since": query.since, "until": query.until, "q": query.q}),
             tasks => state.config().tasks.keys().collect::<Vec<_>>(),
             previous => (query.page > 0).then(|| query.on_page(query.page - 1)),
-            next => (query.page + 1 < n_pages).then(|| query.on_page(query.page + 1)),
+            next => more.then(|| query.on_page(query.page + 1)),
             export => query.on_page(0),
         },
     )?;

@@ -6,7 +6,9 @@
 // Env: BASE (http://127.0.0.1:PORT), ADMIN_KEY, VIEWER_KEY, TASK,
 // SAVINGS_JSON (a file), N_CALLS and N_FAILED (recorded), PROBE (a prompt
 // text one call holds), UNDERSTUDY_PLAYWRIGHT_DIR (holds node_modules),
-// SCREENSHOT_DIR (optional: PNGs of each page for docs/).
+// EVAL_TASK (a task with an evaluated version) and EVAL_CONFUSION (its
+// confusion matrix, flattened, as JSON), SCREENSHOT_DIR (optional: PNGs of
+// each page for docs/).
 import fs from "node:fs";
 import path from "node:path";
 import { createRequire } from "node:module";
@@ -173,6 +175,16 @@ try {
   await Promise.all([page.waitForURL(/done=/), page.click("#roll-back")]);
   await waitForPolicy((policy) => policy.startsWith("shadow"));
   await shot(page, "task");
+
+  // A model version's eval: the confusion matrix and the coverage curve of
+  // its calibration file, and the drift watch's section.
+  await page.goto(`${base}/ui/tasks/${process.env.EVAL_TASK}`);
+  const cells = await page.$$eval("section.eval table.confusion tbody td", (tds) => tds.map((td) => Number(td.textContent)));
+  check(JSON.stringify(cells) === process.env.EVAL_CONFUSION, `the confusion matrix: ${JSON.stringify(cells)}`);
+  check(await page.$("section.eval div.curve canvas"), "the coverage–agreement curve is drawn");
+  check((await page.textContent("section.eval")).includes("0.75"), "the certified threshold");
+  check(await page.$("#drift"), "the drift section");
+  await shot(page, "task-eval");
   check(admin.errors.length === 0, `console errors: ${admin.errors.join("; ")}`);
   console.log("dashboard: every check passed");
 } finally {

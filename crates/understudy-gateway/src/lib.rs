@@ -45,7 +45,7 @@ use understudy_store::Recorder;
 pub use auth::spawn_key_watch;
 pub use error::GatewayError;
 pub use feedback::CALL_ID_HEADER;
-pub use routing::spawn_policy_watch;
+pub use routing::{spawn_policy_watch, spawn_retention};
 
 /// Everything a handler needs; cheap to clone.
 #[derive(Clone)]

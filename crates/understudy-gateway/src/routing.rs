@@ -202,6 +202,35 @@ pub fn spawn_policy_watch(state: AppState, store: Store, interval: Duration) -> 
     })
 }
 
+/// Applies `[store]` retention now and every `interval` until aborted.
+/// A failed pass is logged and tried again at the next tick.
+pub fn spawn_retention(
+    store: Store,
+    config: &understudy_config::StoreConfig,
+    interval: Duration,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let (keep_bodies, keep_calls) = (config.keep_bodies, config.keep_calls);
+    if keep_bodies.is_none() && keep_calls.is_none() {
+        return None;
+    }
+    Some(tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            match store.prune(time::OffsetDateTime::now_utc(), keep_bodies, keep_calls).await {
+                Ok(pruned) if pruned != understudy_store::Pruned::default() => tracing::info!(
+                    bodies_cleared = pruned.bodies_cleared,
+                    calls_deleted = pruned.calls_deleted,
+                    "retention applied"
+                ),
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "cannot apply retention"),
+            }
+        }
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use serde_json::{json, Value};
-use understudy_eval::{CascadeReport, Certification};
+use understudy_eval::{CascadeOutcome, CascadeReport, Certification};
 
 use crate::error::{io, Result};
 
@@ -57,6 +57,13 @@ impl Calibration {
         }
     }
 
+    /// The whole file as written (certificate, test figures, confusion
+    /// matrix and coverage–agreement curve), for display; `None` when absent.
+    pub fn report(dir: &str) -> Option<Value> {
+        let text = std::fs::read_to_string(Path::new(dir).join(CALIBRATION_FILE)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
     pub fn certified_threshold(&self) -> Option<f64> {
         match self {
             Calibration::Certified { threshold, .. } => Some(*threshold),
@@ -65,13 +72,38 @@ impl Calibration {
     }
 }
 
+/// What the eval report plots for a version on test, kept beside its
+/// certificate so the dashboard can show it again.
+pub(crate) struct TestPlots<'a> {
+    /// Empty for a generation task.
+    pub labels: &'a [String],
+    /// `confusion[lead][understudy]` counts.
+    pub confusion: &'a [Vec<usize>],
+    pub curve: &'a [CascadeOutcome],
+}
+
+/// The most curve points kept: enough to draw it, few enough to stay small.
+const MAX_CURVE_POINTS: usize = 200;
+
 /// Writes the certificate, and how its threshold did on test, into `dir`.
 pub(crate) fn write(
     dir: &str,
     dataset: &str,
     certification: &Certification,
     cascade: Option<&CascadeReport>,
+    plots: &TestPlots<'_>,
 ) -> Result<()> {
+    let step = plots.curve.len().div_ceil(MAX_CURVE_POINTS).max(1);
+    let mut kept: Vec<&CascadeOutcome> = plots.curve.iter().step_by(step).collect();
+    if let (Some(last), Some(kept_last)) = (plots.curve.last(), kept.last()) {
+        if !std::ptr::eq(last, *kept_last) {
+            kept.push(last);
+        }
+    }
+    let curve: Vec<Value> = kept
+        .iter()
+        .map(|point| json!({"threshold": point.threshold, "coverage": point.coverage, "served_agreement": point.served_agreement}))
+        .collect();
     let value = json!({
         "dataset": dataset,
         "certified": certification.threshold.is_some(),
@@ -86,6 +118,9 @@ pub(crate) fn write(
         "test_coverage": cascade.map(|report| report.coverage.value),
         "test_served_agreement": cascade.map(|report| report.served_agreement.value),
         "test_overall_agreement": cascade.map(|report| report.overall_agreement.value),
+        "labels": plots.labels,
+        "confusion": plots.confusion,
+        "curve": curve,
     });
     let path = Path::new(dir).join(CALIBRATION_FILE);
     std::fs::write(&path, value.to_string()).map_err(io(path))

@@ -247,8 +247,14 @@ impl JudgeSettings {
         });
         let latencies: Vec<f64> = scored.iter().map(|answer| answer.latency_ms).collect();
         let speed = speed_figures(&latencies, &costs, seed.wrapping_add(10));
+        let curve = coverage_curve(&test_scored);
         if let Some(path) = &candidate.path {
-            crate::calibration::write(path, &dataset.id, &certification, cascade.as_ref())?;
+            let (labels, confusion): (&[String], &[Vec<usize>]) = match &metrics {
+                Metrics::Label(report) => (&report.labels, &report.confusion),
+                Metrics::Generation(_) => (&[], &[]),
+            };
+            let plots = crate::calibration::TestPlots { labels, confusion, curve: &curve };
+            crate::calibration::write(path, &dataset.id, &certification, cascade.as_ref(), &plots)?;
         }
         let mut fallbacks = BTreeMap::new();
         for reason in scored.iter().filter_map(|answer| answer.cascade.err()) {
@@ -264,7 +270,7 @@ impl JudgeSettings {
             certification,
             cascade,
             fallbacks,
-            curve: coverage_curve(&test_scored),
+            curve,
             agrees: scored.iter().zip(test).map(|(answer, row)| answer.agrees_with(row)).collect(),
         })
     }

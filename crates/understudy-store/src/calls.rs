@@ -5,6 +5,7 @@ use sqlx::{Any, Row};
 use time::OffsetDateTime;
 use understudy_types::{CallRecord, Endpoint, KeyRef, Money, Routing, ServedBy, Usage, UsageSource, Uuid};
 
+use crate::rollups::{self, Dim, Measure, Source, MS_PER_DAY};
 use crate::{Backend, Store, StoreError};
 
 const CALL_COLUMNS: &str = "id, created_at, task, model, provider, endpoint, stream, request, response, \
@@ -20,7 +21,7 @@ const N_CALL_COLUMNS: usize = 33;
 /// made SQLite parse and plan a 32-column INSERT for nearly every batch
 /// (`bench/gateway-instructions`). 100 rows keep the bind parameters under
 /// SQLite's limit.
-const INSERT_SIZES: [usize; 4] = [100, 20, 5, 1];
+pub(crate) const INSERT_SIZES: [usize; 4] = [100, 20, 5, 1];
 
 /// Splits `calls` into INSERTs of the sizes above: each chunk with the
 /// index of its size in [`INSERT_SIZES`].
@@ -134,8 +135,6 @@ pub enum CostGroup {
     TaskModelDay,
 }
 
-const MS_PER_DAY: i64 = 86_400_000;
-
 /// Bind values collected while a WHERE clause is built.
 enum Bind {
     Text(String),
@@ -149,6 +148,28 @@ struct WhereClause {
 }
 
 impl WhereClause {
+    /// The conditions of `filter` over `source`: over the rollups only the
+    /// ones [`Source::for_filter`] lets through (task, model, whole days).
+    fn over(filter: &CallFilter, backend: Backend, source: Source) -> WhereClause {
+        if source == Source::Calls {
+            return WhereClause::new(filter, backend);
+        }
+        let mut clause = WhereClause { sql: String::new(), binds: Vec::new(), backend };
+        if let Some(task) = &filter.task {
+            clause.push("task = ", Bind::Text(task.clone()));
+        }
+        if let Some(model) = &filter.model {
+            clause.push("model = ", Bind::Text(model.clone()));
+        }
+        if let Some(since) = filter.since {
+            clause.push("day >= ", Bind::Int(unix_ms(since).div_euclid(MS_PER_DAY)));
+        }
+        if let Some(until) = filter.until {
+            clause.push("day < ", Bind::Int(unix_ms(until).div_euclid(MS_PER_DAY)));
+        }
+        clause
+    }
+
     fn new(filter: &CallFilter, backend: Backend) -> WhereClause {
         let mut clause = WhereClause { sql: String::new(), binds: Vec::new(), backend };
         if let Some(task) = &filter.task {
@@ -241,6 +262,7 @@ impl Store {
             return Ok(());
         }
         let mut transaction = self.pool().begin().await?;
+        let mut inserted = Vec::with_capacity(calls.len());
         for (size_idx, chunk) in insert_chunks(calls) {
             let mut query = sqlx::query(insert_sql(size_idx, self.backend, on_conflict));
             for call in chunk {
@@ -283,8 +305,13 @@ impl Store {
                     .bind(call.key.as_ref().map(|key| storable_text(&key.name)))
                     .bind(optional_text(&call.upstream_request_id));
             }
-            query.execute(&mut *transaction).await?;
+            for row in query.fetch_all(&mut *transaction).await? {
+                inserted.push(row.try_get::<String, _>(0)?);
+            }
         }
+        // Only the calls this batch inserted: a replayed call already
+        // stored is skipped by the INSERT, and must not count twice.
+        rollups::add(&mut *transaction, self.backend, &inserted).await?;
         for verdict in feedback {
             crate::feedback::insert_feedback(self.backend, &mut *transaction, verdict).await?;
         }
@@ -324,6 +351,15 @@ impl Store {
         rows.iter().map(call_from_row).collect()
     }
 
+    /// How many calls match `filter`, counted no further than `cap`: a page
+    /// needs "over 1,000", not a count of ten million rows.
+    pub async fn count_calls_up_to(&self, filter: &CallFilter, cap: u64) -> Result<u64, StoreError> {
+        let clause = WhereClause::new(filter, self.backend);
+        let sql = format!("SELECT COUNT(*) FROM (SELECT 1 FROM calls{} LIMIT {cap}) AS capped", clause.sql);
+        let row = clause.bind_all(sqlx::query(&sql)).fetch_one(&self.pool()).await?;
+        Ok(row.try_get::<i64, _>(0)?.max(0) as u64)
+    }
+
     pub async fn count_calls(&self, filter: &CallFilter) -> Result<u64, StoreError> {
         let clause = WhereClause::new(filter, self.backend);
         let sql = format!("SELECT COUNT(*) FROM calls{}", clause.sql);
@@ -333,22 +369,22 @@ impl Store {
 
     /// Calls, tokens and money per task, model and UTC day.
     pub async fn cost_report(&self, filter: &CallFilter) -> Result<Vec<CostRow>, StoreError> {
-        let clause = WhereClause::new(filter, self.backend);
-        let sql = format!(
-            "SELECT task, model, created_at / {MS_PER_DAY} AS day, COUNT(*), \
-             CAST(SUM(CASE WHEN status >= 200 AND status < 300 AND error IS NULL THEN 0 ELSE 1 END) AS BIGINT), \
-             CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT), \
-             CAST(SUM(cost) AS DOUBLE PRECISION) \
-             FROM calls{} GROUP BY task, model, created_at / {MS_PER_DAY} \
-             ORDER BY day, task, model",
-            clause.sql
+        use rollups::{COMPLETION_TOKENS, COST, DAY, MODEL, N_CALLS, N_ERRORS, PROMPT_TOKENS, TASK};
+        let source = Source::for_filter(filter);
+        let clause = WhereClause::over(filter, self.backend, source);
+        let sql = report_sql(
+            source,
+            &clause.sql,
+            &[&TASK, &MODEL, &DAY],
+            &[&N_CALLS, &N_ERRORS, &PROMPT_TOKENS, &COMPLETION_TOKENS, &COST],
+            &[&DAY, &TASK, &MODEL],
         );
         let rows = clause.bind_all(sqlx::query(&sql)).fetch_all(&self.pool()).await?;
         rows.iter()
             .map(|row| {
                 let day: i64 = row.try_get(2)?;
                 Ok(CostRow {
-                    task: row.try_get(0)?,
+                    task: some_name(row.try_get(0)?),
                     model: row.try_get(1)?,
                     day: from_unix_ms(day * MS_PER_DAY),
                     n_calls: nonnegative(row.try_get(3)?),
@@ -364,30 +400,47 @@ impl Store {
     }
 }
 
+/// `SELECT dims, sums FROM source WHERE … GROUP BY dims ORDER BY order`.
+fn report_sql(source: Source, conditions: &str, dims: &[&Dim], measures: &[&Measure], order: &[&Dim]) -> String {
+    let dims: Vec<&str> = dims.iter().map(|dim| source.dim(dim)).collect();
+    let sums: Vec<String> = measures.iter().map(|measure| source.sum(measure)).collect();
+    let order: Vec<&str> = order.iter().map(|dim| source.dim(dim)).collect();
+    format!(
+        "SELECT {}, {} FROM {}{conditions} GROUP BY {} ORDER BY {}",
+        dims.join(", "),
+        sums.join(", "),
+        source.table(),
+        dims.join(", "),
+        order.join(", ")
+    )
+}
+
+/// A name a call may lack (task, key), which reports group as `''`.
+fn some_name(name: String) -> Option<String> {
+    Some(name).filter(|name| !name.is_empty())
+}
+
 impl Store {
     /// Calls, tokens and money per gateway key and UTC day.
     pub async fn key_cost_report(&self, filter: &CallFilter) -> Result<Vec<KeyCostRow>, StoreError> {
-        let clause = WhereClause::new(filter, self.backend);
-        // A key's name is fixed at creation, so grouping by it too adds no
-        // rows. NULLs sort first on SQLite and last on Postgres: COALESCE
-        // gives both one order.
-        let sql = format!(
-            "SELECT key_id, key_name, created_at / {MS_PER_DAY} AS day, COUNT(*), \
-             CAST(SUM(CASE WHEN status >= 200 AND status < 300 AND error IS NULL THEN 0 ELSE 1 END) AS BIGINT), \
-             CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT), \
-             CAST(SUM(cost) AS DOUBLE PRECISION) \
-             FROM calls{} GROUP BY key_id, key_name, created_at / {MS_PER_DAY} \
-             ORDER BY day, COALESCE(key_name, ''), COALESCE(key_id, '')",
-            clause.sql
+        use rollups::{COMPLETION_TOKENS, COST, DAY, KEY_ID, KEY_NAME, N_CALLS, N_ERRORS, PROMPT_TOKENS};
+        // A key's name is fixed at creation, so grouping by it too adds no rows.
+        let source = Source::for_filter(filter);
+        let clause = WhereClause::over(filter, self.backend, source);
+        let sql = report_sql(
+            source,
+            &clause.sql,
+            &[&KEY_ID, &KEY_NAME, &DAY],
+            &[&N_CALLS, &N_ERRORS, &PROMPT_TOKENS, &COMPLETION_TOKENS, &COST],
+            &[&DAY, &KEY_NAME, &KEY_ID],
         );
         let rows = clause.bind_all(sqlx::query(&sql)).fetch_all(&self.pool()).await?;
         rows.iter()
             .map(|row| {
                 let day: i64 = row.try_get(2)?;
-                let id: Option<String> = row.try_get(0)?;
-                let name: Option<String> = row.try_get(1)?;
+                let name: String = row.try_get(1)?;
                 Ok(KeyCostRow {
-                    key: id.map(|id| KeyRef { id, name: name.unwrap_or_default() }),
+                    key: some_name(row.try_get(0)?).map(|id| KeyRef { id, name }),
                     day: from_unix_ms(day * MS_PER_DAY),
                     n_calls: nonnegative(row.try_get(3)?),
                     n_errors: nonnegative(row.try_get(4)?),
@@ -428,21 +481,30 @@ impl Store {
     /// Per task and UTC day: how many conversation calls (chat, responses) the understudy served, how
     /// often it agreed with the lead, and the money on each side.
     pub async fn savings_report(&self, filter: &CallFilter) -> Result<Vec<SavingsRow>, StoreError> {
-        let mut clause = WhereClause::new(filter, self.backend);
-        clause.push_raw("task IS NOT NULL AND endpoint IN ('chat', 'responses')");
-        let sql = format!(
-            "SELECT task, created_at / {MS_PER_DAY} AS day, COUNT(*), \
-             CAST(SUM(CASE WHEN served_by = 'understudy' THEN 1 ELSE 0 END) AS BIGINT), \
-             CAST(SUM(CASE WHEN agreement IS NULL THEN 0 ELSE 1 END) AS BIGINT), \
-             CAST(SUM(CASE WHEN agreement = 1 THEN 1 ELSE 0 END) AS BIGINT), \
-             CAST(SUM(cost) AS DOUBLE PRECISION), \
-             CAST(SUM(COALESCE(understudy_cost, 0)) AS DOUBLE PRECISION), \
-             CAST(SUM(COALESCE(lead_cost_avoided, 0)) AS DOUBLE PRECISION), \
-             CAST(SUM(CASE WHEN audit_agreement IS NULL THEN 0 ELSE 1 END) AS BIGINT), \
-             CAST(SUM(CASE WHEN audit_agreement = 1 THEN 1 ELSE 0 END) AS BIGINT), \
-             CAST(SUM(COALESCE(audit_cost, 0)) AS DOUBLE PRECISION) \
-             FROM calls{} GROUP BY task, created_at / {MS_PER_DAY} ORDER BY task, day",
-            clause.sql
+        use rollups::{
+            AUDIT_COST, COST, DAY, ENDPOINT, LEAD_COST_AVOIDED, N_AGREED, N_AUDITED, N_AUDIT_AGREED, N_CALLS,
+            N_COMPARED, N_UNDERSTUDY, TASK, UNDERSTUDY_COST,
+        };
+        let source = Source::for_filter(filter);
+        let mut clause = WhereClause::over(filter, self.backend, source);
+        clause.push_raw(&format!("{} <> '' AND {} IN ('chat', 'responses')", source.dim(&TASK), source.dim(&ENDPOINT)));
+        let sql = report_sql(
+            source,
+            &clause.sql,
+            &[&TASK, &DAY],
+            &[
+                &N_CALLS,
+                &N_UNDERSTUDY,
+                &N_COMPARED,
+                &N_AGREED,
+                &COST,
+                &UNDERSTUDY_COST,
+                &LEAD_COST_AVOIDED,
+                &N_AUDITED,
+                &N_AUDIT_AGREED,
+                &AUDIT_COST,
+            ],
+            &[&TASK, &DAY],
         );
         let rows = clause.bind_all(sqlx::query(&sql)).fetch_all(&self.pool()).await?;
         rows.iter()
@@ -580,6 +642,9 @@ fn build_insert_sql(n_rows: usize, backend: Backend, on_conflict: OnConflict) ->
         // Both backends take this form (SQLite since 3.24).
         sql.push_str(" ON CONFLICT (id) DO NOTHING");
     }
+    // The ids actually inserted, for the rollups (both backends; SQLite
+    // since 3.35).
+    sql.push_str(" RETURNING id");
     sql
 }
 
@@ -692,7 +757,7 @@ mod tests {
             assert_eq!(sizes, expected);
         }
         let text = insert_sql(2, Backend::Postgres, OnConflict::Skip);
-        assert!(text.ends_with("($133,$134,$135,$136,$137,$138,$139,$140,$141,$142,$143,$144,$145,$146,$147,$148,$149,$150,$151,$152,$153,$154,$155,$156,$157,$158,$159,$160,$161,$162,$163,$164,$165) ON CONFLICT (id) DO NOTHING"), "{text}");
+        assert!(text.ends_with("($133,$134,$135,$136,$137,$138,$139,$140,$141,$142,$143,$144,$145,$146,$147,$148,$149,$150,$151,$152,$153,$154,$155,$156,$157,$158,$159,$160,$161,$162,$163,$164,$165) ON CONFLICT (id) DO NOTHING RETURNING id"), "{text}");
         assert!(std::ptr::eq(text, insert_sql(2, Backend::Postgres, OnConflict::Skip)), "built once");
     }
 }

@@ -15,6 +15,8 @@ mod models;
 mod policies;
 pub mod record_file;
 mod recorder;
+mod retention;
+mod rollups;
 pub mod testing;
 
 use std::path::{Path, PathBuf};
@@ -31,6 +33,7 @@ pub use datasets::DatasetRecord;
 pub use models::ModelVersionRecord;
 pub use policies::PolicyChange;
 pub use recorder::{Recorder, RecorderConfig, RecorderHandle, RecorderStats, ShutdownReport};
+pub use retention::Pruned;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -141,7 +144,9 @@ impl Store {
     /// Applies migrations again: a database dropped and recreated empty
     /// under a running gateway gets its tables back.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        MIGRATOR.run(&self.pool()).await.map_err(|source| StoreError::Migrate { url: redact_url(&self.url), source })
+        let pool = self.pool();
+        MIGRATOR.run(&pool).await.map_err(|source| StoreError::Migrate { url: redact_url(&self.url), source })?;
+        rollups::backfill(&pool).await
     }
 
     /// Whether the store takes a write now: a no-op DELETE on `calls` in a
@@ -213,6 +218,7 @@ async fn open_pool(url: &str) -> Result<(Backend, AnyPool), StoreError> {
     let pool =
         pool_options.acquire_timeout(Duration::from_secs(30)).connect_with(options).await.map_err(connect_error)?;
     MIGRATOR.run(&pool).await.map_err(|source| StoreError::Migrate { url: redact_url(url), source })?;
+    rollups::backfill(&pool).await?;
     Ok((backend, pool))
 }
 

@@ -564,3 +564,197 @@ async fn calls_carry_their_key_and_costs_group_by_it() {
 fn format_day(at: OffsetDateTime) -> String {
     at.format(time::macros::format_description!("[year]-[month]-[day]")).expect("format")
 }
+
+/// Varied calls over three days: tasks, models, keys, a task-less call,
+/// an error, routed and audited calls.
+fn varied_calls() -> Vec<CallRecord> {
+    let key = understudy_types::KeyRef { id: "key-a".into(), name: "team-a".into() };
+    let mut calls = Vec::new();
+    for day in 0..3i64 {
+        let at = datetime!(2026-11-05 10:30 UTC) + time::Duration::days(day);
+        for idx in 0..7i64 {
+            let task = if idx % 3 == 0 { "triage" } else { "summarize" };
+            let mut one =
+                call(task, if idx % 2 == 0 { "gpt-4o-mini" } else { "minilm" }, at + time::Duration::minutes(idx), 200);
+            one.cost = Money(0.001 * (idx + 1) as f64);
+            if idx == 5 {
+                one.status = 502;
+                one.error = Some("upstream failed".into());
+            }
+            if idx % 2 == 1 {
+                one.key = Some(key.clone());
+            }
+            if idx == 6 {
+                one.task = None;
+            }
+            if idx % 2 == 1 && idx != 5 {
+                one.routing = Some(Routing {
+                    policy: "cascade:0.9".into(),
+                    served_by: ServedBy::Understudy,
+                    understudy_answer: Some("HUM".into()),
+                    understudy_cost: Money(0.0001),
+                    lead_cost_avoided: Money(0.002),
+                    audit_answer: (idx == 1).then(|| "HUM".to_string()),
+                    audit_agreement: (idx == 1).then_some(day != 1),
+                    audit_cost: Money(if idx == 1 { 0.002 } else { 0.0 }),
+                    ..Routing::default()
+                });
+            } else if idx == 2 {
+                one.routing = Some(Routing {
+                    policy: "cascade:0.9".into(),
+                    fallback_reason: Some("low_confidence".into()),
+                    understudy_answer: Some("NUM".into()),
+                    agreement: Some(day == 0),
+                    ..Routing::default()
+                });
+            }
+            calls.push(one);
+        }
+    }
+    calls
+}
+
+/// Reports as comparable tuples: money rounded, since the two sources add
+/// the same amounts in different orders.
+fn savings_view(rows: &[understudy_store::SavingsRow]) -> Vec<(String, OffsetDateTime, [u64; 6], [i64; 4])> {
+    let cents = |money: Money| (money.dollars() * 1e9).round() as i64;
+    rows.iter()
+        .map(|row| {
+            (
+                row.task.clone(),
+                row.day,
+                [
+                    row.n_calls,
+                    row.n_served_by_understudy,
+                    row.n_compared,
+                    row.n_agreed,
+                    row.n_audited,
+                    row.n_audit_agreed,
+                ],
+                [cents(row.cost), cents(row.understudy_cost), cents(row.lead_cost_avoided), cents(row.audit_cost)],
+            )
+        })
+        .collect()
+}
+
+fn cost_view(rows: &[understudy_store::CostRow]) -> Vec<(Option<String>, String, OffsetDateTime, [u64; 4], i64)> {
+    rows.iter()
+        .map(|row| {
+            (
+                row.task.clone(),
+                row.model.clone(),
+                row.day,
+                [row.n_calls, row.n_errors, row.usage.prompt_tokens, row.usage.completion_tokens],
+                (row.cost.dollars() * 1e9).round() as i64,
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn daily_rollups_answer_reports_as_the_calls_table_does_and_count_a_replayed_call_once() {
+    on_both_backends(|store| async move {
+        let calls = varied_calls();
+        store.insert_calls(&calls[..10]).await.expect("insert");
+        // The recorder's write of a spill replay: the first 10 again, and the rest.
+        store.record_calls(&calls).await.expect("record");
+        // A filter the rollups answer (whole days), and the same calls
+        // through one they cannot (a bound 1 ms after midnight).
+        let by_day = CallFilter { since: Some(datetime!(2026-11-05 00:00 UTC)), ..CallFilter::default() };
+        let by_calls = CallFilter { since: Some(datetime!(2026-11-05 00:00:00.001 UTC)), ..CallFilter::default() };
+        let savings = store.savings_report(&by_day).await.expect("savings");
+        assert_eq!(savings_view(&savings), savings_view(&store.savings_report(&by_calls).await.expect("savings")));
+        assert_eq!(savings_view(&savings), savings_view(&store.savings_report(&CallFilter::default()).await.unwrap()));
+        // By hand: 2 tasks x 3 days; triage has idx 0 and 3 a day.
+        assert_eq!(savings.len(), 6);
+        let triage_day1 = savings.iter().find(|row| row.task == "triage").expect("triage");
+        assert_eq!(triage_day1.n_calls, 2);
+        assert_eq!(triage_day1.n_served_by_understudy, 1);
+        let summarize: Vec<_> = savings.iter().filter(|row| row.task == "summarize").collect();
+        assert_eq!(summarize.iter().map(|row| row.n_calls).sum::<u64>(), 12);
+        assert_eq!(summarize.iter().map(|row| row.n_audited).sum::<u64>(), 3);
+        assert_eq!(summarize.iter().map(|row| row.n_audit_agreed).sum::<u64>(), 2);
+        assert_eq!(summarize.iter().map(|row| row.n_compared).sum::<u64>(), 3);
+
+        let costs = store.cost_report(&by_day).await.expect("costs");
+        assert_eq!(cost_view(&costs), cost_view(&store.cost_report(&by_calls).await.expect("costs")));
+        assert_eq!(costs.iter().map(|row| row.n_calls).sum::<u64>(), 21, "every call once");
+        assert_eq!(costs.iter().map(|row| row.n_errors).sum::<u64>(), 3);
+        assert!(costs.iter().any(|row| row.task.is_none()), "the task-less call is its own row");
+        let task_day = CallFilter {
+            task: Some("summarize".into()),
+            since: Some(datetime!(2026-11-06 00:00 UTC)),
+            until: Some(datetime!(2026-11-07 00:00 UTC)),
+            ..CallFilter::default()
+        };
+        let task_calls = CallFilter { since: Some(datetime!(2026-11-06 00:00:00.001 UTC)), ..task_day.clone() };
+        assert_eq!(
+            cost_view(&store.cost_report(&task_day).await.unwrap()),
+            cost_view(&store.cost_report(&task_calls).await.unwrap())
+        );
+        let keys = store.key_cost_report(&by_day).await.expect("keys");
+        let keys_calls = store.key_cost_report(&by_calls).await.expect("keys");
+        assert_eq!(keys.len(), keys_calls.len());
+        for (a, b) in keys.iter().zip(&keys_calls) {
+            assert_eq!((&a.key, a.day, a.n_calls, a.n_errors), (&b.key, b.day, b.n_calls, b.n_errors));
+        }
+        assert_eq!(keys.iter().filter(|row| row.key.is_some()).map(|row| row.n_calls).sum::<u64>(), 9);
+        // One rollup row per day, task, model, endpoint and key: far fewer than calls.
+        assert!(store.count_rollup_rows().await.unwrap() < 21);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn retention_clears_old_bodies_then_deletes_old_calls_and_the_ledger_still_counts_them() {
+    on_both_backends(|store| async move {
+        let now = datetime!(2026-12-01 12:00 UTC);
+        let old = call("triage", "m", now - time::Duration::days(40), 200);
+        let aged = call("triage", "m", now - time::Duration::days(10), 200);
+        let fresh = call("triage", "m", now - time::Duration::days(1), 200);
+        store.insert_calls(&[old.clone(), aged.clone(), fresh.clone()]).await.expect("insert");
+        let verdict = Feedback {
+            id: Uuid::now_v7(),
+            call_id: old.id,
+            created_at: old.created_at + time::Duration::minutes(1),
+            score: FeedbackScore::Negative,
+            comment: None,
+        };
+        store.insert_calls_with_feedback(&[], &[verdict]).await.expect("feedback");
+        let before = cost_view(&store.cost_report(&CallFilter::default()).await.unwrap());
+        let week = std::time::Duration::from_secs(7 * 86_400);
+        let month = std::time::Duration::from_secs(30 * 86_400);
+        let pruned = store.prune(now, Some(week), Some(month)).await.expect("prune");
+        assert_eq!((pruned.bodies_cleared, pruned.calls_deleted), (1, 1));
+        assert!(store.get_call(&old.id.to_string()).await.unwrap().is_empty(), "the old call is gone");
+        let kept = store.get_call(&aged.id.to_string()).await.unwrap().remove(0);
+        assert_eq!((kept.request.as_str(), kept.response.as_deref()), ("", None), "its bodies are cleared");
+        assert_eq!((kept.usage, kept.cost, kept.status), (aged.usage, aged.cost, aged.status), "its metadata stays");
+        assert_eq!(store.get_call(&fresh.id.to_string()).await.unwrap(), vec![fresh.clone()]);
+        assert_eq!(
+            cost_view(&store.cost_report(&CallFilter::default()).await.unwrap()),
+            before,
+            "the ledger keeps them"
+        );
+        // A second pass finds nothing new; a later one clears the next.
+        assert_eq!(store.prune(now, Some(week), Some(month)).await.unwrap(), understudy_store::Pruned::default());
+        let later = store.prune(now + time::Duration::days(7), Some(week), None).await.unwrap();
+        assert_eq!(later.bodies_cleared, 1);
+        assert_eq!(store.get_call(&fresh.id.to_string()).await.unwrap()[0].request, "");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_capped_count_stops_at_its_cap() {
+    on_both_backends(|store| async move {
+        let at = datetime!(2026-11-05 10:00 UTC);
+        let calls: Vec<CallRecord> = (0..30).map(|_| call("triage", "m", at, 200)).collect();
+        store.insert_calls(&calls).await.expect("insert");
+        assert_eq!(store.count_calls_up_to(&CallFilter::default(), 10).await.unwrap(), 10);
+        assert_eq!(store.count_calls_up_to(&CallFilter::default(), 100).await.unwrap(), 30);
+        let failed = CallFilter { status: Some(StatusFilter::Error), ..CallFilter::default() };
+        assert_eq!(store.count_calls_up_to(&failed, 100).await.unwrap(), 0);
+    })
+    .await;
+}
