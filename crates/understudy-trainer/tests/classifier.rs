@@ -196,6 +196,22 @@ fn bad_input_says_what_is_missing() -> TestResult {
     let single = message(train_classifier(&config, &lonely, &rows(4, 2)));
     assert!(single.contains("\"plant\"") && single.contains("single training example"), "{single}");
 
+    // A label only the newest rows have (validation comes after train in
+    // time) is left out of picking the epoch; with nothing else, it stops.
+    let mut newest = rows(4, 2);
+    newest[0].label = String::from("brand-new");
+    assert_eq!(message(train_classifier(&config, &rows(30, 1), &newest)), "(trained)");
+    let all_new: Vec<_> = newest
+        .iter()
+        .cloned()
+        .map(|mut row| {
+            row.label = String::from("brand-new");
+            row
+        })
+        .collect();
+    let unseen = message(train_classifier(&config, &rows(30, 1), &all_new));
+    assert!(unseen.contains("no validation row has a label the training rows have"), "{unseen}");
+
     let unsupported_dir = tmp.path().join("gpt");
     write_tiny_bert_dir(&unsupported_dir, &vocab(), 4)?;
     let mut json: serde_json::Value =
