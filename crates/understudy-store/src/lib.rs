@@ -81,6 +81,9 @@ struct SqliteFile {
     identity: RwLock<Option<FileIdentity>>,
 }
 
+/// How long a SQLite reopen waits for the old pool's connections to close.
+const SQLITE_CLOSE_WAIT: Duration = Duration::from_secs(10);
+
 /// Device and inode: a file deleted and created again under the same name
 /// is a different file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +124,18 @@ impl Store {
     /// database recreated empty gets its tables back). The old pool's
     /// connections close as their queries end.
     pub async fn reopen(&self) -> Result<(), StoreError> {
+        if let Some(file) = &self.sqlite_file {
+            // A SQLite connection that saw an I/O error must be gone before
+            // a new one opens the file: two connections of this process, one
+            // with a stale view of the WAL, lost committed batches (issue 12:
+            // 40 of 60 records counted written were not in the file). So
+            // the old pool is closed first, once the files take writes again.
+            check_sqlite_writable(&self.url, &file.path)?;
+            let old = self.pool();
+            if tokio::time::timeout(SQLITE_CLOSE_WAIT, old.close()).await.is_err() {
+                tracing::warn!("connections of the old SQLite pool were still busy after {SQLITE_CLOSE_WAIT:?}");
+            }
+        }
         let (_backend, pool) = open_pool(&self.url).await?;
         let old = {
             let mut guard = match self.pool.write() {
@@ -136,7 +151,8 @@ impl Store {
             };
             *identity = file_identity(&file.path);
         }
-        // Closing waits for checked-out connections; don't hold the caller.
+        // Closing waits for checked-out connections; don't hold the caller
+        // (for SQLite it is closed already).
         tokio::spawn(async move { old.close().await });
         Ok(())
     }
@@ -202,10 +218,21 @@ async fn open_pool(url: &str) -> Result<(Backend, AnyPool), StoreError> {
         check_sqlite_writable(url, &path)?;
     }
     let options = AnyConnectOptions::from_str(&url_with_options).map_err(connect_error)?;
+    let sqlite_file = sqlite_path(url);
+    let check_url = url.to_string();
     let pool_options = match backend {
         // One writer is all SQLite allows; readers share the WAL.
-        Backend::Sqlite => AnyPoolOptions::new().max_connections(4).after_connect(|conn, _meta| {
+        Backend::Sqlite => AnyPoolOptions::new().max_connections(4).after_connect(move |conn, _meta| {
+            // The pool opens connections later too: each is checked like the
+            // first, before its first WAL access maps the `-shm` file.
+            let writable = match &sqlite_file {
+                Some(path) => check_sqlite_writable(&check_url, path).map_err(|error| {
+                    sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::PermissionDenied, error.to_string()))
+                }),
+                None => Ok(()),
+            };
             Box::pin(async move {
+                writable?;
                 conn.execute("PRAGMA journal_mode = WAL").await?;
                 conn.execute("PRAGMA synchronous = NORMAL").await?;
                 conn.execute("PRAGMA busy_timeout = 10000").await?;
@@ -230,10 +257,24 @@ fn sqlite_path(url: &str) -> Option<PathBuf> {
 }
 
 /// A read-only file or folder is named at once; sqlx would otherwise time
-/// out after 30 s with "pool timed out".
+/// out after 30 s with "pool timed out". The WAL and its shared-memory index
+/// are checked too: SQLite opens an unwritable `-shm` read-only and maps
+/// it, and a process that then writes through that mapping dies of SIGBUS
+/// (issue 12). So no connection is opened while any of them is unwritable;
+/// the recorder keeps its batch and tries again.
 fn check_sqlite_writable(url: &str, path: &Path) -> Result<(), StoreError> {
     if url.contains("mode=ro") {
         return Ok(());
+    }
+    for suffix in ["-wal", "-shm"] {
+        let mut companion = path.as_os_str().to_os_string();
+        companion.push(suffix);
+        let companion = PathBuf::from(companion);
+        if let Err(error) = std::fs::OpenOptions::new().read(true).write(true).open(&companion) {
+            if error.kind() == std::io::ErrorKind::PermissionDenied {
+                return Err(StoreError::NotWritable { path: companion });
+            }
+        }
     }
     let not_writable = |what: &Path| StoreError::NotWritable { path: what.to_path_buf() };
     match std::fs::OpenOptions::new().read(true).write(true).open(path) {

@@ -398,3 +398,98 @@ async fn issue_12_shutdown_spills_after_its_deadline_and_the_next_start_replays(
     })
     .await;
 }
+
+/// Sets or clears the immutable attribute (`chattr`): even root cannot open
+/// an immutable file for writing, so this makes a SQLite file unwritable
+/// the way a read-only disk or a permission change does for a normal user.
+fn immutable(paths: &[PathBuf], on: bool) -> bool {
+    let flag = if on { "+i" } else { "-i" };
+    paths.iter().filter(|path| path.exists()).all(|path| {
+        std::process::Command::new("chattr").arg(flag).arg(path).status().is_ok_and(|status| status.success())
+    })
+}
+
+/// Issue 12, item 4: the SQLite database and its WAL become unwritable
+/// and writable again. The gateway saw `disk I/O error`, then `database is
+/// locked` forever. Every record must be written once the files are
+/// writable again. (The `-shm` file stays writable here: an immutable file
+/// under a live shared mapping is a kernel SIGBUS no SQLite user survives;
+/// an unwritable one at connect is the next test.)
+#[tokio::test]
+#[ignore = "open bug (issue 12): in about 1 run in 3, a batch written while the files were immutable is \
+            counted written but is not in the file afterwards; run with --ignored to reproduce"]
+async fn issue_12_sqlite_files_unwritable_for_a_while_lose_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = sqlite_url(dir.path());
+    let store = Store::connect(&url).await.expect("store opens");
+    let (recorder, handle) = Recorder::start(store.clone(), config(dir.path()));
+    let stats = recorder.stats();
+    for record in calls(20, "before") {
+        recorder.record(record).await.expect("queued");
+    }
+    wait_for("the first records", Duration::from_secs(30), || written(&stats) == 20).await;
+    let files: Vec<PathBuf> = ["", "-wal"].iter().map(|suffix| dir.path().join(format!("store.db{suffix}"))).collect();
+    if !immutable(&files, true) {
+        immutable(&files, false);
+        assert!(std::env::var_os("CI").is_none(), "CI must be able to make files immutable (root, chattr, ext4)");
+        eprintln!("skipped: chattr +i is not available here");
+        return;
+    }
+    for record in calls(30, "during") {
+        recorder.record(record).await.expect("queued");
+    }
+    let failed_before = stats.failed_writes.load(std::sync::atomic::Ordering::Relaxed);
+    wait_for("failed writes while the files are unwritable", Duration::from_secs(60), || {
+        stats.failed_writes.load(std::sync::atomic::Ordering::Relaxed) > failed_before + 1
+    })
+    .await;
+    assert!(immutable(&files, false), "chattr -i");
+    for record in calls(10, "after") {
+        recorder.record(record).await.expect("queued");
+    }
+    wait_for("every record after the files are writable again", Duration::from_secs(120), || written(&stats) == 60)
+        .await;
+    drop(recorder);
+    let report = handle.shutdown().await;
+    assert_eq!((report.written, report.spilled, report.dead_lettered), (60, 0, 0), "{report:?}");
+    store.close().await;
+    let reopened = Store::connect(&url).await.expect("reopen");
+    let stored = reopened.list_calls(&CallFilter::default()).await.expect("list");
+    let by_model = |model: &str| stored.iter().filter(|call| call.model == model).count();
+    assert_eq!(
+        (by_model("before"), by_model("during"), by_model("after")),
+        (20, 30, 10),
+        "failed writes: {}",
+        stats.failed_writes.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    reopened.close().await;
+}
+
+/// An unwritable `-shm` (or `-wal`) file is named when the store opens,
+/// instead of being opened read-only and mapped (the SIGBUS of issue 12).
+#[tokio::test]
+async fn issue_12_an_unwritable_shared_memory_file_is_named_not_mapped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = sqlite_url(dir.path());
+    let store = Store::connect(&url).await.expect("store opens");
+    store.insert_calls(&calls(3, "before")).await.expect("insert");
+    // Keep the -wal and -shm files: another connection holds the database open.
+    let holder = Store::connect(&url).await.expect("second store");
+    assert_eq!(count(&holder).await, 3);
+    let shm = dir.path().join("store.db-shm");
+    assert!(shm.exists(), "WAL mode has a -shm file");
+    if !immutable(std::slice::from_ref(&shm), true) {
+        assert!(std::env::var_os("CI").is_none(), "CI must be able to make files immutable (root, chattr, ext4)");
+        eprintln!("skipped: chattr +i is not available here");
+        return;
+    }
+    let refused = Store::connect(&url).await.map(|_| ()).expect_err("an unwritable -shm is refused");
+    assert!(immutable(std::slice::from_ref(&shm), false), "chattr -i");
+    let message = refused.to_string();
+    assert!(message.contains("store.db-shm") && message.contains("not writable"), "{message}");
+    let again = Store::connect(&url).await.expect("writable again");
+    assert_eq!(count(&again).await, 3);
+    for store in [store, holder, again] {
+        store.close().await;
+    }
+}
