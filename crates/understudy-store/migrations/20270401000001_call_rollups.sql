@@ -39,3 +39,14 @@ CREATE TABLE retention_marks (
     what TEXT PRIMARY KEY,
     up_to BIGINT NOT NULL
 );
+
+-- Lists are ordered by (created_at, id), newest or oldest first, a page at a
+-- time: with id in the index the first page is read straight off it. Without
+-- it, both backends sorted every matching call for a page of 50 (24 s on 10M
+-- calls in SQLite, bench/dashboard).
+DROP INDEX calls_created_at;
+DROP INDEX calls_task_created_at;
+DROP INDEX calls_model_created_at;
+CREATE INDEX calls_created_at_id ON calls (created_at, id);
+CREATE INDEX calls_task_created_at_id ON calls (task, created_at, id);
+CREATE INDEX calls_model_created_at_id ON calls (model, created_at, id);
