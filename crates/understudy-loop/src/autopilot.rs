@@ -469,9 +469,11 @@ impl<'a> Autopilot<'a> {
             };
             let drifted = entered.get("drift").and_then(Value::as_array).is_some_and(|drift| !drift.is_empty());
             match (not_worse, new.certification.threshold) {
-                (true, Some(_)) if drifted => {
-                    // Its test split is older than the drift: live shadow
-                    // calls, the newest traffic there is, certify its cascade.
+                (true, _) if drifted => {
+                    // Its validation and test splits are partly older than
+                    // the drift, so they may not certify it (a new label is
+                    // rare in them): live shadow calls, the newest traffic
+                    // there is, certify its cascade.
                     let reason = format!(
                         "challenger {challenger} shadowed until live shadow calls certify its cascade (drift): {compared}"
                     );
