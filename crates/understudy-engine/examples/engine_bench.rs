@@ -2,14 +2,20 @@
 //! decode at N concurrent, the memory-bandwidth limit, and resident memory.
 //! Prints one JSON object. `bench/engine` drives it next to llama.cpp.
 //!
+//! With `--extraction`, instead: the cost of JSON-extraction calls (an SMS in
+//! the prompt, its fields as a short JSON answer mostly copied from it), in
+//! process CPU-seconds per call and machine cost per 1k calls, with
+//! speculative decoding on and off (one token at a time) in the same run.
+//!
 //!   cargo run --release -p understudy-engine --example engine_bench -- MODEL.gguf [--threads 2] [--runs 3]
+//!   cargo run --release -p understudy-engine --example engine_bench -- MODEL.gguf --extraction [--runs 3]
 
 use std::time::Instant;
 
 use futures::StreamExt;
 use serde_json::{json, Value};
 use understudy_engine::requant::WeightFormat;
-use understudy_engine::{EngineOptions, LlamaCppModel};
+use understudy_engine::{EngineOptions, LlamaCppModel, DEFAULT_SPECULATIVE_DRAFT};
 use understudy_providers::local::{LocalModel, LocalModelSpec};
 use understudy_providers::ChatRequest;
 
@@ -121,10 +127,16 @@ async fn main() -> Result<()> {
     };
 
     let rss_before_kb = status_kb("VmRSS:");
-    let spec =
-        LocalModelSpec { name: "bench".into(), path: path.clone(), adapter: None, weights: None, max_batch: None };
+    let spec = LocalModelSpec::new("bench", path.clone());
     let options =
-        EngineOptions { n_threads: Some(threads), n_ctx: 4096, n_seq_max: concurrency as u32, n_batch: 512, weights };
+        EngineOptions { n_threads: Some(threads), n_seq_max: concurrency as u32, weights, ..EngineOptions::default() };
+    if args.iter().any(|arg| arg == "--extraction") {
+        let draft = flag("--speculative-draft", DEFAULT_SPECULATIVE_DRAFT).max(1);
+        return extraction(&spec, &options, draft, runs, concurrency).await;
+    }
+    // The throughput figures are of one token per step (comparable with
+    // llama.cpp's and earlier runs') unless asked otherwise.
+    let options = EngineOptions { speculative_draft: flag("--speculative-draft", 0), ..options };
     let model = LlamaCppModel::load(&spec, &options)?;
     let rss_loaded_kb = status_kb("VmRSS:");
 
@@ -210,6 +222,155 @@ async fn main() -> Result<()> {
         "rss_before_load_mb": rss_before_kb as f64 / 1024.0,
         "rss_loaded_mb": rss_loaded_kb as f64 / 1024.0,
         "rss_peak_serving_mb": rss_peak_kb as f64 / 1024.0,
+    });
+    println!("{report}");
+    Ok(())
+}
+
+/// The price of a machine hour the extraction workload's costs are in (the
+/// issue's figure, and `understudy.toml`'s default for a local provider).
+const MACHINE_PRICE_PER_HOUR: f64 = 0.10;
+
+/// CPU time of this process so far, all threads (llama.cpp's included), in
+/// seconds: what a call costs on a machine priced by the hour, spinning
+/// threads included.
+fn process_cpu_seconds() -> f64 {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    now.tv_sec as f64 + now.tv_nsec as f64 * 1e-9
+}
+
+/// Short messages with a name, a phone number, a date and a place each.
+const SMS: [&str; 8] = [
+    "Hello, this is Maria Lopez from Bright Smile Dental. Your visit is on March 14 at 221 Oak Street. Call 555-0142.",
+    "Hey it's Sam Ortiz, the party moved to Friday May 9 at the Blue Door Cafe. Text me at 555-0177.",
+    "Reminder from Dr. Alan Chu: appointment on October 2 at Riverside Clinic, questions to 555-0123.",
+    "This is Priya Nair. Pick up your parcel on July 21 at the Elm Road post office, or ring 555-0188.",
+    "Jonas Weber here, the plumber. I can come on April 30 to 14 Harbour Lane. My number is 555-0164.",
+    "Hi from Lena Park! Book club is on January 12 at the Greenfield Library. Questions? 555-0115.",
+    "Carlos Mendes: your car is ready, pick it up on August 8 at Fast Lane Garage. Call 555-0150.",
+    "It's Grace Kim. Dinner on November 18 at Luigi's on 5th Avenue, confirm at 555-0131.",
+];
+
+/// One extraction call's messages: the instruction, one worked example
+/// (so that even a base instruct model answers in the JSON shape a trained
+/// understudy would), and the SMS.
+fn extraction_body(sms: &str) -> Value {
+    json!({"messages": [
+        {"role": "system", "content": "Extract the sender's name, phone number, date and place from the SMS. \
+            Answer with JSON only, with the keys name, phone, date and place."},
+        {"role": "user", "content": "SMS: Hi, it's Tom Baker. Meet me on June 3 at Central Station, call 555-0199."},
+        {"role": "assistant", "content": "{\"name\": \"Tom Baker\", \"phone\": \"555-0199\", \"date\": \"June 3\", \"place\": \"Central Station\"}"},
+        {"role": "user", "content": format!("SMS: {sms}")}],
+        "temperature": 0, "max_tokens": 64})
+}
+
+/// One extraction call: its answer, its completion tokens.
+async fn extract(model: &LlamaCppModel, sms: &str) -> Result<(String, u64)> {
+    let response = model.chat(request(extraction_body(sms))).await?;
+    let body: Value = serde_json::from_slice(&response.body)?;
+    let answer = body.pointer("/choices/0/message/content").and_then(Value::as_str).unwrap_or("").to_string();
+    let tokens = body.pointer("/usage/completion_tokens").and_then(Value::as_u64).unwrap_or(0);
+    Ok((answer, tokens))
+}
+
+/// CPU-seconds and wall seconds per call, one call at a time, over every SMS.
+async fn extraction_round(model: &LlamaCppModel) -> Result<(Vec<f64>, Vec<f64>, Vec<(String, u64)>)> {
+    let (mut cpu, mut wall, mut answers) = (Vec::new(), Vec::new(), Vec::new());
+    for sms in SMS {
+        let (cpu_start, wall_start) = (process_cpu_seconds(), Instant::now());
+        answers.push(extract(model, sms).await?);
+        cpu.push(process_cpu_seconds() - cpu_start);
+        wall.push(wall_start.elapsed().as_secs_f64());
+    }
+    Ok((cpu, wall, answers))
+}
+
+/// CPU-seconds per call with every SMS asked at once (`concurrency` at a time).
+async fn extraction_concurrent(model: &LlamaCppModel, concurrency: usize) -> Result<f64> {
+    let cpu_start = process_cpu_seconds();
+    let answers: Vec<_> =
+        futures::stream::iter(SMS).map(|sms| extract(model, sms)).buffer_unordered(concurrency.max(1)).collect().await;
+    for answer in answers {
+        answer?;
+    }
+    Ok((process_cpu_seconds() - cpu_start) / SMS.len() as f64)
+}
+
+/// Speculative decoding on (the default draft) against off, alternating
+/// round by round so that both see the same machine load.
+async fn extraction(
+    spec: &LocalModelSpec,
+    options: &EngineOptions,
+    draft: usize,
+    runs: usize,
+    concurrency: usize,
+) -> Result<()> {
+    let on = LlamaCppModel::load(spec, &EngineOptions { speculative_draft: draft, ..options.clone() })?;
+    let off = LlamaCppModel::load(spec, &EngineOptions { speculative_draft: 0, ..options.clone() })?;
+    // Warm up both (and check that they answer alike).
+    let (_, _, answers_on) = extraction_round(&on).await?;
+    let (_, _, answers_off) = extraction_round(&off).await?;
+    let same_answers = answers_on.iter().zip(&answers_off).filter(|(a, b)| a == b).count();
+    eprintln!("warmed up; {same_answers} of {} answers identical; e.g. {:?}", SMS.len(), answers_on[0].0);
+    let stats_before = on.speculation_stats();
+    let (mut cpu_on, mut cpu_off, mut wall_on, mut wall_off) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut concurrent_on, mut concurrent_off) = (Vec::new(), Vec::new());
+    for run in 0..runs {
+        // Alternate which goes first.
+        let order: [(&LlamaCppModel, bool); 2] =
+            if run % 2 == 0 { [(&on, true), (&off, false)] } else { [(&off, false), (&on, true)] };
+        for (model, is_on) in order {
+            let (cpu, wall, _) = extraction_round(model).await?;
+            let concurrent = extraction_concurrent(model, concurrency).await?;
+            eprintln!(
+                "speculation {}: {:.3} CPU-s per call, {:.3} s wall (median), {concurrent:.3} CPU-s per call at {concurrency} concurrent",
+                if is_on { "on " } else { "off" },
+                median(cpu.clone()),
+                median(wall.clone())
+            );
+            let (cpu_all, wall_all, concurrent_all) = if is_on {
+                (&mut cpu_on, &mut wall_on, &mut concurrent_on)
+            } else {
+                (&mut cpu_off, &mut wall_off, &mut concurrent_off)
+            };
+            cpu_all.extend(cpu);
+            wall_all.extend(wall);
+            concurrent_all.push(concurrent);
+        }
+    }
+    let stats = on.speculation_stats();
+    let (drafted, accepted) = (stats.drafted - stats_before.drafted, stats.accepted - stats_before.accepted);
+    let cost_per_1k = |cpu_per_call: f64| cpu_per_call * MACHINE_PRICE_PER_HOUR / 3600.0 * 1000.0;
+    let (cpu_on, cpu_off) = (median(cpu_on), median(cpu_off));
+    let (concurrent_on, concurrent_off) = (median(concurrent_on), median(concurrent_off));
+    let tokens: Vec<f64> = answers_off.iter().map(|(_, tokens)| *tokens as f64).collect();
+    let report = json!({
+        "workload": "json extraction",
+        "weights": format!("{:?}", options.weights),
+        "served_gguf": on.gguf_path().display().to_string(),
+        "threads": options.n_threads,
+        "runs": runs,
+        "calls_per_run": SMS.len(),
+        "answer_tokens_median": median(tokens),
+        "answers_identical": same_answers,
+        "speculative_draft": draft,
+        "drafted_tokens": drafted,
+        "accepted_tokens": accepted,
+        "acceptance": accepted as f64 / drafted.max(1) as f64,
+        "machine_price_per_hour": MACHINE_PRICE_PER_HOUR,
+        "cpu_s_per_call_on": cpu_on,
+        "cpu_s_per_call_off": cpu_off,
+        "wall_s_per_call_on": median(wall_on),
+        "wall_s_per_call_off": median(wall_off),
+        "cost_per_1k_on": cost_per_1k(cpu_on),
+        "cost_per_1k_off": cost_per_1k(cpu_off),
+        "cpu_ratio_off_over_on": cpu_off / cpu_on,
+        "concurrency": concurrency,
+        "concurrent_cpu_s_per_call_on": concurrent_on,
+        "concurrent_cpu_s_per_call_off": concurrent_off,
+        "concurrent_cost_per_1k_on": cost_per_1k(concurrent_on),
+        "concurrent_cost_per_1k_off": cost_per_1k(concurrent_off),
+        "concurrent_cpu_ratio_off_over_on": concurrent_off / concurrent_on,
     });
     println!("{report}");
     Ok(())

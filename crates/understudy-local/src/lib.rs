@@ -43,7 +43,7 @@ impl LocalLoader for Loader {
     }
 }
 
-/// The engine options a spec asks for (its `weights` format).
+/// The engine options a spec asks for (its `weights` format and draft length).
 fn engine_options(spec: &LocalModelSpec) -> Result<understudy_engine::EngineOptions, ProviderError> {
     let weights = match &spec.weights {
         Some(text) => understudy_engine::requant::WeightFormat::parse(text).map_err(|error| ProviderError::Setup {
@@ -52,7 +52,7 @@ fn engine_options(spec: &LocalModelSpec) -> Result<understudy_engine::EngineOpti
         })?,
         None => understudy_engine::requant::WeightFormat::Auto,
     };
-    Ok(understudy_engine::EngineOptions { weights, ..Default::default() })
+    Ok(understudy_engine::EngineOptions { weights, speculative_draft: spec.speculative_draft(), ..Default::default() })
 }
 
 /// A PEFT adapter's `base_model_name_or_path`: a path when one exists there,
@@ -118,6 +118,7 @@ impl Loader {
                 adapter: Some(path.to_path_buf()),
                 weights: spec.weights.clone(),
                 max_batch: spec.max_batch,
+                speculative_draft: spec.speculative_draft,
             };
             return self.load_from(&base_spec, hub);
         }
