@@ -371,7 +371,8 @@ impl LlamaCppModel {
         };
         let seed = parsed.sampling.seed.unwrap_or_else(fresh_seed);
         let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
-        let job = Job { prompt, sampling: parsed.sampling.clone(), choices, seed, events };
+        let job =
+            Job { prompt, sampling: parsed.sampling.clone(), choices, json_object: parsed.json_object, seed, events };
         Ok((parsed, job, receiver))
     }
 

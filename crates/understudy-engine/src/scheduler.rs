@@ -29,7 +29,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::request::Sampling;
 use crate::sampling::{log_sum_exp, log_sum_exp_f64, sample, top_tokens, Rng};
 use crate::speculative::{prompt_lookup, DraftLength, SpeculationCounters};
-use crate::text::StopBuffer;
+use crate::text::{JsonObject, JsonProgress, StopBuffer};
 
 /// One request handed to the scheduler.
 #[derive(Debug)]
@@ -38,6 +38,8 @@ pub struct Job {
     pub sampling: Sampling,
     /// Constrained output: the token sequences of the allowed answers, and their texts.
     pub choices: Option<Vec<(Vec<LlamaToken>, String)>>,
+    /// The answer must be one JSON object: it ends at its closing brace.
+    pub json_object: bool,
     pub seed: u64,
     pub events: UnboundedSender<Event>,
 }
@@ -95,6 +97,8 @@ struct Slot {
     /// The draft decoded after `next` in the current step.
     draft: Vec<LlamaToken>,
     draft_length: DraftLength,
+    /// Where a JSON-object answer ends (`Job::json_object`).
+    json: Option<JsonObject>,
 }
 
 impl Slot {
@@ -221,6 +225,7 @@ pub fn run(
             let rng = Rng::new(job.seed);
             let stops = StopBuffer::new(job.sampling.stop.clone());
             let history = job.prompt.clone();
+            let job_json_object = job.json_object;
             slots.push(Slot {
                 seq_id,
                 job,
@@ -233,6 +238,7 @@ pub fn run(
                 history,
                 draft: Vec::new(),
                 draft_length: DraftLength::new(config.speculative_draft),
+                json: job_json_object.then(JsonObject::default),
             });
         }
         if slots.is_empty() {
@@ -394,7 +400,7 @@ fn step_slot(
     if let Phase::Generate { .. } = slot.phase {
         return step_generating(model, context, slot, end_token, n_ctx, counters);
     }
-    Ok(step_other(model, context, slot, end_token, n_ctx))
+    step_other(model, context, slot, end_token, n_ctx)
 }
 
 /// A generating slot after a decode: its token, then as much of its draft as greedy decoding agrees with.
@@ -416,7 +422,7 @@ fn step_generating(
     for (row_idx, &row) in rows.iter().enumerate() {
         slot.n_past += 1;
         let logits = context.get_logits_ith(row);
-        if let Some(reason) = sample_next(model, slot, logits, end_token, n_ctx) {
+        if let Some(reason) = sample_next(model, slot, logits, end_token, n_ctx)? {
             if !draft.is_empty() {
                 counters.record(draft.len(), n_accepted);
             }
@@ -449,11 +455,11 @@ fn step_other(
     slot: &mut Slot,
     end_token: LlamaToken,
     n_ctx: usize,
-) -> Option<&'static str> {
-    match &mut slot.phase {
+) -> Result<Option<&'static str>, String> {
+    Ok(match &mut slot.phase {
         Phase::Prefill { n_prefilled } => {
             if *n_prefilled < slot.job.prompt.len() {
-                return None;
+                return Ok(None);
             }
             slot.n_past = slot.job.prompt.len();
             let logits = context.get_logits_ith(slot.rows[0]);
@@ -461,13 +467,13 @@ fn step_other(
                 let n_choices = choices.len();
                 slot.phase = Phase::Score { prompt_logits: logits.to_vec(), candidate: 0, scores: Vec::new() };
                 let _ = n_choices;
-                return None;
+                return Ok(None);
             }
-            sample_next(model, slot, logits, end_token, n_ctx)
+            return sample_next(model, slot, logits, end_token, n_ctx);
         }
         Phase::Generate { .. } => None,
         Phase::Score { prompt_logits, candidate, scores } => {
-            let Some(choices) = &slot.job.choices else { return Some("stop") };
+            let Some(choices) = &slot.job.choices else { return Ok(Some("stop")) };
             let tokens = &choices[*candidate].0;
             // log P(t1 | prompt) + Σ log P(t_i | prompt, t_<i) + log P(end | prompt, answer)
             let mut score = prompt_logits[tokens[0].0 as usize] as f64 - log_sum_exp(prompt_logits);
@@ -479,7 +485,7 @@ fn step_other(
             scores.push(score);
             *candidate += 1;
             if *candidate < choices.len() {
-                return None;
+                return Ok(None);
             }
             let scores = scores.clone();
             let chosen = choose(&scores, slot.job.sampling.temperature, &mut slot.rng);
@@ -493,25 +499,45 @@ fn step_other(
             slot.send(Event::Delta { text: text.clone(), logprobs });
             Some("stop")
         }
-    }
+    })
 }
 
-/// Samples the next token from `logits` and releases its text.
+/// Samples the next token from `logits` and releases its text; an error
+/// message when the answer cannot be the JSON object the request asked for.
 fn sample_next(
     model: &LlamaModel,
     slot: &mut Slot,
     logits: &[f32],
     end_token: LlamaToken,
     n_ctx: usize,
-) -> Option<&'static str> {
+) -> Result<Option<&'static str>, String> {
     let sampling = &slot.job.sampling;
     let token_idx = sample(logits, sampling.temperature, sampling.top_p, &mut slot.rng);
     let token = LlamaToken(token_idx as i32);
     let vocab = model.vocab();
     if vocab.is_eog(token) || token == end_token {
-        return Some("stop");
+        if slot.json.is_some() {
+            return Err("the model ended its answer before the JSON object it was asked for was complete".into());
+        }
+        return Ok(Some("stop"));
     }
-    let piece = vocab.token_to_piece(token, false, None);
+    let mut piece = vocab.token_to_piece(token, false, None);
+    // A JSON-object answer ends at its closing brace: what the token has
+    // after it is dropped, and no token after it is asked for.
+    let mut json_complete = false;
+    if let Some(json) = slot.json.as_mut() {
+        match json.feed(&piece) {
+            JsonProgress::Open => {}
+            JsonProgress::Complete { used } => {
+                json.check().map_err(|error| format!("the model's answer is not a JSON object: {error}"))?;
+                piece.truncate(used);
+                json_complete = true;
+            }
+            JsonProgress::NotAnObject => {
+                return Err("the model's answer does not start with a JSON object".into());
+            }
+        }
+    }
     let logprob = sampling.logprobs.map(|n_top| {
         let norm = log_sum_exp(logits);
         let top = top_tokens(logits, norm, n_top)
@@ -530,17 +556,17 @@ fn sample_next(
     if !released.text.is_empty() || !released.logprobs.is_empty() {
         slot.send(Event::Delta { text: released.text, logprobs: released.logprobs });
     }
-    if stopped {
-        return Some("stop");
+    if stopped || json_complete {
+        return Ok(Some("stop"));
     }
     if slot.job.sampling.max_tokens.is_some_and(|max| slot.n_generated >= max) {
-        return Some("length");
+        return Ok(Some("length"));
     }
     if slot.n_past + 1 >= n_ctx {
-        return Some("length");
+        return Ok(Some("length"));
     }
     slot.phase = Phase::Generate { next: token };
-    None
+    Ok(None)
 }
 
 /// An OpenAI `logprobs.content` entry.

@@ -184,3 +184,22 @@ async fn smollm2_speculative_decoding_gives_exactly_the_greedy_tokens() {
     assert_eq!(together, alone);
     assert!(speculative.speculation_stats().accepted > stats.accepted);
 }
+
+#[tokio::test]
+async fn smollm2_json_object_answers_end_at_the_closing_brace() {
+    let Some(path) = smollm2() else { return };
+    let model = load_with_draft(&path, 8);
+    for sms in SMS {
+        let text = chat(&model, extraction_body(sms)).await;
+        let mut body = extraction_body(sms);
+        body["response_format"] = json!({"type": "json_object"});
+        let object = chat(&model, body).await;
+        let (text_answer, object_answer) = (answer_tokens(&text), answer_tokens(&object));
+        // The same greedy tokens up to the object's end, which is the answer's end.
+        let value: Value = serde_json::from_str(&object_answer.0).unwrap();
+        assert!(value.is_object(), "{value}");
+        assert!(text_answer.0.starts_with(&object_answer.0), "{:?} against {:?}", text_answer.0, object_answer.0);
+        assert_eq!(object.pointer("/choices/0/finish_reason").unwrap(), "stop");
+        assert_eq!(object_answer.1, text_answer.1[..object_answer.1.len()]);
+    }
+}

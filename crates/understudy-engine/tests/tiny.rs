@@ -570,3 +570,17 @@ async fn sampled_requests_do_not_speculate_and_stop_sequences_still_cut() {
     }
     assert!(speculative.speculation_stats().drafted > 0);
 }
+
+#[tokio::test]
+async fn a_json_object_answer_that_is_not_one_fails_instead_of_reaching_the_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = load(&tiny_model_file(dir.path()));
+    // The random model writes no JSON: the call fails (the gateway then
+    // falls back to the lead), where a text answer succeeds.
+    let body = json!({"messages": user("hello"), "temperature": 0, "max_tokens": 24});
+    assert!(!content(&chat(&model, body.clone()).await).trim_start().starts_with('{'));
+    let mut json_body = body;
+    json_body["response_format"] = json!({"type": "json_object"});
+    let error = model.chat(request(json_body)).await.unwrap_err().to_string();
+    assert!(error.contains("JSON object"), "{error}");
+}
