@@ -34,9 +34,9 @@ pub const MAX_LOCAL_MAX_BATCH: usize = 1024;
 /// greedy request (copy-aware speculative decoding: tokens copied from the
 /// request's own prompt and answer), when the config does not say
 /// (`speculative_draft`). An extraction answer copies values of a few
-/// tokens each, and on 2 cores a step of 9 tokens costs well under 9 steps
-/// of one.
-pub const DEFAULT_SPECULATIVE_DRAFT: usize = 8;
+/// tokens each; on 2 cores a step of 5 tokens costs about 2.2 steps of one,
+/// and longer drafts were rejected more often than they paid (bench/README.md).
+pub const DEFAULT_SPECULATIVE_DRAFT: usize = 4;
 
 /// The largest `speculative_draft` the config accepts.
 pub const MAX_SPECULATIVE_DRAFT: usize = 64;

@@ -253,20 +253,31 @@ const SMS: [&str; 8] = [
 
 /// One extraction call's messages: the instruction, one worked example
 /// (so that even a base instruct model answers in the JSON shape a trained
-/// understudy would), and the SMS.
-fn extraction_body(sms: &str) -> Value {
-    json!({"messages": [
+/// understudy would), and the SMS; with `json_object`, `response_format`
+/// json_object too.
+fn extraction_body(sms: &str, json_object: bool) -> Value {
+    let mut body = json!({"messages": [
         {"role": "system", "content": "Extract the sender's name, phone number, date and place from the SMS. \
             Answer with JSON only, with the keys name, phone, date and place."},
         {"role": "user", "content": "SMS: Hi, it's Tom Baker. Meet me on June 3 at Central Station, call 555-0199."},
         {"role": "assistant", "content": "{\"name\": \"Tom Baker\", \"phone\": \"555-0199\", \"date\": \"June 3\", \"place\": \"Central Station\"}"},
         {"role": "user", "content": format!("SMS: {sms}")}],
-        "temperature": 0, "max_tokens": 64})
+        "temperature": 0, "max_tokens": 64});
+    if json_object {
+        body["response_format"] = json!({"type": "json_object"});
+    }
+    body
 }
 
-/// One extraction call: its answer, its completion tokens.
-async fn extract(model: &LlamaCppModel, sms: &str) -> Result<(String, u64)> {
-    let response = model.chat(request(extraction_body(sms))).await?;
+/// One extraction call: its answer, its completion tokens. With
+/// `json_object`, an answer that is not a JSON object fails (the gateway
+/// would fall back to the lead); it counts as a call, with no answer.
+async fn extract(model: &LlamaCppModel, sms: &str, json_object: bool) -> Result<(String, u64)> {
+    let response = match model.chat(request(extraction_body(sms, json_object))).await {
+        Ok(response) => response,
+        Err(error) if json_object => return Ok((format!("(failed: {error})"), 0)),
+        Err(error) => return Err(error.into()),
+    };
     let body: Value = serde_json::from_slice(&response.body)?;
     let answer = body.pointer("/choices/0/message/content").and_then(Value::as_str).unwrap_or("").to_string();
     let tokens = body.pointer("/usage/completion_tokens").and_then(Value::as_u64).unwrap_or(0);
@@ -274,30 +285,61 @@ async fn extract(model: &LlamaCppModel, sms: &str) -> Result<(String, u64)> {
 }
 
 /// CPU-seconds and wall seconds per call, one call at a time, over every SMS.
-async fn extraction_round(model: &LlamaCppModel) -> Result<(Vec<f64>, Vec<f64>, Vec<(String, u64)>)> {
+async fn extraction_round(
+    model: &LlamaCppModel,
+    json_object: bool,
+) -> Result<(Vec<f64>, Vec<f64>, Vec<(String, u64)>)> {
     let (mut cpu, mut wall, mut answers) = (Vec::new(), Vec::new(), Vec::new());
     for sms in SMS {
         let (cpu_start, wall_start) = (process_cpu_seconds(), Instant::now());
-        answers.push(extract(model, sms).await?);
+        answers.push(extract(model, sms, json_object).await?);
         cpu.push(process_cpu_seconds() - cpu_start);
         wall.push(wall_start.elapsed().as_secs_f64());
     }
     Ok((cpu, wall, answers))
 }
 
+/// CPU-seconds per call of the prompt alone (`max_tokens` 1: prefill and one
+/// sampled token), one call at a time: what speculation cannot change.
+async fn prompt_round(model: &LlamaCppModel) -> Result<Vec<f64>> {
+    let mut cpu = Vec::new();
+    for sms in SMS {
+        let mut body = extraction_body(sms, false);
+        body["max_tokens"] = json!(1);
+        let cpu_start = process_cpu_seconds();
+        model.chat(request(body)).await?;
+        cpu.push(process_cpu_seconds() - cpu_start);
+    }
+    Ok(cpu)
+}
+
 /// CPU-seconds per call with every SMS asked at once (`concurrency` at a time).
-async fn extraction_concurrent(model: &LlamaCppModel, concurrency: usize) -> Result<f64> {
+async fn extraction_concurrent(model: &LlamaCppModel, concurrency: usize, json_object: bool) -> Result<f64> {
     let cpu_start = process_cpu_seconds();
-    let answers: Vec<_> =
-        futures::stream::iter(SMS).map(|sms| extract(model, sms)).buffer_unordered(concurrency.max(1)).collect().await;
+    let answers: Vec<_> = futures::stream::iter(SMS)
+        .map(|sms| extract(model, sms, json_object))
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
     for answer in answers {
         answer?;
     }
     Ok((process_cpu_seconds() - cpu_start) / SMS.len() as f64)
 }
 
-/// Speculative decoding on (the default draft) against off, alternating
-/// round by round so that both see the same machine load.
+/// The per-call figures of one configuration over all runs.
+#[derive(Default)]
+struct Figures {
+    cpu: Vec<f64>,
+    wall: Vec<f64>,
+    concurrent_cpu: Vec<f64>,
+    /// Calls of the last round that failed (json_object answers that were not one).
+    failed: usize,
+}
+
+/// Speculative decoding on (the default draft) against off, and on with
+/// `response_format` json_object (decoding stops at the closing brace),
+/// taking turns round by round so that all see the same machine load.
 async fn extraction(
     spec: &LocalModelSpec,
     options: &EngineOptions,
@@ -307,43 +349,56 @@ async fn extraction(
 ) -> Result<()> {
     let on = LlamaCppModel::load(spec, &EngineOptions { speculative_draft: draft, ..options.clone() })?;
     let off = LlamaCppModel::load(spec, &EngineOptions { speculative_draft: 0, ..options.clone() })?;
-    // Warm up both (and check that they answer alike).
-    let (_, _, answers_on) = extraction_round(&on).await?;
-    let (_, _, answers_off) = extraction_round(&off).await?;
+    // Warm up (and check that speculation changes no answer).
+    let (_, _, answers_on) = extraction_round(&on, false).await?;
+    let (_, _, answers_off) = extraction_round(&off, false).await?;
     let same_answers = answers_on.iter().zip(&answers_off).filter(|(a, b)| a == b).count();
     eprintln!("warmed up; {same_answers} of {} answers identical; e.g. {:?}", SMS.len(), answers_on[0].0);
     let stats_before = on.speculation_stats();
-    let (mut cpu_on, mut cpu_off, mut wall_on, mut wall_off) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut concurrent_on, mut concurrent_off) = (Vec::new(), Vec::new());
+    let configurations: [(&str, &LlamaCppModel, bool); 3] =
+        [("on", &on, false), ("off", &off, false), ("on, json_object", &on, true)];
+    let mut figures: Vec<Figures> = configurations.iter().map(|_| Figures::default()).collect();
+    let mut prompt_cpu = Vec::new();
     for run in 0..runs {
-        // Alternate which goes first.
-        let order: [(&LlamaCppModel, bool); 2] =
-            if run % 2 == 0 { [(&on, true), (&off, false)] } else { [(&off, false), (&on, true)] };
-        for (model, is_on) in order {
-            let (cpu, wall, _) = extraction_round(model).await?;
-            let concurrent = extraction_concurrent(model, concurrency).await?;
+        prompt_cpu.extend(prompt_round(&off).await?);
+        // Take turns, each run starting with a different configuration.
+        for turn in 0..configurations.len() {
+            let idx = (run + turn) % configurations.len();
+            let (name, model, json_object) = configurations[idx];
+            let (cpu, wall, answers) = extraction_round(model, json_object).await?;
+            figures[idx].failed = answers.iter().filter(|(answer, _)| answer.starts_with("(failed")).count();
+            let concurrent = extraction_concurrent(model, concurrency, json_object).await?;
             eprintln!(
-                "speculation {}: {:.3} CPU-s per call, {:.3} s wall (median), {concurrent:.3} CPU-s per call at {concurrency} concurrent",
-                if is_on { "on " } else { "off" },
+                "speculation {name}: {:.3} CPU-s per call, {:.3} s wall (median), {concurrent:.3} CPU-s per call at \
+                 {concurrency} concurrent",
                 median(cpu.clone()),
                 median(wall.clone())
             );
-            let (cpu_all, wall_all, concurrent_all) = if is_on {
-                (&mut cpu_on, &mut wall_on, &mut concurrent_on)
-            } else {
-                (&mut cpu_off, &mut wall_off, &mut concurrent_off)
-            };
-            cpu_all.extend(cpu);
-            wall_all.extend(wall);
-            concurrent_all.push(concurrent);
+            figures[idx].cpu.extend(cpu);
+            figures[idx].wall.extend(wall);
+            figures[idx].concurrent_cpu.push(concurrent);
         }
     }
     let stats = on.speculation_stats();
     let (drafted, accepted) = (stats.drafted - stats_before.drafted, stats.accepted - stats_before.accepted);
     let cost_per_1k = |cpu_per_call: f64| cpu_per_call * MACHINE_PRICE_PER_HOUR / 3600.0 * 1000.0;
-    let (cpu_on, cpu_off) = (median(cpu_on), median(cpu_off));
-    let (concurrent_on, concurrent_off) = (median(concurrent_on), median(concurrent_off));
     let tokens: Vec<f64> = answers_off.iter().map(|(_, tokens)| *tokens as f64).collect();
+    let by_name: serde_json::Map<String, Value> = configurations
+        .iter()
+        .zip(figures)
+        .map(|((name, _, _), figures)| {
+            let (cpu, concurrent) = (median(figures.cpu), median(figures.concurrent_cpu));
+            let value = json!({
+                "cpu_s_per_call": cpu,
+                "wall_s_per_call": median(figures.wall),
+                "cost_per_1k": cost_per_1k(cpu),
+                "concurrent_cpu_s_per_call": concurrent,
+                "concurrent_cost_per_1k": cost_per_1k(concurrent),
+                "failed_calls_per_round": figures.failed,
+            });
+            (name.to_string(), value)
+        })
+        .collect();
     let report = json!({
         "workload": "json extraction",
         "weights": format!("{:?}", options.weights),
@@ -358,19 +413,9 @@ async fn extraction(
         "accepted_tokens": accepted,
         "acceptance": accepted as f64 / drafted.max(1) as f64,
         "machine_price_per_hour": MACHINE_PRICE_PER_HOUR,
-        "cpu_s_per_call_on": cpu_on,
-        "cpu_s_per_call_off": cpu_off,
-        "wall_s_per_call_on": median(wall_on),
-        "wall_s_per_call_off": median(wall_off),
-        "cost_per_1k_on": cost_per_1k(cpu_on),
-        "cost_per_1k_off": cost_per_1k(cpu_off),
-        "cpu_ratio_off_over_on": cpu_off / cpu_on,
         "concurrency": concurrency,
-        "concurrent_cpu_s_per_call_on": concurrent_on,
-        "concurrent_cpu_s_per_call_off": concurrent_off,
-        "concurrent_cost_per_1k_on": cost_per_1k(concurrent_on),
-        "concurrent_cost_per_1k_off": cost_per_1k(concurrent_off),
-        "concurrent_cpu_ratio_off_over_on": concurrent_off / concurrent_on,
+        "prompt_only_cpu_s_per_call": median(prompt_cpu),
+        "configurations": by_name,
     });
     println!("{report}");
     Ok(())
