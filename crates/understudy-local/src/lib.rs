@@ -234,4 +234,14 @@ mod tests {
         let spec = LocalModelSpec { weights: Some("iq4_nl".into()), ..spec };
         assert_eq!(engine_options(&spec).unwrap().weights, understudy_engine::requant::WeightFormat::Iq4Nl);
     }
+
+    #[test]
+    fn the_draft_length_reaches_the_engine() {
+        let spec = LocalModelSpec::new("m", "m.gguf");
+        assert_eq!(engine_options(&spec).unwrap().speculative_draft, understudy_engine::DEFAULT_SPECULATIVE_DRAFT);
+        let off = LocalModelSpec { speculative_draft: Some(0), ..spec.clone() };
+        assert_eq!(engine_options(&off).unwrap().speculative_draft, 0);
+        let long = LocalModelSpec { speculative_draft: Some(7), ..spec };
+        assert_eq!(engine_options(&long).unwrap().speculative_draft, 7);
+    }
 }
