@@ -110,6 +110,7 @@ pub fn drift_encoder(
         adapter: None,
         weights: None,
         max_batch: None,
+        speculative_draft: None,
     };
     let model = understudy_providers::LocalLoader::load(&understudy_local::Loader, &spec)
         .with_context(|| format!("cannot load the drift encoder {}", path.display()))?;

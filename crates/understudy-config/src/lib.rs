@@ -30,6 +30,17 @@ pub const DEFAULT_LOCAL_MAX_BATCH: usize = 32;
 /// The largest `max_batch` the config accepts.
 pub const MAX_LOCAL_MAX_BATCH: usize = 1024;
 
+/// How many draft tokens a local causal LM verifies per decode step for a
+/// greedy request (copy-aware speculative decoding: tokens copied from the
+/// request's own prompt and answer), when the config does not say
+/// (`speculative_draft`). An extraction answer copies values of a few
+/// tokens each; on 2 cores a step of 5 tokens costs about 2.2 steps of one,
+/// and longer drafts were rejected more often than they paid (bench/README.md).
+pub const DEFAULT_SPECULATIVE_DRAFT: usize = 4;
+
+/// The largest `speculative_draft` the config accepts.
+pub const MAX_SPECULATIVE_DRAFT: usize = 64;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -216,6 +227,9 @@ pub struct LocalProviderConfig {
     /// The most concurrent requests a classifier or encoder answers in one
     /// forward pass (1: each on its own).
     pub max_batch: usize,
+    /// The most draft tokens a causal LM verifies per step for a greedy
+    /// request (0: one token per step).
+    pub speculative_draft: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -315,6 +329,13 @@ impl Config {
     /// takes its price, else [`DEFAULT_LOCAL_MAX_BATCH`].
     pub fn local_max_batch(&self) -> usize {
         self.first_local().map_or(DEFAULT_LOCAL_MAX_BATCH, |(_, local)| local.max_batch)
+    }
+
+    /// The draft length a local causal LM (a configured model or a trained
+    /// version) is served with: the first local provider's
+    /// `speculative_draft`, else [`DEFAULT_SPECULATIVE_DRAFT`].
+    pub fn local_speculative_draft(&self) -> usize {
+        self.first_local().map_or(DEFAULT_SPECULATIVE_DRAFT, |(_, local)| local.speculative_draft)
     }
 
     fn first_local(&self) -> Option<(&str, &LocalProviderConfig)> {
@@ -558,7 +579,13 @@ enum RawProvider {
         machine_price_per_hour: f64,
         #[serde(default = "default_local_max_batch")]
         max_batch: i64,
+        #[serde(default = "default_speculative_draft")]
+        speculative_draft: i64,
     },
+}
+
+fn default_speculative_draft() -> i64 {
+    DEFAULT_SPECULATIVE_DRAFT as i64
 }
 
 fn default_local_max_batch() -> i64 {
@@ -835,7 +862,7 @@ impl Validator<'_> {
                 RawProvider::Replay { file } => {
                     ProviderConfig::Replay(ReplayProviderConfig { file: self.resolve_path(&file) })
                 }
-                RawProvider::Local { machine_price_per_hour, max_batch } => {
+                RawProvider::Local { machine_price_per_hour, max_batch, speculative_draft } => {
                     if !(machine_price_per_hour.is_finite() && machine_price_per_hour >= 0.0) {
                         return self.invalid(
                             format!("providers.{name}.machine_price_per_hour"),
@@ -853,7 +880,19 @@ impl Validator<'_> {
                             )
                         }
                     };
-                    ProviderConfig::Local(LocalProviderConfig { machine_price_per_hour, max_batch })
+                    let speculative_draft = match usize::try_from(speculative_draft) {
+                        Ok(draft) if draft <= MAX_SPECULATIVE_DRAFT => draft,
+                        _ => {
+                            return self.invalid(
+                                format!("providers.{name}.speculative_draft"),
+                                0,
+                                format!(
+                                    "must be a whole number from 0 (off) to {MAX_SPECULATIVE_DRAFT}, not {speculative_draft}"
+                                ),
+                            )
+                        }
+                    };
+                    ProviderConfig::Local(LocalProviderConfig { machine_price_per_hour, max_batch, speculative_draft })
                 }
             };
             providers.insert(name, provider);

@@ -209,6 +209,8 @@ policy = "lead"
 # machine_price_per_hour = 0.10
 # max_batch = 32          # concurrent requests a classifier or encoder answers in one
 #                         # forward pass (whatever is queued when it frees up; 1: one at a time)
+# speculative_draft = 4   # a causal LM's greedy answers: tokens copied from the prompt checked
+#                         # per decode step (same answer, fewer steps; 0: one token per step)
 #
 # [models.triage-minilm]
 # provider = "local"

@@ -303,3 +303,20 @@ fn a_local_providers_max_batch_is_checked_and_named_by_its_line() {
         assert!(error.contains(&format!("understudy.toml:{line}")), "{error}");
     }
 }
+
+#[test]
+fn a_local_providers_speculative_draft_is_checked_and_named_by_its_line() {
+    let local = |extra: &str| format!("{CONTRACT}\n[providers.local]\ntype = \"local\"\n{extra}\n");
+    assert_eq!(parse(CONTRACT).unwrap().local_speculative_draft(), DEFAULT_SPECULATIVE_DRAFT);
+    assert_eq!(parse(&local("")).unwrap().local_speculative_draft(), DEFAULT_SPECULATIVE_DRAFT);
+    assert_eq!(parse(&local("speculative_draft = 0")).unwrap().local_speculative_draft(), 0);
+    let config = parse(&local("speculative_draft = 4")).unwrap();
+    assert_eq!(config.local_speculative_draft(), 4);
+    for bad in ["speculative_draft = -1", "speculative_draft = 65", "speculative_draft = 100000"] {
+        let text = local(bad);
+        let line = text.lines().position(|line| line == bad).unwrap() + 1;
+        let error = parse(&text).expect_err(bad).to_string();
+        assert!(error.contains("providers.local.speculative_draft"), "{error}");
+        assert!(error.contains(&format!("understudy.toml:{line}")), "{error}");
+    }
+}

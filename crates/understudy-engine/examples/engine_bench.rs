@@ -2,14 +2,20 @@
 //! decode at N concurrent, the memory-bandwidth limit, and resident memory.
 //! Prints one JSON object. `bench/engine` drives it next to llama.cpp.
 //!
+//! With `--extraction`, instead: the cost of JSON-extraction calls (an SMS in
+//! the prompt, its fields as a short JSON answer mostly copied from it), in
+//! process CPU-seconds per call and machine cost per 1k calls, with
+//! speculative decoding on and off (one token at a time) in the same run.
+//!
 //!   cargo run --release -p understudy-engine --example engine_bench -- MODEL.gguf [--threads 2] [--runs 3]
+//!   cargo run --release -p understudy-engine --example engine_bench -- MODEL.gguf --extraction [--runs 3]
 
 use std::time::Instant;
 
 use futures::StreamExt;
 use serde_json::{json, Value};
 use understudy_engine::requant::WeightFormat;
-use understudy_engine::{EngineOptions, LlamaCppModel};
+use understudy_engine::{EngineOptions, LlamaCppModel, DEFAULT_SPECULATIVE_DRAFT};
 use understudy_providers::local::{LocalModel, LocalModelSpec};
 use understudy_providers::ChatRequest;
 
@@ -121,10 +127,16 @@ async fn main() -> Result<()> {
     };
 
     let rss_before_kb = status_kb("VmRSS:");
-    let spec =
-        LocalModelSpec { name: "bench".into(), path: path.clone(), adapter: None, weights: None, max_batch: None };
+    let spec = LocalModelSpec::new("bench", path.clone());
     let options =
-        EngineOptions { n_threads: Some(threads), n_ctx: 4096, n_seq_max: concurrency as u32, n_batch: 512, weights };
+        EngineOptions { n_threads: Some(threads), n_seq_max: concurrency as u32, weights, ..EngineOptions::default() };
+    if args.iter().any(|arg| arg == "--extraction") {
+        let draft = flag("--speculative-draft", DEFAULT_SPECULATIVE_DRAFT).max(1);
+        return extraction(&spec, &options, draft, runs, concurrency).await;
+    }
+    // The throughput figures are of one token per step (comparable with
+    // llama.cpp's and earlier runs') unless asked otherwise.
+    let options = EngineOptions { speculative_draft: flag("--speculative-draft", 0), ..options };
     let model = LlamaCppModel::load(&spec, &options)?;
     let rss_loaded_kb = status_kb("VmRSS:");
 
@@ -210,6 +222,200 @@ async fn main() -> Result<()> {
         "rss_before_load_mb": rss_before_kb as f64 / 1024.0,
         "rss_loaded_mb": rss_loaded_kb as f64 / 1024.0,
         "rss_peak_serving_mb": rss_peak_kb as f64 / 1024.0,
+    });
+    println!("{report}");
+    Ok(())
+}
+
+/// The price of a machine hour the extraction workload's costs are in (the
+/// issue's figure, and `understudy.toml`'s default for a local provider).
+const MACHINE_PRICE_PER_HOUR: f64 = 0.10;
+
+/// CPU time of this process so far, all threads (llama.cpp's included), in
+/// seconds: what a call costs on a machine priced by the hour, spinning
+/// threads included.
+fn process_cpu_seconds() -> f64 {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    now.tv_sec as f64 + now.tv_nsec as f64 * 1e-9
+}
+
+/// Short messages with a name, a phone number, a date and a place each.
+const SMS: [&str; 8] = [
+    "Hello, this is Maria Lopez from Bright Smile Dental. Your visit is on March 14 at 221 Oak Street. Call 555-0142.",
+    "Hey it's Sam Ortiz, the party moved to Friday May 9 at the Blue Door Cafe. Text me at 555-0177.",
+    "Reminder from Dr. Alan Chu: appointment on October 2 at Riverside Clinic, questions to 555-0123.",
+    "This is Priya Nair. Pick up your parcel on July 21 at the Elm Road post office, or ring 555-0188.",
+    "Jonas Weber here, the plumber. I can come on April 30 to 14 Harbour Lane. My number is 555-0164.",
+    "Hi from Lena Park! Book club is on January 12 at the Greenfield Library. Questions? 555-0115.",
+    "Carlos Mendes: your car is ready, pick it up on August 8 at Fast Lane Garage. Call 555-0150.",
+    "It's Grace Kim. Dinner on November 18 at Luigi's on 5th Avenue, confirm at 555-0131.",
+];
+
+/// One extraction call's messages: the instruction, one worked example
+/// (so that even a base instruct model answers in the JSON shape a trained
+/// understudy would), and the SMS; with `json_object`, `response_format`
+/// json_object too.
+fn extraction_body(sms: &str, json_object: bool) -> Value {
+    let mut body = json!({"messages": [
+        {"role": "system", "content": "Extract the sender's name, phone number, date and place from the SMS. \
+            Answer with JSON only, with the keys name, phone, date and place."},
+        {"role": "user", "content": "SMS: Hi, it's Tom Baker. Meet me on June 3 at Central Station, call 555-0199."},
+        {"role": "assistant", "content": "{\"name\": \"Tom Baker\", \"phone\": \"555-0199\", \"date\": \"June 3\", \"place\": \"Central Station\"}"},
+        {"role": "user", "content": format!("SMS: {sms}")}],
+        "temperature": 0, "max_tokens": 64});
+    if json_object {
+        body["response_format"] = json!({"type": "json_object"});
+    }
+    body
+}
+
+/// One extraction call: its answer, its completion tokens. With
+/// `json_object`, an answer that is not a JSON object fails (the gateway
+/// would fall back to the lead); it counts as a call, with no answer.
+async fn extract(model: &LlamaCppModel, sms: &str, json_object: bool) -> Result<(String, u64)> {
+    let response = match model.chat(request(extraction_body(sms, json_object))).await {
+        Ok(response) => response,
+        Err(error) if json_object => return Ok((format!("(failed: {error})"), 0)),
+        Err(error) => return Err(error.into()),
+    };
+    let body: Value = serde_json::from_slice(&response.body)?;
+    let answer = body.pointer("/choices/0/message/content").and_then(Value::as_str).unwrap_or("").to_string();
+    let tokens = body.pointer("/usage/completion_tokens").and_then(Value::as_u64).unwrap_or(0);
+    Ok((answer, tokens))
+}
+
+/// CPU-seconds and wall seconds per call, one call at a time, over every SMS.
+async fn extraction_round(
+    model: &LlamaCppModel,
+    json_object: bool,
+) -> Result<(Vec<f64>, Vec<f64>, Vec<(String, u64)>)> {
+    let (mut cpu, mut wall, mut answers) = (Vec::new(), Vec::new(), Vec::new());
+    for sms in SMS {
+        let (cpu_start, wall_start) = (process_cpu_seconds(), Instant::now());
+        answers.push(extract(model, sms, json_object).await?);
+        cpu.push(process_cpu_seconds() - cpu_start);
+        wall.push(wall_start.elapsed().as_secs_f64());
+    }
+    Ok((cpu, wall, answers))
+}
+
+/// CPU-seconds per call of the prompt alone (`max_tokens` 1: prefill and one
+/// sampled token), one call at a time: what speculation cannot change.
+async fn prompt_round(model: &LlamaCppModel) -> Result<Vec<f64>> {
+    let mut cpu = Vec::new();
+    for sms in SMS {
+        let mut body = extraction_body(sms, false);
+        body["max_tokens"] = json!(1);
+        let cpu_start = process_cpu_seconds();
+        model.chat(request(body)).await?;
+        cpu.push(process_cpu_seconds() - cpu_start);
+    }
+    Ok(cpu)
+}
+
+/// CPU-seconds per call with every SMS asked at once (`concurrency` at a time).
+async fn extraction_concurrent(model: &LlamaCppModel, concurrency: usize, json_object: bool) -> Result<f64> {
+    let cpu_start = process_cpu_seconds();
+    let answers: Vec<_> = futures::stream::iter(SMS)
+        .map(|sms| extract(model, sms, json_object))
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    for answer in answers {
+        answer?;
+    }
+    Ok((process_cpu_seconds() - cpu_start) / SMS.len() as f64)
+}
+
+/// The per-call figures of one configuration over all runs.
+#[derive(Default)]
+struct Figures {
+    cpu: Vec<f64>,
+    wall: Vec<f64>,
+    concurrent_cpu: Vec<f64>,
+    /// Calls of the last round that failed (json_object answers that were not one).
+    failed: usize,
+}
+
+/// Speculative decoding on (the default draft) against off, and on with
+/// `response_format` json_object (decoding stops at the closing brace),
+/// taking turns round by round so that all see the same machine load.
+async fn extraction(
+    spec: &LocalModelSpec,
+    options: &EngineOptions,
+    draft: usize,
+    runs: usize,
+    concurrency: usize,
+) -> Result<()> {
+    let on = LlamaCppModel::load(spec, &EngineOptions { speculative_draft: draft, ..options.clone() })?;
+    let off = LlamaCppModel::load(spec, &EngineOptions { speculative_draft: 0, ..options.clone() })?;
+    // Warm up (and check that speculation changes no answer).
+    let (_, _, answers_on) = extraction_round(&on, false).await?;
+    let (_, _, answers_off) = extraction_round(&off, false).await?;
+    let same_answers = answers_on.iter().zip(&answers_off).filter(|(a, b)| a == b).count();
+    eprintln!("warmed up; {same_answers} of {} answers identical; e.g. {:?}", SMS.len(), answers_on[0].0);
+    let stats_before = on.speculation_stats();
+    let configurations: [(&str, &LlamaCppModel, bool); 3] =
+        [("on", &on, false), ("off", &off, false), ("on, json_object", &on, true)];
+    let mut figures: Vec<Figures> = configurations.iter().map(|_| Figures::default()).collect();
+    let mut prompt_cpu = Vec::new();
+    for run in 0..runs {
+        prompt_cpu.extend(prompt_round(&off).await?);
+        // Take turns, each run starting with a different configuration.
+        for turn in 0..configurations.len() {
+            let idx = (run + turn) % configurations.len();
+            let (name, model, json_object) = configurations[idx];
+            let (cpu, wall, answers) = extraction_round(model, json_object).await?;
+            figures[idx].failed = answers.iter().filter(|(answer, _)| answer.starts_with("(failed")).count();
+            let concurrent = extraction_concurrent(model, concurrency, json_object).await?;
+            eprintln!(
+                "speculation {name}: {:.3} CPU-s per call, {:.3} s wall (median), {concurrent:.3} CPU-s per call at \
+                 {concurrency} concurrent",
+                median(cpu.clone()),
+                median(wall.clone())
+            );
+            figures[idx].cpu.extend(cpu);
+            figures[idx].wall.extend(wall);
+            figures[idx].concurrent_cpu.push(concurrent);
+        }
+    }
+    let stats = on.speculation_stats();
+    let (drafted, accepted) = (stats.drafted - stats_before.drafted, stats.accepted - stats_before.accepted);
+    let cost_per_1k = |cpu_per_call: f64| cpu_per_call * MACHINE_PRICE_PER_HOUR / 3600.0 * 1000.0;
+    let tokens: Vec<f64> = answers_off.iter().map(|(_, tokens)| *tokens as f64).collect();
+    let by_name: serde_json::Map<String, Value> = configurations
+        .iter()
+        .zip(figures)
+        .map(|((name, _, _), figures)| {
+            let (cpu, concurrent) = (median(figures.cpu), median(figures.concurrent_cpu));
+            let value = json!({
+                "cpu_s_per_call": cpu,
+                "wall_s_per_call": median(figures.wall),
+                "cost_per_1k": cost_per_1k(cpu),
+                "concurrent_cpu_s_per_call": concurrent,
+                "concurrent_cost_per_1k": cost_per_1k(concurrent),
+                "failed_calls_per_round": figures.failed,
+            });
+            (name.to_string(), value)
+        })
+        .collect();
+    let report = json!({
+        "workload": "json extraction",
+        "weights": format!("{:?}", options.weights),
+        "served_gguf": on.gguf_path().display().to_string(),
+        "threads": options.n_threads,
+        "runs": runs,
+        "calls_per_run": SMS.len(),
+        "answer_tokens_median": median(tokens),
+        "answers_identical": same_answers,
+        "speculative_draft": draft,
+        "drafted_tokens": drafted,
+        "accepted_tokens": accepted,
+        "acceptance": accepted as f64 / drafted.max(1) as f64,
+        "machine_price_per_hour": MACHINE_PRICE_PER_HOUR,
+        "concurrency": concurrency,
+        "prompt_only_cpu_s_per_call": median(prompt_cpu),
+        "configurations": by_name,
     });
     println!("{report}");
     Ok(())

@@ -9,7 +9,9 @@
 //! [`lora`]), and starts one scheduler thread that owns the
 //! llama.cpp context and batches all concurrent requests ([`scheduler`]).
 //! Requests are read by [`request`], sampled by [`sampling`], and their text
-//! cut at stop sequences by [`text`].
+//! cut at stop sequences by [`text`]. Greedy requests draft tokens copied
+//! from their own prompt and output and verify them in the same step
+//! ([`speculative`]).
 
 pub mod gguf;
 pub mod hf;
@@ -19,6 +21,7 @@ pub mod requant;
 pub mod request;
 pub mod sampling;
 pub mod scheduler;
+pub mod speculative;
 pub mod testing;
 pub mod text;
 
@@ -59,11 +62,24 @@ pub struct EngineOptions {
     pub n_batch: u32,
     /// The format the weights are served in ([`requant`]).
     pub weights: requant::WeightFormat,
+    /// Most draft tokens a greedy request verifies per decode step
+    /// ([`speculative`]); 0 decodes one token at a time.
+    pub speculative_draft: usize,
 }
+
+/// The default of [`EngineOptions::speculative_draft`], the config's.
+pub use understudy_config::DEFAULT_SPECULATIVE_DRAFT;
 
 impl Default for EngineOptions {
     fn default() -> EngineOptions {
-        EngineOptions { n_threads: None, n_ctx: 4096, n_seq_max: 8, n_batch: 512, weights: requant::WeightFormat::Auto }
+        EngineOptions {
+            n_threads: None,
+            n_ctx: 4096,
+            n_seq_max: 8,
+            n_batch: 512,
+            weights: requant::WeightFormat::Auto,
+            speculative_draft: DEFAULT_SPECULATIVE_DRAFT,
+        }
     }
 }
 
@@ -130,6 +146,7 @@ pub struct LlamaCppModel {
     jobs: Mutex<mpsc::Sender<Job>>,
     n_ctx: usize,
     n_batch: usize,
+    speculation: Arc<speculative::SpeculationCounters>,
 }
 
 impl std::fmt::Debug for LlamaCppModel {
@@ -228,7 +245,9 @@ impl LlamaCppModel {
         let (jobs, receiver) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
         let thread_model = Arc::clone(&model);
-        let config = SchedulerConfig { n_ctx, n_batch, n_seq_max };
+        let config = SchedulerConfig { n_ctx, n_batch, n_seq_max, speculative_draft: options.speculative_draft };
+        let speculation = Arc::new(speculative::SpeculationCounters::default());
+        let thread_speculation = Arc::clone(&speculation);
         std::thread::Builder::new()
             .name(format!("llama-{}", spec.name))
             .spawn(move || {
@@ -247,7 +266,7 @@ impl LlamaCppModel {
                     }
                 }
                 let _ = ready_tx.send(Ok(()));
-                scheduler::run(&thread_model, context, config, receiver);
+                scheduler::run(&thread_model, context, config, receiver, &thread_speculation);
                 drop(adapter);
             })
             .map_err(|error| EngineError::Setup { path: path.clone(), message: error.to_string() })?;
@@ -264,7 +283,13 @@ impl LlamaCppModel {
             jobs: Mutex::new(jobs),
             n_ctx: n_ctx as usize,
             n_batch: n_batch as usize,
+            speculation,
         })
+    }
+
+    /// How much speculative decoding has drafted and kept since loading.
+    pub fn speculation_stats(&self) -> speculative::SpeculationStats {
+        self.speculation.read()
     }
 
     /// The llama.cpp model, for tests and benchmarks (tokenizing, metadata).
@@ -346,7 +371,8 @@ impl LlamaCppModel {
         };
         let seed = parsed.sampling.seed.unwrap_or_else(fresh_seed);
         let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
-        let job = Job { prompt, sampling: parsed.sampling.clone(), choices, seed, events };
+        let job =
+            Job { prompt, sampling: parsed.sampling.clone(), choices, json_object: parsed.json_object, seed, events };
         Ok((parsed, job, receiver))
     }
 

@@ -30,6 +30,16 @@ pub struct ParsedChat {
     pub sampling: Sampling,
     /// The answer must be one of these strings (`response_format` with an enum schema).
     pub choices: Option<Vec<String>>,
+    /// The answer must be one JSON object (`response_format` json_object).
+    pub json_object: bool,
+}
+
+/// What `response_format` asks of the answer.
+#[derive(Debug, Clone, PartialEq)]
+enum AnswerFormat {
+    Text,
+    Choices(Vec<String>),
+    JsonObject,
 }
 
 pub fn parse_chat(body: &Map<String, Value>) -> Result<ParsedChat, InvalidChat> {
@@ -113,7 +123,7 @@ pub fn parse_chat(body: &Map<String, Value>) -> Result<ParsedChat, InvalidChat> 
             return Err(InvalidChat("tools are not supported by local models".to_string()));
         }
     }
-    let choices = parse_response_format(body.get("response_format"))?;
+    let format = parse_response_format(body.get("response_format"))?;
     Ok(ParsedChat {
         messages,
         sampling: Sampling {
@@ -124,7 +134,11 @@ pub fn parse_chat(body: &Map<String, Value>) -> Result<ParsedChat, InvalidChat> 
             stop,
             logprobs: want_logprobs.then_some(top_logprobs),
         },
-        choices,
+        json_object: format == AnswerFormat::JsonObject,
+        choices: match format {
+            AnswerFormat::Choices(choices) => Some(choices),
+            AnswerFormat::Text | AnswerFormat::JsonObject => None,
+        },
     })
 }
 
@@ -175,12 +189,17 @@ fn parse_messages(messages: Option<&Value>) -> Result<Vec<(String, String)>, Inv
 /// `{"type": "json_schema", "json_schema": {"schema": {"enum": [...]}}}` (or a
 /// schema `{"type": "string", "enum": [...]}`) restricts the answer to those
 /// strings. The answer is the bare string, not its JSON encoding.
-fn parse_response_format(format: Option<&Value>) -> Result<Option<Vec<String>>, InvalidChat> {
+/// `{"type": "json_object"}` asks for one JSON object: decoding stops at its
+/// closing brace, and an answer that is not one fails (so the gateway falls
+/// back to the lead) instead of reaching the client. Other JSON schemas are
+/// refused: nothing here would hold the answer to them.
+fn parse_response_format(format: Option<&Value>) -> Result<AnswerFormat, InvalidChat> {
     let Some(format) = format.filter(|format| !format.is_null()) else {
-        return Ok(None);
+        return Ok(AnswerFormat::Text);
     };
     match format.get("type").and_then(Value::as_str) {
-        Some("text") => Ok(None),
+        Some("text") => Ok(AnswerFormat::Text),
+        Some("json_object") => Ok(AnswerFormat::JsonObject),
         Some("json_schema") => {
             let schema = format
                 .pointer("/json_schema/schema")
@@ -208,7 +227,7 @@ fn parse_response_format(format: Option<&Value>) -> Result<Option<Vec<String>>, 
             if choices.is_empty() {
                 return Err(InvalidChat("the enum of allowed answers is empty".to_string()));
             }
-            Ok(Some(choices))
+            Ok(AnswerFormat::Choices(choices))
         }
         Some(other) => Err(InvalidChat(format!("response_format type `{other}` is not supported by local models"))),
         None => Err(InvalidChat("response_format needs a type".to_string())),
@@ -247,7 +266,12 @@ mod tests {
             (json!({"messages": msg, "stop": 3}), "stop"),
             (json!({"messages": msg, "top_logprobs": 3}), "requires logprobs"),
             (json!({"messages": msg, "temperature": "hot"}), "temperature must be a number"),
-            (json!({"messages": msg, "response_format": {"type": "json_object"}}), "json_object"),
+            (json!({"messages": msg, "response_format": {"type": "xml"}}), "`xml` is not supported"),
+            (
+                json!({"messages": msg, "response_format": {"type": "json_schema",
+                    "json_schema": {"schema": {"type": "object"}}}}),
+                "only with an enum",
+            ),
             (json!({"messages": []}), "empty"),
         ] {
             let error = parse(body).unwrap_err();
@@ -276,6 +300,10 @@ mod tests {
                 "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}))
             .unwrap();
             assert_eq!(parsed.choices, Some(vec!["a".to_string(), "b".to_string()]));
+            assert!(!parsed.json_object);
         }
+        let parsed = parse(json!({"messages": msg, "response_format": {"type": "json_object"}})).unwrap();
+        assert!(parsed.json_object && parsed.choices.is_none());
+        assert!(!parse(json!({"messages": msg})).unwrap().json_object);
     }
 }

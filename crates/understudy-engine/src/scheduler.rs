@@ -7,6 +7,14 @@
 //! of newly admitted sequences (so a long prompt does not stall the others),
 //! then runs one decode. A request whose event receiver is gone (the client
 //! left) is dropped and its KV cells freed (`seq_rm`) before the next step.
+//!
+//! A greedy sequence may also put a draft after its token (copy-aware
+//! speculative decoding, [`crate::speculative`]): the draft's tokens are
+//! decoded in the same step, each with its logits, the longest prefix greedy
+//! decoding agrees with is kept, and the cells of the rest are removed with
+//! `seq_rm` right after the step. Drafts take only the batch room and KV
+//! cells left after the generating sequences' tokens and the prompt chunks,
+//! so they never delay another request's prompt.
 
 use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -20,7 +28,8 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::request::Sampling;
 use crate::sampling::{log_sum_exp, log_sum_exp_f64, sample, top_tokens, Rng};
-use crate::text::StopBuffer;
+use crate::speculative::{prompt_lookup, DraftLength, SpeculationCounters};
+use crate::text::{JsonObject, JsonProgress, StopBuffer};
 
 /// One request handed to the scheduler.
 #[derive(Debug)]
@@ -29,6 +38,8 @@ pub struct Job {
     pub sampling: Sampling,
     /// Constrained output: the token sequences of the allowed answers, and their texts.
     pub choices: Option<Vec<(Vec<LlamaToken>, String)>>,
+    /// The answer must be one JSON object: it ends at its closing brace.
+    pub json_object: bool,
     pub seed: u64,
     pub events: UnboundedSender<Event>,
 }
@@ -55,6 +66,8 @@ pub struct SchedulerConfig {
     pub n_ctx: u32,
     pub n_batch: u32,
     pub n_seq_max: u32,
+    /// Most draft tokens a greedy sequence verifies in one step; 0: no speculation.
+    pub speculative_draft: usize,
 }
 
 enum Phase {
@@ -78,6 +91,14 @@ struct Slot {
     stops: StopBuffer,
     /// Batch rows of this slot's outputs in the current step.
     rows: Vec<i32>,
+    /// The prompt and every token sampled since (the last one is `next`
+    /// while generating): where drafts are looked up.
+    history: Vec<LlamaToken>,
+    /// The draft decoded after `next` in the current step.
+    draft: Vec<LlamaToken>,
+    draft_length: DraftLength,
+    /// Where a JSON-object answer ends (`Job::json_object`).
+    json: Option<JsonObject>,
 }
 
 impl Slot {
@@ -95,6 +116,27 @@ impl Slot {
             Phase::Prefill { .. } => self.job.prompt.len() + 1,
             _ => self.n_past + 1,
         }
+    }
+
+    /// The draft this sequence may verify in this step: greedy sequences
+    /// only, no more tokens than its answer may still have, and within the
+    /// context. Empty for everyone else.
+    fn wanted_draft(&self, n_ctx: usize) -> &[LlamaToken] {
+        if !matches!(self.phase, Phase::Generate { .. }) || self.job.sampling.temperature > 0.0 {
+            return &[];
+        }
+        // The step yields the draft's accepted tokens plus one more of the
+        // model's own, so a draft longer than the answer's remaining room
+        // minus one is decoded for nothing.
+        let remaining = match self.job.sampling.max_tokens {
+            Some(max) => max.saturating_sub(self.n_generated).saturating_sub(1),
+            None => usize::MAX,
+        };
+        // `next` sits at n_past; the draft's last token must leave the cell
+        // after it free, as `sample_next` finishes a sequence with `length`
+        // once n_past + 1 reaches n_ctx.
+        let room = n_ctx.saturating_sub(self.n_past + 2);
+        prompt_lookup(&self.history, self.draft_length.get().min(remaining).min(room))
     }
 
     fn send(&self, event: Event) {
@@ -115,7 +157,13 @@ impl Slot {
 }
 
 /// Runs until every sender of `jobs` is gone.
-pub fn run(model: &LlamaModel, mut context: LlamaContext<'_>, config: SchedulerConfig, jobs: Receiver<Job>) {
+pub fn run(
+    model: &LlamaModel,
+    mut context: LlamaContext<'_>,
+    config: SchedulerConfig,
+    jobs: Receiver<Job>,
+    counters: &SpeculationCounters,
+) {
     let n_ctx = config.n_ctx as usize;
     let n_batch = config.n_batch.max(1) as usize;
     let mut batch = LlamaBatch::new(n_batch + config.n_seq_max as usize, 1);
@@ -176,6 +224,8 @@ pub fn run(model: &LlamaModel, mut context: LlamaContext<'_>, config: SchedulerC
             cells_used += job.prompt.len() + 1;
             let rng = Rng::new(job.seed);
             let stops = StopBuffer::new(job.sampling.stop.clone());
+            let history = job.prompt.clone();
+            let job_json_object = job.json_object;
             slots.push(Slot {
                 seq_id,
                 job,
@@ -185,6 +235,10 @@ pub fn run(model: &LlamaModel, mut context: LlamaContext<'_>, config: SchedulerC
                 rng,
                 stops,
                 rows: Vec::new(),
+                history,
+                draft: Vec::new(),
+                draft_length: DraftLength::new(config.speculative_draft),
+                json: job_json_object.then(JsonObject::default),
             });
         }
         if slots.is_empty() {
@@ -199,6 +253,7 @@ pub fn run(model: &LlamaModel, mut context: LlamaContext<'_>, config: SchedulerC
         let mut out_of_context = Vec::new();
         for (slot_idx, slot) in slots.iter_mut().enumerate() {
             slot.rows.clear();
+            slot.draft.clear();
             if let Phase::Generate { next } = slot.phase {
                 if cells_free == 0 || slot.n_past + 1 > n_ctx {
                     out_of_context.push(slot_idx);
@@ -248,6 +303,28 @@ pub fn run(model: &LlamaModel, mut context: LlamaContext<'_>, config: SchedulerC
                 cells_free -= n;
             }
         }
+        // Drafts last, in the room the others left.
+        for slot in slots.iter_mut() {
+            if slot.rows.len() != 1 {
+                continue;
+            }
+            let draft = slot.wanted_draft(n_ctx);
+            let n = draft.len().min(budget).min(cells_free);
+            if n == 0 {
+                continue;
+            }
+            let draft = draft[..n].to_vec();
+            for (offset, token) in draft.iter().enumerate() {
+                slot.rows.push(batch.n_tokens());
+                if batch.add(*token, (slot.n_past + 1 + offset) as i32, &[slot.seq_id], true).is_err() {
+                    slot.rows.pop();
+                    break;
+                }
+                slot.draft.push(*token);
+            }
+            budget -= slot.draft.len();
+            cells_free -= slot.draft.len();
+        }
         for &slot_idx in out_of_context.iter().rev() {
             let mut slot = slots.remove(slot_idx);
             slot.finish("length");
@@ -279,7 +356,14 @@ pub fn run(model: &LlamaModel, mut context: LlamaContext<'_>, config: SchedulerC
         // 6. Read each slot's outputs.
         let mut finished = Vec::new();
         for (slot_idx, slot) in slots.iter_mut().enumerate() {
-            let done = step_slot(model, &context, slot, end_token, n_ctx);
+            let done = match step_slot(model, &mut context, slot, end_token, n_ctx, counters) {
+                Ok(done) => done,
+                Err(message) => {
+                    slot.send(Event::Failed(message));
+                    finished.push(slot_idx);
+                    continue;
+                }
+            };
             if let Some(reason) = done {
                 slot.finish(reason);
                 finished.push(slot_idx);
@@ -300,21 +384,82 @@ pub fn run(model: &LlamaModel, mut context: LlamaContext<'_>, config: SchedulerC
     }
 }
 
-/// Advances one slot after a decode; `Some(finish_reason)` when it is done.
+/// Advances one slot after a decode; `Some(finish_reason)` when it is done,
+/// an error message when its KV cache could not be put right.
 fn step_slot(
+    model: &LlamaModel,
+    context: &mut LlamaContext<'_>,
+    slot: &mut Slot,
+    end_token: LlamaToken,
+    n_ctx: usize,
+    counters: &SpeculationCounters,
+) -> Result<Option<&'static str>, String> {
+    if slot.rows.is_empty() {
+        return Ok(None);
+    }
+    if let Phase::Generate { .. } = slot.phase {
+        return step_generating(model, context, slot, end_token, n_ctx, counters);
+    }
+    step_other(model, context, slot, end_token, n_ctx)
+}
+
+/// A generating slot after a decode: its token, then as much of its draft as greedy decoding agrees with.
+fn step_generating(
+    model: &LlamaModel,
+    context: &mut LlamaContext<'_>,
+    slot: &mut Slot,
+    end_token: LlamaToken,
+    n_ctx: usize,
+    counters: &SpeculationCounters,
+) -> Result<Option<&'static str>, String> {
+    // Row i holds the logits after `next` and the draft's first i tokens.
+    // Each row's token is chosen exactly as without a draft; while it
+    // equals the draft's next token, that token is already in the cache at
+    // the right position and the following row is valid too.
+    let draft = std::mem::take(&mut slot.draft);
+    let rows = std::mem::take(&mut slot.rows);
+    let mut n_accepted = 0;
+    for (row_idx, &row) in rows.iter().enumerate() {
+        slot.n_past += 1;
+        let logits = context.get_logits_ith(row);
+        if let Some(reason) = sample_next(model, slot, logits, end_token, n_ctx)? {
+            if !draft.is_empty() {
+                counters.record(draft.len(), n_accepted);
+            }
+            // The sequence's cells are all freed when it is removed.
+            return Ok(Some(reason));
+        }
+        let Phase::Generate { next } = slot.phase else { break };
+        if draft.get(row_idx) != Some(&next) {
+            break;
+        }
+        n_accepted += 1;
+    }
+    slot.rows = rows;
+    if !draft.is_empty() {
+        counters.record(draft.len(), n_accepted);
+        slot.draft_length.update(draft.len(), n_accepted);
+        // Forget the rejected draft tokens: the cells from n_past on.
+        let removed = context.clear_kv_cache_seq(Some(slot.seq_id as u32), Some(slot.n_past as u32), None);
+        if !matches!(removed, Ok(true)) {
+            return Err("llama.cpp could not remove a rejected draft from the KV cache".to_string());
+        }
+    }
+    Ok(None)
+}
+
+/// A prefilling or scoring slot after a decode.
+fn step_other(
     model: &LlamaModel,
     context: &LlamaContext<'_>,
     slot: &mut Slot,
     end_token: LlamaToken,
     n_ctx: usize,
-) -> Option<&'static str> {
-    if slot.rows.is_empty() {
-        return None;
-    }
-    match &mut slot.phase {
+) -> Result<Option<&'static str>, String> {
+    Ok(match &mut slot.phase {
         Phase::Prefill { n_prefilled } => {
             if *n_prefilled < slot.job.prompt.len() {
-                return None;
+                return Ok(None);
             }
             slot.n_past = slot.job.prompt.len();
             let logits = context.get_logits_ith(slot.rows[0]);
@@ -322,18 +467,13 @@ fn step_slot(
                 let n_choices = choices.len();
                 slot.phase = Phase::Score { prompt_logits: logits.to_vec(), candidate: 0, scores: Vec::new() };
                 let _ = n_choices;
-                return None;
+                return Ok(None);
             }
-            sample_next(model, slot, logits, end_token, n_ctx)
+            return sample_next(model, slot, logits, end_token, n_ctx);
         }
-        Phase::Generate { next } => {
-            let _ = next;
-            slot.n_past += 1;
-            let logits = context.get_logits_ith(slot.rows[0]);
-            sample_next(model, slot, logits, end_token, n_ctx)
-        }
+        Phase::Generate { .. } => None,
         Phase::Score { prompt_logits, candidate, scores } => {
-            let Some(choices) = &slot.job.choices else { return Some("stop") };
+            let Some(choices) = &slot.job.choices else { return Ok(Some("stop")) };
             let tokens = &choices[*candidate].0;
             // log P(t1 | prompt) + Σ log P(t_i | prompt, t_<i) + log P(end | prompt, answer)
             let mut score = prompt_logits[tokens[0].0 as usize] as f64 - log_sum_exp(prompt_logits);
@@ -345,7 +485,7 @@ fn step_slot(
             scores.push(score);
             *candidate += 1;
             if *candidate < choices.len() {
-                return None;
+                return Ok(None);
             }
             let scores = scores.clone();
             let chosen = choose(&scores, slot.job.sampling.temperature, &mut slot.rng);
@@ -359,25 +499,45 @@ fn step_slot(
             slot.send(Event::Delta { text: text.clone(), logprobs });
             Some("stop")
         }
-    }
+    })
 }
 
-/// Samples the next token from `logits` and releases its text.
+/// Samples the next token from `logits` and releases its text; an error
+/// message when the answer cannot be the JSON object the request asked for.
 fn sample_next(
     model: &LlamaModel,
     slot: &mut Slot,
     logits: &[f32],
     end_token: LlamaToken,
     n_ctx: usize,
-) -> Option<&'static str> {
+) -> Result<Option<&'static str>, String> {
     let sampling = &slot.job.sampling;
     let token_idx = sample(logits, sampling.temperature, sampling.top_p, &mut slot.rng);
     let token = LlamaToken(token_idx as i32);
     let vocab = model.vocab();
     if vocab.is_eog(token) || token == end_token {
-        return Some("stop");
+        if slot.json.is_some() {
+            return Err("the model ended its answer before the JSON object it was asked for was complete".into());
+        }
+        return Ok(Some("stop"));
     }
-    let piece = vocab.token_to_piece(token, false, None);
+    let mut piece = vocab.token_to_piece(token, false, None);
+    // A JSON-object answer ends at its closing brace: what the token has
+    // after it is dropped, and no token after it is asked for.
+    let mut json_complete = false;
+    if let Some(json) = slot.json.as_mut() {
+        match json.feed(&piece) {
+            JsonProgress::Open => {}
+            JsonProgress::Complete { used } => {
+                json.check().map_err(|error| format!("the model's answer is not a JSON object: {error}"))?;
+                piece.truncate(used);
+                json_complete = true;
+            }
+            JsonProgress::NotAnObject => {
+                return Err("the model's answer does not start with a JSON object".into());
+            }
+        }
+    }
     let logprob = sampling.logprobs.map(|n_top| {
         let norm = log_sum_exp(logits);
         let top = top_tokens(logits, norm, n_top)
@@ -390,22 +550,23 @@ fn sample_next(
         logprob_entry(&piece, logits[token_idx] as f64 - norm, top)
     });
     slot.n_generated += 1;
+    slot.history.push(token);
     let released = slot.stops.push(&piece, logprob);
     let stopped = released.stopped;
     if !released.text.is_empty() || !released.logprobs.is_empty() {
         slot.send(Event::Delta { text: released.text, logprobs: released.logprobs });
     }
-    if stopped {
-        return Some("stop");
+    if stopped || json_complete {
+        return Ok(Some("stop"));
     }
     if slot.job.sampling.max_tokens.is_some_and(|max| slot.n_generated >= max) {
-        return Some("length");
+        return Ok(Some("length"));
     }
     if slot.n_past + 1 >= n_ctx {
-        return Some("length");
+        return Ok(Some("length"));
     }
     slot.phase = Phase::Generate { next: token };
-    None
+    Ok(None)
 }
 
 /// An OpenAI `logprobs.content` entry.

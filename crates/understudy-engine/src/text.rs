@@ -1,7 +1,8 @@
 //! Turns generated token pieces into released text: holds back bytes that
 //! could still become a stop sequence (so no partial stop text leaks to a
 //! stream), cuts the output at the first stop sequence, and releases only
-//! complete UTF-8 characters.
+//! complete UTF-8 characters. [`JsonObject`] finds where an answer that must
+//! be a JSON object ends.
 
 use serde_json::Value;
 
@@ -120,6 +121,74 @@ impl StopBuffer {
     }
 }
 
+/// How far a [`JsonObject`] has got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JsonProgress {
+    /// The object has not ended yet (or not begun: only whitespace so far).
+    Open,
+    /// The object's closing brace is byte `used - 1` of the last piece: the
+    /// rest of that piece is not part of the answer.
+    Complete { used: usize },
+    /// Something other than whitespace came before the opening brace.
+    NotAnObject,
+}
+
+/// The answer of a request with `response_format` json_object: leading
+/// whitespace, then one JSON object. Tracks nesting outside strings, so
+/// decoding can stop at the object's closing brace instead of asking the
+/// model for tokens after it (at least the end-of-turn token).
+#[derive(Debug, Default)]
+pub struct JsonObject {
+    text: Vec<u8>,
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl JsonObject {
+    pub fn feed(&mut self, piece: &[u8]) -> JsonProgress {
+        for (idx, &byte) in piece.iter().enumerate() {
+            if self.text.is_empty() {
+                if byte.is_ascii_whitespace() {
+                    continue;
+                }
+                if byte != b'{' {
+                    return JsonProgress::NotAnObject;
+                }
+            }
+            self.text.push(byte);
+            if self.in_string {
+                if self.escaped {
+                    self.escaped = false;
+                } else if byte == b'\\' {
+                    self.escaped = true;
+                } else if byte == b'"' {
+                    self.in_string = false;
+                }
+                continue;
+            }
+            match byte {
+                b'"' => self.in_string = true,
+                b'{' | b'[' => self.depth += 1,
+                b'}' | b']' => {
+                    self.depth = self.depth.saturating_sub(1);
+                    if self.depth == 0 {
+                        return JsonProgress::Complete { used: idx + 1 };
+                    }
+                }
+                _ => {}
+            }
+        }
+        JsonProgress::Open
+    }
+
+    /// Whether the complete object's text is JSON: the nesting count does
+    /// not see a bare word or a mismatched bracket.
+    pub fn check(&self) -> Result<(), serde_json::Error> {
+        serde_json::from_slice::<serde_json::Map<String, Value>>(&self.text).map(|_| ())
+    }
+}
+
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     if needle.is_empty() || needle.len() > haystack.len() {
         return None;
@@ -167,6 +236,22 @@ mod tests {
         let mut buffer = StopBuffer::new(vec![]);
         assert_eq!(buffer.push(&bytes[..1], None).text, "");
         assert_eq!(buffer.push(&bytes[1..], None).text, "é");
+    }
+
+    #[test]
+    fn a_json_object_ends_at_its_closing_brace() {
+        let mut json = JsonObject::default();
+        for piece in [" \n{", "\"a\": \"}", "{\\\"", "\", \"b\": [1, {\"c\"", ": 2}]"] {
+            assert_eq!(json.feed(piece.as_bytes()), JsonProgress::Open, "{piece:?}");
+        }
+        assert_eq!(json.feed(b"}\n\nmore"), JsonProgress::Complete { used: 1 });
+        json.check().unwrap();
+
+        let mut prose = JsonObject::default();
+        assert_eq!(prose.feed(b"  Here is"), JsonProgress::NotAnObject);
+        let mut bare = JsonObject::default();
+        assert_eq!(bare.feed(b"{name: Ann}"), JsonProgress::Complete { used: 11 });
+        assert!(bare.check().is_err());
     }
 
     #[test]

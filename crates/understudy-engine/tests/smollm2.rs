@@ -43,6 +43,7 @@ fn load_as(path: &std::path::Path, weights: WeightFormat) -> LlamaCppModel {
         adapter: None,
         weights: None,
         max_batch: None,
+        speculative_draft: None,
     };
     LlamaCppModel::load(&spec, &EngineOptions { n_ctx: 2048, weights, ..EngineOptions::default() }).unwrap()
 }
@@ -117,4 +118,88 @@ async fn smollm2_picks_a_label_from_the_allowed_ones() {
         answers.push(answer);
     }
     assert_eq!(answers, vec!["positive", "negative"]);
+}
+
+fn load_with_draft(path: &std::path::Path, speculative_draft: usize) -> LlamaCppModel {
+    let spec = LocalModelSpec {
+        name: "smollm2".into(),
+        path: path.display().to_string(),
+        adapter: None,
+        weights: None,
+        max_batch: None,
+        speculative_draft: None,
+    };
+    LlamaCppModel::load(
+        &spec,
+        &EngineOptions { n_ctx: 2048, n_seq_max: 4, speculative_draft, ..EngineOptions::default() },
+    )
+    .unwrap()
+}
+
+/// JSON extraction prompts: the answer copies values from the message.
+fn extraction_body(sms: &str) -> Value {
+    json!({"messages": [
+        {"role": "system", "content": "Extract the sender's name, phone number, date and place from the SMS. \
+            Answer with JSON only, with the keys name, phone, date and place."},
+        {"role": "user", "content": "SMS: Hi, it's Tom Baker. Meet me on June 3 at Central Station, call 555-0199."},
+        {"role": "assistant", "content": "{\"name\": \"Tom Baker\", \"phone\": \"555-0199\", \"date\": \"June 3\", \"place\": \"Central Station\"}"},
+        {"role": "user", "content": format!("SMS: {sms}")}],
+        "temperature": 0, "max_tokens": 60, "logprobs": true})
+}
+
+const SMS: [&str; 4] = [
+    "Hello, this is Maria Lopez from Bright Smile Dental. Your visit is on March 14 at 221 Oak Street. Call 555-0142.",
+    "Hey it's Sam Ortiz, the party moved to Friday May 9 at the Blue Door Cafe. Text me at 555-0177.",
+    "Reminder from Dr. Alan Chu: appointment on October 2 at Riverside Clinic, questions to 555-0123.",
+    "This is Priya Nair. Pick up your parcel on July 21 at the Elm Road post office, or ring 555-0188.",
+];
+
+fn answer_tokens(completion: &Value) -> (String, Vec<Value>, Value) {
+    let content = completion.pointer("/choices/0/message/content").unwrap().as_str().unwrap().to_string();
+    let tokens = completion.pointer("/choices/0/logprobs/content").unwrap().as_array().unwrap();
+    (content, tokens.iter().map(|entry| entry["bytes"].clone()).collect(), completion["usage"].clone())
+}
+
+#[tokio::test]
+async fn smollm2_speculative_decoding_gives_exactly_the_greedy_tokens() {
+    let Some(path) = smollm2() else { return };
+    let plain = load_with_draft(&path, 0);
+    let speculative = load_with_draft(&path, 8);
+    let mut alone = Vec::new();
+    for sms in SMS {
+        let expected = answer_tokens(&chat(&plain, extraction_body(sms)).await);
+        let got = answer_tokens(&chat(&speculative, extraction_body(sms)).await);
+        assert_eq!(got, expected, "{sms:?}");
+        assert!(expected.0.contains("555-01"), "the answer should copy the phone number: {:?}", expected.0);
+        alone.push(expected);
+    }
+    let stats = speculative.speculation_stats();
+    eprintln!("{stats:?}; first answer {:?}", alone[0].0);
+    assert!(stats.accepted > 0, "no draft token was ever accepted: {stats:?}");
+    assert_eq!(plain.speculation_stats(), Default::default());
+
+    // All four at once: four sequences, each with its own drafts, in one batch.
+    let together = futures::future::join_all(SMS.iter().map(|sms| chat(&speculative, extraction_body(sms)))).await;
+    let together: Vec<_> = together.iter().map(answer_tokens).collect();
+    assert_eq!(together, alone);
+    assert!(speculative.speculation_stats().accepted > stats.accepted);
+}
+
+#[tokio::test]
+async fn smollm2_json_object_answers_end_at_the_closing_brace() {
+    let Some(path) = smollm2() else { return };
+    let model = load_with_draft(&path, 8);
+    for sms in SMS {
+        let text = chat(&model, extraction_body(sms)).await;
+        let mut body = extraction_body(sms);
+        body["response_format"] = json!({"type": "json_object"});
+        let object = chat(&model, body).await;
+        let (text_answer, object_answer) = (answer_tokens(&text), answer_tokens(&object));
+        // The same greedy tokens up to the object's end, which is the answer's end.
+        let value: Value = serde_json::from_str(&object_answer.0).unwrap();
+        assert!(value.is_object(), "{value}");
+        assert!(text_answer.0.starts_with(&object_answer.0), "{:?} against {:?}", text_answer.0, object_answer.0);
+        assert_eq!(object.pointer("/choices/0/finish_reason").unwrap(), "stop");
+        assert_eq!(object_answer.1, text_answer.1[..object_answer.1.len()]);
+    }
 }

@@ -34,7 +34,14 @@ fn flat_model_file(dir: &Path) -> PathBuf {
 }
 
 fn spec(path: &Path, adapter: Option<PathBuf>) -> LocalModelSpec {
-    LocalModelSpec { name: "tiny".into(), path: path.display().to_string(), adapter, weights: None, max_batch: None }
+    LocalModelSpec {
+        name: "tiny".into(),
+        path: path.display().to_string(),
+        adapter,
+        weights: None,
+        max_batch: None,
+        speculative_draft: None,
+    }
 }
 
 fn options() -> EngineOptions {
@@ -437,4 +444,143 @@ fn bad_adapter_directories_fail_naming_the_file() {
     write_tiny_peft_adapter(&wrong, &wider, 4, 0.1, 1).unwrap();
     let error = load_with(&wrong);
     assert!(error.contains("wrong-shape"), "{error}");
+}
+
+fn load_with_draft(path: &Path, speculative_draft: usize) -> LlamaCppModel {
+    LlamaCppModel::load(&spec(path, None), &EngineOptions { speculative_draft, ..options() }).unwrap()
+}
+
+/// The tokens of a greedy answer (from its logprobs, which carry each
+/// token's bytes), its finish reason and its usage.
+fn greedy_tokens(completion: &Value) -> (Vec<Value>, Value, Value) {
+    let tokens = completion
+        .pointer("/choices/0/logprobs/content")
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| entry["bytes"].clone())
+        .collect();
+    (tokens, completion.pointer("/choices/0/finish_reason").unwrap().clone(), completion["usage"].clone())
+}
+
+/// Prompts that repeat themselves, so that drafts copied from them can be
+/// right, and ones that do not. The tiny vocabulary has a token per
+/// character: they are short so that four answers fit the 512-cell context
+/// together.
+const REPEATING_PROMPTS: [&str; 6] = [
+    "abc abc abc abc abc abc",
+    "The cat sat. The cat sat. The cat sat.",
+    "one two one two one two one two",
+    "{\"id\": \"a1\"} {\"id\": \"a1\"}",
+    "hello",
+    "no repeats here",
+];
+
+#[tokio::test]
+async fn speculative_decoding_gives_exactly_the_greedy_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_model_file(dir.path());
+    let plain = load_with_draft(&path, 0);
+    let speculative = load_with_draft(&path, 8);
+    let body = |prompt: &str, max_tokens: usize| {
+        json!({"messages": user(prompt), "temperature": 0, "max_tokens": max_tokens, "logprobs": true,
+            "top_logprobs": 2})
+    };
+    for prompt in REPEATING_PROMPTS {
+        // Short limits check that a draft never runs past max_tokens.
+        for max_tokens in [1, 2, 5, 64] {
+            let expected = chat(&plain, body(prompt, max_tokens)).await;
+            let got = chat(&speculative, body(prompt, max_tokens)).await;
+            assert_eq!(greedy_tokens(&got), greedy_tokens(&expected), "{prompt:?}, max_tokens {max_tokens}");
+            assert_eq!(content(&got), content(&expected));
+            // The logprobs of accepted tokens are read from the verifying
+            // step's rows (a row off by one would be far off; a step of
+            // several tokens moves the last bits, as batching does).
+            let logprobs = |completion: &Value| -> Vec<f64> {
+                let entries = completion.pointer("/choices/0/logprobs/content").unwrap().as_array().unwrap();
+                entries.iter().map(|entry| entry["logprob"].as_f64().unwrap()).collect()
+            };
+            for (a, b) in logprobs(&got).iter().zip(logprobs(&expected)) {
+                assert!((a - b).abs() < 1e-2, "{prompt:?}: logprob {a} against {b}");
+            }
+        }
+    }
+    assert_eq!(plain.speculation_stats(), Default::default(), "speculative_draft 0 must not draft");
+    let stats = speculative.speculation_stats();
+    assert!(stats.accepted > 0, "no draft token was ever accepted: {stats:?}");
+    // Some were rejected too, so the rejected cells' removal was exercised.
+    assert!(stats.drafted > stats.accepted, "every draft token was accepted: {stats:?}");
+}
+
+#[tokio::test]
+async fn concurrent_speculative_sequences_give_the_greedy_tokens_of_one_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_model_file(dir.path());
+    let plain = load_with_draft(&path, 0);
+    let speculative = load_with_draft(&path, 8);
+    let body = |prompt: &str| json!({"messages": user(prompt), "temperature": 0, "max_tokens": 48, "logprobs": true});
+    let mut alone = Vec::new();
+    for prompt in REPEATING_PROMPTS {
+        alone.push(greedy_tokens(&chat(&plain, body(prompt)).await));
+    }
+    // Six requests on four sequences: several sequences, each with its own
+    // drafts, in one batch, and requests admitted while others speculate.
+    let together =
+        futures::future::join_all(REPEATING_PROMPTS.iter().map(|prompt| chat(&speculative, body(prompt)))).await;
+    let together: Vec<_> = together.iter().map(greedy_tokens).collect();
+    for ((prompt, got), expected) in REPEATING_PROMPTS.iter().zip(&together).zip(&alone) {
+        let first_difference = got.0.iter().zip(&expected.0).position(|(a, b)| a != b);
+        assert_eq!(
+            got, expected,
+            "{prompt:?}: first different token at {first_difference:?}; {:?} {:?} against {:?} {:?}",
+            got.1, got.2, expected.1, expected.2
+        );
+    }
+    let stats = speculative.speculation_stats();
+    assert!(stats.accepted > 0, "no draft token was ever accepted: {stats:?}");
+}
+
+#[tokio::test]
+async fn sampled_requests_do_not_speculate_and_stop_sequences_still_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_model_file(dir.path());
+    let speculative = load_with_draft(&path, 8);
+    let plain = load_with_draft(&path, 0);
+    let prompt = REPEATING_PROMPTS[0];
+    let sampled = json!({"messages": user(prompt), "temperature": 0.8, "seed": 5, "max_tokens": 32});
+    assert_eq!(content(&chat(&speculative, sampled.clone()).await), content(&chat(&plain, sampled).await));
+    assert_eq!(speculative.speculation_stats(), Default::default(), "a sampled request drafted");
+
+    // A stop sequence inside the greedy answer cuts it at the same place
+    // even when the stop falls inside an accepted draft.
+    let greedy = json!({"messages": user(prompt), "temperature": 0, "max_tokens": 64});
+    let full = content(&chat(&plain, greedy.clone()).await);
+    let chars: Vec<char> = full.chars().collect();
+    let at = chars.len() * 2 / 3;
+    let stop: String = chars[at..(at + 2).min(chars.len())].iter().collect();
+    if !stop.is_empty() {
+        let mut body = greedy.clone();
+        body["stop"] = json!([stop]);
+        let expected = chat(&plain, body.clone()).await;
+        let got = chat(&speculative, body).await;
+        assert_eq!(content(&got), content(&expected));
+        assert_eq!(got["usage"], expected["usage"]);
+        assert_eq!(got.pointer("/choices/0/finish_reason"), expected.pointer("/choices/0/finish_reason"));
+    }
+    assert!(speculative.speculation_stats().drafted > 0);
+}
+
+#[tokio::test]
+async fn a_json_object_answer_that_is_not_one_fails_instead_of_reaching_the_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = load(&tiny_model_file(dir.path()));
+    // The random model writes no JSON: the call fails (the gateway then
+    // falls back to the lead), where a text answer succeeds.
+    let body = json!({"messages": user("hello"), "temperature": 0, "max_tokens": 24});
+    assert!(!content(&chat(&model, body.clone()).await).trim_start().starts_with('{'));
+    let mut json_body = body;
+    json_body["response_format"] = json!({"type": "json_object"});
+    let error = model.chat(request(json_body)).await.unwrap_err().to_string();
+    assert!(error.contains("JSON object"), "{error}");
 }

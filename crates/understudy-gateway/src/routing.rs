@@ -110,7 +110,11 @@ impl AppState {
             message: format!("cannot load model version {name}: this gateway has no local model support"),
         })?;
         let config = self.config();
-        let spec = LocalModelSpec { max_batch: Some(config.local_max_batch()), ..LocalModelSpec::new(name, path) };
+        let spec = LocalModelSpec {
+            max_batch: Some(config.local_max_batch()),
+            speculative_draft: Some(config.local_speculative_draft()),
+            ..LocalModelSpec::new(name, path)
+        };
         let (provider_name, price_per_hour) = config.machine_price();
         let understudy = Arc::new(Understudy::local(&spec, loader, provider_name, price_per_hour)?);
         if let Ok(mut loaded) = self.inner.routes.loaded.write() {

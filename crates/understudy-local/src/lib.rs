@@ -43,7 +43,7 @@ impl LocalLoader for Loader {
     }
 }
 
-/// The engine options a spec asks for (its `weights` format).
+/// The engine options a spec asks for (its `weights` format and draft length).
 fn engine_options(spec: &LocalModelSpec) -> Result<understudy_engine::EngineOptions, ProviderError> {
     let weights = match &spec.weights {
         Some(text) => understudy_engine::requant::WeightFormat::parse(text).map_err(|error| ProviderError::Setup {
@@ -52,7 +52,7 @@ fn engine_options(spec: &LocalModelSpec) -> Result<understudy_engine::EngineOpti
         })?,
         None => understudy_engine::requant::WeightFormat::Auto,
     };
-    Ok(understudy_engine::EngineOptions { weights, ..Default::default() })
+    Ok(understudy_engine::EngineOptions { weights, speculative_draft: spec.speculative_draft(), ..Default::default() })
 }
 
 /// A PEFT adapter's `base_model_name_or_path`: a path when one exists there,
@@ -118,6 +118,7 @@ impl Loader {
                 adapter: Some(path.to_path_buf()),
                 weights: spec.weights.clone(),
                 max_batch: spec.max_batch,
+                speculative_draft: spec.speculative_draft,
             };
             return self.load_from(&base_spec, hub);
         }
@@ -232,5 +233,15 @@ mod tests {
         assert!(error.contains("`q3`") && error.contains("iq4_nl"), "{error}");
         let spec = LocalModelSpec { weights: Some("iq4_nl".into()), ..spec };
         assert_eq!(engine_options(&spec).unwrap().weights, understudy_engine::requant::WeightFormat::Iq4Nl);
+    }
+
+    #[test]
+    fn the_draft_length_reaches_the_engine() {
+        let spec = LocalModelSpec::new("m", "m.gguf");
+        assert_eq!(engine_options(&spec).unwrap().speculative_draft, understudy_engine::DEFAULT_SPECULATIVE_DRAFT);
+        let off = LocalModelSpec { speculative_draft: Some(0), ..spec.clone() };
+        assert_eq!(engine_options(&off).unwrap().speculative_draft, 0);
+        let long = LocalModelSpec { speculative_draft: Some(7), ..spec };
+        assert_eq!(engine_options(&long).unwrap().speculative_draft, 7);
     }
 }

@@ -64,7 +64,14 @@ fn options(endpoint: &str, cache: &Path) -> HubOptions {
 }
 
 fn spec(path: &str) -> LocalModelSpec {
-    LocalModelSpec { name: "m".into(), path: path.into(), adapter: None, weights: None, max_batch: None }
+    LocalModelSpec {
+        name: "m".into(),
+        path: path.into(),
+        adapter: None,
+        weights: None,
+        max_batch: None,
+        speculative_draft: None,
+    }
 }
 
 fn object(value: Value) -> Map<String, Value> {

@@ -58,6 +58,7 @@ fn load(name: &str, path: &Path) -> Arc<dyn LocalModel> {
             adapter: None,
             weights: None,
             max_batch: None,
+            speculative_draft: None,
         })
         .unwrap()
 }
@@ -139,6 +140,7 @@ fn bad_paths_fail_at_load_naming_the_path() {
                 adapter: None,
                 weights: None,
                 max_batch: None,
+                speculative_draft: None,
             })
             .unwrap_err()
             .to_string()
@@ -451,6 +453,7 @@ async fn an_hf_llama_directory_serves_like_its_gguf() {
         adapter: None,
         weights: None,
         max_batch: None,
+        speculative_draft: None,
     };
     let engine = understudy_engine::LlamaCppModel::load(&spec, &engine_options()).unwrap();
     assert_eq!(engine.gguf_path(), cache.0.as_path());
@@ -626,6 +629,7 @@ async fn a_tiny_hf_qwen2_directory_matches_candle() {
         adapter: None,
         weights: None,
         max_batch: None,
+        speculative_draft: None,
     };
     let engine = understudy_engine::LlamaCppModel::load(&spec, &engine_options()).unwrap();
     assert_eq!(engine.llama_model().meta_val_str("tokenizer.ggml.pre").unwrap(), "qwen2");
@@ -710,6 +714,7 @@ async fn a_peft_adapter_on_an_hf_llama_directory_matches_candle() {
         adapter: None,
         weights: None,
         max_batch: None,
+        speculative_draft: None,
     };
     let engine = understudy_engine::LlamaCppModel::load(&spec, &engine_options()).unwrap();
     assert_eq!(engine.llama_model().meta_val_str("general.architecture").unwrap(), "llama");
@@ -747,6 +752,7 @@ fn an_unsupported_hf_architecture_is_named() {
             adapter: None,
             weights: None,
             max_batch: None,
+            speculative_draft: None,
         })
         .unwrap_err()
         .to_string();

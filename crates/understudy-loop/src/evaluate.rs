@@ -169,7 +169,7 @@ pub async fn evaluate(
             n_validation: validation.len(),
             n_test: test.len(),
         });
-        let understudy = candidate.load(&dataset, loader, machine_price, config.local_max_batch())?;
+        let understudy = candidate.load(&dataset, loader, machine_price, config)?;
         let scored = ask.score(&understudy, &test).await;
         let validation_scored = ask.score(&understudy, &validation).await;
         for (row, answer) in test.iter().zip(&scored) {
@@ -512,6 +512,7 @@ impl Candidate {
             adapter: None,
             weights: None,
             max_batch: None,
+            speculative_draft: None,
         };
         Candidate { name: version.id.clone(), method: version.method.clone(), path: Some(version.path.clone()), spec }
     }
@@ -524,18 +525,26 @@ impl Candidate {
         };
         let name =
             format!("zero-shot:{}", Path::new(&path).file_name().map_or(path.clone(), |n| n.to_string_lossy().into()));
-        let spec = LocalModelSpec { name: name.clone(), path, adapter: None, weights: None, max_batch: None };
+        let spec = LocalModelSpec {
+            name: name.clone(),
+            path,
+            adapter: None,
+            weights: None,
+            max_batch: None,
+            speculative_draft: None,
+        };
         Ok(Candidate { name, method: "zero-shot".into(), path: None, spec })
     }
 
     /// Loads the model as the gateway would serve it: a classifier batches
-    /// up to the config's `max_batch` concurrent calls.
+    /// up to the config's `max_batch` concurrent calls, a causal LM drafts
+    /// up to its `speculative_draft` tokens.
     fn load(
         &self,
         dataset: &DatasetRecord,
         loader: &dyn LocalLoader,
         machine_price: f64,
-        max_batch: usize,
+        config: &Config,
     ) -> Result<Understudy> {
         if self.method == "classifier" && dataset.kind != TaskKind::Label {
             return Err(LoopError::Refused(format!(
@@ -545,7 +554,11 @@ impl Candidate {
                 self.name, self.method, dataset.id, dataset.task, dataset.task
             )));
         }
-        let spec = LocalModelSpec { max_batch: Some(max_batch), ..self.spec.clone() };
+        let spec = LocalModelSpec {
+            max_batch: Some(config.local_max_batch()),
+            speculative_draft: Some(config.local_speculative_draft()),
+            ..self.spec.clone()
+        };
         Understudy::local(&spec, loader, "local", machine_price)
             .map_err(|source| LoopError::Load { name: self.name.clone(), source })
     }

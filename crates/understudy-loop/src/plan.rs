@@ -373,6 +373,7 @@ async fn time_causal_lm(
 ) -> Result<UnderstudySpeed> {
     let spec = LocalModelSpec {
         max_batch: Some(config.local_max_batch()),
+        speculative_draft: Some(config.local_speculative_draft()),
         ..LocalModelSpec::new("plan-base", base.display().to_string())
     };
     let understudy = Understudy::local(&spec, loader, "local", machine_price)

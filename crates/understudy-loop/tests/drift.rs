@@ -147,6 +147,7 @@ async fn scenario(dir: &Path, config: &Config) {
         adapter: None,
         weights: None,
         max_batch: None,
+        speculative_draft: None,
     };
     let model = understudy_local::Loader.load(&spec).unwrap();
     let encoder = Some(Encoder { model: model.as_ref(), name: "encoder" });

@@ -35,17 +35,33 @@ pub struct LocalModelSpec {
     /// The most concurrent requests a classifier or encoder answers in one
     /// forward pass; `None` is [`understudy_config::DEFAULT_LOCAL_MAX_BATCH`].
     pub max_batch: Option<usize>,
+    /// The most draft tokens a causal LM verifies per decode step for a
+    /// greedy request (0: none); `None` is
+    /// [`understudy_config::DEFAULT_SPECULATIVE_DRAFT`].
+    pub speculative_draft: Option<usize>,
 }
 
 impl LocalModelSpec {
     /// A spec with the defaults: no adapter, weights as `auto`, the default batch.
     pub fn new(name: impl Into<String>, path: impl Into<String>) -> LocalModelSpec {
-        LocalModelSpec { name: name.into(), path: path.into(), adapter: None, weights: None, max_batch: None }
+        LocalModelSpec {
+            name: name.into(),
+            path: path.into(),
+            adapter: None,
+            weights: None,
+            max_batch: None,
+            speculative_draft: None,
+        }
     }
 
     /// The batch size this spec asks for, with the default filled in.
     pub fn max_batch(&self) -> usize {
         self.max_batch.unwrap_or(understudy_config::DEFAULT_LOCAL_MAX_BATCH).max(1)
+    }
+
+    /// The draft length this spec asks for, with the default filled in.
+    pub fn speculative_draft(&self) -> usize {
+        self.speculative_draft.unwrap_or(understudy_config::DEFAULT_SPECULATIVE_DRAFT)
     }
 }
 
@@ -135,6 +151,7 @@ impl LocalProvider {
                 adapter: model.adapter.clone(),
                 weights: model.weights.clone(),
                 max_batch: Some(config.max_batch),
+                speculative_draft: Some(config.speculative_draft),
             };
             loaded.insert(model.name.clone(), loader.load(&spec)?);
         }
