@@ -25,6 +25,8 @@ const KEY_COOKIE: &str = "understudy_key";
 const PAGE_SIZE: u64 = 50;
 /// The call list counts matches up to this many.
 const COUNT_CAP: u64 = 1_000;
+/// A text search without a start day reads at most this many newest calls.
+const TEXT_SCAN: u64 = 100_000;
 
 /// Why a page is not shown.
 #[derive(Debug, thiserror::Error)]
@@ -375,6 +377,15 @@ pub async fn calls(
     viewer.require_admin("The call list")?;
     let store = state.recorder().store();
     let mut filter = query.filter()?;
+    // Text is matched by reading each call: without a start day, only the
+    // newest TEXT_SCAN calls (of the other filters) are searched, so the
+    // page stays fast on a large store.
+    let mut searched_from = None;
+    if filter.text.is_some() && filter.since.is_none() {
+        let without_text = CallFilter { text: None, ..filter.clone() };
+        searched_from = store.nth_newest_call_time(&without_text, TEXT_SCAN).await?;
+        filter.since = searched_from;
+    }
     // Counted no further than COUNT_CAP, so that a page of a store of ten
     // million calls never counts them all.
     let n_calls = store.count_calls_up_to(&filter, COUNT_CAP).await?;
@@ -389,6 +400,7 @@ pub async fn calls(
         "calls.html",
         context! {
             viewer => viewer.context(), page => "calls", rows, n_calls, capped => n_calls >= COUNT_CAP,
+            searched_from => searched_from.map(format_time), text_scan => TEXT_SCAN,
             current => query.page,
             filters => json!({"task": query.task, "model": query.model, "status": query.status,
                               "served_by": query.served_by, "since": query.since, "until": query.until, "q": query.q}),

@@ -342,6 +342,13 @@ impl Store {
 
     /// One call by id, or by a unique prefix of its id.
     pub async fn get_call(&self, id_or_prefix: &str) -> Result<Vec<CallRecord>, StoreError> {
+        // A whole id is found through the primary key; LIKE cannot use it
+        // (a scan of every call: 2 s at 10M calls).
+        let exact = format!("SELECT {CALL_COLUMNS} FROM calls WHERE id = {}", placeholder(self.backend, 1));
+        let rows = sqlx::query(&exact).bind(id_or_prefix.to_string()).fetch_all(&self.pool()).await?;
+        if !rows.is_empty() {
+            return rows.iter().map(call_from_row).collect();
+        }
         let pattern = format!("{}%", id_or_prefix.replace(['%', '_'], ""));
         let sql = format!(
             "SELECT {CALL_COLUMNS} FROM calls WHERE id LIKE {} ORDER BY id LIMIT 2",
@@ -349,6 +356,23 @@ impl Store {
         );
         let rows = sqlx::query(&sql).bind(pattern).fetch_all(&self.pool()).await?;
         rows.iter().map(call_from_row).collect()
+    }
+
+    /// When the `n`th newest call matching `filter` was made (`None` when
+    /// fewer match): where a bounded scan of the newest calls starts.
+    pub async fn nth_newest_call_time(
+        &self,
+        filter: &CallFilter,
+        n: u64,
+    ) -> Result<Option<OffsetDateTime>, StoreError> {
+        let clause = WhereClause::new(filter, self.backend);
+        let sql = format!(
+            "SELECT created_at FROM calls{} ORDER BY created_at DESC, id DESC LIMIT 1 OFFSET {}",
+            clause.sql,
+            n.saturating_sub(1)
+        );
+        let row = clause.bind_all(sqlx::query(&sql)).fetch_optional(&self.pool()).await?;
+        row.map(|row| Ok(from_unix_ms(row.try_get(0)?))).transpose()
     }
 
     /// How many calls match `filter`, counted no further than `cap`: a page

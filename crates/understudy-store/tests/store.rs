@@ -755,6 +755,17 @@ async fn a_capped_count_stops_at_its_cap() {
         assert_eq!(store.count_calls_up_to(&CallFilter::default(), 100).await.unwrap(), 30);
         let failed = CallFilter { status: Some(StatusFilter::Error), ..CallFilter::default() };
         assert_eq!(store.count_calls_up_to(&failed, 100).await.unwrap(), 0);
+        // Where a scan of the newest n calls starts.
+        let spread: Vec<CallRecord> =
+            (0..5).map(|idx| call("spread", "m", at + time::Duration::minutes(idx), 200)).collect();
+        store.insert_calls(&spread).await.expect("insert");
+        let of_task = CallFilter { task: Some("spread".into()), ..CallFilter::default() };
+        assert_eq!(store.nth_newest_call_time(&of_task, 2).await.unwrap(), Some(at + time::Duration::minutes(3)));
+        assert_eq!(store.nth_newest_call_time(&of_task, 6).await.unwrap(), None);
+        // A whole id, and a unique prefix of one.
+        let id = spread[4].id.to_string();
+        assert_eq!(store.get_call(&id).await.unwrap(), vec![spread[4].clone()]);
+        assert_eq!(store.get_call(&id[..30]).await.unwrap(), vec![spread[4].clone()]);
     })
     .await;
 }
