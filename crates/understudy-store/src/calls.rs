@@ -151,9 +151,6 @@ impl WhereClause {
     /// The conditions of `filter` over `source`: over the rollups only the
     /// ones [`Source::for_filter`] lets through (task, model, whole days).
     fn over(filter: &CallFilter, backend: Backend, source: Source) -> WhereClause {
-        if source == Source::Calls {
-            return WhereClause::new(filter, backend);
-        }
         let mut clause = WhereClause { sql: String::new(), binds: Vec::new(), backend };
         if let Some(task) = &filter.task {
             clause.push("task = ", Bind::Text(task.clone()));
@@ -161,33 +158,26 @@ impl WhereClause {
         if let Some(model) = &filter.model {
             clause.push("model = ", Bind::Text(model.clone()));
         }
-        if let Some(since) = filter.since {
-            clause.push("day >= ", Bind::Int(unix_ms(since).div_euclid(MS_PER_DAY)));
+        let (since, until) = (filter.since.map(unix_ms), filter.until.map(unix_ms));
+        if source == Source::Rollups {
+            if let Some(since) = since {
+                clause.push("day >= ", Bind::Int(since.div_euclid(MS_PER_DAY)));
+            }
+            if let Some(until) = until {
+                clause.push("day < ", Bind::Int(until.div_euclid(MS_PER_DAY)));
+            }
+            return clause;
         }
-        if let Some(until) = filter.until {
-            clause.push("day < ", Bind::Int(unix_ms(until).div_euclid(MS_PER_DAY)));
+        if let Some(since) = since {
+            clause.push("created_at >= ", Bind::Int(since));
         }
-        clause
-    }
-
-    fn new(filter: &CallFilter, backend: Backend) -> WhereClause {
-        let mut clause = WhereClause { sql: String::new(), binds: Vec::new(), backend };
-        if let Some(task) = &filter.task {
-            clause.push("task = ", Bind::Text(task.clone()));
-        }
-        if let Some(model) = &filter.model {
-            clause.push("model = ", Bind::Text(model.clone()));
-        }
-        if let Some(since) = filter.since {
-            clause.push("created_at >= ", Bind::Int(unix_ms(since)));
-        }
-        if let Some(until) = filter.until {
-            clause.push("created_at < ", Bind::Int(unix_ms(until)));
+        if let Some(until) = until {
+            clause.push("created_at < ", Bind::Int(until));
         }
         match filter.status {
             None => {}
-            Some(StatusFilter::Ok) => clause.push_raw("status >= 200 AND status < 300 AND error IS NULL"),
-            Some(StatusFilter::Error) => clause.push_raw("(status < 200 OR status >= 300 OR error IS NOT NULL)"),
+            Some(StatusFilter::Ok) => clause.push_raw(concat!("NOT ", crate::failed_call!())),
+            Some(StatusFilter::Error) => clause.push_raw(crate::failed_call!()),
             Some(StatusFilter::Code(code)) => clause.push("status = ", Bind::Int(i64::from(code))),
         }
         match filter.served_by {
@@ -321,7 +311,7 @@ impl Store {
 
     /// Calls matching `filter`, in the filter's order.
     pub async fn list_calls(&self, filter: &CallFilter) -> Result<Vec<CallRecord>, StoreError> {
-        let clause = WhereClause::new(filter, self.backend);
+        let clause = WhereClause::over(filter, self.backend, Source::Calls);
         let order = match filter.order {
             CallOrder::OldestFirst => "ASC",
             CallOrder::NewestFirst => "DESC",
@@ -365,7 +355,7 @@ impl Store {
         filter: &CallFilter,
         n: u64,
     ) -> Result<Option<OffsetDateTime>, StoreError> {
-        let clause = WhereClause::new(filter, self.backend);
+        let clause = WhereClause::over(filter, self.backend, Source::Calls);
         let sql = format!(
             "SELECT created_at FROM calls{} ORDER BY created_at DESC, id DESC LIMIT 1 OFFSET {}",
             clause.sql,
@@ -378,14 +368,14 @@ impl Store {
     /// How many calls match `filter`, counted no further than `cap`: a page
     /// needs "over 1,000", not a count of ten million rows.
     pub async fn count_calls_up_to(&self, filter: &CallFilter, cap: u64) -> Result<u64, StoreError> {
-        let clause = WhereClause::new(filter, self.backend);
+        let clause = WhereClause::over(filter, self.backend, Source::Calls);
         let sql = format!("SELECT COUNT(*) FROM (SELECT 1 FROM calls{} LIMIT {cap}) AS capped", clause.sql);
         let row = clause.bind_all(sqlx::query(&sql)).fetch_one(&self.pool()).await?;
         Ok(row.try_get::<i64, _>(0)?.max(0) as u64)
     }
 
     pub async fn count_calls(&self, filter: &CallFilter) -> Result<u64, StoreError> {
-        let clause = WhereClause::new(filter, self.backend);
+        let clause = WhereClause::over(filter, self.backend, Source::Calls);
         let sql = format!("SELECT COUNT(*) FROM calls{}", clause.sql);
         let row = clause.bind_all(sqlx::query(&sql)).fetch_one(&self.pool()).await?;
         Ok(row.try_get::<i64, _>(0)?.max(0) as u64)

@@ -266,19 +266,23 @@ fn check_sqlite_writable(url: &str, path: &Path) -> Result<(), StoreError> {
     if url.contains("mode=ro") {
         return Ok(());
     }
+    // access(2), never open(2): closing any descriptor of a file drops every
+    // POSIX lock this process holds on it, and SQLite's connections in this
+    // process hold such locks on the database and its -shm file. (Opening
+    // and closing them here let another process's writes go unseen.)
     for suffix in ["-wal", "-shm"] {
         let mut companion = path.as_os_str().to_os_string();
         companion.push(suffix);
         let companion = PathBuf::from(companion);
-        if let Err(error) = std::fs::OpenOptions::new().read(true).write(true).open(&companion) {
-            if error.kind() == std::io::ErrorKind::PermissionDenied {
+        if let Err(error) = rustix::fs::access(&companion, rustix::fs::Access::WRITE_OK) {
+            if matches!(error, rustix::io::Errno::ACCESS | rustix::io::Errno::PERM | rustix::io::Errno::ROFS) {
                 return Err(StoreError::NotWritable { path: companion });
             }
         }
     }
     let not_writable = |what: &Path| StoreError::NotWritable { path: what.to_path_buf() };
-    match std::fs::OpenOptions::new().read(true).write(true).open(path) {
-        Ok(_) => Ok(()),
+    match rustix::fs::access(path, rustix::fs::Access::WRITE_OK).map_err(std::io::Error::from) {
+        Ok(()) => Ok(()),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             let folder = match path.parent() {
                 Some(parent) if !parent.as_os_str().is_empty() => parent,
@@ -293,7 +297,14 @@ fn check_sqlite_writable(url: &str, path: &Path) -> Result<(), StoreError> {
                 Err(_) => Err(not_writable(folder)),
             }
         }
-        Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => Err(not_writable(path)),
+        Err(error)
+            if matches!(
+                error.kind(),
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+            ) =>
+        {
+            Err(not_writable(path))
+        }
         Err(_) => Ok(()),
     }
 }

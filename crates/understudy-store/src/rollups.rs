@@ -39,10 +39,21 @@ const fn measure(column: &'static str, per_call: &'static str, kind: Kind) -> Me
     Measure { column, per_call, kind }
 }
 
+/// The one rule for a failed call: not 2xx, or 2xx with an error (a
+/// truncated answer). The `status = error` filter, the error totals and the
+/// partial index `calls_failed` (whose WHERE must be this text, for the
+/// backends to see it applies) all use it.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! failed_call {
+    () => {
+        "(status < 200 OR status >= 300 OR error IS NOT NULL)"
+    };
+}
+
 pub(crate) const N_CALLS: Measure = measure("n_calls", "1", Kind::Count);
-/// A call that failed: not 2xx, or 2xx with an error (a truncated answer).
 pub(crate) const N_ERRORS: Measure =
-    measure("n_errors", "CASE WHEN status >= 200 AND status < 300 AND error IS NULL THEN 0 ELSE 1 END", Kind::Count);
+    measure("n_errors", concat!("CASE WHEN ", crate::failed_call!(), " THEN 1 ELSE 0 END"), Kind::Count);
 pub(crate) const PROMPT_TOKENS: Measure = measure("prompt_tokens", "prompt_tokens", Kind::Count);
 pub(crate) const COMPLETION_TOKENS: Measure = measure("completion_tokens", "completion_tokens", Kind::Count);
 pub(crate) const COST: Measure = measure("cost", "cost", Kind::Money);
