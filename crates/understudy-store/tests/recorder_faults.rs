@@ -415,9 +415,12 @@ fn immutable(paths: &[PathBuf], on: bool) -> bool {
 /// writable again. (The `-shm` file stays writable here: an immutable file
 /// under a live shared mapping is a kernel SIGBUS no SQLite user survives;
 /// an unwritable one at connect is the next test.)
+///
+/// This test found that a connection which had seen the I/O error, used
+/// again once the files were writable, committed batches that were then not
+/// in the file (30 of 60 records, in 2 runs of 3): a SQLite pool is now
+/// closed at the first I/O error, before anything else.
 #[tokio::test]
-#[ignore = "open bug (issue 12): in about 1 run in 3, a batch written while the files were immutable is \
-            counted written but is not in the file afterwards; run with --ignored to reproduce"]
 async fn issue_12_sqlite_files_unwritable_for_a_while_lose_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = sqlite_url(dir.path());
@@ -439,26 +442,35 @@ async fn issue_12_sqlite_files_unwritable_for_a_while_lose_nothing() {
         recorder.record(record).await.expect("queued");
     }
     let failed_before = stats.failed_writes.load(std::sync::atomic::Ordering::Relaxed);
+    // Several failed attempts (the recorder backs off between them), and
+    // more records queued behind the failing batch meanwhile.
     wait_for("failed writes while the files are unwritable", Duration::from_secs(60), || {
-        stats.failed_writes.load(std::sync::atomic::Ordering::Relaxed) > failed_before + 1
+        stats.failed_writes.load(std::sync::atomic::Ordering::Relaxed) > failed_before + 2
+    })
+    .await;
+    for record in calls(15, "during") {
+        recorder.record(record).await.expect("queued");
+    }
+    wait_for("more failed writes", Duration::from_secs(60), || {
+        stats.failed_writes.load(std::sync::atomic::Ordering::Relaxed) > failed_before + 4
     })
     .await;
     assert!(immutable(&files, false), "chattr -i");
     for record in calls(10, "after") {
         recorder.record(record).await.expect("queued");
     }
-    wait_for("every record after the files are writable again", Duration::from_secs(120), || written(&stats) == 60)
+    wait_for("every record after the files are writable again", Duration::from_secs(120), || written(&stats) == 75)
         .await;
     drop(recorder);
     let report = handle.shutdown().await;
-    assert_eq!((report.written, report.spilled, report.dead_lettered), (60, 0, 0), "{report:?}");
+    assert_eq!((report.written, report.spilled, report.dead_lettered), (75, 0, 0), "{report:?}");
     store.close().await;
     let reopened = Store::connect(&url).await.expect("reopen");
     let stored = reopened.list_calls(&CallFilter::default()).await.expect("list");
     let by_model = |model: &str| stored.iter().filter(|call| call.model == model).count();
     assert_eq!(
         (by_model("before"), by_model("during"), by_model("after")),
-        (20, 30, 10),
+        (20, 45, 10),
         "failed writes: {}",
         stats.failed_writes.load(std::sync::atomic::Ordering::Relaxed)
     );
