@@ -383,34 +383,56 @@ impl Store {
 
     /// Calls, tokens and money per task, model and UTC day.
     pub async fn cost_report(&self, filter: &CallFilter) -> Result<Vec<CostRow>, StoreError> {
-        use rollups::{COMPLETION_TOKENS, COST, DAY, MODEL, N_CALLS, N_ERRORS, PROMPT_TOKENS, TASK};
+        use rollups::{DAY, MODEL, TASK};
         let source = Source::for_filter(filter);
         let clause = WhereClause::over(filter, self.backend, source);
-        let sql = report_sql(
-            source,
-            &clause.sql,
-            &[&TASK, &MODEL, &DAY],
-            &[&N_CALLS, &N_ERRORS, &PROMPT_TOKENS, &COMPLETION_TOKENS, &COST],
-            &[&DAY, &TASK, &MODEL],
-        );
+        let sql = report_sql(source, &clause.sql, &[&TASK, &MODEL, &DAY], &DayTotals::MEASURES, &[&DAY, &TASK, &MODEL]);
         let rows = clause.bind_all(sqlx::query(&sql)).fetch_all(&self.pool()).await?;
         rows.iter()
             .map(|row| {
-                let day: i64 = row.try_get(2)?;
+                let totals = DayTotals::read(row)?;
                 Ok(CostRow {
                     task: some_name(row.try_get(0)?),
                     model: row.try_get(1)?,
-                    day: from_unix_ms(day * MS_PER_DAY),
-                    n_calls: nonnegative(row.try_get(3)?),
-                    n_errors: nonnegative(row.try_get(4)?),
-                    usage: Usage {
-                        prompt_tokens: nonnegative(row.try_get(5)?),
-                        completion_tokens: nonnegative(row.try_get(6)?),
-                    },
-                    cost: Money(row.try_get(7)?),
+                    day: totals.day,
+                    n_calls: totals.n_calls,
+                    n_errors: totals.n_errors,
+                    usage: totals.usage,
+                    cost: totals.cost,
                 })
             })
             .collect()
+    }
+}
+
+/// What every cost report ends with, after its two grouping columns: the
+/// UTC day, then the calls, errors, tokens and money of the group.
+struct DayTotals {
+    day: OffsetDateTime,
+    n_calls: u64,
+    n_errors: u64,
+    usage: Usage,
+    cost: Money,
+}
+
+impl DayTotals {
+    const MEASURES: [&'static Measure; 5] =
+        [&rollups::N_CALLS, &rollups::N_ERRORS, &rollups::PROMPT_TOKENS, &rollups::COMPLETION_TOKENS, &rollups::COST];
+
+    /// Reads columns 2 (the day) to 7 of a row of `report_sql` grouped by
+    /// two dimensions and the day, with [`DayTotals::MEASURES`].
+    fn read(row: &AnyRow) -> Result<DayTotals, StoreError> {
+        let day: i64 = row.try_get(2)?;
+        Ok(DayTotals {
+            day: from_unix_ms(day * MS_PER_DAY),
+            n_calls: nonnegative(row.try_get(3)?),
+            n_errors: nonnegative(row.try_get(4)?),
+            usage: Usage {
+                prompt_tokens: nonnegative(row.try_get(5)?),
+                completion_tokens: nonnegative(row.try_get(6)?),
+            },
+            cost: Money(row.try_get(7)?),
+        })
     }
 }
 
@@ -437,7 +459,7 @@ fn some_name(name: String) -> Option<String> {
 impl Store {
     /// Calls, tokens and money per gateway key and UTC day.
     pub async fn key_cost_report(&self, filter: &CallFilter) -> Result<Vec<KeyCostRow>, StoreError> {
-        use rollups::{COMPLETION_TOKENS, COST, DAY, KEY_ID, KEY_NAME, N_CALLS, N_ERRORS, PROMPT_TOKENS};
+        use rollups::{DAY, KEY_ID, KEY_NAME};
         // A key's name is fixed at creation, so grouping by it too adds no rows.
         let source = Source::for_filter(filter);
         let clause = WhereClause::over(filter, self.backend, source);
@@ -445,24 +467,21 @@ impl Store {
             source,
             &clause.sql,
             &[&KEY_ID, &KEY_NAME, &DAY],
-            &[&N_CALLS, &N_ERRORS, &PROMPT_TOKENS, &COMPLETION_TOKENS, &COST],
+            &DayTotals::MEASURES,
             &[&DAY, &KEY_NAME, &KEY_ID],
         );
         let rows = clause.bind_all(sqlx::query(&sql)).fetch_all(&self.pool()).await?;
         rows.iter()
             .map(|row| {
-                let day: i64 = row.try_get(2)?;
+                let totals = DayTotals::read(row)?;
                 let name: String = row.try_get(1)?;
                 Ok(KeyCostRow {
                     key: some_name(row.try_get(0)?).map(|id| KeyRef { id, name }),
-                    day: from_unix_ms(day * MS_PER_DAY),
-                    n_calls: nonnegative(row.try_get(3)?),
-                    n_errors: nonnegative(row.try_get(4)?),
-                    usage: Usage {
-                        prompt_tokens: nonnegative(row.try_get(5)?),
-                        completion_tokens: nonnegative(row.try_get(6)?),
-                    },
-                    cost: Money(row.try_get(7)?),
+                    day: totals.day,
+                    n_calls: totals.n_calls,
+                    n_errors: totals.n_errors,
+                    usage: totals.usage,
+                    cost: totals.cost,
                 })
             })
             .collect()
