@@ -16,16 +16,18 @@
 //! figures the issue asks for are printed (`--nocapture` shows them).
 //!
 //! Gated on `UNDERSTUDY_AUTOPILOT_SCENARIO=1` (with
-//! `UNDERSTUDY_SLOW_TESTS_CACHE` for the data and the model), which `.ci/run`
-//! sets: about 25 minutes in a debug build on 2 shared cores. Its first run
-//! (before the autopilot shadowed challengers after drift) kept served
-//! agreement at 85.3 % between the onset and the retrain, below the 0.9
-//! target; its second held the target but never served NUM, because nothing
-//! retrained on the newest traffic once drift had settled. With a retrain
-//! every 800 calls it passes (2026-12-01, session 6): shadow after 600
-//! calls, cascade after 900; drift 100 calls after the onset; 6 served
-//! answers disagreed (80/86) before a retrained understudy served NUM; after
-//! it, coverage 91.2 % at 94.2 % served agreement, NUM included.
+//! `UNDERSTUDY_SLOW_TESTS_CACHE` for the data and the model); CI does not
+//! set it, because the scenario is not yet reliable. Its first run (before
+//! the autopilot shadowed challengers after drift) kept served agreement at
+//! 85.3 % between the onset and the retrain, below the 0.9 target; its
+//! second held the target but never served NUM (no periodic retrain). With
+//! a retrain every 800 calls (session 6) it passed once (shadow after 600
+//! calls, cascade after 900, drift 100 calls after the onset, 6 served
+//! answers disagreed before a retrained understudy served NUM, then coverage
+//! 91.2 % at 94.2 %) and failed the next run, on the same code, with no
+//! retrained understudy serving NUM within 4,000 calls of the onset: the
+//! training runs are not deterministic across runs (thread timing), and
+//! whether a challenger certifies a cascade that serves NUM varies with them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
 
