@@ -25,9 +25,9 @@
 //! calls, cascade after 900, drift 100 calls after the onset, 6 served
 //! answers disagreed before a retrained understudy served NUM, then coverage
 //! 91.2 % at 94.2 %) and failed the next run, on the same code, with no
-//! retrained understudy serving NUM within 4,000 calls of the onset: the
-//! training runs are not deterministic across runs (thread timing), and
-//! whether a challenger certifies a cascade that serves NUM varies with them.
+//! retrained understudy serving NUM within 4,000 calls of the onset. Why the
+//! two runs differ is not known yet (that run was not captured with
+//! `--nocapture`, so its transitions were not printed).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
 
