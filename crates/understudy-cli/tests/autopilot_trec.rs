@@ -223,7 +223,12 @@ train_window = 1200
     let mut next_other = others.iter().cycle();
     let mut take = |n: usize| -> Vec<(String, String)> { next_other.by_ref().take(n).cloned().collect() };
     while scenario.reached("cascade", 0).is_none() {
-        assert!(scenario.seen.len() < 3000, "no cascade after {} calls", scenario.seen.len());
+        assert!(
+            scenario.seen.len() < 3000,
+            "no cascade after {} calls; transitions: {:?}",
+            scenario.seen.len(),
+            scenario.transitions
+        );
         let batch = take(STEP);
         scenario.step(&batch);
     }
@@ -255,7 +260,11 @@ train_window = 1200
     };
     loop {
         let sent = scenario.seen.len() - onset;
-        assert!(sent < 4000, "no retrained understudy served {HELD_OUT} in {sent} calls after the onset");
+        assert!(
+            sent < 4000,
+            "no retrained understudy served {HELD_OUT} in {sent} calls after the onset; transitions: {:?}",
+            scenario.transitions
+        );
         let batch = mixed(STEP);
         scenario.step(&batch);
         let last = &scenario.seen[scenario.seen.len() - STEP..];
