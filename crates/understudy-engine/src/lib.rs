@@ -422,7 +422,7 @@ impl LocalModel for LlamaCppModel {
                         content.push_str(&text);
                         logprobs.extend(entries);
                     }
-                    Some(Event::Done { finish_reason, prompt_tokens, completion_tokens }) => {
+                    Some(Event::Done { finish_reason, prompt_tokens, completion_tokens, compute }) => {
                         let usage = usage_json(prompt_tokens, completion_tokens);
                         let logprobs = parsed.sampling.logprobs.map(|_| json!({"content": logprobs}));
                         let body = json!({
@@ -446,7 +446,9 @@ impl LocalModel for LlamaCppModel {
                             body: body.to_string().into(),
                             usage: Some(usage),
                             headers: Default::default(),
-                            compute: None,
+                            // Its share of the batched steps, not its wall
+                            // time: concurrent calls overlap (the ledger's rule).
+                            compute: Some(compute),
                         });
                     }
                     Some(Event::Failed(message)) => return Err(self.failed(message)),
@@ -483,7 +485,7 @@ impl LocalModel for LlamaCppModel {
                             Value::Null,
                         ))]
                     }
-                    Event::Done { finish_reason, prompt_tokens, completion_tokens } => vec![
+                    Event::Done { finish_reason, prompt_tokens, completion_tokens, .. } => vec![
                         Ok(chunk(json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_reason}]), Value::Null)),
                         Ok(chunk(json!([]), usage_json(prompt_tokens, completion_tokens))),
                     ],

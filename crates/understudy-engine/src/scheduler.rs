@@ -18,6 +18,7 @@
 
 use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, TryRecvError};
+use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -56,6 +57,11 @@ pub enum Event {
         finish_reason: &'static str,
         prompt_tokens: usize,
         completion_tokens: usize,
+        /// This request's share of the decode steps it took part in: each
+        /// step's time split among its sequences by the tokens each put in
+        /// the batch. What the call cost the machine; concurrent calls'
+        /// wall times overlap, their shares do not.
+        compute: Duration,
     },
     Failed(String),
 }
@@ -99,6 +105,10 @@ struct Slot {
     draft_length: DraftLength,
     /// Where a JSON-object answer ends (`Job::json_object`).
     json: Option<JsonObject>,
+    /// Tokens this sequence put in the current step's batch.
+    step_tokens: usize,
+    /// Its share of the decode steps so far (`Event::Done::compute`).
+    compute: Duration,
 }
 
 impl Slot {
@@ -152,6 +162,7 @@ impl Slot {
             finish_reason,
             prompt_tokens: self.job.prompt.len(),
             completion_tokens: self.n_generated,
+            compute: self.compute,
         });
     }
 }
@@ -239,6 +250,8 @@ pub fn run(
                 draft: Vec::new(),
                 draft_length: DraftLength::new(config.speculative_draft),
                 json: job_json_object.then(JsonObject::default),
+                step_tokens: 0,
+                compute: Duration::ZERO,
             });
         }
         if slots.is_empty() {
@@ -254,6 +267,7 @@ pub fn run(
         for (slot_idx, slot) in slots.iter_mut().enumerate() {
             slot.rows.clear();
             slot.draft.clear();
+            slot.step_tokens = 0;
             if let Phase::Generate { next } = slot.phase {
                 if cells_free == 0 || slot.n_past + 1 > n_ctx {
                     out_of_context.push(slot_idx);
@@ -266,6 +280,7 @@ pub fn run(
                 }
                 cells_free -= 1;
                 budget = budget.saturating_sub(1);
+                slot.step_tokens += 1;
             }
         }
         for slot in slots.iter_mut() {
@@ -281,6 +296,7 @@ pub fn run(
                 }
                 cells_free -= tokens.len();
                 budget -= tokens.len();
+                slot.step_tokens += tokens.len();
             }
         }
         for slot in slots.iter_mut() {
@@ -301,6 +317,7 @@ pub fn run(
                 slot.phase = Phase::Prefill { n_prefilled: n_prefilled + n };
                 budget -= n;
                 cells_free -= n;
+                slot.step_tokens += n;
             }
         }
         // Drafts last, in the room the others left.
@@ -324,6 +341,7 @@ pub fn run(
             }
             budget -= slot.draft.len();
             cells_free -= slot.draft.len();
+            slot.step_tokens += slot.draft.len();
         }
         for &slot_idx in out_of_context.iter().rev() {
             let mut slot = slots.remove(slot_idx);
@@ -343,8 +361,11 @@ pub fn run(
             continue;
         }
 
-        // 5. One decode for everyone.
-        if let Err(error) = context.decode(&mut batch) {
+        // 5. One decode for everyone, its time shared by the tokens each sequence put in.
+        let step_started = Instant::now();
+        let decoded = context.decode(&mut batch);
+        share_step(&mut slots, step_started.elapsed());
+        if let Err(error) = decoded {
             for slot in slots.drain(..) {
                 slot.send(Event::Failed(format!("llama.cpp decode failed: {error}")));
                 let _ = context.clear_kv_cache_seq(Some(slot.seq_id as u32), None, None);
@@ -381,6 +402,18 @@ pub fn run(
             let _ = context.clear_kv_cache_seq(Some(slot.seq_id as u32), None, None);
             free_seq_ids.push(slot.seq_id);
         }
+    }
+}
+
+/// Splits one decode step's time among the sequences in its batch, by the
+/// tokens each put in it.
+fn share_step(slots: &mut [Slot], step: Duration) {
+    let n_tokens: usize = slots.iter().map(|slot| slot.step_tokens).sum();
+    if n_tokens == 0 {
+        return;
+    }
+    for slot in slots.iter_mut().filter(|slot| slot.step_tokens > 0) {
+        slot.compute += step.mul_f64(slot.step_tokens as f64 / n_tokens as f64);
     }
 }
 

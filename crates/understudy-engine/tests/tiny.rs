@@ -336,6 +336,30 @@ async fn concurrent_requests_give_the_same_greedy_answers_as_one_at_a_time() {
 }
 
 #[tokio::test]
+async fn concurrent_calls_are_charged_their_share_of_the_steps_not_their_wall_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = load(&tiny_model_file(dir.path()));
+    let prompts = ["one", "two words", "a longer prompt here", "four", "5", "six six six"];
+    let body = |prompt: &str| json!({"messages": user(prompt), "temperature": 0, "max_tokens": 16});
+    let started = std::time::Instant::now();
+    let answers = futures::future::join_all(prompts.iter().map(|prompt| async move {
+        let called = std::time::Instant::now();
+        let response = model.chat(request(body(prompt))).await.unwrap();
+        (response.compute.expect("the engine says what each call cost"), called.elapsed())
+    }))
+    .await;
+    let run = started.elapsed();
+    let shares: std::time::Duration = answers.iter().map(|(compute, _)| *compute).sum();
+    for (compute, wall) in &answers {
+        assert!(!compute.is_zero() && compute <= wall, "a share of {compute:?} for a call of {wall:?}");
+    }
+    // Charged each call's wall time, the six calls would add up to about six runs.
+    assert!(shares <= run, "shares {shares:?} add up to more than the run's {run:?}");
+    let walls: std::time::Duration = answers.iter().map(|(_, wall)| *wall).sum();
+    assert!(shares * 2 < walls, "shares {shares:?} against the calls' wall times {walls:?}");
+}
+
+#[tokio::test]
 async fn a_client_that_leaves_frees_its_slot() {
     let dir = tempfile::tempdir().unwrap();
     let path = tiny_model_file(dir.path());

@@ -90,6 +90,10 @@ pub struct Observation {
     pub shadow: Option<ShadowEvidence>,
     /// Drift signals that fired.
     pub drift: Vec<String>,
+    /// The lead answered with labels the serving version never learned: on
+    /// those calls the understudy cannot agree, so its certificate no longer
+    /// covers the traffic.
+    pub drift_new_labels: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -130,8 +134,18 @@ pub fn decide(stage: Stage, seen: &Observation, config: &AutopilotConfig) -> Dec
         )),
         Stage::Training | Stage::Challenger => Decision::Run,
         Stage::Shadow => {
-            if let Some(reason) = retrain_due(seen, config) {
-                return Decision::Move { to: Stage::Challenger, reason };
+            // Shadow calls are the newest traffic, answered by the understudy
+            // beside the lead: when enough of them certify a cascade, that
+            // certificate holds for the traffic as it is now, whatever moved
+            // since the version's training set. Only a shadow that does not
+            // certify gives way to a retrain.
+            let certified = seen.shadow.as_ref().is_some_and(|shadow| {
+                shadow.n_calls >= config.shadow_calls && shadow.certification.threshold.is_some()
+            });
+            if !certified {
+                if let Some(reason) = retrain_due(seen, config) {
+                    return Decision::Move { to: Stage::Challenger, reason };
+                }
             }
             match &seen.shadow {
                 Some(shadow) if shadow.n_calls >= config.shadow_calls => match shadow.certification.threshold {
@@ -221,10 +235,15 @@ impl<'a> Autopilot<'a> {
                 Decision::Hold(reason) => return Ok((events, reason)),
                 Decision::Move { to, reason } => {
                     let mut evidence = self.enter(task, to, &seen).await?;
-                    if stage == Stage::Cascade && to == Stage::Challenger && !seen.drift.is_empty() {
-                        // The certificate was for traffic that has moved: the
+                    if stage == Stage::Cascade && to == Stage::Challenger && seen.drift_new_labels {
+                        // The traffic holds answers the champion never
+                        // learned, which its certificate cannot cover: the
                         // lead serves (the champion in shadow) until live
-                        // shadow calls certify a cascade again.
+                        // shadow calls certify a cascade again. Other drift
+                        // (label shares, inputs, confidence) changes the mix
+                        // the certificate was computed on; the cascade goes
+                        // on serving under the guardrail's live audits, which
+                        // demote it if served agreement falls below target.
                         let current = self.store.policy_history(task).await?.into_iter().next();
                         let why = format!("drift, shadow while a challenger trains: {}", seen.drift.join("; "));
                         let change = self.promote(task, "shadow", current.and_then(|c| c.understudy), &why).await?;
@@ -307,14 +326,16 @@ impl<'a> Autopilot<'a> {
             _ => None,
         };
         let mut drift = Vec::new();
+        let mut drift_new_labels = false;
         let checked = self.drift_checked_at.get(task).copied();
         // A window of new calls since the last training, and since the last
         // check (a training resets the count): one test per window of calls.
         let window_passed = n_calls_since_training >= settings.drift_window
             && checked
                 .is_none_or(|at| n_calls_since_training >= at + settings.drift_window || n_calls_since_training < at);
-        // Watched in shadow too: a challenger shadowed after drift that has
-        // still not learned what moved gets a retrain, not a cascade.
+        // Watched in shadow too: a challenger shadowed after drift whose
+        // shadow calls do not certify a cascade, and that has still not
+        // learned what moved, gets a retrain (see `decide`).
         let watched = matches!(stage, Stage::Cascade | Stage::Shadow);
         if settings.drift && watched && pinned_by.is_none() && window_passed {
             let found =
@@ -324,8 +345,9 @@ impl<'a> Autopilot<'a> {
                 self.drift_checked_at.insert(task.to_string(), n_calls_since_training);
             }
             drift = found.report.reasons();
+            drift_new_labels = found.report.answers.as_ref().is_some_and(|answers| answers.new_label_fired);
         }
-        Ok(Observation { n_calls_since_training, pinned_by, demoted, shadow, drift })
+        Ok(Observation { n_calls_since_training, pinned_by, demoted, shadow, drift, drift_new_labels })
     }
 
     /// The cascade threshold the shadow calls since `since` certify: each
@@ -378,6 +400,7 @@ impl<'a> Autopilot<'a> {
             "dataset": saved.record.id, "n_train": saved.record.n_train, "n_validation": saved.record.n_validation,
             "n_test": saved.record.n_test, "calls_since_training": seen.n_calls_since_training,
             "champion": if to == Stage::Challenger { champion } else { None }, "drift": seen.drift,
+            "new_labels": seen.drift_new_labels,
         }))
     }
 
@@ -467,15 +490,20 @@ impl<'a> Autopilot<'a> {
                 ),
                 None => "no champion to compare with".to_string(),
             };
-            let drifted = entered.get("drift").and_then(Value::as_array).is_some_and(|drift| !drift.is_empty());
+            // Entered on new labels (older transitions recorded only the
+            // drift's sentences, and any drift counted).
+            let new_labels = match entered.get("new_labels").and_then(Value::as_bool) {
+                Some(new_labels) => new_labels,
+                None => entered.get("drift").and_then(Value::as_array).is_some_and(|drift| !drift.is_empty()),
+            };
             match (not_worse, new.certification.threshold) {
-                (true, _) if drifted => {
+                (true, _) if new_labels => {
                     // Its validation and test splits are partly older than
-                    // the drift, so they may not certify it (a new label is
-                    // rare in them): live shadow calls, the newest traffic
+                    // the new labels, so they may not certify it (a new label
+                    // is rare in them): live shadow calls, the newest traffic
                     // there is, certify its cascade.
                     let reason = format!(
-                        "challenger {challenger} shadowed until live shadow calls certify its cascade (drift): {compared}"
+                        "challenger {challenger} shadowed until live shadow calls certify its cascade (new labels): {compared}"
                     );
                     let change = self.promote(task, "shadow", Some(challenger.clone()), &reason).await?;
                     evidence["policy_change"] = json!(change.id);
@@ -642,6 +670,20 @@ mod tests {
         assert!(
             matches!(decide(Stage::Shadow, &shadow(60, None), &settings()), Decision::Hold(r) if r.contains("certify no"))
         );
+        // Drift since the version's training set: shadow calls that certify
+        // a cascade promote it (they are the traffic as it is now); a shadow
+        // that does not certify, or has too few calls yet, gives way to a retrain.
+        let drifted = |n_calls, threshold| Observation {
+            drift: vec!["label shares shifted".into()],
+            ..shadow(n_calls, threshold)
+        };
+        assert!(matches!(decide(Stage::Shadow, &drifted(60, Some(0.9)), &settings()), Decision::PromoteCascade { .. }));
+        for (n_calls, threshold) in [(60, None), (40, Some(0.9))] {
+            match decide(Stage::Shadow, &drifted(n_calls, threshold), &settings()) {
+                Decision::Move { to: Stage::Challenger, reason } => assert!(reason.contains("drift"), "{reason}"),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

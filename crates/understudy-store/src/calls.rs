@@ -251,10 +251,33 @@ impl Store {
         if calls.is_empty() && feedback.is_empty() {
             return Ok(());
         }
+        // The rollups must count only the calls the INSERT inserted. A fresh
+        // batch inserts all of them, which `rows_affected` shows without the
+        // cost of `RETURNING` (a row sent back per call). Only when a call
+        // was already stored (a batch replayed, or retried after a commit
+        // whose answer was lost) is the batch written again, asking which.
+        if self.try_write_calls(calls, feedback, on_conflict, Inserted::AllOrNothing).await? {
+            return Ok(());
+        }
+        let complete = self.try_write_calls(calls, feedback, on_conflict, Inserted::Returned).await?;
+        debug_assert!(complete, "a batch that returns its ids is always complete");
+        Ok(())
+    }
+
+    /// One attempt at [`Store::write_calls`]; `false` when, in
+    /// [`Inserted::AllOrNothing`], some call was already stored (and the
+    /// transaction was rolled back).
+    async fn try_write_calls(
+        &self,
+        calls: &[CallRecord],
+        feedback: &[understudy_types::Feedback],
+        on_conflict: OnConflict,
+        mode: Inserted,
+    ) -> Result<bool, StoreError> {
         let mut transaction = self.pool().begin().await?;
         let mut inserted = Vec::with_capacity(calls.len());
         for (size_idx, chunk) in insert_chunks(calls) {
-            let mut query = sqlx::query(insert_sql(size_idx, self.backend, on_conflict));
+            let mut query = sqlx::query(insert_sql(size_idx, self.backend, on_conflict, mode));
             for call in chunk {
                 let text = |value: &str| storable_text(value);
                 let optional_text = |value: &Option<String>| value.as_deref().map(storable_text);
@@ -295,8 +318,20 @@ impl Store {
                     .bind(call.key.as_ref().map(|key| storable_text(&key.name)))
                     .bind(optional_text(&call.upstream_request_id));
             }
-            for row in query.fetch_all(&mut *transaction).await? {
-                inserted.push(row.try_get::<String, _>(0)?);
+            match mode {
+                Inserted::Returned => {
+                    for row in query.fetch_all(&mut *transaction).await? {
+                        inserted.push(row.try_get::<String, _>(0)?);
+                    }
+                }
+                Inserted::AllOrNothing => {
+                    let n_inserted = query.execute(&mut *transaction).await?.rows_affected();
+                    if n_inserted != chunk.len() as u64 {
+                        transaction.rollback().await?;
+                        return Ok(false);
+                    }
+                    inserted.extend(chunk.iter().map(|call| call.id.to_string()));
+                }
             }
         }
         // Only the calls this batch inserted: a replayed call already
@@ -306,7 +341,7 @@ impl Store {
             crate::feedback::insert_feedback(self.backend, &mut *transaction, verdict).await?;
         }
         transaction.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     /// Calls matching `filter`, in the filter's order.
@@ -595,6 +630,16 @@ enum OnConflict {
     Skip,
 }
 
+/// How a batch's INSERT tells which calls it inserted (for the rollups).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Inserted {
+    /// It inserted all of them, or the batch is rolled back (the count of
+    /// rows it wrote says which).
+    AllOrNothing,
+    /// `RETURNING id`: each inserted call's id.
+    Returned,
+}
+
 /// The longest `task` or `model` stored whole. Both are indexed, and a
 /// Postgres B-tree entry must fit in about 2.7 KB: a longer value would make
 /// the whole batch fail. Real names are far shorter.
@@ -645,18 +690,19 @@ fn bind_optional_f64<'q>(
 }
 
 /// The INSERT of `INSERT_SIZES[size_idx]` calls, built once.
-fn insert_sql(size_idx: usize, backend: Backend, on_conflict: OnConflict) -> &'static str {
+fn insert_sql(size_idx: usize, backend: Backend, on_conflict: OnConflict, mode: Inserted) -> &'static str {
     const N_SIZES: usize = INSERT_SIZES.len();
-    static TEXTS: [[[std::sync::OnceLock<String>; N_SIZES]; 2]; 2] =
-        [const { [const { [const { std::sync::OnceLock::new() }; N_SIZES] }; 2] }; 2];
+    static TEXTS: [[[[std::sync::OnceLock<String>; N_SIZES]; 2]; 2]; 2] =
+        [const { [const { [const { [const { std::sync::OnceLock::new() }; N_SIZES] }; 2] }; 2] }; 2];
     let backend_idx = usize::from(backend == Backend::Postgres);
     let conflict_idx = usize::from(on_conflict == OnConflict::Skip);
-    TEXTS[backend_idx][conflict_idx][size_idx]
-        .get_or_init(|| build_insert_sql(INSERT_SIZES[size_idx], backend, on_conflict))
+    let mode_idx = usize::from(mode == Inserted::Returned);
+    TEXTS[backend_idx][conflict_idx][mode_idx][size_idx]
+        .get_or_init(|| build_insert_sql(INSERT_SIZES[size_idx], backend, on_conflict, mode))
         .as_str()
 }
 
-fn build_insert_sql(n_rows: usize, backend: Backend, on_conflict: OnConflict) -> String {
+fn build_insert_sql(n_rows: usize, backend: Backend, on_conflict: OnConflict, mode: Inserted) -> String {
     let mut sql = format!("INSERT INTO calls ({CALL_COLUMNS}) VALUES ");
     for row_idx in 0..n_rows {
         if row_idx > 0 {
@@ -675,9 +721,11 @@ fn build_insert_sql(n_rows: usize, backend: Backend, on_conflict: OnConflict) ->
         // Both backends take this form (SQLite since 3.24).
         sql.push_str(" ON CONFLICT (id) DO NOTHING");
     }
-    // The ids actually inserted, for the rollups (both backends; SQLite
-    // since 3.35).
-    sql.push_str(" RETURNING id");
+    if mode == Inserted::Returned {
+        // The ids actually inserted, for the rollups (both backends; SQLite
+        // since 3.35).
+        sql.push_str(" RETURNING id");
+    }
     sql
 }
 
