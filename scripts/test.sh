@@ -52,3 +52,10 @@ export UNDERSTUDY_TEST_REDIS_URL="${UNDERSTUDY_TEST_REDIS_URL:-redis://127.0.0.1
 export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-$(nproc)}"
 
 cargo test --workspace --locked "$@"
+
+# The autopilot's TREC scenario trains MiniLM several times over real
+# sockets: a release build runs it in about 6 minutes (a debug build, which
+# skips it, would take 25-40). Opt-in: CI does not set the variable yet.
+if [ -n "${UNDERSTUDY_AUTOPILOT_SCENARIO:-}" ]; then
+  cargo test --release --locked -p understudy-cli --test autopilot_trec -- --nocapture
+fi

@@ -16,18 +16,29 @@
 //! figures the issue asks for are printed (`--nocapture` shows them).
 //!
 //! Gated on `UNDERSTUDY_AUTOPILOT_SCENARIO=1` (with
-//! `UNDERSTUDY_SLOW_TESTS_CACHE` for the data and the model); CI does not
-//! set it, because the scenario is not yet reliable. Its first run (before
-//! the autopilot shadowed challengers after drift) kept served agreement at
-//! 85.3 % between the onset and the retrain, below the 0.9 target; its
-//! second held the target but never served NUM (no periodic retrain). With
-//! a retrain every 800 calls (session 6) it passed once (shadow after 600
-//! calls, cascade after 900, drift 100 calls after the onset, 6 served
-//! answers disagreed before a retrained understudy served NUM, then coverage
-//! 91.2 % at 94.2 %) and failed the next run, on the same code, with no
-//! retrained understudy serving NUM within 4,000 calls of the onset. Why the
-//! two runs differ is not known yet (that run was not captured with
-//! `--nocapture`, so its transitions were not printed).
+//! `UNDERSTUDY_SLOW_TESTS_CACHE` for the data and the model), and run only in
+//! release builds (about 6 minutes; a debug build trains for 25-40):
+//! `scripts/test.sh` runs it with `cargo test --release` when the variable is
+//! set. CI does not set it: the scenario is not reliable yet (below).
+//!
+//! History: its first run (before the autopilot shadowed challengers after
+//! drift) kept served agreement at 85.3 % between the onset and the retrain,
+//! below the 0.9 target; its second held the target but never served NUM (no
+//! periodic retrain). With a retrain every 800 calls (session 6) it passed
+//! once and failed once. The failing run's transitions (session 7) showed
+//! why: after the onset, drift was tested every 200 calls against a
+//! training set that spanned the onset, so it kept firing, and in shadow a
+//! due retrain came before the shadow's certification, so a challenger
+//! shadowed for 200 calls was replaced by the next one before its shadow
+//! calls could promote it. Now a shadow whose calls certify a cascade is
+//! promoted first, and only new labels (not shifted label shares) send a
+//! serving cascade back to shadow. Since then it passed 3 of 4 runs. The
+//! failing one learned NUM, and held served agreement (96.6 % after the
+//! retrain), but its coverage after the retrain was 44.2 % against 54.2 %
+//! before the onset: the challenger that learned NUM was promoted at the
+//! threshold its validation split certified (0.9575), which is cautious on
+//! about 240 rows, where the first cascade's had been certified on 215 live
+//! shadow calls (0.7414).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
 
@@ -153,6 +164,10 @@ fn on_trec_the_autopilot_reaches_a_cascade_sees_a_new_label_and_retrains_on_it()
         );
         return;
     };
+    if cfg!(debug_assertions) {
+        eprintln!("skipped in a debug build: scripts/test.sh runs the TREC scenario with `cargo test --release`");
+        return;
+    }
     let (data, minilm) = understudy_trainer::testing::ensure_trec_and_minilm(Path::new(&cache)).expect("TREC, MiniLM");
     let rows: Vec<(String, String)> =
         understudy_trainer::testing::parse_trec(&String::from_utf8_lossy(&std::fs::read(&data).expect("TREC")))

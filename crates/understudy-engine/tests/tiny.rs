@@ -341,6 +341,7 @@ async fn concurrent_calls_are_charged_their_share_of_the_steps_not_their_wall_ti
     let model = load(&tiny_model_file(dir.path()));
     let prompts = ["one", "two words", "a longer prompt here", "four", "5", "six six six"];
     let body = |prompt: &str| json!({"messages": user(prompt), "temperature": 0, "max_tokens": 16});
+    let (model, body) = (&model, &body);
     let started = std::time::Instant::now();
     let answers = futures::future::join_all(prompts.iter().map(|prompt| async move {
         let called = std::time::Instant::now();

@@ -837,8 +837,13 @@ mod tests {
             };
             assert_eq!(sizes, expected);
         }
-        let text = insert_sql(2, Backend::Postgres, OnConflict::Skip);
+        let text = insert_sql(2, Backend::Postgres, OnConflict::Skip, Inserted::Returned);
         assert!(text.ends_with("($133,$134,$135,$136,$137,$138,$139,$140,$141,$142,$143,$144,$145,$146,$147,$148,$149,$150,$151,$152,$153,$154,$155,$156,$157,$158,$159,$160,$161,$162,$163,$164,$165) ON CONFLICT (id) DO NOTHING RETURNING id"), "{text}");
-        assert!(std::ptr::eq(text, insert_sql(2, Backend::Postgres, OnConflict::Skip)), "built once");
+        assert!(
+            std::ptr::eq(text, insert_sql(2, Backend::Postgres, OnConflict::Skip, Inserted::Returned)),
+            "built once"
+        );
+        let counted = insert_sql(2, Backend::Postgres, OnConflict::Skip, Inserted::AllOrNothing);
+        assert!(counted.ends_with("$165) ON CONFLICT (id) DO NOTHING"), "{counted}");
     }
 }
