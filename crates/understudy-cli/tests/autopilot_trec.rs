@@ -32,7 +32,7 @@
 //! shadowed for 200 calls was replaced by the next one before its shadow
 //! calls could promote it. Now a shadow whose calls certify a cascade is
 //! promoted first, and only new labels (not shifted label shares) send a
-//! serving cascade back to shadow. Since then it passed 3 of 4 runs. The
+//! serving cascade back to shadow. Since then it passed 4 of 5 runs. The
 //! failing one learned NUM, and held served agreement (96.6 % after the
 //! retrain), but its coverage after the retrain was 44.2 % against 54.2 %
 //! before the onset: the challenger that learned NUM was promoted at the
