@@ -320,12 +320,18 @@ async fn constrained_answers_are_always_one_of_the_allowed_strings() {
     assert!(best >= 1.0 / labels.len() as f64 - 1e-9);
 }
 
+/// Prompts of different lengths, sent together.
+const CONCURRENT_PROMPTS: [&str; 6] = ["one", "two words", "a longer prompt here", "four", "5", "six six six"];
+
+fn greedy_body(prompt: &str) -> Value {
+    json!({"messages": user(prompt), "temperature": 0, "max_tokens": 16})
+}
+
 #[tokio::test]
 async fn concurrent_requests_give_the_same_greedy_answers_as_one_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
     let model = load(&tiny_model_file(dir.path()));
-    let prompts = ["one", "two words", "a longer prompt here", "four", "5", "six six six"];
-    let body = |prompt: &str| json!({"messages": user(prompt), "temperature": 0, "max_tokens": 16});
+    let (prompts, body) = (CONCURRENT_PROMPTS, greedy_body);
     let mut alone = Vec::new();
     for prompt in prompts {
         alone.push(content(&chat(&model, body(prompt)).await));
@@ -339,8 +345,7 @@ async fn concurrent_requests_give_the_same_greedy_answers_as_one_at_a_time() {
 async fn concurrent_calls_are_charged_their_share_of_the_steps_not_their_wall_time() {
     let dir = tempfile::tempdir().unwrap();
     let model = load(&tiny_model_file(dir.path()));
-    let prompts = ["one", "two words", "a longer prompt here", "four", "5", "six six six"];
-    let body = |prompt: &str| json!({"messages": user(prompt), "temperature": 0, "max_tokens": 16});
+    let (prompts, body) = (CONCURRENT_PROMPTS, greedy_body);
     let (model, body) = (&model, &body);
     let started = std::time::Instant::now();
     let answers = futures::future::join_all(prompts.iter().map(|prompt| async move {
