@@ -491,19 +491,32 @@ impl<'a> Autopilot<'a> {
                 None => "no champion to compare with".to_string(),
             };
             // Entered on new labels (older transitions recorded only the
-            // drift's sentences, and any drift counted).
-            let new_labels = match entered.get("new_labels").and_then(Value::as_bool) {
+            // drift's sentences, and any drift counted), or learned labels
+            // the champion never had, whatever made the retrain due (a
+            // periodic retrain can be the first to see a new label).
+            let drift_said = match entered.get("new_labels").and_then(Value::as_bool) {
                 Some(new_labels) => new_labels,
                 None => entered.get("drift").and_then(Value::as_array).is_some_and(|drift| !drift.is_empty()),
             };
+            let learned = match &champion {
+                Some(champion) => crate::drift::labels_learned_since(self.store, champion, &challenger).await?,
+                None => Vec::new(),
+            };
+            evidence["labels_learned"] = json!(learned);
             match (not_worse, new.certification.threshold) {
-                (true, _) if new_labels => {
+                (true, _) if drift_said || !learned.is_empty() => {
                     // Its validation and test splits are partly older than
                     // the new labels, so they may not certify it (a new label
-                    // is rare in them): live shadow calls, the newest traffic
-                    // there is, certify its cascade.
+                    // is rare in them, and its certificate is cautious or
+                    // none): live shadow calls, the newest traffic there is,
+                    // certify its cascade.
+                    let which = if learned.is_empty() {
+                        "new labels".to_string()
+                    } else {
+                        format!("new labels {}", learned.join(", "))
+                    };
                     let reason = format!(
-                        "challenger {challenger} shadowed until live shadow calls certify its cascade (new labels): {compared}"
+                        "challenger {challenger} shadowed until live shadow calls certify its cascade ({which}): {compared}"
                     );
                     let change = self.promote(task, "shadow", Some(challenger.clone()), &reason).await?;
                     evidence["policy_change"] = json!(change.id);

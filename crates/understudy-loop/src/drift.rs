@@ -28,7 +28,7 @@ use understudy_eval::drift::{
 };
 use understudy_providers::{EmbeddingRequest, LocalModel};
 use understudy_router::Policy;
-use understudy_store::{CallFilter, CallOrder, StatusFilter, Store};
+use understudy_store::{CallFilter, CallOrder, DatasetRecord, StatusFilter, Store};
 use understudy_trainer::prompt_text;
 use understudy_types::{CallRecord, OffsetDateTime, ServedBy, TaskKind};
 
@@ -85,12 +85,8 @@ impl Baseline {
     async fn of(store: &Store, task: &str, window: u64, encoder: Option<Encoder<'_>>) -> Result<Baseline> {
         let current = store.policy_history(task).await?.into_iter().next();
         let mut skipped = Vec::new();
-        let version = match current.as_ref().and_then(|change| change.understudy.as_deref()) {
-            Some(id) => store.get_model_version(id).await?.into_iter().find(|version| version.id == id),
-            None => None,
-        };
-        let dataset = match &version {
-            Some(version) => store.get_dataset(&version.dataset_id).await?.into_iter().next(),
+        let dataset = match current.as_ref().and_then(|change| change.understudy.as_deref()) {
+            Some(id) => version_dataset(store, id).await?,
             None => None,
         };
         let labels = match &dataset {
@@ -327,6 +323,30 @@ async fn newest_calls(store: &Store, task: &str, since: Option<OffsetDateTime>, 
         ..CallFilter::default()
     };
     Ok(store.list_calls(&filter).await?)
+}
+
+/// The dataset a model version was trained on, if both are registered.
+async fn version_dataset(store: &Store, version_id: &str) -> Result<Option<DatasetRecord>> {
+    let version = store.get_model_version(version_id).await?.into_iter().find(|version| version.id == version_id);
+    Ok(match version {
+        Some(version) => store.get_dataset(&version.dataset_id).await?.into_iter().next(),
+        None => None,
+    })
+}
+
+/// The labels of the challenger's training split that the champion's never
+/// held (empty for a generation task, or when either version is unknown):
+/// the labels drift would call new, learned by the challenger.
+pub(crate) async fn labels_learned_since(store: &Store, champion: &str, challenger: &str) -> Result<Vec<String>> {
+    let (Some(old), Some(new)) = (version_dataset(store, champion).await?, version_dataset(store, challenger).await?)
+    else {
+        return Ok(Vec::new());
+    };
+    if old.kind != TaskKind::Label || new.kind != TaskKind::Label {
+        return Ok(Vec::new());
+    }
+    let known = training_labels(&old.path)?;
+    Ok(training_labels(&new.path)?.into_keys().filter(|label| !known.contains_key(label)).collect())
 }
 
 /// Label counts of a dataset's train split.

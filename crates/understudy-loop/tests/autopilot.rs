@@ -57,10 +57,15 @@ learning_rate = 0.003
 }
 
 fn examples(n: usize) -> Vec<(usize, ChatExample)> {
-    let starts = [("who", "HUM"), ("where", "LOC"), ("how", "NUM")];
-    (0..n)
+    examples_of(0..n, &[("who", "HUM"), ("where", "LOC"), ("how", "NUM")])
+}
+
+/// Calls `range` (their numbers make them distinct), the question's first
+/// word and its label cycling through `starts`.
+fn examples_of(range: std::ops::Range<usize>, starts: &[(&str, &str)]) -> Vec<(usize, ChatExample)> {
+    range
         .map(|idx| {
-            let (first, label) = starts[idx % 3];
+            let (first, label) = starts[idx % starts.len()];
             let question = format!("{first} {} {} {idx}", WORDS[3 + idx % 7], WORDS[(idx / 3) % WORDS.len()]);
             let line = json!({
                 "messages": [
@@ -223,6 +228,54 @@ async fn scenario(config: &Config) {
         other => panic!("challenger ended in {other}: {}", events[1].reason),
     }
     assert!(store.autopilot_history("questions").await.unwrap().len() >= 7);
+    assert_eq!(judged["labels_learned"], json!([]), "the champion knew every label: {judged}");
+    store.close().await;
+}
+
+/// A retrain that learns a label the champion never saw (here due on a
+/// demotion, before any drift test could fire) shadows the challenger: its
+/// validation split holds few of the new label's calls, so live shadow calls
+/// certify its cascade.
+async fn a_challenger_that_learned_a_new_label_is_shadowed(config: &Config) {
+    let store = Store::connect(&config.store.url).await.unwrap();
+    let loader = understudy_local::Loader;
+    let known = [("who", "HUM"), ("where", "LOC")];
+    import_calls(config, &store, "questions", None, "memory", &examples_of(0..90, &known)).await.unwrap();
+    let mut autopilot = Autopilot::new(config, &store, &loader);
+    let (events, _) = autopilot.tick("questions").await.unwrap();
+    let stages: Vec<(&str, &str)> = events.iter().map(|e| (e.stage_from.as_str(), e.stage_to.as_str())).collect();
+    assert_eq!(stages, vec![("collecting", "training"), ("training", "shadow")], "{events:?}");
+    let champion = evidence(&events[1])["model_version"].as_str().unwrap().to_string();
+    let calls: Vec<CallRecord> = (0..50).map(|idx| shadow_call(0.95, idx % 25 != 0)).collect();
+    store.insert_calls(&calls).await.unwrap();
+    let (events, _) = autopilot.tick("questions").await.unwrap();
+    assert_eq!(events.last().map(|e| e.stage_to.as_str()), Some("cascade"), "{events:?}");
+
+    // NUM appears; the guardrail demotes the cascade.
+    let with_num = [("who", "HUM"), ("where", "LOC"), ("how", "NUM")];
+    import_calls(config, &store, "questions", None, "memory", &examples_of(1000..1090, &with_num)).await.unwrap();
+    let cascade = store.policy_history("questions").await.unwrap().remove(0);
+    let demotion = PolicyChange {
+        id: Uuid::now_v7().to_string(),
+        policy: "shadow".into(),
+        created_at: OffsetDateTime::now_utc(),
+        note: Some("guardrail: audited agreement 20 of 60 is confidently below the target".into()),
+        ..cascade
+    };
+    store.insert_policy_change(&demotion).await.unwrap();
+    let (events, _) = autopilot.tick("questions").await.unwrap();
+    assert!(events.len() >= 2, "{events:?}");
+    assert_eq!(evidence(&events[0])["new_labels"], json!(false), "no drift test ran: {}", events[0].evidence);
+    let judged = evidence(&events[1]);
+    // Labels are compared as normalized answers (lowercase).
+    assert_eq!(judged["labels_learned"], json!(["num"]), "{judged}");
+    assert_eq!(judged["champion"], json!(champion));
+    // Not worse: the champion cannot answer NUM, the challenger learned it.
+    assert_eq!(events[1].stage_to, "shadow", "{}", events[1].reason);
+    assert!(events[1].reason.contains("new labels num"), "{}", events[1].reason);
+    let current = store.policy_history("questions").await.unwrap().remove(0);
+    assert_eq!(current.policy, "shadow");
+    assert_eq!(current.understudy.as_ref(), judged["challenger"].as_str().map(str::to_string).as_ref());
     store.close().await;
 }
 
@@ -238,5 +291,20 @@ async fn the_autopilot_drives_a_task_on_postgres() {
     let database = TestDatabase::create().await.expect("postgres must be reachable (see .ci/run)");
     let dir = tempfile::tempdir().unwrap();
     scenario(&config(dir.path(), &database.url)).await;
+    database.drop_database().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_challenger_that_learned_a_new_label_is_shadowed_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("calls.db").display());
+    a_challenger_that_learned_a_new_label_is_shadowed(&config(dir.path(), &url)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_challenger_that_learned_a_new_label_is_shadowed_on_postgres() {
+    let database = TestDatabase::create().await.expect("postgres must be reachable (see .ci/run)");
+    let dir = tempfile::tempdir().unwrap();
+    a_challenger_that_learned_a_new_label_is_shadowed(&config(dir.path(), &database.url)).await;
     database.drop_database().await.unwrap();
 }
