@@ -48,7 +48,9 @@ impl EncoderLocal {
             hf_dir.tokenizer(MAX_TOKENS.min(cfg.max_position_embeddings)).map_err(|error| setup(error.to_string()))?;
         let weights = hf_dir.weights(DType::F32, &Device::Cpu).map_err(|error| setup(error.to_string()))?;
         let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
-        let model = bert::Model::new(&cfg, vb).map_err(|error| setup(format!("{}: {error}", dir.display())))?;
+        let model = bert::Model::new(&cfg, vb)
+            .and_then(bert::Model::into_inference)
+            .map_err(|error| setup(format!("{}: {error}", dir.display())))?;
         Ok(EncoderLocal {
             name: name.to_string(),
             inner: Arc::new(Inner { model, n_dims: cfg.hidden_size, tokenizer, pad_id: cfg.pad_token_id as u32 }),

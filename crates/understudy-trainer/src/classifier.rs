@@ -163,7 +163,9 @@ impl ClassifierModel {
             let head = candle_core::safetensors::load(dir.join(HEAD_FILE), &Device::Cpu)?;
             weights.extend(head);
         }
-        let (net, _) = Net::build(&cfg, weights, Trainable::nothing(cfg.num_hidden_layers), 0.0)?;
+        let (mut net, _) = Net::build(&cfg, weights, Trainable::nothing(cfg.num_hidden_layers), 0.0)?;
+        // A loaded classifier only answers: its weights laid out for inference.
+        net.encoder = net.encoder.into_inference()?;
         let classes = net.head_weight.dim(0)?;
         if classes != labels.len() {
             return Err(TrainError::Model(format!(
