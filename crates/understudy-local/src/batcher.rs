@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 /// Why a batched call got no answer.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BatchError {
-    /// The worker thread is gone (it could not start, or the model panicked).
+    /// The worker thread is gone (the model was dropped).
     #[error("the batching worker of `{name}` has stopped")]
     Stopped { name: String },
     /// The forward pass of the batch failed.
@@ -71,7 +71,21 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                 let (inputs, replies): (Vec<I>, Vec<_>) = batch.into_iter().map(|job| (job.input, job.reply)).unzip();
                 let n_inputs = inputs.len();
                 let started = Instant::now();
-                let result = forward(inputs);
+                // A pass that panics fails its own calls, loudly, and the
+                // worker goes on: one bad batch must not leave every later
+                // call without its understudy until a restart.
+                let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| forward(inputs))) {
+                    Ok(result) => result.map_err(|error| error.to_string()),
+                    Err(panic) => {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|text| text.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "a panic".to_string());
+                        tracing::error!(batch = n_inputs, panic = %what, "a forward pass panicked; its calls fail");
+                        Err(format!("the forward pass panicked: {what}"))
+                    }
+                };
                 let compute = started.elapsed() / n_inputs as u32;
                 match result {
                     Ok(outputs) if outputs.len() == n_inputs => {
@@ -86,8 +100,8 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                             let _ = reply.send(Err(error.clone()));
                         }
                     }
-                    Err(error) => {
-                        let error = BatchError::Failed { message: error.to_string() };
+                    Err(message) => {
+                        let error = BatchError::Failed { message };
                         for reply in replies {
                             let _ = reply.send(Err(error.clone()));
                         }
@@ -138,6 +152,7 @@ mod tests {
             if inputs.contains(&13) {
                 return Err("thirteen is unlucky");
             }
+            assert!(!inputs.contains(&666), "the model cannot take 666");
             Ok(inputs.into_iter().map(|input| input * 2).collect())
         })
         .unwrap();
@@ -172,6 +187,18 @@ mod tests {
         release.send(()).unwrap();
         let error = batcher.call(13).await.unwrap_err();
         assert!(matches!(&error, BatchError::Failed { message } if message == "thirteen is unlucky"), "{error}");
+        assert_eq!(batcher.call(4).await.unwrap().output, 8);
+    }
+
+    #[tokio::test]
+    async fn a_pass_that_panics_fails_its_calls_and_the_worker_goes_on() {
+        let (batcher, _batches, release, _started) = gated(8);
+        release.send(()).unwrap();
+        let error = batcher.call(666).await.unwrap_err();
+        assert!(
+            matches!(&error, BatchError::Failed { message } if message.contains("the model cannot take 666")),
+            "{error}"
+        );
         assert_eq!(batcher.call(4).await.unwrap().output, 8);
     }
 }
