@@ -299,8 +299,9 @@ pub struct AutopilotConfig {
     pub base: Option<String>,
     pub epochs: Option<usize>,
     pub learning_rate: Option<f64>,
-    /// A challenger replaces the champion unless its agreement is confidently
-    /// lower by more than this (the paired interval's lower bound).
+    /// A challenger whose agreement is shown to be within this of the
+    /// champion's (the paired interval's lower bound) is not worse; so is one
+    /// whose cascade serves more at the target (`understudy_loop::autopilot::judge`).
     pub challenger_margin: f64,
     /// Whether drift makes a retrain due.
     pub drift: bool,

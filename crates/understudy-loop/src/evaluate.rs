@@ -272,6 +272,7 @@ impl JudgeSettings {
             fallbacks,
             curve,
             agrees: scored.iter().zip(test).map(|(answer, row)| answer.agrees_with(row)).collect(),
+            scored: test_scored,
         })
     }
 }
@@ -371,6 +372,9 @@ pub struct VersionResult {
     /// Whether each test row's answer agrees with the lead's, in row order
     /// (the same rows for every candidate of a run, so they pair).
     pub agrees: Vec<bool>,
+    /// Each test row as the cascade sees it (confidence, agreement), in row
+    /// order: what a cascade at any threshold serves of the test split.
+    pub scored: Vec<ScoredAnswer>,
 }
 
 impl VersionResult {
