@@ -187,8 +187,19 @@ fn on_trec_the_autopilot_reaches_a_cascade_sees_a_new_label_and_retrains_on_it()
             .into_iter()
             .map(|row| (row.label, row.text))
             .collect();
-    let held: Vec<_> = rows.iter().filter(|(label, _)| label == HELD_OUT).cloned().collect();
-    let others: Vec<_> = rows.iter().filter(|(label, _)| label != HELD_OUT).cloned().collect();
+    let mut held: Vec<_> = rows.iter().filter(|(label, _)| label == HELD_OUT).cloned().collect();
+    let mut others: Vec<_> = rows.iter().filter(|(label, _)| label != HELD_OUT).cloned().collect();
+    // The traffic's order: the file's, or shuffled by a seed, so that runs
+    // can show the outcome does not hang on one order of the questions.
+    let seed: u64 =
+        std::env::var("UNDERSTUDY_AUTOPILOT_SCENARIO_SEED").ok().and_then(|seed| seed.parse().ok()).unwrap_or(0);
+    if seed != 0 {
+        use rand::{seq::SliceRandom, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        held.shuffle(&mut rng);
+        others.shuffle(&mut rng);
+    }
+    eprintln!("traffic order: {}", if seed == 0 { "the file's".to_string() } else { format!("shuffled, seed {seed}") });
 
     let workdir = Workdir::with_config(&format!(
         r#"
