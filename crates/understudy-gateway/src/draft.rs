@@ -271,6 +271,9 @@ impl AppState {
     /// several times per request) stays a few words long instead of carrying
     /// the whole call's state machine. `bench/gateway-instructions` measured
     /// those moves at a fifth of the gateway's instructions per call.
+    /// Inlined, so that the call's future is not also copied on its way in
+    /// (0.97x the instructions per call).
+    #[inline(always)]
     pub(crate) fn serve_detached<F>(&self, client: ClientWatch, span: tracing::Span, serve: F) -> Detachable
     where
         F: Future<Output = Response> + Send + 'static,
