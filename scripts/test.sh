@@ -54,8 +54,8 @@ export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-$(nproc)}"
 cargo test --workspace --locked "$@"
 
 # The autopilot's TREC scenario trains MiniLM several times over real
-# sockets: a release build runs it in about 6 minutes (a debug build, which
-# skips it, would take 25-40). Opt-in: CI does not set the variable yet.
+# sockets: a release build runs it in 3-6 minutes (a debug build, which
+# skips it, would take 25-40). Opt-in; CI (.ci/run) sets the variable.
 if [ -n "${UNDERSTUDY_AUTOPILOT_SCENARIO:-}" ]; then
   cargo test --release --locked -p understudy-cli --test autopilot_trec -- --nocapture
 fi
