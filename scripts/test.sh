@@ -55,7 +55,8 @@ cargo test --workspace --locked "$@"
 
 # The autopilot's TREC scenario trains MiniLM several times over real
 # sockets: a release build runs it in 3-6 minutes (a debug build, which
-# skips it, would take 25-40). Opt-in; CI (.ci/run) sets the variable.
+# skips it, would take 25-40). Opt-in: CI does not set the variable (one
+# run in eleven still fails; see the test's header).
 if [ -n "${UNDERSTUDY_AUTOPILOT_SCENARIO:-}" ]; then
   cargo test --release --locked -p understudy-cli --test autopilot_trec -- --nocapture
 fi

@@ -19,7 +19,7 @@
 //! `UNDERSTUDY_SLOW_TESTS_CACHE` for the data and the model), and run only in
 //! release builds (3-6 minutes; a debug build trains for 25-40):
 //! `scripts/test.sh` runs it with `cargo test --release` when the variable is
-//! set, and CI (`.ci/run`) sets it. `UNDERSTUDY_AUTOPILOT_SCENARIO_SEED`
+//! set; CI does not set it (history below). `UNDERSTUDY_AUTOPILOT_SCENARIO_SEED`
 //! shuffles the traffic's order (0, the default, keeps the file's).
 //!
 //! History: its first run (before the autopilot shadowed challengers after
@@ -54,8 +54,19 @@
 //! certified cascade serves more of the test rows than the champion's at the
 //! threshold it serves at, at the target, and whose agreement is not shown
 //! to be lower, is not worse. After that change it passed 5 of 5 runs in the
-//! file's order and 3 of 3 with the traffic shuffled
-//! (`UNDERSTUDY_AUTOPILOT_SCENARIO_SEED` 1, 2, 3).
+//! file's order and 5 of 7 with the traffic shuffled
+//! (`UNDERSTUDY_AUTOPILOT_SCENARIO_SEED` 1, 2, 3, 5 and 6 passed; 4 failed
+//! twice). Seed 4 shows what is left: under a cascade certified low (0.6449,
+//! 83 % served) the 100 calls after the onset, before the autopilot's next
+//! drift check, served 74 answers with 10 wrong (6 of them NUM), and the
+//! error budget of the window to the retrain (122 served in all at 0.9) is
+//! spent there: 89.3 % and 85.6 %. The SPRT guardrail, on a 20 % audit
+//! sample, needs more audits than those 100 calls give. What would close it:
+//! the gateway demoting in real time when the lead's answers on fallbacks
+//! and audits hold labels the serving understudy cannot give (the rule the
+//! autopilot applies at its drift checks). The per-100-calls lines this test
+//! prints (served, wrong, wrong on NUM) show where a failing run spent its
+//! budget.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
 
@@ -140,6 +151,15 @@ impl Scenario {
             }
             seen
         });
+        let batch = Window(&seen);
+        let (agreeing, served) = batch.served();
+        let held_wrong = seen.iter().filter(|seen| seen.held_out && seen.by_understudy && !seen.agrees).count();
+        eprintln!(
+            "calls {}-{}: {served} served, {} of them wrong ({held_wrong} on {HELD_OUT})",
+            self.seen.len(),
+            self.seen.len() + seen.len(),
+            served - agreeing
+        );
         self.seen.extend(seen);
         self.written(self.seen.len() as u64);
         let ticked = self.workdir.run_ok(&["autopilot", "--once", "--json", "--threads", "2", "--nice", "0"]);
