@@ -332,8 +332,10 @@ train_window = 1200
         let batch = mixed(STEP);
         scenario.step(&batch);
         let last = &scenario.seen[scenario.seen.len() - STEP..];
+        // The batch was served by the understudy the tick before it promoted:
+        // the window after the retrain starts where that batch does.
         if learned_at.is_none() && last.iter().any(|seen| seen.held_out && seen.by_understudy && seen.agrees) {
-            learned_at = Some(scenario.seen.len());
+            learned_at = Some(scenario.seen.len() - STEP);
         }
         if learned_at.is_some_and(|at| scenario.seen.len() >= at + 400) {
             break;

@@ -13,6 +13,16 @@
 //!
 //! The tally belongs to one route: a promotion starts a new one. After a
 //! restart it starts from the audits the store holds since the promotion.
+//!
+//! A second, faster trip for understudies that answer with labels only (a
+//! classifier): when the lead's answers on the calls it sees (fallbacks and
+//! audits) hold [`UNLEARNED_TRIP`] answers that are none of the understudy's
+//! labels, the traffic holds a label it never learned. It can never agree on
+//! those calls, and its certificate was computed on traffic without them, so
+//! the task is demoted to shadow at once, as the autopilot does at its drift
+//! checks. Fallbacks show the lead's answer on every call the understudy does
+//! not serve, so this fires within a few calls of a new label's onset, long
+//! before audits of a 20 % sample give the sequential test its evidence.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,7 +32,7 @@ use understudy_eval::sequential::AuditTally;
 use understudy_providers::{AnyProvider, ChatRequest, CostModel};
 use understudy_router::Policy;
 use understudy_store::PolicyChange;
-use understudy_types::{answers_agree, Money, OffsetDateTime, Routing, Uuid};
+use understudy_types::{answers_agree, normalize_answer, Money, OffsetDateTime, Routing, Uuid};
 
 use crate::routing::TaskRoute;
 use crate::AppState;
@@ -32,6 +42,20 @@ use crate::AppState;
 pub(crate) struct Guardrail {
     tally: Mutex<AuditTally>,
     tripped: AtomicBool,
+    /// The lead's answers (normalized) that are none of the understudy's labels.
+    unlearned: Mutex<Vec<String>>,
+}
+
+/// Lead answers outside the understudy's labels that demote the task: two,
+/// so that one stray answer does not.
+pub(crate) const UNLEARNED_TRIP: usize = 2;
+
+/// Whether the lead's `answer` is one an understudy answering with `labels`
+/// can never give. When the task lists its labels, only an answer among them
+/// counts: one outside them is the lead's own slip, not a new label.
+pub(crate) fn is_unlearned_label(answer: &str, labels: &[String], task_labels: Option<&[String]>) -> bool {
+    let among = |labels: &[String]| labels.iter().any(|label| answers_agree(label, answer));
+    !answer.trim().is_empty() && !among(labels) && task_labels.is_none_or(among)
 }
 
 impl Guardrail {
@@ -40,6 +64,7 @@ impl Guardrail {
         Guardrail {
             tally: Mutex::new(AuditTally { n_audited, n_agreed: n_agreed.min(n_audited) }),
             tripped: AtomicBool::new(false),
+            unlearned: Mutex::default(),
         }
     }
 
@@ -149,6 +174,41 @@ impl AppState {
         }
     }
 
+    /// Counts an answer of the lead's on a call the understudy of `route` was
+    /// asked (a fallback or an audit), and demotes the task when
+    /// [`UNLEARNED_TRIP`] of them are labels the understudy cannot give.
+    pub(crate) async fn count_lead_answer(&self, task: &str, route: &Arc<TaskRoute>, answer: &str) {
+        if matches!(route.policy, Policy::Lead | Policy::Shadow) {
+            return;
+        }
+        let (Some(labels), Some(task_config)) = (&route.labels, self.config().tasks.get(task)) else { return };
+        if !is_unlearned_label(answer, labels, task_config.labels.as_deref()) {
+            return;
+        }
+        let unlearned = {
+            let mut unlearned = match route.guardrail.unlearned.lock() {
+                Ok(unlearned) => unlearned,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            unlearned.push(normalize_answer(answer));
+            unlearned.clone()
+        };
+        if unlearned.len() >= UNLEARNED_TRIP && !route.guardrail.tripped.swap(true, Ordering::SeqCst) {
+            let mut distinct = unlearned.clone();
+            distinct.sort();
+            distinct.dedup();
+            let evidence = format!(
+                "guardrail: the lead answered {} calls with labels {} cannot give ({}): its certificate does not \
+                 cover them; demoted from {} to shadow until a new certification",
+                unlearned.len(),
+                route.understudy.as_ref().map_or("the understudy", |understudy| understudy.name.as_str()),
+                distinct.join(", "),
+                route.policy.name(),
+            );
+            self.demote(task, route, evidence).await;
+        }
+    }
+
     /// Moves a task to shadow (same understudy) at once, and records why.
     async fn demote(&self, task: &str, route: &Arc<TaskRoute>, evidence: String) {
         tracing::error!(task, %evidence, "understudy demoted");
@@ -179,7 +239,31 @@ impl AppState {
                 change_id,
                 guardrail: Arc::new(Guardrail::default()),
                 demotion: Some(evidence),
+                labels: route.labels.clone(),
             },
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(names: &[&str]) -> Vec<String> {
+        names.iter().map(|name| name.to_string()).collect()
+    }
+
+    #[test]
+    fn a_lead_answer_is_an_unlearned_label_when_it_is_none_of_the_understudys() {
+        let learned = labels(&["ABBR", "DESC", "ENTY", "HUM", "LOC"]);
+        assert!(is_unlearned_label("NUM", &learned, None));
+        // Answers agree as `answers_agree` says (case, surrounding space).
+        assert!(!is_unlearned_label(" loc ", &learned, None));
+        assert!(!is_unlearned_label("", &learned, None));
+        // With the task's labels listed, only one of them is a new label; an
+        // answer outside them is the lead's slip.
+        let task = labels(&["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]);
+        assert!(is_unlearned_label("num", &learned, Some(&task)));
+        assert!(!is_unlearned_label("I cannot tell", &learned, Some(&task)));
     }
 }

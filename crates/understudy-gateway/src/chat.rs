@@ -258,12 +258,14 @@ pub(crate) async fn record_served(
     let (provider, cost, request) = (lead.provider.clone(), lead.cost, lead.request.clone());
     state.spawn_background(async move {
         let mut record = record;
+        let mut lead_answer = None;
         match crate::audit::ask_lead(&provider, cost, request).await {
             Ok(audit) => {
                 if let Some(routing) = record.routing.as_mut() {
                     crate::audit::apply_audit(routing, &audit);
                 }
                 record.cost = record.cost + audit.cost;
+                lead_answer = audit.answer;
             }
             Err(error) => tracing::warn!(%error, task, "the lead failed to answer an audit"),
         }
@@ -271,6 +273,9 @@ pub(crate) async fn record_served(
         audit_state.record(record).await;
         if let Some(agreed) = agreement {
             audit_state.count_audit(&task, &route, agreed).await;
+        }
+        if let Some(answer) = lead_answer {
+            audit_state.count_lead_answer(&task, &route, &answer).await;
         }
     });
 }
@@ -304,7 +309,22 @@ pub(crate) async fn record_with_understudy(
             record.cost = record.cost + attempt.cost;
         }
     }
+    // A fallback shows the lead's answer on a call the serving understudy
+    // was asked: the guardrail looks for labels it cannot give.
+    let fallback = record.routing.as_ref().filter(|routing| routing.fallback_reason.is_some());
+    let watched = match (fallback, record.task.as_deref(), lead_answer.as_deref()) {
+        (Some(routing), Some(task), Some(answer)) if record.is_success() => state
+            .route(task)
+            .filter(|route| {
+                route.understudy.as_ref().map(|understudy| &understudy.name) == routing.understudy_model.as_ref()
+            })
+            .map(|route| (task.to_string(), route, answer.to_string())),
+        _ => None,
+    };
     state.record(record).await;
+    if let Some((task, route, answer)) = watched {
+        state.count_lead_answer(&task, &route, &answer).await;
+    }
 }
 
 fn answer_text(completion: &Value) -> Option<String> {

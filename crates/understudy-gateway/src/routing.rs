@@ -32,11 +32,22 @@ pub(crate) struct TaskRoute {
     pub guardrail: Arc<crate::audit::Guardrail>,
     /// Why the guardrail demoted the task to this route, if it did.
     pub demotion: Option<String>,
+    /// The understudy's labels, when it answers with labels only.
+    pub labels: Option<Arc<[String]>>,
 }
 
 impl TaskRoute {
     fn new(policy: Policy, understudy: Option<Arc<Understudy>>, understudy_path: Option<String>) -> TaskRoute {
-        TaskRoute { policy, understudy, understudy_path, change_id: None, guardrail: Arc::default(), demotion: None }
+        let labels = understudy.as_ref().and_then(|understudy| understudy.labels()).map(Arc::from);
+        TaskRoute {
+            policy,
+            understudy,
+            understudy_path,
+            change_id: None,
+            guardrail: Arc::default(),
+            demotion: None,
+            labels,
+        }
     }
 }
 

@@ -98,4 +98,8 @@ impl LocalModel for ClassifierLocal {
     fn max_concurrency(&self) -> usize {
         self.batcher.max_batch()
     }
+
+    fn labels(&self) -> Option<Vec<String>> {
+        Some(ClassifierLocal::labels(self).to_vec())
+    }
 }

@@ -104,6 +104,12 @@ pub trait LocalModel: Send + Sync + Debug {
     fn max_concurrency(&self) -> usize {
         1
     }
+
+    /// Every answer it can give, for a model that answers with one of a
+    /// fixed set of labels (a classifier); `None` for any other.
+    fn labels(&self) -> Option<Vec<String>> {
+        None
+    }
 }
 
 /// Builds local models from paths; supplied by the binary that links the ML crates.
@@ -179,6 +185,11 @@ impl LocalProvider {
 
     pub fn machine_price_per_hour(&self) -> f64 {
         self.machine_price_per_hour
+    }
+
+    /// The labels of the model `model_name`, if it answers with labels only.
+    pub fn labels(&self, model_name: &str) -> Option<Vec<String>> {
+        self.models.get(model_name).and_then(|model| model.labels())
     }
 
     /// How many requests the model `model_name` answers together (1 for a model it has not loaded).

@@ -95,6 +95,16 @@ impl UnderstudyAttempt {
 }
 
 impl Understudy {
+    /// Every answer it can give, when it answers with labels only (a local
+    /// classifier): an answer of the lead's outside them is one it can never
+    /// agree with.
+    pub fn labels(&self) -> Option<Vec<String>> {
+        match &*self.provider {
+            AnyProvider::Local(local) => local.labels(&self.request_model),
+            _ => None,
+        }
+    }
+
     /// A model that runs in this process: `spec` loaded by `loader` (a trained
     /// model version's folder, or a base model), served by a local provider
     /// named `provider_name` and priced by the machine time it takes at
