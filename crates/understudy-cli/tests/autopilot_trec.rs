@@ -62,12 +62,18 @@
 //! with 10 wrong (6 of them NUM), and the error budget of the window to the
 //! retrain (122 served in all at 0.9) was spent there: 89.3 % (and 85.6 %
 //! in the other run). The SPRT guardrail, on a 20 % audit
-//! sample, needs more audits than those 100 calls give. What would close it:
-//! the gateway demoting in real time when the lead's answers on fallbacks
-//! and audits hold labels the serving understudy cannot give (the rule the
-//! autopilot applies at its drift checks). The per-100-calls lines this test
-//! prints (served, wrong, wrong on NUM) show where a failing run spent its
-//! budget.
+//! sample, needs more audits than those 100 calls give. So the gateway's
+//! guardrail now also trips when the lead's answers on fallbacks and audits
+//! hold two labels the serving classifier cannot give (`gateway::audit`):
+//! in the runs since, it demoted the cascade within the first 100 calls
+//! after the onset (the autopilot's transition names it). Two of those runs
+//! then failed on the point estimate of the few answers served before the
+//! demotion (19 of 23, and 7 of 9 with both errors on other labels), so the
+//! window now fails only when its agreement is confidently below the target
+//! (see the assertion), and the window after the retrain starts with the
+//! batch the retrained understudy served (it was counted in the window
+//! before). The per-100-calls lines this test prints (served, wrong, wrong
+//! on NUM) show where a run spent its error budget.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
 
