@@ -4,8 +4,11 @@
 //!
 //! With `--extraction`, instead: the cost of JSON-extraction calls (an SMS in
 //! the prompt, its fields as a short JSON answer mostly copied from it), in
-//! process CPU-seconds per call and machine cost per 1k calls, with
-//! speculative decoding on and off (one token at a time) in the same run.
+//! process CPU-seconds per call and machine cost per 1k calls, and over the
+//! cost of a gpt-4o-mini lead, for the baseline (one token per step, every
+//! prompt prefilled in full), kept prompt prefixes alone, and the defaults
+//! (kept prefixes and speculative decoding), in the same run. Each round
+//! asks messages no earlier round asked, so no answer is ever a repeat.
 //!
 //!   cargo run --release -p understudy-engine --example engine_bench -- MODEL.gguf [--threads 2] [--runs 3]
 //!   cargo run --release -p understudy-engine --example engine_bench -- MODEL.gguf --extraction [--runs 3]
@@ -135,8 +138,9 @@ async fn main() -> Result<()> {
         return extraction(&spec, &options, draft, runs, concurrency).await;
     }
     // The throughput figures are of one token per step (comparable with
-    // llama.cpp's and earlier runs') unless asked otherwise.
-    let options = EngineOptions { speculative_draft: flag("--speculative-draft", 0), ..options };
+    // llama.cpp's and earlier runs') unless asked otherwise, and every
+    // prompt is prefilled in full (the same prompt is asked in every run).
+    let options = EngineOptions { speculative_draft: flag("--speculative-draft", 0), prefix_cache: false, ..options };
     let model = LlamaCppModel::load(&spec, &options)?;
     let rss_loaded_kb = status_kb("VmRSS:");
 
@@ -231,6 +235,20 @@ async fn main() -> Result<()> {
 /// issue's figure, and `understudy.toml`'s default for a local provider).
 const MACHINE_PRICE_PER_HOUR: f64 = 0.10;
 
+/// gpt-4o-mini's list prices, $ per million input and output tokens: the
+/// cheap lead the understudy must cost a fifth of (issue 17).
+const LEAD_PRICE_PER_MILLION: (f64, f64) = (0.15, 0.60);
+
+/// What the lead would charge for one extraction call, $: the prompt and
+/// the answer counted in its own encoding (o200k_base).
+fn lead_cost(sms: &str, answer: &str) -> f64 {
+    let body = extraction_body(sms, false);
+    let messages = body["messages"].as_array().cloned().unwrap_or_default();
+    let prompt = understudy_providers::tokens::count_messages(&messages) as f64;
+    let completion = understudy_providers::tokens::count_text(answer) as f64;
+    (prompt * LEAD_PRICE_PER_MILLION.0 + completion * LEAD_PRICE_PER_MILLION.1) / 1e6
+}
+
 /// CPU time of this process so far, all threads (llama.cpp's included), in
 /// seconds: what a call costs on a machine priced by the hour, spinning
 /// threads included.
@@ -240,16 +258,75 @@ fn process_cpu_seconds() -> f64 {
 }
 
 /// Short messages with a name, a phone number, a date and a place each.
-const SMS: [&str; 8] = [
-    "Hello, this is Maria Lopez from Bright Smile Dental. Your visit is on March 14 at 221 Oak Street. Call 555-0142.",
-    "Hey it's Sam Ortiz, the party moved to Friday May 9 at the Blue Door Cafe. Text me at 555-0177.",
-    "Reminder from Dr. Alan Chu: appointment on October 2 at Riverside Clinic, questions to 555-0123.",
-    "This is Priya Nair. Pick up your parcel on July 21 at the Elm Road post office, or ring 555-0188.",
-    "Jonas Weber here, the plumber. I can come on April 30 to 14 Harbour Lane. My number is 555-0164.",
-    "Hi from Lena Park! Book club is on January 12 at the Greenfield Library. Questions? 555-0115.",
-    "Carlos Mendes: your car is ready, pick it up on August 8 at Fast Lane Garage. Call 555-0150.",
-    "It's Grace Kim. Dinner on November 18 at Luigi's on 5th Avenue, confirm at 555-0131.",
+const TEMPLATES: [&str; 8] = [
+    "Hello, this is {name} from Bright Smile Dental. Your visit is on {date} at {place}. Call {phone}.",
+    "Hey it's {name}, the party moved to Friday {date} at {place}. Text me at {phone}.",
+    "Reminder from {name}: appointment on {date} at {place}, questions to {phone}.",
+    "This is {name}. Pick up your parcel on {date} at {place}, or ring {phone}.",
+    "{name} here, the plumber. I can come on {date} to {place}. My number is {phone}.",
+    "Hi from {name}! Book club is on {date} at {place}. Questions? {phone}.",
+    "{name}: your car is ready, pick it up on {date} at {place}. Call {phone}.",
+    "It's {name}. Dinner on {date} at {place}, confirm at {phone}.",
 ];
+const NAMES: [&str; 12] = [
+    "Maria Lopez",
+    "Sam Ortiz",
+    "Alan Chu",
+    "Priya Nair",
+    "Jonas Weber",
+    "Lena Park",
+    "Carlos Mendes",
+    "Grace Kim",
+    "Omar Haddad",
+    "Ingrid Olsen",
+    "Kenji Sato",
+    "Fatima Bello",
+];
+const PLACES: [&str; 12] = [
+    "221 Oak Street",
+    "the Blue Door Cafe",
+    "Riverside Clinic",
+    "the Elm Road post office",
+    "14 Harbour Lane",
+    "the Greenfield Library",
+    "Fast Lane Garage",
+    "Luigi's on 5th Avenue",
+    "North Park Gym",
+    "the Old Mill Bakery",
+    "Station Square",
+    "Hillside School",
+];
+const MONTHS: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+
+/// The 8 messages of round `set`, one per template, each with a name,
+/// date, place and phone number no other round has together: a round's
+/// answers are new to every model (a kept prefix's earlier answers hold the
+/// keys and punctuation, never the whole answer).
+fn messages(set: usize) -> Vec<String> {
+    (0..TEMPLATES.len())
+        .map(|idx| {
+            let k = set * TEMPLATES.len() + idx;
+            TEMPLATES[idx]
+                .replace("{name}", NAMES[(k * 5 + set) % NAMES.len()])
+                .replace("{place}", PLACES[(k * 7 + 3 + set) % PLACES.len()])
+                .replace("{date}", &format!("{} {}", MONTHS[(k * 5) % 12], 1 + (k * 11) % 28))
+                .replace("{phone}", &format!("555-{:04}", 100 + (k * 37) % 900))
+        })
+        .collect()
+}
 
 /// One extraction call's messages: the instruction, one worked example
 /// (so that even a base instruct model answers in the JSON shape a trained
@@ -284,13 +361,14 @@ async fn extract(model: &LlamaCppModel, sms: &str, json_object: bool) -> Result<
     Ok((answer, tokens))
 }
 
-/// CPU-seconds and wall seconds per call, one call at a time, over every SMS.
+/// CPU-seconds and wall seconds per call, one call at a time, over every message of `set`.
 async fn extraction_round(
     model: &LlamaCppModel,
     json_object: bool,
+    set: usize,
 ) -> Result<(Vec<f64>, Vec<f64>, Vec<(String, u64)>)> {
     let (mut cpu, mut wall, mut answers) = (Vec::new(), Vec::new(), Vec::new());
-    for sms in SMS {
+    for sms in &messages(set) {
         let (cpu_start, wall_start) = (process_cpu_seconds(), Instant::now());
         answers.push(extract(model, sms, json_object).await?);
         cpu.push(process_cpu_seconds() - cpu_start);
@@ -301,9 +379,9 @@ async fn extraction_round(
 
 /// CPU-seconds per call of the prompt alone (`max_tokens` 1: prefill and one
 /// sampled token), one call at a time: what speculation cannot change.
-async fn prompt_round(model: &LlamaCppModel) -> Result<Vec<f64>> {
+async fn prompt_round(model: &LlamaCppModel, set: usize) -> Result<Vec<f64>> {
     let mut cpu = Vec::new();
-    for sms in SMS {
+    for sms in &messages(set) {
         let mut body = extraction_body(sms, false);
         body["max_tokens"] = json!(1);
         let cpu_start = process_cpu_seconds();
@@ -313,10 +391,18 @@ async fn prompt_round(model: &LlamaCppModel) -> Result<Vec<f64>> {
     Ok(cpu)
 }
 
-/// CPU-seconds per call with every SMS asked at once (`concurrency` at a time).
-async fn extraction_concurrent(model: &LlamaCppModel, concurrency: usize, json_object: bool) -> Result<f64> {
-    let cpu_start = process_cpu_seconds();
-    let answers: Vec<_> = futures::stream::iter(SMS)
+/// CPU-seconds and wall seconds per call with every message of `set` asked
+/// at once (`concurrency` at a time), as `eval` asks its rows.
+async fn extraction_concurrent(
+    model: &LlamaCppModel,
+    concurrency: usize,
+    json_object: bool,
+    set: usize,
+) -> Result<(f64, f64)> {
+    let messages = messages(set);
+    let n = messages.len() as f64;
+    let (cpu_start, wall_start) = (process_cpu_seconds(), Instant::now());
+    let answers: Vec<_> = futures::stream::iter(&messages)
         .map(|sms| extract(model, sms, json_object))
         .buffer_unordered(concurrency.max(1))
         .collect()
@@ -324,7 +410,7 @@ async fn extraction_concurrent(model: &LlamaCppModel, concurrency: usize, json_o
     for answer in answers {
         answer?;
     }
-    Ok((process_cpu_seconds() - cpu_start) / SMS.len() as f64)
+    Ok(((process_cpu_seconds() - cpu_start) / n, wall_start.elapsed().as_secs_f64() / n))
 }
 
 /// The per-call figures of one configuration over all runs.
@@ -333,13 +419,16 @@ struct Figures {
     cpu: Vec<f64>,
     wall: Vec<f64>,
     concurrent_cpu: Vec<f64>,
+    concurrent_wall: Vec<f64>,
     /// Calls of the last round that failed (json_object answers that were not one).
     failed: usize,
 }
 
-/// Speculative decoding on (the default draft) against off, and on with
-/// `response_format` json_object (decoding stops at the closing brace),
-/// taking turns round by round so that all see the same machine load.
+/// The engine's defaults (speculative decoding and kept prompt prefixes)
+/// against the baseline (one token per decode step, every prompt prefilled
+/// in full), kept prefixes alone, and the defaults with `response_format`
+/// json_object (decoding stops at the closing brace), taking turns round by
+/// round so that all see the same machine load.
 async fn extraction(
     spec: &LocalModelSpec,
     options: &EngineOptions,
@@ -347,42 +436,71 @@ async fn extraction(
     runs: usize,
     concurrency: usize,
 ) -> Result<()> {
-    let on = LlamaCppModel::load(spec, &EngineOptions { speculative_draft: draft, ..options.clone() })?;
-    let off = LlamaCppModel::load(spec, &EngineOptions { speculative_draft: 0, ..options.clone() })?;
-    // Warm up (and check that speculation changes no answer).
-    let (_, _, answers_on) = extraction_round(&on, false).await?;
-    let (_, _, answers_off) = extraction_round(&off, false).await?;
-    let same_answers = answers_on.iter().zip(&answers_off).filter(|(a, b)| a == b).count();
-    eprintln!("warmed up; {same_answers} of {} answers identical; e.g. {:?}", SMS.len(), answers_on[0].0);
+    let on =
+        LlamaCppModel::load(spec, &EngineOptions { speculative_draft: draft, prefix_cache: true, ..options.clone() })?;
+    let off =
+        LlamaCppModel::load(spec, &EngineOptions { speculative_draft: 0, prefix_cache: false, ..options.clone() })?;
+    let kept =
+        LlamaCppModel::load(spec, &EngineOptions { speculative_draft: 0, prefix_cache: true, ..options.clone() })?;
+    // Its own model, so that its answers never sit in `on`'s kept prefixes.
+    let on_json =
+        LlamaCppModel::load(spec, &EngineOptions { speculative_draft: draft, prefix_cache: true, ..options.clone() })?;
+    // Warm up (and check that neither speculation nor kept prefixes change an answer).
+    let (_, _, answers_on) = extraction_round(&on, false, 0).await?;
+    let (_, _, answers_off) = extraction_round(&off, false, 0).await?;
+    let (_, _, answers_kept) = extraction_round(&kept, false, 0).await?;
+    extraction_round(&on_json, true, 0).await?;
+    // Speculation must not change a greedy answer: `on` against `kept`,
+    // which prefill alike. A kept prefix, like batching, moves the Q8_0
+    // logits a little and may flip a near tie: `kept` against `off`.
+    let same = |a: &[(String, u64)], b: &[(String, u64)]| a.iter().zip(b).filter(|(a, b)| a == b).count();
+    let (same_answers, same_prefill) = (same(&answers_on, &answers_kept), same(&answers_kept, &answers_off));
+    eprintln!("warmed up; e.g. {:?}", answers_on[0].0);
+    for ((off, kept), on) in answers_off.iter().zip(&answers_kept).zip(&answers_on) {
+        if off != kept || off != on {
+            eprintln!("answers differ:\n  off  {:?}\n  kept {:?}\n  on   {:?}", off.0, kept.0, on.0);
+        }
+    }
     let stats_before = on.speculation_stats();
-    let configurations: [(&str, &LlamaCppModel, bool); 3] =
-        [("on", &on, false), ("off", &off, false), ("on, json_object", &on, true)];
+    let configurations: [(&str, &LlamaCppModel, bool); 4] = [
+        ("on", &on, false),
+        ("off", &off, false),
+        ("kept prefixes", &kept, false),
+        ("on, json_object", &on_json, true),
+    ];
     let mut figures: Vec<Figures> = configurations.iter().map(|_| Figures::default()).collect();
     let mut prompt_cpu = Vec::new();
     for run in 0..runs {
-        prompt_cpu.extend(prompt_round(&off).await?);
+        // Every configuration gets the same new messages in a run.
+        let (sequential, concurrent) = (1 + 2 * run, 2 + 2 * run);
+        prompt_cpu.extend(prompt_round(&off, sequential).await?);
         // Take turns, each run starting with a different configuration.
         for turn in 0..configurations.len() {
             let idx = (run + turn) % configurations.len();
             let (name, model, json_object) = configurations[idx];
-            let (cpu, wall, answers) = extraction_round(model, json_object).await?;
+            let (cpu, wall, answers) = extraction_round(model, json_object, sequential).await?;
             figures[idx].failed = answers.iter().filter(|(answer, _)| answer.starts_with("(failed")).count();
-            let concurrent = extraction_concurrent(model, concurrency, json_object).await?;
+            let (concurrent_cpu, concurrent_wall) =
+                extraction_concurrent(model, concurrency, json_object, concurrent).await?;
             eprintln!(
-                "speculation {name}: {:.3} CPU-s per call, {:.3} s wall (median), {concurrent:.3} CPU-s per call at \
+                "{name}: {:.3} CPU-s per call, {:.3} s wall (median), {concurrent_cpu:.3} CPU-s per call at \
                  {concurrency} concurrent",
                 median(cpu.clone()),
                 median(wall.clone())
             );
             figures[idx].cpu.extend(cpu);
             figures[idx].wall.extend(wall);
-            figures[idx].concurrent_cpu.push(concurrent);
+            figures[idx].concurrent_cpu.push(concurrent_cpu);
+            figures[idx].concurrent_wall.push(concurrent_wall);
         }
     }
     let stats = on.speculation_stats();
     let (drafted, accepted) = (stats.drafted - stats_before.drafted, stats.accepted - stats_before.accepted);
     let cost_per_1k = |cpu_per_call: f64| cpu_per_call * MACHINE_PRICE_PER_HOUR / 3600.0 * 1000.0;
     let tokens: Vec<f64> = answers_off.iter().map(|(_, tokens)| *tokens as f64).collect();
+    let lead_costs: Vec<f64> =
+        messages(0).iter().zip(&answers_off).map(|(sms, (answer, _))| lead_cost(sms, answer)).collect();
+    let lead_cost_per_1k = median(lead_costs) * 1000.0;
     let by_name: serde_json::Map<String, Value> = configurations
         .iter()
         .zip(figures)
@@ -393,7 +511,10 @@ async fn extraction(
                 "wall_s_per_call": median(figures.wall),
                 "cost_per_1k": cost_per_1k(cpu),
                 "concurrent_cpu_s_per_call": concurrent,
+                "concurrent_wall_s_per_call": median(figures.concurrent_wall),
                 "concurrent_cost_per_1k": cost_per_1k(concurrent),
+                "cost_over_lead": cost_per_1k(cpu) / lead_cost_per_1k,
+                "concurrent_cost_over_lead": cost_per_1k(concurrent) / lead_cost_per_1k,
                 "failed_calls_per_round": figures.failed,
             });
             (name.to_string(), value)
@@ -405,14 +526,18 @@ async fn extraction(
         "served_gguf": on.gguf_path().display().to_string(),
         "threads": options.n_threads,
         "runs": runs,
-        "calls_per_run": SMS.len(),
+        "calls_per_run": TEMPLATES.len(),
         "answer_tokens_median": median(tokens),
         "answers_identical": same_answers,
+        "answers_identical_to_full_prefill": same_prefill,
         "speculative_draft": draft,
         "drafted_tokens": drafted,
         "accepted_tokens": accepted,
         "acceptance": accepted as f64 / drafted.max(1) as f64,
         "machine_price_per_hour": MACHINE_PRICE_PER_HOUR,
+        "lead": "gpt-4o-mini",
+        "lead_price_per_million": [LEAD_PRICE_PER_MILLION.0, LEAD_PRICE_PER_MILLION.1],
+        "lead_cost_per_1k": lead_cost_per_1k,
         "concurrency": concurrency,
         "prompt_only_cpu_s_per_call": median(prompt_cpu),
         "configurations": by_name,

@@ -65,6 +65,9 @@ pub struct EngineOptions {
     /// Most draft tokens a greedy request verifies per decode step
     /// ([`speculative`]); 0 decodes one token at a time.
     pub speculative_draft: usize,
+    /// Keep finished prompts in the KV cache, so that a request whose prompt
+    /// starts the same way prefills only the rest ([`scheduler`]).
+    pub prefix_cache: bool,
 }
 
 /// The default of [`EngineOptions::speculative_draft`], the config's.
@@ -79,6 +82,7 @@ impl Default for EngineOptions {
             n_batch: 512,
             weights: requant::WeightFormat::Auto,
             speculative_draft: DEFAULT_SPECULATIVE_DRAFT,
+            prefix_cache: true,
         }
     }
 }
@@ -146,6 +150,7 @@ pub struct LlamaCppModel {
     jobs: Mutex<mpsc::Sender<Job>>,
     n_ctx: usize,
     n_batch: usize,
+    n_seq_max: usize,
     speculation: Arc<speculative::SpeculationCounters>,
 }
 
@@ -233,19 +238,26 @@ impl LlamaCppModel {
         let n_threads = n_threads as i32;
         let n_seq_max = options.n_seq_max.clamp(1, 64);
         let n_batch = options.n_batch.max(n_seq_max).max(32);
-        let context_params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(n_ctx))
-            .with_n_batch(n_batch)
-            .with_n_ubatch(n_batch)
-            .with_n_seq_max(n_seq_max)
-            .with_kv_unified(true)
-            .with_n_threads(n_threads)
-            .with_n_threads_batch(n_threads);
         let model = Arc::new(model);
         let (jobs, receiver) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
         let thread_model = Arc::clone(&model);
-        let config = SchedulerConfig { n_ctx, n_batch, n_seq_max, speculative_draft: options.speculative_draft };
+        let config = SchedulerConfig {
+            n_ctx,
+            n_batch,
+            n_seq_max,
+            speculative_draft: options.speculative_draft,
+            prefix_cache: options.prefix_cache,
+        };
+        let context_params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(n_ctx))
+            .with_n_batch(n_batch)
+            .with_n_ubatch(n_batch)
+            .with_n_seq_max(config.n_seq_ids())
+            .with_kv_unified(true)
+            .with_n_threads(n_threads)
+            .with_n_threads_batch(n_threads);
+
         let speculation = Arc::new(speculative::SpeculationCounters::default());
         let thread_speculation = Arc::clone(&speculation);
         std::thread::Builder::new()
@@ -283,6 +295,7 @@ impl LlamaCppModel {
             jobs: Mutex::new(jobs),
             n_ctx: n_ctx as usize,
             n_batch: n_batch as usize,
+            n_seq_max: n_seq_max as usize,
             speculation,
         })
     }
@@ -404,9 +417,12 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-fn usage_json(prompt_tokens: usize, completion_tokens: usize) -> Value {
+/// OpenAI's `usage`, with the prompt tokens served from a kept prefix as
+/// `prompt_tokens_details.cached_tokens`.
+fn usage_json(prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize) -> Value {
     json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens})
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens}})
 }
 
 impl LocalModel for LlamaCppModel {
@@ -422,8 +438,8 @@ impl LocalModel for LlamaCppModel {
                         content.push_str(&text);
                         logprobs.extend(entries);
                     }
-                    Some(Event::Done { finish_reason, prompt_tokens, completion_tokens, compute }) => {
-                        let usage = usage_json(prompt_tokens, completion_tokens);
+                    Some(Event::Done { finish_reason, prompt_tokens, completion_tokens, compute, cached_tokens }) => {
+                        let usage = usage_json(prompt_tokens, completion_tokens, cached_tokens);
                         let logprobs = parsed.sampling.logprobs.map(|_| json!({"content": logprobs}));
                         let body = json!({
                             "id": completion_id(),
@@ -485,9 +501,9 @@ impl LocalModel for LlamaCppModel {
                             Value::Null,
                         ))]
                     }
-                    Event::Done { finish_reason, prompt_tokens, completion_tokens, .. } => vec![
+                    Event::Done { finish_reason, prompt_tokens, completion_tokens, cached_tokens, .. } => vec![
                         Ok(chunk(json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_reason}]), Value::Null)),
-                        Ok(chunk(json!([]), usage_json(prompt_tokens, completion_tokens))),
+                        Ok(chunk(json!([]), usage_json(prompt_tokens, completion_tokens, cached_tokens))),
                     ],
                     Event::Failed(message) => vec![Err(ProviderError::Unavailable {
                         provider: PROVIDER.to_string(),
@@ -506,12 +522,14 @@ impl LocalModel for LlamaCppModel {
         "llama.cpp"
     }
 
-    /// One: llama.cpp's logits for a sequence decoded in a batch differ in the
-    /// last bits from the sequence's alone, so a greedy answer could depend
-    /// on what else was in flight; `eval` asks it one row at a time to stay
-    /// reproducible (the gateway still batches concurrent calls).
+    /// The sequences it decodes together: `eval` asks that many rows at
+    /// once, so it is batched (and priced) as served calls are. llama.cpp's
+    /// logits for a sequence decoded in a batch, or after a kept prefix,
+    /// can differ in the last bits from the sequence's alone, so a greedy
+    /// answer on a near tie may depend on what else was in flight, in eval
+    /// as in serving.
     fn max_concurrency(&self) -> usize {
-        1
+        self.n_seq_max
     }
 }
 

@@ -15,6 +15,14 @@
 //! `seq_rm` right after the step. Drafts take only the batch room and KV
 //! cells left after the generating sequences' tokens and the prompt chunks,
 //! so they never delay another request's prompt.
+//!
+//! Prompt prefixes are kept (prefix caching): a finished sequence's prompt
+//! stays in the KV cache under its sequence id ([`KeptPrefixes`]), and a
+//! new request whose prompt starts the same way (a task's system prompt,
+//! its instructions and worked examples) takes that sequence over and
+//! prefills only the rest. Kept prefixes use only the cells and sequence
+//! ids nobody else wants: the least recently used is dropped as soon as a
+//! request needs its room.
 
 use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -62,6 +70,8 @@ pub enum Event {
         /// the batch. What the call cost the machine; concurrent calls'
         /// wall times overlap, their shares do not.
         compute: Duration,
+        /// Prompt tokens whose KV cells came from a kept prefix (not prefilled).
+        cached_tokens: usize,
     },
     Failed(String),
 }
@@ -74,6 +84,94 @@ pub struct SchedulerConfig {
     pub n_seq_max: u32,
     /// Most draft tokens a greedy sequence verifies in one step; 0: no speculation.
     pub speculative_draft: usize,
+    /// Keep finished prompts in the KV cache for the next request that starts the same way.
+    pub prefix_cache: bool,
+}
+
+impl SchedulerConfig {
+    /// Sequence ids the context must have: one per request decoded
+    /// together, and [`KEPT_SEQUENCES`] more for kept prefixes.
+    pub fn n_seq_ids(&self) -> u32 {
+        self.n_seq_max + if self.prefix_cache { KEPT_SEQUENCES } else { 0 }
+    }
+}
+
+/// Sequence ids beyond `n_seq_max` that hold only kept prefixes, so that a
+/// task's prompt prefix survives while every request slot is busy.
+const KEPT_SEQUENCES: u32 = 2;
+
+/// Most tokens of earlier answers a kept prefix holds for drafting.
+const KEPT_ANSWER_TOKENS: usize = 256;
+
+/// Prompt tokens kept before each earlier answer.
+const ANSWER_LEAD_IN: usize = 3;
+
+/// Fewest prompt tokens worth taking a kept prefix over for: a shorter
+/// match (the chat template's first tokens) saves little and spends a
+/// prefix another request may match better.
+const MIN_PREFIX_REUSE: usize = 8;
+
+/// A finished sequence's prompt, still in the KV cache under `seq_id`.
+struct KeptPrefix {
+    /// Unique among the prefixes kept since the scheduler started.
+    id: u64,
+    seq_id: i32,
+    /// The tokens at positions `0..tokens.len()` of the sequence.
+    tokens: Vec<LlamaToken>,
+    /// The latest answers given after prompts that started with `tokens`
+    /// (at most [`KEPT_ANSWER_TOKENS`]): a task's answers repeat their keys
+    /// and punctuation, so a greedy request on this prefix drafts from them
+    /// too.
+    answers: Vec<LlamaToken>,
+    /// The scheduler step it was kept or last matched at (least recently used goes first).
+    last_used: u64,
+}
+
+/// The kept prefixes (at most one per free sequence id).
+#[derive(Default)]
+struct KeptPrefixes {
+    kept: Vec<KeptPrefix>,
+    next_id: u64,
+}
+
+impl KeptPrefixes {
+    fn cells(&self) -> usize {
+        self.kept.iter().map(|kept| kept.tokens.len()).sum()
+    }
+
+    /// The kept prefix sharing the most leading tokens with `prompt`, and
+    /// how many of them a request may reuse: never the whole prompt, since
+    /// its last token must be decoded for the logits of the first answer
+    /// token. `None` below [`MIN_PREFIX_REUSE`].
+    fn best_match(&self, prompt: &[LlamaToken]) -> Option<(usize, usize)> {
+        let limit = prompt.len().saturating_sub(1);
+        self.kept
+            .iter()
+            .enumerate()
+            .map(|(idx, kept)| {
+                let common = kept.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+                (idx, common.min(limit))
+            })
+            .filter(|&(_, reuse)| reuse >= MIN_PREFIX_REUSE)
+            .max_by_key(|&(idx, reuse)| (reuse, self.kept[idx].last_used))
+    }
+
+    /// Removes and returns the least recently used kept prefix.
+    fn pop_least_recent(&mut self) -> Option<KeptPrefix> {
+        self.pop_least_recent_except(None)
+    }
+
+    /// Removes and returns the least recently used kept prefix whose sequence is not `except`.
+    fn pop_least_recent_except(&mut self, except: Option<i32>) -> Option<KeptPrefix> {
+        let idx = self
+            .kept
+            .iter()
+            .enumerate()
+            .filter(|(_, kept)| Some(kept.seq_id) != except)
+            .min_by_key(|(_, kept)| kept.last_used)
+            .map(|(idx, _)| idx)?;
+        Some(self.kept.swap_remove(idx))
+    }
 }
 
 enum Phase {
@@ -97,9 +195,13 @@ struct Slot {
     stops: StopBuffer,
     /// Batch rows of this slot's outputs in the current step.
     rows: Vec<i32>,
-    /// The prompt and every token sampled since (the last one is `next`
-    /// while generating): where drafts are looked up.
+    /// Earlier answers to prompts that started the same way (from the kept
+    /// prefix this sequence reused), the prompt, and every token sampled
+    /// since (the last one is `next` while generating): where drafts are
+    /// looked up.
     history: Vec<LlamaToken>,
+    /// How many of `history`'s first tokens are earlier answers.
+    earlier_answers: usize,
     /// The draft decoded after `next` in the current step.
     draft: Vec<LlamaToken>,
     draft_length: DraftLength,
@@ -109,6 +211,16 @@ struct Slot {
     step_tokens: usize,
     /// Its share of the decode steps so far (`Event::Done::compute`).
     compute: Duration,
+    /// Prompt tokens taken over from a kept prefix.
+    cached_tokens: usize,
+    /// The kept prefix this sequence started from (`KeptPrefix::id`).
+    kept_source: Option<u64>,
+}
+
+/// Tokens a request's answer may still take after `n_generated`: what its
+/// `max_tokens` leaves (at least one), or one when it has no limit.
+fn answer_room(job: &Job, n_generated: usize) -> usize {
+    job.sampling.max_tokens.map_or(1, |max| max.saturating_sub(n_generated).max(1))
 }
 
 impl Slot {
@@ -120,11 +232,35 @@ impl Slot {
         }
     }
 
-    /// KV cells this sequence will need before its next token: its whole prompt while prefilling.
-    fn reserved(&self) -> usize {
+    /// KV cells this sequence may still come to hold: its whole prompt and
+    /// the rest of its answer (`max_tokens`; one more token when it has no
+    /// limit), within the context. A request is admitted only when its
+    /// reservation fits beside the others', so that no answer is cut short
+    /// by what else is in flight.
+    fn reserved(&self, n_ctx: usize) -> usize {
+        let base = match self.phase {
+            Phase::Prefill { .. } => self.job.prompt.len(),
+            _ => self.n_past,
+        };
+        (base + answer_room(&self.job, self.n_generated)).min(n_ctx)
+    }
+
+    /// At most how many new KV cells this sequence may take in the next
+    /// step: the rest of its prompt, its next token and a draft, or the
+    /// longest allowed answer it scores.
+    fn wanted(&self, speculative_draft: usize) -> usize {
+        match &self.phase {
+            Phase::Prefill { n_prefilled } => self.job.prompt.len() - n_prefilled,
+            Phase::Generate { .. } => 1 + speculative_draft,
+            Phase::Score { .. } => self.job.choices.iter().flatten().map(|(tokens, _)| tokens.len()).max().unwrap_or(0),
+        }
+    }
+
+    /// Leading prompt tokens of this sequence that are in the KV cache.
+    fn prompt_in_cache(&self) -> usize {
         match self.phase {
-            Phase::Prefill { .. } => self.job.prompt.len() + 1,
-            _ => self.n_past + 1,
+            Phase::Prefill { n_prefilled } => n_prefilled,
+            _ => self.job.prompt.len(),
         }
     }
 
@@ -163,6 +299,7 @@ impl Slot {
             prompt_tokens: self.job.prompt.len(),
             completion_tokens: self.n_generated,
             compute: self.compute,
+            cached_tokens: self.cached_tokens,
         });
     }
 }
@@ -180,7 +317,9 @@ pub fn run(
     let mut batch = LlamaBatch::new(n_batch + config.n_seq_max as usize, 1);
     let mut queue: VecDeque<Job> = VecDeque::new();
     let mut slots: Vec<Slot> = Vec::new();
-    let mut free_seq_ids: Vec<i32> = (0..config.n_seq_max as i32).rev().collect();
+    let mut free_seq_ids: Vec<i32> = (0..config.n_seq_ids() as i32).rev().collect();
+    let mut kept = KeptPrefixes::default();
+    let mut step: u64 = 0;
     let vocab = model.vocab();
     let end_token = {
         let eot = vocab.eot();
@@ -213,55 +352,126 @@ pub fn run(
         }
 
         // 2. Drop requests whose client has gone, freeing their KV cells.
+        step += 1;
         queue.retain(|job| !job.events.is_closed());
-        slots.retain(|slot| {
-            if slot.job.events.is_closed() {
-                let _ = context.clear_kv_cache_seq(Some(slot.seq_id as u32), None, None);
-                free_seq_ids.push(slot.seq_id);
-                false
-            } else {
-                true
+        let mut gone = Vec::new();
+        slots.retain_mut(|slot| {
+            let closed = slot.job.events.is_closed();
+            if closed {
+                gone.push(slot.seq_id);
             }
+            !closed
         });
+        for seq_id in gone {
+            let _ = context.clear_kv_cache_seq(Some(seq_id as u32), None, None);
+            free_seq_ids.push(seq_id);
+        }
 
-        // 3. Admit queued requests while a sequence and KV cells are free.
-        let mut cells_used: usize = slots.iter().map(Slot::reserved).sum();
+        // 3. Admit queued requests while a sequence and KV cells are free,
+        // each on the kept prefix that matches its prompt best, if any.
+        let mut cells_used: usize = slots.iter().map(|slot| slot.reserved(n_ctx)).sum();
         while let Some(job) = queue.front() {
-            if free_seq_ids.is_empty() || cells_used + job.prompt.len() + 1 > n_ctx {
+            let needed = (job.prompt.len() + answer_room(job, 0)).min(n_ctx);
+            if cells_used + needed > n_ctx {
                 break;
             }
+            if slots.len() >= config.n_seq_max as usize {
+                break;
+            }
+            let reuse = if config.prefix_cache { kept.best_match(&job.prompt) } else { None };
+            let matched = reuse.map(|(idx, reused)| (kept.kept[idx].seq_id, reused));
+            let kept_source = reuse.map(|(idx, _)| kept.kept[idx].id);
+            // Drafts are verified, so earlier answers help even if the cells cannot be reused.
+            let earlier = reuse.map(|(idx, _)| kept.kept[idx].answers.clone()).unwrap_or_default();
+            // A sequence id: a free one, else a kept prefix's (the least
+            // recently used one that is not the match), else the match's
+            // own, taken over with its cells.
+            let mut cached_tokens = 0;
+            let seq_id = match free_seq_ids.pop() {
+                Some(seq_id) => seq_id,
+                None => match kept.pop_least_recent_except(matched.map(|(seq_id, _)| seq_id)) {
+                    Some(prefix) => {
+                        let _ = context.clear_kv_cache_seq(Some(prefix.seq_id as u32), None, None);
+                        prefix.seq_id
+                    }
+                    None => match (matched, kept.pop_least_recent()) {
+                        (Some((_, reused)), Some(prefix)) => {
+                            let trimmed =
+                                context.clear_kv_cache_seq(Some(prefix.seq_id as u32), Some(reused as u32), None);
+                            if matches!(trimmed, Ok(true)) {
+                                cached_tokens = reused;
+                            } else {
+                                let _ = context.clear_kv_cache_seq(Some(prefix.seq_id as u32), None, None);
+                            }
+                            prefix.seq_id
+                        }
+                        (None, Some(prefix)) => {
+                            let _ = context.clear_kv_cache_seq(Some(prefix.seq_id as u32), None, None);
+                            prefix.seq_id
+                        }
+                        (_, None) => break,
+                    },
+                },
+            };
+            // Otherwise the matched prefix's cells are shared with the new
+            // sequence (a unified cache copies no data) and it stays kept.
+            if let Some((source, reused)) = matched.filter(|&(source, _)| source != seq_id) {
+                if let Some(prefix) = kept.kept.iter_mut().find(|prefix| prefix.seq_id == source) {
+                    if context.copy_kv_cache_seq(source, seq_id, Some(0), Some(reused as u32)).is_ok() {
+                        prefix.last_used = step;
+                        cached_tokens = reused;
+                    }
+                }
+            }
+            // Kept prefixes give way to requests.
+            while cells_used + needed + kept.cells() > n_ctx {
+                let Some(prefix) = kept.pop_least_recent() else { break };
+                let _ = context.clear_kv_cache_seq(Some(prefix.seq_id as u32), None, None);
+                free_seq_ids.push(prefix.seq_id);
+            }
             let Some(job) = queue.pop_front() else { break };
-            let Some(seq_id) = free_seq_ids.pop() else { break };
-            cells_used += job.prompt.len() + 1;
+            cells_used += needed;
             let rng = Rng::new(job.seed);
             let stops = StopBuffer::new(job.sampling.stop.clone());
-            let history = job.prompt.clone();
+            let earlier_answers = earlier.len();
+            let mut history = earlier;
+            history.extend_from_slice(&job.prompt);
             let job_json_object = job.json_object;
             slots.push(Slot {
                 seq_id,
                 job,
-                phase: Phase::Prefill { n_prefilled: 0 },
+                phase: Phase::Prefill { n_prefilled: cached_tokens },
                 n_past: 0,
                 n_generated: 0,
                 rng,
                 stops,
                 rows: Vec::new(),
                 history,
+                earlier_answers,
                 draft: Vec::new(),
                 draft_length: DraftLength::new(config.speculative_draft),
                 json: job_json_object.then(JsonObject::default),
                 step_tokens: 0,
                 compute: Duration::ZERO,
+                cached_tokens,
+                kept_source,
             });
         }
         if slots.is_empty() {
             continue;
         }
+        // Kept prefixes also give way to the sequences' next tokens.
+        let wanted: usize = slots.iter().map(|slot| slot.cells() + slot.wanted(config.speculative_draft)).sum();
+        while wanted + kept.cells() > n_ctx {
+            let Some(prefix) = kept.pop_least_recent() else { break };
+            let _ = context.clear_kv_cache_seq(Some(prefix.seq_id as u32), None, None);
+            free_seq_ids.push(prefix.seq_id);
+        }
 
         // 4. Fill one batch: generating and scoring sequences first, then prompt chunks.
         batch.clear();
         let mut budget = n_batch;
-        let total_cells: usize = slots.iter().map(Slot::cells).sum();
+        let total_cells: usize = slots.iter().map(Slot::cells).sum::<usize>() + kept.cells();
         let mut cells_free = n_ctx.saturating_sub(total_cells);
         let mut out_of_context = Vec::new();
         for (slot_idx, slot) in slots.iter_mut().enumerate() {
@@ -346,8 +556,7 @@ pub fn run(
         for &slot_idx in out_of_context.iter().rev() {
             let mut slot = slots.remove(slot_idx);
             slot.finish("length");
-            let _ = context.clear_kv_cache_seq(Some(slot.seq_id as u32), None, None);
-            free_seq_ids.push(slot.seq_id);
+            release(&mut context, &slot, &mut kept, &mut free_seq_ids, config.prefix_cache, step);
         }
         if batch.n_tokens() == 0 {
             // Nothing fits this step (the context is full of prompts being read): wait for room.
@@ -370,6 +579,11 @@ pub fn run(
                 slot.send(Event::Failed(format!("llama.cpp decode failed: {error}")));
                 let _ = context.clear_kv_cache_seq(Some(slot.seq_id as u32), None, None);
                 free_seq_ids.push(slot.seq_id);
+            }
+            // What a failed decode left in the cache is not trusted.
+            while let Some(prefix) = kept.pop_least_recent() {
+                let _ = context.clear_kv_cache_seq(Some(prefix.seq_id as u32), None, None);
+                free_seq_ids.push(prefix.seq_id);
             }
             continue;
         }
@@ -399,10 +613,54 @@ pub fn run(
         }
         for &slot_idx in finished.iter().rev() {
             let slot = slots.remove(slot_idx);
-            let _ = context.clear_kv_cache_seq(Some(slot.seq_id as u32), None, None);
-            free_seq_ids.push(slot.seq_id);
+            release(&mut context, &slot, &mut kept, &mut free_seq_ids, config.prefix_cache, step);
         }
     }
+}
+
+/// Gives a finished sequence's id back: with its prompt kept in the KV
+/// cache for the next request that starts the same way (its answer's cells
+/// removed), or with all its cells freed.
+fn release(
+    context: &mut LlamaContext<'_>,
+    slot: &Slot,
+    kept: &mut KeptPrefixes,
+    free_seq_ids: &mut Vec<i32>,
+    prefix_cache: bool,
+    step: u64,
+) {
+    let seq_id = slot.seq_id;
+    let n_kept = slot.prompt_in_cache();
+    if prefix_cache
+        && n_kept >= MIN_PREFIX_REUSE
+        && matches!(context.clear_kv_cache_seq(Some(seq_id as u32), Some(n_kept as u32), None), Ok(true))
+    {
+        // The earlier answers and this one, the newest last, each after the
+        // prompt's last tokens (the chat template's start of an answer), so
+        // that a match on them drafts an answer's first tokens too.
+        let mut answers = slot.history[..slot.earlier_answers].to_vec();
+        let prompt_end = (slot.earlier_answers + slot.job.prompt.len()).min(slot.history.len());
+        answers.extend_from_slice(&slot.history[prompt_end.saturating_sub(ANSWER_LEAD_IN).max(slot.earlier_answers)..]);
+        let answers = answers.split_off(answers.len().saturating_sub(KEPT_ANSWER_TOKENS));
+        // This prefix takes the place of the one it started from when it
+        // shares most of it (the same task's instructions, another message):
+        // it holds those leading cells (shared) and that one's answers too,
+        // so one task's calls keep one prefix, not one per call.
+        if let Some(source) = slot.kept_source {
+            let replaces = |prefix: &KeptPrefix| prefix.id == source && 2 * slot.cached_tokens >= prefix.tokens.len();
+            if let Some(idx) = kept.kept.iter().position(replaces) {
+                let replaced = kept.kept.swap_remove(idx);
+                let _ = context.clear_kv_cache_seq(Some(replaced.seq_id as u32), None, None);
+                free_seq_ids.push(replaced.seq_id);
+            }
+        }
+        kept.next_id += 1;
+        let tokens = slot.job.prompt[..n_kept].to_vec();
+        kept.kept.push(KeptPrefix { id: kept.next_id, seq_id, tokens, answers, last_used: step });
+        return;
+    }
+    let _ = context.clear_kv_cache_seq(Some(seq_id as u32), None, None);
+    free_seq_ids.push(seq_id);
 }
 
 /// Splits one decode step's time among the sequences in its batch, by the

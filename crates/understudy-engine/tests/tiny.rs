@@ -491,7 +491,106 @@ fn greedy_tokens(completion: &Value) -> (Vec<Value>, Value, Value) {
         .iter()
         .map(|entry| entry["bytes"].clone())
         .collect();
-    (tokens, completion.pointer("/choices/0/finish_reason").unwrap().clone(), completion["usage"].clone())
+    (tokens, completion.pointer("/choices/0/finish_reason").unwrap().clone(), token_counts(completion))
+}
+
+/// The usage's token counts, without how many prompt tokens a kept prefix
+/// served (that depends on what the model was asked before).
+fn token_counts(completion: &Value) -> Value {
+    let usage = &completion["usage"];
+    json!([usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]])
+}
+
+fn cached_tokens(completion: &Value) -> u64 {
+    completion.pointer("/usage/prompt_tokens_details/cached_tokens").unwrap().as_u64().unwrap()
+}
+
+fn load_with_prefix_cache(path: &Path, prefix_cache: bool) -> LlamaCppModel {
+    LlamaCppModel::load(&spec(path, None), &EngineOptions { prefix_cache, ..options() }).unwrap()
+}
+
+/// A task's calls: one long instruction, then the message.
+fn task_body(instruction: &str, message: &str) -> Value {
+    json!({"messages": [{"role": "system", "content": instruction}, {"role": "user", "content": message}],
+        "temperature": 0, "max_tokens": 24, "logprobs": true})
+}
+
+const INSTRUCTIONS: [&str; 3] = [
+    "Extract the sender's name and phone number from the SMS, as JSON with the keys name and phone.",
+    "Classify the SMS as spam or ham; answer with one word.",
+    "Extract the sender's name and phone number from the SMS, as JSON with the keys name and date.",
+];
+
+const MESSAGES: [&str; 4] = ["Hi, Tom here, call 555-0199", "WIN a prize now!!", "Lunch at 12? Ann", "555-0142 Maria"];
+
+#[tokio::test]
+async fn kept_prompt_prefixes_give_the_greedy_tokens_of_a_full_prefill() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_model_file(dir.path());
+    let plain = load_with_prefix_cache(&path, false);
+    let cached = load_with_prefix_cache(&path, true);
+    // Every instruction with every message, one at a time: after the first
+    // call of an instruction, its prefix (or, for the third, most of the
+    // first's) is kept; the instructions alternate, so more than one is kept.
+    let mut alone = Vec::new();
+    let mut served_from_cache = 0;
+    for message in MESSAGES {
+        for instruction in INSTRUCTIONS {
+            let expected = chat(&plain, task_body(instruction, message)).await;
+            let got = chat(&cached, task_body(instruction, message)).await;
+            assert_eq!(greedy_tokens(&got), greedy_tokens(&expected), "{instruction:?} {message:?}");
+            assert_eq!(cached_tokens(&expected), 0, "prefix_cache off reused a prefix");
+            let prompt_tokens = got["usage"]["prompt_tokens"].as_u64().unwrap();
+            assert!(cached_tokens(&got) < prompt_tokens, "the last prompt token is always decoded");
+            if cached_tokens(&got) > 0 {
+                served_from_cache += 1;
+            }
+            let logprobs = |completion: &Value| -> Vec<f64> {
+                let entries = completion.pointer("/choices/0/logprobs/content").unwrap().as_array().unwrap();
+                entries.iter().map(|entry| entry["logprob"].as_f64().unwrap()).collect()
+            };
+            for (a, b) in logprobs(&got).iter().zip(logprobs(&expected)) {
+                assert!((a - b).abs() < 1e-2, "logprob {a} against {b}");
+            }
+            alone.push(expected);
+        }
+    }
+    // The first call of each instruction prefilled it all; after that, the
+    // instruction came from the cache (the third shares most of the first's).
+    assert!(served_from_cache >= 9, "only {served_from_cache} of 12 calls used a kept prefix");
+
+    // All twelve at once on four sequences: requests share a kept prefix,
+    // admitted ones free their sequences for the rest, and kept prefixes give
+    // way whenever a request needs their room or their sequence.
+    let bodies: Vec<Value> = MESSAGES
+        .iter()
+        .flat_map(|message| INSTRUCTIONS.iter().map(move |instruction| task_body(instruction, message)))
+        .collect();
+    let together = futures::future::join_all(bodies.iter().map(|body| chat(&cached, body.clone()))).await;
+    for (got, expected) in together.iter().zip(&alone) {
+        assert_eq!(greedy_tokens(got), greedy_tokens(expected));
+    }
+    assert!(together.iter().any(|completion| cached_tokens(completion) > 0));
+}
+
+#[tokio::test]
+async fn kept_prefixes_give_way_to_prompts_that_need_the_whole_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_model_file(dir.path());
+    let plain = load_with_prefix_cache(&path, false);
+    let cached = load_with_prefix_cache(&path, true);
+    // Prompts of about 400 of the 512 cells (one token per character), each
+    // different from its first characters: a kept one must be dropped for
+    // the next to fit.
+    let long =
+        |seed: usize| -> String { (0..400).map(|i| char::from(b'a' + ((i * 7 + seed * 13) % 26) as u8)).collect() };
+    for seed in 0..3 {
+        let body = json!({"messages": user(&long(seed)), "temperature": 0, "max_tokens": 8, "logprobs": true});
+        let expected = chat(&plain, body.clone()).await;
+        let got = chat(&cached, body).await;
+        assert_eq!(greedy_tokens(&got), greedy_tokens(&expected), "prompt {seed}");
+        assert_eq!(got.pointer("/choices/0/finish_reason"), expected.pointer("/choices/0/finish_reason"));
+    }
 }
 
 /// Prompts that repeat themselves, so that drafts copied from them can be
@@ -595,7 +694,7 @@ async fn sampled_requests_do_not_speculate_and_stop_sequences_still_cut() {
         let expected = chat(&plain, body.clone()).await;
         let got = chat(&speculative, body).await;
         assert_eq!(content(&got), content(&expected));
-        assert_eq!(got["usage"], expected["usage"]);
+        assert_eq!(token_counts(&got), token_counts(&expected));
         assert_eq!(got.pointer("/choices/0/finish_reason"), expected.pointer("/choices/0/finish_reason"));
     }
     assert!(speculative.speculation_stats().drafted > 0);
@@ -613,4 +712,45 @@ async fn a_json_object_answer_that_is_not_one_fails_instead_of_reaching_the_clie
     json_body["response_format"] = json!({"type": "json_object"});
     let error = model.chat(request(json_body)).await.unwrap_err().to_string();
     assert!(error.contains("JSON object"), "{error}");
+}
+
+#[tokio::test]
+async fn earlier_answers_to_a_kept_prefix_are_drafted_and_still_give_the_greedy_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_model_file(dir.path());
+    let plain = LlamaCppModel::load(
+        &spec(&path, None),
+        &EngineOptions { speculative_draft: 0, prefix_cache: false, ..options() },
+    )
+    .unwrap();
+    let drafting = LlamaCppModel::load(
+        &spec(&path, None),
+        &EngineOptions { speculative_draft: 8, prefix_cache: true, ..options() },
+    )
+    .unwrap();
+    let mut accepted_per_call = Vec::new();
+    let mut answer_tokens = Vec::new();
+    // The same instruction with messages that do not repeat themselves: the
+    // first call's drafts can come only from its prompt; later calls also
+    // draft from the answers given after the same instruction.
+    for message in MESSAGES.iter().chain(&MESSAGES) {
+        let body = task_body(INSTRUCTIONS[1], message);
+        let before = drafting.speculation_stats();
+        let got = chat(&drafting, body.clone()).await;
+        let after = drafting.speculation_stats();
+        assert_eq!(greedy_tokens(&got), greedy_tokens(&chat(&plain, body).await), "{message:?}");
+        accepted_per_call.push(after.accepted - before.accepted);
+        answer_tokens.push(got["usage"]["completion_tokens"].as_u64().unwrap());
+    }
+    // The second round asks the first round's messages again: each answer
+    // equals one given before, so most of it is drafted and accepted.
+    let first: u64 = accepted_per_call[..MESSAGES.len()].iter().sum();
+    let second: u64 = accepted_per_call[MESSAGES.len()..].iter().sum();
+    let repeated: u64 = answer_tokens[MESSAGES.len()..].iter().sum();
+    assert!(repeated > 2 * MESSAGES.len() as u64, "the answers are too short to draft: {answer_tokens:?}");
+    assert!(second > first, "accepted draft tokens: {accepted_per_call:?}");
+    assert!(
+        2 * second >= repeated,
+        "repeated answers of {answer_tokens:?} tokens had only {accepted_per_call:?} accepted draft tokens"
+    );
 }
