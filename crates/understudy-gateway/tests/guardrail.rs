@@ -160,3 +160,106 @@ async fn issue_13_audits_sample_the_served_calls_at_the_configured_rate() {
     // Binomial(500, 0.2): mean 100, sd 8.9; the bounds are 5.6 sd away.
     assert!((50..=150).contains(&n_audited), "{n_audited} of 500 audited at a rate of 0.2");
 }
+
+/// A local understudy that knows two labels and answers every question with
+/// the first, sure of it: it cannot learn a label the lead starts giving.
+#[derive(Debug)]
+struct TwoLabels;
+
+impl understudy_providers::LocalModel for TwoLabels {
+    fn chat(
+        &self,
+        _request: understudy_providers::ChatRequest,
+    ) -> futures::future::BoxFuture<'_, Result<understudy_providers::ProviderResponse, understudy_providers::ProviderError>>
+    {
+        let body = json!({"object": "chat.completion", "model": "labeller",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "HUM"}, "finish_reason": "stop",
+                "logprobs": {"content": [{"token": "HUM", "logprob": 0.99f64.ln(), "bytes": [72, 85, 77], "top_logprobs": []}]}}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}});
+        Box::pin(async move {
+            Ok(understudy_providers::ProviderResponse {
+                body: body.to_string().into(),
+                usage: None,
+                headers: Default::default(),
+                compute: Some(std::time::Duration::from_millis(1)),
+            })
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        "classifier"
+    }
+
+    fn labels(&self) -> Option<Vec<String>> {
+        Some(vec!["HUM".into(), "LOC".into()])
+    }
+}
+
+#[derive(Debug)]
+struct TwoLabelsLoader;
+
+impl understudy_providers::LocalLoader for TwoLabelsLoader {
+    fn load(
+        &self,
+        _spec: &understudy_providers::LocalModelSpec,
+    ) -> Result<std::sync::Arc<dyn understudy_providers::LocalModel>, understudy_providers::ProviderError> {
+        Ok(std::sync::Arc::new(TwoLabels))
+    }
+}
+
+const LABELLED: &str = r#"
+[providers.local]
+type = "local"
+
+[models.labeller]
+provider = "local"
+path = "two-labels"
+
+[tasks.labelled]
+lead = "replayed"
+understudy = "labeller"
+policy = "cascade:0.5"
+audit_rate = 1.0
+target_agreement = 0.9
+"#;
+
+/// A question the replayed lead answers (`support::REPLAY_LINES`): HUM, or NUM.
+fn labelled(question: &str) -> Value {
+    json!({"model": "task:labelled", "messages": [
+        {"role": "system", "content": "Label the question."}, {"role": "user", "content": question}]})
+}
+
+#[tokio::test]
+async fn issue_14_lead_answers_the_understudy_cannot_give_demote_its_cascade() {
+    let harness = Harness::start_with_local_models(LABELLED, std::sync::Arc::new(TwoLabelsLoader)).await;
+    let served = |completion: &Value| completion.pointer("/choices/0/message/content").and_then(Value::as_str).map(str::to_string);
+    // Questions whose answer the understudy knows: served and audited, agreeing.
+    for _ in 0..5 {
+        let (status, completion) = harness.post_json("/chat/completions", &labelled("Who wrote   Hamlet?")).await;
+        assert_eq!((status, served(&completion).as_deref()), (200, Some("HUM")), "{completion}");
+        settle(&harness).await;
+    }
+    // The lead answers NUM, a label the understudy cannot give: one such
+    // answer is not enough to demote (a stray answer of the lead's)...
+    let (status, _) = harness.post_json("/chat/completions", &labelled("How far is the Moon?")).await;
+    assert_eq!(status, 200);
+    settle(&harness).await;
+    let health_now = health(&harness).await;
+    assert_eq!(health_now["tasks"]["labelled"]["policy"], "cascade:0.5", "{health_now}");
+    // ...two are: the certificate never covered NUM questions.
+    let (status, _) = harness.post_json("/chat/completions", &labelled("How far is the Moon?")).await;
+    assert_eq!(status, 200);
+    settle(&harness).await;
+    let after = health(&harness).await;
+    assert_eq!(after["tasks"]["labelled"]["policy"], "shadow", "{after}");
+    let changes = harness.store.policy_history("labelled").await.expect("history");
+    let newest = changes.first().expect("the demotion is recorded");
+    assert_eq!(newest.policy, "shadow");
+    let note = newest.note.as_deref().unwrap_or_default();
+    assert!(note.starts_with("guardrail:") && note.contains("cannot give") && note.contains("num"), "{note}");
+
+    // From now on the lead serves, and it answers NUM.
+    let (status, completion) = harness.post_json("/chat/completions", &labelled("How far is the Moon?")).await;
+    assert_eq!((status, served(&completion).as_deref()), (200, Some("NUM")), "{completion}");
+    harness.finish().await;
+}

@@ -176,20 +176,32 @@ impl Harness {
     pub async fn start_with_keys() -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = format!("sqlite://{}", dir.path().join("gateway.db").display());
-        Harness::start_text(dir, &url, "", |text| text.replace("auth = \"none\"", "auth = \"keys\"")).await
+        Harness::start_text(dir, &url, "", |text| text.replace("auth = \"none\"", "auth = \"keys\""), None).await
     }
 
     /// A gateway that wants keys over `store_url`, counting their limits
     /// in the Redis at `redis_url` (which other gateways may share).
     pub async fn start_with_shared_limits(dir: tempfile::TempDir, store_url: &str, redis_url: &str) -> Harness {
         let server = format!("auth = \"keys\"\nlimits_redis_url = \"{redis_url}\"");
-        Harness::start_text(dir, store_url, "", |text| text.replace("auth = \"none\"", &server)).await
+        Harness::start_text(dir, store_url, "", |text| text.replace("auth = \"none\"", &server), None).await
     }
 
     /// A gateway with `extra` appended to the test config; it polls the store
     /// for policy changes and keys every 50 ms.
     pub async fn start_configured(dir: tempfile::TempDir, store_url: &str, extra: &str) -> Harness {
-        Harness::start_text(dir, store_url, extra, |text| text).await
+        Harness::start_text(dir, store_url, extra, |text| text, None).await
+    }
+
+    /// A gateway over a fresh SQLite file, with `extra` appended to the
+    /// config, whose `type = "local"` models `loader` loads.
+    #[allow(dead_code)]
+    pub async fn start_with_local_models(
+        extra: &str,
+        loader: std::sync::Arc<dyn understudy_providers::LocalLoader>,
+    ) -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("gateway.db").display());
+        Harness::start_text(dir, &url, extra, |text| text, Some(loader)).await
     }
 
     async fn start_text(
@@ -197,6 +209,7 @@ impl Harness {
         store_url: &str,
         extra: &str,
         edit: impl FnOnce(String) -> String,
+        loader: Option<std::sync::Arc<dyn understudy_providers::LocalLoader>>,
     ) -> Harness {
         std::env::set_var(TEST_KEY_VAR, TEST_KEY);
         let stub = stub::Stub { keep_log: true, ..Default::default() };
@@ -217,7 +230,7 @@ impl Harness {
                 ..RecorderConfig::default()
             },
         );
-        let state = AppState::new(config, recorder).expect("state");
+        let state = AppState::with_local_models(config, recorder, loader).expect("state");
         state.apply_policies(&store).await.expect("policies apply");
         let watch = understudy_gateway::spawn_policy_watch(state.clone(), store.clone(), Duration::from_millis(50));
         let key_watch = understudy_gateway::spawn_key_watch(state.clone(), Duration::from_millis(50));
