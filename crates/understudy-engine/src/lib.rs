@@ -123,25 +123,6 @@ pub enum PromptError {
     Template(String),
 }
 
-/// Weights up to this size decode a one-token step on one thread.
-const SMALL_MODEL_BYTES: u64 = 1 << 30;
-
-/// Threads for a decode step of one token (llama.cpp's `n_threads`; longer
-/// batches use `n_threads_batch`, all of them). Such a step reads the
-/// weights once and does little arithmetic: for a small model it is bound by
-/// the threads' synchronization, not by compute. On the 2-core machines,
-/// SmolLM2-135M answered one call at a time 1.27x faster (wall) on one
-/// thread, for 0.70x the CPU-seconds (`bench/engine --only-extraction`, the
-/// baseline's figures). A larger model keeps every thread, to stream its
-/// weights at the memory's bandwidth.
-fn single_token_threads(model_bytes: u64, n_threads: i32) -> i32 {
-    if model_bytes <= SMALL_MODEL_BYTES {
-        1
-    } else {
-        n_threads
-    }
-}
-
 /// llama.cpp's backend failed to initialize (the message is llama.cpp's).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -274,7 +255,7 @@ impl LlamaCppModel {
             .with_n_ubatch(n_batch)
             .with_n_seq_max(config.n_seq_ids())
             .with_kv_unified(true)
-            .with_n_threads(single_token_threads(model.size(), n_threads))
+            .with_n_threads(n_threads)
             .with_n_threads_batch(n_threads);
 
         let speculation = Arc::new(speculative::SpeculationCounters::default());
@@ -589,16 +570,4 @@ fn check_gguf_file(path: &Path) -> Result<(), EngineError> {
         return Err(EngineError::NotGguf { path: path.to_path_buf(), reason: "it does not start with `GGUF`".into() });
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_small_model_decodes_one_token_steps_on_one_thread() {
-        assert_eq!(single_token_threads(150 << 20, 2), 1);
-        assert_eq!(single_token_threads(SMALL_MODEL_BYTES, 4), 1);
-        assert_eq!(single_token_threads(SMALL_MODEL_BYTES + 1, 4), 4);
-    }
 }
