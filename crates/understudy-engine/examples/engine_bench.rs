@@ -7,8 +7,10 @@
 //! process CPU-seconds per call and machine cost per 1k calls, and over the
 //! cost of a gpt-4o-mini lead, for the baseline (one token per step, every
 //! prompt prefilled in full), kept prompt prefixes alone, and the defaults
-//! (kept prefixes and speculative decoding), in the same run. Each round
-//! asks messages no earlier round asked, so no answer is ever a repeat.
+//! (kept prefixes and speculative decoding): one configuration per process
+//! (`--config NAME --first-run R`), which `bench/engine` runs in turns.
+//! Each round asks messages no earlier round asked, so no answer is ever a
+//! repeat.
 //!
 //!   cargo run --release -p understudy-engine --example engine_bench -- MODEL.gguf [--threads 2] [--runs 3]
 //!   cargo run --release -p understudy-engine --example engine_bench -- MODEL.gguf --extraction [--runs 3]
@@ -135,7 +137,9 @@ async fn main() -> Result<()> {
         EngineOptions { n_threads: Some(threads), n_seq_max: concurrency as u32, weights, ..EngineOptions::default() };
     if args.iter().any(|arg| arg == "--extraction") {
         let draft = flag("--speculative-draft", DEFAULT_SPECULATIVE_DRAFT).max(1);
-        return extraction(&spec, &options, draft, runs, concurrency).await;
+        let config = args.iter().position(|arg| arg == "--config").and_then(|idx| args.get(idx + 1));
+        let config = config.map_or("on", String::as_str);
+        return extraction(&spec, &options, draft, config, flag("--first-run", 0), runs, concurrency).await;
     }
     // The throughput figures are of one token per step (comparable with
     // llama.cpp's and earlier runs') unless asked otherwise, and every
@@ -413,134 +417,90 @@ async fn extraction_concurrent(
     Ok(((process_cpu_seconds() - cpu_start) / n, wall_start.elapsed().as_secs_f64() / n))
 }
 
-/// The per-call figures of one configuration over all runs.
-#[derive(Default)]
-struct Figures {
-    cpu: Vec<f64>,
-    wall: Vec<f64>,
-    concurrent_cpu: Vec<f64>,
-    concurrent_wall: Vec<f64>,
-    /// Calls of the last round that failed (json_object answers that were not one).
-    failed: usize,
-}
+/// The extraction workload's configurations: name, speculative draft
+/// (`None`: the default's), kept prefixes, `response_format` json_object.
+const CONFIGURATIONS: [(&str, Option<usize>, bool, bool); 4] = [
+    ("off", Some(0), false, false),
+    ("kept prefixes", Some(0), true, false),
+    ("on", None, true, false),
+    ("on, json_object", None, true, true),
+];
 
-/// The engine's defaults (speculative decoding and kept prompt prefixes)
-/// against the baseline (one token per decode step, every prompt prefilled
-/// in full), kept prefixes alone, and the defaults with `response_format`
-/// json_object (decoding stops at the closing brace), taking turns round by
-/// round so that all see the same machine load.
+/// One configuration of the extraction workload, in a process of its own
+/// (`bench/engine` runs the configurations in turns, one process each:
+/// llama.cpp contexts of several models used in turns in one process
+/// slow each other down, about 1.9x on 2 cores), warmed up on message set
+/// 0, then runs `first_run..first_run + runs`: per run, the prompt alone
+/// (`off` only), one call at a time on a new set and all at once on
+/// another. Prints one JSON object; `bench/engine` takes medians and ratios.
 async fn extraction(
     spec: &LocalModelSpec,
     options: &EngineOptions,
     draft: usize,
+    config: &str,
+    first_run: usize,
     runs: usize,
     concurrency: usize,
 ) -> Result<()> {
-    let on =
-        LlamaCppModel::load(spec, &EngineOptions { speculative_draft: draft, prefix_cache: true, ..options.clone() })?;
-    let off =
-        LlamaCppModel::load(spec, &EngineOptions { speculative_draft: 0, prefix_cache: false, ..options.clone() })?;
-    let kept =
-        LlamaCppModel::load(spec, &EngineOptions { speculative_draft: 0, prefix_cache: true, ..options.clone() })?;
-    // Its own model, so that its answers never sit in `on`'s kept prefixes.
-    let on_json =
-        LlamaCppModel::load(spec, &EngineOptions { speculative_draft: draft, prefix_cache: true, ..options.clone() })?;
-    // Warm up (and check that neither speculation nor kept prefixes change an answer).
-    let (_, _, answers_on) = extraction_round(&on, false, 0).await?;
-    let (_, _, answers_off) = extraction_round(&off, false, 0).await?;
-    let (_, _, answers_kept) = extraction_round(&kept, false, 0).await?;
-    extraction_round(&on_json, true, 0).await?;
-    // Speculation must not change a greedy answer: `on` against `kept`,
-    // which prefill alike. A kept prefix, like batching, moves the Q8_0
-    // logits a little and may flip a near tie: `kept` against `off`.
-    let same = |a: &[(String, u64)], b: &[(String, u64)]| a.iter().zip(b).filter(|(a, b)| a == b).count();
-    let (same_answers, same_prefill) = (same(&answers_on, &answers_kept), same(&answers_kept, &answers_off));
-    eprintln!("warmed up; e.g. {:?}", answers_on[0].0);
-    for ((off, kept), on) in answers_off.iter().zip(&answers_kept).zip(&answers_on) {
-        if off != kept || off != on {
-            eprintln!("answers differ:\n  off  {:?}\n  kept {:?}\n  on   {:?}", off.0, kept.0, on.0);
-        }
-    }
-    let stats_before = on.speculation_stats();
-    let configurations: [(&str, &LlamaCppModel, bool); 4] = [
-        ("on", &on, false),
-        ("off", &off, false),
-        ("kept prefixes", &kept, false),
-        ("on, json_object", &on_json, true),
-    ];
-    let mut figures: Vec<Figures> = configurations.iter().map(|_| Figures::default()).collect();
-    let mut prompt_cpu = Vec::new();
-    for run in 0..runs {
+    let Some(&(name, config_draft, prefix_cache, json_object)) =
+        CONFIGURATIONS.iter().find(|(name, ..)| *name == config)
+    else {
+        let names: Vec<&str> = CONFIGURATIONS.iter().map(|(name, ..)| *name).collect();
+        return Err(format!("--config must be one of {names:?}, not {config:?}").into());
+    };
+    let speculative_draft = config_draft.unwrap_or(draft);
+    let model = LlamaCppModel::load(spec, &EngineOptions { speculative_draft, prefix_cache, ..options.clone() })?;
+    // Warm up; its answers (without json_object) are compared across configurations.
+    let (_, _, warm_answers) = extraction_round(&model, false, 0).await?;
+    let stats_before = model.speculation_stats();
+    let (mut cpu, mut wall, mut concurrent_cpu, mut concurrent_wall, mut prompt_cpu) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut failed = 0;
+    for run in first_run..first_run + runs {
         // Every configuration gets the same new messages in a run.
-        let (sequential, concurrent) = (1 + 2 * run, 2 + 2 * run);
-        prompt_cpu.extend(prompt_round(&off, sequential).await?);
-        // Take turns, each run starting with a different configuration.
-        for turn in 0..configurations.len() {
-            let idx = (run + turn) % configurations.len();
-            let (name, model, json_object) = configurations[idx];
-            let (cpu, wall, answers) = extraction_round(model, json_object, sequential).await?;
-            figures[idx].failed = answers.iter().filter(|(answer, _)| answer.starts_with("(failed")).count();
-            let (concurrent_cpu, concurrent_wall) =
-                extraction_concurrent(model, concurrency, json_object, concurrent).await?;
-            eprintln!(
-                "{name}: {:.3} CPU-s per call, {:.3} s wall (median), {concurrent_cpu:.3} CPU-s per call at \
-                 {concurrency} concurrent",
-                median(cpu.clone()),
-                median(wall.clone())
-            );
-            figures[idx].cpu.extend(cpu);
-            figures[idx].wall.extend(wall);
-            figures[idx].concurrent_cpu.push(concurrent_cpu);
-            figures[idx].concurrent_wall.push(concurrent_wall);
+        let (sequential, at_once) = (1 + 2 * run, 2 + 2 * run);
+        if name == "off" {
+            prompt_cpu.extend(prompt_round(&model, sequential).await?);
         }
+        let (run_cpu, run_wall, answers) = extraction_round(&model, json_object, sequential).await?;
+        failed += answers.iter().filter(|(answer, _)| answer.starts_with("(failed")).count();
+        let (at_once_cpu, at_once_wall) = extraction_concurrent(&model, concurrency, json_object, at_once).await?;
+        eprintln!(
+            "{name}, run {run}: {:.3} CPU-s per call, {:.3} s wall (median), {at_once_cpu:.3} CPU-s per call at \
+             {concurrency} concurrent",
+            median(run_cpu.clone()),
+            median(run_wall.clone())
+        );
+        cpu.extend(run_cpu);
+        wall.extend(run_wall);
+        concurrent_cpu.push(at_once_cpu);
+        concurrent_wall.push(at_once_wall);
     }
-    let stats = on.speculation_stats();
-    let (drafted, accepted) = (stats.drafted - stats_before.drafted, stats.accepted - stats_before.accepted);
-    let cost_per_1k = |cpu_per_call: f64| cpu_per_call * MACHINE_PRICE_PER_HOUR / 3600.0 * 1000.0;
-    let tokens: Vec<f64> = answers_off.iter().map(|(_, tokens)| *tokens as f64).collect();
+    let stats = model.speculation_stats();
     let lead_costs: Vec<f64> =
-        messages(0).iter().zip(&answers_off).map(|(sms, (answer, _))| lead_cost(sms, answer)).collect();
-    let lead_cost_per_1k = median(lead_costs) * 1000.0;
-    let by_name: serde_json::Map<String, Value> = configurations
-        .iter()
-        .zip(figures)
-        .map(|((name, _, _), figures)| {
-            let (cpu, concurrent) = (median(figures.cpu), median(figures.concurrent_cpu));
-            let value = json!({
-                "cpu_s_per_call": cpu,
-                "wall_s_per_call": median(figures.wall),
-                "cost_per_1k": cost_per_1k(cpu),
-                "concurrent_cpu_s_per_call": concurrent,
-                "concurrent_wall_s_per_call": median(figures.concurrent_wall),
-                "concurrent_cost_per_1k": cost_per_1k(concurrent),
-                "cost_over_lead": cost_per_1k(cpu) / lead_cost_per_1k,
-                "concurrent_cost_over_lead": cost_per_1k(concurrent) / lead_cost_per_1k,
-                "failed_calls_per_round": figures.failed,
-            });
-            (name.to_string(), value)
-        })
-        .collect();
+        messages(0).iter().zip(&warm_answers).map(|(sms, (answer, _))| lead_cost(sms, answer)).collect();
     let report = json!({
         "workload": "json extraction",
+        "config": name,
         "weights": format!("{:?}", options.weights),
-        "served_gguf": on.gguf_path().display().to_string(),
+        "served_gguf": model.gguf_path().display().to_string(),
         "threads": options.n_threads,
-        "runs": runs,
         "calls_per_run": TEMPLATES.len(),
-        "answer_tokens_median": median(tokens),
-        "answers_identical": same_answers,
-        "answers_identical_to_full_prefill": same_prefill,
-        "speculative_draft": draft,
-        "drafted_tokens": drafted,
-        "accepted_tokens": accepted,
-        "acceptance": accepted as f64 / drafted.max(1) as f64,
+        "concurrency": concurrency,
+        "speculative_draft": speculative_draft,
+        "warm_answers": warm_answers,
+        "cpu": cpu,
+        "wall": wall,
+        "concurrent_cpu": concurrent_cpu,
+        "concurrent_wall": concurrent_wall,
+        "prompt_cpu": prompt_cpu,
+        "failed": failed,
+        "drafted_tokens": stats.drafted - stats_before.drafted,
+        "accepted_tokens": stats.accepted - stats_before.accepted,
         "machine_price_per_hour": MACHINE_PRICE_PER_HOUR,
         "lead": "gpt-4o-mini",
         "lead_price_per_million": [LEAD_PRICE_PER_MILLION.0, LEAD_PRICE_PER_MILLION.1],
-        "lead_cost_per_1k": lead_cost_per_1k,
-        "concurrency": concurrency,
-        "prompt_only_cpu_s_per_call": median(prompt_cpu),
-        "configurations": by_name,
+        "lead_cost_per_1k": median(lead_costs) * 1000.0,
     });
     println!("{report}");
     Ok(())

@@ -170,8 +170,10 @@ impl understudy_providers::LocalModel for TwoLabels {
     fn chat(
         &self,
         _request: understudy_providers::ChatRequest,
-    ) -> futures::future::BoxFuture<'_, Result<understudy_providers::ProviderResponse, understudy_providers::ProviderError>>
-    {
+    ) -> futures::future::BoxFuture<
+        '_,
+        Result<understudy_providers::ProviderResponse, understudy_providers::ProviderError>,
+    > {
         let body = json!({"object": "chat.completion", "model": "labeller",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "HUM"}, "finish_reason": "stop",
                 "logprobs": {"content": [{"token": "HUM", "logprob": 0.99f64.ln(), "bytes": [72, 85, 77], "top_logprobs": []}]}}],
@@ -232,7 +234,9 @@ fn labelled(question: &str) -> Value {
 #[tokio::test]
 async fn issue_14_lead_answers_the_understudy_cannot_give_demote_its_cascade() {
     let harness = Harness::start_with_local_models(LABELLED, std::sync::Arc::new(TwoLabelsLoader)).await;
-    let served = |completion: &Value| completion.pointer("/choices/0/message/content").and_then(Value::as_str).map(str::to_string);
+    let served = |completion: &Value| {
+        completion.pointer("/choices/0/message/content").and_then(Value::as_str).map(str::to_string)
+    };
     // Questions whose answer the understudy knows: served and audited, agreeing.
     for _ in 0..5 {
         let (status, completion) = harness.post_json("/chat/completions", &labelled("Who wrote   Hamlet?")).await;
