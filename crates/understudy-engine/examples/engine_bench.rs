@@ -135,6 +135,9 @@ async fn main() -> Result<()> {
     let spec = LocalModelSpec::new("bench", path.clone());
     let options =
         EngineOptions { n_threads: Some(threads), n_seq_max: concurrency as u32, weights, ..EngineOptions::default() };
+    if args.iter().any(|arg| arg == "--two-models") {
+        return two_models(&spec, &options, runs).await;
+    }
     if args.iter().any(|arg| arg == "--extraction") {
         let draft = flag("--speculative-draft", DEFAULT_SPECULATIVE_DRAFT).max(1);
         let config = args.iter().position(|arg| arg == "--config").and_then(|idx| args.get(idx + 1));
@@ -415,6 +418,44 @@ async fn extraction_concurrent(
         answer?;
     }
     Ok(((process_cpu_seconds() - cpu_start) / n, wall_start.elapsed().as_secs_f64() / n))
+}
+
+/// Two models in one process (as a gateway serving two generation
+/// understudies holds them): seconds and CPU-seconds per extraction call of
+/// the first model alone, then of both used in turns, and the ratio (with
+/// OpenMP the second context slowed every context down about 1.8x).
+async fn two_models(spec: &LocalModelSpec, options: &EngineOptions, runs: usize) -> Result<()> {
+    let options = EngineOptions { speculative_draft: 0, prefix_cache: false, ..options.clone() };
+    let first = LlamaCppModel::load(spec, &options)?;
+    extraction_round(&first, false, 0).await?;
+    let (mut alone_cpu, mut alone_wall) = (Vec::new(), Vec::new());
+    for run in 0..runs {
+        let (cpu, wall, _) = extraction_round(&first, false, 1 + run).await?;
+        alone_cpu.extend(cpu);
+        alone_wall.extend(wall);
+    }
+    let second = LlamaCppModel::load(spec, &options)?;
+    let (mut turns_cpu, mut turns_wall) = (Vec::new(), Vec::new());
+    for run in 0..runs {
+        for model in [&second, &first] {
+            let (cpu, wall, _) = extraction_round(model, false, 1 + run).await?;
+            turns_cpu.extend(cpu);
+            turns_wall.extend(wall);
+        }
+    }
+    let (alone_wall, turns_wall) = (median(alone_wall), median(turns_wall));
+    let (alone_cpu, turns_cpu) = (median(alone_cpu), median(turns_cpu));
+    let report = json!({
+        "workload": "two models",
+        "alone_wall_s_per_call": alone_wall,
+        "alone_cpu_s_per_call": alone_cpu,
+        "in_turns_wall_s_per_call": turns_wall,
+        "in_turns_cpu_s_per_call": turns_cpu,
+        "wall_ratio": turns_wall / alone_wall,
+        "cpu_ratio": turns_cpu / alone_cpu,
+    });
+    println!("{report}");
+    Ok(())
 }
 
 /// The extraction workload's configurations: name, speculative draft
