@@ -425,9 +425,9 @@ pub fn run(
             }
             // Kept prefixes give way to requests.
             while cells_used + needed + kept.cells() > n_ctx {
-                let Some(prefix) = kept.pop_least_recent() else { break };
-                let _ = context.clear_kv_cache_seq(Some(prefix.seq_id as u32), None, None);
-                free_seq_ids.push(prefix.seq_id);
+                if !drop_least_recent(&mut context, &mut kept, &mut free_seq_ids) {
+                    break;
+                }
             }
             let Some(job) = queue.pop_front() else { break };
             cells_used += needed;
@@ -463,9 +463,9 @@ pub fn run(
         // Kept prefixes also give way to the sequences' next tokens.
         let wanted: usize = slots.iter().map(|slot| slot.cells() + slot.wanted(config.speculative_draft)).sum();
         while wanted + kept.cells() > n_ctx {
-            let Some(prefix) = kept.pop_least_recent() else { break };
-            let _ = context.clear_kv_cache_seq(Some(prefix.seq_id as u32), None, None);
-            free_seq_ids.push(prefix.seq_id);
+            if !drop_least_recent(&mut context, &mut kept, &mut free_seq_ids) {
+                break;
+            }
         }
 
         // 4. Fill one batch: generating and scoring sequences first, then prompt chunks.
@@ -581,10 +581,7 @@ pub fn run(
                 free_seq_ids.push(slot.seq_id);
             }
             // What a failed decode left in the cache is not trusted.
-            while let Some(prefix) = kept.pop_least_recent() {
-                let _ = context.clear_kv_cache_seq(Some(prefix.seq_id as u32), None, None);
-                free_seq_ids.push(prefix.seq_id);
-            }
+            while drop_least_recent(&mut context, &mut kept, &mut free_seq_ids) {}
             continue;
         }
 
@@ -616,6 +613,15 @@ pub fn run(
             release(&mut context, &slot, &mut kept, &mut free_seq_ids, config.prefix_cache, step);
         }
     }
+}
+
+/// Drops the least recently used kept prefix, freeing its cells and its
+/// sequence id; false when none is kept.
+fn drop_least_recent(context: &mut LlamaContext<'_>, kept: &mut KeptPrefixes, free_seq_ids: &mut Vec<i32>) -> bool {
+    let Some(prefix) = kept.pop_least_recent() else { return false };
+    let _ = context.clear_kv_cache_seq(Some(prefix.seq_id as u32), None, None);
+    free_seq_ids.push(prefix.seq_id);
+    true
 }
 
 /// Gives a finished sequence's id back: with its prompt kept in the KV
