@@ -450,7 +450,7 @@ impl Ask {
 
     /// Every row asked as a served call would be, with as many in flight as
     /// the understudy answers together ([`Understudy::max_concurrency`]: a
-    /// classifier's batch; one for the engine), so rows are batched the
+    /// classifier's batch; the engine's `n_seq_max`), so rows are batched the
     /// way concurrent calls are; answers come back in row order. A row the
     /// understudy cannot answer is a fallback, never an error of eval. The
     /// process CPU time of the whole split is shared among its rows in
