@@ -509,6 +509,20 @@ fn load_with_prefix_cache(path: &Path, prefix_cache: bool) -> LlamaCppModel {
     LlamaCppModel::load(&spec(path, None), &EngineOptions { prefix_cache, ..options() }).unwrap()
 }
 
+/// The tiny model loaded twice: without kept prompt prefixes, and with them.
+fn without_and_with_kept_prefixes() -> (tempfile::TempDir, LlamaCppModel, LlamaCppModel) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_model_file(dir.path());
+    let (plain, cached) = (load_with_prefix_cache(&path, false), load_with_prefix_cache(&path, true));
+    (dir, plain, cached)
+}
+
+/// The logprob of each token of a completion's answer.
+fn token_logprobs(completion: &Value) -> Vec<f64> {
+    let entries = completion.pointer("/choices/0/logprobs/content").unwrap().as_array().unwrap();
+    entries.iter().map(|entry| entry["logprob"].as_f64().unwrap()).collect()
+}
+
 /// A task's calls: one long instruction, then the message.
 fn task_body(instruction: &str, message: &str) -> Value {
     json!({"messages": [{"role": "system", "content": instruction}, {"role": "user", "content": message}],
@@ -525,10 +539,7 @@ const MESSAGES: [&str; 4] = ["Hi, Tom here, call 555-0199", "WIN a prize now!!",
 
 #[tokio::test]
 async fn kept_prompt_prefixes_give_the_greedy_tokens_of_a_full_prefill() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = tiny_model_file(dir.path());
-    let plain = load_with_prefix_cache(&path, false);
-    let cached = load_with_prefix_cache(&path, true);
+    let (_dir, plain, cached) = without_and_with_kept_prefixes();
     // Every instruction with every message, one at a time: after the first
     // call of an instruction, its prefix (or, for the third, most of the
     // first's) is kept; the instructions alternate, so more than one is kept.
@@ -545,11 +556,7 @@ async fn kept_prompt_prefixes_give_the_greedy_tokens_of_a_full_prefill() {
             if cached_tokens(&got) > 0 {
                 served_from_cache += 1;
             }
-            let logprobs = |completion: &Value| -> Vec<f64> {
-                let entries = completion.pointer("/choices/0/logprobs/content").unwrap().as_array().unwrap();
-                entries.iter().map(|entry| entry["logprob"].as_f64().unwrap()).collect()
-            };
-            for (a, b) in logprobs(&got).iter().zip(logprobs(&expected)) {
+            for (a, b) in token_logprobs(&got).iter().zip(token_logprobs(&expected)) {
                 assert!((a - b).abs() < 1e-2, "logprob {a} against {b}");
             }
             alone.push(expected);
@@ -575,10 +582,7 @@ async fn kept_prompt_prefixes_give_the_greedy_tokens_of_a_full_prefill() {
 
 #[tokio::test]
 async fn kept_prefixes_give_way_to_prompts_that_need_the_whole_context() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = tiny_model_file(dir.path());
-    let plain = load_with_prefix_cache(&path, false);
-    let cached = load_with_prefix_cache(&path, true);
+    let (_dir, plain, cached) = without_and_with_kept_prefixes();
     // Prompts of about 400 of the 512 cells (one token per character), each
     // different from its first characters: a kept one must be dropped for
     // the next to fit.
@@ -626,11 +630,7 @@ async fn speculative_decoding_gives_exactly_the_greedy_tokens() {
             // The logprobs of accepted tokens are read from the verifying
             // step's rows (a row off by one would be far off; a step of
             // several tokens moves the last bits, as batching does).
-            let logprobs = |completion: &Value| -> Vec<f64> {
-                let entries = completion.pointer("/choices/0/logprobs/content").unwrap().as_array().unwrap();
-                entries.iter().map(|entry| entry["logprob"].as_f64().unwrap()).collect()
-            };
-            for (a, b) in logprobs(&got).iter().zip(logprobs(&expected)) {
+            for (a, b) in token_logprobs(&got).iter().zip(token_logprobs(&expected)) {
                 assert!((a - b).abs() < 1e-2, "{prompt:?}: logprob {a} against {b}");
             }
         }
