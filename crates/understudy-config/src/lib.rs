@@ -293,6 +293,11 @@ pub struct AutopilotConfig {
     /// Shadow calls (both models answered) the cascade threshold is
     /// certified on before the cascade is promoted.
     pub shadow_calls: u64,
+    /// Labelled live calls a serving cascade's threshold is certified on
+    /// again (its audits and a same-rate sample of its fallbacks:
+    /// `understudy_loop::autopilot::live_sample`); a lower certified
+    /// threshold replaces a cautious one. 0 turns this off.
+    pub recertify_calls: u64,
     /// New successful calls since the last training that make a retrain due.
     pub retrain_after_calls: u64,
     /// The base model (as `train --base` takes it; default by task kind).
@@ -660,6 +665,8 @@ struct RawAutopilot {
     min_calls: u64,
     #[serde(default = "default_autopilot_shadow_calls")]
     shadow_calls: u64,
+    #[serde(default = "default_autopilot_recertify_calls")]
+    recertify_calls: u64,
     #[serde(default = "default_autopilot_retrain_after_calls")]
     retrain_after_calls: u64,
     base: Option<String>,
@@ -683,6 +690,9 @@ fn default_autopilot_min_calls() -> u64 {
     200
 }
 fn default_autopilot_shadow_calls() -> u64 {
+    100
+}
+fn default_autopilot_recertify_calls() -> u64 {
     100
 }
 fn default_autopilot_retrain_after_calls() -> u64 {
@@ -1087,6 +1097,7 @@ impl Validator<'_> {
                     raw.enabled.then_some(AutopilotConfig {
                         min_calls: raw.min_calls,
                         shadow_calls: raw.shadow_calls,
+                        recertify_calls: raw.recertify_calls,
                         retrain_after_calls: raw.retrain_after_calls,
                         base: raw.base,
                         epochs: raw.epochs,

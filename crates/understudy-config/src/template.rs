@@ -194,6 +194,8 @@ policy = "lead"
 # [tasks.triage.autopilot]
 # min_calls = 200                       # successful calls before the first training
 # shadow_calls = 100                    # shadow calls the cascade is certified on
+# recertify_calls = 100                 # audited and sampled fallback calls a serving cascade is
+#                                       # certified on again (a lower threshold serves more; 0: off)
 # retrain_after_calls = 2000            # new calls that make a retrain due
 # challenger_margin = 0.01              # a challenger shown within this of the champion's agreement is not worse (paired, 95 %); so is one whose cascade serves more at the target
 # drift = true                          # drift (answers, confidence) makes a retrain due

@@ -268,6 +268,7 @@ fn autopilot_settings_have_defaults_and_a_bad_one_names_the_key_and_line() {
     let config = parse(&format!("{CONTRACT}\n[tasks.triage.autopilot]\nmin_calls = 300\n")).expect("defaults");
     let settings = config.tasks["triage"].autopilot.as_ref().expect("autopilot on");
     assert_eq!((settings.min_calls, settings.shadow_calls, settings.drift_window), (300, 100, 200));
+    assert_eq!(settings.recertify_calls, 100, "a serving cascade is certified again on live calls");
     assert_eq!(settings.train_window, None, "trains on every call unless told");
 
     let text = format!("{CONTRACT}\n[tasks.triage.autopilot]\nmin_calls = 300\ntrain_window = 1200\n");

@@ -42,10 +42,12 @@ output_per_million = 2000.0
 [tasks.questions]
 lead = "replayed"
 target_agreement = 0.5
+audit_rate = 0.5
 
 [tasks.questions.autopilot]
 min_calls = 90
 shadow_calls = 40
+recertify_calls = 10
 retrain_after_calls = 100000
 base = "{}"
 epochs = 20
@@ -112,6 +114,24 @@ fn shadow_call(confidence: f64, agrees: bool) -> CallRecord {
     }
 }
 
+/// A call under `policy` (a cascade): served by the understudy and audited
+/// when its confidence reaches `threshold`, else a fallback.
+fn cascade_call(policy: &str, threshold: f64, confidence: f64, agrees: bool) -> CallRecord {
+    let served = confidence >= threshold;
+    let mut call = shadow_call(confidence, agrees);
+    call.routing = Some(Routing {
+        policy: policy.into(),
+        served_by: if served { ServedBy::Understudy } else { ServedBy::Lead },
+        fallback_reason: (!served).then(|| "low_confidence".into()),
+        understudy_confidence: Some(confidence),
+        agreement: (!served).then_some(agrees),
+        audit_answer: served.then(|| "HUM".into()),
+        audit_agreement: served.then_some(agrees),
+        ..Routing::default()
+    });
+    call
+}
+
 fn evidence(event: &AutopilotEvent) -> Value {
     serde_json::from_str(&event.evidence).unwrap()
 }
@@ -170,6 +190,38 @@ async fn scenario(config: &Config) {
     let cascade = store.policy_history("questions").await.unwrap().remove(0);
     assert!(cascade.policy.starts_with("cascade:"), "{}", cascade.policy);
     assert_eq!(cascade.understudy.as_deref(), Some(version.as_str()));
+
+    // Its live calls (audits, and fallbacks sampled at the audit rate)
+    // certify a lower threshold: it serves more. (Few of them, so that the
+    // calls since training stay below `min_calls` for what follows.)
+    let serving: f64 = cascade.policy.trim_start_matches("cascade:").parse().unwrap();
+    assert!(serving > 0.6, "{serving}");
+    let (events, waiting) = autopilot.tick("questions").await.unwrap();
+    assert!(events.is_empty() && waiting.contains("0 of the 10 sampled live calls"), "{waiting}");
+    let live: Vec<CallRecord> = (0..30)
+        .map(|idx| match idx % 3 {
+            0 => cascade_call(&cascade.policy, serving, 0.99, true),
+            _ => cascade_call(&cascade.policy, serving, 0.6, true),
+        })
+        .collect();
+    store.insert_calls(&live).await.unwrap();
+    let (events, _) = autopilot.tick("questions").await.unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!((events[0].stage_from.as_str(), events[0].stage_to.as_str()), ("cascade", "cascade"));
+    assert!(
+        events[0].reason.contains("certified on") && events[0].reason.contains("sampled of 30 live calls"),
+        "{}",
+        events[0].reason
+    );
+    let recertified = store.policy_history("questions").await.unwrap().remove(0);
+    assert_eq!(recertified.policy, "cascade:0.6", "{}", events[0].reason);
+    assert_eq!(recertified.understudy.as_deref(), Some(version.as_str()));
+    let sampled = evidence(&events[0])["live"]["n_sampled"].as_u64().unwrap();
+    // 10 audits and about half of the 20 fallbacks.
+    assert!((10..=30).contains(&sampled), "{sampled}");
+    // The next check looks at later calls only.
+    let (events, waiting) = autopilot.tick("questions").await.unwrap();
+    assert!(events.is_empty() && waiting.contains("0 of the 10 sampled"), "{waiting}");
 
     // A human's promotion pins the task until it is released.
     let by_hand = PolicyChange {
