@@ -266,6 +266,7 @@ audit_rate = 0.2
 [tasks.trec.autopilot]
 min_calls = 600
 shadow_calls = 150
+recertify_calls = 60
 retrain_after_calls = 800
 base = "{minilm}"
 epochs = 3
