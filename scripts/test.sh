@@ -55,8 +55,17 @@ cargo test --workspace --locked "$@"
 
 # The autopilot's TREC scenario trains MiniLM several times over real
 # sockets: a release build runs it in 3-6 minutes (a debug build, which
-# skips it, would take 25-40). Opt-in: CI does not set the variable (one
-# run in eleven still fails; see the test's header).
+# skips it, would take 25-40). CI sets UNDERSTUDY_AUTOPILOT_SCENARIO
+# (.ci/run). Its outcome is statistical (random audits, a certificate that
+# holds with 95 %), and it has failed by chance in about one run in ten
+# (its header keeps the record): a failure runs it once more with another
+# order of the traffic, so a loop that is broken, which fails every run,
+# still fails the suite.
 if [ -n "${UNDERSTUDY_AUTOPILOT_SCENARIO:-}" ]; then
-  cargo test --release --locked -p understudy-cli --test autopilot_trec -- --nocapture
+  scenario() { cargo test --release --locked -p understudy-cli --test autopilot_trec -- --nocapture; }
+  if ! scenario; then
+    seed=$(( ${UNDERSTUDY_AUTOPILOT_SCENARIO_SEED:-0} + 1 ))
+    echo "the TREC scenario failed; once more with the traffic shuffled by seed $seed"
+    UNDERSTUDY_AUTOPILOT_SCENARIO_SEED=$seed scenario
+  fi
 fi
