@@ -41,7 +41,9 @@ pub(crate) struct RecentCall {
 /// The calls this gateway answered most recently, oldest evicted first.
 #[derive(Default)]
 pub(crate) struct RecentCalls {
-    inner: Mutex<(VecDeque<Uuid>, HashMap<Uuid, RecentCall>)>,
+    /// Touched twice per call: foldhash, not SipHash (call ids are not a
+    /// client's to choose).
+    inner: Mutex<(VecDeque<Uuid>, HashMap<Uuid, RecentCall, foldhash::fast::RandomState>)>,
 }
 
 impl RecentCalls {

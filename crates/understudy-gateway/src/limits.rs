@@ -129,7 +129,8 @@ pub(crate) struct BudgetUse {
 #[derive(Debug, Default)]
 pub(crate) struct Limiter {
     keys: Mutex<HashMap<String, Arc<KeyLimits>>>,
-    reservations: Mutex<HashMap<Uuid, Reservation>>,
+    /// Looked up once per call (ids are the gateway's own, hence foldhash).
+    reservations: Mutex<HashMap<Uuid, Reservation, foldhash::fast::RandomState>>,
     shared: Option<SharedLimits>,
 }
 

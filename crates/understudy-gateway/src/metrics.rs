@@ -131,7 +131,9 @@ fn latency_histogram() -> Histogram {
 
 pub(crate) struct Metrics {
     registry: Registry,
-    series: RwLock<indexmap::IndexMap<SeriesKey, Arc<Series>>>,
+    /// Looked up once per call; its label values come from the config, so
+    /// foldhash rather than SipHash.
+    series: RwLock<indexmap::IndexMap<SeriesKey, Arc<Series>, foldhash::fast::RandomState>>,
     requests: Family<RequestLabels, Counter>,
     latency: HistogramFamily<ModelLabels>,
     ttft: HistogramFamily<ModelLabels>,

@@ -221,8 +221,10 @@ impl Upstream {
                 error = tracing::field::Empty,
             );
             let deadline = tokio::time::Instant::now() + self.timeout;
+            let send = tokio::time::timeout_at(deadline, request.send());
+            // A disabled span is not entered on every poll.
             let sent =
-                tracing::Instrument::instrument(tokio::time::timeout_at(deadline, request.send()), span.clone()).await;
+                if span.is_disabled() { send.await } else { tracing::Instrument::instrument(send, span.clone()).await };
             if !span.is_disabled() {
                 match &sent {
                     Ok(Ok(response)) => span.record("http.status_code", response.status().as_u16()),

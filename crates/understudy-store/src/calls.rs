@@ -330,13 +330,19 @@ impl Store {
                         transaction.rollback().await?;
                         return Ok(false);
                     }
-                    inserted.extend(chunk.iter().map(|call| call.id.to_string()));
+                    if self.backend == Backend::Postgres {
+                        inserted.extend(chunk.iter().map(|call| call.id.to_string()));
+                    }
                 }
             }
         }
         // Only the calls this batch inserted: a replayed call already
         // stored is skipped by the INSERT, and must not count twice.
-        rollups::add(&mut *transaction, self.backend, &inserted).await?;
+        let counted = match (mode, self.backend) {
+            (Inserted::AllOrNothing, Backend::Sqlite) => rollups::Counted::LastInserted(calls.len()),
+            _ => rollups::Counted::Ids(&inserted),
+        };
+        rollups::add(&mut *transaction, self.backend, counted).await?;
         for verdict in feedback {
             crate::feedback::insert_feedback(self.backend, &mut *transaction, verdict).await?;
         }

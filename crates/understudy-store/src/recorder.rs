@@ -258,13 +258,19 @@ impl Writer {
                 break;
             }
             // Linger a little for more records: one commit per few hundred
-            // records costs far less than one per record under load.
-            let deadline = Instant::now() + LINGER;
-            while batch.len() < batch_size {
-                let room = batch_size - batch.len();
-                match tokio::time::timeout_at(deadline, receiver.recv_many(&mut batch, room)).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
+            // records costs far less than one per record under load. The
+            // writer sleeps through it and then takes what came, rather than
+            // waking for each record as it is queued (a wakeup per record
+            // cost more than queueing it). A full batch does not linger, so
+            // a queue that fills faster than the linger still drains at the
+            // store's pace.
+            if batch.len() < batch_size {
+                tokio::time::sleep(LINGER).await;
+                while batch.len() < batch_size {
+                    match receiver.try_recv() {
+                        Ok(call) => batch.push(call),
+                        Err(_) => break,
+                    }
                 }
             }
             self.write(std::mem::take(&mut batch)).await;

@@ -706,6 +706,27 @@ async fn daily_rollups_answer_reports_as_the_calls_table_does_and_count_a_replay
 }
 
 #[tokio::test]
+async fn each_batch_adds_only_its_own_calls_to_the_rollups() {
+    // SQLite reads a whole batch back by rowid range (the last rows this
+    // connection inserted): a range too wide would count earlier batches
+    // again, one too narrow would miss calls.
+    on_both_backends(|store| async move {
+        let calls = varied_calls();
+        for batch in [&calls[..1], &calls[1..7], &calls[7..13], &calls[13..]] {
+            store.insert_calls(batch).await.expect("insert");
+        }
+        let by_day = CallFilter { since: Some(datetime!(2026-11-05 00:00 UTC)), ..CallFilter::default() };
+        let by_calls = CallFilter { since: Some(datetime!(2026-11-05 00:00:00.001 UTC)), ..CallFilter::default() };
+        let costs = store.cost_report(&by_day).await.expect("costs");
+        assert_eq!(costs.iter().map(|row| row.n_calls).sum::<u64>(), calls.len() as u64, "every call once");
+        assert_eq!(cost_view(&costs), cost_view(&store.cost_report(&by_calls).await.expect("costs")));
+        let savings = store.savings_report(&by_day).await.expect("savings");
+        assert_eq!(savings_view(&savings), savings_view(&store.savings_report(&by_calls).await.expect("savings")));
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn retention_clears_old_bodies_then_deletes_old_calls_and_the_ledger_still_counts_them() {
     on_both_backends(|store| async move {
         let now = datetime!(2026-12-01 12:00 UTC);
