@@ -133,8 +133,14 @@ async fn main() -> Result<()> {
 
     let rss_before_kb = status_kb("VmRSS:");
     let spec = LocalModelSpec::new("bench", path.clone());
-    let options =
-        EngineOptions { n_threads: Some(threads), n_seq_max: concurrency as u32, weights, ..EngineOptions::default() };
+    let n_ctx = flag("--n-ctx", EngineOptions::default().n_ctx as usize) as u32;
+    let options = EngineOptions {
+        n_threads: Some(threads),
+        n_seq_max: concurrency as u32,
+        n_ctx,
+        weights,
+        ..EngineOptions::default()
+    };
     if args.iter().any(|arg| arg == "--two-models") {
         return two_models(&spec, &options, runs).await;
     }
@@ -398,15 +404,22 @@ async fn prompt_round(model: &LlamaCppModel, set: usize) -> Result<Vec<f64>> {
     Ok(cpu)
 }
 
-/// CPU-seconds and wall seconds per call with every message of `set` asked
-/// at once (`concurrency` at a time), as `eval` asks its rows.
+/// `n` messages for one round asked at once: set `set`'s, then (beyond the
+/// templates' number) those of sets no other round asks.
+fn messages_at_once(set: usize, n: usize) -> Vec<String> {
+    let more = (1..).flat_map(|extra| messages(10_000 + set * 64 + extra));
+    messages(set).into_iter().chain(more).take(n.max(1)).collect()
+}
+
+/// CPU-seconds and wall seconds per call with `concurrency` messages of
+/// round `set` asked at once, as `eval` asks its rows.
 async fn extraction_concurrent(
     model: &LlamaCppModel,
     concurrency: usize,
     json_object: bool,
     set: usize,
 ) -> Result<(f64, f64)> {
-    let messages = messages(set);
+    let messages = messages_at_once(set, concurrency);
     let n = messages.len() as f64;
     let (cpu_start, wall_start) = (process_cpu_seconds(), Instant::now());
     let answers: Vec<_> = futures::stream::iter(&messages)
