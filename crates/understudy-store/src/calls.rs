@@ -1,5 +1,7 @@
 //! Queries over the `calls` table.
 
+use std::collections::HashSet;
+
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row};
 use time::OffsetDateTime;
@@ -275,7 +277,8 @@ impl Store {
         mode: Inserted,
     ) -> Result<bool, StoreError> {
         let mut transaction = self.pool().begin().await?;
-        let mut inserted = Vec::with_capacity(calls.len());
+        // The ids `RETURNING` gave back, in `Inserted::Returned`.
+        let mut inserted = HashSet::new();
         for (size_idx, chunk) in insert_chunks(calls) {
             let mut query = sqlx::query(insert_sql(size_idx, self.backend, on_conflict, mode));
             for call in chunk {
@@ -321,7 +324,7 @@ impl Store {
             match mode {
                 Inserted::Returned => {
                     for row in query.fetch_all(&mut *transaction).await? {
-                        inserted.push(row.try_get::<String, _>(0)?);
+                        inserted.insert(row.try_get::<String, _>(0)?);
                     }
                 }
                 Inserted::AllOrNothing => {
@@ -330,19 +333,19 @@ impl Store {
                         transaction.rollback().await?;
                         return Ok(false);
                     }
-                    if self.backend == Backend::Postgres {
-                        inserted.extend(chunk.iter().map(|call| call.id.to_string()));
-                    }
                 }
             }
         }
         // Only the calls this batch inserted: a replayed call already
-        // stored is skipped by the INSERT, and must not count twice.
-        let counted = match (mode, self.backend) {
-            (Inserted::AllOrNothing, Backend::Sqlite) => rollups::Counted::LastInserted(calls.len()),
-            _ => rollups::Counted::Ids(&inserted),
-        };
-        rollups::add(&mut *transaction, self.backend, counted).await?;
+        // stored is skipped by the INSERT, and must not count twice; nor
+        // must a call repeated within the batch (the INSERT keeps its first).
+        match mode {
+            Inserted::AllOrNothing => rollups::add(&mut *transaction, self.backend, calls.iter()).await?,
+            Inserted::Returned => {
+                let counted = calls.iter().filter(|call| inserted.remove(&call.id.to_string()));
+                rollups::add(&mut *transaction, self.backend, counted).await?;
+            }
+        }
         for verdict in feedback {
             crate::feedback::insert_feedback(self.backend, &mut *transaction, verdict).await?;
         }
@@ -811,7 +814,7 @@ pub(crate) fn from_unix_ms(ms: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
-fn saturating_i64(value: u64) -> i64 {
+pub(crate) fn saturating_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 

@@ -8,35 +8,58 @@
 //! small, and they are written in the same transaction as the calls they
 //! count, so they are never ahead of nor behind the log.
 //!
-//! One rule per total: each [`Measure`] holds the expression that counts one
-//! call, used both to fill the rollups and to sum the calls table directly
-//! (for filters the rollups cannot answer: a time that is not a midnight, a
-//! status, who served, text).
+//! One rule per total: each [`Measure`] (and each [`Dim`] it is grouped by)
+//! holds what one call adds, twice over in one place: as SQL, to sum the
+//! calls table directly (for filters the rollups cannot answer: a time that
+//! is not a midnight, a status, who served, text) and to count the calls
+//! stored before the rollups existed; and in Rust, to add up each batch the
+//! store writes before it is written. The store suite checks on both
+//! backends that the two agree, over seeded random calls.
+
+use std::collections::btree_map::{BTreeMap, Entry};
 
 use sqlx::{AnyConnection, AnyPool, Row};
+use understudy_types::{CallRecord, Routing, ServedBy};
 
-use crate::calls::{placeholder, INSERT_SIZES};
+use crate::calls::{placeholder, saturating_i64, storable_key, storable_text, unix_ms};
 use crate::{Backend, CallFilter, StoreError};
 
 pub(crate) const MS_PER_DAY: i64 = 86_400_000;
 
-/// The SQL type a total is summed into.
-#[derive(Debug, Clone, Copy)]
-enum Kind {
-    Count,
-    Money,
+/// What one call adds to a total, computed in Rust from the record as the
+/// store keeps it: the recorder's batches are added up this way before they
+/// are written (summing them back out of the table in SQL cost SQLite about
+/// 14k instructions per call, `bench/gateway-instructions`). Each measure
+/// holds this next to its SQL (`per_call`), and the store suite checks that
+/// the two give the same totals on both backends.
+#[derive(Clone, Copy)]
+enum Amount {
+    /// Summed as BIGINT.
+    Count(fn(&CallRecord) -> i64),
+    /// Summed as DOUBLE PRECISION.
+    Money(fn(&CallRecord) -> f64),
 }
 
-/// One total: its column in `call_rollups`, and what one call adds to it.
-#[derive(Debug)]
+/// One total: its column in `call_rollups`, and what one call adds to it,
+/// in SQL over the calls table and in Rust over a record.
 pub(crate) struct Measure {
     column: &'static str,
     per_call: &'static str,
-    kind: Kind,
+    of_call: Amount,
 }
 
-const fn measure(column: &'static str, per_call: &'static str, kind: Kind) -> Measure {
-    Measure { column, per_call, kind }
+impl std::fmt::Debug for Measure {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("Measure").field("column", &self.column).field("per_call", &self.per_call).finish()
+    }
+}
+
+const fn measure(column: &'static str, per_call: &'static str, of_call: Amount) -> Measure {
+    Measure { column, per_call, of_call }
+}
+
+fn routing(call: &CallRecord) -> Option<&Routing> {
+    call.routing.as_ref()
 }
 
 /// The one rule for a failed call: not 2xx, or 2xx with an error (a
@@ -51,25 +74,60 @@ macro_rules! failed_call {
     };
 }
 
-pub(crate) const N_CALLS: Measure = measure("n_calls", "1", Kind::Count);
-pub(crate) const N_ERRORS: Measure =
-    measure("n_errors", concat!("CASE WHEN ", crate::failed_call!(), " THEN 1 ELSE 0 END"), Kind::Count);
-pub(crate) const PROMPT_TOKENS: Measure = measure("prompt_tokens", "prompt_tokens", Kind::Count);
-pub(crate) const COMPLETION_TOKENS: Measure = measure("completion_tokens", "completion_tokens", Kind::Count);
-pub(crate) const COST: Measure = measure("cost", "cost", Kind::Money);
-pub(crate) const N_UNDERSTUDY: Measure =
-    measure("n_understudy", "CASE WHEN served_by = 'understudy' THEN 1 ELSE 0 END", Kind::Count);
-pub(crate) const N_COMPARED: Measure =
-    measure("n_compared", "CASE WHEN agreement IS NULL THEN 0 ELSE 1 END", Kind::Count);
-pub(crate) const N_AGREED: Measure = measure("n_agreed", "CASE WHEN agreement = 1 THEN 1 ELSE 0 END", Kind::Count);
-pub(crate) const UNDERSTUDY_COST: Measure = measure("understudy_cost", "COALESCE(understudy_cost, 0)", Kind::Money);
-pub(crate) const LEAD_COST_AVOIDED: Measure =
-    measure("lead_cost_avoided", "COALESCE(lead_cost_avoided, 0)", Kind::Money);
-pub(crate) const N_AUDITED: Measure =
-    measure("n_audited", "CASE WHEN audit_agreement IS NULL THEN 0 ELSE 1 END", Kind::Count);
-pub(crate) const N_AUDIT_AGREED: Measure =
-    measure("n_audit_agreed", "CASE WHEN audit_agreement = 1 THEN 1 ELSE 0 END", Kind::Count);
-pub(crate) const AUDIT_COST: Measure = measure("audit_cost", "COALESCE(audit_cost, 0)", Kind::Money);
+pub(crate) const N_CALLS: Measure = measure("n_calls", "1", Amount::Count(|_| 1));
+pub(crate) const N_ERRORS: Measure = measure(
+    "n_errors",
+    concat!("CASE WHEN ", crate::failed_call!(), " THEN 1 ELSE 0 END"),
+    Amount::Count(|call| i64::from(!call.is_success())),
+);
+pub(crate) const PROMPT_TOKENS: Measure =
+    measure("prompt_tokens", "prompt_tokens", Amount::Count(|call| saturating_i64(call.usage.prompt_tokens)));
+pub(crate) const COMPLETION_TOKENS: Measure = measure(
+    "completion_tokens",
+    "completion_tokens",
+    Amount::Count(|call| saturating_i64(call.usage.completion_tokens)),
+);
+pub(crate) const COST: Measure = measure("cost", "cost", Amount::Money(|call| call.cost.dollars()));
+pub(crate) const N_UNDERSTUDY: Measure = measure(
+    "n_understudy",
+    "CASE WHEN served_by = 'understudy' THEN 1 ELSE 0 END",
+    Amount::Count(|call| i64::from(routing(call).is_some_and(|routing| routing.served_by == ServedBy::Understudy))),
+);
+pub(crate) const N_COMPARED: Measure = measure(
+    "n_compared",
+    "CASE WHEN agreement IS NULL THEN 0 ELSE 1 END",
+    Amount::Count(|call| i64::from(routing(call).is_some_and(|routing| routing.agreement.is_some()))),
+);
+pub(crate) const N_AGREED: Measure = measure(
+    "n_agreed",
+    "CASE WHEN agreement = 1 THEN 1 ELSE 0 END",
+    Amount::Count(|call| i64::from(routing(call).is_some_and(|routing| routing.agreement == Some(true)))),
+);
+pub(crate) const UNDERSTUDY_COST: Measure = measure(
+    "understudy_cost",
+    "COALESCE(understudy_cost, 0)",
+    Amount::Money(|call| routing(call).map_or(0.0, |routing| routing.understudy_cost.dollars())),
+);
+pub(crate) const LEAD_COST_AVOIDED: Measure = measure(
+    "lead_cost_avoided",
+    "COALESCE(lead_cost_avoided, 0)",
+    Amount::Money(|call| routing(call).map_or(0.0, |routing| routing.lead_cost_avoided.dollars())),
+);
+pub(crate) const N_AUDITED: Measure = measure(
+    "n_audited",
+    "CASE WHEN audit_agreement IS NULL THEN 0 ELSE 1 END",
+    Amount::Count(|call| i64::from(routing(call).is_some_and(|routing| routing.audit_agreement.is_some()))),
+);
+pub(crate) const N_AUDIT_AGREED: Measure = measure(
+    "n_audit_agreed",
+    "CASE WHEN audit_agreement = 1 THEN 1 ELSE 0 END",
+    Amount::Count(|call| i64::from(routing(call).is_some_and(|routing| routing.audit_agreement == Some(true)))),
+);
+pub(crate) const AUDIT_COST: Measure = measure(
+    "audit_cost",
+    "COALESCE(audit_cost, 0)",
+    Amount::Money(|call| routing(call).map_or(0.0, |routing| routing.audit_cost.dollars())),
+);
 
 const MEASURES: [&Measure; 13] = [
     &N_CALLS,
@@ -88,20 +146,57 @@ const MEASURES: [&Measure; 13] = [
 ];
 
 /// What the totals are grouped by: its column in `call_rollups`, and the
-/// same value computed from a call. A missing task or key is `''` in both,
-/// so both sources group and sort alike.
-#[derive(Debug)]
+/// same value computed from a call, in SQL over the calls table and in Rust
+/// over a record (as the store keeps it: names cut and cleaned the way the
+/// INSERT binds them). A missing task or key is `''` in all three, so every
+/// source groups and sorts alike.
 pub(crate) struct Dim {
     column: &'static str,
     per_call: &'static str,
+    of_call: fn(&CallRecord) -> DimValue,
 }
 
-pub(crate) const DAY: Dim = Dim { column: "day", per_call: "created_at / 86400000" };
-pub(crate) const TASK: Dim = Dim { column: "task", per_call: "COALESCE(task, '')" };
-pub(crate) const MODEL: Dim = Dim { column: "model", per_call: "model" };
-pub(crate) const ENDPOINT: Dim = Dim { column: "endpoint", per_call: "endpoint" };
-pub(crate) const KEY_ID: Dim = Dim { column: "key_id", per_call: "COALESCE(key_id, '')" };
-pub(crate) const KEY_NAME: Dim = Dim { column: "key_name", per_call: "COALESCE(key_name, '')" };
+impl std::fmt::Debug for Dim {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("Dim").field("column", &self.column).field("per_call", &self.per_call).finish()
+    }
+}
+
+/// One grouping value of a rollup row.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum DimValue {
+    Int(i64),
+    Text(String),
+}
+
+pub(crate) const DAY: Dim = Dim {
+    column: "day",
+    per_call: "created_at / 86400000",
+    // SQL's integer division truncates toward zero, as Rust's does.
+    of_call: |call| DimValue::Int(unix_ms(call.created_at) / MS_PER_DAY),
+};
+pub(crate) const TASK: Dim = Dim {
+    column: "task",
+    per_call: "COALESCE(task, '')",
+    of_call: |call| DimValue::Text(call.task.as_deref().map(storable_key).unwrap_or_default()),
+};
+pub(crate) const MODEL: Dim =
+    Dim { column: "model", per_call: "model", of_call: |call| DimValue::Text(storable_key(&call.model)) };
+pub(crate) const ENDPOINT: Dim = Dim {
+    column: "endpoint",
+    per_call: "endpoint",
+    of_call: |call| DimValue::Text(call.endpoint.as_str().to_string()),
+};
+pub(crate) const KEY_ID: Dim = Dim {
+    column: "key_id",
+    per_call: "COALESCE(key_id, '')",
+    of_call: |call| DimValue::Text(call.key.as_ref().map(|key| storable_text(&key.id)).unwrap_or_default()),
+};
+pub(crate) const KEY_NAME: Dim = Dim {
+    column: "key_name",
+    per_call: "COALESCE(key_name, '')",
+    of_call: |call| DimValue::Text(call.key.as_ref().map(|key| storable_text(&key.name)).unwrap_or_default()),
+};
 
 const DIMS: [&Dim; 6] = [&DAY, &TASK, &MODEL, &ENDPOINT, &KEY_ID, &KEY_NAME];
 
@@ -154,9 +249,9 @@ impl Source {
             Source::Calls => measure.per_call,
             Source::Rollups => measure.column,
         };
-        let sql_type = match measure.kind {
-            Kind::Count => "BIGINT",
-            Kind::Money => "DOUBLE PRECISION",
+        let sql_type = match measure.of_call {
+            Amount::Count(_) => "BIGINT",
+            Amount::Money(_) => "DOUBLE PRECISION",
         };
         format!("CAST(COALESCE(SUM({summed}), 0) AS {sql_type})")
     }
@@ -186,63 +281,93 @@ fn upsert_sql(condition: &str) -> String {
     )
 }
 
-/// The upsert for `INSERT_SIZES[size_idx]` call ids, built once per backend.
-fn add_sql(size_idx: usize, backend: Backend) -> &'static str {
-    const N_SIZES: usize = INSERT_SIZES.len();
-    static TEXTS: [[std::sync::OnceLock<String>; N_SIZES]; 2] =
-        [const { [const { std::sync::OnceLock::new() }; N_SIZES] }; 2];
-    TEXTS[usize::from(backend == Backend::Postgres)][size_idx].get_or_init(|| {
-        let placeholders: Vec<String> = (1..=INSERT_SIZES[size_idx]).map(|idx| placeholder(backend, idx)).collect();
-        upsert_sql(&format!("id IN ({})", placeholders.join(", ")))
+/// `INSERT INTO call_rollups … VALUES` one row of totals, added to the row
+/// already there; built once per backend.
+fn add_values_sql(backend: Backend) -> &'static str {
+    static TEXTS: [std::sync::OnceLock<String>; 2] = [const { std::sync::OnceLock::new() }; 2];
+    TEXTS[usize::from(backend == Backend::Postgres)].get_or_init(|| {
+        let dims: Vec<&str> = DIMS.iter().map(|dim| dim.column).collect();
+        let measures: Vec<&str> = MEASURES.iter().map(|measure| measure.column).collect();
+        let placeholders: Vec<String> =
+            (1..=DIMS.len() + MEASURES.len()).map(|idx| placeholder(backend, idx)).collect();
+        let updates: Vec<String> =
+            measures.iter().map(|column| format!("{column} = call_rollups.{column} + excluded.{column}")).collect();
+        format!(
+            "INSERT INTO call_rollups ({}, {}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}",
+            dims.join(", "),
+            measures.join(", "),
+            placeholders.join(", "),
+            dims.join(", "),
+            updates.join(", ")
+        )
     })
 }
 
-/// The calls of a batch that its transaction inserted, for [`add`].
-pub(crate) enum Counted<'a> {
-    /// These ids.
-    Ids(&'a [String]),
-    /// SQLite only: every call of the batch, `n` of them, the last rows this
-    /// connection inserted. SQLite gives a new row the largest rowid plus
-    /// one, and the transaction holds the write lock from its first INSERT,
-    /// so the batch's rows are the `n` highest rowids. Reading them by rowid
-    /// range is a short scan where reading them by id was a lookup per call
-    /// in the id index (`bench/gateway-instructions`).
-    LastInserted(usize),
+/// One call's amount of a measure, or a running total of them.
+#[derive(Clone, Copy)]
+enum Total {
+    Count(i64),
+    Money(f64),
 }
 
-/// The upsert of the last `n` rows inserted on this connection (SQLite).
-/// The bound is read once, before the scan, and the scan ends (GROUP BY
-/// sorts every row) before a rollup row is written.
-fn add_last_inserted_sql() -> &'static str {
-    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    TEXT.get_or_init(|| upsert_sql("rowid > last_insert_rowid() - ?"))
+impl Amount {
+    fn of(self, call: &CallRecord) -> Total {
+        match self {
+            Amount::Count(of_call) => Total::Count(of_call(call)),
+            Amount::Money(of_call) => Total::Money(of_call(call)),
+        }
+    }
 }
 
-/// Adds the calls `counted` (just inserted, in this transaction) to the
-/// rollups. Ids go in statements of the INSERT sizes, the last id repeated
-/// to fill one (IN ignores repeats), so every text is a cached prepared
-/// statement.
-pub(crate) async fn add(
+impl Total {
+    /// Adds an amount of the same measure (so of the same kind).
+    fn add(&mut self, amount: Total) {
+        match (self, amount) {
+            (Total::Count(sum), Total::Count(count)) => *sum = sum.saturating_add(count),
+            (Total::Money(sum), Total::Money(money)) => *sum += money,
+            (Total::Count(_) | Total::Money(_), _) => debug_assert!(false, "a measure's amounts have one kind"),
+        }
+    }
+}
+
+/// Adds `calls` (just inserted, in this transaction: each call once) to the
+/// rollups: their totals per rollup row, summed here by each measure's Rust
+/// rule, then one upsert per row. Rows go in their key's order, so that two
+/// writers on Postgres take the rows' locks in the same order and cannot
+/// deadlock on each other.
+pub(crate) async fn add<'a>(
     connection: &mut AnyConnection,
     backend: Backend,
-    counted: Counted<'_>,
+    calls: impl Iterator<Item = &'a CallRecord>,
 ) -> Result<(), StoreError> {
-    let ids = match counted {
-        Counted::LastInserted(0) => return Ok(()),
-        Counted::LastInserted(n_calls) => {
-            debug_assert_eq!(backend, Backend::Sqlite, "rowids are SQLite's");
-            let n_calls = i64::try_from(n_calls).unwrap_or(i64::MAX);
-            sqlx::query(add_last_inserted_sql()).bind(n_calls).execute(&mut *connection).await?;
-            return Ok(());
+    let mut rows: BTreeMap<Vec<DimValue>, Vec<Total>> = BTreeMap::new();
+    for call in calls {
+        let key: Vec<DimValue> = DIMS.iter().map(|dim| (dim.of_call)(call)).collect();
+        let amounts = MEASURES.iter().map(|measure| measure.of_call.of(call));
+        match rows.entry(key) {
+            Entry::Vacant(entry) => {
+                entry.insert(amounts.collect());
+            }
+            Entry::Occupied(mut entry) => {
+                for (total, amount) in entry.get_mut().iter_mut().zip(amounts) {
+                    total.add(amount);
+                }
+            }
         }
-        Counted::Ids(ids) => ids,
-    };
-    let largest = INSERT_SIZES[0];
-    for chunk in ids.chunks(largest) {
-        let size_idx = INSERT_SIZES.iter().rposition(|size| *size >= chunk.len()).unwrap_or(0);
-        let mut query = sqlx::query(add_sql(size_idx, backend));
-        for idx in 0..INSERT_SIZES[size_idx] {
-            query = query.bind(chunk[idx.min(chunk.len() - 1)].clone());
+    }
+    for (key, totals) in rows {
+        let mut query = sqlx::query(add_values_sql(backend));
+        for value in key {
+            query = match value {
+                DimValue::Int(int) => query.bind(int),
+                DimValue::Text(text) => query.bind(text),
+            };
+        }
+        for total in totals {
+            query = match total {
+                Total::Count(count) => query.bind(count),
+                Total::Money(money) => query.bind(money),
+            };
         }
         query.execute(&mut *connection).await?;
     }

@@ -726,6 +726,133 @@ async fn each_batch_adds_only_its_own_calls_to_the_rollups() {
     .await;
 }
 
+/// A seeded stream of numbers for the random calls below (SplitMix64).
+struct Seeded(u64);
+
+impl Seeded {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+/// Calls that vary every field a rollup total or grouping reads, including
+/// the names the store cuts or cleans before it keeps them.
+fn random_calls(seed: u64, n: usize) -> Vec<CallRecord> {
+    let mut random = Seeded(seed);
+    let long_name = "m".repeat(700);
+    let tasks = [None, Some("triage"), Some("summarize"), Some("t\0nul"), Some(long_name.as_str())];
+    let models = ["gpt-4o-mini", "minilm", "mo\0del", long_name.as_str()];
+    let endpoints = [Endpoint::ChatCompletions, Endpoint::Completions, Endpoint::Embeddings];
+    let keys = [
+        None,
+        Some(understudy_types::KeyRef { id: "key-a".into(), name: "team-a".into() }),
+        Some(understudy_types::KeyRef { id: "key-\0b".into(), name: "team-\0b".into() }),
+    ];
+    let start = datetime!(2026-11-05 00:00 UTC);
+    (0..n)
+        .map(|_| {
+            let at = start + time::Duration::milliseconds(random.below(4 * 86_400_000) as i64);
+            let status = *random.pick(&[200u16, 200, 200, 201, 199, 429, 502]);
+            let model = *random.pick(&models);
+            let mut one = call("x", model, at, status);
+            one.task = random.pick(&tasks).map(str::to_string);
+            one.endpoint = *random.pick(&endpoints);
+            one.error = (random.below(5) == 0).then(|| "cut off".to_string());
+            one.usage = Usage { prompt_tokens: random.below(1000), completion_tokens: random.below(300) };
+            one.cost = Money(random.below(10_000) as f64 * 1e-7);
+            one.key = random.pick(&keys).clone();
+            let option_bool = |random: &mut Seeded| match random.below(3) {
+                0 => None,
+                1 => Some(false),
+                _ => Some(true),
+            };
+            if random.below(3) != 0 {
+                one.routing = Some(Routing {
+                    policy: "cascade:0.9".into(),
+                    served_by: if random.below(2) == 0 { ServedBy::Lead } else { ServedBy::Understudy },
+                    agreement: option_bool(&mut random),
+                    understudy_cost: Money(random.below(100) as f64 * 1e-7),
+                    lead_cost_avoided: Money(random.below(1000) as f64 * 1e-7),
+                    audit_agreement: option_bool(&mut random),
+                    audit_cost: Money(random.below(1000) as f64 * 1e-7),
+                    ..Routing::default()
+                });
+            }
+            one
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn rollups_added_up_in_rust_agree_with_the_calls_table_over_seeded_random_calls() {
+    // Each batch's totals are summed by each measure's Rust rule; reports
+    // over the calls table sum the same measures' SQL. Written in random
+    // batches, with replays and a call repeated within a batch, both must
+    // give every report the same answer.
+    on_both_backends(|store| async move {
+        for seed in 0..3u64 {
+            let calls = random_calls(seed, 240);
+            let mut random = Seeded(seed + 100);
+            let mut written = 0;
+            while written < calls.len() {
+                let end = (written + 1 + random.below(60) as usize).min(calls.len());
+                let batch = &calls[written..end];
+                match random.below(3) {
+                    0 => store.insert_calls(batch).await.expect("insert"),
+                    // A replay: some calls already stored, and one twice.
+                    1 => {
+                        let mut replay: Vec<CallRecord> = calls[written.saturating_sub(5)..end].to_vec();
+                        replay.push(batch[0].clone());
+                        store.record_calls(&replay).await.expect("record");
+                    }
+                    _ => store.record_calls(batch).await.expect("record"),
+                }
+                written = end;
+            }
+            let by_day = CallFilter::default();
+            let by_calls = CallFilter { since: Some(datetime!(2026-11-01 00:00:00.001 UTC)), ..CallFilter::default() };
+            let costs = store.cost_report(&by_day).await.expect("costs");
+            assert_eq!(
+                cost_view(&costs),
+                cost_view(&store.cost_report(&by_calls).await.expect("costs")),
+                "seed {seed}"
+            );
+            let expected = (seed + 1) * calls.len() as u64;
+            assert_eq!(costs.iter().map(|row| row.n_calls).sum::<u64>(), expected, "every call once");
+            assert_eq!(
+                savings_view(&store.savings_report(&by_day).await.expect("savings")),
+                savings_view(&store.savings_report(&by_calls).await.expect("savings")),
+                "seed {seed}"
+            );
+            let keys = store.key_cost_report(&by_day).await.expect("keys");
+            let keys_calls = store.key_cost_report(&by_calls).await.expect("keys");
+            let key_view = |rows: &[understudy_store::KeyCostRow]| -> Vec<_> {
+                rows.iter()
+                    .map(|row| {
+                        let cost = (row.cost.dollars() * 1e9).round() as i64;
+                        (row.key.clone(), row.day, row.n_calls, row.n_errors, row.usage, cost)
+                    })
+                    .collect()
+            };
+            assert_eq!(key_view(&keys), key_view(&keys_calls), "seed {seed}");
+            assert!(keys.iter().any(|row| row.key.as_ref().is_some_and(|key| key.name.contains('\u{FFFD}'))));
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn retention_clears_old_bodies_then_deletes_old_calls_and_the_ledger_still_counts_them() {
     on_both_backends(|store| async move {
