@@ -340,10 +340,10 @@ impl Store {
         // stored is skipped by the INSERT, and must not count twice; nor
         // must a call repeated within the batch (the INSERT keeps its first).
         match mode {
-            Inserted::AllOrNothing => rollups::add(&mut *transaction, self.backend, calls.iter()).await?,
+            Inserted::AllOrNothing => rollups::add(&mut transaction, self.backend, calls.iter()).await?,
             Inserted::Returned => {
                 let counted = calls.iter().filter(|call| inserted.remove(&call.id.to_string()));
-                rollups::add(&mut *transaction, self.backend, counted).await?;
+                rollups::add(&mut transaction, self.backend, counted).await?;
             }
         }
         for verdict in feedback {
