@@ -707,9 +707,8 @@ async fn daily_rollups_answer_reports_as_the_calls_table_does_and_count_a_replay
 
 #[tokio::test]
 async fn each_batch_adds_only_its_own_calls_to_the_rollups() {
-    // SQLite reads a whole batch back by rowid range (the last rows this
-    // connection inserted): a range too wide would count earlier batches
-    // again, one too narrow would miss calls.
+    // Each batch adds its own calls' totals to the rollup rows the earlier
+    // batches began: counted again or missed, a report would differ.
     on_both_backends(|store| async move {
         let calls = varied_calls();
         for batch in [&calls[..1], &calls[1..7], &calls[7..13], &calls[13..]] {
