@@ -171,7 +171,7 @@ async fn serve_understudy(state: AppState, draft: CallDraft, prepared: Prepared,
         price: prepared.model.price,
         messages: &prepared.messages,
     };
-    let response = String::from_utf8_lossy(&body).into_owned();
+    let response = understudy_types::text_of_body(&body);
     record_served(&state, draft, served, &lead, response).await;
     if !prepared.stream {
         return ([(header::CONTENT_TYPE, "application/json")], body).into_response();
@@ -454,7 +454,7 @@ pub(crate) async fn answered(
     let cost = cost_model.cost(Some(usage), draft.elapsed());
     let record = draft.finish(Outcome {
         status: StatusCode::OK.as_u16(),
-        response: Some(String::from_utf8_lossy(&body).into_owned()),
+        response: Some(understudy_types::text_of_body(&body)),
         usage,
         usage_source,
         cost,

@@ -138,7 +138,7 @@ async fn complete(state: AppState, mut draft: CallDraft, prepared: Prepared) -> 
     let (cost, ttft_ms) = (prepared.cost.cost(Some(usage), draft.elapsed()), Some(draft.elapsed_ms()));
     let record = draft.finish(Outcome {
         status: 200,
-        response: Some(String::from_utf8_lossy(&body).into_owned()),
+        response: Some(understudy_types::text_of_body(&body)),
         usage,
         usage_source,
         cost,

@@ -212,7 +212,7 @@ impl CallDraft {
         if let GatewayError::Provider(understudy_providers::ProviderError::Rejected { headers, .. }) = error {
             self.note_upstream(headers);
         }
-        let response = Some(String::from_utf8_lossy(&error.body()).into_owned());
+        let response = Some(understudy_types::text_of_body(&error.body()));
         self.finish(Outcome {
             status: error.status().as_u16(),
             response,

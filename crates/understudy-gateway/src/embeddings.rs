@@ -87,7 +87,7 @@ async fn embed(
 /// record keeps what the call was and cost, not a copy of every vector.
 fn summarize_embeddings(body: &[u8]) -> String {
     let Ok(mut response) = serde_json::from_slice::<Value>(body) else {
-        return String::from_utf8_lossy(body).into_owned();
+        return understudy_types::text_of_body(body);
     };
     if let Some(items) = response.get_mut("data").and_then(Value::as_array_mut) {
         for item in items {

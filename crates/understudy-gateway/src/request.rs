@@ -55,7 +55,7 @@ impl FromRequest<AppState> for RequestBody {
 /// Reads the body into the draft's `request` and parses it as a JSON object.
 pub(crate) fn parse_body(body: RequestBody, draft: &mut CallDraft) -> Result<Map<String, Value>, GatewayError> {
     let body = body.0?;
-    draft.request = String::from_utf8_lossy(&body).into_owned();
+    draft.request = understudy_types::text_of_body(&body);
     json_object(&body)
 }
 

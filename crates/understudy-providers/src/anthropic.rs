@@ -422,7 +422,7 @@ pub fn openai_error_body(body: &[u8]) -> Bytes {
     let error = parsed.as_ref().and_then(|value| value.get("error"));
     let message = match error.and_then(|error| error.get("message")).and_then(Value::as_str) {
         Some(message) => message.to_string(),
-        None => String::from_utf8_lossy(body).into_owned(),
+        None => understudy_types::text_of_body(body),
     };
     let error_type = error.and_then(|error| error.get("type")).and_then(Value::as_str).unwrap_or("upstream_error");
     let openai = json!({"error": {"message": message, "type": error_type, "param": null, "code": error_type}});

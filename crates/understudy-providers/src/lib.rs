@@ -19,6 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::Stream;
 pub use reqwest::header::HeaderMap;
+use serde::Deserialize;
 use serde_json::{Map, Value};
 use understudy_config::{ModelConfig, ProviderConfig};
 use understudy_types::Usage;
@@ -223,25 +224,152 @@ impl AnyProvider {
     }
 }
 
-/// Reads `usage` out of a JSON response body without building the rest of it.
+/// Reads `usage` out of a JSON response body without building the rest of it
+/// (nor `usage` itself as a map: its counts are read as they are parsed).
 /// Errors only if the body is not a JSON object.
 pub fn usage_of_body(body: &[u8]) -> Result<Option<Usage>, serde_json::Error> {
     #[derive(serde::Deserialize)]
     struct UsageOnly {
-        usage: Option<Value>,
+        usage: Option<UsageCounts>,
     }
     let parsed: UsageOnly = serde_json::from_slice(body)?;
-    Ok(parsed.usage.and_then(|usage| usage_of(&serde_json::json!({ "usage": usage }))))
+    Ok(parsed.usage.and_then(|counts| counts.0))
 }
 
 /// Reads `usage` out of an OpenAI response or chunk, if it has one: chat's
 /// and legacy completions' `prompt_tokens`/`completion_tokens`, or the
 /// Responses API's `input_tokens`/`output_tokens`.
 pub fn usage_of(body: &Value) -> Option<Usage> {
-    let usage = body.get("usage")?;
-    let count = |names: [&str; 2]| names.iter().find_map(|name| usage.get(*name).and_then(Value::as_u64));
-    Some(Usage {
-        prompt_tokens: count(["prompt_tokens", "input_tokens"])?,
-        completion_tokens: count(["completion_tokens", "output_tokens"]).unwrap_or(0),
-    })
+    UsageCounts::deserialize(body.get("usage")?).ok()?.0
+}
+
+/// The one reading of a `usage` object, for whole bodies and for chunks:
+/// the prompt's count is `prompt_tokens`, else `input_tokens` (without one
+/// of them, no usage); the answer's is `completion_tokens`, else
+/// `output_tokens`, else 0. A count that is not a whole non-negative number
+/// counts as absent, and a `usage` that is not an object as no usage:
+/// neither fails the body.
+struct UsageCounts(Option<Usage>);
+
+impl<'de> serde::Deserialize<'de> for UsageCounts {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<UsageCounts, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+        #[derive(serde::Deserialize)]
+        #[serde(field_identifier, rename_all = "snake_case")]
+        enum Field {
+            PromptTokens,
+            InputTokens,
+            CompletionTokens,
+            OutputTokens,
+            #[serde(other)]
+            Other,
+        }
+
+        struct Counts;
+
+        impl<'de> Visitor<'de> for Counts {
+            type Value = UsageCounts;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("any JSON value")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UsageCounts, A::Error> {
+                // [prompt_tokens, input_tokens, completion_tokens, output_tokens]
+                let mut counts = [None; 4];
+                while let Some(field) = map.next_key::<Field>()? {
+                    let slot = match field {
+                        Field::PromptTokens => 0,
+                        Field::InputTokens => 1,
+                        Field::CompletionTokens => 2,
+                        Field::OutputTokens => 3,
+                        Field::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    counts[slot] = map.next_value::<Value>()?.as_u64();
+                }
+                Ok(UsageCounts(counts[0].or(counts[1]).map(|prompt_tokens| Usage {
+                    prompt_tokens,
+                    completion_tokens: counts[2].or(counts[3]).unwrap_or(0),
+                })))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<UsageCounts, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(UsageCounts(None))
+            }
+
+            fn visit_bool<E>(self, _: bool) -> Result<UsageCounts, E> {
+                Ok(UsageCounts(None))
+            }
+
+            fn visit_i64<E>(self, _: i64) -> Result<UsageCounts, E> {
+                Ok(UsageCounts(None))
+            }
+
+            fn visit_u64<E>(self, _: u64) -> Result<UsageCounts, E> {
+                Ok(UsageCounts(None))
+            }
+
+            fn visit_f64<E>(self, _: f64) -> Result<UsageCounts, E> {
+                Ok(UsageCounts(None))
+            }
+
+            fn visit_str<E>(self, _: &str) -> Result<UsageCounts, E> {
+                Ok(UsageCounts(None))
+            }
+
+            fn visit_unit<E>(self) -> Result<UsageCounts, E> {
+                Ok(UsageCounts(None))
+            }
+        }
+
+        deserializer.deserialize_any(Counts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(prompt_tokens: u64, completion_tokens: u64) -> Option<Usage> {
+        Some(Usage { prompt_tokens, completion_tokens })
+    }
+
+    #[test]
+    fn usage_is_read_the_same_from_a_whole_body_and_from_a_parsed_chunk() {
+        let cases: &[(&str, Option<Usage>)] = &[
+            (
+                r#"{"choices":[{"message":{"content":"x"}}],"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15}}"#,
+                usage(12, 3),
+            ),
+            (
+                r#"{"usage":{"input_tokens":7,"output_tokens":2,"input_tokens_details":{"cached_tokens":0}}}"#,
+                usage(7, 2),
+            ),
+            (r#"{"usage":{"prompt_tokens":5}}"#, usage(5, 0)),
+            (
+                r#"{"usage":{"prompt_tokens":"5","input_tokens":4,"completion_tokens":1.5,"output_tokens":2}}"#,
+                usage(4, 2),
+            ),
+            (r#"{"usage":{"prompt_tokens":1,"prompt_tokens":9}}"#, usage(9, 0)),
+            (r#"{"usage":{"prompt\u005ftokens":6,"completion_tokens":-1}}"#, usage(6, 0)),
+            (r#"{"usage":{"completion_tokens":3}}"#, None),
+            (r#"{"usage":null}"#, None),
+            (r#"{"usage":[1,{"prompt_tokens":2}]}"#, None),
+            (r#"{"usage":"12"}"#, None),
+            (r#"{"usage":12}"#, None),
+            (r#"{"usage":true}"#, None),
+            (r#"{"id":"x"}"#, None),
+        ];
+        for (body, expected) in cases {
+            assert_eq!(usage_of_body(body.as_bytes()).unwrap(), *expected, "{body}");
+            assert_eq!(usage_of(&serde_json::from_str(body).unwrap()), *expected, "{body}");
+        }
+        assert!(usage_of_body(b"\"text\"").is_err());
+        assert!(usage_of_body(b"{\"usage\":{\"prompt_tokens\":1}").is_err());
+    }
 }

@@ -209,7 +209,7 @@ fn failure_text(error: &ProviderError) -> String {
     let reason = serde_json::from_slice::<Value>(body)
         .ok()
         .and_then(|body| body.pointer("/error/message").and_then(Value::as_str).map(str::to_string))
-        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+        .unwrap_or_else(|| understudy_types::text_of_body(body));
     format!("{error}: {reason}")
 }
 

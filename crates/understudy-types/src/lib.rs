@@ -18,6 +18,17 @@ pub fn normalize_answer(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
 }
 
+/// The text a body (a request, an answer, an upstream's error) is kept and
+/// recorded as: the body itself when it is UTF-8, else the body with each
+/// invalid sequence replaced by U+FFFD. Valid UTF-8 is checked a word at a
+/// time; `String::from_utf8_lossy` walks it byte by byte.
+pub fn text_of_body(body: &[u8]) -> String {
+    match std::str::from_utf8(body) {
+        Ok(text) => text.to_owned(),
+        Err(_) => String::from_utf8_lossy(body).into_owned(),
+    }
+}
+
 /// Whether two answers agree under [`normalize_answer`].
 pub fn answers_agree(left: &str, right: &str) -> bool {
     normalize_answer(left) == normalize_answer(right)
@@ -492,6 +503,13 @@ mod tests {
     fn answers_compare_without_case_or_spacing() {
         assert!(super::answers_agree("  DESC \n", "desc"));
         assert!(!super::answers_agree("DESC", "DES C"));
+    }
+
+    #[test]
+    fn a_body_is_kept_as_its_text_and_invalid_bytes_become_replacement_characters() {
+        assert_eq!(super::text_of_body("{\"a\":\"é\u{0}\"}".as_bytes()), "{\"a\":\"é\u{0}\"}");
+        assert_eq!(super::text_of_body(b"ok \xff\xfe then \xe2\x82"), "ok \u{fffd}\u{fffd} then \u{fffd}");
+        assert_eq!(super::text_of_body(b""), "");
     }
 
     use super::*;
