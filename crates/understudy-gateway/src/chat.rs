@@ -37,7 +37,8 @@ pub(crate) async fn chat_completions(State(state): State<AppState>, caller: Call
     let call_id = draft.id;
     state.inner.recent_calls.remember(call_id, caller.key_id().map(str::to_string));
     let (client, span) = (draft.client.clone(), draft.span.clone());
-    let mut response = state.clone().serve_detached(client, span, serve_call(state.clone(), draft, caller, body)).await;
+    let mut response =
+        state.clone().serve_detached(client, span, || serve_call(state.clone(), draft, caller, body)).await;
     if !response.status().is_success() {
         // A shadow call's record comes later; its client knows already.
         state.inner.recent_calls.finished(call_id, false);

@@ -33,7 +33,7 @@ pub(crate) async fn completions(State(state): State<AppState>, caller: Caller, b
     let call_id = draft.id;
     state.inner.recent_calls.remember(call_id, caller.key_id().map(str::to_string));
     let (client, span) = (draft.client.clone(), draft.span.clone());
-    let mut response = state.clone().serve_detached(client, span, serve(state, draft, caller, body)).await;
+    let mut response = state.clone().serve_detached(client, span, move || serve(state, draft, caller, body)).await;
     if let Ok(value) = HeaderValue::from_str(&call_id.to_string()) {
         response.headers_mut().insert(CALL_ID_HEADER, value);
     }

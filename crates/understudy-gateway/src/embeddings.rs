@@ -22,7 +22,8 @@ pub(crate) async fn embeddings(State(state): State<AppState>, caller: Caller, bo
     let call_id = draft.id;
     state.inner.recent_calls.remember(call_id, caller.key_id().map(str::to_string));
     let (client, span) = (draft.client.clone(), draft.span.clone());
-    let mut response = state.clone().serve_detached(client, span, serve_embeddings(state, draft, caller, body)).await;
+    let mut response =
+        state.clone().serve_detached(client, span, move || serve_embeddings(state, draft, caller, body)).await;
     if let Ok(value) = HeaderValue::from_str(&call_id.to_string()) {
         response.headers_mut().insert(CALL_ID_HEADER, value);
     }

@@ -52,7 +52,7 @@ pub(crate) async fn responses(State(state): State<AppState>, caller: Caller, bod
     let call_id = draft.id;
     state.inner.recent_calls.remember(call_id, caller.key_id().map(str::to_string));
     let (client, span) = (draft.client.clone(), draft.span.clone());
-    let mut response = state.clone().serve_detached(client, span, serve(state.clone(), draft, caller, body)).await;
+    let mut response = state.clone().serve_detached(client, span, || serve(state.clone(), draft, caller, body)).await;
     if !response.status().is_success() {
         state.inner.recent_calls.finished(call_id, false);
     }
