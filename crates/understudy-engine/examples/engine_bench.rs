@@ -10,7 +10,8 @@
 //! (kept prefixes and speculative decoding): one configuration per process
 //! (`--config NAME --first-run R`), which `bench/engine` runs in turns.
 //! Each round asks messages no earlier round asked, so no answer is ever a
-//! repeat.
+//! repeat. The workload knows each SMS's values, and counts the answers
+//! that hold all four (`right` of `asked`).
 //!
 //!   cargo run --release -p understudy-engine --example engine_bench -- MODEL.gguf [--threads 2] [--runs 3]
 //!   cargo run --release -p understudy-engine --example engine_bench -- MODEL.gguf --extraction [--runs 3]
@@ -324,21 +325,52 @@ const MONTHS: [&str; 12] = [
     "December",
 ];
 
+/// One SMS of the workload and the values a right answer holds.
+struct Sms {
+    text: String,
+    /// `name`, `phone`, `date` and `place`, in the keys the instruction asks for.
+    fields: [(&'static str, String); 4],
+}
+
+impl Sms {
+    /// Whether `answer` is a JSON object whose four keys hold the SMS's
+    /// values, each compared by the gateway's agreement rule
+    /// (`understudy_types::answers_agree`: case and spacing aside).
+    fn is_right(&self, answer: &str) -> bool {
+        let Ok(Value::Object(object)) = serde_json::from_str::<Value>(answer.trim()) else {
+            return false;
+        };
+        self.fields.iter().all(|(key, value)| {
+            object.get(*key).and_then(Value::as_str).is_some_and(|got| understudy_types::answers_agree(got, value))
+        })
+    }
+}
+
 /// The 8 messages of round `set`, one per template, each with a name,
 /// date, place and phone number no other round has together: a round's
 /// answers are new to every model (a kept prefix's earlier answers hold the
 /// keys and punctuation, never the whole answer).
-fn messages(set: usize) -> Vec<String> {
+fn workload(set: usize) -> Vec<Sms> {
     (0..TEMPLATES.len())
         .map(|idx| {
             let k = set * TEMPLATES.len() + idx;
-            TEMPLATES[idx]
-                .replace("{name}", NAMES[(k * 5 + set) % NAMES.len()])
-                .replace("{place}", PLACES[(k * 7 + 3 + set) % PLACES.len()])
-                .replace("{date}", &format!("{} {}", MONTHS[(k * 5) % 12], 1 + (k * 11) % 28))
-                .replace("{phone}", &format!("555-{:04}", 100 + (k * 37) % 900))
+            let name = NAMES[(k * 5 + set) % NAMES.len()].to_string();
+            let place = PLACES[(k * 7 + 3 + set) % PLACES.len()].to_string();
+            let date = format!("{} {}", MONTHS[(k * 5) % 12], 1 + (k * 11) % 28);
+            let phone = format!("555-{:04}", 100 + (k * 37) % 900);
+            let text = TEMPLATES[idx]
+                .replace("{name}", &name)
+                .replace("{place}", &place)
+                .replace("{date}", &date)
+                .replace("{phone}", &phone);
+            Sms { text, fields: [("name", name), ("phone", phone), ("date", date), ("place", place)] }
         })
         .collect()
+}
+
+/// The texts of round `set`'s messages.
+fn messages(set: usize) -> Vec<String> {
+    workload(set).into_iter().map(|sms| sms.text).collect()
 }
 
 /// One extraction call's messages: the instruction, one worked example
@@ -406,31 +438,35 @@ async fn prompt_round(model: &LlamaCppModel, set: usize) -> Result<Vec<f64>> {
 
 /// `n` messages for one round asked at once: set `set`'s, then (beyond the
 /// templates' number) those of sets no other round asks.
-fn messages_at_once(set: usize, n: usize) -> Vec<String> {
-    let more = (1..).flat_map(|extra| messages(10_000 + set * 64 + extra));
-    messages(set).into_iter().chain(more).take(n.max(1)).collect()
+fn workload_at_once(set: usize, n: usize) -> Vec<Sms> {
+    let more = (1..).flat_map(|extra| workload(10_000 + set * 64 + extra));
+    workload(set).into_iter().chain(more).take(n.max(1)).collect()
 }
 
 /// CPU-seconds and wall seconds per call with `concurrency` messages of
-/// round `set` asked at once, as `eval` asks its rows.
+/// round `set` asked at once, as `eval` asks its rows, and how many answers
+/// held every field right.
 async fn extraction_concurrent(
     model: &LlamaCppModel,
     concurrency: usize,
     json_object: bool,
     set: usize,
-) -> Result<(f64, f64)> {
-    let messages = messages_at_once(set, concurrency);
-    let n = messages.len() as f64;
+) -> Result<(f64, f64, usize)> {
+    let workload = workload_at_once(set, concurrency);
+    let n = workload.len() as f64;
     let (cpu_start, wall_start) = (process_cpu_seconds(), Instant::now());
-    let answers: Vec<_> = futures::stream::iter(&messages)
-        .map(|sms| extract(model, sms, json_object))
-        .buffer_unordered(concurrency.max(1))
+    // All asked at once; `buffered` only keeps the answers in the messages' order.
+    let answers: Vec<_> = futures::stream::iter(&workload)
+        .map(|sms| extract(model, &sms.text, json_object))
+        .buffered(concurrency.max(1))
         .collect()
         .await;
-    for answer in answers {
-        answer?;
+    let (cpu, wall) = ((process_cpu_seconds() - cpu_start) / n, wall_start.elapsed().as_secs_f64() / n);
+    let mut right = 0;
+    for (sms, answer) in workload.iter().zip(answers) {
+        right += usize::from(sms.is_right(&answer?.0));
     }
-    Ok(((process_cpu_seconds() - cpu_start) / n, wall_start.elapsed().as_secs_f64() / n))
+    Ok((cpu, wall, right))
 }
 
 /// Two models in one process (as a gateway serving two generation
@@ -509,7 +545,7 @@ async fn extraction(
     let stats_before = model.speculation_stats();
     let (mut cpu, mut wall, mut concurrent_cpu, mut concurrent_wall, mut prompt_cpu) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut failed = 0;
+    let (mut failed, mut right, mut asked) = (0, 0, 0);
     for run in first_run..first_run + runs {
         // Every configuration gets the same new messages in a run.
         let (sequential, at_once) = (1 + 2 * run, 2 + 2 * run);
@@ -518,7 +554,12 @@ async fn extraction(
         }
         let (run_cpu, run_wall, answers) = extraction_round(&model, json_object, sequential).await?;
         failed += answers.iter().filter(|(answer, _)| answer.starts_with("(failed")).count();
-        let (at_once_cpu, at_once_wall) = extraction_concurrent(&model, concurrency, json_object, at_once).await?;
+        right += workload(sequential).iter().zip(&answers).filter(|(sms, (answer, _))| sms.is_right(answer)).count();
+        asked += answers.len();
+        let (at_once_cpu, at_once_wall, at_once_right) =
+            extraction_concurrent(&model, concurrency, json_object, at_once).await?;
+        right += at_once_right;
+        asked += concurrency.max(1);
         eprintln!(
             "{name}, run {run}: {:.3} CPU-s per call, {:.3} s wall (median), {at_once_cpu:.3} CPU-s per call at \
              {concurrency} concurrent",
@@ -549,6 +590,8 @@ async fn extraction(
         "concurrent_wall": concurrent_wall,
         "prompt_cpu": prompt_cpu,
         "failed": failed,
+        "right": right,
+        "asked": asked,
         "drafted_tokens": stats.drafted - stats_before.drafted,
         "accepted_tokens": stats.accepted - stats_before.accepted,
         "machine_price_per_hour": MACHINE_PRICE_PER_HOUR,
