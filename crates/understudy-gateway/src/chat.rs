@@ -19,7 +19,6 @@ use understudy_types::{CallRecord, Endpoint, Routing, ServedBy, Usage, UsageSour
 use crate::assemble::StreamAssembler;
 use crate::auth::Caller;
 use crate::draft::{CallDraft, Outcome};
-use crate::feedback::CALL_ID_HEADER;
 use crate::limits::{Estimate, DEFAULT_ANSWER_TOKENS};
 use crate::relay::sse_event;
 use crate::request::{check_chat, parse_body, resolve_model, RequestBody};
@@ -43,9 +42,7 @@ pub(crate) async fn chat_completions(State(state): State<AppState>, caller: Call
         // A shadow call's record comes later; its client knows already.
         state.inner.recent_calls.finished(call_id, false);
     }
-    if let Ok(value) = HeaderValue::from_str(&call_id.to_string()) {
-        response.headers_mut().insert(CALL_ID_HEADER, value);
-    }
+    crate::feedback::tag_call_id(&mut response, call_id);
     response
 }
 
@@ -473,7 +470,12 @@ pub(crate) async fn answered(
             });
         }
     }
-    (headers, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+    // The upstream's passed headers become the response's own map (never
+    // holding a content type), instead of being inserted one by one.
+    let mut response = Response::new(Body::from(body));
+    *response.headers_mut() = headers;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 /// The client's side of a relayed stream: what the relay task sends, as an

@@ -8,7 +8,7 @@ use std::convert::Infallible;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderValue};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
@@ -18,7 +18,6 @@ use understudy_types::{Endpoint, Usage, UsageSource};
 
 use crate::auth::Caller;
 use crate::draft::{CallDraft, Outcome};
-use crate::feedback::CALL_ID_HEADER;
 use crate::limits::Estimate;
 use crate::relay::Assemble;
 use crate::request::{parse_body, resolve_model, RequestBody};
@@ -34,9 +33,7 @@ pub(crate) async fn completions(State(state): State<AppState>, caller: Caller, b
     state.inner.recent_calls.remember(call_id, caller.key_id().map(str::to_string));
     let (client, span) = (draft.client.clone(), draft.span.clone());
     let mut response = state.clone().serve_detached(client, span, move || serve(state, draft, caller, body)).await;
-    if let Ok(value) = HeaderValue::from_str(&call_id.to_string()) {
-        response.headers_mut().insert(CALL_ID_HEADER, value);
-    }
+    crate::feedback::tag_call_id(&mut response, call_id);
     response
 }
 

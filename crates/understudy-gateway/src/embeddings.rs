@@ -1,7 +1,7 @@
 //! `POST /v1/embeddings`, passed through to the model's provider.
 
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue};
+use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde_json::Value;
@@ -10,7 +10,6 @@ use understudy_types::{Endpoint, Usage, UsageSource};
 
 use crate::auth::Caller;
 use crate::draft::{CallDraft, Outcome};
-use crate::feedback::CALL_ID_HEADER;
 use crate::limits::Estimate;
 use crate::request::{parse_body, resolve_model, RequestBody};
 use crate::{AppState, GatewayError};
@@ -24,9 +23,7 @@ pub(crate) async fn embeddings(State(state): State<AppState>, caller: Caller, bo
     let (client, span) = (draft.client.clone(), draft.span.clone());
     let mut response =
         state.clone().serve_detached(client, span, move || serve_embeddings(state, draft, caller, body)).await;
-    if let Ok(value) = HeaderValue::from_str(&call_id.to_string()) {
-        response.headers_mut().insert(CALL_ID_HEADER, value);
-    }
+    crate::feedback::tag_call_id(&mut response, call_id);
     response
 }
 

@@ -27,6 +27,19 @@ use crate::{AppState, GatewayError};
 /// The response header naming the call a chat completion was recorded as.
 pub const CALL_ID_HEADER: &str = "x-understudy-call-id";
 
+/// Tells the client which call its response was recorded as
+/// ([`CALL_ID_HEADER`]), to send feedback on it: the one rule for every
+/// endpoint. The header's name is checked once, at compile time, and the
+/// id is written without `fmt`.
+pub(crate) fn tag_call_id(response: &mut axum::response::Response, call_id: Uuid) {
+    const NAME: axum::http::HeaderName = axum::http::HeaderName::from_static(CALL_ID_HEADER);
+    let mut buffer = Uuid::encode_buffer();
+    let text = call_id.hyphenated().encode_lower(&mut buffer);
+    if let Ok(value) = axum::http::HeaderValue::from_str(text) {
+        response.headers_mut().insert(NAME, value);
+    }
+}
+
 /// How many handed-out call ids the gateway remembers.
 const RECENT_CAPACITY: usize = 65_536;
 

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderValue};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
@@ -41,7 +41,6 @@ use crate::chat::{
     Routed, ServedAttempt,
 };
 use crate::draft::CallDraft;
-use crate::feedback::CALL_ID_HEADER;
 use crate::limits::{Estimate, DEFAULT_ANSWER_TOKENS};
 use crate::relay::Assemble;
 use crate::request::{parse_body, resolve_model, RequestBody};
@@ -56,9 +55,7 @@ pub(crate) async fn responses(State(state): State<AppState>, caller: Caller, bod
     if !response.status().is_success() {
         state.inner.recent_calls.finished(call_id, false);
     }
-    if let Ok(value) = HeaderValue::from_str(&call_id.to_string()) {
-        response.headers_mut().insert(CALL_ID_HEADER, value);
-    }
+    crate::feedback::tag_call_id(&mut response, call_id);
     response
 }
 
