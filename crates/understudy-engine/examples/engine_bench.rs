@@ -256,7 +256,7 @@ const LEAD_PRICE_PER_MILLION: (f64, f64) = (0.15, 0.60);
 /// What the lead would charge for one extraction call, $: the prompt and
 /// the answer counted in its own encoding (o200k_base).
 fn lead_cost(sms: &str, answer: &str) -> f64 {
-    let body = extraction_body(sms, false);
+    let body = extraction_body(sms, Format::Text);
     let messages = body["messages"].as_array().cloned().unwrap_or_default();
     let prompt = understudy_providers::tokens::count_messages(&messages) as f64;
     let completion = understudy_providers::tokens::count_text(answer) as f64;
@@ -373,31 +373,52 @@ fn messages(set: usize) -> Vec<String> {
     workload(set).into_iter().map(|sms| sms.text).collect()
 }
 
+/// What an extraction call asks of its answer's format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Text,
+    /// `response_format` json_object: decoding stops at the closing brace.
+    JsonObject,
+    /// `response_format` json_schema with the four string keys: the text
+    /// the schema fixes is not decoded token by token (with the engine's
+    /// `jump_forward`).
+    Schema,
+}
+
 /// One extraction call's messages: the instruction, one worked example
 /// (so that even a base instruct model answers in the JSON shape a trained
-/// understudy would), and the SMS; with `json_object`, `response_format`
-/// json_object too.
-fn extraction_body(sms: &str, json_object: bool) -> Value {
+/// understudy would: compact, in the keys' order, as a lead answering
+/// under a JSON schema writes it), and the SMS, with `format`'s
+/// `response_format`.
+fn extraction_body(sms: &str, format: Format) -> Value {
     let mut body = json!({"messages": [
         {"role": "system", "content": "Extract the sender's name, phone number, date and place from the SMS. \
             Answer with JSON only, with the keys name, phone, date and place."},
         {"role": "user", "content": "SMS: Hi, it's Tom Baker. Meet me on June 3 at Central Station, call 555-0199."},
-        {"role": "assistant", "content": "{\"name\": \"Tom Baker\", \"phone\": \"555-0199\", \"date\": \"June 3\", \"place\": \"Central Station\"}"},
+        {"role": "assistant", "content": "{\"name\":\"Tom Baker\",\"phone\":\"555-0199\",\"date\":\"June 3\",\"place\":\"Central Station\"}"},
         {"role": "user", "content": format!("SMS: {sms}")}],
         "temperature": 0, "max_tokens": 64});
-    if json_object {
-        body["response_format"] = json!({"type": "json_object"});
+    match format {
+        Format::Text => {}
+        Format::JsonObject => body["response_format"] = json!({"type": "json_object"}),
+        Format::Schema => {
+            let string = json!({"type": "string"});
+            body["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "sms", "strict": true,
+                "schema": {"type": "object", "additionalProperties": false,
+                    "required": ["name", "phone", "date", "place"],
+                    "properties": {"name": string, "phone": string, "date": string, "place": string}}}});
+        }
     }
     body
 }
 
-/// One extraction call: its answer, its completion tokens. With
-/// `json_object`, an answer that is not a JSON object fails (the gateway
-/// would fall back to the lead); it counts as a call, with no answer.
-async fn extract(model: &LlamaCppModel, sms: &str, json_object: bool) -> Result<(String, u64)> {
-    let response = match model.chat(request(extraction_body(sms, json_object))).await {
+/// One extraction call: its answer, its completion tokens. With a JSON
+/// format, an answer that does not follow it fails (the gateway would fall
+/// back to the lead); it counts as a call, with no answer.
+async fn extract(model: &LlamaCppModel, sms: &str, format: Format) -> Result<(String, u64)> {
+    let response = match model.chat(request(extraction_body(sms, format))).await {
         Ok(response) => response,
-        Err(error) if json_object => return Ok((format!("(failed: {error})"), 0)),
+        Err(error) if format != Format::Text => return Ok((format!("(failed: {error})"), 0)),
         Err(error) => return Err(error.into()),
     };
     let body: Value = serde_json::from_slice(&response.body)?;
@@ -409,13 +430,13 @@ async fn extract(model: &LlamaCppModel, sms: &str, json_object: bool) -> Result<
 /// CPU-seconds and wall seconds per call, one call at a time, over every message of `set`.
 async fn extraction_round(
     model: &LlamaCppModel,
-    json_object: bool,
+    format: Format,
     set: usize,
 ) -> Result<(Vec<f64>, Vec<f64>, Vec<(String, u64)>)> {
     let (mut cpu, mut wall, mut answers) = (Vec::new(), Vec::new(), Vec::new());
     for sms in &messages(set) {
         let (cpu_start, wall_start) = (process_cpu_seconds(), Instant::now());
-        answers.push(extract(model, sms, json_object).await?);
+        answers.push(extract(model, sms, format).await?);
         cpu.push(process_cpu_seconds() - cpu_start);
         wall.push(wall_start.elapsed().as_secs_f64());
     }
@@ -427,7 +448,7 @@ async fn extraction_round(
 async fn prompt_round(model: &LlamaCppModel, set: usize) -> Result<Vec<f64>> {
     let mut cpu = Vec::new();
     for sms in &messages(set) {
-        let mut body = extraction_body(sms, false);
+        let mut body = extraction_body(sms, Format::Text);
         body["max_tokens"] = json!(1);
         let cpu_start = process_cpu_seconds();
         model.chat(request(body)).await?;
@@ -449,7 +470,7 @@ fn workload_at_once(set: usize, n: usize) -> Vec<Sms> {
 async fn extraction_concurrent(
     model: &LlamaCppModel,
     concurrency: usize,
-    json_object: bool,
+    format: Format,
     set: usize,
 ) -> Result<(f64, f64, usize)> {
     let workload = workload_at_once(set, concurrency);
@@ -457,7 +478,7 @@ async fn extraction_concurrent(
     let (cpu_start, wall_start) = (process_cpu_seconds(), Instant::now());
     // All asked at once; `buffered` only keeps the answers in the messages' order.
     let answers: Vec<_> = futures::stream::iter(&workload)
-        .map(|sms| extract(model, &sms.text, json_object))
+        .map(|sms| extract(model, &sms.text, format))
         .buffered(concurrency.max(1))
         .collect()
         .await;
@@ -476,10 +497,10 @@ async fn extraction_concurrent(
 async fn two_models(spec: &LocalModelSpec, options: &EngineOptions, runs: usize) -> Result<()> {
     let options = EngineOptions { speculative_draft: 0, prefix_cache: false, ..options.clone() };
     let first = LlamaCppModel::load(spec, &options)?;
-    extraction_round(&first, false, 0).await?;
+    extraction_round(&first, Format::Text, 0).await?;
     let (mut alone_cpu, mut alone_wall) = (Vec::new(), Vec::new());
     for run in 0..runs {
-        let (cpu, wall, _) = extraction_round(&first, false, 1 + run).await?;
+        let (cpu, wall, _) = extraction_round(&first, Format::Text, 1 + run).await?;
         alone_cpu.extend(cpu);
         alone_wall.extend(wall);
     }
@@ -487,7 +508,7 @@ async fn two_models(spec: &LocalModelSpec, options: &EngineOptions, runs: usize)
     let (mut turns_cpu, mut turns_wall) = (Vec::new(), Vec::new());
     for run in 0..runs {
         for model in [&second, &first] {
-            let (cpu, wall, _) = extraction_round(model, false, 1 + run).await?;
+            let (cpu, wall, _) = extraction_round(model, Format::Text, 1 + run).await?;
             turns_cpu.extend(cpu);
             turns_wall.extend(wall);
         }
@@ -508,12 +529,16 @@ async fn two_models(spec: &LocalModelSpec, options: &EngineOptions, runs: usize)
 }
 
 /// The extraction workload's configurations: name, speculative draft
-/// (`None`: the default's), kept prefixes, `response_format` json_object.
-const CONFIGURATIONS: [(&str, Option<usize>, bool, bool); 4] = [
-    ("off", Some(0), false, false),
-    ("kept prefixes", Some(0), true, false),
-    ("on", None, true, false),
-    ("on, json_object", None, true, true),
+/// (`None`: the default's), kept prefixes, the answer's format, and
+/// whether a schema's fixed text is jumped over (the engine's default) or
+/// decoded token by token.
+const CONFIGURATIONS: [(&str, Option<usize>, bool, Format, bool); 6] = [
+    ("off", Some(0), false, Format::Text, true),
+    ("kept prefixes", Some(0), true, Format::Text, true),
+    ("on", None, true, Format::Text, true),
+    ("on, json_object", None, true, Format::JsonObject, true),
+    ("on, json_schema", None, true, Format::Schema, true),
+    ("on, json_schema, token by token", None, true, Format::Schema, false),
 ];
 
 /// One configuration of the extraction workload, in a process of its own
@@ -532,16 +557,17 @@ async fn extraction(
     runs: usize,
     concurrency: usize,
 ) -> Result<()> {
-    let Some(&(name, config_draft, prefix_cache, json_object)) =
+    let Some(&(name, config_draft, prefix_cache, format, jump_forward)) =
         CONFIGURATIONS.iter().find(|(name, ..)| *name == config)
     else {
         let names: Vec<&str> = CONFIGURATIONS.iter().map(|(name, ..)| *name).collect();
         return Err(format!("--config must be one of {names:?}, not {config:?}").into());
     };
     let speculative_draft = config_draft.unwrap_or(draft);
-    let model = LlamaCppModel::load(spec, &EngineOptions { speculative_draft, prefix_cache, ..options.clone() })?;
-    // Warm up; its answers (without json_object) are compared across configurations.
-    let (_, _, warm_answers) = extraction_round(&model, false, 0).await?;
+    let model =
+        LlamaCppModel::load(spec, &EngineOptions { speculative_draft, prefix_cache, jump_forward, ..options.clone() })?;
+    // Warm up; its answers are compared across configurations.
+    let (_, _, warm_answers) = extraction_round(&model, format, 0).await?;
     let stats_before = model.speculation_stats();
     let (mut cpu, mut wall, mut concurrent_cpu, mut concurrent_wall, mut prompt_cpu) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -552,12 +578,12 @@ async fn extraction(
         if name == "off" {
             prompt_cpu.extend(prompt_round(&model, sequential).await?);
         }
-        let (run_cpu, run_wall, answers) = extraction_round(&model, json_object, sequential).await?;
+        let (run_cpu, run_wall, answers) = extraction_round(&model, format, sequential).await?;
         failed += answers.iter().filter(|(answer, _)| answer.starts_with("(failed")).count();
         right += workload(sequential).iter().zip(&answers).filter(|(sms, (answer, _))| sms.is_right(answer)).count();
         asked += answers.len();
         let (at_once_cpu, at_once_wall, at_once_right) =
-            extraction_concurrent(&model, concurrency, json_object, at_once).await?;
+            extraction_concurrent(&model, concurrency, format, at_once).await?;
         right += at_once_right;
         asked += concurrency.max(1);
         eprintln!(

@@ -21,6 +21,7 @@ pub mod requant;
 pub mod request;
 pub mod sampling;
 pub mod scheduler;
+pub mod schema;
 pub mod speculative;
 pub mod testing;
 pub mod text;
@@ -68,6 +69,10 @@ pub struct EngineOptions {
     /// Keep finished prompts in the KV cache, so that a request whose prompt
     /// starts the same way prefills only the rest ([`scheduler`]).
     pub prefix_cache: bool,
+    /// Text a request's JSON schema fixes enters the KV cache in the step
+    /// before it, without a decode step of its own ([`schema`]); false
+    /// decodes it one token per step (the same answers, for comparison).
+    pub jump_forward: bool,
 }
 
 /// The default of [`EngineOptions::speculative_draft`], the config's.
@@ -83,6 +88,7 @@ impl Default for EngineOptions {
             weights: requant::WeightFormat::Auto,
             speculative_draft: DEFAULT_SPECULATIVE_DRAFT,
             prefix_cache: true,
+            jump_forward: true,
         }
     }
 }
@@ -248,6 +254,7 @@ impl LlamaCppModel {
             n_seq_max,
             speculative_draft: options.speculative_draft,
             prefix_cache: options.prefix_cache,
+            jump_forward: options.jump_forward,
         };
         let context_params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(n_ctx))
@@ -384,8 +391,15 @@ impl LlamaCppModel {
         };
         let seed = parsed.sampling.seed.unwrap_or_else(fresh_seed);
         let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
-        let job =
-            Job { prompt, sampling: parsed.sampling.clone(), choices, json_object: parsed.json_object, seed, events };
+        let job = Job {
+            prompt,
+            sampling: parsed.sampling.clone(),
+            choices,
+            json_object: parsed.json_object,
+            schema: parsed.schema.clone(),
+            seed,
+            events,
+        };
         Ok((parsed, job, receiver))
     }
 

@@ -1,8 +1,12 @@
 //! Reads an OpenAI chat request into what the engine needs, rejecting values
 //! it cannot honour (with the message the client gets in a 400).
 
+use std::sync::Arc;
+
 use serde_json::{Map, Value};
 use understudy_datasets::jsonl::{content_text, is_text_part};
+
+use crate::schema::ObjectSchema;
 
 /// The sampling settings of one request.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +36,9 @@ pub struct ParsedChat {
     pub choices: Option<Vec<String>>,
     /// The answer must be one JSON object (`response_format` json_object).
     pub json_object: bool,
+    /// The answer must be the compact JSON object of this schema
+    /// (`response_format` json_schema with an object schema).
+    pub schema: Option<Arc<ObjectSchema>>,
 }
 
 /// What `response_format` asks of the answer.
@@ -40,6 +47,7 @@ enum AnswerFormat {
     Text,
     Choices(Vec<String>),
     JsonObject,
+    Object(Arc<ObjectSchema>),
 }
 
 pub fn parse_chat(body: &Map<String, Value>) -> Result<ParsedChat, InvalidChat> {
@@ -135,9 +143,13 @@ pub fn parse_chat(body: &Map<String, Value>) -> Result<ParsedChat, InvalidChat> 
             logprobs: want_logprobs.then_some(top_logprobs),
         },
         json_object: format == AnswerFormat::JsonObject,
+        schema: match &format {
+            AnswerFormat::Object(schema) => Some(schema.clone()),
+            _ => None,
+        },
         choices: match format {
             AnswerFormat::Choices(choices) => Some(choices),
-            AnswerFormat::Text | AnswerFormat::JsonObject => None,
+            AnswerFormat::Text | AnswerFormat::JsonObject | AnswerFormat::Object(_) => None,
         },
     })
 }
@@ -191,8 +203,10 @@ fn parse_messages(messages: Option<&Value>) -> Result<Vec<(String, String)>, Inv
 /// strings. The answer is the bare string, not its JSON encoding.
 /// `{"type": "json_object"}` asks for one JSON object: decoding stops at its
 /// closing brace, and an answer that is not one fails (so the gateway falls
-/// back to the lead) instead of reaching the client. Other JSON schemas are
-/// refused: nothing here would hold the answer to them.
+/// back to the lead) instead of reaching the client. An object schema of
+/// scalar properties gives the answer its fixed text ([`ObjectSchema`]:
+/// jump-forward decoding). Other JSON schemas are refused: nothing here
+/// would hold the answer to them.
 fn parse_response_format(format: Option<&Value>) -> Result<AnswerFormat, InvalidChat> {
     let Some(format) = format.filter(|format| !format.is_null()) else {
         return Ok(AnswerFormat::Text);
@@ -205,10 +219,8 @@ fn parse_response_format(format: Option<&Value>) -> Result<AnswerFormat, Invalid
                 .pointer("/json_schema/schema")
                 .ok_or_else(|| InvalidChat(String::from("response_format json_schema needs json_schema.schema")))?;
             let Some(values) = schema.get("enum").and_then(Value::as_array) else {
-                return Err(InvalidChat(
-                    "local models support response_format json_schema only with an enum of strings: {\"enum\": [...]}"
-                        .to_string(),
-                ));
+                let schema = ObjectSchema::from_json(schema).map_err(|error| InvalidChat(error.0))?;
+                return Ok(AnswerFormat::Object(Arc::new(schema)));
             };
             if let Some(kind) = schema.get("type") {
                 if kind != "string" {
@@ -270,7 +282,7 @@ mod tests {
             (
                 json!({"messages": msg, "response_format": {"type": "json_schema",
                     "json_schema": {"schema": {"type": "object"}}}}),
-                "only with an enum",
+                "needs properties",
             ),
             (json!({"messages": []}), "empty"),
         ] {
@@ -305,5 +317,24 @@ mod tests {
         let parsed = parse(json!({"messages": msg, "response_format": {"type": "json_object"}})).unwrap();
         assert!(parsed.json_object && parsed.choices.is_none());
         assert!(!parse(json!({"messages": msg})).unwrap().json_object);
+    }
+
+    #[test]
+    fn reads_object_schemas_in_their_keys_order() {
+        let msg = json!([{"role": "user", "content": "hi"}]);
+        let schema = json!({"type": "object", "required": ["spam", "number"], "additionalProperties": false,
+            "properties": {"spam": {"type": "boolean"}, "number": {"type": ["string", "null"]}}});
+        let parsed = parse(json!({"messages": msg,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}))
+        .unwrap();
+        let schema = parsed.schema.unwrap();
+        let names: Vec<&str> = schema.properties.iter().map(|property| property.name.as_str()).collect();
+        assert_eq!(names, ["spam", "number"]);
+        assert!(parsed.choices.is_none() && !parsed.json_object);
+        let nested = json!({"type": "object", "required": ["a"], "properties": {"a": {"type": "object"}}});
+        let error = parse(json!({"messages": msg,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": nested}}}))
+        .unwrap_err();
+        assert!(error.0.contains("not object"), "{error}");
     }
 }

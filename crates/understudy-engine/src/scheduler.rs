@@ -16,6 +16,13 @@
 //! cells left after the generating sequences' tokens and the prompt chunks,
 //! so they never delay another request's prompt.
 //!
+//! A request with a JSON schema ([`crate::schema`]) has the text the schema
+//! fixes appended as tokens of its own: the first ones after the prompt
+//! (prefilled with it), the others after the token that made them certain,
+//! in the same step and with logits only at the last of them (jump-forward
+//! decoding). Its answer ends at the object's closing brace: a brace the
+//! schema fixes is never decoded.
+//!
 //! Prompt prefixes are kept (prefix caching): a finished sequence's prompt
 //! stays in the KV cache under its sequence id ([`KeptPrefixes`]), and a
 //! new request whose prompt starts the same way (a task's system prompt,
@@ -26,6 +33,7 @@
 
 use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::LlamaContext;
@@ -37,6 +45,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::request::Sampling;
 use crate::sampling::{log_sum_exp, log_sum_exp_f64, sample, top_tokens, Rng};
+use crate::schema::{ObjectSchema, SchemaAnswer};
 use crate::speculative::{prompt_lookup, DraftLength, SpeculationCounters};
 use crate::text::{JsonObject, JsonProgress, StopBuffer};
 
@@ -49,6 +58,9 @@ pub struct Job {
     pub choices: Option<Vec<(Vec<LlamaToken>, String)>>,
     /// The answer must be one JSON object: it ends at its closing brace.
     pub json_object: bool,
+    /// The answer is the compact JSON object of this schema: the text it
+    /// fixes is appended without decode steps ([`crate::schema`]).
+    pub schema: Option<Arc<ObjectSchema>>,
     pub seed: u64,
     pub events: UnboundedSender<Event>,
 }
@@ -86,6 +98,10 @@ pub struct SchedulerConfig {
     pub speculative_draft: usize,
     /// Keep finished prompts in the KV cache for the next request that starts the same way.
     pub prefix_cache: bool,
+    /// A schema's fixed tokens enter the KV cache with the token before them
+    /// (no decode step, no logits); false: one per decode step, as if the
+    /// model had chosen them.
+    pub jump_forward: bool,
 }
 
 impl SchedulerConfig {
@@ -207,6 +223,13 @@ struct Slot {
     draft_length: DraftLength,
     /// Where a JSON-object answer ends (`Job::json_object`).
     json: Option<JsonObject>,
+    /// The answer under its schema (`Job::schema`).
+    answer: Option<SchemaAnswer>,
+    /// Tokens the schema fixed after `next` (after the prompt while
+    /// prefilling), not yet in the KV cache.
+    forced: Vec<LlamaToken>,
+    /// `SchedulerConfig::jump_forward`.
+    jump_forward: bool,
     /// Tokens this sequence put in the current step's batch.
     step_tokens: usize,
     /// Its share of the decode steps so far (`Event::Done::compute`).
@@ -239,8 +262,8 @@ impl Slot {
     /// by what else is in flight.
     fn reserved(&self, n_ctx: usize) -> usize {
         let base = match self.phase {
-            Phase::Prefill { .. } => self.job.prompt.len(),
-            _ => self.n_past,
+            Phase::Prefill { .. } => self.job.prompt.len() + self.forced.len(),
+            _ => self.n_past + self.forced.len(),
         };
         (base + answer_room(&self.job, self.n_generated)).min(n_ctx)
     }
@@ -250,8 +273,8 @@ impl Slot {
     /// longest allowed answer it scores.
     fn wanted(&self, speculative_draft: usize) -> usize {
         match &self.phase {
-            Phase::Prefill { n_prefilled } => self.job.prompt.len() - n_prefilled,
-            Phase::Generate { .. } => 1 + speculative_draft,
+            Phase::Prefill { n_prefilled } => self.prefill_len() - n_prefilled,
+            Phase::Generate { .. } => 1 + self.forced.len() + speculative_draft,
             Phase::Score { .. } => self.job.choices.iter().flatten().map(|(tokens, _)| tokens.len()).max().unwrap_or(0),
         }
     }
@@ -259,8 +282,31 @@ impl Slot {
     /// Leading prompt tokens of this sequence that are in the KV cache.
     fn prompt_in_cache(&self) -> usize {
         match self.phase {
-            Phase::Prefill { n_prefilled } => n_prefilled,
+            Phase::Prefill { n_prefilled } => n_prefilled.min(self.job.prompt.len()),
             _ => self.job.prompt.len(),
+        }
+    }
+
+    /// Tokens prefilled before the first decode: the prompt, and with jump-forward
+    /// the answer's first tokens that its schema fixes.
+    fn prefill_len(&self) -> usize {
+        self.job.prompt.len() + if self.jump_forward { self.forced.len() } else { 0 }
+    }
+
+    /// Token `idx` of what is prefilled.
+    fn prefill_token(&self, idx: usize) -> LlamaToken {
+        match self.job.prompt.get(idx) {
+            Some(&token) => token,
+            None => self.forced[idx - self.job.prompt.len()],
+        }
+    }
+
+    /// Forced tokens that go into the batch with `next`.
+    fn forced_with_next(&self) -> &[LlamaToken] {
+        if self.jump_forward {
+            &self.forced
+        } else {
+            &[]
         }
     }
 
@@ -271,6 +317,10 @@ impl Slot {
         if !matches!(self.phase, Phase::Generate { .. }) || self.job.sampling.temperature > 0.0 {
             return &[];
         }
+        // Token by token, forced tokens are decoded one per step before anything is drafted.
+        if !self.jump_forward && !self.forced.is_empty() {
+            return &[];
+        }
         // The step yields the draft's accepted tokens plus one more of the
         // model's own, so a draft longer than the answer's remaining room
         // minus one is decoded for nothing.
@@ -278,10 +328,10 @@ impl Slot {
             Some(max) => max.saturating_sub(self.n_generated).saturating_sub(1),
             None => usize::MAX,
         };
-        // `next` sits at n_past; the draft's last token must leave the cell
-        // after it free, as `sample_next` finishes a sequence with `length`
-        // once n_past + 1 reaches n_ctx.
-        let room = n_ctx.saturating_sub(self.n_past + 2);
+        // `next` sits at n_past (its forced tokens after it); the draft's
+        // last token must leave the cell after it free, as `sample_next`
+        // finishes a sequence with `length` once n_past + 1 reaches n_ctx.
+        let room = n_ctx.saturating_sub(self.n_past + self.forced.len() + 2);
         prompt_lookup(&self.history, self.draft_length.get().min(remaining).min(room))
     }
 
@@ -437,7 +487,8 @@ pub fn run(
             let mut history = earlier;
             history.extend_from_slice(&job.prompt);
             let job_json_object = job.json_object;
-            slots.push(Slot {
+            let job_schema = job.schema.clone();
+            let mut slot = Slot {
                 seq_id,
                 job,
                 phase: Phase::Prefill { n_prefilled: cached_tokens },
@@ -451,11 +502,26 @@ pub fn run(
                 draft: Vec::new(),
                 draft_length: DraftLength::new(config.speculative_draft),
                 json: job_json_object.then(JsonObject::default),
+                answer: job_schema.map(SchemaAnswer::new),
+                forced: Vec::new(),
+                jump_forward: config.jump_forward,
                 step_tokens: 0,
                 compute: Duration::ZERO,
                 cached_tokens,
                 kept_source,
-            });
+            };
+            // The answer's first tokens, when its schema fixes them.
+            match push_forced(model, &mut slot) {
+                Ok(None) => slots.push(slot),
+                Ok(Some(reason)) => {
+                    slot.finish(reason);
+                    release(&mut context, &slot, &mut kept, &mut free_seq_ids, config.prefix_cache, step);
+                }
+                Err(message) => {
+                    slot.send(Event::Failed(message));
+                    release(&mut context, &slot, &mut kept, &mut free_seq_ids, config.prefix_cache, step);
+                }
+            }
         }
         if slots.is_empty() {
             continue;
@@ -479,18 +545,28 @@ pub fn run(
             slot.draft.clear();
             slot.step_tokens = 0;
             if let Phase::Generate { next } = slot.phase {
-                if cells_free == 0 || slot.n_past + 1 > n_ctx {
+                // With jump-forward, the tokens the schema fixed after `next`
+                // go in with it; logits only after the last of them.
+                let forced = slot.forced_with_next();
+                let n = 1 + forced.len();
+                if cells_free < n || slot.n_past + n > n_ctx {
                     out_of_context.push(slot_idx);
                     continue;
                 }
-                slot.rows.push(batch.n_tokens());
-                if batch.add(next, slot.n_past as i32, &[slot.seq_id], true).is_err() {
-                    slot.rows.clear();
+                if n > 1 && n > budget {
                     continue;
                 }
-                cells_free -= 1;
-                budget = budget.saturating_sub(1);
-                slot.step_tokens += 1;
+                if batch.add(next, slot.n_past as i32, &[slot.seq_id], forced.is_empty()).is_err() {
+                    continue;
+                }
+                for (offset, &token) in forced.iter().enumerate() {
+                    let position = (slot.n_past + 1 + offset) as i32;
+                    let _ = batch.add(token, position, &[slot.seq_id], offset + 1 == forced.len());
+                }
+                slot.rows.push(batch.n_tokens() - 1);
+                cells_free -= n;
+                budget = budget.saturating_sub(n);
+                slot.step_tokens += n;
             }
         }
         for slot in slots.iter_mut() {
@@ -511,18 +587,19 @@ pub fn run(
         }
         for slot in slots.iter_mut() {
             if let Phase::Prefill { n_prefilled } = slot.phase {
-                let remaining = slot.job.prompt.len() - n_prefilled;
+                let prefill_len = slot.prefill_len();
+                let remaining = prefill_len - n_prefilled;
                 let n = remaining.min(budget).min(cells_free);
                 if n == 0 {
                     continue;
                 }
                 for offset in 0..n {
                     let idx = n_prefilled + offset;
-                    let last = idx + 1 == slot.job.prompt.len();
+                    let last = idx + 1 == prefill_len;
                     if last {
                         slot.rows.push(batch.n_tokens());
                     }
-                    let _ = batch.add(slot.job.prompt[idx], idx as i32, &[slot.seq_id], last);
+                    let _ = batch.add(slot.prefill_token(idx), idx as i32, &[slot.seq_id], last);
                 }
                 slot.phase = Phase::Prefill { n_prefilled: n_prefilled + n };
                 budget -= n;
@@ -541,9 +618,10 @@ pub fn run(
                 continue;
             }
             let draft = draft[..n].to_vec();
+            let start = slot.n_past + 1 + slot.forced_with_next().len();
             for (offset, token) in draft.iter().enumerate() {
                 slot.rows.push(batch.n_tokens());
-                if batch.add(*token, (slot.n_past + 1 + offset) as i32, &[slot.seq_id], true).is_err() {
+                if batch.add(*token, (start + offset) as i32, &[slot.seq_id], true).is_err() {
                     slot.rows.pop();
                     break;
                 }
@@ -709,16 +787,27 @@ fn step_generating(
     n_ctx: usize,
     counters: &SpeculationCounters,
 ) -> Result<Option<&'static str>, String> {
-    // Row i holds the logits after `next` and the draft's first i tokens.
-    // Each row's token is chosen exactly as without a draft; while it
-    // equals the draft's next token, that token is already in the cache at
-    // the right position and the following row is valid too.
     let draft = std::mem::take(&mut slot.draft);
     let rows = std::mem::take(&mut slot.rows);
-    let mut n_accepted = 0;
-    for (row_idx, &row) in rows.iter().enumerate() {
+    if !slot.jump_forward && !slot.forced.is_empty() {
+        // Token by token: `next` was a token the schema fixed, and so is
+        // the one after it; this step's logits are not needed.
         slot.n_past += 1;
-        let logits = context.get_logits_ith(row);
+        slot.phase = Phase::Generate { next: slot.forced.remove(0) };
+        return Ok(None);
+    }
+    // With jump-forward, the tokens the schema fixed after `next` are in the cache too.
+    slot.n_past += std::mem::take(&mut slot.forced).len();
+    // Row k holds the logits after `next` (and its forced tokens) and the
+    // draft's first k tokens. Each row's token is chosen exactly as without
+    // a draft; while it (and the tokens the schema then fixes) equals the
+    // draft's next tokens, they are already in the cache at the right
+    // positions and the row after them is valid too.
+    let mut k = 0;
+    let mut n_accepted = 0;
+    while k < rows.len() {
+        slot.n_past += 1;
+        let logits = context.get_logits_ith(rows[k]);
         if let Some(reason) = sample_next(model, slot, logits, end_token, n_ctx)? {
             if !draft.is_empty() {
                 counters.record(draft.len(), n_accepted);
@@ -727,10 +816,16 @@ fn step_generating(
             return Ok(Some(reason));
         }
         let Phase::Generate { next } = slot.phase else { break };
-        if draft.get(row_idx) != Some(&next) {
+        let held = draft.get(k) == Some(&next)
+            && if slot.jump_forward { draft[k + 1..].starts_with(&slot.forced) } else { slot.forced.is_empty() };
+        if !held {
             break;
         }
-        n_accepted += 1;
+        let n = 1 + slot.forced.len();
+        n_accepted += n;
+        k += n;
+        slot.n_past += n - 1;
+        slot.forced.clear();
     }
     slot.rows = rows;
     if !draft.is_empty() {
@@ -755,16 +850,27 @@ fn step_other(
 ) -> Result<Option<&'static str>, String> {
     Ok(match &mut slot.phase {
         Phase::Prefill { n_prefilled } => {
-            if *n_prefilled < slot.job.prompt.len() {
+            let n_prefilled = *n_prefilled;
+            if n_prefilled < slot.prefill_len() {
                 return Ok(None);
             }
-            slot.n_past = slot.job.prompt.len();
+            slot.n_past = n_prefilled;
             let logits = context.get_logits_ith(slot.rows[0]);
             if let Some(choices) = &slot.job.choices {
                 let n_choices = choices.len();
                 slot.phase = Phase::Score { prompt_logits: logits.to_vec(), candidate: 0, scores: Vec::new() };
                 let _ = n_choices;
                 return Ok(None);
+            }
+            if !slot.forced.is_empty() {
+                if slot.jump_forward {
+                    // Prefilled with the prompt.
+                    slot.forced.clear();
+                } else {
+                    // Token by token: the answer's first token is the schema's, not sampled.
+                    slot.phase = Phase::Generate { next: slot.forced.remove(0) };
+                    return Ok(None);
+                }
             }
             return sample_next(model, slot, logits, end_token, n_ctx);
         }
@@ -813,7 +919,7 @@ fn sample_next(
     let token = LlamaToken(token_idx as i32);
     let vocab = model.vocab();
     if vocab.is_eog(token) || token == end_token {
-        if slot.json.is_some() {
+        if slot.json.is_some() || slot.answer.is_some() {
             return Err("the model ended its answer before the JSON object it was asked for was complete".into());
         }
         return Ok(Some("stop"));
@@ -833,6 +939,12 @@ fn sample_next(
             JsonProgress::NotAnObject => {
                 return Err("the model's answer does not start with a JSON object".into());
             }
+        }
+    }
+    if let Some(answer) = slot.answer.as_mut() {
+        if let Some(used) = answer.feed(&piece).map_err(|error| error.to_string())? {
+            piece.truncate(used);
+            json_complete = true;
         }
     }
     let logprob = sampling.logprobs.map(|n_top| {
@@ -863,6 +975,76 @@ fn sample_next(
         return Ok(Some("length"));
     }
     slot.phase = Phase::Generate { next: token };
+    if let Some(reason) = push_forced(model, slot)? {
+        return Ok(Some(reason));
+    }
+    if slot.n_past + 1 + slot.forced.len() >= n_ctx {
+        return Ok(Some("length"));
+    }
+    Ok(None)
+}
+
+/// The tokens of a schema's fixed `text`, as the model writes them; `None`
+/// when no tokenization found writes exactly the text. (A SentencePiece
+/// vocabulary puts a space token before text it tokenizes on its own; that
+/// token is not part of the answer.)
+fn forced_tokens(model: &LlamaModel, text: &[u8]) -> Option<Vec<LlamaToken>> {
+    let vocab = model.vocab();
+    let mut tokens = vocab.tokenize(text, false, false);
+    let piece = |token: &LlamaToken| vocab.token_to_piece(*token, false, None);
+    if text.first() != Some(&b' ') && tokens.first().is_some_and(|token| piece(token) == b" ") {
+        tokens.remove(0);
+    }
+    let written: Vec<u8> = tokens.iter().flat_map(piece).collect();
+    (written == text).then_some(tokens)
+}
+
+/// Writes the text the slot's schema fixes from here on: its tokens are
+/// released as answer text (certain under the schema: logprob 0) and, unless
+/// the answer ends with them, wait in `slot.forced` for the KV cache.
+/// `Some(finish_reason)` when the answer ends within them: a closing brace
+/// the schema fixes is never decoded.
+fn push_forced(model: &LlamaModel, slot: &mut Slot) -> Result<Option<&'static str>, String> {
+    let Some(answer) = slot.answer.as_mut() else { return Ok(None) };
+    let mut after = answer.clone();
+    let text = after.take_forced().map_err(|error| error.to_string())?;
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let Some(mut tokens) = forced_tokens(model, &text) else {
+        // Its tokens would not write the text back: the model writes it.
+        return Ok(None);
+    };
+    *answer = after;
+    let complete = answer.is_done();
+    let vocab = model.vocab();
+    let room = slot.job.sampling.max_tokens.map_or(usize::MAX, |max| max.saturating_sub(slot.n_generated));
+    let whole = tokens.len() <= room;
+    tokens.truncate(room);
+    for &token in &tokens {
+        let piece = vocab.token_to_piece(token, false, None);
+        let logprob = slot.job.sampling.logprobs.map(|n_top| {
+            let top = if n_top > 0 { vec![logprob_entry(&piece, 0.0, Vec::new())] } else { Vec::new() };
+            logprob_entry(&piece, 0.0, top)
+        });
+        slot.n_generated += 1;
+        slot.history.push(token);
+        let released = slot.stops.push(&piece, logprob);
+        let stopped = released.stopped;
+        if !released.text.is_empty() || !released.logprobs.is_empty() {
+            slot.send(Event::Delta { text: released.text, logprobs: released.logprobs });
+        }
+        if stopped {
+            return Ok(Some("stop"));
+        }
+    }
+    if complete && whole {
+        return Ok(Some("stop"));
+    }
+    if slot.job.sampling.max_tokens.is_some_and(|max| slot.n_generated >= max) {
+        return Ok(Some("length"));
+    }
+    slot.forced = tokens;
     Ok(None)
 }
 

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 
 use serde_json::{json, Value};
 use understudy_engine::requant::WeightFormat;
+use understudy_engine::schema::{ObjectSchema, SchemaAnswer};
 use understudy_engine::{EngineOptions, LlamaCppModel};
 use understudy_providers::local::{confidence_of, LocalModel, LocalModelSpec};
 use understudy_providers::ChatRequest;
@@ -219,4 +220,76 @@ async fn smollm2_json_object_answers_end_at_the_closing_brace() {
         assert_eq!(object.pointer("/choices/0/finish_reason").unwrap(), "stop");
         assert_eq!(object_answer.1, text_answer.1[..object_answer.1.len()]);
     }
+}
+
+/// The extraction prompt with a compact worked example (as a lead answering
+/// under a JSON schema writes it), plain or with the schema of its four keys.
+fn compact_extraction_body(sms: &str, schema: bool) -> Value {
+    let mut body = json!({"messages": [
+        {"role": "system", "content": "Extract the sender's name, phone number, date and place from the SMS. \
+            Answer with JSON only, with the keys name, phone, date and place."},
+        {"role": "user", "content": "SMS: Hi, it's Tom Baker. Meet me on June 3 at Central Station, call 555-0199."},
+        {"role": "assistant", "content": "{\"name\":\"Tom Baker\",\"phone\":\"555-0199\",\"date\":\"June 3\",\"place\":\"Central Station\"}"},
+        {"role": "user", "content": format!("SMS: {sms}")}],
+        "temperature": 0, "max_tokens": 60, "logprobs": true});
+    if schema {
+        let string = json!({"type": "string"});
+        body["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "sms", "strict": true,
+            "schema": {"type": "object", "additionalProperties": false, "required": ["name", "phone", "date", "place"],
+                "properties": {"name": string, "phone": string, "date": string, "place": string}}}});
+    }
+    body
+}
+
+/// The four keys' schema, as the engine reads it.
+fn extraction_schema() -> std::sync::Arc<ObjectSchema> {
+    let body = compact_extraction_body("", true);
+    std::sync::Arc::new(ObjectSchema::from_json(&body["response_format"]["json_schema"]["schema"]).unwrap())
+}
+
+/// How many of an answer's tokens (their bytes) follow the schema.
+fn tokens_on_schema(tokens: &[Value]) -> usize {
+    let mut answer = SchemaAnswer::new(extraction_schema());
+    for (idx, token) in tokens.iter().enumerate() {
+        let bytes: Vec<u8> = token.as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8).collect();
+        if answer.feed(&bytes).is_err() {
+            return idx;
+        }
+    }
+    tokens.len()
+}
+
+#[tokio::test]
+async fn smollm2_jump_forward_under_a_schema_gives_exactly_the_plain_greedy_tokens() {
+    let Some(path) = smollm2() else { return };
+    // Plain greedy: no drafts, no schema. Jump-forward: the defaults (drafts, kept prefixes) and the schema.
+    let plain = load_with_draft(&path, 0);
+    let jumping = load_with_draft(&path, 8);
+    let mut expected = Vec::new();
+    let mut followed = 0;
+    for sms in SMS {
+        let want = answer_tokens(&chat(&plain, compact_extraction_body(sms, false)).await);
+        let got = answer_tokens(&chat(&jumping, compact_extraction_body(sms, true)).await);
+        let on_schema = tokens_on_schema(&want.1);
+        if on_schema == want.1.len() {
+            // Where plain greedy writes the schema's answer, the same text,
+            // the same tokens (the fixed text tokenizes as the model writes
+            // it) and the same counts.
+            assert_eq!(got, want, "{sms:?}");
+            followed += 1;
+        } else {
+            // Where it leaves the schema (another key), the same tokens up
+            // to there, then the schema's.
+            assert_eq!(got.1[..on_schema], want.1[..on_schema], "{sms:?}");
+            assert_eq!(tokens_on_schema(&got.1), got.1.len(), "{:?}", got.0);
+            let object: serde_json::Map<String, Value> = serde_json::from_str(&got.0).unwrap();
+            assert_eq!(object.keys().collect::<Vec<_>>(), ["name", "phone", "date", "place"]);
+        }
+        expected.push(got);
+    }
+    assert!(followed >= 3, "plain greedy followed the schema in only {followed} of {} answers", SMS.len());
+    let together =
+        futures::future::join_all(SMS.iter().map(|sms| chat(&jumping, compact_extraction_body(sms, true)))).await;
+    let together: Vec<_> = together.iter().map(answer_tokens).collect();
+    assert_eq!(together, expected);
 }
