@@ -558,6 +558,7 @@ mod tests {
             ],
             answer: json!({"role": "assistant", "content": answer}).as_object().cloned().unwrap_or_default(),
             tools: None,
+            response_format: None,
             model: Some("gpt-4o-mini".into()),
             created_at: Some(datetime!(2026-10-01 00:00 UTC) + time::Duration::minutes(minute)),
             usage: None,

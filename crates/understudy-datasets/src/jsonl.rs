@@ -35,6 +35,11 @@ pub struct ChatExample {
     /// The last assistant message, as a whole object (it may carry tool calls).
     pub answer: Map<String, Value>,
     pub tools: Option<Value>,
+    /// The call's `response_format` (chat's form; a Responses call's
+    /// `text.format` converted): eval and plan ask the understudy with it,
+    /// as the gateway serves the call. Not part of OpenAI's fine-tuning
+    /// format; written only when set.
+    pub response_format: Option<Value>,
     pub model: Option<String>,
     pub created_at: Option<OffsetDateTime>,
     pub usage: Option<Usage>,
@@ -114,6 +119,7 @@ impl ChatExample {
             Some(value) => Some(parse_usage(&value)?),
         };
         let tools = object.remove("tools");
+        let response_format = object.remove("response_format").filter(|format| !format.is_null());
         let feedback = match object.remove("metadata") {
             None | Some(Value::Null) => None,
             Some(Value::Object(metadata)) => parse_feedback(&metadata)?,
@@ -124,7 +130,7 @@ impl ChatExample {
         if let Some(key) = object.keys().next() {
             return Err(schema(&format!("unknown key `{key}`")));
         }
-        Ok(ChatExample { prompt: messages, answer, tools, model, created_at, usage, feedback })
+        Ok(ChatExample { prompt: messages, answer, tools, response_format, model, created_at, usage, feedback })
     }
 
     /// Renders the example as one JSONL line (no trailing newline).
@@ -135,6 +141,9 @@ impl ChatExample {
         object.insert("messages".into(), Value::Array(messages));
         if let Some(tools) = &self.tools {
             object.insert("tools".into(), tools.clone());
+        }
+        if let Some(format) = &self.response_format {
+            object.insert("response_format".into(), format.clone());
         }
         if let Some(model) = &self.model {
             object.insert("model".into(), Value::String(model.clone()));
@@ -171,6 +180,9 @@ impl ChatExample {
         request.insert("messages".into(), Value::Array(self.prompt.clone()));
         if let Some(tools) = &self.tools {
             request.insert("tools".into(), tools.clone());
+        }
+        if let Some(format) = &self.response_format {
+            request.insert("response_format".into(), format.clone());
         }
         let id = CallRecord::new_id();
         let finish_reason = if self.answer.contains_key("tool_calls") { "tool_calls" } else { "stop" };
@@ -212,16 +224,18 @@ impl ChatExample {
         }
         let request: Value = serde_json::from_str(&call.request).ok()?;
         let response: Value = serde_json::from_str(call.response.as_deref()?).ok()?;
-        let (prompt, mut answer, tools) = if call.endpoint == Endpoint::Responses {
+        let (prompt, mut answer, tools, response_format) = if call.endpoint == Endpoint::Responses {
             // The one conversion of a Responses call into chat messages.
             let request = request.as_object()?;
             let prompt = crate::responses::chat_messages(request).ok()?;
             let answer = crate::responses::assistant_message(&response).ok()?;
-            (prompt, answer, crate::responses::chat_tools(request).ok()?)
+            let format = crate::responses::chat_response_format(request).ok()?;
+            (prompt, answer, crate::responses::chat_tools(request).ok()?, format)
         } else {
             let prompt = request.get("messages")?.as_array()?.clone();
             let answer = response.pointer("/choices/0/message")?.as_object()?.clone();
-            (prompt, answer, request.get("tools").cloned())
+            let format = request.get("response_format").filter(|format| !format.is_null()).cloned();
+            (prompt, answer, request.get("tools").cloned(), format)
         };
         // Streamed answers are assembled with nulls for absent fields; drop them
         // so that the line is the same as for the non-streamed answer.
@@ -233,6 +247,7 @@ impl ChatExample {
             prompt,
             answer,
             tools,
+            response_format,
             model: Some(call.model.clone()),
             created_at: Some(call.created_at),
             usage: Some(call.usage),
@@ -491,6 +506,29 @@ mod tests {
         });
         let back = ChatExample::from_call(&call).expect("call has an example");
         assert_eq!(back.to_line(), LINE);
+    }
+
+    #[test]
+    fn a_response_format_round_trips_through_lines_and_calls() {
+        let line = r#"{"messages":[{"role":"user","content":"q"},{"role":"assistant","content":"{\"a\":\"x\"}"}],"response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{"type":"object"}}}}"#;
+        let example = ChatExample::parse(line).expect("parses");
+        assert_eq!(example.response_format.as_ref().and_then(|format| format.get("type")), Some(&json!("json_schema")));
+        assert_eq!(example.to_line(), line);
+        let call = example.to_call(ImportContext {
+            task: None,
+            model: "gpt-4o-mini".into(),
+            usage: Usage::default(),
+            usage_source: UsageSource::Provider,
+            cost: Money(0.0),
+            created_at: OffsetDateTime::UNIX_EPOCH,
+        });
+        assert!(call.request.contains("\"response_format\""), "{}", call.request);
+        let back = ChatExample::from_call(&call).expect("call has an example");
+        assert_eq!(back.response_format, example.response_format);
+        // A null format is no format.
+        let null =
+            r#"{"messages":[{"role":"user","content":"q"},{"role":"assistant","content":"a"}],"response_format":null}"#;
+        assert_eq!(ChatExample::parse(null).expect("parses").response_format, None);
     }
 
     #[test]

@@ -31,6 +31,28 @@ fn invalid(message: impl Into<String>, param: impl Into<String>) -> ConversionEr
     ConversionError::Invalid { message: message.into(), param: param.into() }
 }
 
+/// The chat `response_format` of a Responses request's `text.format`:
+/// `json_schema` (its `name`, `schema` and `strict` moved under
+/// `json_schema`, as chat writes them) and `json_object`; `None` for text or
+/// no format.
+pub fn chat_response_format(request: &Map<String, Value>) -> Result<Option<Value>, ConversionError> {
+    let Some(format) = request.get("text").and_then(|text| text.get("format")).filter(|format| !format.is_null())
+    else {
+        return Ok(None);
+    };
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(json!({"type": "json_object"}))),
+        Some("json_schema") => {
+            let mut schema = format.as_object().cloned().unwrap_or_default();
+            schema.remove("type");
+            Ok(Some(json!({"type": "json_schema", "json_schema": schema})))
+        }
+        Some(other) => Err(invalid(format!("`text.format.type` `{other}` is not supported."), "text.format.type")),
+        None => Err(invalid("`text.format` needs a `type`.", "text.format.type")),
+    }
+}
+
 /// The chat messages of a Responses request: `instructions`, then `input`.
 pub fn chat_messages(request: &Map<String, Value>) -> Result<Vec<Value>, ConversionError> {
     let mut messages = Vec::new();
@@ -301,6 +323,24 @@ mod tests {
         assert_eq!(answer.get("content"), Some(&Value::Null));
         assert_eq!(answer["tool_calls"][0]["id"], "c");
         assert!(assistant_message(&json!({"output": []})).is_err());
+    }
+
+    #[test]
+    fn text_formats_become_chat_response_formats() {
+        let schema = json!({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]});
+        let request = object(json!({"text": {"format": {"type": "json_schema", "name": "x", "strict": true,
+            "schema": schema}}}));
+        assert_eq!(
+            chat_response_format(&request).unwrap(),
+            Some(json!({"type": "json_schema", "json_schema": {"name": "x", "strict": true, "schema": schema}}))
+        );
+        let request = object(json!({"text": {"format": {"type": "json_object"}}}));
+        assert_eq!(chat_response_format(&request).unwrap(), Some(json!({"type": "json_object"})));
+        for request in [json!({}), json!({"text": {"format": {"type": "text"}}}), json!({"text": {}})] {
+            assert_eq!(chat_response_format(&object(request)).unwrap(), None);
+        }
+        let error = chat_response_format(&object(json!({"text": {"format": {"type": "xml"}}}))).unwrap_err();
+        assert!(matches!(error, ConversionError::Invalid { .. }), "{error:?}");
     }
 
     #[test]

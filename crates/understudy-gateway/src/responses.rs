@@ -27,7 +27,9 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
-use understudy_datasets::responses::{assistant_message, chat_messages, chat_tools, ConversionError};
+use understudy_datasets::responses::{
+    assistant_message, chat_messages, chat_response_format, chat_tools, ConversionError,
+};
 use understudy_providers::Provider;
 use understudy_providers::{
     tokens, AnyProvider, ChatRequest, ChunkStream, CostModel, ProviderResponse, StreamResponse,
@@ -131,10 +133,14 @@ async fn prepare(
             blocked = Some(FallbackReason::UnsupportedInput);
         }
     }
-    let format = body.get("text").and_then(|text| text.pointer("/format/type")).and_then(Value::as_str);
-    if format.is_some_and(|format| format != "text") {
-        blocked = Some(FallbackReason::UnsupportedInput);
-    }
+    // A structured answer is asked of the understudy as chat asks it.
+    let response_format = match chat_response_format(&body) {
+        Ok(format) => format,
+        Err(error) => {
+            invalid(error)?;
+            None
+        }
+    };
     if is_stateful(&body) {
         blocked = Some(FallbackReason::Stateful);
     }
@@ -157,6 +163,9 @@ async fn prepare(
         if let Some(value) = body.get(from).filter(|value| !value.is_null()) {
             chat.insert(to.into(), value.clone());
         }
+    }
+    if let Some(format) = response_format {
+        chat.insert("response_format".into(), format);
     }
     let cost = CostModel::of(&provider, model.price);
     Ok(Prepared {

@@ -225,6 +225,33 @@ async fn a_task_text_call_is_answered_by_its_understudy_as_a_response() {
 }
 
 #[tokio::test]
+async fn a_structured_response_is_asked_of_the_understudy_with_chats_response_format() {
+    let harness = Harness::start_routed(ROUTED).await;
+    let schema = json!({"type": "object", "required": ["a"], "properties": {"a": {"type": "string"}}});
+    let request = json!({"model": "task:cascaded", "input": "Kind of question? || answer=HUM",
+        "text": {"format": {"type": "json_schema", "name": "kind", "strict": true, "schema": schema}}});
+    let (status, body) = harness.post_json("/responses", &request).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(output_text(&body), "HUM");
+    let upstream = harness.stub.requests();
+    assert_eq!(upstream.len(), 1);
+    assert_eq!(upstream[0]["model"], "student");
+    assert_eq!(
+        upstream[0]["response_format"],
+        json!({"type": "json_schema", "json_schema": {"name": "kind", "strict": true, "schema": schema}})
+    );
+    // A format chat has no form for is the client's error.
+    let bad = json!({"model": "task:cascaded", "input": "q", "text": {"format": {"type": "xml"}}});
+    let (status, body) = harness.post_json("/responses", &bad).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "text.format.type");
+    let (calls, _harness) = harness.finish().await;
+    assert_eq!(calls.len(), 2);
+    let example = ChatExample::from_call(&calls[0]).unwrap();
+    assert_eq!(example.response_format, upstream[0].get("response_format").cloned());
+}
+
+#[tokio::test]
 async fn images_tools_and_stateful_calls_go_to_the_lead_with_the_reason_recorded() {
     let harness = Harness::start_routed(ROUTED).await;
     let image = json!([{"role": "user", "content": [

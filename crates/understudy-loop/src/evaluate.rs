@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use understudy_config::Config;
+use understudy_datasets::jsonl::ChatExample;
 use understudy_eval::bootstrap::DEFAULT_RESAMPLES;
 use understudy_eval::calibrate::{cascade_report, coverage_curve, CascadeReport, ScoredAnswer};
 use understudy_eval::generation::{generation_report, GenerationReport};
@@ -414,6 +415,8 @@ pub async fn find_model_version(store: &Store, id: &str) -> Result<ModelVersionR
 /// reads (for the answers file), and the lead's answer.
 struct Row {
     messages: Vec<Value>,
+    /// The recorded call's `response_format`, asked again as served.
+    response_format: Option<Value>,
     text: String,
     reference: String,
 }
@@ -423,12 +426,14 @@ fn read_rows(dataset: &DatasetRecord, split: &str) -> Result<Vec<Row>> {
         text: prompt_text(&example.prompt),
         reference: example.answer_text(),
         messages: example.prompt,
+        response_format: example.response_format,
     })
 }
 
 /// How every candidate is asked: what a client's call to the gateway would
-/// carry (the prompt, temperature 0, room for the answer), with the task's
-/// labels and timeout as the gateway applies them.
+/// carry (the prompt, its recorded `response_format`, temperature 0, room
+/// for the answer), with the task's labels and timeout as the gateway
+/// applies them.
 pub(crate) struct Ask {
     pub labels: Option<Vec<String>>,
     pub timeout: Duration,
@@ -442,9 +447,27 @@ pub(crate) fn process_cpu_seconds() -> f64 {
     now.tv_sec as f64 + now.tv_nsec as f64 * 1e-9
 }
 
+/// One call as eval and plan ask it: the prompt's messages and the
+/// recorded call's `response_format` (a JSON schema makes the engine jump
+/// over the answer's fixed text, as when the call is served).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Prompt<'a> {
+    pub messages: &'a [Value],
+    pub response_format: Option<&'a Value>,
+}
+
+impl<'a> Prompt<'a> {
+    pub fn of(example: &'a ChatExample) -> Prompt<'a> {
+        Prompt { messages: &example.prompt, response_format: example.response_format.as_ref() }
+    }
+}
+
 impl Ask {
-    fn request(&self, messages: &[Value]) -> ChatRequest {
-        let body = json!({"messages": messages, "temperature": 0, "max_tokens": self.max_tokens});
+    fn request(&self, prompt: Prompt<'_>) -> ChatRequest {
+        let mut body = json!({"messages": prompt.messages, "temperature": 0, "max_tokens": self.max_tokens});
+        if let Some(format) = prompt.response_format {
+            body["response_format"] = format.clone();
+        }
         ChatRequest { body: body.as_object().cloned().unwrap_or_default() }
     }
 
@@ -457,18 +480,21 @@ impl Ask {
     /// proportion to their latency (rows answered together take about the
     /// same time and split their pass's cost).
     async fn score(&self, understudy: &Understudy, rows: &[Row]) -> Vec<Answer> {
-        let prompts: Vec<&[Value]> = rows.iter().map(|row| row.messages.as_slice()).collect();
+        let prompts: Vec<Prompt<'_>> = rows
+            .iter()
+            .map(|row| Prompt { messages: &row.messages, response_format: row.response_format.as_ref() })
+            .collect();
         self.score_prompts(understudy, &prompts).await
     }
 
-    /// [`Ask::score`] over prompts (each a list of messages).
-    pub(crate) async fn score_prompts<P: AsRef<[Value]>>(&self, understudy: &Understudy, prompts: &[P]) -> Vec<Answer> {
+    /// [`Ask::score`] over prompts.
+    pub(crate) async fn score_prompts(&self, understudy: &Understudy, prompts: &[Prompt<'_>]) -> Vec<Answer> {
         use futures::StreamExt;
 
         let in_flight = understudy.max_concurrency().max(1);
         let cpu_started = process_cpu_seconds();
         let attempts: Vec<_> = futures::stream::iter(prompts)
-            .map(|prompt| understudy.attempt(self.request(prompt.as_ref()), self.timeout, self.labels.as_deref()))
+            .map(|prompt| understudy.attempt(self.request(*prompt), self.timeout, self.labels.as_deref()))
             .buffered(in_flight)
             .collect()
             .await;
@@ -594,4 +620,22 @@ pub(crate) async fn lead_figures(store: &Store, task: &str, seed: u64) -> Result
         n_calls: calls.len() as u64,
         speed: speed_figures(&latencies, &costs, seed.wrapping_add(20)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_row_is_asked_with_its_recorded_response_format() {
+        let ask = Ask { labels: None, timeout: Duration::from_secs(1), max_tokens: 7 };
+        let messages = vec![json!({"role": "user", "content": "q"})];
+        let format = json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}});
+        let asked = ask.request(Prompt { messages: &messages, response_format: Some(&format) });
+        assert_eq!(asked.body.get("response_format"), Some(&format));
+        assert_eq!(asked.body.get("max_tokens"), Some(&json!(7)));
+        assert_eq!(asked.body.get("messages"), Some(&json!(messages)));
+        let plain = ask.request(Prompt { messages: &messages, response_format: None });
+        assert!(!plain.body.contains_key("response_format"));
+    }
 }

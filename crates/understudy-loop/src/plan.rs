@@ -19,7 +19,8 @@
 //!   classifier computes (its head is one small matrix);
 //! - LoRA (generation tasks, or asked for): the base causal LM answering each
 //!   sampled prompt as eval asks it, with room for the recorded answers'
-//!   length (a label task's answers constrained to its labels).
+//!   length and the call's own `response_format` (a JSON schema's fixed text
+//!   is not decoded), a label task's answers constrained to its labels.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -35,7 +36,7 @@ use understudy_trainer::{prompt_text, ClassifierTrainConfig, LoraTrainConfig};
 use understudy_types::{ServedBy, TaskKind};
 
 use crate::error::{LoopError, Result};
-use crate::evaluate::{lead_figures, Ask, LeadFigures, UNROUTED_TIMEOUT};
+use crate::evaluate::{lead_figures, Ask, LeadFigures, Prompt, UNROUTED_TIMEOUT};
 use crate::train::{resolve_base, BaseKind, Method};
 
 /// Coverages the payback is shown at.
@@ -384,7 +385,7 @@ async fn time_causal_lm(
         timeout: UNROUTED_TIMEOUT,
         max_tokens: crate::evaluate::max_tokens_for(references.iter().map(String::as_str)),
     };
-    let prompts: Vec<Vec<Value>> = sample.iter().map(|example| example.prompt.clone()).collect();
+    let prompts: Vec<Prompt<'_>> = sample.iter().map(Prompt::of).collect();
     let in_flight = understudy.max_concurrency().max(1);
     let cpu_started = process_cpu_seconds();
     let started = Instant::now();
