@@ -457,6 +457,28 @@ async fn prompt_round(model: &LlamaCppModel, set: usize) -> Result<Vec<f64>> {
     Ok(cpu)
 }
 
+/// CPU-seconds per call of the message alone with `concurrency` asked at
+/// once (`max_tokens` 1), after the task's instruction and worked example
+/// are a kept prefix: what the understudy pays for a call's input, whatever
+/// its answer (the floor under the figures with answers).
+async fn message_concurrent(model: &LlamaCppModel, concurrency: usize, set: usize) -> Result<f64> {
+    let workload = workload_at_once(set, concurrency);
+    let cpu_start = process_cpu_seconds();
+    let asked: Vec<_> = futures::stream::iter(&workload)
+        .map(|sms| {
+            let mut body = extraction_body(&sms.text, Format::Text);
+            body["max_tokens"] = json!(1);
+            model.chat(request(body))
+        })
+        .buffered(concurrency.max(1))
+        .collect()
+        .await;
+    for answer in asked {
+        answer?;
+    }
+    Ok((process_cpu_seconds() - cpu_start) / workload.len() as f64)
+}
+
 /// `n` messages for one round asked at once: set `set`'s, then (beyond the
 /// templates' number) those of sets no other round asks.
 fn workload_at_once(set: usize, n: usize) -> Vec<Sms> {
@@ -571,6 +593,7 @@ async fn extraction(
     let stats_before = model.speculation_stats();
     let (mut cpu, mut wall, mut concurrent_cpu, mut concurrent_wall, mut prompt_cpu) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut message_cpu = Vec::new();
     let (mut failed, mut right, mut asked) = (0, 0, 0);
     for run in first_run..first_run + runs {
         // Every configuration gets the same new messages in a run.
@@ -586,6 +609,10 @@ async fn extraction(
             extraction_concurrent(&model, concurrency, format, at_once).await?;
         right += at_once_right;
         asked += concurrency.max(1);
+        if name == "on" {
+            // Messages no round asks, on the kept prefix the rounds left.
+            message_cpu.push(message_concurrent(&model, concurrency, 5_000 + run).await?);
+        }
         eprintln!(
             "{name}, run {run}: {:.3} CPU-s per call, {:.3} s wall (median), {at_once_cpu:.3} CPU-s per call at \
              {concurrency} concurrent",
@@ -615,6 +642,7 @@ async fn extraction(
         "concurrent_cpu": concurrent_cpu,
         "concurrent_wall": concurrent_wall,
         "prompt_cpu": prompt_cpu,
+        "message_concurrent_cpu": message_cpu,
         "failed": failed,
         "right": right,
         "asked": asked,
