@@ -554,9 +554,10 @@ async fn two_models(spec: &LocalModelSpec, options: &EngineOptions, runs: usize)
 /// (`None`: the default's), kept prefixes, the answer's format, and
 /// whether a schema's fixed text is jumped over (the engine's default) or
 /// decoded token by token.
-const CONFIGURATIONS: [(&str, Option<usize>, bool, Format, bool); 6] = [
+const CONFIGURATIONS: [(&str, Option<usize>, bool, Format, bool); 7] = [
     ("off", Some(0), false, Format::Text, true),
     ("kept prefixes", Some(0), true, Format::Text, true),
+    ("kept prefixes, json_schema", Some(0), true, Format::Schema, true),
     ("on", None, true, Format::Text, true),
     ("on, json_object", None, true, Format::JsonObject, true),
     ("on, json_schema", None, true, Format::Schema, true),
