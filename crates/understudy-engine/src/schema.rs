@@ -332,7 +332,7 @@ impl SchemaAnswer {
                 }
             }
             Scan::ValueStart => {
-                let kinds = self.value_kinds().expect("a value segment");
+                let kinds = self.value_kinds().unwrap_or_default();
                 self.scan = match byte {
                     b'"' if kinds.string => Scan::Str { escaped: false },
                     b't' if kinds.boolean => Scan::Literal { word: b"true", at: 1 },
@@ -361,13 +361,13 @@ impl SchemaAnswer {
 
     fn end_number(&mut self) -> Result<(), OffSchema> {
         let Scan::Number { text } = &self.scan else { return Ok(()) };
-        let kinds = self.value_kinds().expect("a value segment");
+        let kinds = self.value_kinds().unwrap_or_default();
         let parsed =
             std::str::from_utf8(text).ok().and_then(|text| serde_json::from_str::<serde_json::Number>(text).ok());
         let Some(number) = parsed else {
             return Err(OffSchema(format!("{:?} is not a JSON number", String::from_utf8_lossy(text))));
         };
-        if !kinds.number && !(number.is_i64() || number.is_u64()) {
+        if !(kinds.number || number.is_i64() || number.is_u64()) {
             return Err(OffSchema(format!("property {:?} must be an integer, got {number}", self.property_name())));
         }
         self.next_segment();
