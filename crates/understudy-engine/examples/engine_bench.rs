@@ -21,6 +21,7 @@ use std::time::Instant;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use understudy_engine::requant::WeightFormat;
+use understudy_engine::testing::{extraction_messages, extraction_schema_format};
 use understudy_engine::{EngineOptions, LlamaCppModel, DEFAULT_SPECULATIVE_DRAFT};
 use understudy_providers::local::{LocalModel, LocalModelSpec};
 use understudy_providers::ChatRequest;
@@ -391,23 +392,11 @@ enum Format {
 /// under a JSON schema writes it), and the SMS, with `format`'s
 /// `response_format`.
 fn extraction_body(sms: &str, format: Format) -> Value {
-    let mut body = json!({"messages": [
-        {"role": "system", "content": "Extract the sender's name, phone number, date and place from the SMS. \
-            Answer with JSON only, with the keys name, phone, date and place."},
-        {"role": "user", "content": "SMS: Hi, it's Tom Baker. Meet me on June 3 at Central Station, call 555-0199."},
-        {"role": "assistant", "content": "{\"name\":\"Tom Baker\",\"phone\":\"555-0199\",\"date\":\"June 3\",\"place\":\"Central Station\"}"},
-        {"role": "user", "content": format!("SMS: {sms}")}],
-        "temperature": 0, "max_tokens": 64});
+    let mut body = json!({"messages": extraction_messages(sms), "temperature": 0, "max_tokens": 64});
     match format {
         Format::Text => {}
         Format::JsonObject => body["response_format"] = json!({"type": "json_object"}),
-        Format::Schema => {
-            let string = json!({"type": "string"});
-            body["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "sms", "strict": true,
-                "schema": {"type": "object", "additionalProperties": false,
-                    "required": ["name", "phone", "date", "place"],
-                    "properties": {"name": string, "phone": string, "date": string, "place": string}}}});
-        }
+        Format::Schema => body["response_format"] = extraction_schema_format(),
     }
     body
 }

@@ -969,13 +969,7 @@ fn sample_next(
             .collect();
         logprob_entry(&piece, logits[token_idx] as f64 - norm, top)
     });
-    slot.n_generated += 1;
-    slot.history.push(token);
-    let released = slot.stops.push(&piece, logprob);
-    let stopped = released.stopped;
-    if !released.text.is_empty() || !released.logprobs.is_empty() {
-        slot.send(Event::Delta { text: released.text, logprobs: released.logprobs });
-    }
+    let stopped = emit(slot, token, &piece, logprob);
     if stopped || json_complete {
         return Ok(Some("stop"));
     }
@@ -993,6 +987,19 @@ fn sample_next(
         return Ok(Some("length"));
     }
     Ok(None)
+}
+
+/// Adds `token` (its `piece`) to the slot's answer, sampled or fixed by its
+/// schema alike, and sends what the stop buffer releases; true when a stop
+/// sequence ended the answer.
+fn emit(slot: &mut Slot, token: LlamaToken, piece: &[u8], logprob: Option<Value>) -> bool {
+    slot.n_generated += 1;
+    slot.history.push(token);
+    let released = slot.stops.push(piece, logprob);
+    if !released.text.is_empty() || !released.logprobs.is_empty() {
+        slot.send(Event::Delta { text: released.text, logprobs: released.logprobs });
+    }
+    released.stopped
 }
 
 /// The tokens of a schema's fixed `text`, as the model writes them; `None`
@@ -1038,14 +1045,7 @@ fn push_forced(model: &LlamaModel, slot: &mut Slot) -> Result<Option<&'static st
             let top = if n_top > 0 { vec![logprob_entry(&piece, 0.0, Vec::new())] } else { Vec::new() };
             logprob_entry(&piece, 0.0, top)
         });
-        slot.n_generated += 1;
-        slot.history.push(token);
-        let released = slot.stops.push(&piece, logprob);
-        let stopped = released.stopped;
-        if !released.text.is_empty() || !released.logprobs.is_empty() {
-            slot.send(Event::Delta { text: released.text, logprobs: released.logprobs });
-        }
-        if stopped {
+        if emit(slot, token, &piece, logprob) {
             return Ok(Some("stop"));
         }
     }

@@ -158,3 +158,26 @@ pub fn write_tiny_peft_adapter(dir: &Path, shape: &TinyLlama, r: usize, b_scale:
     }
     write_safetensors(&dir.join("adapter_model.safetensors"), &tensors)
 }
+
+/// The JSON-extraction workload's messages (for the SmolLM2 tests and
+/// `examples/engine_bench.rs`): the instruction, one worked example in
+/// compact JSON (as a lead answering under a JSON schema writes it, so that
+/// even an untuned model answers in that shape) and the SMS.
+pub fn extraction_messages(sms: &str) -> serde_json::Value {
+    json!([
+        {"role": "system", "content": "Extract the sender's name, phone number, date and place from the SMS. \
+            Answer with JSON only, with the keys name, phone, date and place."},
+        {"role": "user", "content": "SMS: Hi, it's Tom Baker. Meet me on June 3 at Central Station, call 555-0199."},
+        {"role": "assistant", "content": "{\"name\":\"Tom Baker\",\"phone\":\"555-0199\",\"date\":\"June 3\",\"place\":\"Central Station\"}"},
+        {"role": "user", "content": format!("SMS: {sms}")},
+    ])
+}
+
+/// The extraction workload's `response_format`: json_schema with its four
+/// string keys, all required.
+pub fn extraction_schema_format() -> serde_json::Value {
+    let string = json!({"type": "string"});
+    json!({"type": "json_schema", "json_schema": {"name": "sms", "strict": true,
+        "schema": {"type": "object", "additionalProperties": false, "required": ["name", "phone", "date", "place"],
+            "properties": {"name": string, "phone": string, "date": string, "place": string}}}})
+}

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use serde_json::{json, Value};
 use understudy_engine::requant::WeightFormat;
 use understudy_engine::schema::{ObjectSchema, SchemaAnswer};
+use understudy_engine::testing::{extraction_messages, extraction_schema_format};
 use understudy_engine::{EngineOptions, LlamaCppModel};
 use understudy_providers::local::{confidence_of, LocalModel, LocalModelSpec};
 use understudy_providers::ChatRequest;
@@ -225,18 +226,9 @@ async fn smollm2_json_object_answers_end_at_the_closing_brace() {
 /// The extraction prompt with a compact worked example (as a lead answering
 /// under a JSON schema writes it), plain or with the schema of its four keys.
 fn compact_extraction_body(sms: &str, schema: bool) -> Value {
-    let mut body = json!({"messages": [
-        {"role": "system", "content": "Extract the sender's name, phone number, date and place from the SMS. \
-            Answer with JSON only, with the keys name, phone, date and place."},
-        {"role": "user", "content": "SMS: Hi, it's Tom Baker. Meet me on June 3 at Central Station, call 555-0199."},
-        {"role": "assistant", "content": "{\"name\":\"Tom Baker\",\"phone\":\"555-0199\",\"date\":\"June 3\",\"place\":\"Central Station\"}"},
-        {"role": "user", "content": format!("SMS: {sms}")}],
-        "temperature": 0, "max_tokens": 60, "logprobs": true});
+    let mut body = json!({"messages": extraction_messages(sms), "temperature": 0, "max_tokens": 60, "logprobs": true});
     if schema {
-        let string = json!({"type": "string"});
-        body["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "sms", "strict": true,
-            "schema": {"type": "object", "additionalProperties": false, "required": ["name", "phone", "date", "place"],
-                "properties": {"name": string, "phone": string, "date": string, "place": string}}}});
+        body["response_format"] = extraction_schema_format();
     }
     body
 }
