@@ -170,8 +170,9 @@ pub struct EvalCommand {
     #[arg(long, default_value_t = 0.05, value_parser = delta)]
     pub delta: f64,
     /// What an hour of the machine serving the understudy costs, in dollars,
-    /// charged on the CPU time spent answering (default: the config's local
-    /// provider's `machine_price_per_hour`, else 0.10).
+    /// charged on the CPU time spent answering, shared by the machine's cores
+    /// (default: the config's local provider's `machine_price_per_hour`, else
+    /// 0.10).
     #[arg(long)]
     pub machine_price_per_hour: Option<f64>,
     /// The most tokens an answer may have (default: room for the longest

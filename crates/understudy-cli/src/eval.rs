@@ -147,6 +147,7 @@ impl Report<'_> {
             "kind": self.0.dataset.kind.as_str(),
             "n_test": self.0.results.first().map_or(0, |result| result.n_test),
             "machine_price_per_hour": self.0.machine_price,
+            "machine_cores": understudy_types::machine_cores(),
             "target_agreement": self.0.target_agreement,
             "delta": self.0.delta,
             "labels": self.0.labels,
@@ -219,11 +220,12 @@ impl Report<'_> {
         let n_test = self.0.results.first().map_or(0, |result| result.n_test);
         let mut text = format!(
             "task `{}`, dataset {} ({}): {n_test} test calls (the newest), lead answers as reference; \
-             understudy compute at ${}/hour of CPU time\n\n",
+             understudy compute at ${} per machine hour, its CPU time shared by the machine's {} cores\n\n",
             self.0.dataset.task,
             self.0.dataset.id,
             self.0.dataset.kind.as_str(),
-            self.0.machine_price
+            self.0.machine_price,
+            understudy_types::machine_cores()
         );
         text.push_str(&self.summary_table());
         if self.0.dataset.kind == TaskKind::Label && self.0.labels.is_none() {

@@ -46,12 +46,13 @@ fn text(plan: &Plan) -> String {
     let understudy = &plan.understudy;
     let lead = plan.lead_cost_per_1k();
     let mut out = format!(
-        "task `{}` ({} task): a {} understudy on {}, at ${:.2} per machine hour\n\n",
+        "task `{}` ({} task): a {} understudy on {}, at ${:.2} per machine hour ({} cores)\n\n",
         plan.task,
         plan.kind.as_str(),
         plan.method.as_str(),
         plan.base.display(),
-        plan.machine_price
+        plan.machine_price,
+        understudy_types::machine_cores()
     );
     let rows = vec![
         vec![

@@ -188,8 +188,10 @@ fn a_label_eval_has_intervals_on_every_figure_and_a_self_contained_page() {
     let cost_per_1k = bracketed(&model["cost_per_1k"], "understudy cost");
     let cpu_seconds = number(&model["cpu_seconds"]);
     assert!(cpu_seconds > 0.0, "the classifier's CPU time is measured");
-    // The test split's CPU time at $0.5 an hour, per 1k calls.
-    assert!(close(cost_per_1k, cpu_seconds * 0.5 / 3600.0 / n_test as f64 * 1000.0), "{model}");
+    // The test split's CPU time at $0.5 an hour of the machine, shared by its cores, per 1k calls.
+    let cores = number(&report["machine_cores"]);
+    assert!(cores >= 1.0, "{report}");
+    assert!(close(cost_per_1k, cpu_seconds * 0.5 / 3600.0 / cores / n_test as f64 * 1000.0), "{model}");
 
     // The answers file: one line per test row, its agreement consistent with accuracy.
     let answers: Vec<Value> = std::fs::read_to_string(workdir.path("answers.jsonl"))
@@ -243,7 +245,7 @@ fn a_label_eval_has_intervals_on_every_figure_and_a_self_contained_page() {
         "--target-agreement",
         CERTIFIABLE,
     ]);
-    assert!(text.contains("$2/hour") && text.contains("per label [95% CI]") && text.contains("net saved"), "{text}");
+    assert!(text.contains("$2 per machine hour") && text.contains("per label [95% CI]") && text.contains("net saved"), "{text}");
     assert!(text.contains("cascade certified at threshold") && text.contains("with delta 0.05"), "{text}");
 
     // A classifier cannot answer a generation task.
@@ -624,12 +626,23 @@ fn a_generation_eval_scores_a_zero_shot_base_model() {
     assert!(model.get("json_validity").is_none());
     let again = read_answers();
     assert_eq!(again.len(), n_test, "the same rows are the test split");
+    // Temperature 0 repeats itself, up to a near tie: the rows are asked
+    // concurrently, and a row batched with others in another order can take
+    // the other side of a tie (llama.cpp's batched and single-row kernels
+    // round differently). So at most one row may answer otherwise, and the
+    // exact match counts the echoed rows that repeated.
+    let (mut repeated, mut matched) = (0, 0);
     for answer in &again {
         let prompt = answer["prompt"].as_str().expect("prompt");
         let question = questions.iter().find(|question| prompt.contains(*question)).expect("a question");
-        assert_eq!(answer["answer"].as_str(), Some(said[*question].as_str()), "temperature 0 repeats itself");
+        if answer["answer"].as_str() == Some(said[*question].as_str()) {
+            repeated += 1;
+            matched += usize::from(echoed.contains(question));
+        }
     }
-    let expected = echoed.len() as f64 / n_test as f64;
+    assert!(repeated + 1 >= n_test, "temperature 0 repeats itself: {repeated} of {n_test} rows: {again:?} against {said:?}");
+    assert!(matched + 1 >= echoed.len(), "{matched} of {} echoed rows matched", echoed.len());
+    let expected = matched as f64 / n_test as f64;
     assert!(close(bracketed(&model["exact_match"], "exact match"), expected), "{model}");
     assert!(bracketed(&model["normalized_match"], "normalized match") >= expected - 1e-9);
     assert!(bracketed(&model["rouge_l"], "rouge-l") >= expected - 1e-9);

@@ -76,13 +76,15 @@ fn a_plan_prices_both_sides_and_the_break_even_from_a_timed_run() {
     let lead = number(&plan["lead"]["cost_per_1k"]["value"]);
     assert!((lead - LEAD_COST_PER_1K).abs() < 1e-9, "{plan}");
     assert_eq!(plan["lead"]["n_calls"], N_CALLS);
-    // The understudy's is its measured CPU time at the machine price.
+    // The understudy's is its measured CPU time at the machine price, shared by the machine's cores.
     let understudy = &plan["understudy"];
     assert_eq!(understudy["n_sampled"], 40);
     let cpu = number(&understudy["cpu_seconds_per_call"]);
     assert!(cpu > 0.0, "{plan}");
     let cost = number(&understudy["cost_per_1k"]);
-    assert!((cost - cpu * 0.10 / 3600.0 * 1000.0).abs() < 1e-12, "{plan}");
+    let cores = number(&plan["machine_cores"]);
+    assert!(cores >= 1.0, "{plan}");
+    assert!((cost - cpu * 0.10 / 3600.0 / cores * 1000.0).abs() < 1e-12, "{plan}");
     let break_even = number(&plan["break_even_coverage"]);
     assert!((break_even - cost / lead).abs() < 1e-12, "{plan}");
     assert!(break_even < 0.01, "a tiny model against a $24-per-1k lead: {plan}");

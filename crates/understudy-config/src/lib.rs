@@ -221,8 +221,9 @@ pub struct ReplayProviderConfig {
 /// Models that run in this process, on this machine's CPU.
 #[derive(Debug, Clone)]
 pub struct LocalProviderConfig {
-    /// What an hour of this machine costs; a local call costs its measured
-    /// compute time at this rate.
+    /// What an hour of this whole machine costs (all its cores); a local
+    /// call costs the machine time it takes (`understudy_types::machine_time_cost`
+    /// and `cpu_time_cost`).
     pub machine_price_per_hour: f64,
     /// The most concurrent requests a classifier or encoder answers in one
     /// forward pass (1: each on its own).

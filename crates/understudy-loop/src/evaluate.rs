@@ -18,7 +18,7 @@
 //! and the certificate is written into the version's folder
 //! ([`crate::calibration`]). Costs: the lead's from the calls it answered,
 //! the understudy's from the process CPU time spent answering at a machine
-//! price.
+//! price ([`understudy_types::cpu_time_cost`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -36,7 +36,7 @@ use understudy_providers::{AttemptOutcome, ChatRequest, LocalLoader, LocalModelS
 use understudy_router::{cascade_confidence, FallbackReason};
 use understudy_store::{CallFilter, DatasetRecord, ModelVersionRecord, StatusFilter, Store};
 use understudy_trainer::prompt_text;
-use understudy_types::{answers_agree, ServedBy, TaskKind};
+use understudy_types::{answers_agree, cpu_time_cost, ServedBy, TaskKind};
 
 use crate::datasets::{split_rows, task_dataset};
 use crate::error::{io, LoopError, Result};
@@ -234,7 +234,7 @@ impl JudgeSettings {
         let certification =
             certify_threshold(&to_scored(validation_scored, validation), self.target_agreement, self.delta)?;
         let test_scored = to_scored(scored, test);
-        let costs: Vec<f64> = scored.iter().map(|answer| answer.cpu_seconds * self.machine_price / 3600.0).collect();
+        let costs: Vec<f64> = scored.iter().map(|answer| cpu_time_cost(answer.cpu_seconds, self.machine_price).dollars()).collect();
         let lead_cost_per_call = lead.speed.cost_per_1k.value / 1000.0;
         let cascade = certification.threshold.map(|threshold| {
             cascade_report(

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 use understudy_eval::ledger::{ledger as figures_of, LedgerCounts, LedgerFigures, Share};
 use understudy_store::{CallFilter, SavingsRow, Store};
-use understudy_types::OffsetDateTime;
+use understudy_types::{machine_time_cost, OffsetDateTime};
 
 use crate::error::Result;
 
@@ -83,7 +83,7 @@ pub async fn ledger(store: &Store, filter: &CallFilter, machine_price_per_hour: 
     for total in totals.values_mut() {
         let versions = store.list_model_versions(&total.task).await?;
         total.training_cost =
-            versions.iter().map(|version| version.wall_seconds).sum::<f64>() * machine_price_per_hour / 3600.0;
+            machine_time_cost(versions.iter().map(|version| version.wall_seconds).sum::<f64>(), machine_price_per_hour).dollars();
     }
     Ok(Ledger { machine_price_per_hour, days, tasks: totals.into_values().collect() })
 }

@@ -33,7 +33,7 @@ use understudy_eval::Estimate;
 use understudy_providers::{EmbeddingRequest, LocalLoader, LocalModelSpec, Understudy};
 use understudy_store::{CallFilter, StatusFilter, Store};
 use understudy_trainer::{prompt_text, ClassifierTrainConfig, LoraTrainConfig};
-use understudy_types::{ServedBy, TaskKind};
+use understudy_types::{cpu_time_cost, machine_cores, machine_time_cost, ServedBy, TaskKind};
 
 use crate::error::{LoopError, Result};
 use crate::evaluate::{lead_figures, Ask, LeadFigures, Prompt, UNROUTED_TIMEOUT};
@@ -153,6 +153,7 @@ impl Plan {
             "method": self.method.as_str(),
             "base": self.base.display().to_string(),
             "machine_price_per_hour": self.machine_price,
+            "machine_cores": machine_cores(),
             "n_calls": self.n_calls,
             "calls_per_day": self.calls_per_day,
             "lead": {
@@ -348,7 +349,7 @@ async fn time_encoder(
         in_flight: batch.min(texts.len()),
         cpu_seconds_per_call: cpu / n,
         wall_seconds_per_call: wall / n,
-        cost_per_1k: cpu / n * machine_price / 3600.0 * 1000.0,
+        cost_per_1k: cpu_time_cost(cpu / n, machine_price).dollars() * 1000.0,
         n_failed: 0,
     })
 }
@@ -398,7 +399,7 @@ async fn time_causal_lm(
         in_flight: in_flight.min(prompts.len()),
         cpu_seconds_per_call: cpu / n,
         wall_seconds_per_call: wall / n,
-        cost_per_1k: cpu / n * machine_price / 3600.0 * 1000.0,
+        cost_per_1k: cpu_time_cost(cpu / n, machine_price).dollars() * 1000.0,
         n_failed: answers.iter().filter(|answer| answer.failed()).count(),
     })
 }
@@ -425,13 +426,16 @@ async fn training_estimate(
                 Method::Classifier => ClassifierTrainConfig::new("", "").epochs,
                 _ => LoraTrainConfig::new("", "").epochs,
             });
-            let seconds = TRAIN_PASSES_PER_ROW * understudy.cpu_seconds_per_call * n_rows as f64 * epochs as f64;
+            // CPU-seconds at the measured speed, run on all the machine's cores at once.
+            let cpu = TRAIN_PASSES_PER_ROW * understudy.cpu_seconds_per_call * n_rows as f64 * epochs as f64;
+            let seconds = cpu / machine_cores() as f64;
             let basis = format!(
                 "{TRAIN_PASSES_PER_ROW} forward passes per row at the measured speed, {n_rows} rows, {epochs} epochs \
-                 (a rule of thumb: `understudy train` measures the real figure)"
+                 on {} cores (a rule of thumb: `understudy train` measures the real figure)",
+                machine_cores()
             );
             (seconds, basis)
         }
     };
-    Ok(TrainingEstimate { seconds, cost: seconds * machine_price / 3600.0, basis })
+    Ok(TrainingEstimate { seconds, cost: machine_time_cost(seconds, machine_price).dollars(), basis })
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::Value;
-use understudy_types::{normalize_answer, Money, Price, Usage};
+use understudy_types::{machine_time_cost, normalize_answer, Money, Price, Usage};
 
 use crate::{confidence_of, AnyProvider, ChatRequest, LocalLoader, LocalModelSpec, LocalProvider, ProviderError};
 
@@ -46,7 +46,7 @@ impl CostModel {
     pub fn cost(self, usage: Option<Usage>, elapsed: Duration) -> Money {
         match self {
             CostModel::Tokens(price) => price.cost(usage.unwrap_or_default()),
-            CostModel::MachineTime { price_per_hour } => Money(price_per_hour * elapsed.as_secs_f64() / 3600.0),
+            CostModel::MachineTime { price_per_hour } => machine_time_cost(elapsed.as_secs_f64(), price_per_hour),
         }
     }
 }

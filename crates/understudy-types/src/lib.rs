@@ -111,6 +111,35 @@ impl fmt::Display for Money {
     }
 }
 
+/// The one rule for what a local model's compute costs.
+///
+/// `machine_price_per_hour` is the price of the whole machine (all its
+/// cores), as a team rents or depreciates it. A call or a training run costs
+/// the machine time it takes: `seconds` of wall time when it has the whole
+/// machine ([`machine_time_cost`]: a call the gateway serves, a training
+/// run), or its CPU-seconds shared over the machine's cores when CPU time is
+/// what was measured ([`cpu_time_cost`]: `eval`, `plan`, `bench/engine`). A
+/// CPU-second is one core for one second, so on a 2-core machine it is half a
+/// machine-second: pricing it as a whole machine-second would charge a call
+/// once per core.
+pub fn machine_time_cost(seconds: f64, machine_price_per_hour: f64) -> Money {
+    Money(seconds * machine_price_per_hour / 3600.0)
+}
+
+/// What `cpu_seconds` of CPU time cost on this machine at
+/// `machine_price_per_hour`: the machine time they take, with the machine's
+/// [`machine_cores`] sharing it (see [`machine_time_cost`]).
+pub fn cpu_time_cost(cpu_seconds: f64, machine_price_per_hour: f64) -> Money {
+    machine_time_cost(cpu_seconds / machine_cores() as f64, machine_price_per_hour)
+}
+
+/// The cores this process may run on (the CPU affinity and cgroup quota
+/// count, as `std::thread::available_parallelism` reads them), at least 1.
+pub fn machine_cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get))
+}
+
 /// A model's price per million tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Price {
@@ -503,6 +532,17 @@ mod tests {
     fn answers_compare_without_case_or_spacing() {
         assert!(super::answers_agree("  DESC \n", "desc"));
         assert!(!super::answers_agree("DESC", "DES C"));
+    }
+
+    #[test]
+    fn a_cpu_second_is_one_core_of_the_machine_for_a_second() {
+        let cores = super::machine_cores() as f64;
+        assert!(cores >= 1.0);
+        // An hour of the whole machine costs its price per hour ...
+        assert!((super::machine_time_cost(3600.0, 0.10).dollars() - 0.10).abs() < 1e-12);
+        // ... and so does an hour of every core at once.
+        assert!((super::cpu_time_cost(3600.0 * cores, 0.10).dollars() - 0.10).abs() < 1e-12);
+        assert!((super::cpu_time_cost(1.0, 0.10).dollars() - 0.10 / 3600.0 / cores).abs() < 1e-15);
     }
 
     #[test]
