@@ -245,7 +245,10 @@ fn a_label_eval_has_intervals_on_every_figure_and_a_self_contained_page() {
         "--target-agreement",
         CERTIFIABLE,
     ]);
-    assert!(text.contains("$2 per machine hour") && text.contains("per label [95% CI]") && text.contains("net saved"), "{text}");
+    assert!(
+        text.contains("$2 per machine hour") && text.contains("per label [95% CI]") && text.contains("net saved"),
+        "{text}"
+    );
     assert!(text.contains("cascade certified at threshold") && text.contains("with delta 0.05"), "{text}");
 
     // A classifier cannot answer a generation task.
@@ -640,7 +643,10 @@ fn a_generation_eval_scores_a_zero_shot_base_model() {
             matched += usize::from(echoed.contains(question));
         }
     }
-    assert!(repeated + 1 >= n_test, "temperature 0 repeats itself: {repeated} of {n_test} rows: {again:?} against {said:?}");
+    assert!(
+        repeated + 1 >= n_test,
+        "temperature 0 repeats itself: {repeated} of {n_test} rows: {again:?} against {said:?}"
+    );
     assert!(matched + 1 >= echoed.len(), "{matched} of {} echoed rows matched", echoed.len());
     let expected = matched as f64 / n_test as f64;
     assert!(close(bracketed(&model["exact_match"], "exact match"), expected), "{model}");

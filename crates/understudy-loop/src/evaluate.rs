@@ -234,7 +234,8 @@ impl JudgeSettings {
         let certification =
             certify_threshold(&to_scored(validation_scored, validation), self.target_agreement, self.delta)?;
         let test_scored = to_scored(scored, test);
-        let costs: Vec<f64> = scored.iter().map(|answer| cpu_time_cost(answer.cpu_seconds, self.machine_price).dollars()).collect();
+        let costs: Vec<f64> =
+            scored.iter().map(|answer| cpu_time_cost(answer.cpu_seconds, self.machine_price).dollars()).collect();
         let lead_cost_per_call = lead.speed.cost_per_1k.value / 1000.0;
         let cascade = certification.threshold.map(|threshold| {
             cascade_report(

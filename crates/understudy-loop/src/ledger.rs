@@ -83,7 +83,8 @@ pub async fn ledger(store: &Store, filter: &CallFilter, machine_price_per_hour: 
     for total in totals.values_mut() {
         let versions = store.list_model_versions(&total.task).await?;
         total.training_cost =
-            machine_time_cost(versions.iter().map(|version| version.wall_seconds).sum::<f64>(), machine_price_per_hour).dollars();
+            machine_time_cost(versions.iter().map(|version| version.wall_seconds).sum::<f64>(), machine_price_per_hour)
+                .dollars();
     }
     Ok(Ledger { machine_price_per_hour, days, tasks: totals.into_values().collect() })
 }
